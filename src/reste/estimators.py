@@ -1,0 +1,566 @@
+"""Gradient estimators for the sign function.
+
+Every estimator here has the same forward, ``sign(z)`` with outputs exactly in
+``{-1, +1}`` (``sign(0) = +1``, so a binary network really is binary), and a
+backward rule of its own: ``dL/dz = g(z) * dL/dy``. Each is a small
+``torch.autograd.Function`` plus an :class:`Estimator` module registered under a
+name; ``reste.estimator(name, **params)`` builds one, ``reste.estimators()``
+lists the names.
+
+Parameters that change while training runs (ReSTE's ``o``; EDE's and RBNN's
+``t`` and ``k``; FDA's ``n``) live in buffers, so they are part of the model's
+``state_dict`` and a resumed run continues with the right value. They are kept
+as 0-dim tensors and passed to the backward as tensors: no backward ever calls
+``.item()``, ``math.pow`` on a tensor, or indexes with a boolean mask, so no
+backward synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, Type
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Estimator",
+    "ReSTE",
+    "STE",
+    "ClippedSTE",
+    "ApproxSign",
+    "SwishSign",
+    "EDE",
+    "RBNN",
+    "FDA",
+    "DSQ",
+    "binary_sign",
+    "estimator",
+    "estimators",
+    "register",
+]
+
+_REGISTRY: Dict[str, Type["Estimator"]] = {}
+
+
+def register(name: str) -> Callable[[Type["Estimator"]], Type["Estimator"]]:
+    """Class decorator: make an :class:`Estimator` subclass available by ``name``."""
+
+    def wrap(cls: Type["Estimator"]) -> Type["Estimator"]:
+        if name in _REGISTRY:
+            raise ValueError(f"estimator name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def estimators() -> list[str]:
+    """Names of all registered estimators, sorted."""
+    return sorted(_REGISTRY)
+
+
+def estimator(name: str, **params) -> "Estimator":
+    """Build the estimator registered as ``name`` with the given parameters.
+
+    >>> est = estimator("reste", o=3.0)
+    >>> est(torch.tensor([-0.5, 0.0, 2.0]))
+    tensor([-1.,  1.,  1.])
+    """
+    if isinstance(name, Estimator):
+        if params:
+            raise TypeError("cannot pass parameters together with an Estimator instance")
+        return copy.deepcopy(name)
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(estimators())}.{hint}") from None
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise TypeError(f"estimator {name!r}: {err}") from None
+
+
+def binary_sign(z: Tensor) -> Tensor:
+    """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
+
+    ``sign(sign(z) + 0.5)`` maps {-1, 0, +1} to {-1, +1, +1} in two cheap
+    elementwise passes, avoiding boolean tensors (slow on CPU). NaN stays NaN.
+    """
+    return torch.sign(torch.sign(z) + 0.5)
+
+
+def _scalar(value, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().clone().reshape(()).to(torch.float32)
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+class Estimator(nn.Module):
+    """Base class: forward ``sign(z)`` in {-1, +1}; the subclass defines the backward.
+
+    Subclasses implement :meth:`forward`. Estimators whose parameters follow
+    training progress implement :meth:`set_progress` (``progress`` in [0, 1]).
+    """
+
+    name: str = "?"
+    #: names of the buffers a schedule may set with ``reste.set_params``
+    scheduled: tuple[str, ...] = ()
+
+    def set_progress(self, progress: float) -> None:
+        """Update the parameters that depend on training progress (default: none)."""
+
+    def for_inputs(self) -> "Estimator":
+        """A copy configured for binarizing activations (same rule unless overridden)."""
+        return copy.deepcopy(self)
+
+    def set_param(self, name: str, value) -> None:
+        """Set a scheduled parameter in place (keeps device and dtype, no reallocation)."""
+        buf = getattr(self, name)
+        with torch.no_grad():
+            buf.fill_(float(value))
+
+    def _scalar_buffer(self, name: str, value) -> None:
+        self.register_buffer(name, _scalar(value, name))
+
+    def extra_repr(self) -> str:
+        parts = []
+        for key, buf in self.named_buffers(recurse=False):
+            parts.append(f"{key}={float(buf):.4g}")
+        return ", ".join(parts)
+
+
+def _param(buf: Tensor, like: Tensor) -> Tensor:
+    """A scalar buffer on the data's device and dtype (a no-op in the common case)."""
+    return buf.to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------- ReSTE
+class _ReSTEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
+        ctx.save_for_backward(z, o)
+        ctx.t, ctx.m = t, m
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, o = ctx.saved_tensors
+        return reste_grad(z, o, ctx.t, ctx.m) * grad_out, None, None, None
+
+
+def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
+    """The ReSTE gradient g_o(z) (without the incoming gradient).
+
+    ``g = (1/o) |z|^((1-o)/o)`` on ``m < |z| <= t``, the secant slope
+    ``m^(1/o) / m`` on ``|z| <= m`` and 0 beyond ``t``. Written as
+    ``c(|z|) * max(|z|, m)^((1-o)/o)`` where ``c`` is ``1`` inside ``[0, m]``
+    (``m^((1-o)/o) = m^(1/o)/m``), ``1/o`` on ``(m, t]`` and ``0`` beyond.
+    """
+    o = _param(o, z)
+    a = z.abs()
+    power = a.clamp(min=m).pow((1.0 - o) / o)
+    coef = torch.where(a <= m, torch.ones_like(o), torch.where(a <= t, 1.0 / o, torch.zeros_like(o)))
+    return coef * power
+
+
+@register("reste")
+class ReSTE(Estimator):
+    r"""Rectified Straight-Through Estimator.
+
+    Forward: :math:`y = \mathrm{sign}(z) \in \{-1, +1\}`.
+
+    Backward: the derivative of the rectified power function
+    :math:`f_o(z) = \mathrm{sign}(z)\,|z|^{1/o}` (:math:`o \ge 1`), rectified
+    near zero and clipped at ``t``:
+
+    .. math::
+        g_o(z) = \begin{cases}
+            m^{1/o} / m & |z| \le m \quad\text{(secant slope of } f_o \text{ on } [0, m])\\
+            \frac{1}{o} |z|^{(1-o)/o} & m < |z| \le t\\
+            0 & |z| > t
+        \end{cases}
+
+    ``o = 1`` is the identity gradient clipped at ``|z| <= t`` (plain STE); as
+    ``o`` grows ``f_o`` approaches sign: smaller estimating error, larger and
+    less stable gradients. ``o`` is a buffer set by an o schedule.
+
+    Args:
+        o: the power, ``>= 1`` (default 1; a schedule raises it to ``o_end``).
+        t: gradient threshold (default 1.5).
+        m: half-width of the interval around zero (default 0.1).
+    """
+
+    scheduled = ("o",)
+
+    def __init__(self, o: float = 1.0, t: float = 1.5, m: float = 0.1):
+        super().__init__()
+        if float(o) < 1.0:
+            raise ValueError(f"ReSTE needs o >= 1, got o={o}")
+        if not 0.0 < float(m) < float(t):
+            raise ValueError(f"ReSTE needs 0 < m < t, got m={m}, t={t}")
+        self._scalar_buffer("o", o)
+        self.t = float(t)
+        self.m = float(m)
+
+    def set_param(self, name: str, value) -> None:
+        if name == "o" and float(value) < 1.0:
+            raise ValueError(f"ReSTE needs o >= 1, got o={value}")
+        super().set_param(name, value)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _ReSTEFn.apply(z, self.o, self.t, self.m)
+
+    def extra_repr(self) -> str:
+        return f"o={float(self.o):.4g}, t={self.t:g}, m={self.m:g}"
+
+
+# --------------------------------------------------------------------------- STE family
+class _STEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out
+
+
+@register("ste")
+class STE(Estimator):
+    r"""Straight-through estimator. Forward :math:`\mathrm{sign}(z)`; backward :math:`g(z) = 1`."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _STEFn.apply(z)
+
+
+class _ClippedSTEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, clip: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.clip = clip
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        return grad_out * (z.abs() <= ctx.clip).to(grad_out.dtype), None
+
+
+@register("clipped_ste")
+class ClippedSTE(Estimator):
+    r"""Clipped STE. Forward :math:`\mathrm{sign}(z)`; backward :math:`g(z) = 1` if :math:`|z| \le c` else 0.
+
+    Args:
+        clip: the clipping threshold ``c`` (default 1.0).
+    """
+
+    def __init__(self, clip: float = 1.0):
+        super().__init__()
+        if float(clip) <= 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.clip = float(clip)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _ClippedSTEFn.apply(z, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"clip={self.clip:g}"
+
+
+class _ApproxSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        return grad_out * (2.0 - 2.0 * z.abs()).clamp(min=0.0)
+
+
+@register("approx_sign")
+class ApproxSign(Estimator):
+    r"""ApproxSign (Bi-Real Net). Forward :math:`\mathrm{sign}(z)`;
+    backward :math:`g(z) = \max(0, 2 - 2|z|)` (that is ``2 - 2|z|`` on ``|z| <= 1``, else 0)."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _ApproxSignFn.apply(z)
+
+
+class _SwishSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, beta: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.beta = beta
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        b = ctx.beta
+        bz = b * z
+        # cosh overflows to inf for |bz| > ~89 in float32; the fraction then tends to 0,
+        # so guard the numerator's inf * 0 by clamping the argument.
+        bz = bz.clamp(-80.0, 80.0)
+        g = b * (2.0 - bz * torch.tanh(bz / 2.0)) / (1.0 + torch.cosh(bz))
+        return grad_out * g, None
+
+
+@register("swish_sign")
+class SwishSign(Estimator):
+    r"""SwishSign. Forward :math:`\mathrm{sign}(z)`; backward
+    :math:`g(z) = \beta (2 - \beta z \tanh(\beta z / 2)) / (1 + \cosh(\beta z))`.
+
+    Args:
+        beta: sharpness (default 5.0).
+    """
+
+    def __init__(self, beta: float = 5.0):
+        super().__init__()
+        if float(beta) <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _SwishSignFn.apply(z, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}"
+
+
+# --------------------------------------------------------------------------- EDE (IR-Net)
+def _log_interp(lo: float, hi: float, progress: float) -> float:
+    """``10^(log10(lo) + (log10(hi) - log10(lo)) * progress)``."""
+    return 10.0 ** (math.log10(lo) + (math.log10(hi) - math.log10(lo)) * progress)
+
+
+class _EDEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, k: Tensor) -> Tensor:
+        ctx.save_for_backward(z, t, k)
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, t, k = ctx.saved_tensors
+        t, k = _param(t, z), _param(k, z)
+        th = torch.tanh(t * z)
+        return grad_out * (k * t) * (1.0 - th * th), None, None
+
+
+@register("ede")
+class EDE(Estimator):
+    r"""Error Decay Estimator (IR-Net). Forward :math:`\mathrm{sign}(z)`; backward
+    :math:`g(z) = k\,t\,(1 - \tanh^2(t z))` with
+    :math:`t = 10^{\log_{10} T_{min} + (\log_{10} T_{max} - \log_{10} T_{min})\,r}`,
+    :math:`k = \max(1/t, 1)` and ``r`` the training progress in [0, 1].
+
+    Args:
+        t_min: ``T_min`` (default 1e-3, IR-Net's CIFAR code).
+        t_max: ``T_max`` (default 10).
+    """
+
+    scheduled = ("t", "k")
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0):
+        super().__init__()
+        if not 0 < float(t_min) < float(t_max):
+            raise ValueError(f"EDE needs 0 < t_min < t_max, got {t_min}, {t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._scalar_buffer("t", t_min)
+        self._scalar_buffer("k", max(1.0 / t_min, 1.0))
+
+    def set_progress(self, progress: float) -> None:
+        t = _log_interp(self.t_min, self.t_max, progress)
+        self.set_param("t", t)
+        self.set_param("k", max(1.0 / t, 1.0))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _EDEFn.apply(z, self.t, self.k)
+
+
+# --------------------------------------------------------------------------- RBNN
+class _RBNNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, k: Tensor) -> Tensor:
+        ctx.save_for_backward(z, t, k)
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, t, k = ctx.saved_tensors
+        t, k = _param(t, z), _param(k, z)
+        g = k * (math.sqrt(2.0) * t - t * t * z.abs()).clamp(min=0.0)
+        return grad_out * g, None, None
+
+
+@register("rbnn")
+class RBNN(Estimator):
+    r"""RBNN's training-aware approximation. Forward :math:`\mathrm{sign}(z)`; backward
+    :math:`g(z) = k \max(0, \sqrt{2}\,t - t^2 |z|)` with
+    :math:`t = 10^{\log_{10} T_{min} + (\log_{10} T_{max} - \log_{10} T_{min})\,r}`
+    (``T_min = 1e-2``, ``T_max = 10``) and :math:`k = \max(1/t, 1)`. For activations
+    (``activation=True``, what :meth:`for_inputs` returns) ``k = 1`` and ``t = max(t, 1)``.
+    """
+
+    scheduled = ("t", "k")
+
+    def __init__(self, t_min: float = 1e-2, t_max: float = 10.0, activation: bool = False):
+        super().__init__()
+        if not 0 < float(t_min) < float(t_max):
+            raise ValueError(f"RBNN needs 0 < t_min < t_max, got {t_min}, {t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.activation = bool(activation)
+        self._scalar_buffer("t", 0.0)
+        self._scalar_buffer("k", 0.0)
+        self.set_progress(0.0)
+
+    def set_progress(self, progress: float) -> None:
+        t = _log_interp(self.t_min, self.t_max, progress)
+        if self.activation:
+            t, k = max(t, 1.0), 1.0
+        else:
+            k = max(1.0 / t, 1.0)
+        self.set_param("t", t)
+        self.set_param("k", k)
+
+    def for_inputs(self) -> "RBNN":
+        return RBNN(self.t_min, self.t_max, activation=True).to(self.t.device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _RBNNFn.apply(z, self.t, self.k)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation}"
+
+
+# --------------------------------------------------------------------------- FDA
+def fda_grad(z: Tensor, n: Tensor, w: float) -> Tensor:
+    """FDA's gradient ``(4w/pi) sum_{i=0..n} cos((2i+1) w z)`` on ``|z| <= 1``, else 0.
+
+    Uses the closed form ``sum_{i=0..n} cos((2i+1)x) = sin(2(n+1)x) / (2 sin x)``
+    (limit ``n + 1`` at ``x = 0``), so the cost does not grow with ``n``.
+    """
+    n = _param(n, z)
+    x = w * z
+    s = torch.sin(x)
+    small = s.abs() < 1e-6
+    series = torch.where(small, n + 1.0, torch.sin(2.0 * (n + 1.0) * x) / torch.where(small, torch.ones_like(s), 2.0 * s))
+    inside = (z.abs() <= 1.0).to(z.dtype)
+    return (4.0 * w / math.pi) * series * inside
+
+
+class _FDAFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, n: Tensor, w: float) -> Tensor:
+        ctx.save_for_backward(z, n)
+        ctx.w = w
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, n = ctx.saved_tensors
+        return grad_out * fda_grad(z, n, ctx.w), None, None
+
+
+@register("fda")
+class FDA(Estimator):
+    r"""Frequency Domain Approximation. Forward :math:`\mathrm{sign}(z)`; backward
+    :math:`g(z) = \frac{4w}{\pi} \sum_{i=0}^{n} \cos((2i+1) w z)` on :math:`|z| \le 1`, else 0.
+
+    ``n`` grows from ``n_start`` to ``n_end`` over training:
+    ``n = n_start + floor((n_end - n_start) * r)`` (this project's reading of
+    "n from 9 to 18 over training").
+
+    Args:
+        w: base frequency (default 0.1).
+        n_start, n_end: number of terms at the start and end of training (9, 18).
+    """
+
+    scheduled = ("n",)
+
+    def __init__(self, w: float = 0.1, n_start: int = 9, n_end: int = 18):
+        super().__init__()
+        if int(n_start) < 0 or int(n_end) < int(n_start):
+            raise ValueError(f"FDA needs 0 <= n_start <= n_end, got {n_start}, {n_end}")
+        self.w = float(w)
+        self.n_start, self.n_end = int(n_start), int(n_end)
+        self._scalar_buffer("n", n_start)
+
+    def set_progress(self, progress: float) -> None:
+        progress = min(max(float(progress), 0.0), 1.0)
+        self.set_param("n", self.n_start + math.floor((self.n_end - self.n_start) * progress))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _FDAFn.apply(z, self.n, self.w)
+
+    def extra_repr(self) -> str:
+        return f"n={int(self.n)}, w={self.w:g}"
+
+
+# --------------------------------------------------------------------------- DSQ
+def _dsq_k(alpha: Tensor) -> Tensor:
+    return 0.5 * torch.log(2.0 / alpha - 1.0)
+
+
+class _DSQFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, alpha: Tensor) -> Tensor:
+        ctx.save_for_backward(z, alpha)
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        z, alpha = ctx.saved_tensors
+        a = alpha.to(z.dtype)
+        k = _dsq_k(a)
+        th = torch.tanh(k * z)
+        s = 1.0 / torch.tanh(k)
+        inside = (z.abs() <= 1.0).to(z.dtype)
+        grad_z = grad_out * (s * k * (1.0 - th * th) * inside)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            # dphi/dalpha of the soft function phi(z) = s(alpha) tanh(k(alpha) z) that
+            # sign stands in for: dphi/dalpha = ds/dalpha tanh(kz) + s z (1 - tanh^2(kz)) dk/dalpha,
+            # with dk/dalpha = -1 / (alpha (2 - alpha)) and s = 1/tanh(k) => ds/dk = -(1 - tanh^2 k)/tanh^2 k.
+            dk_da = -1.0 / (a * (2.0 - a))
+            tk = torch.tanh(k)
+            ds_da = -(1.0 - tk * tk) / (tk * tk) * dk_da
+            dphi = (ds_da * th + s * z * (1.0 - th * th) * dk_da) * inside
+            grad_alpha = (grad_out * dphi).sum().to(alpha.dtype).reshape(alpha.shape)
+        return grad_z, grad_alpha
+
+
+@register("dsq")
+class DSQ(Estimator):
+    r"""Differentiable Soft Quantization, 1 bit, clipping range [-1, 1].
+
+    The soft function :math:`\varphi(z) = s \tanh(k z)` with
+    :math:`k = \tfrac12 \ln(2/\alpha - 1)` and :math:`s = 1/(1-\alpha) = 1/\tanh(k)`
+    stands in for sign. Forward :math:`\mathrm{sign}(z)`; backward
+    :math:`g(z) = s\,k\,(1 - \tanh^2(k z))` on :math:`|z| \le 1`, else 0.
+    ``alpha`` in (0, 1) is a learnable parameter (init 0.2), trained through
+    :math:`\partial\varphi/\partial\alpha`, clamped to [1e-4, 1 - 1e-4].
+    """
+
+    def __init__(self, alpha: float = 0.2, learnable: bool = True):
+        super().__init__()
+        if not 0.0 < float(alpha) < 1.0:
+            raise ValueError(f"DSQ needs 0 < alpha < 1, got {alpha}")
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=bool(learnable))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _DSQFn.apply(z, self.alpha.clamp(1e-4, 1.0 - 1e-4))
+
+    def extra_repr(self) -> str:
+        return f"alpha={float(self.alpha):.4g}"

@@ -1,0 +1,16 @@
+"""Binary layers and the conversion of float models (``reste.binarize``)."""
+
+from .convert import KEEP_TOKENS, binarize, full_precision_layers
+from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, INPUT_PADDINGS, WEIGHT_SCALES, binary_layers
+
+__all__ = [
+    "BinaryConv2d",
+    "BinaryLinear",
+    "BinaryLayer",
+    "binarize",
+    "binary_layers",
+    "full_precision_layers",
+    "KEEP_TOKENS",
+    "WEIGHT_SCALES",
+    "INPUT_PADDINGS",
+]

@@ -1,0 +1,205 @@
+"""Binary convolution and linear layers.
+
+A binary layer computes ``conv(sign(x), alpha * sign(W))``: latent real weights
+``W`` binarized by a weight estimator and scaled by ``alpha``; inputs binarized by
+an input estimator (or kept real, 1W/32A). Both are ordinary ``nn.Conv2d`` /
+``nn.Linear`` subclasses with the same constructor arguments plus the
+binarization options, so they drop into any model and load float checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..estimators import Estimator, binary_sign, estimator as make_estimator
+
+__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "WEIGHT_SCALES", "INPUT_PADDINGS", "binary_layers"]
+
+WEIGHT_SCALES = ("layer_mean", "channel_mean", "none")
+INPUT_PADDINGS = {"zero": 0.0, "+1": 1.0, "-1": -1.0}
+#: the weight binarizer of DoReFa-Net: E|W| * sign(W), identity gradient, scale not trained
+DOREFA = "dorefa"
+
+EstimatorSpec = Union[str, Estimator, None]
+
+
+def _build(spec: EstimatorSpec, params: dict | None, for_inputs: bool) -> Estimator | None:
+    if spec is None:
+        return None
+    est = make_estimator(spec, **(params or {})) if not isinstance(spec, Estimator) else spec
+    return est.for_inputs() if for_inputs else est
+
+
+class BinaryLayer:
+    """What binary conv and linear layers share: weight and input binarization."""
+
+    weight: nn.Parameter
+    weight_estimator: Estimator | None
+    input_estimator: Estimator | None
+
+    def _init_binary(self, weight_estimator, input_estimator, weight_scale, input_padding, estimator_params):
+        if weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"weight_scale must be one of {WEIGHT_SCALES}, got {weight_scale!r}")
+        if str(input_padding) not in INPUT_PADDINGS:
+            raise ValueError(f"input_padding must be one of {tuple(INPUT_PADDINGS)}, got {input_padding!r}")
+        self.dorefa = weight_estimator == DOREFA
+        if self.dorefa and weight_scale != "layer_mean":
+            raise ValueError("the DoReFa weight binarizer always uses the layer mean |W| as its scale; leave weight_scale='layer_mean'")
+        self.weight_estimator = None if self.dorefa else _build(weight_estimator, estimator_params, for_inputs=False)
+        self.input_estimator = _build(input_estimator, estimator_params, for_inputs=True)
+        self.weight_scale = weight_scale
+        self.input_padding = str(input_padding)
+
+    @property
+    def binary_weights(self) -> bool:
+        return self.dorefa or self.weight_estimator is not None
+
+    @property
+    def binary_inputs(self) -> bool:
+        return self.input_estimator is not None
+
+    def weight_alpha(self, weight: Tensor | None = None) -> Tensor:
+        """The scale ``alpha`` of the binary weights (differentiable, shape broadcastable to W)."""
+        w = self.weight if weight is None else weight
+        if self.weight_scale == "layer_mean" or self.dorefa:
+            return w.abs().mean()
+        if self.weight_scale == "channel_mean":
+            return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        return torch.ones((), dtype=w.dtype, device=w.device)
+
+    def quantized_weight(self) -> Tensor:
+        """The weights the layer computes with: ``alpha * sign(W)`` (real W when weights are not binary)."""
+        w = self.weight
+        if self.dorefa:
+            # forward E|W| sign(W); backward identity (scale under stop-gradient)
+            return w + (w.abs().mean() * binary_sign(w) - w).detach()
+        if self.weight_estimator is None:
+            return w
+        return self.weight_alpha(w) * self.weight_estimator(w)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return x if self.input_estimator is None else self.input_estimator(x)
+
+    def _binary_repr(self) -> str:
+        w = DOREFA if self.dorefa else (self.weight_estimator.name if self.weight_estimator is not None else "real")
+        a = self.input_estimator.name if self.input_estimator is not None else "real"
+        return f"weights={w}, inputs={a}, weight_scale={self.weight_scale}, input_padding={self.input_padding}"
+
+
+class BinaryConv2d(BinaryLayer, nn.Conv2d):
+    """``nn.Conv2d`` with binary weights and (optionally) binary inputs.
+
+    Args: those of ``nn.Conv2d``, plus
+
+    - ``weight_estimator``: estimator name or instance for the weights, ``"dorefa"``
+      for DoReFa-Net's ``E|W| sign(W)`` with identity gradient, or None to keep them real;
+    - ``input_estimator``: estimator for the inputs; None keeps inputs real (1W/32A);
+    - ``weight_scale``: ``layer_mean`` (one ``mean |W|`` for the layer, the reference),
+      ``channel_mean`` (per output channel) or ``none``;
+    - ``input_padding``: value the binarized input is padded with: ``zero`` (the reference;
+      the padded border is then not binary) or ``+1`` / ``-1`` (truly binary, what
+      bit-packed inference wants);
+    - ``estimator_params``: keyword arguments for the estimators built from names.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        weight_estimator: EstimatorSpec = "reste",
+        input_estimator: EstimatorSpec = "reste",
+        weight_scale: str = "layer_mean",
+        input_padding: str = "zero",
+        estimator_params: dict | None = None,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
+        if isinstance(self.padding, str) and input_padding != "zero":
+            raise ValueError("input_padding other than 'zero' needs explicit integer padding, not padding='same'/'valid'")
+        if padding_mode != "zeros" and input_padding != "zero":
+            raise ValueError(f"input_padding={input_padding!r} replaces padding_mode; leave padding_mode='zeros'")
+        self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantized_input(x)
+        w = self.quantized_weight()
+        if self.input_estimator is not None and self.input_padding != "zero" and any(self.padding):
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv_forward(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._binary_repr()
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **binary_kwargs) -> "BinaryConv2d":
+        """A binary twin of ``conv`` that shares its weight and bias parameters."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, **binary_kwargs,
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new.to(conv.weight.device)
+
+
+class BinaryLinear(BinaryLayer, nn.Linear):
+    """``nn.Linear`` with binary weights and (optionally) binary inputs.
+
+    Same extra arguments as :class:`BinaryConv2d` (``input_padding`` does not apply).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_estimator: EstimatorSpec = "reste",
+        input_estimator: EstimatorSpec = "reste",
+        weight_scale: str = "layer_mean",
+        input_padding: str = "zero",
+        estimator_params: dict | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._binary_repr()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **binary_kwargs) -> "BinaryLinear":
+        """A binary twin of ``linear`` that shares its weight and bias parameters."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype, **binary_kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new.to(linear.weight.device)
+
+
+def binary_layers(model: nn.Module):
+    """``(name, layer)`` for every binary layer of ``model`` whose weights are binary."""
+    for name, module in model.named_modules():
+        if isinstance(module, BinaryLayer) and module.binary_weights:
+            yield name, module

@@ -1,0 +1,171 @@
+"""How ReSTE's power ``o`` (and the other estimators' parameters) change during training.
+
+``reste.o_schedule(way, o_end=3.0, **params)`` returns a callable ``progress -> o``
+with ``progress`` in [0, 1]:
+
+- ``fixed``:  ``o = o_end`` for the whole run (``o`` is accepted as an alias of ``o_end``);
+- ``linear``: ``o = 1 + (o_end - 1) * r``;
+- ``cosine``: ``o = 1 + (o_end - 1) * (1 - cos(pi * r / 2))`` (the reference's only way,
+  used for all the paper's results);
+- ``power``:  ``o = 1 + (o_end - 1) * r^p``, ``p = 2`` by default. The seed calls it
+  "exp" in its text and "Power" in its Table 3 without a formula; this one is this
+  project's choice.
+
+:class:`EstimatorScheduler` applies a schedule to every estimator of a model, per
+epoch (the reference: ``r = epoch / epochs``) or per step
+(``r = step / total_steps``), and is checkpointable (``state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from torch import nn
+
+from .estimators import Estimator
+
+__all__ = ["OSchedule", "o_schedule", "o_schedule_ways", "EstimatorScheduler", "set_params", "set_progress", "iter_estimators"]
+
+_WAYS: dict[str, Callable[[float, float, float], float]] = {
+    "fixed": lambda r, o_end, p: o_end,
+    "linear": lambda r, o_end, p: 1.0 + (o_end - 1.0) * r,
+    "cosine": lambda r, o_end, p: 1.0 + (o_end - 1.0) * (1.0 - math.cos(math.pi * r / 2.0)),
+    "power": lambda r, o_end, p: 1.0 + (o_end - 1.0) * r**p,
+}
+
+
+def o_schedule_ways() -> list[str]:
+    """The names accepted by :func:`o_schedule`."""
+    return list(_WAYS)
+
+
+@dataclass(frozen=True)
+class OSchedule:
+    """A schedule ``progress -> o``; call it with ``progress`` in [0, 1] (clamped)."""
+
+    way: str = "cosine"
+    o_end: float = 3.0
+    p: float = 2.0
+
+    def __post_init__(self):
+        if self.way not in _WAYS:
+            raise ValueError(f"unknown o schedule way {self.way!r}; choose one of {', '.join(_WAYS)}")
+        if not self.o_end >= 1.0:
+            raise ValueError(f"o_end must be >= 1 (o = 1 is the clipped identity), got {self.o_end}")
+        if not self.p > 0:
+            raise ValueError(f"power exponent p must be > 0, got {self.p}")
+
+    def __call__(self, progress: float) -> float:
+        r = min(max(float(progress), 0.0), 1.0)
+        return _WAYS[self.way](r, float(self.o_end), float(self.p))
+
+
+def o_schedule(way: str = "cosine", o_end: float = 3.0, **params) -> OSchedule:
+    """Build an o schedule. ``way`` is one of ``fixed``, ``linear``, ``cosine``, ``power``.
+
+    >>> s = o_schedule("cosine", o_end=3)
+    >>> round(s(500 / 1000), 3)
+    1.586
+    """
+    if "o" in params:  # fixed o reads more naturally as o=...
+        o_end = params.pop("o")
+    p = params.pop("p", 2.0)
+    if params:
+        raise TypeError(f"o_schedule({way!r}) got unexpected parameters: {', '.join(params)}")
+    return OSchedule(way=way, o_end=float(o_end), p=float(p))
+
+
+def iter_estimators(model: nn.Module) -> Iterator[Estimator]:
+    """Every :class:`~reste.estimators.Estimator` inside ``model``."""
+    for module in model.modules():
+        if isinstance(module, Estimator):
+            yield module
+
+
+def set_params(model: nn.Module, **values) -> int:
+    """Set scheduled parameters (``o=...``, ``t=...``) on every estimator that has them.
+
+    Returns how many estimators were changed. Raises if no estimator in the model
+    has one of the named parameters (a typo should not pass silently).
+    """
+    changed = 0
+    used = set()
+    for est in iter_estimators(model):
+        hit = False
+        for key, value in values.items():
+            if key in est.scheduled:
+                est.set_param(key, value)
+                used.add(key)
+                hit = True
+        changed += hit
+    unused = set(values) - used
+    if unused:
+        raise ValueError(f"no estimator in the model has parameter(s) {sorted(unused)}")
+    return changed
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Tell every estimator the training progress (EDE, RBNN, FDA derive their parameters from it)."""
+    for est in iter_estimators(model):
+        est.set_progress(progress)
+
+
+class EstimatorScheduler:
+    """Drives the estimators of ``model`` through training.
+
+    Call :meth:`step_epoch` at the start of every epoch, and :meth:`step_iter`
+    before every optimisation step. With ``per="epoch"`` (the reference)
+    progress is ``epoch / epochs`` and only changes at epoch starts; with
+    ``per="step"`` it is ``global_step / (epochs * steps_per_epoch)``.
+    The o schedule (if any) sets ``o`` on every ReSTE; every estimator also gets
+    :meth:`~reste.estimators.Estimator.set_progress`.
+    """
+
+    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "epoch"):
+        if per not in ("epoch", "step"):
+            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
+        if epochs < 1 or steps_per_epoch < 1:
+            raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {epochs}, {steps_per_epoch}")
+        self.model = model
+        self.schedule = o_schedule
+        self.epochs = int(epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.per = per
+        self.epoch = 0
+        self.step = 0
+        self.has_o = any("o" in e.scheduled for e in iter_estimators(model))
+        self.progress = 0.0
+        self._apply(0.0)
+
+    @property
+    def o(self) -> float | None:
+        """The current o (None when the model has no ReSTE or no schedule)."""
+        if self.schedule is None or not self.has_o:
+            return None
+        return self.schedule(self.progress)
+
+    def _apply(self, progress: float) -> None:
+        self.progress = progress
+        set_progress(self.model, progress)
+        if self.schedule is not None and self.has_o:
+            set_params(self.model, o=self.schedule(progress))
+
+    def step_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.step = self.epoch * self.steps_per_epoch
+        self._apply(self.epoch / self.epochs)
+
+    def step_iter(self) -> None:
+        if self.per == "step":
+            self._apply(self.step / (self.epochs * self.steps_per_epoch))
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "progress": self.progress, "per": self.per}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self._apply(float(state["progress"]))
