@@ -91,7 +91,9 @@ def binary_sign(z: Tensor) -> Tensor:
     """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
 
     ``sign(sign(z) + 0.5)`` maps {-1, 0, +1} to {-1, +1, +1} in two cheap
-    elementwise passes, avoiding boolean tensors (slow on CPU). NaN stays NaN.
+    elementwise passes, avoiding boolean tensors (slow on CPU). ``torch.sign`` maps
+    NaN to 0 on CPU, so NaN becomes +1 here: a diverged run shows in its loss and
+    gradients (which stay NaN), not in the binary activations.
     """
     return torch.sign(torch.sign(z) + 0.5)
 

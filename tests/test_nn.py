@@ -1,0 +1,144 @@
+"""Binary layers and model conversion."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import reste
+from reste.nn import BinaryConv2d, BinaryLinear
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 16, 1, stride=2, bias=False),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16), nn.Linear(16, 10),
+    )
+
+
+def test_binary_conv_computes_alpha_sign_w_on_sign_x():
+    torch.manual_seed(0)
+    layer = BinaryConv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    alpha = layer.weight.abs().mean()
+    expected = F.conv2d(torch.where(x >= 0, 1.0, -1.0), alpha * torch.where(layer.weight >= 0, 1.0, -1.0), padding=1)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_channel_mean_and_no_scale():
+    torch.manual_seed(0)
+    layer = BinaryLinear(5, 3, bias=False, weight_scale="channel_mean", input_estimator=None)
+    x = torch.randn(4, 5)
+    alpha = layer.weight.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x), x @ (alpha * torch.sign(layer.weight)).t())
+    raw = BinaryLinear(5, 3, bias=False, weight_scale="none", input_estimator=None)
+    assert set(raw.quantized_weight().unique().tolist()) <= {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("pad,value", [("+1", 1.0), ("-1", -1.0)])
+def test_binary_padding_is_truly_binary(pad, value):
+    torch.manual_seed(0)
+    layer = BinaryConv2d(2, 3, 3, padding=1, bias=False, input_padding=pad, weight_scale="none")
+    x = torch.randn(1, 2, 4, 4)
+    xb = F.pad(torch.where(x >= 0, 1.0, -1.0), (1, 1, 1, 1), value=value)
+    expected = F.conv2d(xb, torch.where(layer.weight >= 0, 1.0, -1.0))
+    torch.testing.assert_close(layer(x), expected)
+    # every output is then an integer of the same parity as the number of taps (18)
+    assert torch.all((layer(x) - 18) % 2 == 0)
+
+
+def test_dorefa_weights_forward_and_identity_gradient():
+    torch.manual_seed(0)
+    layer = BinaryLinear(6, 4, bias=False, weight_estimator="dorefa", input_estimator=None)
+    w = layer.quantized_weight()
+    torch.testing.assert_close(w, layer.weight.abs().mean() * torch.sign(layer.weight))
+    w.sum().backward()
+    torch.testing.assert_close(layer.weight.grad, torch.ones_like(layer.weight))
+
+
+def test_layer_gradient_reaches_latent_weights_through_alpha():
+    torch.manual_seed(0)
+    layer = BinaryLinear(3, 2, bias=False, weight_estimator="ste", input_estimator=None)
+    x = torch.randn(4, 3)
+    layer(x).sum().backward()
+    w = layer.weight.detach().clone().requires_grad_(True)
+    (x @ (w.abs().mean() * (torch.sign(w) + (w - w.detach()))).t()).sum().backward()  # STE by hand
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="weight_scale"):
+        BinaryConv2d(2, 2, 3, weight_scale="max")
+    with pytest.raises(ValueError, match="input_padding"):
+        BinaryConv2d(2, 2, 3, input_padding="1")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        BinaryConv2d(2, 2, 3, weight_estimator="resteX")
+
+
+def test_binarize_keeps_first_and_last_and_preserves_shapes_and_params():
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    out_float = model(x)
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_ids = [id(p) for p in model.parameters()]
+    reste.binarize(model)
+    assert type(model[0]) is nn.Conv2d and type(model[10]) is nn.Linear
+    assert isinstance(model[3], BinaryConv2d) and isinstance(model[6], BinaryConv2d) and isinstance(model[9], BinaryLinear)
+    assert model(x).shape == out_float.shape
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert [id(p) for p in model.parameters()] == weight_ids  # weights shared, optimizers stay valid
+
+
+def test_binarize_keep_rules_pointwise_patterns_and_types():
+    model = reste.binarize(small_cnn(), keep=("first", "last", "pointwise"))
+    assert type(model[6]) is nn.Conv2d
+    model = reste.binarize(small_cnn(), keep=("3",))
+    assert type(model[3]) is nn.Conv2d and isinstance(model[0], BinaryConv2d)
+    model = reste.binarize(small_cnn(), keep=(nn.Linear,))
+    assert type(model[9]) is nn.Linear and isinstance(model[3], BinaryConv2d)
+    assert reste.nn.full_precision_layers(small_cnn(), keep=("first", "last", "pointwise")) == ["0", "6", "10"]
+
+
+def test_binarize_twice_is_a_no_op():
+    model = reste.binarize(small_cnn())
+    before = copy.deepcopy(model.state_dict())
+    reprs = repr(model)
+    reste.binarize(model)
+    assert repr(model) == reprs
+    assert before.keys() == model.state_dict().keys()
+
+
+def test_binarize_1w32a_and_estimator_choice():
+    model = reste.binarize(small_cnn(), estimator="ede", activations=False)
+    assert model[3].input_estimator is None and model[3].weight_estimator.name == "ede"
+    model = reste.binarize(small_cnn(), estimator="rbnn")
+    assert model[3].input_estimator.activation and not model[3].weight_estimator.activation
+    model = reste.binarize(small_cnn(), estimator_params={"o": 2.0})
+    assert float(model[3].weight_estimator.o) == 2.0
+
+
+def test_binarize_works_on_a_transformer_nobody_wrote_for_it():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(nn.Linear(8, 16), layer, nn.Linear(16, 4))
+    x = torch.randn(2, 5, 8)
+    shape = model(x).shape
+    reste.binarize(model, activations=False)
+    # nn.MultiheadAttention keeps its packed in-projection as a raw parameter; its out_proj is an
+    # nn.Linear subclass (NonDynamicallyQuantizableLinear) and is left alone, like the MLP is not
+    assert isinstance(model[1].linear1, BinaryLinear) and isinstance(model[1].linear2, BinaryLinear)
+    assert model(x).shape == shape
+    model(x).sum().backward()
+    assert model[1].linear1.weight.grad is not None
+
+
+def test_binarize_rejects_non_modules_and_bad_keep():
+    with pytest.raises(TypeError, match="nn.Module"):
+        reste.binarize("resnet")
+    with pytest.raises(TypeError, match="keep entries"):
+        reste.binarize(small_cnn(), keep=(3,))
