@@ -142,3 +142,47 @@ def test_binarize_rejects_non_modules_and_bad_keep():
         reste.binarize("resnet")
     with pytest.raises(TypeError, match="keep entries"):
         reste.binarize(small_cnn(), keep=(3,))
+
+
+def _unfused_copy(layer):
+    """The same layer computing through the plain estimator + conv ops (no fusion)."""
+    other = copy.deepcopy(layer)
+    other.input_estimator.fusable = False
+    return other
+
+
+@pytest.mark.parametrize("estimator", ["reste", "ede", "approx_sign", "ste"])
+@pytest.mark.parametrize("padding,input_padding,stride", [(1, "zero", 1), (1, "+1", 2), (1, "-1", 1), (0, "zero", 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_binary_conv_equals_unfused(estimator, padding, input_padding, stride, channels_last):
+    torch.manual_seed(0)
+    layer = BinaryConv2d(4, 6, 3, stride=stride, padding=padding, bias=True, weight_estimator=estimator,
+                         input_estimator=estimator, input_padding=input_padding, estimator_params=None)
+    reference = _unfused_copy(layer)
+    x = torch.randn(3, 4, 7, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for mod in (layer, reference):
+        xi = x.clone().requires_grad_(True)
+        out = mod(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["reste", "rbnn"])
+def test_fused_binary_linear_equals_unfused(estimator):
+    torch.manual_seed(0)
+    layer = BinaryLinear(5, 3, weight_estimator=estimator, input_estimator=estimator)
+    reference = _unfused_copy(layer)
+    x = torch.randn(2, 4, 5)
+    grads = []
+    for mod in (layer, reference):
+        xi = x.clone().requires_grad_(True)
+        out = mod(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

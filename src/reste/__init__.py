@@ -9,7 +9,7 @@ Binarize a model in three lines::
 See the README for the command-line tool (``reste train``, ``reste eval``, ...).
 """
 
-from . import nn
+from . import models, nn
 from .estimators import Estimator, estimator, estimators, register
 from .nn import binarize
 from .schedules import EstimatorScheduler, o_schedule, o_schedule_ways, set_params, set_progress
@@ -22,6 +22,7 @@ __all__ = [
     "binarize",
     "estimator",
     "estimators",
+    "models",
     "nn",
     "o_schedule",
     "o_schedule_ways",

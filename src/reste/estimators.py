@@ -24,6 +24,8 @@ from typing import Callable, Dict, Type
 import torch
 from torch import Tensor, nn
 
+from . import _fast
+
 __all__ = [
     "Estimator",
     "ReSTE",
@@ -90,6 +92,16 @@ def estimator(name: str, **params) -> "Estimator":
 def binary_sign(z: Tensor) -> Tensor:
     """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
 
+    One fused pass with the compiled kernel where it applies (CPU float32),
+    else :func:`binary_sign_torch`.
+    """
+    out = _fast.sign(z)
+    return binary_sign_torch(z) if out is None else out
+
+
+def binary_sign_torch(z: Tensor) -> Tensor:
+    """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
+
     ``sign(sign(z) + 0.5)`` maps {-1, 0, +1} to {-1, +1, +1} in two cheap
     elementwise passes, avoiding boolean tensors (slow on CPU). ``torch.sign`` maps
     NaN to 0 on CPU, so NaN becomes +1 here: a diverged run shows in its loss and
@@ -124,6 +136,17 @@ class Estimator(nn.Module):
         """A copy configured for binarizing activations (same rule unless overridden)."""
         return copy.deepcopy(self)
 
+    #: whether the backward rule depends on nothing trainable, so that fused layers may
+    #: apply it themselves (:meth:`surrogate_grad`); DSQ's learnable alpha opts out
+    fusable: bool = True
+
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        """The backward rule: ``dL/dz = g(z) * dL/dy`` (what this estimator's backward returns)."""
+        raise NotImplementedError
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _SignFn.apply(z, self)
+
     def set_param(self, name: str, value) -> None:
         """Set a scheduled parameter in place (keeps device and dtype, no reallocation)."""
         buf = getattr(self, name)
@@ -140,25 +163,27 @@ class Estimator(nn.Module):
         return ", ".join(parts)
 
 
+class _SignFn(torch.autograd.Function):
+    """Forward: sign in {-1, +1}. Backward: the estimator's :meth:`Estimator.surrogate_grad`."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, est: "Estimator") -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.est = est
+        return binary_sign(z)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        return ctx.est.surrogate_grad(z, grad_out), None
+
+
 def _param(buf: Tensor, like: Tensor) -> Tensor:
     """A scalar buffer on the data's device and dtype (a no-op in the common case)."""
     return buf.to(device=like.device, dtype=like.dtype)
 
 
 # --------------------------------------------------------------------------- ReSTE
-class _ReSTEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
-        ctx.save_for_backward(z, o)
-        ctx.t, ctx.m = t, m
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        z, o = ctx.saved_tensors
-        return reste_grad(z, o, ctx.t, ctx.m) * grad_out, None, None, None
-
-
 def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
     """The ReSTE gradient g_o(z) (without the incoming gradient).
 
@@ -218,8 +243,9 @@ class ReSTE(Estimator):
             raise ValueError(f"ReSTE needs o >= 1, got o={value}")
         super().set_param(name, value)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _ReSTEFn.apply(z, self.o, self.t, self.m)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = _fast.reste_backward(z, grad_out, self.o, self.t, self.m)
+        return reste_grad(z, self.o, self.t, self.m) * grad_out if fused is None else fused
 
     def extra_repr(self) -> str:
         return f"o={float(self.o):.4g}, t={self.t:g}, m={self.m:g}"
@@ -240,21 +266,11 @@ class _STEFn(torch.autograd.Function):
 class STE(Estimator):
     r"""Straight-through estimator. Forward :math:`\mathrm{sign}(z)`; backward :math:`g(z) = 1`."""
 
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        return grad_out
+
     def forward(self, z: Tensor) -> Tensor:
-        return _STEFn.apply(z)
-
-
-class _ClippedSTEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, clip: float) -> Tensor:
-        ctx.save_for_backward(z)
-        ctx.clip = clip
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
-        return grad_out * (z.abs() <= ctx.clip).to(grad_out.dtype), None
+        return _STEFn.apply(z)  # saves nothing for backward
 
 
 @register("clipped_ste")
@@ -271,23 +287,11 @@ class ClippedSTE(Estimator):
             raise ValueError(f"clip must be > 0, got {clip}")
         self.clip = float(clip)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _ClippedSTEFn.apply(z, self.clip)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        return grad_out * (z.abs() <= self.clip).to(grad_out.dtype)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip:g}"
-
-
-class _ApproxSignFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        ctx.save_for_backward(z)
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
-        return grad_out * (2.0 - 2.0 * z.abs()).clamp(min=0.0)
 
 
 @register("approx_sign")
@@ -295,27 +299,8 @@ class ApproxSign(Estimator):
     r"""ApproxSign (Bi-Real Net). Forward :math:`\mathrm{sign}(z)`;
     backward :math:`g(z) = \max(0, 2 - 2|z|)` (that is ``2 - 2|z|`` on ``|z| <= 1``, else 0)."""
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _ApproxSignFn.apply(z)
-
-
-class _SwishSignFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, beta: float) -> Tensor:
-        ctx.save_for_backward(z)
-        ctx.beta = beta
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
-        b = ctx.beta
-        bz = b * z
-        # cosh overflows to inf for |bz| > ~89 in float32; the fraction then tends to 0,
-        # so guard the numerator's inf * 0 by clamping the argument.
-        bz = bz.clamp(-80.0, 80.0)
-        g = b * (2.0 - bz * torch.tanh(bz / 2.0)) / (1.0 + torch.cosh(bz))
-        return grad_out * g, None
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        return grad_out * (2.0 - 2.0 * z.abs()).clamp(min=0.0)
 
 
 @register("swish_sign")
@@ -333,8 +318,12 @@ class SwishSign(Estimator):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta = float(beta)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _SwishSignFn.apply(z, self.beta)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        b = self.beta
+        # cosh overflows to inf for |bz| > ~89 in float32; the fraction then tends to 0,
+        # so guard the numerator's inf * 0 by clamping the argument.
+        bz = (b * z).clamp(-80.0, 80.0)
+        return grad_out * (b * (2.0 - bz * torch.tanh(bz / 2.0)) / (1.0 + torch.cosh(bz)))
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}"
@@ -344,20 +333,6 @@ class SwishSign(Estimator):
 def _log_interp(lo: float, hi: float, progress: float) -> float:
     """``10^(log10(lo) + (log10(hi) - log10(lo)) * progress)``."""
     return 10.0 ** (math.log10(lo) + (math.log10(hi) - math.log10(lo)) * progress)
-
-
-class _EDEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, t: Tensor, k: Tensor) -> Tensor:
-        ctx.save_for_backward(z, t, k)
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        z, t, k = ctx.saved_tensors
-        t, k = _param(t, z), _param(k, z)
-        th = torch.tanh(t * z)
-        return grad_out * (k * t) * (1.0 - th * th), None, None
 
 
 @register("ede")
@@ -387,25 +362,13 @@ class EDE(Estimator):
         self.set_param("t", t)
         self.set_param("k", max(1.0 / t, 1.0))
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _EDEFn.apply(z, self.t, self.k)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        t, k = _param(self.t, z), _param(self.k, z)
+        th = torch.tanh(t * z)
+        return grad_out * (k * t) * (1.0 - th * th)
 
 
 # --------------------------------------------------------------------------- RBNN
-class _RBNNFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, t: Tensor, k: Tensor) -> Tensor:
-        ctx.save_for_backward(z, t, k)
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        z, t, k = ctx.saved_tensors
-        t, k = _param(t, z), _param(k, z)
-        g = k * (math.sqrt(2.0) * t - t * t * z.abs()).clamp(min=0.0)
-        return grad_out * g, None, None
-
-
 @register("rbnn")
 class RBNN(Estimator):
     r"""RBNN's training-aware approximation. Forward :math:`\mathrm{sign}(z)`; backward
@@ -439,8 +402,9 @@ class RBNN(Estimator):
     def for_inputs(self) -> "RBNN":
         return RBNN(self.t_min, self.t_max, activation=True).to(self.t.device)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _RBNNFn.apply(z, self.t, self.k)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        t, k = _param(self.t, z), _param(self.k, z)
+        return grad_out * (k * (math.sqrt(2.0) * t - t * t * z.abs()).clamp(min=0.0))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"
@@ -460,19 +424,6 @@ def fda_grad(z: Tensor, n: Tensor, w: float) -> Tensor:
     series = torch.where(small, n + 1.0, torch.sin(2.0 * (n + 1.0) * x) / torch.where(small, torch.ones_like(s), 2.0 * s))
     inside = (z.abs() <= 1.0).to(z.dtype)
     return (4.0 * w / math.pi) * series * inside
-
-
-class _FDAFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, n: Tensor, w: float) -> Tensor:
-        ctx.save_for_backward(z, n)
-        ctx.w = w
-        return binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        z, n = ctx.saved_tensors
-        return grad_out * fda_grad(z, n, ctx.w), None, None
 
 
 @register("fda")
@@ -503,8 +454,8 @@ class FDA(Estimator):
         progress = min(max(float(progress), 0.0), 1.0)
         self.set_param("n", self.n_start + math.floor((self.n_end - self.n_start) * progress))
 
-    def forward(self, z: Tensor) -> Tensor:
-        return _FDAFn.apply(z, self.n, self.w)
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        return grad_out * fda_grad(z, self.n, self.w)
 
     def extra_repr(self) -> str:
         return f"n={int(self.n)}, w={self.w:g}"
@@ -560,6 +511,14 @@ class DSQ(Estimator):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"DSQ needs 0 < alpha < 1, got {alpha}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=bool(learnable))
+
+    fusable = False  # alpha is trained through the backward
+
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        a = self.alpha.detach().clamp(1e-4, 1.0 - 1e-4).to(z.dtype)
+        k = _dsq_k(a)
+        th = torch.tanh(k * z)
+        return grad_out * (k / torch.tanh(k) * (1.0 - th * th) * (z.abs() <= 1.0).to(z.dtype))
 
     def forward(self, z: Tensor) -> Tensor:
         return _DSQFn.apply(z, self.alpha.clamp(1e-4, 1.0 - 1e-4))

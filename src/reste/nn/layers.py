@@ -34,6 +34,82 @@ def _build(spec: EstimatorSpec, params: dict | None, for_inputs: bool) -> Estima
     return est.for_inputs() if for_inputs else est
 
 
+class _BinaryInputConvFn(torch.autograd.Function):
+    """``conv2d(sign(x), w)`` that keeps only ``x`` (not ``sign(x)`` too) for backward.
+
+    An unfused layer saves ``x`` in the estimator and ``sign(x)`` in the conv: twice the
+    activation memory of a float conv. Here ``sign(x)`` is recomputed in backward (one
+    cheap pass), and the estimator's rule is applied to the conv's input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value):
+        xb = _pad_binary(binary_sign(x), padding, pad_value)
+        conv_padding = padding if pad_value is None else (0, 0)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (est, stride, padding, dilation, groups, pad_value, conv_padding, None if bias is None else tuple(bias.shape))
+        return F.conv2d(xb, weight, bias, stride, conv_padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        est, stride, padding, dilation, groups, pad_value, conv_padding, bias_shape = ctx.conf
+        xb = _pad_binary(binary_sign(x), padding, pad_value)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
+        grad_xb, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, xb, weight, list(bias_shape) if bias_shape else None,
+            list(stride), list(conv_padding), list(dilation), False, [0, 0], groups, mask,
+        )
+        grad_x = None
+        if mask[0]:
+            if pad_value is not None and any(padding):
+                ph, pw = padding
+                grad_xb = grad_xb[:, :, ph: grad_xb.shape[2] - ph, pw: grad_xb.shape[3] - pw]
+            grad_x = est.surrogate_grad(x, grad_xb.contiguous(memory_format=_layout(x)))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _BinaryInputLinearFn(torch.autograd.Function):
+    """``linear(sign(x), w)`` saving only ``x``; see :class:`_BinaryInputConvFn`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, est):
+        ctx.save_for_backward(x, weight)
+        ctx.est = est
+        ctx.has_bias = bias is not None
+        return F.linear(binary_sign(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.est.surrogate_grad(x, grad_out.matmul(weight))
+        if ctx.needs_input_grad[1]:
+            xb = binary_sign(x)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(xb.reshape(-1, xb.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def _layout(x: Tensor):
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _pad_binary(xb: Tensor, padding, pad_value):
+    if pad_value is None or not any(padding):
+        return xb
+    ph, pw = padding
+    return F.pad(xb, (pw, pw, ph, ph), value=pad_value)
+
+
+def _fused(est) -> bool:
+    """Use the fused path in eager mode; compiled graphs get the plain ops (inductor fuses
+    and recomputes them itself)."""
+    return est is not None and est.fusable and not torch.compiler.is_compiling()
+
+
 class BinaryLayer:
     """What binary conv and linear layers share: weight and input binarization."""
 
@@ -134,8 +210,12 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.quantized_input(x)
         w = self.quantized_weight()
+        est = self.input_estimator
+        if _fused(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
+            return _BinaryInputConvFn.apply(x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value)
+        x = self.quantized_input(x)
         if self.input_estimator is not None and self.input_padding != "zero" and any(self.padding):
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
@@ -182,6 +262,8 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _fused(self.input_estimator):
+            return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,39 @@
+"""Compiled parts of reste; everything else is declared in pyproject.toml.
+
+The extensions are plain C against the CPython API (no torch or numpy headers,
+so build isolation needs nothing big). They are optional: if a build fails,
+reste falls back to pure PyTorch code paths and says so once.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+COMMON_FLAGS = ["-O3", "-std=gnu11"]
+# -ffast-math lets gcc vectorise log2f/exp2f with glibc's libmvec. Compile flag only: linking
+# with it would switch the whole process to flush-denormals-to-zero. The kernels are written
+# not to depend on what it relaxes (sign works on the bits; no NaN tests).
+KERNEL_FLAGS = COMMON_FLAGS + ["-ffast-math"] if sys.platform != "win32" else ["/O2"]
+
+EXTENSIONS = [
+    Extension(
+        "reste._kernels",
+        sources=["src/reste/csrc/estimators.c"],
+        extra_compile_args=KERNEL_FLAGS,
+        extra_link_args=["-lpthread", "-lmvec", "-lm"] if sys.platform != "win32" else [],
+    ),
+]
+
+
+class OptionalBuildExt(build_ext):
+    """Build what compiles; a missing compiler must not make the install fail."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # noqa: BLE001 - any compiler failure
+            print(f"WARNING: could not build {ext.name} ({err}); reste will use its pure PyTorch path.", file=sys.stderr)
+
+
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": OptionalBuildExt})
