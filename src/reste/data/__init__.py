@@ -1,0 +1,130 @@
+"""Data sets and loaders for training binary networks.
+
+Public API::
+
+    names()                       -> ["fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet"]
+    info(name)                    -> DatasetInfo(num_classes, in_channels, image_size, mean, std, ...)
+    create_loaders(name, ...)     -> (train_loader, test_loader)
+    download(name, root)          -> folder the files were put in
+    load_arrays(name, root)       -> uint8 numpy arrays of an in-memory data set
+    DatasetNotFoundError, CorruptDataError
+
+In-memory data sets (MNIST-likes, CIFAR) are served by
+:class:`~reste.data.loaders.InMemoryLoader`: uint8 tensors on the target
+device, batched augmentation, deterministic from ``(seed, epoch)``.
+ImageNet uses a torch ``DataLoader`` over class folders (needs Pillow, the
+``reste[imagenet]`` extra). Importing this package needs neither Pillow nor
+torchvision. See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arrays import DatasetArrays, load_arrays, locate
+from .catalog import DatasetInfo, canonical_name, default_root, info, names
+from .download import download, download_file
+from .errors import CorruptDataError, DatasetNotFoundError
+from .loaders import InMemoryLoader
+
+__all__ = [
+    "names",
+    "info",
+    "create_loaders",
+    "download",
+    "download_file",
+    "load_arrays",
+    "locate",
+    "default_root",
+    "DatasetInfo",
+    "DatasetArrays",
+    "InMemoryLoader",
+    "DatasetNotFoundError",
+    "CorruptDataError",
+]
+
+
+def create_loaders(
+    name: str,
+    root=None,
+    batch_size: int = 128,
+    test_batch_size: int | None = None,
+    augment: bool = True,
+    download: bool = False,
+    seed: int = 0,
+    device="cpu",
+    num_workers: int = 0,
+    subset: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    *,
+    shard_test: bool = False,
+    mirror: str | None = None,
+):
+    """Return ``(train_loader, test_loader)`` for data set ``name``.
+
+    Args:
+        name: one of :func:`names`.
+        root: data folder (default ``$RESTE_DATA`` or ``./data``); see
+            :mod:`reste.data.arrays` for every place searched.
+        batch_size: training batch size *per rank*.
+        test_batch_size: evaluation batch size (default ``batch_size``).
+        augment: apply the recipe's training augmentation (see :func:`info`:
+            random crop after ``crop_padding`` zero pixels, flips if
+            ``horizontal_flip``; RandomResizedCrop + flip for ImageNet).
+        download: fetch the data set into ``root/<name>`` if it is not found.
+        seed: seeds the shuffle and augmentation (with the epoch, see
+            ``loader.set_epoch``).
+        device: where batches are produced (in-memory sets live there).
+        num_workers: decode workers for ImageNet; ignored by in-memory sets.
+        subset: keep only the first ``subset`` training and the first
+            ``max(1, subset // 5)`` test images (ImageNet: evenly spaced ones,
+            so that classes stay mixed).
+        rank, world_size: training data is sharded into equal disjoint slices
+            of the epoch's permutation (leftover ``< world_size`` samples are
+            skipped that epoch). The test set is *not* sharded: every rank
+            sees all of it, unless ``shard_test=True`` (disjoint slices
+            covering it, sizes differing by at most one).
+        drop_last: drop an incomplete last training batch (never the only one).
+        mirror: base URL replacing the official one for ``download``.
+    """
+    name = canonical_name(name)
+    meta = info(name)
+    if subset is not None and int(subset) < 1:
+        raise ValueError(f"subset must be a positive number of images, got {subset}")
+    if name == "imagenet":
+        from .imagenet import create_imagenet_loaders  # lazily: optional extra
+
+        if download:
+            raise ValueError("ImageNet cannot be downloaded automatically; see reste.data.download('imagenet')")
+        return create_imagenet_loaders(
+            root, batch_size=batch_size, test_batch_size=test_batch_size, augment=augment, seed=seed,
+            device=device, num_workers=num_workers, subset=subset, rank=rank, world_size=world_size,
+            drop_last=drop_last, shard_test=shard_test,
+        )
+
+    arrays = load_arrays(name, root, download=download, mirror=mirror)
+    train_x, train_y = arrays.train_images, arrays.train_labels
+    test_x, test_y = arrays.test_images, arrays.test_labels
+    if subset is not None:
+        train_x, train_y = train_x[:subset], train_y[:subset]
+        test_count = max(1, int(subset) // 5)
+        test_x, test_y = test_x[:test_count], test_y[:test_count]
+
+    common = dict(mean=meta.mean, std=meta.std, seed=seed, device=device)
+    train = InMemoryLoader(
+        torch.from_numpy(train_x), torch.from_numpy(train_y),
+        batch_size=batch_size, shuffle=True,
+        crop_padding=meta.crop_padding if augment else 0,
+        horizontal_flip=meta.horizontal_flip if augment else False,
+        drop_last=drop_last, rank=rank, world_size=world_size, equal_shards=True, **common,
+    )
+    test = InMemoryLoader(
+        torch.from_numpy(test_x), torch.from_numpy(test_y),
+        batch_size=test_batch_size or batch_size, shuffle=False, drop_last=False,
+        rank=rank if shard_test else 0, world_size=world_size if shard_test else 1,
+        equal_shards=False, **common,
+    )
+    train.source = test.source = arrays.source
+    return train, test

@@ -222,8 +222,8 @@ def how_to_get(name: str, root: Path) -> list[str]:
         ]
     commands = [
         f"python -c \"import reste.data; reste.data.download('{name}', root='{root}')\"",
-        f"python -m reste.data download {name} --root {root}",
-        f"or pass download=True to reste.data.create_loaders(...)",
+        f"reste download {name} --root {root}   (or: python -m reste download ...)",
+        "or pass download=True to reste.data.create_loaders(...)",
     ]
     if name == "fashion_mnist":
         commands.append("or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist")

@@ -41,10 +41,9 @@ class DatasetNotFoundError(FileNotFoundError):
 class CorruptDataError(ValueError):
     """A data file exists but is damaged, truncated or fails its checksum."""
 
-    def __init__(self, path, reason: str):
+    DEFAULT_HINT = "Delete it and fetch it again (e.g. reste.data.download(...))."
+
+    def __init__(self, path, reason: str, hint: str | None = None):
         self.path = str(path)
         self.reason = reason
-        super().__init__(
-            f"corrupt data file {self.path}: {reason}. "
-            "Delete it and fetch it again (e.g. reste.data.download(...))."
-        )
+        super().__init__(f"corrupt data file {self.path}: {reason}. {hint or self.DEFAULT_HINT}")

@@ -1,0 +1,179 @@
+"""Finding a data set on disk and reading it into uint8 numpy arrays.
+
+Search order for the in-memory data sets (first complete hit wins):
+
+* MNIST-likes: ``root/<name>``, ``root``, torchvision's ``root/<Folder>/raw``
+  layout, then system folders (Debian's ``/usr/share/datasets/fashion-mnist``
+  for ``fashion_mnist``). A folder counts when it holds all four IDX files,
+  each either ``.gz`` or uncompressed.
+* CIFAR: in ``root/<name>`` then ``root``: the extracted folder
+  (``cifar-10-batches-py/`` / ``cifar-100-python/``) if it holds every batch,
+  else the official tarball, read in place without extracting.
+
+``root`` defaults to ``$RESTE_DATA`` or ``./data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import catalog
+from .catalog import (
+    CIFAR_SOURCES,
+    IDX_ROLES,
+    IDX_SOURCES,
+    canonical_name,
+    how_to_get,
+    info,
+    resolve_root,
+)
+from .download import download as download_dataset
+from .errors import CorruptDataError, DatasetNotFoundError
+from .formats import read_cifar_members_from_dir, read_cifar_members_from_tar, read_idx
+
+__all__ = ["DatasetArrays", "load_arrays", "locate"]
+
+# torchvision stores the same IDX files under root/<Folder>/raw; accepting
+# that layout lets users reuse data they already have.
+_TORCHVISION_FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+@dataclass
+class DatasetArrays:
+    """A whole in-memory data set: uint8 NCHW images and int64 labels."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str  # where it was read from, for logs
+
+
+def _idx_candidates(name: str, root: Path) -> list[Path]:
+    candidates = [root / name, root]
+    if name in _TORCHVISION_FOLDERS:
+        candidates.append(root / _TORCHVISION_FOLDERS[name] / "raw")
+    # Looked up at call time (not imported by value) so it can be patched.
+    candidates += list(catalog.SYSTEM_DIRS.get(name, []))
+    return candidates
+
+
+def _find_idx_files(name: str, folder: Path) -> tuple[dict[str, Path] | None, str]:
+    """Return ({role: path}, "") if ``folder`` holds all four files, else
+    (None, why-not) for the error message."""
+    if not folder.is_dir():
+        return None, "no such folder"
+    found, missing = {}, []
+    for role in IDX_ROLES:
+        gz_name = IDX_SOURCES[name].files[role][0]
+        for candidate in (folder / gz_name, folder / gz_name[: -len(".gz")]):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+        else:
+            missing.append(gz_name)
+    if missing:
+        return None, "missing " + ", ".join(missing)
+    return found, ""
+
+
+def _cifar_candidates(name: str, root: Path) -> list[Path]:
+    return [root / name, root]
+
+
+def _find_cifar(name: str, folder: Path) -> tuple[tuple[str, Path] | None, str]:
+    """("dir", path) for an extracted folder, ("tar", path) for the tarball,
+    or (None, why-not)."""
+    source = CIFAR_SOURCES[name]
+    extracted = folder / source.folder
+    members = source.train_members + source.test_members
+    if extracted.is_dir() and all((extracted / m).is_file() for m in members):
+        return ("dir", extracted), ""
+    archive = folder / source.archive
+    if archive.is_file():
+        return ("tar", archive), ""
+    if not folder.is_dir():
+        return None, "no such folder"
+    return None, f"no {source.folder}/ with all batches and no {source.archive}"
+
+
+def locate(name: str, root=None):
+    """Find data set ``name``; return what the reader needs, or raise
+    :class:`DatasetNotFoundError` listing every place searched."""
+    name = canonical_name(name)
+    root = resolve_root(root)
+    searched = []
+    if name in IDX_SOURCES:
+        for folder in _idx_candidates(name, root):
+            files, why = _find_idx_files(name, folder)
+            if files:
+                return files
+            searched.append(f"{folder} ({why})")
+    elif name in CIFAR_SOURCES:
+        for folder in _cifar_candidates(name, root):
+            hit, why = _find_cifar(name, folder)
+            if hit:
+                return hit
+            searched.append(f"{folder} ({why})")
+    else:
+        raise ValueError(f"{name!r} is not an in-memory data set")
+    raise DatasetNotFoundError(name, searched, how_to_get(name, root))
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CorruptDataError(
+            source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}"
+        )
+
+
+def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(images_path, 3)
+    labels = read_idx(labels_path, 1).astype(np.int64)
+    size = meta.image_size
+    if images.shape[1:] != (size, size):
+        raise CorruptDataError(images_path, f"expected {size}x{size} images, got {images.shape[1:]}")
+    if len(images) != len(labels):
+        raise CorruptDataError(
+            labels_path, f"{len(labels)} labels for {len(images)} images in {images_path.name}"
+        )
+    _check_labels(labels, meta.num_classes, labels_path)
+    return images[:, None], labels  # add the channel axis: N x 1 x H x W
+
+
+def load_arrays(name: str, root=None, *, download: bool = False, mirror: str | None = None) -> DatasetArrays:
+    """Read the whole train and test split of an in-memory data set.
+
+    With ``download=True`` a data set that is not found is downloaded into
+    ``root/<name>`` first (see :func:`reste.data.download`).
+    """
+    name = canonical_name(name)
+    meta = info(name)
+    try:
+        found = locate(name, root)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        download_dataset(name, root, mirror=mirror)
+        found = locate(name, root)
+
+    if name in IDX_SOURCES:
+        train = _read_idx_split(found["train_images"], found["train_labels"], meta)
+        test = _read_idx_split(found["test_images"], found["test_labels"], meta)
+        return DatasetArrays(*train, *test, source=str(found["train_images"].parent))
+
+    source = CIFAR_SOURCES[name]
+    kind, path = found
+    if kind == "dir":
+        train = read_cifar_members_from_dir(path, source.train_members, source.label_key)
+        test = read_cifar_members_from_dir(path, source.test_members, source.label_key)
+    else:
+        train, test = read_cifar_members_from_tar(
+            path, source.folder, [source.train_members, source.test_members], source.label_key
+        )
+    _check_labels(train[1], meta.num_classes, path)
+    _check_labels(test[1], meta.num_classes, path)
+    return DatasetArrays(*train, *test, source=str(path))

@@ -1,0 +1,61 @@
+"""``reste download`` and ``reste datasets``: the data sub-commands of the
+``reste`` command line (registered by :mod:`reste.cli`; also available
+stand-alone as ``python -m reste.data``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DOWNLOAD_EPILOG = """\
+examples:
+  reste download cifar10 --root ./data
+  reste download fashion_mnist                 # into $RESTE_DATA or ./data
+  RESTE_MIRROR=http://host/mnist/ reste download mnist
+
+Files are md5-checked; a wrong download is deleted and never replaces an
+existing file. Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist
+(Debian: apt-get install dataset-fashion-mnist). ImageNet cannot be downloaded.
+"""
+
+
+def register(subparsers) -> None:
+    """Add the ``download`` and ``datasets`` sub-commands."""
+    from .catalog import names
+
+    download = subparsers.add_parser(
+        "download", help="download and verify a data set into ROOT/NAME",
+        description="Download the official files of a data set, check their md5 and unpack them.",
+        epilog=DOWNLOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    download.add_argument("name", choices=names(), metavar="NAME", help=", ".join(names()))
+    download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ./data)")
+    download.add_argument("--mirror", default=None, help="base URL replacing the official one ($RESTE_MIRROR)")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.set_defaults(func=run_download)
+
+    datasets = subparsers.add_parser("datasets", help="list the known data sets and their shapes")
+    datasets.set_defaults(func=run_datasets)
+
+
+def run_download(args) -> int:
+    from .download import download
+
+    try:
+        folder = download(args.name, args.root, mirror=args.mirror, progress=not args.quiet)
+    except (OSError, ValueError) as exc:  # includes DatasetNotFoundError / CorruptDataError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name} is ready in {folder}")
+    return 0
+
+
+def run_datasets(args) -> int:
+    from .catalog import info, names
+
+    for name in names():
+        meta = info(name)
+        shape = f"{meta.in_channels}x{meta.image_size}x{meta.image_size}"
+        print(f"{name:14s} {meta.num_classes:5d} classes  {shape:10s} "
+              f"{meta.train_size:>9,d} train / {meta.test_size:,d} test")
+    return 0

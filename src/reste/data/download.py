@@ -1,0 +1,194 @@
+"""Downloading the official files, with md5 verification and safe extraction.
+
+Guarantees:
+
+* A download is streamed into a hidden temporary file next to its
+  destination and only renamed into place (atomically, ``os.replace``) after
+  its md5 matched. An interrupted or wrong download therefore never leaves a
+  half-written file under the official name, and never replaces an existing
+  file.
+* A file that is already present with the right md5 is not fetched again.
+* Tarballs are extracted member by member after checking that every member
+  is a plain file or folder whose path stays inside the destination (no
+  absolute paths, no ``..``, no links or devices).
+
+The base URL can be overridden with the ``mirror`` argument or the
+``RESTE_MIRROR`` environment variable (the file name is appended to it);
+the tests use this to point at a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from pathlib import Path, PurePosixPath
+
+from .catalog import (
+    CIFAR_SOURCES,
+    IDX_SOURCES,
+    MIRROR_ENV_VAR,
+    canonical_name,
+    how_to_get,
+    resolve_root,
+)
+from .errors import CorruptDataError
+
+__all__ = ["download", "download_file", "safe_extract", "md5_of_file"]
+
+_CHUNK = 1 << 20
+
+
+def md5_of_file(path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress_bar(total, desc, enabled):
+    # Imported lazily: tqdm is a dependency, but only downloads need it.
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, leave=False)
+
+
+def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` and check its md5; return ``dest``.
+
+    If ``dest`` already exists with the expected md5 nothing is fetched. On a
+    checksum mismatch the downloaded bytes are deleted, whatever was at
+    ``dest`` before is left untouched, and :class:`CorruptDataError` is raised.
+    """
+    dest = Path(dest)
+    if dest.is_file() and md5_of_file(dest) == md5:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length and length.isdigit() else None
+                    with _progress_bar(total, dest.name, progress) as bar:
+                        for chunk in iter(lambda: response.read(_CHUNK), b""):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+            # URLError/HTTPError/timeouts are OSErrors; a connection cut
+            # mid-body raises http.client.IncompleteRead (an HTTPException).
+            except (OSError, http.client.HTTPException) as exc:
+                raise OSError(f"download of {url} failed: {exc}") from exc
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if actual != md5:
+            raise CorruptDataError(
+                url,
+                f"md5 mismatch (expected {md5}, got {actual}); the download was "
+                f"deleted and {dest} was not written",
+                hint="Retry; if it persists the server or mirror serves different content.",
+            )
+        os.replace(tmp, dest)
+    except BaseException:  # including KeyboardInterrupt: never leave .part files
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _member_is_safe(member: tarfile.TarInfo) -> bool:
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts or member.name.startswith(("/", "\\")):
+        return False
+    return member.isfile() or member.isdir()
+
+
+def safe_extract(archive, dest) -> None:
+    """Extract a ``.tar.gz`` into ``dest`` refusing anything that could write
+    outside it (path traversal, absolute paths, symlinks/hardlinks, devices).
+
+    Extraction goes to a temporary folder inside ``dest`` first and each
+    top-level entry is then moved into place, so an interrupted extraction
+    never leaves a half-filled data folder under its final name.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest_resolved = dest.resolve()
+    staging = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:
+                    target = (staging / member.name).resolve()
+                    if not _member_is_safe(member) or not target.is_relative_to(staging.resolve()):
+                        raise CorruptDataError(
+                            archive, f"refusing unsafe tar member {member.name!r} (type {member.type!r})"
+                        )
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, _CHUNK)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise CorruptDataError(archive, f"unreadable or truncated tar.gz ({exc})") from exc
+        for entry in staging.iterdir():
+            final = dest_resolved / entry.name
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            elif final.exists() or final.is_symlink():
+                final.unlink()
+            os.replace(entry, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _base_url(default: str, mirror: str | None) -> str:
+    base = mirror or os.environ.get(MIRROR_ENV_VAR) or default
+    return base if base.endswith("/") else base + "/"
+
+
+def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
+    """Download data set ``name`` into ``root/<name>`` and return that folder.
+
+    * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
+    * ``cifar10`` / ``cifar100``: the official python-version tarball, which
+      is kept (so a re-run is a no-op) and safely extracted next to it.
+    * ``imagenet``: cannot be downloaded (registration needed): ValueError.
+
+    ``root`` defaults to ``$RESTE_DATA`` or ``./data``; ``mirror`` (or
+    ``$RESTE_MIRROR``) replaces the official base URL. Every file is md5
+    checked; see :func:`download_file` for what happens on a mismatch.
+    """
+    name = canonical_name(name)
+    root = resolve_root(root)
+    target = root / name
+    if name in IDX_SOURCES:
+        source = IDX_SOURCES[name]
+        base = _base_url(source.base_url, mirror)
+        for file_name, md5 in source.files.values():
+            download_file(base + file_name, target / file_name, md5, progress=progress)
+        return target
+    if name in CIFAR_SOURCES:
+        source = CIFAR_SOURCES[name]
+        archive = download_file(
+            _base_url(source.base_url, mirror) + source.archive,
+            target / source.archive,
+            source.md5,
+            progress=progress,
+        )
+        safe_extract(archive, target)
+        return target
+    if name == "imagenet":
+        raise ValueError("\n".join(how_to_get(name, root)))
+    raise ValueError(f"unknown data set {name!r}")

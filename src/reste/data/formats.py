@@ -1,0 +1,240 @@
+"""Readers for the official on-disk formats: IDX (MNIST-likes) and the
+CIFAR "python version" pickles.
+
+Every reader validates what it reads and turns any damage into a
+:class:`~reste.data.errors.CorruptDataError` that names the file, so a
+truncated download never surfaces as an obscure numpy reshape error deep
+inside training.
+
+Security: CIFAR batches are pickles, and unpickling runs code chosen by the
+file. :class:`RestrictedUnpickler` therefore resolves only the handful of
+numpy/builtin callables needed to rebuild a uint8 array and refuses every
+other global.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptDataError
+
+__all__ = [
+    "read_idx",
+    "RestrictedUnpickler",
+    "restricted_loads",
+    "parse_cifar_batch",
+    "read_cifar_members_from_dir",
+    "read_cifar_members_from_tar",
+]
+
+GZIP_MAGIC = b"\x1f\x8b"
+IDX_UBYTE_TYPE = 0x08
+
+
+# --------------------------------------------------------------------------
+# IDX
+# --------------------------------------------------------------------------
+
+
+def _read_maybe_gzipped(path: Path) -> bytes:
+    """Return the (decompressed) bytes of ``path``; gzip is detected by magic
+    bytes, not by the file name, so renamed files still work."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # unreadable file: permissions, I/O error
+        raise CorruptDataError(path, f"cannot read file ({exc})") from exc
+    if raw[:2] != GZIP_MAGIC:
+        if path.suffix == ".gz":
+            raise CorruptDataError(path, "not a gzip file (bad gzip magic bytes)")
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except EOFError as exc:
+        raise CorruptDataError(path, "truncated gzip stream") from exc
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise CorruptDataError(path, f"bad gzip data ({exc})") from exc
+
+
+def read_idx(path, expected_ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (``.gz`` or raw) into an array.
+
+    The IDX header is: two zero bytes, a type code (0x08 = ubyte), the number
+    of dimensions, then one big-endian uint32 per dimension. MNIST image files
+    therefore start with magic 0x00000803 and label files with 0x00000801.
+    """
+    path = Path(path)
+    data = _read_maybe_gzipped(path)
+    if len(data) < 4:
+        raise CorruptDataError(path, f"file too short for an IDX header ({len(data)} bytes)")
+    expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        raise CorruptDataError(
+            path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
+        )
+    header_len = 4 + 4 * expected_ndim
+    if len(data) < header_len:
+        raise CorruptDataError(path, "truncated IDX header")
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim)
+    )
+    expected_payload = int(np.prod(shape, dtype=np.int64))
+    payload = len(data) - header_len
+    if payload != expected_payload:
+        what = "truncated" if payload < expected_payload else "trailing bytes"
+        raise CorruptDataError(
+            path,
+            f"{what}: header says shape {shape} = {expected_payload} bytes, "
+            f"file has {payload} payload bytes",
+        )
+    # copy(): frombuffer views are read-only and torch.from_numpy warns on them.
+    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape).copy()
+
+
+# --------------------------------------------------------------------------
+# CIFAR pickles
+# --------------------------------------------------------------------------
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and nothing else.
+
+    The official CIFAR batches are Python 2 pickles of a dict whose values
+    are strings, lists of ints and one ``numpy.ndarray``; an ndarray pickles
+    as ``_reconstruct(ndarray, ...)`` plus a ``dtype``. Those are the only
+    callables allowed here. (``_codecs.encode`` appears when Python 3 writes
+    ``bytes`` with protocol < 3; ``_frombuffer`` when numpy uses protocol 5;
+    ``scalar`` for numpy scalars. All are pure constructors.)
+    """
+
+    ALLOWED_GLOBALS = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED_GLOBALS:
+            raise _ForbiddenGlobal(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def restricted_loads(data: bytes, source) -> object:
+    """Unpickle ``data`` (read from ``source``, used in error messages).
+
+    ``encoding="bytes"`` is what the official CIFAR instructions use for the
+    Python 2 pickles: their str keys come back as ``bytes`` (``b"data"``).
+    """
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _ForbiddenGlobal as exc:
+        raise CorruptDataError(source, f"refusing to unpickle: {exc}") from None
+    except (EOFError, pickle.UnpicklingError) as exc:
+        # A cut-off file ends with EOFError or "pickle data was truncated",
+        # depending on where the cut falls.
+        if isinstance(exc, EOFError) or "truncated" in str(exc):
+            raise CorruptDataError(source, "truncated pickle") from exc
+        raise CorruptDataError(source, f"not a valid pickle ({exc})") from exc
+    except Exception as exc:  # any other decode failure of untrusted bytes
+        raise CorruptDataError(source, f"not a valid pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def _lookup(batch: dict, key: bytes):
+    """CIFAR dict keys are bytes for the official files; accept str keys too
+    (files re-pickled by Python 3 code)."""
+    if key in batch:
+        return batch[key]
+    return batch.get(key.decode())
+
+
+def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one CIFAR batch pickle into ``(images uint8 N x 3 x 32 x 32,
+    labels int64 N)``, validating the structure."""
+    batch = restricted_loads(data, source)
+    if not isinstance(batch, dict):
+        raise CorruptDataError(source, f"expected a pickled dict, got {type(batch).__name__}")
+    pixels = _lookup(batch, b"data")
+    labels = _lookup(batch, label_key)
+    if pixels is None or labels is None:
+        raise CorruptDataError(source, f"missing b'data' or {label_key!r} entry")
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 \
+            or pixels.shape[1] != 3 * 32 * 32:
+        shape = getattr(pixels, "shape", None)
+        dtype = getattr(pixels, "dtype", type(pixels).__name__)
+        raise CorruptDataError(source, f"b'data' must be uint8 N x 3072, got {dtype} {shape}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise CorruptDataError(source, f"labels are not integers ({exc})") from exc
+    if labels.ndim != 1 or len(labels) != len(pixels):
+        raise CorruptDataError(
+            source, f"{len(pixels)} images but labels of shape {labels.shape}"
+        )
+    # Rows are stored channel-major (1024 R, 1024 G, 1024 B), i.e. CHW.
+    return pixels.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar_members_from_dir(folder: Path, members, label_key: bytes):
+    """Read and concatenate the named batch files from an extracted folder."""
+    images, labels = [], []
+    for member in members:
+        path = folder / member
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptDataError(path, f"cannot read file ({exc})") from exc
+        x, y = parse_cifar_batch(data, path, label_key)
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label_key: bytes):
+    """Read batches straight out of the official tarball, without extracting.
+
+    ``member_groups`` is a list of lists of member names (e.g. [train, test]);
+    one list of ``(images, labels)`` pairs is returned per group. The archive
+    is streamed once (gzip has no random access). Nothing is written to disk,
+    so hostile member paths cannot escape anywhere.
+    """
+    wanted = {f"{folder}/{m}": (g, m) for g, group in enumerate(member_groups) for m in group}
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    found[member.name] = tar.extractfile(member).read()
+                    if len(found) == len(wanted):
+                        break
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise CorruptDataError(archive, f"unreadable or truncated tar.gz ({exc})") from exc
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise CorruptDataError(archive, f"archive lacks member(s) {', '.join(missing)}")
+    results = []
+    for group in member_groups:
+        parts = [
+            parse_cifar_batch(found[f"{folder}/{m}"], f"{archive}::{folder}/{m}", label_key)
+            for m in group
+        ]
+        results.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+    return results

@@ -1,0 +1,665 @@
+"""Tests of reste.data: formats, search, errors, loaders, augmentation,
+sharding, downloads (from a local HTTP server) and the ImageNet folder loader.
+
+All data is generated on the fly in the exact official formats by
+tests/data_fixtures.py; nothing touches the network. The real Fashion-MNIST
+test runs when Debian's dataset-fashion-mnist package is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import data_fixtures as fx  # noqa: E402
+
+import reste.data as data  # noqa: E402
+from reste.data import catalog  # noqa: E402
+from reste.data.augment import random_crop  # noqa: E402
+from reste.data.download import safe_extract  # noqa: E402
+from reste.data.loaders import InMemoryLoader  # noqa: E402
+
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch, tmp_path):
+    """No system folders, no env overrides, no proxies: tests see only what
+    they create."""
+    monkeypatch.setattr(catalog, "SYSTEM_DIRS", {})
+    for var in ("RESTE_DATA", "RESTE_MIRROR", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def normalized(images_uint8: np.ndarray, name: str) -> torch.Tensor:
+    meta = data.info(name)
+    x = torch.from_numpy(images_uint8).float() / 255.0
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def to_uint8(batch: torch.Tensor, name: str) -> torch.Tensor:
+    """Undo the normalisation (exact after rounding)."""
+    meta = data.info(name)
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    return ((batch * std + mean) * 255.0).round().to(torch.uint8)
+
+
+def collect(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# --------------------------------------------------------------------------
+# catalog
+# --------------------------------------------------------------------------
+
+
+def test_names_and_info():
+    assert data.names() == ["fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet"]
+    expected = {
+        "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32),
+        "cifar100": (100, 3, 32), "imagenet": (1000, 3, 224),
+    }
+    for name, (classes, channels, size) in expected.items():
+        meta = data.info(name)
+        assert (meta.num_classes, meta.in_channels, meta.image_size) == (classes, channels, size)
+        assert meta["num_classes"] == classes  # mapping access works too
+        assert len(meta.mean) == len(meta.std) == channels
+    assert data.info("Fashion-MNIST").name == "fashion_mnist"
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.info("svhn")
+
+
+# --------------------------------------------------------------------------
+# IDX data sets
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["root/name", "root", "torchvision"])
+def test_idx_loader_shapes_normalisation_and_labels(tmp_path, layout):
+    folder = {"root/name": tmp_path / "fashion_mnist", "root": tmp_path,
+              "torchvision": tmp_path / "FashionMNIST" / "raw"}[layout]
+    arrays = fx.make_idx_dataset(folder, n_train=64, n_test=20)
+    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=16, test_batch_size=8)
+    assert (len(train), len(test)) == (4, 3)
+    assert (train.dataset_size, test.dataset_size) == (64, 20)
+    assert (train.num_samples, test.num_samples) == (64, 20)
+
+    images, labels = next(iter(train))
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and images.device.type == "cpu"
+
+    # Test loader: file order, no augmentation, exact normalisation.
+    test_images, test_labels = collect(test)
+    expected = normalized(arrays["test_images"][:, None], "fashion_mnist")
+    torch.testing.assert_close(test_images, expected, rtol=0, atol=1e-5)
+    assert torch.equal(test_labels, torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+
+
+def test_uncompressed_idx_and_mnist_without_flips(tmp_path):
+    arrays = fx.make_idx_dataset(tmp_path / "mnist", n_train=32, n_test=10, compress=False)
+    train, _ = data.create_loaders("mnist", root=tmp_path, batch_size=32)
+    images, labels = next(iter(train))
+    originals = torch.from_numpy(arrays["train_images"][:, None])
+    padded = torch.nn.functional.pad(originals, (2, 2, 2, 2))
+    # labels are not unique, so match each output to any original window:
+    # every output must be an *unflipped* crop of some original image.
+    crops = to_uint8(images, "mnist")
+    windows = padded.unfold(2, 28, 1).unfold(3, 28, 1).reshape(-1, 28 * 28)  # every unflipped crop
+    matches = (crops.reshape(len(crops), 1, -1) == windows.unsqueeze(0)).all(-1)
+    assert matches.any(1).all()
+
+
+def test_subset_is_first_images_and_deterministic(tmp_path):
+    arrays = fx.make_idx_dataset(tmp_path / "fashion_mnist", n_train=64, n_test=20)
+    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=8, subset=30,
+                                      augment=False)
+    assert (train.dataset_size, test.dataset_size) == (30, 6)
+    assert torch.equal(test.labels, torch.from_numpy(arrays["test_labels"][:6].astype(np.int64)))
+    images, _ = collect(train)
+    # Shuffled, but a permutation of exactly the first 30 training images.
+    got = sorted(map(bytes, to_uint8(images, "fashion_mnist").numpy().reshape(len(images), -1)))
+    want = sorted(map(bytes, arrays["train_images"][:30].reshape(30, -1)))
+    assert len(got) == 24 and set(got) <= set(want)  # drop_last: 3 batches of 8
+
+
+def test_drop_last_never_drops_the_only_batch(tmp_path):
+    fx.make_idx_dataset(tmp_path, n_train=20, n_test=5)
+    train, _ = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=128)
+    assert len(train) == 1 and train.num_samples == 20
+    assert next(iter(train))[0].shape[0] == 20
+    train, _ = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=8)
+    assert len(train) == 2 and train.num_samples == 16
+    train, _ = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=8, drop_last=False)
+    assert len(train) == 3 and [len(x) for x, _ in train] == [8, 8, 4]
+
+
+# --------------------------------------------------------------------------
+# determinism, epochs, resume
+# --------------------------------------------------------------------------
+
+
+def test_same_seed_same_batches_and_epochs_differ(tmp_path):
+    fx.make_idx_dataset(tmp_path, n_train=64, n_test=8)
+    make = functools.partial(data.create_loaders, "fashion_mnist", root=tmp_path, batch_size=16)
+    first, second = make(seed=3)[0], make(seed=3)[0]
+    epoch0 = collect(first)
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, collect(second)))
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, collect(first)))  # re-iterating repeats
+
+    first.set_epoch(1)
+    epoch1 = collect(first)
+    assert not torch.equal(epoch0[1], epoch1[1])  # reshuffled
+    second.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, collect(second)))
+    first.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, collect(first)))
+
+    other_seed = collect(make(seed=4)[0])
+    assert not torch.equal(epoch0[0], other_seed[0])
+
+
+def test_augmentation_differs_across_epochs_for_same_order(tmp_path):
+    # Without shuffling effects: one image repeated, so only augmentation varies.
+    images = torch.full((64, 1, 28, 28), 200, dtype=torch.uint8)
+    images[:, :, 10:18, 4:9] = 50  # asymmetric pattern: flips and shifts are visible
+    loader = InMemoryLoader(images, torch.zeros(64, dtype=torch.long), batch_size=64, mean=(0.5,),
+                            std=(0.5,), shuffle=True, crop_padding=2, horizontal_flip=True, seed=0)
+    epoch0 = next(iter(loader))[0]
+    loader.set_epoch(1)
+    epoch1 = next(iter(loader))[0]
+    assert not torch.equal(epoch0, epoch1)
+    assert len({bytes(x.numpy()) for x in epoch0}) > 10  # many distinct augmentations
+
+
+def test_resume_mid_epoch_matches_full_epoch(tmp_path):
+    fx.make_idx_dataset(tmp_path, n_train=80, n_test=8)
+    train, _ = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=16, seed=1)
+    train.set_epoch(5)
+    full = list(train)
+    train.set_epoch(5, start_batch=3)
+    resumed = list(train)
+    assert len(train) == 5 and len(resumed) == 2
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# --------------------------------------------------------------------------
+# augmentation semantics
+# --------------------------------------------------------------------------
+
+
+def _identity_loader(images, **kwargs):
+    """Labels are image indices, so outputs can be matched to their source."""
+    return InMemoryLoader(images, torch.arange(len(images)), mean=(0.0,), std=(1 / 255.0,), **kwargs)
+
+
+def test_random_crop_is_a_real_padded_crop():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (400, 1, 12, 12), dtype=torch.uint8, generator=generator)
+    loader = _identity_loader(images, batch_size=100, shuffle=True, crop_padding=2, seed=7)
+    shifts = set()
+    for batch, index in loader:
+        crops = batch.round().to(torch.uint8)  # mean 0, std 1/255: batch == uint8 values
+        for crop, i in zip(crops, index):
+            source = images[i]
+            match = None
+            for dy in range(5):
+                for dx in range(5):
+                    padded = torch.nn.functional.pad(source, (2, 2, 2, 2))
+                    if torch.equal(padded[:, dy:dy + 12, dx:dx + 12], crop):
+                        match = (dy - 2, dx - 2)
+            assert match is not None, "output is not a crop of its source image"
+            shifts.add(match)
+            # Source pixels are >= 1, so zeros are exactly the padding band.
+            dy, dx = match
+            zero_rows = (crop == 0).all(dim=2).sum().item()
+            zero_cols = (crop == 0).all(dim=1).sum().item()
+            assert (zero_rows, zero_cols) == (abs(dy), abs(dx))
+    assert shifts == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # all 25 used
+
+
+def test_horizontal_flip_is_a_real_flip():
+    images = torch.randint(1, 256, (200, 3, 8, 8), dtype=torch.uint8)
+    loader = InMemoryLoader(images, torch.arange(200), batch_size=50, mean=(0, 0, 0),
+                            std=(1 / 255,) * 3, shuffle=False, horizontal_flip=True, seed=0)
+    flipped = 0
+    for batch, index in loader:
+        out = batch.round().to(torch.uint8)
+        for image, i in zip(out, index):
+            if torch.equal(image, images[i]):
+                continue
+            assert torch.equal(image, images[i].flip(-1))
+            flipped += 1
+    assert 60 < flipped < 140  # about half
+
+
+def test_random_crop_matches_reference_offsets():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4) + 1
+    offsets = torch.tensor([[0, 0], [2, 1]])
+    out = random_crop(images, 1, offsets)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    assert torch.equal(out[0], padded[0, :, 0:4, 0:4])
+    assert torch.equal(out[1], padded[1, :, 2:6, 1:5])
+
+
+# --------------------------------------------------------------------------
+# sharding
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_train", [64, 63])
+def test_sharding_gives_disjoint_equal_slices(tmp_path, n_train):
+    images = torch.randint(0, 256, (n_train, 1, 4, 4), dtype=torch.uint8)
+    shards = []
+    for rank in range(2):
+        loader = _identity_loader(images, batch_size=8, shuffle=True, seed=5, rank=rank, world_size=2,
+                                  drop_last=False)
+        loader.set_epoch(2)
+        shards.append(collect(loader)[1])
+    a, b = (set(s.tolist()) for s in shards)
+    assert len(shards[0]) == len(shards[1]) == n_train // 2
+    assert not a & b
+    assert len(a | b) == n_train - n_train % 2  # covering (one left over when odd)
+
+    single = _identity_loader(images, batch_size=8, shuffle=True, seed=5, drop_last=False)
+    single.set_epoch(2)
+    # Same permutation on all ranks: rank slices are consecutive pieces of it.
+    assert torch.equal(torch.cat(shards), collect(single)[1][: 2 * (n_train // 2)])
+
+
+def test_test_set_sharding_is_opt_in(tmp_path):
+    fx.make_idx_dataset(tmp_path, n_train=32, n_test=11)
+    _, test0 = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=4, rank=0, world_size=2)
+    assert test0.dataset_size == test0.num_samples == 11  # every rank evaluates everything
+    sizes, seen = [], []
+    for rank in range(2):
+        _, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=4, rank=rank,
+                                      world_size=2, shard_test=True)
+        sizes.append(test.num_samples)
+        seen.append(collect(test)[0])
+    assert sizes == [6, 5]
+    assert torch.equal(torch.cat(seen), collect(test0)[0])
+    with pytest.raises(ValueError, match="rank"):
+        data.create_loaders("fashion_mnist", root=tmp_path, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------
+
+
+def test_cifar10_extracted_folder(tmp_path):
+    arrays = fx.write_cifar_folder(tmp_path / "cifar10", "cifar10", per_batch=8, n_test=10)
+    train, test = data.create_loaders("cifar10", root=tmp_path, batch_size=8, augment=False)
+    assert train.dataset_size == 40 and test.dataset_size == 10
+    x, y = collect(test)
+    assert x.shape == (10, 3, 32, 32)
+    torch.testing.assert_close(x, normalized(arrays["test_images"], "cifar10"), rtol=0, atol=1e-5)
+    assert torch.equal(y, torch.from_numpy(arrays["test_labels"]).long())
+    loaded = data.load_arrays("cifar10", tmp_path)
+    assert np.array_equal(loaded.train_images, arrays["train_images"])  # batches 1..5 in order
+
+
+def test_cifar100_read_from_official_tarball(tmp_path):
+    _, arrays = fx.write_cifar_tarball(tmp_path, "cifar100", per_batch=12, n_test=5)
+    loaded = data.load_arrays("cifar100", tmp_path)
+    assert np.array_equal(loaded.train_images, arrays["train_images"])
+    assert np.array_equal(loaded.train_labels, arrays["train_labels"])  # fine_labels
+    assert np.array_equal(loaded.test_images, arrays["test_images"])
+    train, _ = data.create_loaders("cifar100", root=tmp_path, batch_size=4)
+    images, _ = next(iter(train))
+    assert images.shape == (4, 3, 32, 32)
+
+
+def test_cifar_channel_layout_is_rgb_planes(tmp_path):
+    image = np.zeros((1, 3, 32, 32), dtype=np.uint8)
+    image[0, 0], image[0, 1], image[0, 2] = 10, 20, 30  # R, G, B planes
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / member).write_bytes(fx.cifar_batch(image, [3], b"labels", b"x"))
+    loaded = data.load_arrays("cifar10", tmp_path)
+    # raw row = 1024 R bytes, 1024 G, 1024 B  ->  channel 0 is R
+    assert loaded.train_images[0, :, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_restricted_unpickler_refuses_arbitrary_globals(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    evil = pickle.dumps({b"data": Exploit(), b"labels": []}, protocol=2)
+    for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / member).write_bytes(evil)
+    with pytest.raises(data.CorruptDataError, match="forbidden global"):
+        data.load_arrays("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------
+# errors: missing and corrupt data
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100"])
+def test_missing_dataset_error_says_where_and_how(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(catalog, "SYSTEM_DIRS", {"fashion_mnist": [tmp_path / "usr-share"]})
+    with pytest.raises(data.DatasetNotFoundError) as caught:
+        data.create_loaders(name, root=tmp_path)
+    error = caught.value
+    assert isinstance(error, FileNotFoundError)
+    text = str(error)
+    assert repr(name) in text
+    assert str(tmp_path / name) in text and f"{tmp_path} (" in text
+    assert f"reste.data.download('{name}'" in text and f"reste download {name} --root {tmp_path}" in text
+    if name == "fashion_mnist":
+        assert str(tmp_path / "usr-share") in text and "apt-get install dataset-fashion-mnist" in text
+
+
+def test_partial_idx_folder_names_missing_files(tmp_path):
+    fx.make_idx_dataset(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DatasetNotFoundError, match="missing t10k-labels-idx1-ubyte.gz"):
+        data.load_arrays("mnist", tmp_path)
+
+
+def test_default_root_from_environment(tmp_path, monkeypatch):
+    fx.make_idx_dataset(tmp_path / "mnist", n_train=16, n_test=4)
+    monkeypatch.setenv("RESTE_DATA", str(tmp_path))
+    train, _ = data.create_loaders("mnist", batch_size=4)
+    assert train.dataset_size == 16
+    monkeypatch.delenv("RESTE_DATA")
+    assert data.default_root() == Path("data")
+
+
+def _corrupt(path: Path, how: str):
+    raw = gzip.decompress(path.read_bytes())
+    if how == "not gzip":
+        path.write_bytes(b"this is not gzip data at all")
+    elif how == "truncated gzip":
+        compressed = path.read_bytes()
+        path.write_bytes(compressed[: len(compressed) // 2])
+    elif how == "wrong magic":
+        path.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + raw[4:]))
+    elif how == "truncated payload":
+        path.write_bytes(gzip.compress(raw[:-100]))
+    elif how == "trailing bytes":
+        path.write_bytes(gzip.compress(raw + b"\x00" * 7))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("not gzip", "not a gzip file"),
+    ("truncated gzip", "truncated gzip"),
+    ("wrong magic", "wrong IDX magic number 0x00000802, expected 0x00000803"),
+    ("truncated payload", "truncated: header says shape"),
+    ("trailing bytes", "trailing bytes"),
+])
+def test_corrupt_idx_files_are_reported_by_name(tmp_path, how, message):
+    fx.make_idx_dataset(tmp_path / "mnist")
+    target = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    _corrupt(target, how)
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.create_loaders("mnist", root=tmp_path)
+    assert isinstance(caught.value, ValueError)
+    assert str(target) in str(caught.value) and message in str(caught.value)
+
+
+def test_label_count_mismatch_and_bad_labels(tmp_path):
+    fx.make_idx_dataset(tmp_path / "mnist", n_train=32)
+    labels = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    fx.write_idx(labels, np.zeros(31, dtype=np.uint8))
+    with pytest.raises(data.CorruptDataError, match="31 labels for 32 images"):
+        data.load_arrays("mnist", tmp_path)
+    fx.write_idx(labels, np.full(32, 12, dtype=np.uint8))
+    with pytest.raises(data.CorruptDataError, match=r"labels outside \[0, 10\)"):
+        data.load_arrays("mnist", tmp_path)
+
+
+def test_truncated_cifar_pickle_and_tarball(tmp_path):
+    fx.write_cifar_folder(tmp_path / "a", "cifar10")
+    batch = tmp_path / "a" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:500])
+    with pytest.raises(data.CorruptDataError, match="data_batch_3: truncated pickle"):
+        data.load_arrays("cifar10", tmp_path / "a")
+
+    archive, _ = fx.write_cifar_tarball(tmp_path / "b", "cifar10")
+    archive.write_bytes(archive.read_bytes()[:-2000])
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_arrays("cifar10", tmp_path / "b")
+    assert str(archive) in str(caught.value)
+
+
+def test_wrong_cifar_shapes_are_corrupt_not_reshape_errors(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    bad = fx.py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / member).write_bytes(bad)
+    with pytest.raises(data.CorruptDataError, match="N x 3072"):
+        data.load_arrays("cifar10", tmp_path)
+
+
+# --------------------------------------------------------------------------
+# downloads from a local HTTP server
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/"served" on 127.0.0.1:<ephemeral>; yields (folder, base URL, request log)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _pin_md5s(monkeypatch, name: str, folder: Path):
+    """Make the served fixture files the 'official' ones by md5."""
+    source = catalog.IDX_SOURCES[name]
+    files = {role: (file_name, hashlib.md5((folder / file_name).read_bytes()).hexdigest())
+             for role, (file_name, _) in source.files.items()}
+    monkeypatch.setitem(catalog.IDX_SOURCES, name, catalog.IdxSource(source.base_url, files))
+
+
+def test_download_idx_with_right_checksums(tmp_path, monkeypatch, http_server):
+    served, url, requests = http_server
+    arrays = fx.make_idx_dataset(served, n_train=24, n_test=6)
+    _pin_md5s(monkeypatch, "mnist", served)
+    root = tmp_path / "root"
+    folder = data.download("mnist", root, mirror=url)  # with the tqdm progress bar
+    assert folder == root / "mnist"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(fx.IDX_FILES.values())  # no .part left
+    assert len(requests) == 4
+    data.download("mnist", root, mirror=url, progress=False)
+    assert len(requests) == 4  # verified files are not fetched again
+    loaded = data.load_arrays("mnist", root)
+    assert np.array_equal(loaded.train_images[:, 0], arrays["train_images"])
+
+
+def test_create_loaders_download_true_uses_env_mirror(tmp_path, monkeypatch, http_server):
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=24, n_test=6)
+    _pin_md5s(monkeypatch, "fashion_mnist", served)
+    monkeypatch.setenv("RESTE_MIRROR", url)
+    with pytest.raises(data.DatasetNotFoundError):
+        data.create_loaders("fashion_mnist", root=tmp_path / "root")
+    train, test = data.create_loaders("fashion_mnist", root=tmp_path / "root", download=True, batch_size=8)
+    assert (train.dataset_size, test.dataset_size) == (24, 6)
+
+
+def test_download_with_wrong_checksum_leaves_nothing_and_keeps_good_file(tmp_path, http_server):
+    served, url, _ = http_server
+    fx.make_idx_dataset(served)  # served files do not have the official md5s
+    root = tmp_path / "root"
+    with pytest.raises(data.CorruptDataError, match="md5 mismatch") as caught:
+        data.download("mnist", root, mirror=url, progress=False)
+    assert "train-images-idx3-ubyte.gz" in str(caught.value)
+    assert list((root / "mnist").iterdir()) == []  # no partial or bad file left behind
+
+    existing = root / "mnist" / "train-images-idx3-ubyte.gz"
+    existing.write_bytes(b"previously downloaded content")
+    with pytest.raises(data.CorruptDataError):
+        data.download("mnist", root, mirror=url, progress=False)
+    assert existing.read_bytes() == b"previously downloaded content"
+    assert [p.name for p in (root / "mnist").iterdir()] == [existing.name]
+
+
+def test_download_failure_is_clear_and_leaves_nothing(tmp_path, http_server):
+    _, url, _ = http_server  # serves an empty folder: 404
+    with pytest.raises(OSError, match="download of .*train-images-idx3-ubyte.gz failed"):
+        data.download("mnist", tmp_path, mirror=url, progress=False)
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_download_cifar_tarball_and_extract(tmp_path, monkeypatch, http_server):
+    served, url, _ = http_server
+    archive, arrays = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
+    source = catalog.CIFAR_SOURCES["cifar10"]
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(catalog.CIFAR_SOURCES, "cifar10", catalog.CifarSource(
+        source.base_url, source.archive, md5, source.folder, source.train_members,
+        source.test_members, source.meta_member, source.label_key))
+    root = tmp_path / "root"
+    exit_code = __import__("reste.data.__main__", fromlist=["main"]).main(
+        ["download", "cifar10", "--root", str(root), "--mirror", url, "--quiet"])
+    assert exit_code == 0
+    extracted = root / "cifar10" / "cifar-10-batches-py"
+    assert sorted(p.name for p in extracted.iterdir()) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    assert data.locate("cifar10", root) == ("dir", extracted)
+    loaded = data.load_arrays("cifar10", root)
+    assert np.array_equal(loaded.test_images, arrays["test_images"])
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "/tmp/absolute.txt", "link"])
+def test_safe_extract_refuses_path_traversal(tmp_path, member):
+    archive = tmp_path / "evil.tar.gz"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        if member == "link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    archive.write_bytes(buffer.getvalue())
+    dest = tmp_path / "dest"
+    with pytest.raises(data.CorruptDataError, match="refusing unsafe tar member"):
+        safe_extract(archive, dest)
+    assert not (tmp_path / "escape.txt").exists() and list(dest.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# ImageNet-style folders
+# --------------------------------------------------------------------------
+
+
+def test_imagenet_folder_loader(tmp_path):
+    pytest.importorskip("PIL")
+    classes = fx.write_image_folders(tmp_path / "imagenet", per_class=3, val_per_class=2)
+    train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, seed=1)
+    assert (train.dataset_size, val.dataset_size) == (9, 6)
+    assert (len(train), len(val)) == (2, 2) and train.classes == classes
+    images, labels = next(iter(train))
+    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}
+    val_images, val_labels = collect(val)
+    assert val_images.shape == (6, 3, 224, 224)
+    assert val_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert -2.2 < val_images.min() and val_images.max() < 2.7  # normalised range
+
+    # Deterministic: same epoch -> same batches, whatever the worker count.
+    train.set_epoch(3)
+    epoch3 = collect(train)
+    again, _ = data.create_loaders("imagenet", root=tmp_path, batch_size=4, seed=1, num_workers=2)
+    again.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(epoch3, collect(again)))
+    train.set_epoch(4)
+    assert not torch.equal(epoch3[0], collect(train)[0])
+
+
+def test_imagenet_missing_and_without_pillow(tmp_path, monkeypatch):
+    pytest.importorskip("PIL")
+    with pytest.raises(data.DatasetNotFoundError, match="image-net.org"):
+        data.create_loaders("imagenet", root=tmp_path)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # makes `from PIL import Image` fail
+    with pytest.raises(ImportError, match=r"pip install 'reste\[imagenet\]'"):
+        data.create_loaders("imagenet", root=tmp_path)
+
+
+def test_import_needs_neither_torchvision_nor_pillow():
+    code = (
+        "import sys; sys.modules['PIL'] = None; sys.modules['torchvision'] = None\n"
+        "import reste.data, reste.data.imagenet\n"
+        "assert reste.data.info('imagenet').image_size == 224\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --------------------------------------------------------------------------
+# the real Fashion-MNIST (Debian package dataset-fashion-mnist)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_system_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog, "SYSTEM_DIRS", {"fashion_mnist": [REAL_FASHION_MNIST]})
+    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=256)
+    assert (train.dataset_size, test.dataset_size) == (60000, 10000)
+    assert train.source == str(REAL_FASHION_MNIST)
+    assert torch.bincount(train.labels, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(test.labels, minlength=10).tolist() == [1000] * 10
+    images, labels = collect(test)
+    assert images.shape == (10000, 1, 28, 28)
+    # The stored statistics are the training set's: normalised test data ~N(0, 1).
+    assert abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
+    x, y = next(iter(train))
+    assert x.shape == (256, 1, 28, 28) and y.max() < 10
