@@ -54,10 +54,11 @@ class _BinaryInputConvFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         est, stride, padding, dilation, groups, pad_value, conv_padding, bias_shape = ctx.conf
-        xb = _pad_binary(binary_sign(x), padding, pad_value)
+        dtype = grad_out.dtype  # under autocast the forward conv ran in bf16: stay in it
+        xb = _pad_binary(binary_sign(x), padding, pad_value).to(dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_xb, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, xb, weight, list(bias_shape) if bias_shape else None,
+            grad_out, xb, weight.to(dtype), list(bias_shape) if bias_shape else None,
             list(stride), list(conv_padding), list(dilation), False, [0, 0], groups, mask,
         )
         grad_x = None
@@ -65,7 +66,9 @@ class _BinaryInputConvFn(torch.autograd.Function):
             if pad_value is not None and any(padding):
                 ph, pw = padding
                 grad_xb = grad_xb[:, :, ph: grad_xb.shape[2] - ph, pw: grad_xb.shape[3] - pw]
-            grad_x = est.surrogate_grad(x, grad_xb.contiguous(memory_format=_layout(x)))
+            grad_x = est.surrogate_grad(x, grad_xb.to(x.dtype).contiguous(memory_format=_layout(x)))
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -83,13 +86,14 @@ class _BinaryInputLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        dtype = grad_out.dtype  # bf16 under autocast
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.est.surrogate_grad(x, grad_out.matmul(weight))
+            grad_x = ctx.est.surrogate_grad(x, grad_out.matmul(weight.to(dtype)).to(x.dtype))
         if ctx.needs_input_grad[1]:
-            xb = binary_sign(x)
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(xb.reshape(-1, xb.shape[-1]))
+            xb = binary_sign(x).to(dtype)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(xb.reshape(-1, xb.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
 
 

@@ -1,0 +1,36 @@
+"""Training: the configuration schema, the trainer, checkpoints and distributed runs.
+
+Python API (the ``reste train`` / ``reste eval`` commands call the same functions)::
+
+    from reste.train import train, load_config, evaluate
+
+    summary = train()                                          # the main job, defaults
+    summary = train("configs/fashion_mnist/resnet20_reste.yaml", train={"epochs": 2})
+    summary = train(overrides=["optim.lr=0.05", "data.subset=2000"])
+    summary = train(resume="runs/fashion_mnist-resnet20-1w1a-reste-20250101-120000")
+    cfg = load_config("my.yaml", ["estimator.o_end=4"])        # validated Config
+    result = evaluate("runs/<run>", which="best")              # {"top1", "top5", "loss", ...}
+
+See ``docs/training.md`` for every option.
+"""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted, evaluate, evaluate_model, train
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainingInterrupted",
+    "config_to_dict",
+    "config_to_yaml",
+    "evaluate",
+    "evaluate_model",
+    "load_checkpoint",
+    "load_config",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,163 @@
+"""The ``reste train`` and ``reste eval`` commands.
+
+``reste train [CONFIG.yaml] [key=value ...] [--resume RUN_DIR] [--force] [--print-config] [--quiet]``
+``reste eval RUN_DIR_OR_CHECKPOINT [--which last|best] [--data NAME] [--root DIR] ...``
+
+Configuration errors print one message (no traceback) and exit with code 2; an
+interrupted run exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)
+after writing a checkpoint and printing the resume command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError, help_epilog
+
+__all__ = ["register", "run_train", "run_eval"]
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _error(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = "error" if rank in ("0", "") else f"error [rank {rank}]"
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+
+
+def register(subparsers) -> None:
+    """Add ``train`` and ``eval`` to the ``reste`` command line."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a binary network (default: binary ResNet-20 + ReSTE on Fashion-MNIST)",
+        description=(
+            "Train a model. With no arguments this is the main job: a binary (1W/1A) ResNet-20 with "
+            "ReSTE (o_end = 3) on Fashion-MNIST. Give a YAML config and/or key=value overrides "
+            "(values are read as YAML: optim.lr=0.05 train.amp=bf16 optim.betas=[0.9,0.99]). "
+            "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m reste train ..."
+        ),
+        epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config file and/or dotted overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt (only a few options may change, e.g. train.epochs)")
+    p.add_argument("--force", action="store_true", help="overwrite the run directory named by out.name if it exists")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit (no training)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or final summary")
+    p.set_defaults(func=run_train)
+    _allow_options_anywhere(p, takes_value=("--resume",))
+
+    e = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained run or checkpoint on a test set",
+        description="Load a checkpoint and its config, rebuild the model and the test loader, print top-1, top-5 and loss.",
+    )
+    e.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (uses checkpoints/<which>.pt) or a .pt file")
+    e.add_argument("--which", choices=("last", "best"), default="last", help="checkpoint of a run directory (default: last)")
+    e.add_argument("--data", metavar="NAME", help="evaluate on this data set instead of the one trained on (same classes and channels)")
+    e.add_argument("--root", metavar="DIR", help="data folder")
+    e.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
+    e.add_argument("--subset", type=int, metavar="N", help="only the first N // 5 test images (quick check)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=run_eval)
+
+
+def _allow_options_anywhere(parser: argparse.ArgumentParser, takes_value: tuple[str, ...]) -> None:
+    """Let ``reste train cfg.yaml --quiet optim.lr=0.1`` work.
+
+    argparse fills a ``nargs="*"`` positional from one run of words only, so words after an
+    option would be "unrecognized". Sub-parsers cannot use ``parse_intermixed_args``, so the
+    words are reordered (options first, keeping their values) before the normal parse.
+    """
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        options, positionals = [], []
+        i = 0
+        while i < len(args):
+            word = args[i]
+            if word == "--":
+                positionals += args[i + 1:]
+                break
+            if word.startswith("-") and len(word) > 1:
+                options.append(word)
+                if word in takes_value and i + 1 < len(args):
+                    options.append(args[i + 1])
+                    i += 1
+            else:
+                positionals.append(word)
+            i += 1
+        return original(options + positionals, namespace)
+
+    parser.parse_known_args = parse_known_args
+
+
+def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ConfigError(f"two config files given ({config!r} and {item!r}); give one YAML file, then key=value overrides")
+    return config, overrides
+
+
+def run_train(args) -> int:
+    from reste.data import CorruptDataError, DatasetNotFoundError
+
+    from .checkpoint import CheckpointError
+    from .config import config_to_yaml, load_config
+    from .trainer import NonFiniteLossError, TrainingInterrupted, resume_config, train
+
+    try:
+        config, overrides = _split_items(args.items)
+        if args.resume is not None and config is not None:
+            raise ConfigError(f"--resume uses the config saved in {args.resume}; do not also give {config!r}")
+        if args.print_config:
+            cfg = resume_config(args.resume, overrides) if args.resume else load_config(config, overrides)
+            print(config_to_yaml(cfg), end="")
+            return 0
+        train(config, resume=args.resume, force=args.force, progress=not args.quiet, overrides=overrides)
+        return 0
+    except ConfigError as err:
+        _error(str(err))
+        return EXIT_CONFIG
+    except TrainingInterrupted as err:
+        if os.environ.get("RANK", "0") in ("0", ""):
+            print(str(err), file=sys.stderr, flush=True)
+        return err.exit_code
+    except (CheckpointError, NonFiniteLossError, DatasetNotFoundError, CorruptDataError) as err:
+        _error(str(err))
+        return EXIT_FAILURE
+
+
+def run_eval(args) -> int:
+    from reste.data import CorruptDataError, DatasetNotFoundError
+
+    from .checkpoint import CheckpointError
+    from .trainer import evaluate
+
+    try:
+        result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=args.subset,
+                          device=args.device, which=args.which)
+    except ConfigError as err:
+        _error(str(err))
+        return EXIT_CONFIG
+    except (CheckpointError, DatasetNotFoundError, CorruptDataError) as err:
+        _error(str(err))
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"
+        print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['data']} test set, {result['count']} images:")
+        print(f"  top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}")
+    return 0

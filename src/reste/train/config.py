@@ -1,0 +1,573 @@
+"""The training configuration: schema, defaults, loading, overrides and validation.
+
+A configuration is a tree of dataclasses (:class:`Config` and its sections). It is
+built in three layers, each overriding the one before::
+
+    defaults (this file)  <-  YAML file  <-  overrides (``optim.lr=0.05`` or a dict)
+
+and validated *before* any work starts: unknown keys (with the closest valid key
+suggested), wrong types (with the expected type), out-of-range values, unknown
+model / data set / estimator names and conflicting options all raise
+:class:`ConfigError`, whose message names the key and says how to fix it.
+
+YAML is read with ``yaml.safe_load`` and override values are parsed with it too,
+so a configuration is data, never code. The defaults are the project's main job:
+a binary (1W/1A) ResNet-20 trained with ReSTE (``o_end = 3``) on Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "EstimatorConfig",
+    "DataConfig",
+    "OptimConfig",
+    "LRScheduleConfig",
+    "TrainConfig",
+    "AnalysisConfig",
+    "OutConfig",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "option_table",
+    "help_epilog",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    """A schema field: its default, one line of help and (optionally) the allowed values."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    """Which network is trained (see ``reste.models.names()``)."""
+
+    name: str = _opt("resnet20", "architecture, one of reste.models.names()")
+    precision: str = _opt("1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp"))
+    estimator: str = _opt("reste", "gradient estimator of the binary layers, one of reste.estimators()")
+    kwargs: dict = _opt({}, "extra keyword arguments for reste.models.create (architecture options)")
+
+
+@dataclass
+class EstimatorConfig:
+    """How the estimator's parameters evolve (ReSTE's power o)."""
+
+    o_end: float = _opt(3.0, "ReSTE's final power o (>= 1; o = 1 is the clipped identity)")
+    schedule: str = _opt("cosine", "how o rises from 1 to o_end (fixed keeps o = o_end)", ("fixed", "linear", "cosine", "power"))
+    per: str = _opt("step", "update o once per epoch (the reference) or every step", ("epoch", "step"))
+    p: float = _opt(2.0, "exponent of the 'power' schedule, o = 1 + (o_end - 1) * r^p")
+    params: dict = _opt({}, "extra estimator parameters, e.g. {t: 1.5, m: 0.1} for reste")
+
+
+@dataclass
+class DataConfig:
+    """The data set and its loaders (see ``reste.data.names()``)."""
+
+    name: str = _opt("fashion_mnist", "data set, one of reste.data.names()")
+    root: Optional[str] = _opt(None, "data folder (default $RESTE_DATA or ./data, then system folders)")
+    batch_size: int = _opt(128, "GLOBAL training batch (split evenly across distributed ranks)")
+    test_batch_size: Optional[int] = _opt(512, "evaluation batch per rank (null = batch_size)")
+    augment: bool = _opt(True, "training augmentation of the data set's recipe (random crop, flips)")
+    subset: Optional[int] = _opt(None, "use only the first N training images (and N // 5 test images)")
+    num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
+    download: bool = _opt(False, "download the data set into data.root if it is missing")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer."""
+
+    name: str = _opt("adam", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = _opt(0.002, "peak learning rate (no hidden scaling with batch size or ranks)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
+    betas: list = _opt([0.9, 0.999], "Adam/AdamW betas [beta1, beta2]")
+    decay_all: bool = _opt(True, "decay every parameter, as the reference; false exempts BatchNorm, biases and estimator parameters")
+
+
+@dataclass
+class LRScheduleConfig:
+    """The learning-rate schedule: linear warm-up, then the decay."""
+
+    name: str = _opt("cosine", "decay after warm-up: cosine to final_lr_ratio * lr, linear, or constant", ("cosine", "linear", "constant"))
+    warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (fractions allowed with per: step)")
+    per: str = _opt("step", "update the lr every epoch (the reference: constant within an epoch) or every step", ("epoch", "step"))
+    final_lr_ratio: float = _opt(0.0, "lr at the end of the decay, as a fraction of optim.lr")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = _opt(3, "number of epochs")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
+    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPU)")
+    channels_last: bool = _opt(False, "channels-last memory format for model and images")
+    amp: str = _opt("none", "autocast precision: bf16 (recommended on CUDA) or none", ("none", "bf16"))
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing in [0, 1)")
+    sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across ranks (distributed only)")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off)")
+    nonfinite: str = _opt("stop", "on a NaN/inf loss: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
+    checkpoint_every: int = _opt(1, "write checkpoints/last.pt every N epochs (always at the end)")
+    dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
+
+
+@dataclass
+class AnalysisConfig:
+    """The equilibrium indicators (estimating error, gradient instability)."""
+
+    indicators: bool = _opt(True, "measure est_error, est_error_end, grad_instability, flip_ratio each epoch")
+    every_steps: int = _opt(0, "also measure every N steps into indicators.jsonl (0 = per epoch only)")
+    histograms_at: list = _opt([], "epochs whose fitting-error / gradient histograms are saved (the final epoch always is)")
+
+
+@dataclass
+class OutConfig:
+    """Where the run directory goes."""
+
+    dir: str = _opt("runs", "parent folder of run directories")
+    name: Optional[str] = _opt(None, "run directory name (default <name>-<YYYYmmdd-HHMMSS>)")
+
+
+@dataclass
+class Config:
+    """A whole training configuration."""
+
+    name: Optional[str] = _opt(None, "run name (default <data>-<model>-<precision>-<estimator>)")
+    seed: int = _opt(0, "seed of Python, NumPy, torch and the data order")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig, metadata={"help": EstimatorConfig.__doc__})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": OptimConfig.__doc__})
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig, metadata={"help": LRScheduleConfig.__doc__})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig, metadata={"help": AnalysisConfig.__doc__})
+    out: OutConfig = field(default_factory=OutConfig, metadata={"help": OutConfig.__doc__})
+
+    @property
+    def run_name(self) -> str:
+        """``name``, or one derived from the data set, model, precision and estimator."""
+        if self.name:
+            return self.name
+        parts = [self.data.name, self.model.name, self.model.precision]
+        if self.model.precision != "fp":
+            parts.append(self.model.estimator)
+        return "-".join(parts)
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+
+# ----------------------------------------------------------------------------- schema walking
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    inner, optional = _unwrap_optional(tp)
+    name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
+
+
+def _leaves(cls=Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf option as (dotted key, dataclass field, type), in schema order."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if _is_section(tp):
+            yield from _leaves(tp, key + ".")
+        else:
+            yield key, f, tp
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for key, _, _ in _leaves():
+        keys.append(key)
+    sections = [f.name for f in dataclasses.fields(Config) if _is_section(_hints(Config)[f.name])]
+    return keys + sections
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a misspelt last part: compare the last components only
+        last = key.rsplit(".", 1)[-1]
+        by_last = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Run `reste train --help` for every option.")
+
+
+# ----------------------------------------------------------------------------- values
+def _coerce(key: str, value, tp):
+    """Check ``value`` against the schema type ``tp``; return it normalised (int -> float, ...)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must be of type {_type_name(tp)}, got null; set a value or remove the key to use the default")
+    expected = f"{key} must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{expected}; write true or false")
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{expected}; write a whole number, e.g. {key}=10")
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string: accept plain numeric literals
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{expected}; write a number, e.g. {key}=0.1")
+    if inner is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("train.device",):
+            return str(value)
+        raise ConfigError(f"{expected}; write a string")
+    if inner is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{expected}; write a list, e.g. {key}=[1, 2]")
+    if inner is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{expected}; write a mapping, e.g. {key}={{a: 1}}")
+    raise TypeError(f"unsupported schema type {tp!r} for {key}")  # a bug in the schema, not the user's
+
+
+def _set_section(obj, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the configuration"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = _hints(type(obj))
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key_error(key, _all_keys())
+        tp = hints[name]
+        if _is_section(tp):
+            if value is None:
+                continue
+            _set_section(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, tp))
+
+
+def config_from_dict(data: dict | None, base: Config | None = None) -> Config:
+    """A :class:`Config` from a (nested) dict, on top of ``base`` (default: the defaults).
+
+    Type-checks every value; does not run the range checks of :func:`validate`.
+    """
+    cfg = Config() if base is None else config_from_dict(config_to_dict(base))
+    if data:
+        _set_section(cfg, data, "")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A plain nested dict (only str/int/float/bool/None/list/dict): YAML- and checkpoint-safe."""
+    return dataclasses.asdict(cfg)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists (``betas: [0.9, 0.999]``)."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The configuration as YAML, sections in schema order."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------- overrides
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """``["optim.lr=0.05", "train.epochs=2"]`` -> nested dict; values parsed with ``yaml.safe_load``."""
+    nested: dict = {}
+    valid = _all_keys()
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise _unknown_key_error(key, valid)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({err.__class__.__name__}); quote it or fix the syntax") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Config, overrides: dict | list | tuple | None) -> Config:
+    """A new config: ``cfg`` with ``overrides`` (a nested dict or ``key=value`` strings) applied."""
+    if not overrides:
+        return config_from_dict(config_to_dict(cfg))
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    return config_from_dict(overrides, base=cfg)
+
+
+def read_yaml(path) -> dict:
+    """The mapping stored in the YAML file ``path`` (``yaml.safe_load``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}")
+    return data
+
+
+def load_config(source=None, overrides=None, *, check: bool = True) -> Config:
+    """defaults <- ``source`` <- ``overrides``, validated.
+
+    Args:
+        source: None (the defaults), a YAML path, a nested dict, or a :class:`Config`.
+        overrides: ``["optim.lr=0.05", ...]`` or a nested dict.
+        check: run :func:`validate` (names, ranges, combinations).
+    """
+    if source is None:
+        cfg = Config()
+    elif isinstance(source, Config):
+        cfg = config_from_dict(config_to_dict(source))
+    elif isinstance(source, dict):
+        cfg = config_from_dict(source)
+    elif isinstance(source, (str, Path)):
+        try:
+            cfg = config_from_dict(read_yaml(source))
+        except ConfigError as err:
+            if str(err).startswith("config file"):
+                raise
+            raise ConfigError(f"{source}: {err}") from None
+    else:
+        raise ConfigError(f"a config must be a YAML path, a dict or a Config, got {type(source).__name__}")
+    cfg = apply_overrides(cfg, overrides)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _name_in(key: str, value: str, known: list[str]) -> None:
+    if value in known:
+        return
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(known)}.{hint}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check names, ranges and combinations; raise :class:`ConfigError` on the first problem.
+
+    Conflicts that are harmless are reported with :func:`warnings.warn` instead.
+    The check that needs the data set's size (batch larger than the training set) runs
+    in the trainer once the data set is known, still before training.
+    """
+    # choices declared in the schema
+    for key, f, _ in _leaves():
+        choices = f.metadata.get("choices")
+        if choices:
+            _name_in(key, _get(cfg, key), list(choices))
+
+    import reste  # estimators are part of the light core
+
+    _name_in("model.estimator", cfg.model.estimator, reste.estimators())
+    try:
+        from reste import models
+    except ImportError:  # pragma: no cover - the models package is part of the library
+        models = None
+    if models is not None and hasattr(models, "names"):
+        _name_in("model.name", cfg.model.name, models.names())
+    from reste import data
+
+    _name_in("data.name", data.canonical_name(cfg.data.name), data.names())
+
+    e = cfg.estimator
+    _check(math.isfinite(e.o_end) and e.o_end >= 1.0, f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3")
+    _check(e.p > 0, f"estimator.p must be > 0, got {e.p}")
+
+    d = cfg.data
+    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _check(d.test_batch_size is None or d.test_batch_size >= 1, f"data.test_batch_size must be >= 1 or null, got {d.test_batch_size}")
+    _check(d.subset is None or d.subset >= 1, f"data.subset must be a positive number of images or null (all), got {d.subset}")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.subset is not None:
+        _check(d.subset >= d.batch_size, f"data.batch_size ({d.batch_size}) is larger than the training set (data.subset={d.subset}); lower data.batch_size or raise data.subset")
+
+    o = cfg.optim
+    _check(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}; e.g. optim.lr=0.1 for sgd, 0.002 for adam")
+    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
+    _check(
+        len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}; e.g. optim.betas=[0.9,0.999]",
+    )
+    o.betas = [float(b) for b in o.betas]
+
+    s = cfg.lr_schedule
+    t = cfg.train
+    _check(s.warmup_epochs >= 0, f"lr_schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    _check(s.warmup_epochs < t.epochs or s.warmup_epochs == 0, f"lr_schedule.warmup_epochs ({s.warmup_epochs}) must be shorter than train.epochs ({t.epochs})")
+    _check(s.per == "step" or float(s.warmup_epochs).is_integer(), f"lr_schedule.warmup_epochs={s.warmup_epochs} is fractional: use a whole number or lr_schedule.per=step")
+    _check(0 <= s.final_lr_ratio <= 1, f"lr_schedule.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
+
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
+    _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _check(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 second, got {t.dist_timeout_s}")
+    device = t.device
+    _check(
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+        f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}",
+    )
+
+    a = cfg.analysis
+    _check(a.every_steps >= 0, f"analysis.every_steps must be >= 0 (0 = per epoch only), got {a.every_steps}")
+    for epoch in a.histograms_at:
+        _check(
+            isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= t.epochs,
+            f"analysis.histograms_at entries must be epochs in 1..{t.epochs} (train.epochs), got {epoch!r}",
+        )
+
+    _check(bool(cfg.out.dir), "out.dir must not be empty; use '.' for the current folder")
+    if cfg.out.name is not None:
+        _check(bool(cfg.out.name) and "/" not in cfg.out.name and cfg.out.name not in (".", ".."), f"out.name must be a plain folder name, got {cfg.out.name!r}")
+    if cfg.name is not None:
+        _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got {cfg.name!r}")
+    return cfg
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------- documentation
+def option_table() -> list[tuple[str, str, Any, str]]:
+    """Every option as (dotted key, type name, default, help), in schema order."""
+    rows = []
+    for key, f, tp in _leaves():
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text = f"{help_text} [{' | '.join(choices)}]"
+        rows.append((key, _type_name(tp), _default_of(f), help_text))
+    return rows
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() if isinstance(value, (list, dict)) else str(value)
+
+
+def help_epilog() -> str:
+    """One line per option: ``optim.lr  (float, default 0.002)  help``."""
+    rows = option_table()
+    width = max(len(key) for key, *_ in rows) + 2
+    lines = ["configuration options (set in the YAML file or as key=value overrides):"]
+    for key, tp, default, help_text in rows:
+        lines.append(f"  {key:<{width}}({tp}, default {_show(default)})  {help_text}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The option reference as a Markdown table (used for docs/training.md)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_text in option_table():
+        lines.append(f"| `{key}` | {tp} | `{_show(default)}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def warn_conflicts(cfg: Config, world_size: int) -> None:
+    """Warn about harmless combinations that do nothing (they are ignored, not errors)."""
+    if cfg.train.sync_bn and world_size == 1:
+        warnings.warn("train.sync_bn=true has no effect in a single-process run (ignored)", stacklevel=2)
+    if cfg.model.precision == "fp" and cfg.estimator.params:
+        warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)

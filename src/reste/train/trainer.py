@@ -1,0 +1,912 @@
+"""The training loop: ``reste.train.train(config)`` and ``reste.train.evaluate(run)``.
+
+One :class:`Trainer` runs one configuration end to end: seeds, data, model, optimizer,
+learning-rate and estimator schedules, the epochs (with evaluation, metrics,
+indicators and checkpoints), and the run directory::
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+        config.yaml          the resolved configuration
+        metrics.jsonl/.csv   one row per epoch
+        indicators.jsonl     every-N-step indicator values (analysis.every_steps > 0)
+        checkpoints/last.pt  every train.checkpoint_every epochs, at the end and on SIGINT/SIGTERM
+        checkpoints/best.pt  whenever test top-1 improves
+        summary.json         final and best accuracy, time, what was trained
+        histograms/          fitting-error and gradient histograms (analysis.histograms_at + final epoch)
+        tb/                  TensorBoard events (when tensorboard is installed)
+
+Resuming (``resume=RUN_DIR``) continues from ``checkpoints/last.pt``, at an epoch
+boundary or mid-epoch (an interrupted run saves the index of the next batch; the data
+loaders are a function of (seed, epoch) and restart at that batch). Model, optimizer,
+both schedulers and every RNG state are restored, so on CPU a resumed run ends with
+bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml, load_config, read_yaml, validate, warn_conflicts
+
+__all__ = [
+    "Trainer",
+    "train",
+    "evaluate",
+    "evaluate_model",
+    "TrainingInterrupted",
+    "NonFiniteLossError",
+    "RESUME_OVERRIDABLE",
+]
+
+#: options that may change when resuming (they do not change what is computed,
+#: except train.epochs, which extends the run and stretches the lr and o schedules)
+RESUME_OVERRIDABLE = (
+    "train.epochs",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "train.checkpoint_every",
+    "train.dist_timeout_s",
+    "data.root",
+    "data.num_workers",
+    "data.download",
+    "data.test_batch_size",
+)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int, run_dir: Path, resume_command: str):
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+        self.run_dir = run_dir
+        self.resume_command = resume_command
+        name = signal.Signals(signum).name
+        super().__init__(f"training stopped by {name}; checkpoint written to {run_dir / 'checkpoints' / 'last.pt'}. Resume with:\n  {resume_command}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and ``train.nonfinite`` is ``stop``."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(unit: int, total: int, warmup: int, way: str, final_ratio: float) -> float:
+    """The lr multiplier at ``unit`` (an epoch or a step index, 0-based) of ``total``.
+
+    Linear warm-up over the first ``warmup`` units (``(unit + 1) / warmup``), then
+    ``cosine`` (``final + (1 - final) * (1 + cos(pi * r)) / 2``), ``linear`` or
+    ``constant`` with ``r`` going from 0 at the end of warm-up to 1 at ``total``.
+    Per epoch this is the reference's schedule: the last epoch's lr is not yet zero.
+    """
+    if unit < warmup:
+        return (unit + 1) / warmup
+    r = min(max((unit - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    if way == "cosine":
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * r))
+    if way == "linear":
+        return final_ratio + (1.0 - final_ratio) * (1.0 - r)
+    return 1.0
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over the model's parameters, from ``cfg.optim``."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.decay_all or o.weight_decay == 0:
+        groups = [{"params": params, "weight_decay": o.weight_decay}]
+    else:
+        # 0-d and 1-d tensors are BatchNorm scales/shifts, biases and estimator parameters
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    betas = tuple(o.betas)
+    if o.name == "adam":
+        return torch.optim.Adam(groups, lr=o.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Number of samples whose label is the top-1 / among the top-5 predictions (as tensors, no sync)."""
+    k = min(5, num_classes)
+    top = logits.topk(k, dim=1).indices
+    hits = top.eq(labels.view(-1, 1))
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+def _accuracy(correct: float, count: float) -> float:
+    return 100.0 * correct / count if count else float("nan")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _clean(value):
+    """NaN/inf -> None, so JSON stays valid (``null``) and CSV shows an empty cell."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _resume_command(run_dir: Path) -> str:
+    launcher = "torchrun --nproc_per_node=N -m reste" if "WORLD_SIZE" in os.environ and os.environ.get("WORLD_SIZE") != "1" else "reste"
+    return f"{launcher} train --resume {run_dir}"
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: str = "none", channels_last: bool = False, ctx: D.DistContext | None = None) -> dict:
+    """Loss, top-1 and top-5 (percent) of ``model`` over ``loader``.
+
+    In a distributed run every rank evaluates its shard of the test set and the sums are
+    all-reduced, so every rank gets the metrics of the whole test set.
+    """
+    ctx = ctx or D.DistContext(device=torch.device(device))
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        c1, c5 = topk_correct(logits, labels, num_classes)
+        totals += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+    D.all_reduce_sum(totals, ctx)
+    model.train(was_training)
+    loss_sum, c1, c5, count = totals.tolist()
+    return {
+        "loss": loss_sum / count if count else float("nan"),
+        "top1": _accuracy(c1, count),
+        "top5": _accuracy(c5, count) if num_classes > 5 else None,
+        "count": int(count),
+    }
+
+
+def _locate_checkpoint(source, which: str) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        candidate = path / "checkpoints" / f"{which}.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} has no checkpoints/{which}.pt; is it a run directory written by `reste train`?")
+        return candidate
+    return path
+
+
+def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None, subset: int | None = None,
+             device: str = "auto", which: str = "last", amp: str | None = None) -> dict:
+    """Evaluate a run directory or checkpoint on its test set (or another data set's).
+
+    Args:
+        source: a run directory (uses ``checkpoints/<which>.pt``) or a ``.pt`` file.
+        data, root: evaluate on this data set / data folder instead of the run's.
+        batch_size: evaluation batch (default: the run's ``data.test_batch_size``).
+        subset: only the first ``subset // 5`` test images (as ``data.subset`` does).
+        device: ``auto``, ``cpu``, ``cuda`` ...
+        which: ``last`` or ``best`` when ``source`` is a run directory.
+        amp: ``bf16`` or ``none`` (default: the run's ``train.amp``).
+
+    Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data"}``.
+    """
+    from reste import data as rdata
+
+    path = _locate_checkpoint(source, which)
+    state = load_checkpoint(path, required=("model", "config"))
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {err}") from None
+    trained_on = rdata.info(cfg.data.name)
+    name = data or cfg.data.name
+    try:
+        meta = rdata.info(name)
+    except ValueError as err:
+        raise ConfigError(f"--data: {err}") from None
+    if (meta.num_classes, meta.in_channels) != (trained_on.num_classes, trained_on.in_channels):
+        raise ConfigError(
+            f"the model was trained on {cfg.data.name} ({trained_on.num_classes} classes, {trained_on.in_channels} channels) "
+            f"and cannot be evaluated on {name} ({meta.num_classes} classes, {meta.in_channels} channels)"
+        )
+    dev = D.resolve_device(device)
+    model = build_model(cfg, trained_on).to(dev)
+    load_model_weights(model, state["model"], path)
+    batch = batch_size or cfg.data.test_batch_size or cfg.data.batch_size
+    _, test_loader = rdata.create_loaders(
+        name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch, test_batch_size=batch,
+        augment=False, seed=cfg.seed, device=dev, subset=subset,
+    )
+    result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
+    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name)})
+    return result
+
+
+def build_model(cfg: Config, meta) -> nn.Module:
+    """``reste.models.create`` from the config; a bad ``model.kwargs`` is a :class:`ConfigError`."""
+    from reste import models
+
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.estimator.params:
+        kwargs["estimator_params"] = dict(cfg.estimator.params)
+    try:
+        return models.create(
+            cfg.model.name,
+            num_classes=meta.num_classes,
+            in_channels=meta.in_channels,
+            precision=cfg.model.precision,
+            estimator=cfg.model.estimator,
+            image_size=meta.image_size,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot build model {cfg.model.name!r} from model.kwargs={cfg.model.kwargs} estimator.params={cfg.estimator.params}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- the run directory
+class RunWriter:
+    """Writes the run directory's files (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "histograms").mkdir(exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def write_config(self, cfg: Config) -> None:
+        if self.enabled:
+            tmp = self.run_dir / ".config.yaml.tmp"
+            tmp.write_text(config_to_yaml(cfg))
+            os.replace(tmp, self.run_dir / "config.yaml")
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite metrics.jsonl and metrics.csv from all rows so far (keys may appear later, e.g. indicators)."""
+        if not self.enabled:
+            return
+        tmp = self.run_dir / ".metrics.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n")
+        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
+        os.replace(tmp, self.run_dir / "metrics.csv")
+
+    def log_scalars(self, row: dict) -> None:
+        if self.tb is None:
+            return
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.tb.add_scalar(key, value, row["epoch"])
+        self.tb.flush()
+
+    def append_indicators(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.run_dir / "indicators.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, default=_json_default) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            _write_json(self.run_dir / "summary.json", summary)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _looks_like_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def new_run_dir(cfg: Config, force: bool) -> Path:
+    """Create and return a fresh run directory; an existing one is replaced only with ``force``."""
+    parent = Path(cfg.out.dir)
+    if cfg.out.name:
+        path = parent / cfg.out.name
+        exists = f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, or choose another out.name"
+        if path.exists():
+            if not force:
+                raise ConfigError(exists)
+            if not _looks_like_run(path) and any(path.iterdir()):
+                raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
+            shutil.rmtree(path)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:  # another run claimed it in the meantime
+            raise ConfigError(exists) from None
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = parent / f"{cfg.run_name}-{stamp}"
+    suffix = 2
+    while True:
+        try:
+            path.mkdir(parents=True)  # claims the name atomically: runs started in the same second never share it
+            return path
+        except FileExistsError:
+            path = parent / f"{cfg.run_name}-{stamp}-{suffix}"
+            suffix += 1
+
+
+# ----------------------------------------------------------------------------- signals
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that ask the loop to stop after the current step.
+
+    A second SIGINT while stopping raises KeyboardInterrupt at once (the user insists).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
+              "(press Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Trains one configuration; see the module docstring.
+
+    Args:
+        cfg: a validated :class:`Config` (see :func:`reste.train.load_config`).
+        resume: a run directory to continue from its ``checkpoints/last.pt``.
+        force: overwrite an existing run directory named by ``out.name``.
+        progress: show the tqdm progress bar and the final summary (rank 0 only).
+    """
+
+    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False, progress: bool = True):
+        self._created_run_dir: Path | None = None
+        self.cfg = cfg
+        self.resume_dir = Path(resume) if resume is not None else None
+        self.force = force
+        self.progress = progress
+
+    # -- setup -----------------------------------------------------------------
+    def _setup(self):
+        cfg = self.cfg
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.ctx = ctx = D.setup(t.device, t.dist_timeout_s)
+        self.device = ctx.device
+        warn_conflicts(cfg, ctx.world_size)
+        if cfg.data.batch_size % ctx.world_size:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the {ctx.world_size} ranks; "
+                f"use a multiple of {ctx.world_size}"
+            )
+        # claim the run directory first: a name clash is reported before any data is loaded
+        self.run_dir = self._prepare_run_dir()
+        seed_everything(cfg.seed)
+
+        from reste import data as rdata
+
+        self.meta = rdata.info(cfg.data.name)
+        self.num_classes = self.meta.num_classes
+        d = cfg.data
+        if d.subset is None and self.meta.train_size < d.batch_size:
+            raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the {d.name} training set ({self.meta.train_size} images); lower data.batch_size")
+        self.train_loader, self.test_loader = rdata.create_loaders(
+            d.name, root=d.root, batch_size=d.batch_size // ctx.world_size, test_batch_size=d.test_batch_size,
+            augment=d.augment, download=d.download, seed=cfg.seed, device=self.device, num_workers=d.num_workers,
+            subset=d.subset, rank=ctx.rank, world_size=ctx.world_size, drop_last=True, shard_test=True,
+        )
+        dataset_size = getattr(self.train_loader, "dataset_size", None)
+        if dataset_size is not None and dataset_size < d.batch_size:
+            raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); lower data.batch_size or raise data.subset")
+        self.steps_per_epoch = len(self.train_loader)
+
+        model = build_model(cfg, self.meta)
+        if t.sync_bn and ctx.distributed:
+            model = D.convert_sync_batchnorm(model, self.device)
+        model = model.to(self.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the plain module: its state_dict is what checkpoints hold
+        self.optimizer = build_optimizer(model, cfg)
+        self.lr_scheduler = self._build_lr_scheduler()
+        import reste
+
+        schedule = reste.o_schedule(cfg.estimator.schedule, o_end=cfg.estimator.o_end, p=cfg.estimator.p)
+        self.est_scheduler = reste.EstimatorScheduler(model, schedule, t.epochs, self.steps_per_epoch, per=cfg.estimator.per)
+
+        self.start_epoch, self.start_batch = 0, 0
+        self.history: list[dict] = []
+        self.elapsed_before = 0.0
+        self.partial: dict | None = None
+        self.skipped_total = 0
+        resume_state = self._load_resume_state() if self.resume_dir is not None else None
+
+        forward_model: nn.Module = model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            forward_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            forward_model = torch.compile(forward_model)
+        self.forward_model = forward_model
+
+        self.tracker = None
+        if cfg.analysis.indicators and ctx.is_main:
+            from reste.analysis.indicators import IndicatorTracker
+
+            tracker = IndicatorTracker(model, cfg.estimator.o_end)
+            self.tracker = tracker if len(tracker) else None  # a float model has nothing to measure
+            saved = resume_state.get("indicators") if resume_state is not None else None
+            if self.tracker is not None and saved is not None and hasattr(self.tracker, "load_state_dict"):
+                self.tracker.load_state_dict(saved)  # e.g. the signs flip_ratio compares against
+
+        self.writer = RunWriter(self.run_dir, cfg, enabled=ctx.is_main)
+        self.writer.write_config(cfg)
+        if resume_state is not None:
+            self.writer.write_metrics(self.history)  # drop rows newer than the checkpoint
+            set_rng_state(resume_state["rng"])  # last: building the model above drew random numbers
+
+    def _build_lr_scheduler(self):
+        s = self.cfg.lr_schedule
+        epochs = self.cfg.train.epochs
+        if s.per == "step":
+            total = epochs * self.steps_per_epoch
+            warmup = int(round(s.warmup_epochs * self.steps_per_epoch))
+        else:
+            total, warmup = epochs, int(s.warmup_epochs)
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda unit: lr_factor(unit, total, warmup, s.name, s.final_lr_ratio)
+        )
+
+    def _load_resume_state(self) -> dict:
+        path = self.resume_dir / "checkpoints" / "last.pt"
+        state = load_checkpoint(path, map_location=self.device, required=REQUIRED_KEYS)
+        load_model_weights(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: optimizer or lr-scheduler state does not fit this configuration ({err})") from None
+        self.est_scheduler.load_state_dict(state["estimator_scheduler"])
+        self.start_epoch = int(state["epoch"])
+        self.start_batch = int(state.get("step_in_epoch", 0))
+        self.history = list(state["metrics"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.partial = state.get("partial")
+        self.skipped_total = int(state.get("skipped_total", 0))
+        if self.start_batch > self.steps_per_epoch:
+            raise CheckpointError(f"checkpoint {path} stopped at batch {self.start_batch} but an epoch now has {self.steps_per_epoch}; the data settings changed")
+        return state
+
+    def _prepare_run_dir(self) -> Path:
+        """Rank 0 picks (or checks) the folder; every rank learns the result, errors included."""
+        result: tuple[str, str] = ("ok", "")
+        if self.ctx.is_main:
+            try:
+                if self.resume_dir is not None:
+                    path = self.resume_dir
+                else:
+                    path = new_run_dir(self.cfg, self.force)
+                    self._created_run_dir = path
+                result = ("ok", str(path))
+            except ConfigError as err:
+                result = ("error", str(err))
+        result = D.broadcast_object(result, self.ctx)
+        if result[0] == "error":
+            raise ConfigError(result[1])
+        return Path(result[1])
+
+    # -- the loop --------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train (or continue training) to ``train.epochs``; returns the summary dict."""
+        try:
+            try:
+                self._setup()
+            except BaseException:
+                self._remove_empty_run_dir()
+                raise
+            with _StopRequest() as stop:
+                self._stop = stop
+                return self._run()
+        finally:
+            if getattr(self, "writer", None) is not None:
+                self.writer.close()
+            if getattr(self, "ctx", None) is not None:
+                D.cleanup(self.ctx)
+
+    def _remove_empty_run_dir(self) -> None:
+        """Setup failed (e.g. data not found): do not leave the empty folder it claimed."""
+        path = self._created_run_dir
+        if path is not None and path.is_dir():
+            leftovers = [p for p in path.rglob("*") if p.is_file()]
+            if not leftovers:
+                shutil.rmtree(path)
+
+    def _run(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        epochs = cfg.train.epochs
+        total_steps = epochs * self.steps_per_epoch
+        done_steps = self.start_epoch * self.steps_per_epoch + self.start_batch
+        show = self.progress and ctx.is_main
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True, disable=not show, leave=True)
+        self.session_start = time.perf_counter()
+        if self.start_epoch >= epochs:
+            self.bar.close()
+            if show:
+                print(f"{self.run_dir} is already complete ({epochs} epochs); raise train.epochs to continue it")
+            return self._summary(complete=True)
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                row, epoch_start = self._train_epoch(epoch)
+                # the plain module, not the DDP wrapper: ranks may hold different numbers of test
+                # batches, and DDP's per-forward buffer broadcast would then wait forever
+                test = evaluate_model(self.model, self.test_loader, self.device, num_classes=self.num_classes,
+                                      amp=cfg.train.amp, channels_last=cfg.train.channels_last, ctx=ctx)
+                row.update({"test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]})
+                row["epoch_time"] = time.perf_counter() - epoch_start
+                self._end_epoch(epoch, row)
+                if epoch + 1 < epochs:
+                    self._check_stop(epoch + 1, 0)
+        finally:
+            self.bar.close()
+        summary = self._summary(complete=True)
+        if show:
+            self._print_summary(summary)
+        return summary
+
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        t = cfg.train
+        model, forward_model, optimizer = self.model, self.forward_model, self.optimizer
+        start_batch = self.start_batch if epoch == self.start_epoch else 0
+        if start_batch == 0:
+            self.est_scheduler.step_epoch(epoch)
+        if start_batch:
+            self.train_loader.set_epoch(epoch, start_batch=start_batch)
+        else:
+            self.train_loader.set_epoch(epoch)
+        # running sums of the epoch (restored from a mid-epoch checkpoint): loss, top-1, top-5, count, skipped
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        seconds_before = 0.0
+        if start_batch and self.partial:
+            sums += torch.tensor(self.partial["sums"], dtype=torch.float64, device=self.device)
+            seconds_before = float(self.partial["seconds"])
+        model.train()
+        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if t.amp == "bf16" else nullcontext()
+        every = cfg.analysis.every_steps
+        indicator_row: dict = {}
+        epoch_start = time.perf_counter() - seconds_before
+        self.bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
+        step = start_batch
+        lr = optimizer.param_groups[0]["lr"]
+        for images, labels in self.train_loader:
+            last_step = step == self.steps_per_epoch - 1
+            global_step = epoch * self.steps_per_epoch + step
+            self.est_scheduler.step_iter()
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = forward_model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+            if self._nonfinite(loss):
+                if t.nonfinite == "stop":
+                    self._raise_nonfinite(epoch, step, loss)
+                sums[4] += 1  # skip: no backward, no update; the schedules still advance
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                loss.backward()
+                measure = self.tracker is not None and (last_step or (every > 0 and (global_step + 1) % every == 0))
+                if measure:
+                    values = self.tracker.measure()
+                    if every > 0 and (global_step + 1) % every == 0:
+                        self.writer.append_indicators({"epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1,
+                                                       "o": self.est_scheduler.o, **values})
+                    if last_step:
+                        indicator_row = {k: v for k, v in values.items() if k != "layers"}
+                        if (epoch + 1) in cfg.analysis.histograms_at or epoch + 1 == t.epochs:
+                            self.tracker.snapshot(self.run_dir / "histograms" / f"epoch{epoch + 1:04d}.npz")
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    c1, c5 = topk_correct(logits.detach(), labels, self.num_classes)
+                    n = labels.numel()
+                    sums[:4] += torch.stack([loss.detach().double() * n, c1.double(), c5.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+            if cfg.lr_schedule.per == "step":
+                self.lr_scheduler.step()
+            step += 1
+            self._update_bar(sums, epoch_start, step)
+            self._check_stop(epoch, step, sums=sums, seconds=time.perf_counter() - epoch_start)
+        if cfg.lr_schedule.per == "epoch":
+            self.lr_scheduler.step()
+        train_seconds = time.perf_counter() - epoch_start
+        totals = D.all_reduce_sum(sums.clone(), ctx).tolist()
+        loss_sum, c1, c5, count, skipped = totals
+        skipped = int(round(skipped / max(ctx.world_size, 1)))  # every rank skipped the same batches
+        self.skipped_total += skipped
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / count if count else float("nan"),
+            "train_top1": _accuracy(c1, count),
+            "train_top5": _accuracy(c5, count) if self.num_classes > 5 else None,
+            "lr": lr,
+            "o": self.est_scheduler.o,
+            "images_per_s": count / train_seconds if train_seconds > 0 else float("nan"),
+            "train_time": train_seconds,
+            "skipped_batches": skipped,
+        }
+        if self.cfg.analysis.indicators and self.ctx.is_main and self.tracker is not None:
+            for key in ("est_error", "est_error_end", "grad_instability", "flip_ratio"):
+                row[key] = indicator_row.get(key)
+        return row, epoch_start
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        # ranks must agree: a rank that skips backward while others run it would hang DDP
+        return bool(D.all_reduce_max(flag, self.ctx).item())
+
+    def _raise_nonfinite(self, epoch: int, step: int, loss: torch.Tensor) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        o = self.est_scheduler.o
+        o_text = f"{o:.4g}" if o is not None else "n/a"
+        last = self.run_dir / "checkpoints" / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}, o {o_text}); training stopped, "
+            f"{kept}. Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip, or set train.nonfinite=skip"
+        )
+
+    def _update_bar(self, sums: torch.Tensor, epoch_start: float, step: int) -> None:
+        self.bar.update(1)
+        # reading the sums synchronises with the GPU: refresh the numbers every few steps only
+        if self.bar.disable or (step % 10 and step != self.steps_per_epoch):
+            return
+        loss_sum, c1, _, count, _ = sums.tolist()
+        seconds = time.perf_counter() - epoch_start
+        o = self.est_scheduler.o
+        postfix = {"loss": f"{loss_sum / max(count, 1):.3f}", "acc": f"{_accuracy(c1, count):.1f}"}
+        if o is not None:
+            postfix["o"] = f"{o:.2f}"
+        postfix["lr"] = f"{self.optimizer.param_groups[0]['lr']:.2e}"
+        postfix["img/s"] = f"{count * self.ctx.world_size / max(seconds, 1e-9):.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def _check_stop(self, epoch: int, step: int, sums: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+        """After a step (or an epoch): if SIGINT/SIGTERM arrived on any rank, checkpoint and stop."""
+        signum = int(self._stop.signum or 0)
+        if self.ctx.distributed:  # every rank must stop at the same step, or collectives would hang
+            flag = torch.tensor([float(signum)], device=self.device)
+            signum = int(D.all_reduce_max(flag, self.ctx).item())
+        if not signum:
+            return
+        if step == self.steps_per_epoch:
+            return  # the epoch is complete: stop right after its evaluation and checkpoint
+        partial = None if step == 0 else {"sums": sums.tolist(), "seconds": seconds}
+        self._save("last", epoch=epoch, step_in_epoch=step, partial=partial)
+        self.bar.close()
+        raise TrainingInterrupted(signum, self.run_dir, _resume_command(self.run_dir))
+
+    def _end_epoch(self, epoch: int, row: dict) -> None:
+        self.history.append(row)
+        best = max(self.history, key=lambda r: (r["test_top1"], -r["epoch"]))
+        if self.ctx.is_main:
+            self.writer.write_metrics(self.history)
+            self.writer.log_scalars(row)
+        final = epoch + 1 == self.cfg.train.epochs
+        if best is row:
+            self._save("best", epoch=epoch + 1)
+        if final or (epoch + 1) % self.cfg.train.checkpoint_every == 0:
+            self._save("last", epoch=epoch + 1)
+        if self.ctx.is_main:
+            self.writer.write_summary(self._summary(complete=final))
+
+    def _save(self, which: str, *, epoch: int, step_in_epoch: int = 0, partial: dict | None = None) -> None:
+        """Write checkpoints/<which>.pt (rank 0); ``epoch`` counts finished epochs."""
+        if not self.ctx.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "estimator_scheduler": self.est_scheduler.state_dict(),
+            "epoch": int(epoch),
+            "step_in_epoch": int(step_in_epoch),
+            "partial": partial,
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+            "metrics": [{k: _clean(v) for k, v in row.items()} for row in self.history],
+            "elapsed": self.elapsed_before + time.perf_counter() - self.session_start,
+            "skipped_total": self.skipped_total,
+            "indicators": self.tracker.state_dict() if self.tracker is not None and hasattr(self.tracker, "state_dict") else None,
+            "world_size": self.ctx.world_size,
+            "torch_version": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+        }
+        save_checkpoint(state, self.run_dir / "checkpoints" / f"{which}.pt")
+
+    def _summary(self, complete: bool) -> dict:
+        cfg = self.cfg
+        rows = self.history
+        final = rows[-1] if rows else {}
+        best = max(rows, key=lambda r: (r["test_top1"], -r["epoch"])) if rows else {}
+        seconds = self.elapsed_before + time.perf_counter() - self.session_start
+        return {
+            "final_top1": final.get("test_top1"),
+            "best_top1": best.get("test_top1"),
+            "best_epoch": best.get("epoch"),
+            "final_top5": final.get("test_top5"),
+            "best_top5": best.get("test_top5"),
+            "final_test_loss": final.get("test_loss"),
+            "epochs": len(rows),
+            "planned_epochs": cfg.train.epochs,
+            "complete": complete and len(rows) == cfg.train.epochs,
+            "seconds": seconds,
+            "skipped_batches": self.skipped_total,
+            "model": cfg.model.name,
+            "dataset": cfg.data.name,
+            "precision": cfg.model.precision,
+            "estimator": cfg.model.estimator,
+            "o_end": cfg.estimator.o_end,
+            "o_schedule": cfg.estimator.schedule,
+            "seed": cfg.seed,
+            "world_size": self.ctx.world_size,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _print_summary(self, s: dict) -> None:
+        def pct(v):
+            return "n/a" if v is None else f"{v:.2f}%"
+
+        minutes, seconds = divmod(s["seconds"], 60)
+        print(
+            f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {s['epochs']} epochs in {int(minutes)} min {seconds:.0f} s\n"
+            f"  final test top-1 {pct(s['final_top1'])}  (top-5 {pct(s['final_top5'])})\n"
+            f"  best  test top-1 {pct(s['best_top1'])}  at epoch {s['best_epoch']}\n"
+            f"  run directory: {s['run_dir']}",
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------- public entry point
+def resume_config(run_dir, overrides=None) -> Config:
+    """The configuration of ``run_dir`` with the few overrides a resume allows (:data:`RESUME_OVERRIDABLE`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there (is it a run directory written by `reste train`?)")
+    cfg = load_config(read_yaml(run_dir / "config.yaml"), check=False)
+    if overrides:
+        from .config import parse_overrides
+
+        nested = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else overrides
+        for key in _dotted_keys(nested):
+            if key not in RESUME_OVERRIDABLE:
+                raise ConfigError(
+                    f"cannot change {key} when resuming (it would make the run inconsistent); start a new run instead. "
+                    f"Options that may change on resume: {', '.join(RESUME_OVERRIDABLE)}"
+                )
+        cfg = load_config(cfg, nested, check=False)
+    return validate(cfg)
+
+
+def _dotted_keys(nested: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in nested.items():
+        if isinstance(value, dict) and key not in ("kwargs", "params"):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def train(config=None, *, resume=None, force: bool = False, progress: bool = True, overrides=None, **sections) -> dict:
+    """Train a model; returns the summary dict (also written to ``summary.json``).
+
+    Args:
+        config: None (the defaults: binary ResNet-20 + ReSTE on Fashion-MNIST), a YAML
+            path, a nested dict or a :class:`Config`.
+        resume: a run directory to continue (its config is used; see :data:`RESUME_OVERRIDABLE`).
+        force: overwrite an existing run directory named by ``out.name``.
+        progress: progress bar and final summary on stdout.
+        overrides: ``["optim.lr=0.05", ...]`` or a nested dict, applied on top of ``config``.
+        **sections: more overrides by section, e.g. ``train={"epochs": 2}, optim={"lr": 0.05}, seed=1``.
+
+    >>> summary = train(data={"subset": 2000}, train={"epochs": 1})   # doctest: +SKIP
+    """
+    extra = dict(sections)
+    if overrides:
+        from .config import parse_overrides
+
+        nested = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides)
+        extra = _merge(extra, nested)
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its run directory)")
+        cfg = resume_config(resume, extra or None)
+    else:
+        cfg = load_config(config, extra or None)
+    return Trainer(cfg, resume=resume, force=force, progress=progress).fit()
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("kwargs", "params"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

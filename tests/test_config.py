@@ -1,0 +1,274 @@
+"""The training configuration: schema, YAML, overrides, validation and the CLI's handling of them.
+
+Nothing here trains; every test runs in well under a second (one subprocess test
+checks the real console behaviour: message, no traceback, exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reste import cli
+from reste.train import config as C
+from reste.train.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "configs" / "fashion_mnist" / "resnet20_reste.yaml"
+
+
+def run_cli(argv, capsys):
+    """Run ``reste ARGV`` in-process; return (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:  # argparse's --help / usage errors
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- defaults and YAML
+def test_defaults_are_the_main_job():
+    cfg = Config()
+    assert (cfg.model.name, cfg.model.precision, cfg.model.estimator) == ("resnet20", "1w1a", "reste")
+    assert cfg.estimator.o_end == 3.0
+    assert cfg.data.name == "fashion_mnist"
+    assert cfg.run_name == "fashion_mnist-resnet20-1w1a-reste"
+    C.validate(cfg)  # the defaults themselves pass validation
+
+
+def test_example_config_is_identical_to_the_defaults():
+    assert load_config(EXAMPLE) == Config()
+
+
+def test_yaml_round_trip_keeps_every_value():
+    cfg = load_config(None, ["optim.lr=0.05", "optim.betas=[0.8, 0.9]", "analysis.histograms_at=[1, 2]", "model.kwargs={width: 2}"])
+    text = C.config_to_yaml(cfg)
+    assert "betas: [0.8, 0.9]" in text  # lists stay readable
+    assert C.config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_merge_order_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  name: sgd\ntrain:\n  epochs: 5\n")
+    cfg = load_config(path, ["optim.lr=0.05"])
+    assert cfg.optim.lr == 0.05  # override beats file
+    assert cfg.optim.name == "sgd"  # file beats default
+    assert cfg.train.epochs == 5
+    assert cfg.optim.momentum == Config().optim.momentum  # untouched default
+
+
+def test_dict_and_config_sources_and_dict_overrides():
+    cfg = load_config({"train": {"epochs": 2}}, {"optim": {"lr": 0.5}})
+    assert (cfg.train.epochs, cfg.optim.lr) == (2, 0.5)
+    again = load_config(cfg, ["seed=3"])
+    assert again.seed == 3 and cfg.seed == 0  # the source is not modified
+
+
+def test_overrides_are_yaml_values_not_code():
+    cfg = load_config(None, ["name=__import__('os').system('echo hacked')", "train.device=cpu", "data.subset=null"], check=False)
+    assert cfg.name == "__import__('os').system('echo hacked')"  # just a string
+    assert cfg.data.subset is None
+    with pytest.raises(ConfigError, match="optim.lr must be of type float"):
+        load_config(None, ["optim.lr=__import__('os').getcwd()"])
+
+
+def test_numbers_written_without_a_dot_are_accepted_as_floats():
+    # YAML 1.1 reads 1e-3 as the string "1e-3"; a float option takes it as the number
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-4"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(5e-4)
+    assert load_config(None, ["estimator.o_end=4"]).estimator.o_end == 4.0  # int -> float
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [("optim.lrr=0.1", "optim.lr"), ("train.epoch=3", "train.epochs"), ("trian.epochs=3", "train.epochs"), ("estimator.oend=4", "estimator.o_end")],
+)
+def test_unknown_key_suggests_the_closest(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"Did you mean '{suggestion}'" in str(err.value)
+    assert override.split("=")[0] in str(err.value)
+
+
+def test_unknown_key_in_a_yaml_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "optim.learning_rate" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epochs=2.5", "train.epochs must be of type int"),
+        ("train.epochs=many", "train.epochs must be of type int"),
+        ("data.augment=maybe", "data.augment must be of type bool"),
+        ("optim.lr=fast", "optim.lr must be of type float"),
+        ("optim.betas=0.9", "optim.betas must be of type list"),
+        ("model.kwargs=3", "model.kwargs must be of type dict"),
+        ("train.epochs=null", "train.epochs must be of type int"),
+        ("model=resnet20", "model must be a mapping"),
+    ],
+)
+def test_wrong_types_name_the_key_and_expected_type(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=-0.1", "optim.lr must be > 0"),
+        ("estimator.o_end=0.5", "estimator.o_end must be >= 1"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("optim.momentum=1.0", "optim.momentum must be in"),
+        ("train.label_smoothing=1", "train.label_smoothing must be in"),
+        ("analysis.histograms_at=[9]", "analysis.histograms_at entries must be epochs in 1..3"),
+        ("lr_schedule.warmup_epochs=5", "must be shorter than train.epochs"),
+        ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ],
+)
+def test_out_of_range_values_are_refused(override, expected):
+    base = ["train.epochs=3"] if "epochs" not in override else []
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, base + [override])
+
+
+def test_batch_larger_than_the_subset_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"data.batch_size \(128\) is larger than the training set \(data.subset=100\)"):
+        load_config(None, ["data.subset=100"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.name=resnet21", "Did you mean 'resnet20'"),
+        ("model.estimator=rest", "Did you mean 'reste'"),
+        ("data.name=fashion_mist", "Did you mean 'fashion_mnist'"),
+        ("optim.name=adamm", "Did you mean 'adam'"),
+        ("estimator.schedule=cosin", "Did you mean 'cosine'"),
+        ("model.precision=1w2a", "choose one of 1w1a, 1w32a, fp"),
+    ],
+)
+def test_unknown_names_list_the_choices(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_nesterov_needs_sgd_with_momentum():
+    with pytest.raises(ConfigError, match="optim.nesterov needs optim.name=sgd"):
+        load_config(None, ["optim.nesterov=true"])  # default optimizer is adam
+    load_config(None, ["optim.name=sgd", "optim.nesterov=true"])
+
+
+def test_fractional_warmup_needs_per_step_updates():
+    load_config(None, ["train.epochs=3", "lr_schedule.warmup_epochs=0.5"])  # per: step (default)
+    with pytest.raises(ConfigError, match="fractional"):
+        load_config(None, ["train.epochs=3", "lr_schedule.warmup_epochs=0.5", "lr_schedule.per=epoch"])
+
+
+def test_sync_bn_in_a_single_process_only_warns():
+    cfg = load_config(None, ["train.sync_bn=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        C.warn_conflicts(cfg, world_size=1)
+    assert any("sync_bn" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.warn_conflicts(cfg, world_size=2)  # meaningful there: no warning
+
+
+def test_malformed_override_and_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        C.parse_overrides(["optim.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)
+
+
+# ----------------------------------------------------------------------------- documentation
+def test_option_table_covers_every_leaf_with_its_default():
+    rows = {key: (tp, default) for key, tp, default, _ in C.option_table()}
+    assert rows["optim.lr"] == ("float", Config().optim.lr)
+    assert rows["data.subset"] == ("int or null", None)
+    assert rows["train.epochs"][1] == Config().train.epochs
+    sections = {"model", "estimator", "data", "optim", "lr_schedule", "train", "analysis", "out"}
+    assert {key.split(".")[0] for key in rows if "." in key} == sections
+    # every leaf of the nested default dict appears exactly once
+    nested = C.config_to_dict(Config())
+    flat = [f"{section}.{key}" for section in sections for key in nested[section]] + ["name", "seed"]
+    assert sorted(rows) == sorted(flat)
+
+
+def test_train_help_lists_every_option_with_its_default(capsys):
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    for key, tp, default, _ in C.option_table():
+        line = next((l for l in out.splitlines() if l.strip().startswith(key + " ")), None)
+        assert line is not None, f"{key} missing from --help"
+        assert f"({tp}, default {C._show(default)})" in line
+    assert "optim.lr" in out and "(float, default 0.002)" in out
+
+
+def test_print_config_shows_the_resolved_yaml(capsys):
+    code, out, _ = run_cli(["train", "--print-config", "optim.lr=0.05", "train.epochs=2"], capsys)
+    assert code == 0
+    data = yaml.safe_load(out)
+    assert data["optim"]["lr"] == 0.05 and data["train"]["epochs"] == 2
+    assert C.config_from_dict(data) == load_config(None, ["optim.lr=0.05", "train.epochs=2"])
+
+
+def test_options_may_come_after_overrides(capsys):
+    code, out, _ = run_cli(["train", "seed=4", "--print-config", "optim.lr=0.5"], capsys)
+    assert code == 0
+    data = yaml.safe_load(out)
+    assert (data["seed"], data["optim"]["lr"]) == (4, 0.5)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "optim.lrr=0.1"], "Did you mean 'optim.lr'"),
+        (["train", "train.epochs=two"], "train.epochs must be of type int"),
+        (["train", "a.yaml", "b.yaml"], "two config files given"),
+        (["train", "missing.yaml"], "does not exist"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_message(argv, expected, capsys):
+    code, out, err = run_cli(argv + ["--print-config"], capsys)
+    assert code == 2
+    assert expected in err and err.startswith("error: ")
+    assert "Traceback" not in err and out == ""
+
+
+def test_console_command_prints_no_traceback_and_exits_2(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, "-m", "reste", "train", "optim.lrr=0.1"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'optim.lrr'. Did you mean 'optim.lr'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # validation happened before any work
+
+
+def test_docs_option_table_is_current():
+    text = (REPO / "docs" / "training.md").read_text()
+    assert C.markdown_table() in text, "regenerate the table in docs/training.md from reste.train.config.markdown_table()"
