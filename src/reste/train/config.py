@@ -392,6 +392,39 @@ def read_yaml(path) -> dict:
     return data
 
 
+def read_config_file(path, _chain: tuple = ()) -> dict:
+    """A config file's mapping with its ``base:`` chain resolved.
+
+    A config may start from another one: ``base: ../resnet20_1w1a.yaml`` (relative to the
+    file) loads that file first and lays this one's keys over it, section by section. So an
+    experiment that differs from another in one setting says only that setting.
+    """
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"config files include each other in a loop: {cycle}; remove one 'base:'")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be the path of another YAML file, got {base!r}")
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: its base {base_path} does not exist; fix the 'base:' path (relative to the file)")
+    return _deep_merge(read_config_file(base_path, (*_chain, path)), data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(source=None, overrides=None, *, check: bool = True) -> Config:
     """defaults <- ``source`` <- ``overrides``, validated.
 
@@ -408,7 +441,7 @@ def load_config(source=None, overrides=None, *, check: bool = True) -> Config:
         cfg = config_from_dict(source)
     elif isinstance(source, (str, Path)):
         try:
-            cfg = config_from_dict(read_yaml(source))
+            cfg = config_from_dict(read_config_file(source))
         except ConfigError as err:
             if str(err).startswith("config file"):
                 raise
