@@ -23,6 +23,15 @@ EXTENSIONS = [
         extra_compile_args=KERNEL_FLAGS,
         extra_link_args=["-lpthread", "-lmvec", "-lm"] if sys.platform != "win32" else [],
     ),
+    # XNOR-popcount inference kernels of reste.deploy. No -ffast-math: the epilogue must round
+    # like PyTorch (-ffp-contract=off keeps multiply-then-add two roundings). OpenMP threads run
+    # on torch's own libgomp (same soname, loaded once); without OpenMP the build is retried serial.
+    Extension(
+        "reste.deploy._bitops",
+        sources=["src/reste/deploy/csrc/bitops.c"],
+        extra_compile_args=COMMON_FLAGS + ["-ffp-contract=off", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/openmp"],
+        extra_link_args=["-fopenmp", "-lm"] if sys.platform != "win32" else [],
+    ),
 ]
 
 
@@ -31,7 +40,14 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext):
         try:
-            super().build_extension(ext)
+            try:
+                super().build_extension(ext)
+            except Exception:  # noqa: BLE001 - e.g. a compiler without OpenMP: build single-threaded
+                if not any("openmp" in flag for flag in ext.extra_compile_args):
+                    raise
+                ext.extra_compile_args = [f for f in ext.extra_compile_args if "openmp" not in f]
+                ext.extra_link_args = [f for f in ext.extra_link_args if "openmp" not in f]
+                super().build_extension(ext)
         except Exception as err:  # noqa: BLE001 - any compiler failure
             print(f"WARNING: could not build {ext.name} ({err}); reste will use its pure PyTorch path.", file=sys.stderr)
 

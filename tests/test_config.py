@@ -36,10 +36,10 @@ def run_cli(argv, capsys):
 # ----------------------------------------------------------------------------- defaults and YAML
 def test_defaults_are_the_main_job():
     cfg = Config()
-    assert (cfg.model.name, cfg.model.precision, cfg.model.estimator) == ("resnet20", "1w1a", "reste")
+    assert (cfg.model.name, cfg.model.precision, cfg.model.estimator) == ("resnet20_bireal", "1w1a", "reste")
     assert cfg.estimator.o_end == 3.0
     assert cfg.data.name == "fashion_mnist"
-    assert cfg.run_name == "fashion_mnist-resnet20-1w1a-reste"
+    assert cfg.run_name == "fashion_mnist-resnet20_bireal-1w1a-reste"
     C.validate(cfg)  # the defaults themselves pass validation
 
 

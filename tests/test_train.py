@@ -123,7 +123,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     assert on_disk["final_top1"] == rows[-1]["test_top1"] == summary["final_top1"]
     assert on_disk["best_top1"] == best["test_top1"] and on_disk["best_epoch"] == best["epoch"]
     assert on_disk["final_top5"] == rows[-1]["test_top5"] and on_disk["epochs"] == 2 and on_disk["complete"]
-    assert (on_disk["model"], on_disk["dataset"], on_disk["o_end"]) == ("resnet20", "fashion_mnist", 3.0)
+    assert (on_disk["model"], on_disk["dataset"], on_disk["o_end"]) == ("resnet20_bireal", "fashion_mnist", 3.0)
 
     # config.yaml is the resolved config; histograms at epoch 1 (asked) and 2 (final)
     assert load_config(run / "config.yaml") == load_config(yaml.safe_load((run / "config.yaml").read_text()))
@@ -337,7 +337,7 @@ def test_default_run_directories_get_a_timestamp_and_never_collide(tmp_path):
     first = T.new_run_dir(cfg, force=False)
     second = T.new_run_dir(cfg, force=False)  # same second: gets a suffix instead of sharing the folder
     assert first.is_dir() and second.is_dir() and second != first
-    assert first.name.startswith("fashion_mnist-resnet20-1w1a-reste-2")
+    assert first.name.startswith("fashion_mnist-resnet20_bireal-1w1a-reste-2")
 
 
 def test_a_failed_setup_leaves_no_empty_run_directory(tmp_path):

@@ -9,7 +9,8 @@ Binarize a model in three lines::
 See the README for the command-line tool (``reste train``, ``reste eval``, ...).
 """
 
-from . import models, nn
+from . import deploy, models, nn
+from .deploy import summary
 from .estimators import Estimator, estimator, estimators, register
 from .nn import binarize
 from .schedules import EstimatorScheduler, o_schedule, o_schedule_ways, set_params, set_progress
@@ -29,5 +30,7 @@ __all__ = [
     "register",
     "set_params",
     "set_progress",
+    "summary",
+    "deploy",
     "__version__",
 ]

@@ -1,0 +1,33 @@
+"""Ship a trained binary model: cost summary, 1-bit export, fast exact CPU inference.
+
+>>> import reste
+>>> print(reste.deploy.summary(model, (3, 32, 32)))          # doctest: +SKIP
+>>> reste.deploy.export(model, "model.safetensors", architecture={...})  # doctest: +SKIP
+>>> net = reste.deploy.load("model.safetensors")             # doctest: +SKIP
+
+Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
+"""
+
+from .export import ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph, to_deploy
+from .packed import PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, unpack_signs
+from .summary import LayerSummary, ModelSummary, summary
+
+__all__ = [
+    "ExportError",
+    "LayerSummary",
+    "ModelSummary",
+    "PackedBinaryConv2d",
+    "PackedBinaryLinear",
+    "architecture_from_config",
+    "export",
+    "export_run",
+    "kernel_info",
+    "load",
+    "load_run_model",
+    "pack_signs",
+    "packed_layer",
+    "read_graph",
+    "summary",
+    "to_deploy",
+    "unpack_signs",
+]

@@ -71,7 +71,7 @@ def _opt(default, help: str, choices: tuple | None = None):
 class ModelConfig:
     """Which network is trained (see ``reste.models.names()``)."""
 
-    name: str = _opt("resnet20", "architecture, one of reste.models.names()")
+    name: str = _opt("resnet20_bireal", "architecture, one of reste.models.names()")
     precision: str = _opt("1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp"))
     estimator: str = _opt("reste", "gradient estimator of the binary layers, one of reste.estimators()")
     kwargs: dict = _opt({}, "extra keyword arguments for reste.models.create (architecture options)")
@@ -96,7 +96,7 @@ class DataConfig:
     root: Optional[str] = _opt(None, "data folder (default $RESTE_DATA or ./data, then system folders)")
     batch_size: int = _opt(128, "GLOBAL training batch (split evenly across distributed ranks)")
     test_batch_size: Optional[int] = _opt(512, "evaluation batch per rank (null = batch_size)")
-    augment: bool = _opt(True, "training augmentation of the data set's recipe (random crop, flips)")
+    augment: bool = _opt(False, "training augmentation of the data set's recipe (random crop, flips); off in the short main job, on in the paper configs")
     subset: Optional[int] = _opt(None, "use only the first N training images (and N // 5 test images)")
     num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
     download: bool = _opt(False, "download the data set into data.root if it is missing")
@@ -129,7 +129,7 @@ class LRScheduleConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = _opt(3, "number of epochs")
+    epochs: int = _opt(4, "number of epochs")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPU)")

@@ -264,23 +264,27 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
     return result
 
 
+def model_arguments(cfg: Config, meta) -> dict:
+    """The ``reste.models.create`` arguments of a config: classes, channels and image size
+    from the data set ``meta`` (``reste.data.info``), estimator parameters from ``estimator.params``.
+    Export stores this dict, so a deployed model is rebuilt exactly as training built it."""
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.estimator.params:
+        kwargs["estimator_params"] = dict(cfg.estimator.params)
+    return {
+        "name": cfg.model.name, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
+        "precision": cfg.model.precision, "estimator": cfg.model.estimator, "image_size": meta.image_size, "kwargs": kwargs,
+    }
+
+
 def build_model(cfg: Config, meta) -> nn.Module:
     """``reste.models.create`` from the config; a bad ``model.kwargs`` is a :class:`ConfigError`."""
     from reste import models
 
-    kwargs = dict(cfg.model.kwargs)
-    if cfg.estimator.params:
-        kwargs["estimator_params"] = dict(cfg.estimator.params)
+    args = model_arguments(cfg, meta)
+    kwargs = args.pop("kwargs")
     try:
-        return models.create(
-            cfg.model.name,
-            num_classes=meta.num_classes,
-            in_channels=meta.in_channels,
-            precision=cfg.model.precision,
-            estimator=cfg.model.estimator,
-            image_size=meta.image_size,
-            **kwargs,
-        )
+        return models.create(args.pop("name"), **args, **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot build model {cfg.model.name!r} from model.kwargs={cfg.model.kwargs} estimator.params={cfg.estimator.params}: {err}") from None
 

@@ -1,0 +1,234 @@
+"""Inference benchmark: bit-packed binary layers vs PyTorch float, same shapes, same threads.
+
+``reste bench-infer`` / ``benchmarks/bench_infer.py`` run :func:`run` and print
+:func:`format_report`. Three parts:
+
+- ``conv``: one 3x3 convolution of each VGG-small and ResNet-20 shape, the packed
+  binary layer against ``F.conv2d`` on float weights, batch 1 and 64;
+- ``e2e``: whole binary VGG-small and ResNet-20 (``reste.deploy.load`` of an exported
+  model) against the same architecture in float, batch 64;
+- ``sizes``: exported file vs the float model's checkpoint.
+
+Float and binary samples alternate, round after round (each sample long enough to be
+measured, >= ``min_sample_s``, after warm-up); reported are the median times and the
+median of the per-round ratios, so noise from other processes hits both sides alike.
+Float runs in NCHW or channels-last, whichever a first measurement finds faster, so the
+baseline is the best PyTorch offers here. Binary outputs are checked against the
+PyTorch reference before being timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["VGG_SMALL_SHAPES", "RESNET20_SHAPES", "run", "format_report", "machine_info"]
+
+#: (in_channels, out_channels, input size, stride) of the binary 3x3 convs of VGG-small on 32x32
+VGG_SMALL_SHAPES = ((128, 128, 32, 1), (128, 256, 16, 1), (256, 256, 16, 1), (256, 512, 8, 1), (512, 512, 8, 1))
+#: ... and of ResNet-20 (stage 1 at 32x32, the stride-2 transitions, stages 2 and 3)
+RESNET20_SHAPES = ((16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1))
+
+
+def machine_info() -> dict:
+    """CPU, threads and software versions the numbers were measured with."""
+    from .. import __version__
+    from .packed import kernel_info
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "reste": __version__, "kernel": kernel_info(),
+        "load_average_1min_at_start": round(load[0], 2) if load else None,
+    }
+
+
+def _median_time(fn, repeats: int, min_sample_s: float) -> float:
+    """Median seconds per call over ``repeats`` samples of ``n`` calls each (n sized by a warm-up)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    n = max(1, int(min_sample_s / once))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n)
+    return statistics.median(samples)
+
+
+def _faster(options: dict, min_sample_s: float):
+    """(name, fn) of the fastest of ``options`` (name -> fn), by a short median."""
+    times = {name: _median_time(fn, 3, min_sample_s / 2) for name, fn in options.items()}
+    name = min(times, key=times.get)
+    return name, options[name]
+
+
+def _paired(fn_float, fn_binary, repeats: int, min_sample_s: float) -> tuple[float, float, float]:
+    """Alternating samples: (median float s, median binary s, median per-round float/binary ratio)."""
+    counts = []
+    for fn in (fn_float, fn_binary):
+        fn()
+        start = time.perf_counter()
+        fn()
+        counts.append(max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-6))))
+    tf, tb = [], []
+    for _ in range(repeats):
+        for fn, n, out in ((fn_float, counts[0], tf), (fn_binary, counts[1], tb)):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - start) / n)
+    return statistics.median(tf), statistics.median(tb), statistics.median(f / b for f, b in zip(tf, tb))
+
+
+@torch.no_grad()
+def bench_conv(shapes, batches=(1, 64), repeats=7, min_sample_s=0.05, seed=0) -> list[dict]:
+    """Packed binary 3x3 conv vs float ``F.conv2d`` for each ``(cin, cout, size, stride)``."""
+    from ..nn import BinaryConv2d
+    from .packed import PackedBinaryConv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for cin, cout, size, stride in shapes:
+        trained = BinaryConv2d(cin, cout, 3, stride, 1, bias=False).eval()
+        layer = PackedBinaryConv2d.from_binary(trained)
+        w = torch.randn(cout, cin, 3, 3, generator=gen)
+        w_cl = w.contiguous(memory_format=torch.channels_last)
+        for batch in batches:
+            x = torch.randn(batch, cin, size, size, generator=gen)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            out = layer(x_cl)
+            exact = torch.equal(out, layer.reference_forward(x_cl))
+            layout, run_float = _faster({"nchw": lambda: F.conv2d(x, w, None, stride, 1),
+                                         "channels_last": lambda: F.conv2d(x_cl, w_cl, None, stride, 1)}, min_sample_s)
+            t_float, t_bin, ratio = _paired(run_float, lambda: layer(x_cl), repeats, min_sample_s)
+            out_size = out.shape[-1]
+            macs = batch * cout * out_size * out_size * cin * 9
+            rows.append({
+                "shape": f"{cin}->{cout} {size}x{size}" + (f" /{stride}" if stride > 1 else ""), "cin": cin, "cout": cout,
+                "size": size, "stride": stride, "batch": batch, "float_ms": 1e3 * t_float, "float_layout": layout,
+                "binary_ms": 1e3 * t_bin, "speedup": ratio, "exact": exact,
+                "float_gmacs": macs / t_float / 1e9, "binary_gmacs": macs / t_bin / 1e9,
+            })
+    return rows
+
+
+def _calibrated(model: torch.nn.Module, in_channels: int, size: int, gen) -> torch.nn.Module:
+    # a few train-mode passes give the batch norms realistic statistics
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(32, in_channels, size, size, generator=gen))
+    return model.eval()
+
+
+def _file_size(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer().nbytes
+
+
+@torch.no_grad()
+def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sample_s=0.2, seed=0) -> tuple[list[dict], list[dict]]:
+    """End-to-end binary (exported + loaded) vs float models, and file sizes."""
+    from .. import models
+    from .export import export, load
+
+    gen = torch.Generator().manual_seed(seed)
+    e2e, sizes = [], []
+    for name in names:
+        arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32}
+        torch.manual_seed(seed)
+        trained = _calibrated(models.create(**arch), 3, 32, gen)
+        float_model = _calibrated(models.create(**dict(arch, precision="fp")), 3, 32, gen)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export(trained, Path(tmp) / f"{name}.safetensors", architecture=arch)
+            exported_bytes = path.stat().st_size
+            deployed = load(path)
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        max_diff = (deployed(x) - trained(x)).abs().max().item()
+        float_cl = copy.deepcopy(float_model).to(memory_format=torch.channels_last)
+        layout, run_float = _faster({"nchw": lambda: float_model(x), "channels_last": lambda: float_cl(x_cl)}, min_sample_s)
+        deployed_cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
+        bin_layout, run_bin = _faster({"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s)
+        t_float, t_bin, ratio = _paired(run_float, run_bin, repeats, min_sample_s)
+        e2e.append({"model": name, "batch": batch, "float_ms": 1e3 * t_float, "float_layout": layout, "binary_ms": 1e3 * t_bin,
+                    "binary_layout": bin_layout, "speedup": ratio, "max_abs_logit_diff": max_diff,
+                    "float_images_per_s": batch / t_float, "binary_images_per_s": batch / t_bin})
+        sd = float_model.state_dict()
+        opt = torch.optim.SGD(float_model.parameters(), lr=0.1, momentum=0.9)
+        for p in float_model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # creates the momentum buffers a training checkpoint carries
+        state_bytes = _file_size(sd)
+        train_bytes = _file_size({"model": sd, "optimizer": opt.state_dict()})
+        sizes.append({"model": name, "exported_bytes": exported_bytes, "float_state_dict_bytes": state_bytes,
+                      "float_train_checkpoint_bytes": train_bytes, "ratio_state_dict": state_bytes / exported_bytes,
+                      "ratio_train_checkpoint": train_bytes / exported_bytes})
+    return e2e, sizes
+
+
+def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batch: int = 64, quick: bool = False,
+        models=("vgg_small", "resnet20")) -> dict:
+    """All three parts; ``quick`` measures one shape per family and ResNet-20 only (a smoke test)."""
+    if threads:
+        torch.set_num_threads(threads)
+    info = machine_info()
+    vgg, res = (VGG_SMALL_SHAPES[-1:], RESNET20_SHAPES[:1]) if quick else (VGG_SMALL_SHAPES, RESNET20_SHAPES)
+    sample = 0.01 if quick else 0.05
+    result = {"machine": info, "repeats": repeats}
+    result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
+    result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
+    result["e2e"], result["sizes"] = bench_models(("resnet20",) if quick else models, e2e_batch, repeats, 0.02 if quick else 0.2)
+    return result
+
+
+def format_report(result: dict) -> str:
+    """Markdown tables of a :func:`run` result."""
+    m = result["machine"]
+    k = m["kernel"]
+    kernel = f"{k['isa']}{' + OpenMP' if k['openmp'] else ''}" if k["extension"] else f"PyTorch reference ({k['reason']})"
+    lines = [f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+             f"kernel {kernel}, load average {m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating "
+             "float/binary samples (speedup = median per-round ratio)", ""]
+    lines += ["| family | conv 3x3 | batch | float ms | binary ms | speedup | exact |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in result["conv"]:
+        lines.append(f"| {r['family']} | {r['shape']} | {r['batch']} | {r['float_ms']:.3f} ({r['float_layout']}) | "
+                     f"{r['binary_ms']:.3f} | {r['speedup']:.1f}x | {'yes' if r['exact'] else 'NO'} |")
+    lines += ["", "| model (1W/1A) | batch | float ms | binary ms | speedup | max logit diff |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["e2e"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['float_ms']:.1f} ({r['float_layout']}) | "
+                     f"{r['binary_ms']:.1f} ({r['binary_layout']}) | {r['speedup']:.2f}x | {r['max_abs_logit_diff']:.2e} |")
+    lines += ["", "| model | exported | float state_dict | ratio | float training checkpoint (SGD momentum) | ratio |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in result["sizes"]:
+        lines.append(f"| {r['model']} | {r['exported_bytes']:,} B | {r['float_state_dict_bytes']:,} B | {r['ratio_state_dict']:.1f}x | "
+                     f"{r['float_train_checkpoint_bytes']:,} B | {r['ratio_train_checkpoint']:.1f}x |")
+    return "\n".join(lines)
+
+
+def save(result: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path

@@ -1,0 +1,171 @@
+"""``reste summary``, ``reste export`` and ``reste bench-infer``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUMMARY_EPILOG = """\
+examples:
+  reste summary runs/fashion_mnist-resnet20-1w1a-reste-20250101-120000
+  reste summary configs/cifar10/vgg_small.yaml --json vgg.json
+  reste summary model.safetensors --input-size 1 28 28
+  reste summary resnet20 --input-size 3 32 32 --precision 1w32a
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  reste export runs/my-run --out resnet20-1bit.safetensors
+  reste export runs/my-run --checkpoint last --out last.safetensors
+
+The file holds every binary layer's weights at 1 bit each plus its scale alpha, batch
+norms and real layers as float32, and the architecture; load it with
+reste.deploy.load(FILE). Training state (optimizer, latent float weights, estimator
+parameters) is left out.
+"""
+
+BENCH_EPILOG = """\
+examples:
+  reste bench-infer --json bench.json
+  reste bench-infer --threads 1 --repeats 11
+  reste bench-infer --quick
+"""
+
+
+def register(subparsers) -> None:
+    """Add the deployment sub-commands."""
+    s = subparsers.add_parser(
+        "summary", help="per-layer parameters by bit width, memory and MACs of a model",
+        description="Summarise what a model costs deployed: parameters by bit width, memory (bits and bytes), "
+                    "MACs by precision, and the totals (size, float32 size, compression, binary MAC share).",
+        epilog=SUMMARY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("source", metavar="RUN_OR_CONFIG",
+                   help="a run directory, a config YAML, an exported .safetensors file, or a model name")
+    s.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                   help="input of one image (default: the data set's, for a model name 3 32 32)")
+    s.add_argument("--precision", choices=("1w1a", "1w32a", "fp"), default="1w1a", help="for a model name only (default 1w1a)")
+    s.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    s.set_defaults(func=run_summary)
+
+    e = subparsers.add_parser(
+        "export", help="write a trained run's model with 1-bit packed weights (safetensors)",
+        description="Export the model of a run directory with every binary layer packed to 1 bit per weight.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `reste train`")
+    e.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors)")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    e.add_argument("--no-verify", action="store_true", help="skip checking the loaded file against the trained model")
+    e.set_defaults(func=run_export)
+
+    b = subparsers.add_parser(
+        "bench-infer", help="time packed binary layers and models against float PyTorch on this CPU",
+        description="Benchmark XNOR-popcount inference against float F.conv2d / float models with the same threads.",
+        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    b.add_argument("--repeats", type=int, default=7, help="samples per measurement; the median is reported (default 7)")
+    b.add_argument("--quick", action="store_true", help="one shape per family and ResNet-20 only (a smoke test)")
+    b.add_argument("--json", metavar="FILE", default="bench_infer.json", help="where to write the results (default bench_infer.json)")
+    b.set_defaults(func=run_bench)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _model_for_summary(args):
+    """(model, input_size) described by the summary source."""
+    from pathlib import Path
+
+    from .. import data, models
+    from .export import architecture_from_config, build_architecture, load, read_graph
+
+    src = Path(args.source)
+    if src.suffix == ".safetensors":
+        arch = read_graph(src).get("architecture") or {}
+        model = load(src)
+        if args.input_size is None and not arch.get("name"):
+            raise ValueError(f"{src} records no architecture; give --input-size C H W")
+        default = (arch.get("in_channels", 3), arch.get("image_size") or 32, arch.get("image_size") or 32)
+        return model, tuple(args.input_size or default)
+    if src.is_dir() or src.suffix in (".yaml", ".yml"):
+        from ..train.config import load_config
+
+        cfg_path = src / "config.yaml" if src.is_dir() else src
+        if not cfg_path.is_file():
+            raise ValueError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
+        cfg = load_config(str(cfg_path))
+        model = build_architecture(architecture_from_config(cfg))
+        meta = data.info(cfg.data.name)
+        return model, tuple(args.input_size or (meta.in_channels, meta.image_size, meta.image_size))
+    if args.source in models.names():
+        size = tuple(args.input_size or (3, 32, 32))
+        model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
+        return model, size
+    raise ValueError(f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
+                     f"({', '.join(models.names())})")
+
+
+def run_summary(args) -> int:
+    import json
+
+    from .summary import summary
+
+    try:
+        model, size = _model_for_summary(args)
+    except (ValueError, TypeError, OSError) as err:
+        return _fail(str(err))
+    result = summary(model, size)
+    print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def run_export(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..train.checkpoint import CheckpointError
+    from .export import ExportError, export, load, load_run_model
+    from .summary import summary
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        return _fail(f"{run_dir} is not a directory; give a run directory written by `reste train`")
+    out = Path(args.out) if args.out else run_dir / "model-1bit.safetensors"
+    try:
+        model, arch, source = load_run_model(run_dir, args.checkpoint)
+        export(model, out, architecture=arch, source=source)
+    except (ExportError, CheckpointError, ValueError) as err:
+        return _fail(str(err))
+    size = (arch["in_channels"], arch["image_size"], arch["image_size"])
+    s = summary(model, size)
+    print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
+    print(f"  file {out.stat().st_size:,} bytes; weights+buffers {s.memory_bytes:,} bytes; float32 {s.float32_bytes:,} bytes "
+          f"({s.float32_bytes / out.stat().st_size:.1f}x smaller than float32 weights)")
+    if not args.no_verify:
+        deployed = load(out)
+        x = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = (deployed(x) - model.eval()(x)).abs().max().item()
+        print(f"  verified: loaded model vs trained model on 8 random inputs, max |logit difference| = {diff:.2e}")
+        if diff > 1e-3:
+            return _fail(f"the exported model's logits differ from the trained model's by {diff:.3g}; please report this")
+    return 0
+
+
+def run_bench(args) -> int:
+    from .bench import format_report, run, save
+
+    result = run(threads=args.threads, repeats=args.repeats, quick=args.quick)
+    print(format_report(result))
+    if args.json:
+        print(f"\nwrote {save(result, args.json)}")
+    return 0

@@ -1,0 +1,518 @@
+"""Bit-packed binary layers for inference: 1 bit per weight, XNOR-popcount arithmetic.
+
+A trained :class:`~reste.nn.BinaryConv2d` computes ``conv(sign(x), alpha * sign(W)) + bias``.
+Its packed twin :class:`PackedBinaryConv2d` stores ``sign(W)`` as bits (bit 1 = +1,
+bit 0 = -1), the scale ``alpha`` (one per layer or one per output channel) and the
+bias, and computes the same thing: the dot product of two +-1 vectors of length
+``K`` is ``K - 2 * popcount(bits_x XOR bits_w)``, an integer, times ``alpha``.
+
+Two implementations compute the identical integers:
+
+- the compiled kernel ``reste.deploy._bitops`` (AVX-512 VPOPCNTDQ or portable
+  POPCNT, OpenMP threads), used on CPU for float inputs when it is available;
+- a PyTorch reference: a float convolution of the unpacked +-1 weights with the
+  +-1 inputs, exact because sums of at most 2**24 integers are exact in float32.
+  It runs on any device (CUDA included) and is what the kernel is tested against.
+
+Without the extension (not built, or ``RESTE_NO_EXT=1``) the reference is used,
+with one warning. Layers whose inputs stay real (1W/32A) always use a float
+convolution with the unpacked ``alpha * sign(W)`` weights, the very operation
+the trained layer performs; their weights are still stored packed.
+
+The canonical stored form, ``weight_bits``, is ``uint8 [out_channels, ceil(k / 8)]``
+with ``k = in_channels/groups * kh * kw`` (or ``in_features``): the signs of
+``W[o].flatten()`` (PyTorch order: channel, row, column), bit ``t`` of byte ``b``
+holding element ``8b + t``, unused bits 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.layers import INPUT_PADDINGS, BinaryConv2d, BinaryLayer, BinaryLinear
+
+__all__ = [
+    "PackedBinaryConv2d",
+    "PackedBinaryLinear",
+    "pack_signs",
+    "unpack_signs",
+    "kernel_info",
+    "packed_layer",
+    "NO_EXTENSION_ENV",
+]
+
+#: set to 1 to force the PyTorch reference path (the extension is not loaded)
+NO_EXTENSION_ENV = "RESTE_NO_EXT"
+#: output channels per block of the compiled kernel's weight layout
+_LANES = 16
+
+_extension = None
+_extension_error: str | None = None
+_extension_loaded = False
+_warned = False
+
+
+def _ext():
+    """The compiled ``_bitops`` module, or None (with the reason kept for :func:`kernel_info`)."""
+    global _extension, _extension_error, _extension_loaded
+    if not _extension_loaded:
+        _extension_loaded = True
+        if os.environ.get(NO_EXTENSION_ENV, "") not in ("", "0"):
+            _extension_error = f"disabled by {NO_EXTENSION_ENV}={os.environ[NO_EXTENSION_ENV]}"
+        else:
+            try:
+                from . import _bitops  # torch is imported first, so the extension shares torch's libgomp
+
+                _extension = _bitops
+            except ImportError as err:
+                _extension_error = f"not built ({err}); reinstall with a C compiler: pip install -e ."
+    return _extension
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"reste.deploy: the compiled XNOR-popcount kernel is unavailable ({_extension_error}); "
+            "binary layers run the exact but slower PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def kernel_info() -> dict:
+    """Which implementation packed layers use on CPU: ``{"extension", "isa", "openmp", "reason"}``."""
+    ext = _ext()
+    if ext is None:
+        return {"extension": False, "isa": None, "openmp": False, "reason": _extension_error}
+    return {"extension": True, "isa": ext.isa(), "openmp": bool(ext.openmp()), "reason": None}
+
+
+# ----------------------------------------------------------------------------- canonical bits
+def pack_signs(weight: Tensor) -> Tensor:
+    """Pack ``sign(weight)`` per output row: ``uint8 [rows, ceil(k / 8)]``, bit 1 unless ``w < 0``.
+
+    ``sign(0) = +1``, as the binary layers' forward.
+    """
+    flat = (~(weight.detach().reshape(weight.shape[0], -1) < 0)).cpu().numpy()
+    return torch.from_numpy(np.packbits(flat, axis=1, bitorder="little"))
+
+
+def unpack_signs(bits: Tensor, count: int, dtype=torch.float32) -> Tensor:
+    """Inverse of :func:`pack_signs`: ``[rows, count]`` of +-1 in ``dtype``."""
+    arr = np.unpackbits(bits.cpu().numpy(), axis=1, count=count, bitorder="little")
+    return torch.from_numpy(arr).to(dtype).mul_(2).sub_(1)
+
+
+def _pm1(x: Tensor) -> Tensor:
+    """``sign(x)`` in {-1, +1} with sign(0) = +1 (the binary layers' forward); NaN -> +1 like the packing."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x < 0, -one, one)
+
+
+# ----------------------------------------------------------------------------- common base
+class _PackedBinary(nn.Module):
+    """Buffers and caches shared by packed conv and linear layers."""
+
+    weight_bits: Tensor
+    alpha: Tensor
+    bias: Tensor | None
+
+    def _init_packed(self, out_channels: int, taps: int, has_bias: bool, binary_inputs: bool, alpha_size: int):
+        if alpha_size not in (1, out_channels):
+            raise ValueError(f"alpha must have 1 or out_channels={out_channels} values, got {alpha_size}")
+        self.binary_inputs = bool(binary_inputs)
+        self.taps = taps
+        self.register_buffer("weight_bits", torch.zeros(out_channels, (taps + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("alpha", torch.ones(alpha_size))
+        self.register_buffer("bias", torch.zeros(out_channels) if has_bias else None)
+        self._cache: dict = {}
+        self._plans: dict = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache, self._plans = {}, {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache, self._plans = {}, {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _stamp(self) -> tuple:
+        # the buffers' identity and version: in-place edits invalidate what was derived from them
+        bufs = self._buffers
+        w, a, b = bufs["weight_bits"], bufs["alpha"], bufs["bias"]
+        return (w.data_ptr(), w._version, a.data_ptr(), a._version) + ((b.data_ptr(), b._version) if b is not None else ())
+
+    def _cached(self, key, build):
+        stamp = (key,) + self._stamp()
+        if stamp not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != key}
+            self._cache[stamp] = build()
+        return self._cache[stamp]
+
+    def _plan(self, shape: tuple, build):
+        """Per input shape: the kernel's arguments and the tensors they point into (cheap to reuse)."""
+        plan = self._plans.get(shape)
+        stamp = self._stamp()
+        if plan is None or plan["stamp"] != stamp:
+            plan = build(shape)
+            plan["stamp"] = stamp
+            self._plans[shape] = plan
+        return plan
+
+    def _epilogue_args(self) -> tuple:
+        """relu, post_scale, post_shift, post_fma arguments of the kernel (see fuse_epilogue)."""
+        return 0, 0, 0, 0
+
+    def sign_weight(self, dtype=torch.float32, device=None) -> Tensor:
+        """The +-1 weights, unpacked, in the shape of the original layer's weight."""
+        device = torch.device(device) if device is not None else self.weight_bits.device
+        return self._cached(
+            ("signs", dtype, device),
+            lambda: unpack_signs(self.weight_bits, self.taps, dtype).reshape(self._weight_shape()).to(device),
+        )
+
+    def _alpha_view(self, ndim_after: int) -> Tensor:
+        return self.alpha.reshape((-1,) + (1,) * ndim_after) if self.alpha.numel() > 1 else self.alpha.reshape(())
+
+    def scaled_weight(self, dtype=torch.float32, device=None) -> Tensor:
+        """``alpha * sign(W)``: the weights the trained layer computed with."""
+        signs = self.sign_weight(dtype, device)
+        return signs * self._alpha_view(signs.dim() - 1).to(device=signs.device, dtype=dtype)
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        if not self.binary_inputs or x.device.type != "cpu" or not self._kernel_supported():
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # inference kernel: no autograd through it
+        if _ext() is None:
+            _warn_fallback()
+            return False
+        return True
+
+    def _kernel_supported(self) -> bool:
+        return True
+
+    def _alpha_bias_f32(self):
+        alpha = self.alpha.detach().float().contiguous()
+        bias = self.bias.detach().float().contiguous() if self.bias is not None else None
+        return alpha, bias
+
+    def _weight_shape(self) -> tuple:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """The layer's geometry and options, as stored in an export's graph description."""
+        raise NotImplementedError
+
+
+def _kernel_weights(signs: Tensor, pix_bytes: int) -> tuple[Tensor, Tensor, int]:
+    """The compiled kernel's weight layout from +-1 weights ``[O, C, kh, kw]``.
+
+    Returns ``(words int64 [OB, kh, Kw, 16], wsum int32 [kh + 1, kw + 1, OB * 16], Kw)``: word
+    ``k`` of kernel row ``i`` holds bits ``64k .. 64k + 63`` of the row's ``kw * Cb`` bit
+    segment (tap ``j``, channel ``c`` at bit ``j * Cb + c``); ``wsum`` holds 2-D prefix sums
+    over taps of the +-1 weights summed over channels, for the zero-padding correction.
+    """
+    O, C, kh, kw = signs.shape
+    cb = pix_bytes * 8
+    kw_words = (kw * cb + 63) // 64
+    blocks = (O + _LANES - 1) // _LANES
+    w = signs.detach().cpu().numpy() > 0  # [O, C, kh, kw]
+    seg = np.zeros((blocks * _LANES, kh, kw, cb), dtype=bool)
+    seg[:O, :, :, :C] = w.transpose(0, 2, 3, 1)
+    bits = np.zeros((blocks * _LANES, kh, kw_words * 64), dtype=bool)
+    bits[:, :, : kw * cb] = seg.reshape(blocks * _LANES, kh, kw * cb)
+    words = np.packbits(bits, axis=2, bitorder="little").view("<u8").view(np.int64)  # [Opad, kh, Kw]
+    words = words.reshape(blocks, _LANES, kh, kw_words).transpose(0, 2, 3, 1)
+    # 2-D prefix sums over taps of the per-tap weight sums: entry (i, j) sums taps i' < i, j' < j
+    per_tap = signs.detach().cpu().sum(dim=1).to(torch.int64).permute(1, 2, 0).numpy()  # [kh, kw, O]
+    wsum = np.zeros((kh + 1, kw + 1, blocks * _LANES), dtype=np.int32)
+    wsum[1:, 1:, :O] = per_tap.cumsum(axis=0).cumsum(axis=1)
+    return torch.from_numpy(np.ascontiguousarray(words)), torch.from_numpy(wsum), kw_words
+
+
+# ----------------------------------------------------------------------------- conv
+class PackedBinaryConv2d(_PackedBinary):
+    """Inference-only binary convolution holding 1-bit weights (see the module docstring).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            as ``nn.Conv2d`` (``padding`` must be integers).
+        binary_inputs: inputs are binarized by sign (1W/1A); False keeps them real (1W/32A).
+        input_padding: the border value of the binarized input, ``"zero"``, ``"+1"`` or ``"-1"``.
+        alpha_size: 1 (one scale for the layer) or ``out_channels`` (one per channel).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, binary_inputs=True, input_padding="zero", alpha_size=1):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation, self.groups = pair(padding), pair(dilation), int(groups)
+        if not all(isinstance(p, int) for p in self.padding):
+            raise ValueError(f"PackedBinaryConv2d needs integer padding, got {padding!r}")
+        if str(input_padding) not in INPUT_PADDINGS:
+            raise ValueError(f"input_padding must be one of {tuple(INPUT_PADDINGS)}, got {input_padding!r}")
+        self.input_padding = str(input_padding)
+        taps = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_packed(self.out_channels, taps, bias, binary_inputs, alpha_size)
+
+    def _weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+
+    def _kernel_supported(self):
+        return self.groups == 1 and self.dilation == (1, 1)
+
+    @classmethod
+    def from_binary(cls, layer: BinaryConv2d) -> "PackedBinaryConv2d":
+        """Pack a trained binary conv (its eval-mode forward is reproduced exactly)."""
+        if not isinstance(layer, BinaryConv2d) or not layer.binary_weights:
+            raise TypeError(f"expected a BinaryConv2d with binary weights, got {type(layer).__name__}")
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("only padding_mode='zeros' with integer padding can be packed; rebuild the layer with padding=(ph, pw)")
+        with torch.no_grad():
+            alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                  layer.groups, layer.bias is not None, layer.binary_inputs, layer.input_padding, alpha.numel())
+        new.weight_bits.copy_(pack_signs(layer.weight))
+        new.alpha.copy_(alpha)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach().float().cpu())
+        return new
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "PackedBinaryConv2d":
+        return cls(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"], spec["padding"],
+                   spec["dilation"], spec["groups"], spec["bias"], spec["binary_inputs"], spec["input_padding"],
+                   spec["alpha_size"])
+
+    def spec(self) -> dict:
+        return {
+            "type": "conv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+            "binary_inputs": self.binary_inputs, "input_padding": self.input_padding, "alpha_size": self.alpha.numel(),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if not self.binary_inputs:
+            # 1W/32A: the trained layer's own operation on the unpacked alpha * sign(W)
+            w = self.scaled_weight(x.dtype, x.device)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if self._use_kernel(x):
+            return self._kernel_forward(x)
+        return self._epilogue_reference(self.reference_forward(x))
+
+    # -- fused epilogue: ReLU and/or an eval-mode BatchNorm applied by the kernel as it writes the output
+    def fuse_epilogue(self, relu: bool, bn: nn.BatchNorm2d | None, kernel_scale: Tensor | None = None,
+                      kernel_shift: Tensor | None = None, kernel_fma: bool = True) -> None:
+        """Absorb a following ``ReLU`` and/or eval-mode ``BatchNorm2d`` (see :mod:`reste.deploy.fuse`).
+
+        ``bn``'s statistics are kept to apply it with ``F.batch_norm`` on the reference path;
+        ``kernel_scale``/``kernel_shift`` are the per-channel ``y = x * scale + shift`` the kernel
+        applies (as one fused multiply-add when ``kernel_fma``), chosen to match ``bn`` bit for bit.
+        """
+        self._plans = {}
+        self.post_relu = bool(relu)
+        self.post_bn = None
+        if bn is not None:
+            self.post_bn = {
+                "mean": bn.running_mean.detach().clone(), "var": bn.running_var.detach().clone(),
+                "weight": bn.weight.detach().clone() if bn.weight is not None else None,
+                "bias": bn.bias.detach().clone() if bn.bias is not None else None, "eps": float(bn.eps),
+            }
+            self.register_buffer("post_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
+            self.register_buffer("post_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
+            self.post_fma = bool(kernel_fma)
+
+    def _epilogue_reference(self, y: Tensor) -> Tensor:
+        if getattr(self, "post_relu", False):
+            y = torch.relu(y)
+        bn = getattr(self, "post_bn", None)
+        if bn is not None:
+            dev = y.device
+            opt = lambda t: t.to(dev) if t is not None else None  # noqa: E731
+            y = F.batch_norm(y, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"])
+        return y
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The exact PyTorch path: +-1 inputs, +-1 weights, integer sums in float32, then alpha and bias.
+
+        This is the convolution alone; a fused ReLU/BatchNorm is not applied here.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 would round the integer sums
+            xs = _pm1(x.float())
+            padding = self.padding
+            if self.input_padding != "zero" and any(padding):
+                ph, pw = padding
+                xs = F.pad(xs, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
+                padding = (0, 0)
+            dot = F.conv2d(xs, self.sign_weight(torch.float32, x.device), None, self.stride, padding, self.dilation, self.groups)
+            out = dot * self._alpha_view(2).to(x.device)
+            if self.bias is not None:
+                out = out + self.bias.float().to(x.device).reshape(-1, 1, 1)
+        return out.to(x.dtype)
+
+    def _epilogue_args(self) -> tuple:
+        bn = getattr(self, "post_bn", None) is not None
+        return (int(getattr(self, "post_relu", False)), self.post_scale.data_ptr() if bn else 0,
+                self.post_shift.data_ptr() if bn else 0, int(bn and self.post_fma))
+
+    def _build_plan(self, shape: tuple) -> dict:
+        N, C, H, W = shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        if OH < 1 or OW < 1:
+            raise ValueError(f"input {H}x{W} is smaller than the {kh}x{kw} kernel with padding {self.padding}")
+        pix_bytes = (C + 7) // 8  # each pixel's channel bits, rounded up to whole bytes
+        words, wsum, kw_words = _kernel_weights(self.sign_weight(), pix_bytes)
+        alpha, bias = self._alpha_bias_f32()
+        hp, wp = H + 2 * ph, W + 2 * pw
+        row_bytes = -(-(wp * pix_bytes + 8) // 8) * 8  # 8 spare bytes: word loads never leave the row
+        tail_bits = (kw * pix_bytes * 8) % 64
+        zero_fix = self.input_padding == "zero" and (ph or pw)
+        return {
+            "keep": (words, wsum, alpha, bias),  # the tensors the addresses below point into
+            "xbits": N * hp * row_bytes, "out": (N, OH, OW, self.out_channels),
+            "pack": (N, H, W, C, ph, pw, pix_bytes, row_bytes, int(self.input_padding == "+1")),
+            "conv": (N, H, W, hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW,
+                     words.data_ptr(), self.out_channels, words.shape[0], kw_words,
+                     (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
+                     wsum.data_ptr() if zero_fix else 0, C * kh * kw, alpha.data_ptr(), int(alpha.numel() > 1),
+                     bias.data_ptr() if bias is not None else 0),
+        }
+
+    def _kernel_forward(self, x: Tensor) -> Tensor:
+        ext = _ext()
+        plan = self._plan(tuple(x.shape), self._build_plan)
+        xin = x if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) \
+            else x.detach().float().contiguous(memory_format=torch.channels_last)  # NHWC in memory
+        threads = torch.get_num_threads()
+        xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
+        ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
+        out = torch.empty(plan["out"], dtype=torch.float32)
+        ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
+        out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        s += f", bias={self.bias is not None}, inputs={'binary' if self.binary_inputs else 'real'}, " \
+             f"input_padding={self.input_padding}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}"
+        fused = [name for name, on in (("ReLU", getattr(self, "post_relu", False)), ("BatchNorm2d", getattr(self, "post_bn", None) is not None)) if on]
+        return s + (f", fused={'+'.join(fused)}" if fused else "")
+
+
+# ----------------------------------------------------------------------------- linear
+class PackedBinaryLinear(_PackedBinary):
+    """Inference-only binary linear layer holding 1-bit weights (see the module docstring)."""
+
+    def __init__(self, in_features, out_features, bias=False, binary_inputs=True, alpha_size=1):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_packed(self.out_features, self.in_features, bias, binary_inputs, alpha_size)
+
+    def _weight_shape(self):
+        return (self.out_features, self.in_features)
+
+    @classmethod
+    def from_binary(cls, layer: BinaryLinear) -> "PackedBinaryLinear":
+        """Pack a trained binary linear layer (its eval-mode forward is reproduced exactly)."""
+        if not isinstance(layer, BinaryLinear) or not layer.binary_weights:
+            raise TypeError(f"expected a BinaryLinear with binary weights, got {type(layer).__name__}")
+        with torch.no_grad():
+            alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.binary_inputs, alpha.numel())
+        new.weight_bits.copy_(pack_signs(layer.weight))
+        new.alpha.copy_(alpha)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach().float().cpu())
+        return new
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "PackedBinaryLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["binary_inputs"], spec["alpha_size"])
+
+    def spec(self) -> dict:
+        return {
+            "type": "linear", "in_features": self.in_features, "out_features": self.out_features,
+            "bias": self.bias is not None, "binary_inputs": self.binary_inputs, "alpha_size": self.alpha.numel(),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        if not self.binary_inputs:
+            w = self.scaled_weight(x.dtype, x.device)
+            return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        if self._use_kernel(x):
+            return self._kernel_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The exact PyTorch path: +-1 inputs times +-1 weights, integer sums, then alpha and bias."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dot = F.linear(_pm1(x.float()), self.sign_weight(torch.float32, x.device))
+            out = dot * self._alpha_view(0).to(x.device)
+            if self.bias is not None:
+                out = out + self.bias.float().to(x.device)
+        return out.to(x.dtype)
+
+    def _build_plan(self, shape: tuple) -> dict:
+        # a linear layer is a 1x1 convolution over a 1 x M "image" of the M input rows
+        M, C = shape
+        pix_bytes = (C + 7) // 8
+        words, _, kw_words = _kernel_weights(self.sign_weight().reshape(self.out_features, C, 1, 1), pix_bytes)
+        alpha, bias = self._alpha_bias_f32()
+        row_bytes = -(-(M * pix_bytes + 8) // 8) * 8
+        tail_bits = (pix_bytes * 8) % 64
+        return {
+            "keep": (words, alpha, bias), "xbits": row_bytes, "out": (M, self.out_features),
+            "pack": (1, 1, M, C, 0, 0, pix_bytes, row_bytes, 0),
+            "conv": (1, 1, M, 1, row_bytes, pix_bytes, 1, 1, 1, 1, 0, 0, 1, M,
+                     words.data_ptr(), self.out_features, words.shape[0], kw_words,
+                     (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
+                     0, C, alpha.data_ptr(), int(alpha.numel() > 1), bias.data_ptr() if bias is not None else 0),
+        }
+
+    def _kernel_forward(self, x: Tensor) -> Tensor:
+        ext = _ext()
+        lead = x.shape[:-1]
+        rows = x.detach().float().reshape(-1, self.in_features).contiguous()
+        plan = self._plan(tuple(rows.shape), self._build_plan)
+        threads = torch.get_num_threads()
+        xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
+        ext.pack_rows(rows.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
+        out = torch.empty(plan["out"], dtype=torch.float32)
+        ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
+        return out.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"inputs={'binary' if self.binary_inputs else 'real'}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}")
+
+
+def packed_layer(layer: BinaryLayer) -> _PackedBinary:
+    """The packed inference twin of a trained binary conv or linear layer."""
+    if isinstance(layer, BinaryConv2d):
+        return PackedBinaryConv2d.from_binary(layer)
+    if isinstance(layer, BinaryLinear):
+        return PackedBinaryLinear.from_binary(layer)
+    raise TypeError(f"cannot pack a {type(layer).__name__}; only BinaryConv2d and BinaryLinear are supported")
