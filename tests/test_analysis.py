@@ -1,0 +1,501 @@
+"""Tests of reste.analysis: equilibrium indicators, sweeps and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import reste
+from reste.analysis.indicators import (
+    FIT_RANGE,
+    HIST_BINS,
+    IndicatorTracker,
+    estimating_error,
+    load_snapshot,
+    read_metrics,
+    reference_aggregates,
+)
+from reste.analysis.report import NotARunError, build_report
+from reste.analysis.sweep import Sweep, SweepError, launch_subprocess, parse_grid, split_values
+from reste.nn import BinaryConv2d, BinaryLinear
+
+
+def tiny_model(weight_estimator="reste", o=2.0, seed=0):
+    """A float first conv, a binary conv, a binary linear: two binary-weight layers."""
+    torch.manual_seed(seed)
+    est = reste.estimator("reste", o=o) if weight_estimator == "reste" else weight_estimator
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        BinaryConv2d(4, 6, 3, padding=1, bias=False, weight_estimator=est, input_estimator="ste"),
+        nn.ReLU(),
+        nn.Flatten(),
+        BinaryLinear(6 * 5 * 5, 3, weight_estimator=est, input_estimator=None),
+    )
+    with torch.no_grad():  # spread latent weights over [-1.5, 1.5] so |w| > 1 is represented too
+        for m in (model[2], model[5]):
+            m.weight.uniform_(-1.5, 1.5)
+    return model
+
+
+def backward_once(model, seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(8, 1, 5, 5)
+    y = torch.randint(0, 3, (8,))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def numpy_indicators(model, o, o_end):
+    """The indicators computed independently with NumPy, per binary layer."""
+    out = {}
+    for name in ("2", "5"):
+        w = model.get_submodule(name).weight.detach().double().numpy().ravel()
+        g = model.get_submodule(name).weight.grad.detach().double().numpy().ravel()
+        sign = np.where(w >= 0, 1.0, -1.0)
+
+        def err(order):
+            f = sign * np.abs(w) ** (1.0 / order)
+            return float(np.sqrt(np.sum((f - sign) ** 2)))
+
+        out[name] = {"est_error": err(o), "est_error_end": err(o_end), "grad_instability": float(np.var(np.abs(g), ddof=1))}
+    return out
+
+
+def test_indicators_match_numpy_on_a_tiny_model():
+    model = tiny_model(o=2.0)
+    backward_once(model)
+    values = IndicatorTracker(model, o_end=3.0).measure()
+    expected = numpy_indicators(model, o=2.0, o_end=3.0)
+    assert set(values["layers"]) == {"2", "5"}
+    for name, exp in expected.items():
+        got = values["layers"][name]
+        assert got["o"] == pytest.approx(2.0)
+        for key in ("est_error", "est_error_end", "grad_instability"):
+            assert got[key] == pytest.approx(exp[key], rel=1e-5), (name, key)
+    for key in ("est_error", "est_error_end", "grad_instability"):
+        assert values[key] == pytest.approx(sum(e[key] for e in expected.values()), rel=1e-5)
+    assert values["flip_ratio"] is None  # nothing to compare with yet
+    # at o != o_end the two estimating errors really differ
+    assert values["est_error"] > values["est_error_end"] * 1.05
+
+
+def test_estimating_error_falls_as_o_grows():
+    torch.manual_seed(0)
+    w = torch.randn(2000) * 0.5
+    errors = [float(estimating_error(w, o)) for o in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    # at o = 1 f_o is the identity: e = ||w - sign(w)||
+    assert errors[0] == pytest.approx(float(torch.linalg.vector_norm(w - torch.where(w >= 0, 1.0, -1.0))), rel=1e-5)
+
+
+def test_flip_ratio_counts_sign_changes_since_last_measurement():
+    model = tiny_model()
+    tracker = IndicatorTracker(model, o_end=3.0)
+    tracker.measure()
+    conv, lin = model[2].weight, model[5].weight
+    with torch.no_grad():
+        conv.view(-1)[:5] *= -1  # 5 flips
+        lin.view(-1)[:7] *= -1  # 7 flips
+        lin.view(-1)[7:10] *= 2.0  # magnitude changes are not flips
+    values = tracker.measure()
+    assert values["layers"]["2"]["flips"] == 5
+    assert values["layers"]["2"]["flip_ratio"] == pytest.approx(5 / conv.numel())
+    assert values["layers"]["5"]["flip_ratio"] == pytest.approx(7 / lin.numel())
+    assert values["flip_ratio"] == pytest.approx(12 / (conv.numel() + lin.numel()))
+    # relative to the previous measurement, not the first one
+    assert tracker.measure()["flip_ratio"] == 0.0
+
+
+def test_flip_ratio_treats_zero_as_positive():
+    model = tiny_model()
+    tracker = IndicatorTracker(model, o_end=3.0)
+    with torch.no_grad():
+        model[5].weight.view(-1)[0] = 0.3
+    tracker.measure()
+    with torch.no_grad():
+        model[5].weight.view(-1)[0] = 0.0  # +0.3 -> 0: still +1 in the forward pass
+    assert tracker.measure()["layers"]["5"]["flips"] == 0
+
+
+def test_non_reste_estimators_have_no_current_error_and_fp_models_no_values():
+    model = tiny_model(weight_estimator="ste")
+    backward_once(model)
+    values = IndicatorTracker(model, o_end=3.0).measure()
+    assert values["est_error"] is None and values["layers"]["2"]["o"] is None
+    expected = numpy_indicators(model, o=3.0, o_end=3.0)
+    assert values["est_error_end"] == pytest.approx(sum(e["est_error_end"] for e in expected.values()), rel=1e-5)
+
+    fp = nn.Sequential(nn.Linear(4, 2))
+    empty = IndicatorTracker(fp, o_end=3.0).measure()
+    assert empty == {"est_error": None, "est_error_end": None, "grad_instability": None, "flip_ratio": None, "layers": {}}
+
+
+def test_gradient_instability_is_none_without_gradients():
+    values = IndicatorTracker(tiny_model(), o_end=3.0).measure()
+    assert values["grad_instability"] is None
+    assert values["est_error_end"] is not None
+
+
+def test_tracker_follows_the_o_schedule():
+    model = tiny_model(o=1.0)
+    tracker = IndicatorTracker(model, o_end=3.0)
+    sched = reste.EstimatorScheduler(model, reste.o_schedule("cosine", o_end=3.0), epochs=4, steps_per_epoch=1)
+    errors = []
+    for epoch in range(4):
+        sched.step_epoch(epoch)
+        values = tracker.measure()
+        assert values["layers"]["2"]["o"] == pytest.approx(sched.o)
+        errors.append(values["est_error"])
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert values["est_error_end"] < errors[-1]  # o is still below o_end in the last epoch
+
+
+def test_snapshot_histograms_hold_every_weight_and_load_without_pickle(tmp_path):
+    model = tiny_model(o=2.0)
+    backward_once(model)
+    path = IndicatorTracker(model, o_end=3.0).snapshot(tmp_path / "histograms" / "epoch0001.npz")
+    snap = load_snapshot(path)  # allow_pickle=False inside
+    with np.load(path, allow_pickle=False) as raw:
+        assert set(raw.files) == set(snap)
+    assert list(snap["layer_names"]) == ["2", "5"]
+    assert snap["fit_edges"].shape == (HIST_BINS + 1,) and snap["fit_counts"].shape == (2, HIST_BINS)
+    for i, name in enumerate(("2", "5")):
+        layer = model.get_submodule(name)
+        n = layer.weight.numel()
+        assert snap["numel"][i] == n
+        for key in ("fit", "fit_end"):
+            assert snap[f"{key}_counts"][i].sum() + snap[f"{key}_under"][i] + snap[f"{key}_over"][i] == n
+        assert snap["grad_log10_counts"][i].sum() + snap["grad_zero"][i] + snap["grad_under"][i] + snap["grad_over"][i] == n
+        assert snap["grad_counts"][i].sum() == n
+        # the histogram agrees with NumPy's on the same values
+        w = layer.weight.detach().double().numpy().ravel()
+        sign = np.where(w >= 0, 1.0, -1.0)
+        fit_end = sign * np.abs(w) ** (1 / 3.0) - sign
+        expected, _ = np.histogram(fit_end, bins=HIST_BINS, range=FIT_RANGE)
+        assert np.abs(snap["fit_end_counts"][i] - expected).sum() <= 2  # float32 vs float64 at bin edges
+    assert snap["o"][0] == pytest.approx(2.0) and float(snap["o_end"]) == 3.0
+    assert snap["has_grad"].all()
+
+
+def write_metrics(run_dir, rows):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def test_reference_aggregates_mean_of_error_and_sum_of_instability(tmp_path):
+    rows = [
+        {"epoch": 1, "est_error": 9.0, "est_error_end": 4.0, "grad_instability": 0.5},
+        {"epoch": 2, "est_error": 7.0, "est_error_end": 3.0, "grad_instability": 1.5},
+        {"epoch": 3, "est_error": 5.0, "est_error_end": 2.0, "grad_instability": 2.5},
+    ]
+    write_metrics(tmp_path / "run", rows)
+    assert read_metrics(tmp_path / "run") == rows
+    agg = reference_aggregates(tmp_path / "run")
+    assert agg == {"est_error_end_mean": 3.0, "est_error_mean": 7.0, "grad_instability_sum": 4.5, "epochs": 3}
+    none = reference_aggregates([{"epoch": 1, "test_top1": 50.0}])
+    assert none["est_error_end_mean"] is None and none["grad_instability_sum"] is None
+
+
+def test_tracker_names_ignore_wrappers():
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    values = IndicatorTracker(Wrapper(tiny_model()), o_end=2.0).measure()
+    assert set(values["layers"]) == {"2", "5"}
+
+
+def test_o_end_below_one_is_refused():
+    with pytest.raises(ValueError, match="o_end must be >= 1"):
+        IndicatorTracker(tiny_model(), o_end=0.5)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_grid_values_are_yaml_and_brackets_do_not_split():
+    assert split_values("1,2, 3") == ["1", "2", "3"]
+    assert split_values("[1,2],[3]") == ["[1,2]", "[3]"]
+    grid = parse_grid(["estimator.o_end=1,2.5", "estimator.schedule=cosine", "analysis.histograms_at=[1,2],[]"])
+    assert grid["estimator.o_end"] == [("1", 1), ("2.5", 2.5)]
+    assert grid["estimator.schedule"] == [("cosine", "cosine")]
+    assert grid["analysis.histograms_at"] == [("[1,2]", [1, 2]), ("[]", [])]
+    for bad, message in (("o_end", "not key=v1,v2"), ("a=1,,2", "empty value"), ("a=[1,2", "unbalanced"), ("a=1,1", "twice")):
+        with pytest.raises(SweepError, match=message):
+            parse_grid([bad])
+
+
+class FakeRun:
+    """Stands in for a `reste train` subprocess: writes what a finished run writes."""
+
+    def __init__(self, argv, calls):
+        calls.append(argv)
+        if "--resume" in argv:
+            run_dir = Path(argv[argv.index("--resume") + 1])
+            overrides = {}
+        else:
+            opts = dict(a.split("=", 1) for a in argv if "=" in a)
+            run_dir = Path(opts["out.dir"]) / opts["out.name"]
+            overrides = {k: yaml.safe_load(v) for k, v in opts.items() if not k.startswith("out.")}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        top1 = 50.0 + 10 * float(overrides.get("estimator.o_end", 0)) + overrides.get("seed", 0)
+        (run_dir / "summary.json").write_text(json.dumps({"final_top1": top1, "best_top1": top1 + 1}))
+        self.returncode = 0
+
+    def poll(self):
+        return self.returncode
+
+
+def fake_launcher(calls, interrupt_at=None):
+    def launch(argv, log_path, env):
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return FakeRun(argv, calls)
+
+    return launch
+
+
+def test_sweep_runs_the_cartesian_product_and_writes_sweep_json(tmp_path):
+    calls = []
+    sweep = Sweep(None, ["estimator.o_end=1,3", "train.epochs=1"], tmp_path / "sw", seeds=[0, 1],
+                  launch=fake_launcher(calls), poll_s=0)
+    assert [r.name for r in sweep.runs] == ["estimator.o_end=1,seed=0", "estimator.o_end=1,seed=1",
+                                            "estimator.o_end=3,seed=0", "estimator.o_end=3,seed=1"]
+    assert sweep.run(progress=None) == 0
+    assert len(calls) == 4
+    # the single-valued key is passed to every run but not part of the names
+    assert all("train.epochs=1" in argv and "estimator.o_end=" in " ".join(argv) for argv in calls)
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert doc["grid"] == {"estimator.o_end": ["1", "3"], "seed": ["0", "1"]} and doc["fixed"] == {"train.epochs": 1}
+    assert [r["status"] for r in doc["runs"]] == ["done"] * 4
+    assert [r["final_top1"] for r in doc["runs"]] == [60.0, 61.0, 80.0, 81.0]
+
+
+def test_interrupted_sweep_restarts_without_redoing_finished_runs(tmp_path):
+    calls = []
+    out = tmp_path / "sw"
+    first = Sweep(None, ["estimator.o_end=1,2,3"], out, launch=fake_launcher(calls, interrupt_at=1), poll_s=0)
+    assert first.run(progress=None) == 130
+    statuses = {r["name"]: r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert statuses == {"estimator.o_end=1": "done", "estimator.o_end=2": "pending", "estimator.o_end=3": "pending"}
+    finished = (out / "estimator.o_end=1" / "summary.json").stat().st_mtime_ns
+
+    # a run that died after a checkpoint is resumed, not restarted
+    (out / "estimator.o_end=2" / "checkpoints").mkdir(parents=True)
+    (out / "estimator.o_end=2" / "checkpoints" / "last.pt").write_bytes(b"x")
+    calls.clear()
+    second = Sweep(None, ["estimator.o_end=1,2,3"], out, launch=fake_launcher(calls), poll_s=0)
+    assert second.run(progress=None) == 0
+    assert len(calls) == 2
+    assert calls[0][-2:] == ["--resume", str(out / "estimator.o_end=2")]
+    assert "out.name=estimator.o_end=3" in calls[1]
+    assert (out / "estimator.o_end=1" / "summary.json").stat().st_mtime_ns == finished
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [(r["status"], r["action"]) for r in runs] == [("done", "skip"), ("done", "resume"), ("done", "start")]
+
+
+def test_failed_run_is_reported_and_the_rest_still_run(tmp_path):
+    class Failing:
+        returncode = 3
+
+        def poll(self):
+            return 3
+
+    calls = []
+
+    def launch(argv, log_path, env):
+        if "out.name=estimator.o_end=1" in argv:
+            calls.append(argv)
+            return Failing()
+        return FakeRun(argv, calls)
+
+    sweep = Sweep(None, ["estimator.o_end=1,2"], tmp_path / "sw", launch=launch, poll_s=0)
+    assert sweep.run(progress=None) == 1
+    assert [(r.status, r.returncode) for r in sweep.runs] == [("failed", 3), ("done", 0)]
+
+
+def test_sweep_cli_rejects_bad_grids(tmp_path):
+    from reste.cli import main
+
+    assert main(["sweep", "estimator.o_end", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "seed=1,2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", "seed=1,2", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fixture_run(root, name, top1s, seed=0, snapshot=True, **settings):
+    """A run directory as `reste train` writes it, with made-up but consistent numbers."""
+    cfg = {
+        "name": name, "seed": seed,
+        "model": {"name": settings.get("model", "resnet20"), "precision": settings.get("precision", "1w1a"),
+                  "estimator": settings.get("estimator", "reste"), "kwargs": settings.get("kwargs", {})},
+        "estimator": {"o_end": settings.get("o_end", 3.0), "schedule": settings.get("schedule", "cosine"), "per": "epoch", "p": 2.0, "params": {}},
+        "data": {"name": "fashion_mnist", "subset": 1000, "batch_size": 128},
+        "train": {"epochs": len(top1s)},
+        "out": {"dir": str(root), "name": name},
+    }
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    o_end = cfg["estimator"]["o_end"]
+    rows = []
+    for epoch, top1 in enumerate(top1s, 1):
+        rows.append({"epoch": epoch, "test_top1": top1, "test_top5": top1 + 10, "o": 1 + (o_end - 1) * epoch / len(top1s),
+                     "est_error": 10.0 / epoch, "est_error_end": 6.0 / o_end + seed, "grad_instability": 0.1 * o_end * epoch})
+    write_metrics(run, rows)
+    best = max(top1s)
+    (run / "summary.json").write_text(json.dumps({
+        "final_top1": top1s[-1], "best_top1": best, "best_epoch": top1s.index(best) + 1,
+        "final_top5": top1s[-1] + 10, "best_top5": best + 10, "epochs": len(top1s), "seed": seed}))
+    if snapshot:
+        model = tiny_model(o=o_end, seed=seed)
+        backward_once(model)
+        IndicatorTracker(model, o_end=o_end).snapshot(run / "histograms" / f"epoch{len(top1s):04d}.npz")
+    return run
+
+
+def test_report_builds_the_seed_tables_and_figures(tmp_path):
+    sweep = tmp_path / "sweep"
+    for o_end in (1, 2, 3):
+        for seed in (0, 1):
+            fixture_run(sweep, f"prog{o_end}-{seed}", [60.0, 70.0 + o_end + seed], seed=seed, o_end=float(o_end))
+    for o_end in (2, 3):
+        for seed in (0, 1):
+            fixture_run(sweep, f"fixed{o_end}-{seed}", [60.0, 65.0 + 2 * seed], seed=seed, o_end=float(o_end), schedule="fixed")
+    for way in ("linear", "power"):
+        for seed in (0, 1):
+            fixture_run(sweep, f"{way}-{seed}", [60.0, 72.0 + seed], seed=seed, schedule=way)
+    for est in ("ste", "ede"):
+        for seed in (0, 1):
+            fixture_run(sweep, f"{est}-{seed}", [50.0, 68.0 + 4 * seed], seed=seed, estimator=est)
+    vit = tmp_path / "vit"
+    for label, extra in (("fp", {"precision": "fp"}), ("dorefa", {"precision": "1w32a", "kwargs": {"weight_estimator": "dorefa"}}),
+                         ("reste", {"precision": "1w32a"})):
+        fixture_run(vit, f"vit-{label}", [40.0, 55.0], model="vit_tiny", snapshot=False, **extra)
+    # an unfinished run is listed but left out of the numbers
+    (vit / "vit-unfinished").mkdir()
+    write_metrics(vit / "vit-unfinished", [{"epoch": 1, "test_top1": 1.0}])
+
+    report = build_report([sweep, vit], tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text == report.markdown
+    assert "Left out, unfinished" in text and "vit-unfinished" in text
+    for title in ("## Results", "## Table 2", "## Table 3", "## Estimator comparison", "## Table 1", "## Equilibrium"):
+        assert title in text, title
+
+    def row(section, first_cell):
+        part = text.split(section, 1)[1].split("\n## ", 1)[0]
+        return next(line for line in part.splitlines() if line.startswith(f"| {first_cell} |"))
+
+    # Table 2, o_end = 3: progressive final = mean(73, 74) ± sd; fixed final = mean(65, 67)
+    t2 = row("## Table 2", "3")
+    assert "73.50 ± 0.71" in t2 and "66.00 ± 1.41" in t2 and "86.75" in t2 and "83.19" in t2
+    # o = 1: only the progressive run exists; it doubles as fixed o = 1, marked
+    assert "71.50 ± 0.71 *" in row("## Table 2", "1")
+    # Table 3 holds the cosine cell of the o_end sweep too
+    assert "73.50 ± 0.71" in row("## Table 3", "cosine") and "86.59" in row("## Table 3", "power")
+    # estimator comparison: mean(68, 72) ± sd(68, 72) = 70.00 ± 2.83, and the paper's STE number
+    assert "70.00 ± 2.83" in row("## Estimator comparison", "ste") and "84.44" in row("## Estimator comparison", "ste")
+    assert "—" in row("## Table 1", "FP") or "64.50 (85.14)" in row("## Table 1", "FP")
+    assert "53.05 (76.83)" in row("## Table 1", "DoReFa")
+    # Figure 1 table: e = mean over epochs of est_error_end (6/o_end + seed), s = sum over epochs
+    eq = row("## Equilibrium", "2")
+    assert "3.5 ± 0.71" in eq  # seeds 0, 1: 3.0 and 4.0
+    assert "0.6 ± 0" in eq  # 0.2 * (1 + 2) = 0.6 for both seeds
+    assert "paper (reported" in text
+    names = sorted(p.name for p in report.figures)
+    assert names == ["figure1_o_end.png", "figure2_distributions.png", "figure3_o_schedules.png"]
+    for p in report.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    empty = tmp_path / "not_a_run"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(NotARunError, match="not_a_run is not a run directory"):
+        build_report([empty], tmp_path / "out")
+    with pytest.raises(NotARunError, match="does not exist"):
+        build_report([tmp_path / "missing"], tmp_path / "out")
+
+    from reste.cli import main
+
+    assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_without_matplotlib_writes_tables_and_says_how_to_get_plots(tmp_path, monkeypatch):
+    import reste.analysis.report as report_module
+
+    run = fixture_run(tmp_path / "runs", "one", [50.0, 60.0], snapshot=False)
+    monkeypatch.setattr(report_module, "_pyplot", lambda: None)
+    report = build_report([run], tmp_path / "out")
+    assert report.figures == [] and "pip install reste[plot]" in report.markdown
+    assert "| fashion_mnist | resnet20 | 1/1 | ReSTE | cosine | 3 |" in report.markdown
+
+
+def test_real_sweep_interrupted_then_restarted_trains_only_what_is_missing(tmp_path):
+    """Two real tiny `reste train` runs; the sweep is stopped after the first and restarted."""
+    grid = ["data.subset=256", "data.batch_size=64", "train.epochs=1", "train.threads=1", "model.name=resnet20",
+            "analysis.histograms_at=[1]"]
+    out = tmp_path / "sweep"
+    launched = []
+
+    def stop_before_second(argv, log_path, env):
+        if launched:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the first run was finishing
+        launched.append(argv)
+        return launch_subprocess(argv, log_path, env)
+
+    first = Sweep(None, grid, out, seeds=[0, 1], launch=stop_before_second, poll_s=0.2)
+    assert first.run(progress=None) == 130
+    assert [r.status for r in first.runs] == ["done", "pending"], (out / "logs" / "seed=0.log").read_text()[-2000:]
+    finished_at = (out / "seed=0" / "summary.json").stat().st_mtime_ns
+
+    relaunched = []
+
+    def recording(argv, log_path, env):
+        relaunched.append(argv)
+        return launch_subprocess(argv, log_path, env)
+
+    second = Sweep(None, grid, out, seeds=[0, 1], launch=recording, poll_s=0.2)
+    assert second.run(progress=None) == 0, (out / "logs" / "seed=1.log").read_text()[-2000:]
+    assert [(r.action, r.status) for r in second.runs] == [("skip", "done"), ("start", "done")]
+    assert len(relaunched) == 1 and "seed=1" in relaunched[0]
+    assert (out / "seed=0" / "summary.json").stat().st_mtime_ns == finished_at  # not trained again
+    for run in second.runs:
+        summary = json.loads((run.path / "summary.json").read_text())
+        assert summary["complete"] and summary["seed"] == int(run.name.split("=")[1])
+        cfg = yaml.safe_load((run.path / "config.yaml").read_text())
+        assert cfg["data"]["subset"] == 256 and cfg["out"]["name"] == run.name
+        rows = read_metrics(run.path)
+        assert len(rows) == 1 and rows[0]["est_error_end"] > 0 and rows[0]["grad_instability"] > 0
+        assert (run.path / "histograms" / "epoch0001.npz").is_file()
+    # and the report reads the real sweep
+    report = build_report([out], tmp_path / "report", plots=False)
+    assert "| fashion_mnist | resnet20 | 1/1 | ReSTE | cosine | 3 |" in report.markdown
+
+
+def test_indicator_cost_times_a_step_measure_and_snapshot():
+    from reste.analysis.cost import indicator_cost
+
+    model = tiny_model()
+    torch.manual_seed(0)
+    result = indicator_cost(model, torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,)), reps=2)
+    assert result["binary_layers"] == 2
+    assert result["binary_weights"] == model[2].weight.numel() + model[5].weight.numel()
+    assert result["step_s"] > 0 and result["measure_s"] > 0 and result["snapshot_s"] > 0
+    assert result["measure_per_step"] == pytest.approx(result["measure_s"] / result["step_s"])
