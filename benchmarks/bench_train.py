@@ -180,8 +180,11 @@ def main(argv=None):
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in subprocesses (CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

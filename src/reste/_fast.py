@@ -10,6 +10,7 @@ values. ``RESTE_NO_EXT=1`` turns the kernels off (to compare or debug).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -57,22 +58,48 @@ def _applies(*tensors: Tensor) -> bool:
     )
 
 
-def sign(z: Tensor) -> Tensor | None:
-    """``sign`` with ``sign(0) = +1`` in one pass, or None when the kernel does not apply."""
-    if not _applies(z):
+def sign(z: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """``sign`` with ``sign(0) = +1`` in one pass (into ``out`` if given), or None when the kernel does not apply."""
+    if not _applies(z) or (out is not None and not _applies(z, out)):
         return None
-    out = torch.empty_like(z)
+    out = torch.empty_like(z) if out is None else out
     _kernels.sign(z.data_ptr(), out.data_ptr(), z.numel(), torch.get_num_threads())
     return out
 
 
-def reste_backward(z: Tensor, grad: Tensor, o: Tensor, t: float, m: float) -> Tensor | None:
-    """``grad * g_o(z)`` in one pass, or None when the kernel does not apply.
+def reste_backward(z: Tensor, grad: Tensor, o: Tensor, t: float, m: float, inplace: bool = False) -> Tensor | None:
+    """``grad * g_o(z)`` in one pass (written over ``grad`` when ``inplace``), or None
+    when the kernel does not apply.
 
     ``o`` is a CPU scalar tensor here, so reading it is a memory load, not a device sync.
     """
     if not (_applies(z, grad) and o.device.type == "cpu"):
         return None
-    out = torch.empty_like(z)
+    out = grad if inplace else torch.empty_like(z)
     _kernels.reste_backward(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), float(o), t, m, torch.get_num_threads())
     return out
+
+
+class ScratchBuffers(threading.local):
+    """Reusable CPU buffers for tensors that live only inside one call (the binary input
+    of a fused layer: made, consumed by the convolution, dropped). Large CPU allocations
+    come back from the OS as fresh pages, and touching them costs as much as the kernel
+    that fills them; reusing one buffer per shape avoids that. Per thread, so concurrent
+    models in different threads never share one."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def like(self, x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.stride(), x.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+            self.buffers[key] = buf
+        return buf
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+scratch = ScratchBuffers()

@@ -144,6 +144,10 @@ class Estimator(nn.Module):
         """The backward rule: ``dL/dz = g(z) * dL/dy`` (what this estimator's backward returns)."""
         raise NotImplementedError
 
+    def surrogate_grad_(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        """:meth:`surrogate_grad`, allowed to overwrite ``grad_out`` (for callers that own it)."""
+        return self.surrogate_grad(z, grad_out)
+
     def forward(self, z: Tensor) -> Tensor:
         return _SignFn.apply(z, self)
 
@@ -246,6 +250,10 @@ class ReSTE(Estimator):
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
         fused = _fast.reste_backward(z, grad_out, self.o, self.t, self.m)
         return reste_grad(z, self.o, self.t, self.m) * grad_out if fused is None else fused
+
+    def surrogate_grad_(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = _fast.reste_backward(z, grad_out, self.o, self.t, self.m, inplace=True)
+        return grad_out.mul_(reste_grad(z, self.o, self.t, self.m)) if fused is None else fused
 
     def extra_repr(self) -> str:
         return f"o={float(self.o):.4g}, t={self.t:g}, m={self.m:g}"

@@ -82,6 +82,8 @@ PAPER_SOURCE = {
 PROGRESSIVE_WAYS = ("linear", "cosine", "power")
 #: config keys that never distinguish cells
 IGNORED_PREFIXES = ("seed", "name", "out.")
+#: row order of the estimator comparison (the paper's, baselines first)
+ESTIMATOR_ORDER = ("ste", "clipped_ste", "approx_sign", "swish_sign", "dsq", "ede", "fda", "rbnn", "reste")
 #: config keys that select the estimator of a cell
 ESTIMATOR_KEYS = ("model.estimator", "model.kwargs.weight_estimator", "model.precision", "model.estimator_params",
                   "model.kwargs.estimator_params", "estimator.params")
@@ -346,8 +348,14 @@ class Report:
 
 
 def _results_section(cells: Sequence[Cell]) -> str:
-    varying = sorted(k for k in _differing_keys(cells) if k not in (
-        "data.name", "model.name", "model.precision", "model.estimator", "estimator.schedule", "estimator.o_end"))
+    # extra columns only for keys that vary between cells of the same data set and model (a ViT's
+    # architecture options are not news next to a ResNet) and that the fixed columns do not show
+    shown = ("data.name", "model.name", "model.precision", "model.estimator", "model.kwargs.weight_estimator",
+             "estimator.schedule", "estimator.o_end", "train.epochs")
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.get("data.name"), c.get("model.name")), []).append(c)
+    varying = sorted({k for g in groups.values() for k in _differing_keys(g)} - set(shown))
     header = ["data", "model", "W/A", "estimator", "o schedule", "o_end", *varying, "epochs", "seeds",
               "final top-1 (%)", "best top-1 (%)", "final top-5 (%)", PAPER_SOURCE["main"]]
     rows = []
@@ -429,13 +437,14 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
         if vit:
             order = {"FP": 0, "DoReFa": 1, "ReSTE": 2}
             family = sorted(family, key=lambda c: order.get(c.label, 3))
-            header = ["estimator", "W/A", "final top-1 (%)", "best top-1 (%)", "final top-5 (%)", "best top-5 (%)", PAPER_SOURCE["table1"]]
+            header = ["estimator", "W/A", "final top-1 (%)", "best top-1 (%)", "final top-5 (%)", "top-5 at the best epoch (%)", PAPER_SOURCE["table1"]]
             rows = [[c.label, _wa(c.get("model.precision")), _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
                      _pm(c.summary_values("final_top5")), _pm(c.summary_values("best_top5")), PAPER["table1"].get(c.label, "—")]
                     for c in family]
             title = "## Table 1: binary ViT"
         else:
-            family = sorted(family, key=lambda c: (c.label == "ReSTE", c.label))
+            family = sorted(family, key=lambda c: (ESTIMATOR_ORDER.index(c.get("model.estimator"))
+                                                   if c.get("model.estimator") in ESTIMATOR_ORDER else len(ESTIMATOR_ORDER), c.label))
             header = ["estimator", "final top-1 (%)", "best top-1 (%)", "est. error e (mean over epochs, at o_end)",
                       "grad. instability s (sum over epochs)", PAPER_SOURCE["estimators"]]
             rows = [[c.label, _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),

@@ -49,7 +49,8 @@ static void sign_range(const float *restrict z, float *restrict out, int64_t beg
 }
 
 MULTIVERSION
-static void reste_range(const float *restrict z, const float *restrict g, float *restrict out, int64_t begin, int64_t end,
+/* g and out may be the same buffer (in-place backward): element i is read before it is written */
+static void reste_range(const float *restrict z, const float *g, float *out, int64_t begin, int64_t end,
                         float e, float inv_o, float t, float m) {
     for (int64_t i = begin; i < end; i++) {
         float a = fabsf(z[i]);

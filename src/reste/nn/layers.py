@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _fast
 from ..estimators import Estimator, binary_sign, estimator as make_estimator
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "WEIGHT_SCALES", "INPUT_PADDINGS", "binary_layers"]
@@ -44,7 +45,7 @@ class _BinaryInputConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value):
-        xb = _pad_binary(binary_sign(x), padding, pad_value)
+        xb = _pad_binary(_transient_sign(x), padding, pad_value)
         conv_padding = padding if pad_value is None else (0, 0)
         ctx.save_for_backward(x, weight)
         ctx.conf = (est, stride, padding, dilation, groups, pad_value, conv_padding, None if bias is None else tuple(bias.shape))
@@ -55,7 +56,7 @@ class _BinaryInputConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         est, stride, padding, dilation, groups, pad_value, conv_padding, bias_shape = ctx.conf
         dtype = grad_out.dtype  # under autocast the forward conv ran in bf16: stay in it
-        xb = _pad_binary(binary_sign(x), padding, pad_value).to(dtype)
+        xb = _pad_binary(_transient_sign(x), padding, pad_value).to(dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_xb, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, xb, weight.to(dtype), list(bias_shape) if bias_shape else None,
@@ -66,7 +67,8 @@ class _BinaryInputConvFn(torch.autograd.Function):
             if pad_value is not None and any(padding):
                 ph, pw = padding
                 grad_xb = grad_xb[:, :, ph: grad_xb.shape[2] - ph, pw: grad_xb.shape[3] - pw]
-            grad_x = est.surrogate_grad(x, grad_xb.to(x.dtype).contiguous(memory_format=_layout(x)))
+            # grad_xb is ours (fresh from convolution_backward): the rule may overwrite it
+            grad_x = est.surrogate_grad_(x, grad_xb.to(x.dtype).contiguous(memory_format=_layout(x)))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
@@ -95,6 +97,13 @@ class _BinaryInputLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
+
+
+def _transient_sign(x: Tensor) -> Tensor:
+    """``sign(x)`` for use within one call only: on the CPU it goes into a reused scratch
+    buffer (no fresh pages to fault in), elsewhere into a new tensor."""
+    out = _fast.sign(x, out=_fast.scratch.like(x)) if x.device.type == "cpu" and _fast.kernels_enabled() else None
+    return binary_sign(x) if out is None else out
 
 
 def _layout(x: Tensor):

@@ -140,6 +140,7 @@ class TrainConfig:
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off)")
     nonfinite: str = _opt("stop", "on a NaN/inf loss: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
     checkpoint_every: int = _opt(1, "write checkpoints/last.pt every N epochs (always at the end)")
+    checkpoint_every_steps: int = _opt(0, "also write checkpoints/last.pt every N training steps, mid-epoch (0 = off); a killed run loses at most N steps")
     dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
 
 
@@ -496,7 +497,7 @@ def validate(cfg: Config) -> Config:
 
     e = cfg.estimator
     _check(math.isfinite(e.o_end) and e.o_end >= 1.0, f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3")
-    _check(e.p > 0, f"estimator.p must be > 0, got {e.p}")
+    _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
 
     d = cfg.data
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
@@ -509,7 +510,7 @@ def validate(cfg: Config) -> Config:
     o = cfg.optim
     _check(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}; e.g. optim.lr=0.1 for sgd, 0.002 for adam")
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}")
     _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
     _check(
         len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
@@ -527,8 +528,9 @@ def validate(cfg: Config) -> Config:
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, f"train.grad_clip must be a finite number >= 0 (0 = off), got {t.grad_clip}")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _check(t.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every_steps}")
     _check(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 second, got {t.dist_timeout_s}")
     device = t.device
     _check(

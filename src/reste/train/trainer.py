@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ RESUME_OVERRIDABLE = (
     "train.threads",
     "train.compile",
     "train.checkpoint_every",
+    "train.checkpoint_every_steps",
     "train.dist_timeout_s",
     "data.root",
     "data.num_workers",
@@ -347,6 +349,22 @@ class RunWriter:
             with open(self.run_dir / "indicators.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row, default=_json_default) + "\n")
 
+    def truncate_indicators(self, global_step: int) -> None:
+        """On resume: drop indicator rows measured after the checkpoint (they will be measured again)."""
+        path = self.run_dir / "indicators.jsonl"
+        if not self.enabled or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["global_step"] <= global_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a killed process
+        tmp = path.with_name(".indicators.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
             _write_json(self.run_dir / "summary.json", summary)
@@ -372,6 +390,9 @@ def new_run_dir(cfg: Config, force: bool) -> Path:
                 raise ConfigError(exists)
             if not _looks_like_run(path) and any(path.iterdir()):
                 raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
+            probe = RunDirLock(path)
+            probe.acquire()  # refuses to delete a run that another process is training right now
+            probe.release()
             shutil.rmtree(path)
         try:
             path.mkdir(parents=True)
@@ -388,6 +409,119 @@ def new_run_dir(cfg: Config, force: bool) -> Path:
         except FileExistsError:
             path = parent / f"{cfg.run_name}-{stamp}-{suffix}"
             suffix += 1
+
+
+# ----------------------------------------------------------------------------- run-directory lock
+class RunDirLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` held while a process trains into the folder.
+
+    Two processes writing one run (a resume started twice, a job re-queued while the old
+    one still runs) would interleave their checkpoints and metrics. The kernel drops the
+    lock when its holder dies, SIGKILL included, so a crashed run never blocks a resume.
+    Without ``fcntl`` (Windows) this does nothing.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise ConfigError(
+                f"run directory {self.path.parent} is in use by another process (pid {holder}); "
+                "wait for it to finish or stop it, or start a new run"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor releases the flock
+            self._fh = None
+
+
+def _remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.<token>.tmp`` files that a killed writer left behind.
+
+    Only called under the run-directory lock, so no live process of this run is writing them.
+    """
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- fault injection (testing hook)
+FAULT_KINDS = ("kill", "raise", "hang", "nan_loss", "nan_grad")
+
+
+class FaultInjection:
+    """A testing hook that makes one rank fail on purpose, to test how runs survive it.
+
+    Set by environment variables (read once, when training starts; nothing happens when
+    ``RESTE_FAULT_STEP`` is unset)::
+
+        RESTE_FAULT_STEP=7      1-based global training step at which the fault happens
+        RESTE_FAULT_RANK=1      which rank (default 0; a single process is rank 0)
+        RESTE_FAULT=kill        kill (SIGKILL itself), raise (RuntimeError), hang (stop
+                                responding, ignoring signals), nan_loss (the loss becomes
+                                NaN) or nan_grad (a gradient becomes NaN, the loss stays finite)
+
+    Only meant for tests and drills (see docs/reliability.md).
+    """
+
+    def __init__(self, kind: str, step: int, rank: int):
+        self.kind, self.step, self.rank = kind, step, rank
+
+    @classmethod
+    def from_env(cls, rank: int) -> "FaultInjection | None":
+        step = os.environ.get("RESTE_FAULT_STEP")
+        if not step:
+            return None
+        kind = os.environ.get("RESTE_FAULT", "kill")
+        if kind not in FAULT_KINDS or not step.isdigit():
+            raise ConfigError(f"RESTE_FAULT={kind!r} RESTE_FAULT_STEP={step!r}: the fault kind must be one of {', '.join(FAULT_KINDS)} "
+                              "and the step a positive whole number (this is a testing hook; unset RESTE_FAULT_STEP to train normally)")
+        fault_rank = int(os.environ.get("RESTE_FAULT_RANK", "0"))
+        return cls(kind, int(step), fault_rank) if fault_rank == rank else None
+
+    def before_step(self, global_step: int) -> None:
+        """Called before each step with its 1-based global index."""
+        if global_step != self.step:
+            return
+        print(f"RESTE_FAULT: injecting {self.kind!r} at step {global_step}", file=sys.stderr, flush=True)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "raise":
+            raise RuntimeError(f"RESTE_FAULT: injected failure at step {global_step}")
+        if self.kind == "hang":
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # a hung process in C code does not answer signals either
+            while True:
+                time.sleep(3600)
+
+    def on_loss(self, global_step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self.kind == "nan_loss" and global_step == self.step else loss
+
+    def on_grads(self, global_step: int, model: nn.Module) -> None:
+        if self.kind == "nan_grad" and global_step == self.step:
+            param = next(p for p in model.parameters() if p.grad is not None)
+            param.grad.view(-1)[0] = float("nan")
 
 
 # ----------------------------------------------------------------------------- signals
@@ -455,6 +589,7 @@ class Trainer:
             )
         # claim the run directory first: a name clash is reported before any data is loaded
         self.run_dir = self._prepare_run_dir()
+        self.fault = FaultInjection.from_env(ctx.rank)
         seed_everything(cfg.seed)
 
         from reste import data as rdata
@@ -518,6 +653,7 @@ class Trainer:
         self.writer.write_config(cfg)
         if resume_state is not None:
             self.writer.write_metrics(self.history)  # drop rows newer than the checkpoint
+            self.writer.truncate_indicators(self.start_epoch * self.steps_per_epoch + self.start_batch)
             set_rng_state(resume_state["rng"])  # last: building the model above drew random numbers
 
     def _build_lr_scheduler(self):
@@ -548,9 +684,38 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.partial = state.get("partial")
         self.skipped_total = int(state.get("skipped_total", 0))
-        if self.start_batch > self.steps_per_epoch:
-            raise CheckpointError(f"checkpoint {path} stopped at batch {self.start_batch} but an epoch now has {self.steps_per_epoch}; the data settings changed")
+        saved_world = int(state.get("world_size", 1))
+        saved_steps = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        if saved_steps != self.steps_per_epoch:
+            if self.start_batch:
+                raise CheckpointError(
+                    f"checkpoint {path} stopped at batch {self.start_batch} of an epoch of {saved_steps} steps ({saved_world} ranks), "
+                    f"but an epoch now has {self.steps_per_epoch} steps ({self.ctx.world_size} ranks); resume with {saved_world} "
+                    "ranks to finish that epoch, then with any number"
+                )
+            self._realign_step_schedules()
+        if self.start_batch and saved_world != self.ctx.world_size:
+            # each rank takes a contiguous slice of the epoch's permutation, so the rest of this
+            # epoch's batches are a different (same-sized) selection of images; later epochs are not affected
+            warnings.warn(
+                f"{path} was written mid-epoch (batch {self.start_batch}) by {saved_world} ranks and is resumed by "
+                f"{self.ctx.world_size}: the rest of epoch {self.start_epoch + 1} draws its batches from a different split of "
+                "that epoch's shuffled images, so some are seen twice and others not at all in that epoch",
+                stacklevel=2,
+            )
         return state
+
+    def _realign_step_schedules(self) -> None:
+        """At an epoch boundary with a different number of steps per epoch (another number of
+        ranks or data size): put a per-step lr schedule at this epoch's first step."""
+        if self.cfg.lr_schedule.per != "step":
+            return  # per-epoch schedules count epochs, which did not change
+        sched = self.lr_scheduler
+        unit = self.start_epoch * self.steps_per_epoch
+        sched.last_epoch = unit
+        sched._last_lr = [base * fn(unit) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, sched._last_lr):
+            group["lr"] = lr
 
     def _prepare_run_dir(self) -> Path:
         """Rank 0 picks (or checks) the folder; every rank learns the result, errors included."""
@@ -562,6 +727,10 @@ class Trainer:
                 else:
                     path = new_run_dir(self.cfg, self.force)
                     self._created_run_dir = path
+                self._lock = RunDirLock(path)
+                self._lock.acquire()
+                if self.resume_dir is not None:
+                    _remove_stale_temp_files(path / "checkpoints")  # left by a writer that was killed mid-write
                 result = ("ok", str(path))
             except ConfigError as err:
                 result = ("error", str(err))
@@ -585,6 +754,8 @@ class Trainer:
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
             if getattr(self, "ctx", None) is not None:
                 D.cleanup(self.ctx)
 
@@ -592,8 +763,10 @@ class Trainer:
         """Setup failed (e.g. data not found): do not leave the empty folder it claimed."""
         path = self._created_run_dir
         if path is not None and path.is_dir():
-            leftovers = [p for p in path.rglob("*") if p.is_file()]
+            leftovers = [p for p in path.rglob("*") if p.is_file() and p.name != ".lock"]
             if not leftovers:
+                if getattr(self, "_lock", None) is not None:
+                    self._lock.release()
                 shutil.rmtree(path)
 
     def _run(self) -> dict:
@@ -645,7 +818,8 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         seconds_before = 0.0
         if start_batch and self.partial:
-            sums += torch.tensor(self.partial["sums"], dtype=torch.float64, device=self.device)
+            if ctx.is_main:  # the saved sums are over all ranks already: count them once
+                sums += torch.tensor(self.partial["sums"], dtype=torch.float64, device=self.device)
             seconds_before = float(self.partial["seconds"])
         model.train()
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if t.amp == "bf16" else nullcontext()
@@ -655,9 +829,14 @@ class Trainer:
         self.bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
         step = start_batch
         lr = optimizer.param_groups[0]["lr"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        fault = self.fault
+        every_steps_ckpt = t.checkpoint_every_steps
         for images, labels in self.train_loader:
             last_step = step == self.steps_per_epoch - 1
             global_step = epoch * self.steps_per_epoch + step
+            if fault is not None:
+                fault.before_step(global_step + 1)
             self.est_scheduler.step_iter()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -666,13 +845,22 @@ class Trainer:
             with autocast:
                 logits = forward_model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
-            if self._nonfinite(loss):
+            if fault is not None:
+                loss = fault.on_loss(global_step + 1, loss)
+            # backward even on a NaN loss: every rank must join DDP's gradient all-reduce
+            loss.backward()
+            if fault is not None:
+                fault.on_grads(global_step + 1, model)
+            # the gradient is checked too: a NaN latent weight of a binary layer gives a finite
+            # forward (sign(NaN) = +1) but a NaN gradient
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if self._nonfinite(loss, grad_norm):
                 if t.nonfinite == "stop":
-                    self._raise_nonfinite(epoch, step, loss)
-                sums[4] += 1  # skip: no backward, no update; the schedules still advance
+                    self._raise_nonfinite(epoch, step, loss, grad_norm)
+                if ctx.is_main:
+                    sums[4] += 1  # skip: no update; the schedules still advance
                 optimizer.zero_grad(set_to_none=True)
             else:
-                loss.backward()
                 measure = self.tracker is not None and (last_step or (every > 0 and (global_step + 1) % every == 0))
                 if measure:
                     values = self.tracker.measure()
@@ -684,7 +872,7 @@ class Trainer:
                         if (epoch + 1) in cfg.analysis.histograms_at or epoch + 1 == t.epochs:
                             self.tracker.snapshot(self.run_dir / "histograms" / f"epoch{epoch + 1:04d}.npz")
                 if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
@@ -697,12 +885,16 @@ class Trainer:
             step += 1
             self._update_bar(sums, epoch_start, step)
             self._check_stop(epoch, step, sums=sums, seconds=time.perf_counter() - epoch_start)
+            if every_steps_ckpt and (global_step + 1) % every_steps_ckpt == 0 and step < self.steps_per_epoch:
+                # mid-epoch checkpoint (the epoch's last step is followed by the epoch-end one)
+                partial = {"sums": self._global_sums(sums), "seconds": time.perf_counter() - epoch_start}
+                self._save("last", epoch=epoch, step_in_epoch=step, partial=partial)
         if cfg.lr_schedule.per == "epoch":
             self.lr_scheduler.step()
         train_seconds = time.perf_counter() - epoch_start
         totals = D.all_reduce_sum(sums.clone(), ctx).tolist()
         loss_sum, c1, c5, count, skipped = totals
-        skipped = int(round(skipped / max(ctx.world_size, 1)))  # every rank skipped the same batches
+        skipped = int(round(skipped))  # counted on rank 0 only: every rank skips the same batches
         self.skipped_total += skipped
         row = {
             "epoch": epoch + 1,
@@ -720,21 +912,30 @@ class Trainer:
                 row[key] = indicator_row.get(key)
         return row, epoch_start
 
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-        # ranks must agree: a rank that skips backward while others run it would hang DDP
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the loss or the gradient norm is NaN/inf on any rank (one sync per step)."""
+        flag = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).to(torch.float32).reshape(1)
+        # ranks must agree: a rank that skips the update while others step would diverge or hang
         return bool(D.all_reduce_max(flag, self.ctx).item())
 
-    def _raise_nonfinite(self, epoch: int, step: int, loss: torch.Tensor) -> None:
+    def _raise_nonfinite(self, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         o = self.est_scheduler.o
         o_text = f"{o:.4g}" if o is not None else "n/a"
         last = self.run_dir / "checkpoints" / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        where = "" if self.ctx.world_size == 1 else " on at least one rank"
         raise NonFiniteLossError(
-            f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}, o {o_text}); training stopped, "
+            f"non-finite {what}{where} (loss {loss_value:.4g}, gradient norm {norm_value:.4g}) at epoch {epoch + 1}, step {step + 1} "
+            f"(lr {lr:.4g}, o {o_text}); training stopped, "
             f"{kept}. Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip, or set train.nonfinite=skip"
         )
+
+    def _global_sums(self, sums: torch.Tensor) -> list[float]:
+        """The epoch's running sums over all ranks (a collective: every rank calls it at the same step)."""
+        return D.all_reduce_sum(sums.clone(), self.ctx).tolist()
 
     def _update_bar(self, sums: torch.Tensor, epoch_start: float, step: int) -> None:
         self.bar.update(1)
@@ -761,7 +962,7 @@ class Trainer:
             return
         if step == self.steps_per_epoch:
             return  # the epoch is complete: stop right after its evaluation and checkpoint
-        partial = None if step == 0 else {"sums": sums.tolist(), "seconds": seconds}
+        partial = None if step == 0 else {"sums": self._global_sums(sums), "seconds": seconds}
         self._save("last", epoch=epoch, step_in_epoch=step, partial=partial)
         self.bar.close()
         raise TrainingInterrupted(signum, self.run_dir, _resume_command(self.run_dir))
@@ -799,6 +1000,7 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "indicators": self.tracker.state_dict() if self.tracker is not None and hasattr(self.tracker, "state_dict") else None,
             "world_size": self.ctx.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
             "torch_version": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
         }
         save_checkpoint(state, self.run_dir / "checkpoints" / f"{which}.pt")
