@@ -11,7 +11,18 @@ import pytest
 import torch
 
 import reste
-from reste.estimators import binary_sign
+from reste import _fast
+from reste.estimators import binary_sign, binary_sign_torch
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def code_path(request):
+    """Run a test through the compiled CPU kernels and through the pure PyTorch formulas."""
+    if request.param == "kernel" and _fast._kernels is None:
+        pytest.skip("compiled kernels not built")
+    previous = _fast.set_kernels_enabled(request.param == "kernel")
+    yield request.param
+    _fast.set_kernels_enabled(previous)
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -91,7 +102,7 @@ def close(actual, expected, rtol=1e-9, atol=1e-9):
 
 
 @pytest.mark.parametrize("name", reste.estimators())
-def test_forward_is_exactly_plus_minus_one(name):
+def test_forward_is_exactly_plus_minus_one(name, code_path):
     est = reste.estimator(name)
     z = torch.tensor(points(), dtype=torch.float32)
     y = est(z)
@@ -101,7 +112,7 @@ def test_forward_is_exactly_plus_minus_one(name):
     assert est(torch.tensor([-0.0])).item() == 1.0
 
 
-def test_binary_sign_matches_definition():
+def test_binary_sign_matches_definition(code_path):
     z = torch.tensor([-float("inf"), -3.0, -1e-30, 0.0, 1e-30, 2.0, float("inf")])
     assert binary_sign(z).tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
 
@@ -110,14 +121,14 @@ def test_binary_sign_matches_definition():
 
 
 @pytest.mark.parametrize("o", [1.0, 1.152, 2.0, 3.0, 4.0, 10.0, 50.0])
-def test_reste_gradient_matches_numpy(o):
+def test_reste_gradient_matches_numpy(o, code_path):
     z = points()
     _, g = torch_grad(reste.estimator("reste", o=o), z)
     # o is a float32 buffer, so an o like 1.152 is rounded in its 8th digit
     close(g, np_reste(z, float(np.float32(o))), rtol=1e-9, atol=1e-12)
 
 
-def test_reste_reference_values_at_o3():
+def test_reste_reference_values_at_o3(code_path):
     est = reste.estimator("reste", o=3.0)
     _, g = torch_grad(est, np.array([0.0, 0.05, 0.1, 0.1000001, 1.0, 1.5, 1.5000001]))
     np.testing.assert_allclose(g[:3], 0.1 ** (1 / 3) / 0.1, rtol=1e-12)  # 4.64
@@ -140,7 +151,7 @@ def test_reste_custom_t_and_m():
     close(g, np_reste(z, 2.5, t=1.2, m=0.2))
 
 
-def test_reste_float32_matches_numpy_to_float_precision():
+def test_reste_float32_matches_numpy_to_float_precision(code_path):
     z = points(2)
     _, g = torch_grad(reste.estimator("reste", o=3.0), z.astype(np.float32), dtype=torch.float32)
     # compare in float32 semantics: m and t are rounded to float32 like the data they meet
@@ -320,3 +331,51 @@ def test_backward_does_not_sync_on_cuda(name):
         est(z).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------- the other code paths
+
+
+@pytest.mark.parametrize("o", [1.0, 3.0])
+def test_inplace_rule_equals_out_of_place(o, code_path):
+    est = reste.estimator("reste", o=o)
+    z = torch.tensor(points(5), dtype=torch.float32)
+    grad = torch.linspace(-2, 2, z.numel())
+    expected = est.surrogate_grad(z, grad.clone())
+    buffer = grad.clone()
+    out = est.surrogate_grad_(z, buffer)
+    torch.testing.assert_close(out, expected)
+    ref = np_reste(z.double().numpy(), o, t=float(np.float32(1.5)), m=float(np.float32(0.1))) * grad.double().numpy()
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=2e-6, atol=1e-6)
+
+
+def test_kernel_handles_channels_last_and_rejects_mixed_layouts():
+    if _fast._kernels is None:
+        pytest.skip("compiled kernels not built")
+    z = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert torch.equal(_fast.sign(z), binary_sign_torch(z))
+    assert _fast.reste_backward(z, torch.randn(2, 3, 4, 5), torch.tensor(3.0), 1.5, 0.1) is None  # strides differ
+
+
+def _compiled_grad(name, z_np, **params):
+    est = reste.estimator(name, **params)
+    z = torch.tensor(z_np, dtype=torch.float32, requires_grad=True)
+    upstream = torch.linspace(0.5, 1.5, z.numel())
+    f = torch.compile(lambda v: (est(v) * upstream).sum(), fullgraph=True, dynamic=False)
+    f(z).backward()
+    return (z.grad / upstream).double().numpy()
+
+
+def test_compiled_reste_gradient_matches_numpy():
+    """The torch.compile path (inductor's fused kernel of the PyTorch formula)."""
+    z = points(7).astype(np.float32)
+    g = _compiled_grad("reste", z, o=3.0)
+    ref = np_reste(z.astype(np.float64), 3.0, t=float(np.float32(1.5)), m=float(np.float32(0.1)))
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,ref", [("clipped_ste", np_clipped), ("approx_sign", np_approx_sign), ("swish_sign", np_swish_sign)])
+def test_compiled_baselines_match_numpy(name, ref):
+    z = points(8).astype(np.float32)
+    np.testing.assert_allclose(_compiled_grad(name, z), ref(z.astype(np.float64)), rtol=1e-5, atol=1e-5)
