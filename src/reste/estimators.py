@@ -198,7 +198,9 @@ def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
     """
     o = _param(o, z)
     a = z.abs()
-    power = a.clamp(min=m).pow((1.0 - o) / o)
+    # exp(e log a) rather than pow(a, e): with a tensor exponent, inductor vectorises exp and
+    # log but not pow, which made the compiled backward 3x slower
+    power = torch.exp((1.0 - o) / o * torch.log(a.clamp(min=m)))
     coef = torch.where(a <= m, torch.ones_like(o), torch.where(a <= t, 1.0 / o, torch.zeros_like(o)))
     return coef * power
 
