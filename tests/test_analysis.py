@@ -499,3 +499,16 @@ def test_indicator_cost_times_a_step_measure_and_snapshot():
     assert result["binary_weights"] == model[2].weight.numel() + model[5].weight.numel()
     assert result["step_s"] > 0 and result["measure_s"] > 0 and result["snapshot_s"] > 0
     assert result["measure_per_step"] == pytest.approx(result["measure_s"] / result["step_s"])
+
+
+def test_report_treats_an_option_a_run_predates_as_its_default(tmp_path):
+    from reste.train.config import Config
+
+    default_threads = Config().train.threads
+    old = fixture_run(tmp_path / "runs", "old", [50.0, 60.0], seed=0, snapshot=False)
+    new = fixture_run(tmp_path / "runs", "new", [50.0, 62.0], seed=1, snapshot=False)
+    cfg = yaml.safe_load((new / "config.yaml").read_text())
+    cfg["train"]["threads"] = default_threads  # written by a newer trainer that knows the option
+    (new / "config.yaml").write_text(yaml.safe_dump(cfg))
+    report = build_report([old, new], tmp_path / "out", plots=False)
+    assert "61.00 ± 1.41" in report.markdown  # one cell, two seeds

@@ -25,6 +25,7 @@ Figures need matplotlib (``pip install reste[plot]``); without it only tables ar
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -105,6 +106,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+@functools.lru_cache(maxsize=1)
+def _default_flat() -> dict:
+    """The trainer's defaults, flattened: a run saved before an option existed ran with its default."""
+    try:
+        from ..train.config import Config, config_to_dict
+    except ImportError:  # the report still works, comparing only what the runs saved
+        return {}
+    return _flatten(config_to_dict(Config()))
+
+
 def _ignored(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_PREFIXES)
 
@@ -125,7 +136,10 @@ class RunRecord:
 
     @property
     def flat(self) -> dict:
-        return _flatten(self.config)
+        """The config as dotted keys; options the run's config.yaml predates get the trainer's default."""
+        if not self.config:
+            return {}
+        return {**_default_flat(), **_flatten(self.config)}
 
     @property
     def setting(self) -> tuple:
@@ -357,7 +371,7 @@ def _results_section(cells: Sequence[Cell]) -> str:
         groups.setdefault((c.get("data.name"), c.get("model.name")), []).append(c)
     varying = sorted({k for g in groups.values() for k in _differing_keys(g)} - set(shown))
     header = ["data", "model", "W/A", "estimator", "o schedule", "o_end", *varying, "epochs", "seeds",
-              "final top-1 (%)", "best top-1 (%)", "final top-5 (%)", PAPER_SOURCE["main"]]
+              "final top-1 (%)", "best top-1 (%)", "final top-1 per seed", "final top-5 (%)", PAPER_SOURCE["main"]]
     rows = []
     for c in cells:
         paper = PAPER["main"].get((c.get("data.name"), c.get("model.name"), c.get("model.precision"))) if c.label == "ReSTE" else None
@@ -366,6 +380,7 @@ def _results_section(cells: Sequence[Cell]) -> str:
             c.schedule if c.label == "ReSTE" else "—", _num(c.o_end) if c.label == "ReSTE" else "—",
             *[_num(c.get(k)) for k in varying], _num(c.epochs), ",".join(map(str, c.seeds)),
             _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
+            " / ".join(f"{v:.2f}" for v in c.summary_values("final_top1")),
             _pm(c.summary_values("final_top5")), paper or "—",
         ])
     return "## Results\n\nMean ± sample standard deviation over seeds. " \
