@@ -132,6 +132,15 @@ class IndicatorTracker:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def state_dict(self) -> dict:
+        """The signs flip_ratio compares against (bool tensors on the CPU, weights_only-safe),
+        so that a resumed run measures the same flips as an uninterrupted one."""
+        return {"previous_signs": None if self._previous_signs is None else [s.cpu() for s in self._previous_signs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        signs = state.get("previous_signs")
+        self._previous_signs = None if signs is None else [s.to(layer.weight.device) for s, (_, layer) in zip(signs, self.layers)]
+
     def measure(self) -> dict:
         """The indicators now, summed over layers, with per-layer values under ``"layers"``.
 

@@ -16,12 +16,13 @@ See ``docs/training.md`` for every option.
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
-from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted, evaluate, evaluate_model, train
+from .trainer import DistributedFailure, NonFiniteLossError, Trainer, TrainingInterrupted, evaluate, evaluate_model, train
 
 __all__ = [
     "Config",
     "ConfigError",
     "CheckpointError",
+    "DistributedFailure",
     "NonFiniteLossError",
     "Trainer",
     "TrainingInterrupted",

@@ -95,10 +95,16 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only refuses any global it does not know: arbitrary classes, functions, os.system ...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        # torch's message is long; its line naming the offending global is the useful one
+        # torch's message is long; its line naming the offending global or opcode is the useful one
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else type(err).__name__)
+        if "global" not in reason.lower():
+            # e.g. "Unsupported operand 205": bytes that are no pickle stream at all (nothing was run)
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or not a PyTorch checkpoint (the weights-only loader stopped at: {reason[:200]}); "
+                "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
+            ) from None
+        # weights_only refuses any global it does not know: arbitrary classes, functions, os.system ...
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain containers "
             f"({reason[:200]}). It was not written by reste and could run code if unpickled "

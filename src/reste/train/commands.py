@@ -115,7 +115,7 @@ def run_train(args) -> int:
 
     from .checkpoint import CheckpointError
     from .config import config_to_yaml, load_config
-    from .trainer import NonFiniteLossError, TrainingInterrupted, resume_config, train
+    from .trainer import DistributedFailure, NonFiniteLossError, TrainingInterrupted, resume_config, train
 
     try:
         config, overrides = _split_items(args.items)
@@ -134,8 +134,11 @@ def run_train(args) -> int:
         if os.environ.get("RANK", "0") in ("0", ""):
             print(str(err), file=sys.stderr, flush=True)
         return err.exit_code
-    except (CheckpointError, NonFiniteLossError, DatasetNotFoundError, CorruptDataError) as err:
+    except (CheckpointError, NonFiniteLossError, DistributedFailure, DatasetNotFoundError, CorruptDataError) as err:
         _error(str(err))
+        return EXIT_FAILURE
+    except OSError as err:  # e.g. disk full or permission denied while writing the run directory
+        _error(f"{err}; the files written before it are intact (every write is atomic)")
         return EXIT_FAILURE
 
 

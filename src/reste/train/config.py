@@ -138,7 +138,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing in [0, 1)")
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across ranks (distributed only)")
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off)")
-    nonfinite: str = _opt("stop", "on a NaN/inf loss: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
+    nonfinite: str = _opt("stop", "on a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
     checkpoint_every: int = _opt(1, "write checkpoints/last.pt every N epochs (always at the end)")
     checkpoint_every_steps: int = _opt(0, "also write checkpoints/last.pt every N training steps, mid-epoch (0 = off); a killed run loses at most N steps")
     dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
@@ -359,7 +359,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({err.__class__.__name__}); quote it or fix the syntax") from None
+            raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({_yaml_problem(err)}); quote it or fix the syntax") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -377,6 +377,16 @@ def apply_overrides(cfg: Config, overrides: dict | list | tuple | None) -> Confi
     return config_from_dict(overrides, base=cfg)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what PyYAML objected to and where (its own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if "python/" in problem:  # safe_load never builds Python objects: configs are plain data
+        problem += " (tags that build Python objects are not allowed in configs)"
+    return f"{where}{problem}"
+
+
 def read_yaml(path) -> dict:
     """The mapping stored in the YAML file ``path`` (``yaml.safe_load``)."""
     path = Path(path)
@@ -385,7 +395,7 @@ def read_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -8,7 +8,7 @@ indicators and checkpoints), and the run directory::
         config.yaml          the resolved configuration
         metrics.jsonl/.csv   one row per epoch
         indicators.jsonl     every-N-step indicator values (analysis.every_steps > 0)
-        checkpoints/last.pt  every train.checkpoint_every epochs, at the end and on SIGINT/SIGTERM
+        checkpoints/last.pt  every train.checkpoint_every epochs (and train.checkpoint_every_steps steps), at the end and on SIGINT/SIGTERM
         checkpoints/best.pt  whenever test top-1 improves
         summary.json         final and best accuracy, time, what was trained
         histograms/          fitting-error and gradient histograms (analysis.histograms_at + final epoch)
@@ -54,6 +54,9 @@ __all__ = [
     "evaluate_model",
     "TrainingInterrupted",
     "NonFiniteLossError",
+    "DistributedFailure",
+    "FaultInjection",
+    "RunDirLock",
     "RESUME_OVERRIDABLE",
 ]
 
@@ -87,7 +90,25 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf and ``train.nonfinite`` is ``stop``."""
+    """The loss or the gradient became NaN/inf and ``train.nonfinite`` is ``stop``."""
+
+
+class DistributedFailure(RuntimeError):
+    """A collective operation failed in a distributed run: another rank died, hung past
+    ``train.dist_timeout_s``, or the network failed. The message says how to resume."""
+
+
+# substrings of the errors gloo and NCCL raise when a peer is gone or too slow
+_COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out", "timed out",
+                               "NCCL", "gloo")
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _COLLECTIVE_FAILURE_MARKERS)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -750,7 +771,12 @@ class Trainer:
                 raise
             with _StopRequest() as stop:
                 self._stop = stop
-                return self._run()
+                try:
+                    return self._run()
+                except RuntimeError as err:
+                    if self.ctx.distributed and _is_collective_failure(err):
+                        raise self._distributed_failure(err) from err
+                    raise
         finally:
             if getattr(self, "writer", None) is not None:
                 self.writer.close()
@@ -758,6 +784,17 @@ class Trainer:
                 self._lock.release()
             if getattr(self, "ctx", None) is not None:
                 D.cleanup(self.ctx)
+
+    def _distributed_failure(self, err: BaseException) -> DistributedFailure:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        last = self.run_dir / "checkpoints" / "last.pt"
+        kept = (f"the last good checkpoint is {last}; resume with `{_resume_command(self.run_dir)}`" if last.is_file()
+                else "no checkpoint was written yet")
+        return DistributedFailure(
+            f"a collective operation failed on rank {self.ctx.rank} ({first[:300]}): another rank probably died, hung for "
+            f"longer than train.dist_timeout_s={self.cfg.train.dist_timeout_s} s, or lost its network (see the other ranks' "
+            f"messages); {kept}"
+        )
 
     def _remove_empty_run_dir(self) -> None:
         """Setup failed (e.g. data not found): do not leave the empty folder it claimed."""
@@ -854,9 +891,10 @@ class Trainer:
             # the gradient is checked too: a NaN latent weight of a binary layer gives a finite
             # forward (sign(NaN) = +1) but a NaN gradient
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if self._nonfinite(loss, grad_norm):
+            bad_loss, bad_grad = self._nonfinite(loss, grad_norm)
+            if bad_loss or bad_grad:
                 if t.nonfinite == "stop":
-                    self._raise_nonfinite(epoch, step, loss, grad_norm)
+                    self._raise_nonfinite(epoch, step, loss, grad_norm, bad_loss)
                 if ctx.is_main:
                     sums[4] += 1  # skip: no update; the schedules still advance
                 optimizer.zero_grad(set_to_none=True)
@@ -912,20 +950,21 @@ class Trainer:
                 row[key] = indicator_row.get(key)
         return row, epoch_start
 
-    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether the loss or the gradient norm is NaN/inf on any rank (one sync per step)."""
-        flag = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).to(torch.float32).reshape(1)
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """Whether the loss / the gradient norm is NaN or inf on any rank (one sync per step)."""
+        flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.float())]).to(torch.float32)
         # ranks must agree: a rank that skips the update while others step would diverge or hang
-        return bool(D.all_reduce_max(flag, self.ctx).item())
+        bad_loss, bad_grad = D.all_reduce_max(flags, self.ctx).tolist()
+        return bool(bad_loss), bool(bad_grad)
 
-    def _raise_nonfinite(self, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _raise_nonfinite(self, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad_loss: bool) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         o = self.est_scheduler.o
         o_text = f"{o:.4g}" if o is not None else "n/a"
         last = self.run_dir / "checkpoints" / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
         loss_value, norm_value = float(loss.detach()), float(grad_norm)
-        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        what = "loss" if bad_loss else "gradient"
         where = "" if self.ctx.world_size == 1 else " on at least one rank"
         raise NonFiniteLossError(
             f"non-finite {what}{where} (loss {loss_value:.4g}, gradient norm {norm_value:.4g}) at epoch {epoch + 1}, step {step + 1} "
