@@ -20,8 +20,8 @@ EXTENSIONS = [
     Extension(
         "reste._kernels",
         sources=["src/reste/csrc/estimators.c"],
-        extra_compile_args=KERNEL_FLAGS,
-        extra_link_args=["-lpthread", "-lmvec", "-lm"] if sys.platform != "win32" else [],
+        extra_compile_args=KERNEL_FLAGS + (["-fopenmp"] if sys.platform != "win32" else []),
+        extra_link_args=["-fopenmp", "-lmvec", "-lm"] if sys.platform != "win32" else [],
     ),
     # XNOR-popcount inference kernels of reste.deploy. No -ffast-math: the epilogue must round
     # like PyTorch (-ffp-contract=off keeps multiply-then-add two roundings). OpenMP threads run

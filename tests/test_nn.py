@@ -144,6 +144,17 @@ def test_binarize_rejects_non_modules_and_bad_keep():
         reste.binarize(small_cnn(), keep=(3,))
 
 
+def _assert_same_outputs_and_gradients(layer, reference, x):
+    results = []
+    for mod in (layer, reference):
+        xi = x.clone().requires_grad_(True)
+        out = mod(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _unfused_copy(layer):
     """The same layer computing through the plain estimator + conv ops (no fusion)."""
     other = copy.deepcopy(layer)
@@ -162,14 +173,7 @@ def test_fused_binary_conv_equals_unfused(estimator, padding, input_padding, str
     x = torch.randn(3, 4, 7, 7)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    grads = []
-    for mod in (layer, reference):
-        xi = x.clone().requires_grad_(True)
-        out = mod(xi)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        grads.append((out.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_outputs_and_gradients(layer, reference, x)
 
 
 @pytest.mark.parametrize("estimator", ["reste", "rbnn"])
@@ -178,11 +182,4 @@ def test_fused_binary_linear_equals_unfused(estimator):
     layer = BinaryLinear(5, 3, weight_estimator=estimator, input_estimator=estimator)
     reference = _unfused_copy(layer)
     x = torch.randn(2, 4, 5)
-    grads = []
-    for mod in (layer, reference):
-        xi = x.clone().requires_grad_(True)
-        out = mod(xi)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        grads.append((out.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_outputs_and_gradients(layer, reference, x)

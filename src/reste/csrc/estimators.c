@@ -5,8 +5,8 @@
  * ReSTE backward written with torch ops takes ~9 passes, the sign forward 3.
  * These kernels do each in one pass. They take raw pointers (tensor.data_ptr())
  * so the build needs neither torch nor numpy headers, split the work over
- * POSIX threads (no OpenMP runtime of our own next to torch's), and release
- * the GIL while they run. Python falls back to the torch formulas when the
+ * OpenMP threads (torch's own libgomp, see run_parallel), and release the GIL
+ * while they run. Python falls back to the torch formulas when the
  * extension is missing or the tensors are not contiguous float32 on the CPU.
  *
  * sign:            y = (z < 0) ? -1 : +1           (sign(0) = +1, NaN -> +1)
@@ -16,17 +16,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 
 #define MIN_PER_THREAD (1 << 16)
-#define MAX_THREADS 64
 
 typedef struct {
     const float *z;
     const float *g;
     float *out;
-    int64_t begin, end;
     float e, inv_o, t, m;
     int kind; /* 0 = sign, 1 = reste backward */
 } job_t;
@@ -61,42 +61,33 @@ static void reste_range(const float *restrict z, const float *g, float *out, int
     }
 }
 
-static void *run_job(void *arg) {
-    job_t *j = (job_t *)arg;
+static void run_job(const job_t *j, int64_t begin, int64_t end) {
     if (j->kind == 0)
-        sign_range(j->z, j->out, j->begin, j->end);
+        sign_range(j->z, j->out, begin, end);
     else
-        reste_range(j->z, j->g, j->out, j->begin, j->end, j->e, j->inv_o, j->t, j->m);
-    return NULL;
+        reste_range(j->z, j->g, j->out, begin, end, j->e, j->inv_o, j->t, j->m);
 }
 
+/* Split [0, n) over OpenMP threads. The extension links libgomp.so.1, which resolves to the
+   copy torch has already loaded, so these threads are torch's own pool: no second pool spinning
+   against it for the same cores. */
 static void run_parallel(job_t proto, int64_t n, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
     int64_t max_useful = n / MIN_PER_THREAD;
     if (threads > max_useful) threads = max_useful > 0 ? (int)max_useful : 1;
-    job_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int64_t chunk = (n + threads - 1) / threads;
-    chunk = (chunk + 15) & ~(int64_t)15; /* keep chunks vector-aligned */
-    int started = 0;
-    for (int k = 0; k < threads; k++) {
-        jobs[k] = proto;
-        jobs[k].begin = (int64_t)k * chunk;
-        jobs[k].end = jobs[k].begin + chunk < n ? jobs[k].begin + chunk : n;
-        if (jobs[k].begin >= n) break;
-        started++;
+    if (threads < 1) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t chunk = ((n + nt - 1) / nt + 15) & ~(int64_t)15; /* vector-aligned chunks */
+        int64_t begin = (int64_t)id * chunk;
+        int64_t end = begin + chunk < n ? begin + chunk : n;
+        if (begin < n) run_job(&proto, begin, end);
     }
-    int created[MAX_THREADS] = {0};
-    for (int k = 1; k < started; k++)
-        created[k] = pthread_create(&tids[k], NULL, run_job, &jobs[k]) == 0;
-    run_job(&jobs[0]);
-    for (int k = 1; k < started; k++) {
-        if (created[k])
-            pthread_join(tids[k], NULL);
-        else
-            run_job(&jobs[k]); /* could not start a thread: do its share here */
-    }
+#else
+    (void)threads;
+    run_job(&proto, 0, n);
+#endif
 }
 
 static PyObject *py_sign(PyObject *self, PyObject *args) {
@@ -104,7 +95,7 @@ static PyObject *py_sign(PyObject *self, PyObject *args) {
     long long n;
     int threads;
     if (!PyArg_ParseTuple(args, "KKLi", &zp, &op, &n, &threads)) return NULL;
-    job_t j = {(const float *)(uintptr_t)zp, NULL, (float *)(uintptr_t)op, 0, 0, 0, 0, 0, 0, 0};
+    job_t j = {(const float *)(uintptr_t)zp, NULL, (float *)(uintptr_t)op, 0, 0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS run_parallel(j, n, threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
@@ -119,7 +110,7 @@ static PyObject *py_reste_backward(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "reste_backward needs o >= 1 and 0 < m < t");
         return NULL;
     }
-    job_t j = {(const float *)(uintptr_t)zp, (const float *)(uintptr_t)gp, (float *)(uintptr_t)op, 0, 0,
+    job_t j = {(const float *)(uintptr_t)zp, (const float *)(uintptr_t)gp, (float *)(uintptr_t)op,
                (float)((1.0 - o) / o), (float)(1.0 / o), (float)t, (float)m, 1};
     Py_BEGIN_ALLOW_THREADS run_parallel(j, n, threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
