@@ -241,6 +241,15 @@ def _kernel_weights(signs: Tensor, pix_bytes: int) -> tuple[Tensor, Tensor, int]
 
 
 # ----------------------------------------------------------------------------- conv
+def _fill_packed(new, layer, alpha):
+    """Copy a trained binary layer's weight signs (packed), scale and bias into ``new``."""
+    new.weight_bits.copy_(pack_signs(layer.weight))
+    new.alpha.copy_(alpha)
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias.detach().float().cpu())
+    return new
+
+
 class PackedBinaryConv2d(_PackedBinary):
     """Inference-only binary convolution holding 1-bit weights (see the module docstring).
 
@@ -284,11 +293,7 @@ class PackedBinaryConv2d(_PackedBinary):
             alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                   layer.groups, layer.bias is not None, layer.binary_inputs, layer.input_padding, alpha.numel())
-        new.weight_bits.copy_(pack_signs(layer.weight))
-        new.alpha.copy_(alpha)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach().float().cpu())
-        return new
+        return _fill_packed(new, layer, alpha)
 
     @classmethod
     def from_spec(cls, spec: dict) -> "PackedBinaryConv2d":
@@ -440,11 +445,7 @@ class PackedBinaryLinear(_PackedBinary):
         with torch.no_grad():
             alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.binary_inputs, alpha.numel())
-        new.weight_bits.copy_(pack_signs(layer.weight))
-        new.alpha.copy_(alpha)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach().float().cpu())
-        return new
+        return _fill_packed(new, layer, alpha)
 
     @classmethod
     def from_spec(cls, spec: dict) -> "PackedBinaryLinear":
