@@ -7,7 +7,7 @@ Python API (the ``reste train`` / ``reste eval`` commands call the same function
     summary = train()                                          # the main job, defaults
     summary = train("configs/fashion_mnist/resnet20_reste.yaml", train={"epochs": 2})
     summary = train(overrides=["optim.lr=0.05", "data.subset=2000"])
-    summary = train(resume="runs/fashion_mnist-resnet20-1w1a-reste-20250101-120000")
+    summary = train(resume="runs/fashion_mnist-resnet20_bireal-1w1a-reste-20261126-000235")
     cfg = load_config("my.yaml", ["estimator.o_end=4"])        # validated Config
     result = evaluate("runs/<run>", which="best")              # {"top1", "top5", "loss", ...}
 
