@@ -476,6 +476,14 @@ def _dsq_k(alpha: Tensor) -> Tensor:
     return 0.5 * torch.log(2.0 / alpha - 1.0)
 
 
+def _dsq_parts(z: Tensor, a: Tensor):
+    """``(k, tanh(k z), inside, slope)`` with ``slope = s k (1 - tanh^2(k z))`` on ``|z| <= 1``."""
+    k = _dsq_k(a)
+    th = torch.tanh(k * z)
+    inside = (z.abs() <= 1.0).to(z.dtype)
+    return k, th, inside, k / torch.tanh(k) * (1.0 - th * th) * inside
+
+
 class _DSQFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, alpha: Tensor) -> Tensor:
@@ -486,11 +494,9 @@ class _DSQFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         z, alpha = ctx.saved_tensors
         a = alpha.to(z.dtype)
-        k = _dsq_k(a)
-        th = torch.tanh(k * z)
+        k, th, inside, slope = _dsq_parts(z, a)
         s = 1.0 / torch.tanh(k)
-        inside = (z.abs() <= 1.0).to(z.dtype)
-        grad_z = grad_out * (s * k * (1.0 - th * th) * inside)
+        grad_z = grad_out * slope
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             # dphi/dalpha of the soft function phi(z) = s(alpha) tanh(k(alpha) z) that
@@ -526,9 +532,7 @@ class DSQ(Estimator):
 
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
         a = self.alpha.detach().clamp(1e-4, 1.0 - 1e-4).to(z.dtype)
-        k = _dsq_k(a)
-        th = torch.tanh(k * z)
-        return grad_out * (k / torch.tanh(k) * (1.0 - th * th) * (z.abs() <= 1.0).to(z.dtype))
+        return grad_out * _dsq_parts(z, a)[3]
 
     def forward(self, z: Tensor) -> Tensor:
         return _DSQFn.apply(z, self.alpha.clamp(1e-4, 1.0 - 1e-4))

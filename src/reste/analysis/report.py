@@ -217,22 +217,18 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def _pm(values: Sequence[float], digits: int = 2) -> str:
+def _pm(values: Sequence[float], mean_format: str = ".2f", std_format: str = ".2f") -> str:
+    """``mean ± std`` over seeds (just the mean for one seed, a dash for none)."""
     mean, std = _stats(values)
     if mean is None:
         return "—"
     if std is None:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:{mean_format}}"
+    return f"{mean:{mean_format}} ± {std:{std_format}}"
 
 
 def _sci_pm(values: Sequence[float]) -> str:
-    mean, std = _stats(values)
-    if mean is None:
-        return "—"
-    if std is None:
-        return f"{mean:.4g}"
-    return f"{mean:.4g} ± {std:.2g}"
+    return _pm(values, ".4g", ".2g")
 
 
 @dataclass

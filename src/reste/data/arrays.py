@@ -105,21 +105,18 @@ def locate(name: str, root=None):
     :class:`DatasetNotFoundError` listing every place searched."""
     name = canonical_name(name)
     root = resolve_root(root)
-    searched = []
     if name in IDX_SOURCES:
-        for folder in _idx_candidates(name, root):
-            files, why = _find_idx_files(name, folder)
-            if files:
-                return files
-            searched.append(f"{folder} ({why})")
+        candidates, find = _idx_candidates, _find_idx_files
     elif name in CIFAR_SOURCES:
-        for folder in _cifar_candidates(name, root):
-            hit, why = _find_cifar(name, folder)
-            if hit:
-                return hit
-            searched.append(f"{folder} ({why})")
+        candidates, find = _cifar_candidates, _find_cifar
     else:
         raise ValueError(f"{name!r} is not an in-memory data set")
+    searched = []
+    for folder in candidates(name, root):
+        hit, why = find(name, folder)
+        if hit:
+            return hit
+        searched.append(f"{folder} ({why})")
     raise DatasetNotFoundError(name, searched, how_to_get(name, root))
 
 
