@@ -223,16 +223,18 @@ def test_exported_file_holds_bits_not_latent_weights(tmp_path):
     path = export(model, tmp_path / "r20.safetensors", architecture=arch)
     binary = dict(reste.nn.binary_layers(model))
     with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for name, layer in binary.items():
-            assert f"{name}.weight" not in keys
-            bits = f.get_tensor(f"{name}.weight_bits")
-            assert bits.dtype == torch.uint8
-            assert bits.shape == (layer.out_channels, (layer.weight[0].numel() + 7) // 8)
-            assert f.get_tensor(f"{name}.alpha").shape == (1,)
-        assert not any("estimator" in k or "num_batches_tracked" in k for k in keys)
-        assert all(f.get_tensor(k).dtype in (torch.uint8, torch.float32) for k in keys)
+        assert set(f.keys()) == {"float32", "uint8"}  # one blob per dtype
         graph = json.loads(f.metadata()["graph"])
+    tensors = reste.deploy.read_tensors(path)
+    keys = set(tensors)
+    for name, layer in binary.items():
+        assert f"{name}.weight" not in keys
+        bits = tensors[f"{name}.weight_bits"]
+        assert bits.dtype == torch.uint8
+        assert bits.shape == (layer.out_channels, (layer.weight[0].numel() + 7) // 8)
+        assert tensors[f"{name}.alpha"].shape == (1,)
+    assert not any("estimator" in k or "num_batches_tracked" in k for k in keys)
+    assert all(t.dtype in (torch.uint8, torch.float32) for t in tensors.values())
     assert set(graph["binary_layers"]) == set(binary)
     assert graph["architecture"] == arch
     float_bytes = 4 * sum(t.numel() for k, t in model.state_dict().items() if t.is_floating_point() and "estimator" not in k)
@@ -280,6 +282,279 @@ def test_load_errors_name_the_fix(tmp_path):
         load(tmp_path / "missing.safetensors")
     with pytest.raises(ExportError, match="no binary layers"):
         export(TinyResNet(), tmp_path / "float.safetensors")
+
+
+# ----------------------------------------------------------------------------- format version 2: batch norms, header
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _perturb_batchnorms(model: nn.Module, seed: int) -> nn.Module:
+    """Affine parameters and statistics far from a fresh BatchNorm's, a zero weight (zero-init residual) included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.mul_(torch.randn(c, generator=gen) * 2)
+                m.weight[c // 2] = 0.0
+                m.bias.add_(torch.randn(c, generator=gen))
+                m.running_mean.add_(torch.randn(c, generator=gen))
+                m.running_var.mul_(torch.rand(c, generator=gen) * 3 + 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_bireal", "vgg_small"])
+def test_batchnorms_stored_as_scale_shift_with_bit_identical_outputs(name, tmp_path):
+    torch.manual_seed(9)
+    arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.5}
+    model = _perturb_batchnorms(_trained(reste.models.create(**arch), in_channels=3, size=16), seed=10)
+    path = export(model, tmp_path / f"{name}.safetensors", architecture=arch)
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert any(isinstance(model.get_submodule(n), nn.BatchNorm1d) for n in bns) == name.startswith("resnet")
+    keys = set(reste.deploy.read_tensors(path))
+    for bn in bns:  # 2 tensors per BatchNorm instead of weight, bias, running_mean, running_var
+        assert {k for k in keys if k.startswith(bn + ".")} == {bn + ".scale", bn + ".shift"}
+    unfolded = reste.deploy.to_deploy(model)  # packed binary layers, the trained BatchNorms
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        want = unfolded(x)
+        assert torch.allclose(want, model(x), atol=1e-4, rtol=0)
+        for fuse in (False, True):
+            deployed = load(path, fuse=fuse)
+            assert all(type(deployed.get_submodule(n)) in (type(model.get_submodule(n)), nn.Identity) for n in bns)
+            assert torch.equal(_bits(deployed(x)), _bits(want))
+            assert torch.equal(_bits(deployed(x.contiguous(memory_format=torch.channels_last))), _bits(want))
+            for n in bns:  # every BatchNorm, fused or not, computes what the trained one computes, bit for bit
+                module = deployed.get_submodule(n)
+                if isinstance(module, nn.Identity):
+                    continue
+                probe = torch.randn((5, module.num_features) + ((4, 3) if isinstance(module, nn.BatchNorm2d) else ()))
+                assert torch.equal(_bits(module(probe)), _bits(unfolded.get_submodule(n)(probe)))
+    if HAS_EXT:  # the loaded BatchNorm2d modules still fuse into the kernel epilogue
+        deployed = load(path)
+        convs = sum(1 for m in deployed.modules() if isinstance(m, PackedBinaryConv2d))
+        assert sum(1 for m in deployed.modules() if getattr(m, "post_bn", None) is not None) == convs
+
+
+def test_batchnorm_scale_shift_read_back_exactly():
+    from reste.deploy.export import _fold_bn, _restore_bn
+
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        # shift = bias - mean * scale is -0 in channels 0 and 1 (positive and negative scale); a zero scale;
+        # scales so small next to the shift that only probes near 2^127 show them; an ordinary channel
+        bn.weight.copy_(torch.tensor([1.5, -2.0, 0.0, 1e-30, -3e-26, 0.7]))
+        bn.bias.copy_(torch.tensor([-0.0, -0.0, 0.25, 0.5, 1e3, -1.1]))
+        bn.running_mean.copy_(torch.tensor([0.0, -0.0, 3.0, 0.1, -2.0, 0.3]))
+        bn.running_var.copy_(torch.tensor([1.0, 1.0, 0.5, 2.0, 0.01, 7.0]))
+    scale, shift = _fold_bn(bn, seed=0)
+    assert torch.signbit(shift[:2]).all() and scale[2] == 0 and scale[3] != 0 and scale[4] != 0
+    twin = nn.BatchNorm2d(6).eval()
+    _restore_bn(twin, scale, shift)
+    big = torch.finfo(torch.float32).max
+    values = torch.tensor([0.0, -0.0, 1.0, -3.0, 2.0 ** 120, -(2.0 ** 126), big, -big, 1e-40])
+    x = torch.cat([values.reshape(-1, 1, 1, 1).expand(-1, 6, 2, 3), torch.randn(4, 6, 2, 3) * 1e30])
+    with torch.no_grad():
+        assert torch.equal(_bits(twin(x)), _bits(bn(x)))
+        assert torch.equal(_bits(twin(x.contiguous(memory_format=torch.channels_last))), _bits(bn(x)))
+
+
+def test_batchnorm_that_does_not_fold_exactly_is_stored_as_it_is(tmp_path):
+    model = _tiny("1w1a")
+    with torch.no_grad():  # a scale so small next to the shift that no finite input shows it exactly
+        model.bn1.weight[3] = 1e-37
+        model.bn1.bias[3] = 1e4
+    path = export(model, tmp_path / "t.safetensors")
+    assert reste.deploy.read_graph(path)["unfolded_batchnorms"] == ["bn1"]
+    keys = set(reste.deploy.read_tensors(path, model=TinyResNet()))
+    assert {k for k in keys if k.startswith("bn1.")} == {f"bn1.{k}" for k in ("weight", "bias", "running_mean", "running_var")}
+    assert {k for k in keys if k.startswith("bn2.")} == {"bn2.scale", "bn2.shift"}
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        want = reste.deploy.to_deploy(model)(x)
+        for fuse in (False, True):
+            assert torch.equal(_bits(load(path, model=TinyResNet(), fuse=fuse)(x)), _bits(want))
+
+
+def test_graph_records_only_non_default_layer_options(tmp_path):
+    torch.manual_seed(12)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a", "input_padding": "+1", "width": 0.5}
+    model = _trained(reste.models.create(**arch), size=8)
+    path = export(model, tmp_path / "p1.safetensors", architecture=arch)
+    assert set(map(json.dumps, reste.deploy.read_graph(path)["binary_layers"].values())) == {'{"input_padding": "+1"}'}
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(_bits(load(path)(x)), _bits(reste.deploy.to_deploy(model)(x)))
+    narrower = reste.models.create(**dict(arch, width=0.25))
+    with pytest.raises(ExportError, match="different architecture / model arguments: layout fingerprint differs"):
+        load(path, model=narrower)
+
+
+def test_per_channel_alpha_is_recorded_and_restored(tmp_path):
+    torch.manual_seed(13)
+    model = _trained(reste.binarize(TinyResNet(), weight_scale="channel_mean", keep=("first", "last", "pointwise")))
+    path = export(model, tmp_path / "c.safetensors")
+    layers = reste.deploy.read_graph(path)["binary_layers"]
+    assert layers == {"conv1": {"alpha": "channel"}, "conv2": {"alpha": "channel"}, "fc1": {"alpha": "channel"}}
+    deployed = load(path, model=TinyResNet())
+    assert deployed.conv2.alpha.shape == (32,)
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(_bits(deployed(x)), _bits(load(path, model=TinyResNet(), fuse=False)(x)))
+        assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- format version 2: one blob per dtype
+def _resnet20_export(tmp_path, **arch_args):
+    torch.manual_seed(14)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32, **arch_args}
+    model = _perturb_batchnorms(_trained(reste.models.create(**arch), in_channels=3, size=32), seed=15)
+    return model, arch, export(model, tmp_path / "r20.safetensors", architecture=arch)
+
+
+def test_layout_mismatch_is_refused_with_the_reason(tmp_path):
+    model, arch, path = _resnet20_export(tmp_path)
+    fingerprint = reste.deploy.read_graph(path)["layout"]["fingerprint"]
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    for other in ({"num_classes": 100}, {"width": 0.5}, {"in_channels": 1}):
+        for call in (load, reste.deploy.read_tensors):
+            with pytest.raises(ExportError, match=r"different architecture / model arguments: layout fingerprint differs"
+                                                  r" \(file [0-9a-f]{16}, this architecture [0-9a-f]{16}.*re-export it, or pass the model"):
+                call(path, model=reste.models.create(**dict(arch, **other)))
+    # a graph that claims other model arguments (here edited in the file) is refused the same way
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, blobs = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    graph = json.loads(meta["graph"])
+    graph["architecture"]["num_classes"] = 100
+    edited = tmp_path / "edited.safetensors"
+    save_file(blobs, str(edited), metadata=dict(meta, graph=json.dumps(graph)))
+    with pytest.raises(ExportError, match="layout fingerprint differs"):
+        load(edited)
+    # the right fingerprint with blob sizes that do not add up: a damaged file
+    graph = json.loads(meta["graph"])
+    graph["layout"]["blobs"]["float32"] += 1
+    save_file(blobs, str(edited), metadata=dict(meta, graph=json.dumps(graph)))
+    with pytest.raises(ExportError, match=r"blob sizes .* do not match its layout .*; the file is damaged"):
+        load(edited)
+    # the right graph with blobs of other sizes
+    graph = json.loads(meta["graph"])
+    save_file({"float32": blobs["float32"][:-1], "uint8": blobs["uint8"]}, str(edited), metadata=dict(meta, graph=json.dumps(graph)))
+    with pytest.raises(ExportError, match="needs 1-D blobs .* the file is damaged"):
+        load(edited)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the untouched file still loads, with the recorded or the given architecture
+        want = _bits(reste.deploy.to_deploy(model)(x))
+        assert torch.equal(_bits(load(path)(x)), want)
+        assert torch.equal(_bits(load(path, model=reste.models.create(**dict(arch, precision="fp")))(x)), want)
+
+
+@pytest.mark.parametrize("keep", [0, 8, 100, 900, -1, -100])
+def test_truncated_file_is_refused(tmp_path, keep):
+    _, _, path = _resnet20_export(tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    for call in (load, reste.deploy.read_tensors, reste.deploy.read_graph):
+        with pytest.raises(ExportError, match=r"(not a readable safetensors file|truncated or corrupt).*re-export"):
+            call(bad)
+
+
+def test_named_tensors_read_back_equal_the_deploy_state(tmp_path):
+    from reste.deploy.export import _fold_bn
+
+    model, arch, path = _resnet20_export(tmp_path)
+    tensors = reste.deploy.read_tensors(path)
+    deploy = reste.deploy.to_deploy(model)
+    state = {k: v for k, v in deploy.state_dict().items() if not k.endswith("num_batches_tracked")}
+    bns = {n: m for n, m in deploy.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    expected = {}
+    for key, value in state.items():  # the documented order: state_dict order, scale/shift at the place of weight
+        owner, _, leaf = key.rpartition(".")
+        if owner in bns:
+            if leaf == "weight":
+                index = [n for n, _ in deploy.named_modules()].index(owner)
+                expected[f"{owner}.scale"], expected[f"{owner}.shift"] = _fold_bn(bns[owner], seed=index)
+            continue
+        expected[key] = value
+    assert list(tensors) == list(expected)
+    for key, value in expected.items():
+        got = tensors[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.uint8 else _bits(got), value.view(torch.uint8)
+                           if value.dtype == torch.uint8 else _bits(value)), key
+    # the blobs are these tensors concatenated per dtype, in this order
+    from safetensors.torch import load_file
+
+    blobs = load_file(str(path))
+    for dtype in (torch.float32, torch.uint8):
+        joined = torch.cat([t.reshape(-1) for t in expected.values() if t.dtype == dtype])
+        assert torch.equal(blobs[str(dtype).removeprefix("torch.")].view(torch.uint8), joined.view(torch.uint8))
+
+
+def test_resnet20_export_is_25x_smaller_than_float_state_dict(tmp_path):
+    import io
+
+    torch.manual_seed(16)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32}
+    path = export(_trained(reste.models.create(**arch), in_channels=3, size=32), tmp_path / "r20.safetensors", architecture=arch)
+    buf = io.BytesIO()
+    torch.save(reste.models.create(**dict(arch, precision="fp")).state_dict(), buf)
+    ratio = buf.getbuffer().nbytes / path.stat().st_size
+    assert ratio >= 25, f"{buf.getbuffer().nbytes:,} B float state_dict / {path.stat().st_size:,} B export = {ratio:.2f}x"
+
+
+def _header(path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def test_resnet20_header_is_compact(tmp_path):
+    torch.manual_seed(11)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a"}
+    source = {"run": "run-20250101-000000", "checkpoint": "best.pt", "epoch": 200}
+    path = export(reste.models.create(**arch).eval(), tmp_path / "r20.safetensors", architecture=arch, source=source)
+    size, header = _header(path)
+    meta = header.pop("__metadata__")
+    # one blob per dtype: 1-bit weights; stem conv, alphas, BatchNorm scale/shift, classifier
+    assert set(header) == {"float32", "uint8"}
+    # 1-bit weights, rows of ceil(k/8) bytes: 6 convs 16->16 (k=144), 16->32 (144), 5 32->32 (288), 32->64 (288), 5 64->64 (576)
+    assert header["uint8"]["shape"] == [6 * 16 * 18 + 32 * 18 + 5 * 32 * 36 + 64 * 36 + 5 * 64 * 72]
+    # stem 3*16*9; 18 alphas; 20 BatchNorms' scale/shift over 16*7 + 32*6 + 64*7 channels; classifier 64*10 + 10
+    assert header["float32"]["shape"] == [432 + 18 + 2 * (16 * 7 + 32 * 6 + 64 * 7) + 650]
+    assert meta["format_version"] == "2" and ", " not in meta["graph"] and ": " not in meta["graph"]
+    graph = json.loads(meta["graph"])
+    assert graph["architecture"] == arch and graph["source"] == source
+    assert all(options == {} for options in graph["binary_layers"].values())
+    assert graph["unfolded_batchnorms"] == [] and graph["layout"]["blobs"] == {"float32": 2604, "uint8": 33408}
+    # measured 1,008 bytes (7,176 with one safetensors entry per tensor; format version 1: 14,752)
+    assert size < 1008 * 1.2
+
+
+def test_version_1_file_is_rejected_with_the_fix(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from reste.cli import main
+
+    spec = {"type": "conv2d", "in_channels": 16, "out_channels": 16, "kernel_size": [3, 3], "stride": [1, 1],
+            "padding": [1, 1], "dilation": [1, 1], "groups": 1, "bias": False, "binary_inputs": True,
+            "input_padding": "zero", "alpha_size": 1}
+    graph = {"architecture": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a"},
+             "binary_layers": {"stages.0.0.conv1": spec}, "source": None}
+    old = tmp_path / "v1.safetensors"
+    save_file({"stages.0.0.conv1.weight_bits": torch.zeros(16, 18, dtype=torch.uint8), "stages.0.0.conv1.alpha": torch.ones(1)},
+              str(old), metadata={"format": "reste.packed", "format_version": "1", "reste_version": "0.1.0", "graph": json.dumps(graph)})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for kwargs in ({}, {"model": TinyResNet()}):
+        with pytest.raises(ExportError, match=r"format version 1.*re-export it with this reste: `reste export RUN_DIR"):
+            load(old, **kwargs)
+    assert main(["summary", str(old)]) == 2
+    assert "re-export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 # ----------------------------------------------------------------------------- summary
@@ -361,3 +636,29 @@ def test_bench_conv_smoke():
 
     (row,) = bench_conv([(16, 16, 8, 1)], batches=(2,), repeats=1, min_sample_s=0.0)
     assert row["exact"] and row["float_ms"] > 0 and row["binary_ms"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small"])
+def test_loaded_model_on_cuda_matches_trained_model_on_cuda(name, tmp_path, capsys):
+    """Version-2 files hold each BatchNorm's CPU coefficients; cuDNN applies a BatchNorm with
+    its own rounding, so on CUDA the deployed model agrees to float tolerance (TF32 off)."""
+    from reste.deploy.bench import _calibrated
+
+    arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32}
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    trained = _calibrated(reste.models.create(**arch), 3, 32, gen).eval()
+    deployed = load(export(trained, tmp_path / "m.safetensors", architecture=arch), fuse=False)
+    x = torch.randn(64, 3, 32, 32, generator=gen).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            expected, actual = trained.cuda()(x), deployed.cuda()(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    diff = (actual - expected).abs().max().item()
+    with capsys.disabled():
+        print(f"\n{name} on CUDA: max logit difference deployed vs trained {diff:.2e}")
+    assert diff < 1e-3 * expected.abs().max().item()

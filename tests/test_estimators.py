@@ -349,9 +349,10 @@ def test_inplace_rule_equals_out_of_place(o, code_path):
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=2e-6, atol=1e-6)
 
 
-def test_kernel_handles_channels_last_and_rejects_mixed_layouts():
+def test_kernel_handles_channels_last_and_rejects_mixed_layouts(monkeypatch):
     if _fast._kernels is None:
         pytest.skip("compiled kernels not built")
+    monkeypatch.setattr(_fast, "_ENABLED", True)  # also under RESTE_NO_EXT=1
     z = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     assert torch.equal(_fast.sign(z), binary_sign_torch(z))
     assert _fast.reste_backward(z, torch.randn(2, 3, 4, 5), torch.tensor(3.0), 1.5, 0.1) is None  # strides differ

@@ -183,3 +183,28 @@ def test_fused_binary_linear_equals_unfused(estimator):
     reference = _unfused_copy(layer)
     x = torch.randn(2, 4, 5)
     _assert_same_outputs_and_gradients(layer, reference, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("scale", ["layer_mean", "channel_mean"])
+def test_binary_conv_on_cuda_matches_cpu(scale):
+    """A 1W/1A conv (fused input path, weight estimator, scale) on CUDA against the CPU."""
+    torch.manual_seed(0)
+    cpu = BinaryConv2d(8, 16, 3, padding=1, bias=False, weight_scale=scale)
+    reste.set_params(cpu, o=3.0)
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 8, 10, 10)
+    upstream = torch.randn(4, 16, 10, 10)
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    expected = cpu(xc)
+    expected.backward(upstream)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would round alpha and the gradients
+    try:
+        out = gpu(xg)
+        out.backward(upstream.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(out.detach().cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-4, atol=1e-4)

@@ -4,11 +4,13 @@
 >>> print(reste.deploy.summary(model, (3, 32, 32)))          # doctest: +SKIP
 >>> reste.deploy.export(model, "model.safetensors", architecture={...})  # doctest: +SKIP
 >>> net = reste.deploy.load("model.safetensors")             # doctest: +SKIP
+>>> tensors = reste.deploy.read_tensors("model.safetensors") # doctest: +SKIP
 
 Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
 """
 
-from .export import ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph, to_deploy
+from .export import (ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph,
+                     read_tensors, to_deploy)
 from .packed import PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, unpack_signs
 from .summary import LayerSummary, ModelSummary, summary
 
@@ -27,6 +29,7 @@ __all__ = [
     "pack_signs",
     "packed_layer",
     "read_graph",
+    "read_tensors",
     "summary",
     "to_deploy",
     "unpack_signs",

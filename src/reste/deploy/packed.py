@@ -118,6 +118,13 @@ def _pm1(x: Tensor) -> Tensor:
     return torch.where(x < 0, -one, one)
 
 
+def _binary_inputs(inputs: str) -> bool:
+    """The ``inputs`` option of :meth:`_PackedBinary.options`: ``"binary"`` (1W/1A) or ``"real"`` (1W/32A)."""
+    if inputs not in ("binary", "real"):
+        raise ValueError(f"inputs must be 'binary' or 'real', got {inputs!r}")
+    return inputs == "binary"
+
+
 # ----------------------------------------------------------------------------- common base
 class _PackedBinary(nn.Module):
     """Buffers and caches shared by packed conv and linear layers."""
@@ -209,9 +216,16 @@ class _PackedBinary(nn.Module):
     def _weight_shape(self) -> tuple:
         raise NotImplementedError
 
-    def spec(self) -> dict:
-        """The layer's geometry and options, as stored in an export's graph description."""
-        raise NotImplementedError
+    def options(self) -> dict:
+        """What an export records for this layer beside the architecture: the options that
+        differ from the defaults (binary inputs, one scale per layer, zero input padding);
+        ``{}`` for most layers. The geometry and whether there is a bias come from the rebuilt
+        architecture's layer.
+        """
+        opts = {} if self.binary_inputs else {"inputs": "real"}
+        if self.alpha.numel() > 1:
+            opts["alpha"] = "channel"
+        return opts
 
 
 def _kernel_weights(signs: Tensor, pix_bytes: int) -> tuple[Tensor, Tensor, int]:
@@ -296,18 +310,23 @@ class PackedBinaryConv2d(_PackedBinary):
         return _fill_packed(new, layer, alpha)
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "PackedBinaryConv2d":
-        return cls(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"], spec["padding"],
-                   spec["dilation"], spec["groups"], spec["bias"], spec["binary_inputs"], spec["input_padding"],
-                   spec["alpha_size"])
+    def like(cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary",
+             input_padding: str = "zero") -> "PackedBinaryConv2d":
+        """An empty packed conv with the geometry of ``module`` (an ``nn.Conv2d``, a ``BinaryConv2d`` or a
+        packed conv of the architecture) and the given options (:meth:`options`); ``load_state_dict`` fills it."""
+        if not isinstance(module, (PackedBinaryConv2d, nn.Conv2d)):
+            raise TypeError(f"expected a conv layer, got {type(module).__name__}")
+        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            raise ValueError(f"the architecture's conv has padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
+                             "a packed conv needs integer zero padding")
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, bias, _binary_inputs(inputs), input_padding, alpha_size)
 
-    def spec(self) -> dict:
-        return {
-            "type": "conv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
-            "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
-            "binary_inputs": self.binary_inputs, "input_padding": self.input_padding, "alpha_size": self.alpha.numel(),
-        }
+    def options(self) -> dict:
+        opts = super().options()
+        if self.input_padding != "zero":
+            opts["input_padding"] = self.input_padding
+        return opts
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -448,14 +467,11 @@ class PackedBinaryLinear(_PackedBinary):
         return _fill_packed(new, layer, alpha)
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "PackedBinaryLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["binary_inputs"], spec["alpha_size"])
-
-    def spec(self) -> dict:
-        return {
-            "type": "linear", "in_features": self.in_features, "out_features": self.out_features,
-            "bias": self.bias is not None, "binary_inputs": self.binary_inputs, "alpha_size": self.alpha.numel(),
-        }
+    def like(cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary") -> "PackedBinaryLinear":
+        """An empty packed linear layer with the geometry of ``module`` (``nn.Linear``, ``BinaryLinear`` or packed)."""
+        if isinstance(module, (PackedBinaryLinear, nn.Linear)):
+            return cls(module.in_features, module.out_features, bias, _binary_inputs(inputs), alpha_size)
+        raise TypeError(f"expected a linear layer, got {type(module).__name__}")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
