@@ -662,3 +662,25 @@ def test_loaded_model_on_cuda_matches_trained_model_on_cuda(name, tmp_path, caps
     with capsys.disabled():
         print(f"\n{name} on CUDA: max logit difference deployed vs trained {diff:.2e}")
     assert diff < 1e-3 * expected.abs().max().item()
+
+
+def test_export_is_atomic_and_honours_the_umask(tmp_path, monkeypatch):
+    """A failed export leaves the previous file as it was; a new one gets the usual permissions."""
+    import os
+
+    import safetensors.torch
+
+    path = export(_tiny("1w1a"), tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(_tiny("1w1a"), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left

@@ -148,8 +148,9 @@ def run_export(args) -> int:
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
-    print(f"  file {out.stat().st_size:,} bytes; weights+buffers {s.memory_bytes:,} bytes; float32 {s.float32_bytes:,} bytes "
-          f"({s.float32_bytes / out.stat().st_size:.1f}x smaller than float32 weights)")
+    size_bytes = out.stat().st_size
+    print(f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
+          f"float32 weights ({s.float32_bytes:,} bytes)")
     if not args.no_verify:
         deployed = load(out)
         x = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))

@@ -315,9 +315,10 @@ def export(model: nn.Module, path, architecture: dict | None = None, source: dic
 
     Returns the path written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .. import __version__
+    from ..train.checkpoint import atomic_write
 
     deploy = to_deploy(model)
     tensors, unfolded = _inference_state(deploy)
@@ -332,10 +333,10 @@ def export(model: nn.Module, path, architecture: dict | None = None, source: dic
     for t in tensors.values():
         parts.setdefault(_dtype_name(t.dtype), []).append(t.reshape(-1))
     blobs = {dtype: torch.cat(chunks) for dtype, chunks in parts.items()}
-    save_file(blobs, str(path), metadata={
+    data = save(blobs, metadata={
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "reste_version": __version__, "graph": text,
     })
-    return path
+    return atomic_write(path, lambda handle: handle.write(data))  # an older export survives a failed one
 
 
 # ----------------------------------------------------------------------------- load

@@ -29,6 +29,7 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "atomic_write",
     "load_checkpoint",
     "load_model_weights",
     "rng_state",
@@ -59,6 +60,13 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_checkpoint(state: dict, path) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace`` + dir fsync)."""
+    return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def atomic_write(path, write) -> Path:
+    """Create or replace ``path`` with what ``write(binary_file)`` writes, atomically: a
+    temp file beside it, fsync, ``os.replace``, fsync of the folder. A reader sees the old
+    file or the new one, never half of one; if ``write`` fails, the old file stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # os.open with mode 0o666 honours the umask (mkstemp would force 0600); O_EXCL: never clobber
@@ -66,7 +74,7 @@ def save_checkpoint(state: dict, path) -> Path:
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
