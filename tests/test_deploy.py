@@ -684,3 +684,38 @@ def test_export_is_atomic_and_honours_the_umask(tmp_path, monkeypatch):
         export(_tiny("1w1a"), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+@pytest.mark.parametrize("weight_scale", ["layer_mean", "channel_mean"])
+def test_deployed_binary_vit_is_bit_identical_to_the_trained_one(weight_scale, tmp_path):
+    """A 1W/1A ViT: trained binary linears compute integer sums, then alpha, like the packed
+    ones, so LayerNorm and attention see exactly the same values and the logits are equal."""
+    arch = {"name": "vit_tiny", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32,
+            "weight_scale": weight_scale, "kwargs": {"patch_size": 8, "depth": 2}}
+    torch.manual_seed(0)
+    trained = reste.models.create(arch["name"], num_classes=10, in_channels=3, precision="1w1a", image_size=32,
+                                  weight_scale=weight_scale, patch_size=8, depth=2).eval()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained(x)
+    deployed = load(export(trained, tmp_path / "vit.safetensors", architecture=arch))
+    with torch.no_grad():
+        assert torch.equal(deployed(x), expected)
+
+
+def test_binary_linear_scaled_forward_keeps_value_and_gradient():
+    """Integer sums first, then alpha: the same function (to rounding) with the same gradients."""
+    torch.manual_seed(0)
+    layer = BinaryLinear(64, 24, weight_scale="channel_mean")
+    reste.set_params(layer, o=2.0)
+    x = torch.randn(8, 64, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().clone().requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    reference = F.linear(layer.input_estimator(xr), layer.weight_alpha(w) * layer.weight_estimator(w), layer.bias)
+    torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-6, atol=1e-7)

@@ -75,14 +75,28 @@ class _BinaryInputConvFn(torch.autograd.Function):
 
 
 class _BinaryInputLinearFn(torch.autograd.Function):
-    """``linear(sign(x), w)`` saving only ``x``; see :class:`_BinaryInputConvFn`."""
+    """``linear(sign(x), w)`` saving only ``x``; see :class:`_BinaryInputConvFn`.
+
+    With ``scaled_signs`` (``w = alpha * sign(W)``, alpha per row or for the layer) the forward
+    computes ``linear(sign(x), sign(W)) * alpha + bias``: the same value, but with the integer
+    sums exact before one rounding by ``alpha``, which is what packed inference
+    (:mod:`reste.deploy`) computes. Rounded the other way, the ~1e-7 differences turned into
+    flipped signs after a ViT's LayerNorms and the deployed ViT disagreed with the trained one.
+    The backward is that of ``linear(sign(x), w)`` either way.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, est):
+    def forward(ctx, x, weight, bias, est, scaled_signs=False):
         ctx.save_for_backward(x, weight)
         ctx.est = est
         ctx.has_bias = bias is not None
-        return F.linear(binary_sign(x), weight, bias)
+        xb = binary_sign(x)
+        if not scaled_signs:
+            return F.linear(xb, weight, bias)
+        # |alpha * (+-1)| is alpha exactly, so alpha and sign(W) come back from w without error
+        dot = F.linear(xb, binary_sign(weight))
+        out = dot * weight.abs().amax(dim=1).to(dot.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -96,7 +110,7 @@ class _BinaryInputLinearFn(torch.autograd.Function):
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(xb.reshape(-1, xb.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _transient_sign(x: Tensor) -> Tensor:
@@ -276,7 +290,8 @@ class BinaryLinear(BinaryLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if _fused(self.input_estimator):
-            return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator)
+            scaled_signs = self.binary_weights and self.weight_scale != "none"
+            return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
