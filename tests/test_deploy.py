@@ -571,19 +571,19 @@ def test_summary_numbers_by_hand():
     conv, bn8, bconv, bn16, blin = s.layers
     # real conv: 3*8*9 = 216 weights at 32 bits; 8*8 outputs x 8 channels x 27 taps
     assert (conv.params, conv.params_32bit, conv.memory_bits, conv.macs_32x32) == (216, 216, 216 * 32, 64 * 8 * 27)
-    # BN(8): weight + bias are parameters, running mean/var buffers also stored
-    assert (bn8.params, bn8.memory_bits) == (16, 32 * 32)
+    # BN(8): weight + bias are parameters; deployed as scale + shift (the running statistics fold in)
+    assert (bn8.params, bn8.memory_bits, bn8.float32_bits) == (16, 16 * 32, 32 * 32)
     # binary conv: 8*16*9 = 1152 one-bit weights + one float alpha; 4*4*16 outputs x 72 taps, all XNOR
     assert (bconv.params_1bit, bconv.memory_bits, bconv.macs_1x1, bconv.output_shape) == (1152, 1152 + 32, 16 * 16 * 72, (16, 4, 4))
-    assert (bn16.params, bn16.memory_bits) == (32, 64 * 32)
+    assert (bn16.params, bn16.memory_bits) == (32, 32 * 32)
     # binary linear with real inputs: 2560 one-bit weights, 10 real biases, alpha
     assert (blin.params, blin.params_1bit, blin.params_32bit, blin.memory_bits, blin.macs_1x32) == (2570, 2560, 10, 2560 + 320 + 32, 2560)
-    assert s.memory_bits == 6912 + 1024 + 1184 + 2048 + 2912 == 14080 and s.memory_bytes == 1760
+    assert s.memory_bits == 6912 + 512 + 1184 + 1024 + 2912 == 12544 and s.memory_bytes == 1568
     assert s.float32_bits == 32 * (216 + 32 + 1152 + 64 + 2570) == 129088
-    assert s.compression == pytest.approx(129088 / 14080)
+    assert s.compression == pytest.approx(129088 / 12544)
     assert s.macs == 13824 + 18432 + 2560 and s.binary_mac_share == pytest.approx(18432 / 34816)
     text = str(s)
-    assert "binary MAC share" in text and "1,760 bytes" in text
+    assert "binary MAC share" in text and "1,568 bytes" in text
 
 
 @pytest.mark.parametrize("fuse", [False, True])
@@ -719,3 +719,17 @@ def test_binary_linear_scaled_forward_keeps_value_and_gradient():
     reference.backward(upstream)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_bireal"])
+def test_summary_size_is_what_the_export_stores(name, tmp_path):
+    """`reste summary`'s model size is the bytes of the tensors an export holds (the rest of
+    the file is its header)."""
+    from reste.deploy import read_tensors
+
+    arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32}
+    model = reste.models.create(**arch).eval()
+    path = export(model, tmp_path / "m.safetensors", architecture=arch)
+    stored = sum(t.numel() * t.element_size() for t in read_tensors(path).values())
+    assert summary(model, (3, 32, 32)).memory_bytes == stored == 43824
+    assert 0 < path.stat().st_size - stored < 1200  # the header

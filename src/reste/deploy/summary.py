@@ -9,9 +9,10 @@ Accounting (one image; the numbers of the deployed, bit-packed model):
   or real) and any other module with its own parameters or buffers (batch norms);
   estimators are training-only and not counted;
 - memory: a binary weight is 1 bit; its layer also stores ``alpha`` (one float per
-  layer or per output channel) and its bias; every other parameter and buffer (BatchNorm
-  running statistics included, ``num_batches_tracked`` excluded) is stored at its
-  dtype's width (32 bits for float32);
+  layer or per output channel) and its bias; an eval-mode BatchNorm is stored as
+  ``reste export`` writes it, two floats per channel (``scale``, ``shift``); every other
+  parameter and buffer (``num_batches_tracked`` excluded) is stored at its dtype's width
+  (32 bits for float32);
 - float32-equivalent: every parameter and buffer at 32 bits (the float model, no alpha);
 - MACs: conv ``out_elements * in_channels/groups * kh * kw``, linear
   ``out_elements * in_features``, split into ``1x1`` (binary weights and binary
@@ -173,6 +174,12 @@ def _state_tensors(module: nn.Module):
             yield name, b, False
 
 
+def _stored_as_scale_shift(module: nn.Module) -> bool:
+    """A BatchNorm that an export stores as two floats per channel (its running statistics fold in)."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+            and module.running_mean is not None and module.running_var is not None)
+
+
 def _is_row(module: nn.Module) -> bool:
     if isinstance(module, (BinaryLayer, _PackedBinary, nn.Conv2d, nn.Linear)):
         return True
@@ -222,7 +229,8 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
         if is_param:
             params += n
             p32 += n
-        mem += n * t.element_size() * 8
+        if not (tname in ("running_mean", "running_var") and _stored_as_scale_shift(module)):
+            mem += n * t.element_size() * 8
         f32 += 32 * n
     if binary_w:
         mem += 32 * alpha_count
@@ -231,10 +239,10 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
         for key in ("weight", "bias", "mean", "var"):
             t = fused_bn[key]
             if t is not None:
-                if key in ("weight", "bias"):
+                if key in ("weight", "bias"):  # stored as (scale, shift): the statistics fold in
                     params += t.numel()
                     p32 += t.numel()
-                mem += t.numel() * t.element_size() * 8
+                    mem += t.numel() * t.element_size() * 8
                 f32 += 32 * t.numel()
     row = LayerSummary(
         name=name or "(model)", kind=type(module).__name__, output_shape=tuple(output.shape[1:]),
