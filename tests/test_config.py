@@ -272,3 +272,15 @@ def test_console_command_prints_no_traceback_and_exits_2(tmp_path):
 def test_docs_option_table_is_current():
     text = (REPO / "docs" / "training.md").read_text()
     assert C.markdown_table() in text, "regenerate the table in docs/training.md from reste.train.config.markdown_table()"
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  name: fashion_mnist\n  augment: true\n  batch_size: 64\n  augment: false\n")
+    with pytest.raises(ConfigError, match=r"line 5, column 3: duplicate key 'augment' \(first on line 3\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(None, ["optim={lr: 0.1, lr: 0.2}"])
+    # the same key in different sections is fine
+    path.write_text("data:\n  name: fashion_mnist\nmodel:\n  name: resnet20\n")
+    assert load_config(path).model.name == "resnet20"

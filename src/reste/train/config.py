@@ -10,8 +10,8 @@ suggested), wrong types (with the expected type), out-of-range values, unknown
 model / data set / estimator names and conflicting options all raise
 :class:`ConfigError`, whose message names the key and says how to fix it.
 
-YAML is read with ``yaml.safe_load`` and override values are parsed with it too,
-so a configuration is data, never code. The defaults are the project's main job:
+YAML is read with ``yaml.safe_load`` (refusing a key given twice in one mapping) and
+override values are parsed the same way, so a configuration is data, never code. The defaults are the project's main job:
 a binary (1W/1A) ResNet-20 trained with ReSTE (``o_end = 3``) on Fashion-MNIST.
 """
 
@@ -357,7 +357,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         if key not in valid:
             raise _unknown_key_error(key, valid)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({_yaml_problem(err)}); quote it or fix the syntax") from None
         node = nested
@@ -377,6 +377,34 @@ def apply_overrides(cfg: Config, overrides: dict | list | tuple | None) -> Confi
     return config_from_dict(overrides, base=cfg)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a mapping holding the same key twice (PyYAML would keep
+    the last one silently, so the first setting, often the one meant, would be ignored)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[key] + 1}); keep one", key_node.start_mark)
+        except TypeError:  # an unhashable key: PyYAML's own constructor reports it
+            break
+        first_line[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """One line: what PyYAML objected to and where (its own message spans several lines)."""
     mark = getattr(err, "problem_mark", None)
@@ -393,7 +421,7 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
