@@ -65,6 +65,13 @@ CONV_CASES = [
     (16, 24, 5, 2, 2, "zero", 2, 11, 9),
     (24, 16, 3, 1, 1, "+1", 2, 5, 6),
     (40, 8, 3, 1, 2, "zero", 1, 4, 4),
+    # wide rows: blocks of 8, 4, 2 and 1 pixels between the border columns
+    (16, 16, 3, 1, 1, "zero", 1, 4, 32),
+    (32, 32, 3, 1, 1, "zero", 2, 5, 16),
+    (32, 64, 3, 2, 1, "zero", 1, 6, 16),
+    (64, 16, 3, 1, 1, "zero", 1, 3, 23),
+    (8, 16, 3, 1, 1, "+1", 1, 4, 23),
+    (128, 16, 3, 1, 1, "zero", 1, 3, 15),
 ]
 
 
@@ -733,3 +740,39 @@ def test_summary_size_is_what_the_export_stores(name, tmp_path):
     stored = sum(t.numel() * t.element_size() for t in read_tensors(path).values())
     assert summary(model, (3, 32, 32)).memory_bytes == stored == 43824
     assert 0 < path.stat().st_size - stored < 1200  # the header
+
+
+def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
+    from reste.deploy import packed as packed_mod
+
+    if packed_mod._ext() is None or packed_mod._storage_use_count is None:
+        pytest.skip("needs the compiled kernel and torch's storage use count")
+    torch.manual_seed(0)
+    layer = PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1, bias=False).eval())
+    x = torch.randn(2, 16, 6, 6)
+    first = layer(x)
+    kept = first.clone()
+    second = layer(2 * x)
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)  # held: not reused
+    address = first.data_ptr()
+    del first
+    third = layer(x)
+    assert third.data_ptr() == address  # dropped: reused
+    for alias in (lambda t: t.detach(), lambda t: t.numpy(), lambda t: t[0], lambda t: t.permute(0, 2, 3, 1).view(-1)):
+        held = alias(third)
+        value = torch.as_tensor(held).clone()
+        address = third.data_ptr()
+        del third
+        third = layer(3 * x)
+        assert third.data_ptr() != address and torch.equal(torch.as_tensor(held), value)
+        del held
+    previous = packed_mod.set_output_pool(0)
+    try:
+        assert not packed_mod._pool.buffers
+        a = layer(x)
+        address = a.data_ptr()
+        del a
+        b = layer(x)  # no pool: a fresh tensor (whatever address the allocator gives)
+        assert not packed_mod._pool.buffers and torch.equal(b, layer.reference_forward(x))
+    finally:
+        packed_mod.set_output_pool(previous)

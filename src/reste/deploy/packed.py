@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -45,6 +47,7 @@ __all__ = [
     "unpack_signs",
     "kernel_info",
     "packed_layer",
+    "set_output_pool",
     "NO_EXTENSION_ENV",
 ]
 
@@ -74,6 +77,71 @@ def _ext():
             except ImportError as err:
                 _extension_error = f"not built ({err}); reinstall with a C compiler: pip install -e ."
     return _extension
+
+
+class _OutputPool:
+    """Float32 output buffers of the packed layers, reused once nothing refers to them.
+
+    A fresh large tensor costs a page fault per 4 KiB on first touch (glibc serves
+    allocations above 32 MiB, and often smaller ones, with new pages); on the 2-core VM
+    that was a third of a 128-channel batch-64 layer's time, and most of the gap between
+    the kernel and the whole layer on ResNet-20's small ones. A buffer is handed out again
+    only when no tensor shares its memory: no view of it, no detached alias, no NumPy
+    array (the storage's use count, a PyTorch internal read through
+    ``torch._C._storage_Use_Count``; without it nothing is reused) and no Python reference
+    to it besides the pool's. Buffers are kept up to ``max_bytes`` in total.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.buffers: list[Tensor] = []
+        self.lock = threading.Lock()
+
+    def _free(self, buf: Tensor) -> bool:
+        # Called with a loop variable over self.buffers. Python references then: the pool's
+        # list, the caller's loop variable, this argument and getrefcount's; storage users:
+        # buf itself and the temporary storage object that reads the count.
+        return sys.getrefcount(buf) <= 4 and _storage_use_count(buf) == 2
+
+    def empty(self, shape: tuple) -> Tensor:
+        numel = math.prod(shape)
+        if self.max_bytes <= 0 or _storage_use_count is None:
+            return torch.empty(shape, dtype=torch.float32)
+        with self.lock:
+            for buf in self.buffers:
+                if buf.numel() == numel and self._free(buf):
+                    return buf.view(shape)  # a view: while the caller holds it, the buffer is in use
+            out = torch.empty(shape, dtype=torch.float32)
+            kept = sum(b.numel() for b in self.buffers) * 4
+            if kept + numel * 4 > self.max_bytes:  # make room: drop buffers nobody uses
+                self.buffers = [b for b in self.buffers if not self._free(b)]
+                kept = sum(b.numel() for b in self.buffers) * 4
+            if kept + numel * 4 <= self.max_bytes:
+                self.buffers.append(out)
+                return out.view(shape)
+            return out
+
+
+def _storage_use_count_fn():
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    if fn is None:
+        return None
+    return lambda t: fn(t.untyped_storage()._cdata)
+
+
+_storage_use_count = _storage_use_count_fn()
+_pool = _OutputPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
+
+
+def set_output_pool(max_bytes: int) -> int:
+    """Cap (in bytes) the memory the packed layers keep for reusing their outputs; 0 turns
+    reuse off. Returns the previous cap. Default 1 GiB (``RESTE_OUTPUT_POOL_MB``)."""
+    previous = _pool.max_bytes
+    with _pool.lock:
+        _pool.max_bytes = int(max_bytes)
+        if _pool.max_bytes <= 0:
+            _pool.buffers = []
+    return previous
 
 
 def _warn_fallback() -> None:
@@ -427,7 +495,7 @@ class PackedBinaryConv2d(_PackedBinary):
         threads = torch.get_num_threads()
         xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
         ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
-        out = torch.empty(plan["out"], dtype=torch.float32)
+        out = _pool.empty(plan["out"])
         ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
@@ -517,7 +585,7 @@ class PackedBinaryLinear(_PackedBinary):
         threads = torch.get_num_threads()
         xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
         ext.pack_rows(rows.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
-        out = torch.empty(plan["out"], dtype=torch.float32)
+        out = _pool.empty(plan["out"])
         ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
         return out.reshape(*lead, self.out_features).to(x.dtype)
 

@@ -402,7 +402,11 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only, never Python objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -189,8 +189,10 @@ TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load(c
 TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     const conv_args *a, const epi_avx512 *e, int64_t n, int64_t oh, int64_t ow, int64_t ob, __m512i pc0, __m512i pc1,
     int border) {
-    /* popcounts (< 2^31) to 16 x int32, then K - 2 * popcount (exact in float: |dot| < 2^24) */
-    __m512i pc = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(pc0)), _mm512_cvtepi64_epi32(pc1), 1);
+    /* popcounts (< 2^31) to 16 x int32 (the low halves of both vectors' 64-bit lanes, one
+       permute), then K - 2 * popcount (exact in float: |dot| < 2^24) */
+    const __m512i low_halves = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    __m512i pc = _mm512_permutex2var_epi32(pc0, low_halves, pc1);
     __m512i dot = _mm512_sub_epi32(e->K, _mm512_add_epi32(pc, pc));
     int64_t i0, i1, j0, j1;
     if (border && !inside(a, oh, ow, &i0, &i1, &j0, &j1)) {
@@ -205,11 +207,13 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     _mm512_mask_storeu_ps(a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES, e->store_mask, y);
 }
 
-/* P output pixels x LANES channels: 2P accumulators stay in registers. */
+/* P output pixels x LANES channels: 2P accumulators stay in registers. KW: the words per
+   kernel row as a compile-time constant (1-3 for 16-64 channels: the loops unroll), or 0 to
+   read it from `a`. */
 TARGET_AVX512 __attribute__((always_inline)) static inline void conv_pixels_avx512(
     const conv_args *a, const epi_avx512 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
-    int64_t ow, int64_t ob, int border, const int P) {
-    const int64_t step = a->sw * a->pix_bytes, Kw = a->Kw;
+    int64_t ow, int64_t ob, int border, const int P, const int KW) {
+    const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
     const __m512i mask = _mm512_set1_epi64((long long)a->last_mask);
     __m512i acc0[PIX_BLOCK], acc1[PIX_BLOCK];
     for (int p = 0; p < P; p++) acc0[p] = acc1[p] = _mm512_setzero_si512();
@@ -236,29 +240,51 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void conv_pixels_avx5
     for (int p = 0; p < P; p++) epilogue_avx512(a, e, n, oh, ow + p, ob, acc0[p], acc1[p], border);
 }
 
-TARGET_AVX512
-static void conv_block_avx512(const conv_args *a, int64_t r, int64_t ob) {
+/* Output columns [from, to) of one row in blocks of 8, 4, 2 and 1 pixels. */
+TARGET_AVX512 __attribute__((always_inline)) static inline void conv_columns_avx512(
+    const conv_args *a, const epi_avx512 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
+    int64_t ob, int64_t from, int64_t to, int border, const int KW) {
+    int64_t ow = from;
+    for (; ow + PIX_BLOCK <= to; ow += PIX_BLOCK) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, PIX_BLOCK, KW);
+    if (ow + 4 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 4, KW); ow += 4; }
+    if (ow + 2 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 2, KW); ow += 2; }
+    if (ow < to) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
+}
+
+TARGET_AVX512 __attribute__((always_inline)) static inline void conv_block_avx512_kw(
+    const conv_args *a, int64_t r, int64_t ob, const int KW) {
     int64_t n = r / a->OH, oh = r % a->OH;
     const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
     const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
     const epi_avx512 e = epi_load(a, ob);
-    /* output columns [c0, c1) read no padding; a row reads none if all its kernel rows are inside */
-    int64_t c0 = 0, c1 = a->OW;
-    int row_border = 0;
-    if (a->wsum) {
-        int64_t ih = oh * a->sh - a->ph;
-        row_border = ih < 0 || ih + a->kh > a->H;
-        c0 = (a->pw + a->sw - 1) / a->sw;
-        c1 = a->W + a->pw - a->kw < 0 ? 0 : (a->W + a->pw - a->kw) / a->sw + 1;
-        if (c1 < c0) c1 = c0;
+    if (!a->wsum) { /* no zero-padding correction anywhere */
+        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, 0, KW);
+        return;
     }
-    int64_t ow = 0;
-    for (; ow + PIX_BLOCK <= a->OW; ow += PIX_BLOCK) {
-        int border = a->wsum && (row_border || ow < c0 || ow + PIX_BLOCK > c1);
-        conv_pixels_avx512(a, &e, rowbase, wb, n, oh, ow, ob, border, PIX_BLOCK);
+    int64_t ih = oh * a->sh - a->ph;
+    if (ih < 0 || ih + a->kh > a->H) { /* a kernel row reads the top or bottom padding */
+        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, 1, KW);
+        return;
     }
-    for (; ow + 4 <= a->OW; ow += 4) conv_pixels_avx512(a, &e, rowbase, wb, n, oh, ow, ob, a->wsum != NULL, 4);
-    for (; ow < a->OW; ow++) conv_pixels_avx512(a, &e, rowbase, wb, n, oh, ow, ob, a->wsum != NULL, 1);
+    /* columns [c0, c1) read no padding: only the few columns outside take the border path */
+    int64_t c0 = (a->pw + a->sw - 1) / a->sw;
+    int64_t c1 = a->W + a->pw - a->kw < 0 ? 0 : (a->W + a->pw - a->kw) / a->sw + 1;
+    if (c0 > a->OW) c0 = a->OW;
+    if (c1 < c0) c1 = c0;
+    if (c1 > a->OW) c1 = a->OW;
+    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);
+    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);
+    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);
+}
+
+TARGET_AVX512
+static void conv_block_avx512(const conv_args *a, int64_t r, int64_t ob) {
+    switch (a->Kw) { /* the words per kernel row of 16, 32 and 64 channels as constants */
+    case 1: conv_block_avx512_kw(a, r, ob, 1); break;
+    case 2: conv_block_avx512_kw(a, r, ob, 2); break;
+    case 3: conv_block_avx512_kw(a, r, ob, 3); break;
+    default: conv_block_avx512_kw(a, r, ob, 0); break;
+    }
 }
 
 /* Pack `count` floats into count / 8 bytes (count a multiple of 8): bit t of byte b = !(x[8b + t] < 0),
