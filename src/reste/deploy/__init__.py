@@ -11,7 +11,8 @@ Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See do
 
 from .export import (ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph,
                      read_tensors, to_deploy)
-from .packed import PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, unpack_signs
+from .packed import (PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, set_output_pool,
+                     unpack_signs)
 from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "packed_layer",
     "read_graph",
     "read_tensors",
+    "set_output_pool",
     "summary",
     "to_deploy",
     "unpack_signs",
