@@ -766,6 +766,14 @@ def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
         third = layer(3 * x)
         assert third.data_ptr() != address and torch.equal(torch.as_tensor(held), value)
         del held
+    # a buffer made under inference_mode is not handed out outside it (in-place ops would fail)
+    with torch.inference_mode():
+        inside = layer(x)
+        address = inside.data_ptr()
+        del inside
+    outside = layer(x)
+    assert not outside.is_inference() and outside.data_ptr() != address
+    torch.relu_(outside)
     previous = packed_mod.set_output_pool(0)
     try:
         assert not packed_mod._pool.buffers

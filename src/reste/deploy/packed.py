@@ -107,9 +107,10 @@ class _OutputPool:
         numel = math.prod(shape)
         if self.max_bytes <= 0 or _storage_use_count is None:
             return torch.empty(shape, dtype=torch.float32)
+        inference = torch.is_inference_mode_enabled()  # an inference tensor outside that mode refuses in-place ops
         with self.lock:
             for buf in self.buffers:
-                if buf.numel() == numel and self._free(buf):
+                if buf.numel() == numel and buf.is_inference() == inference and self._free(buf):
                     return buf.view(shape)  # a view: while the caller holds it, the buffer is in use
             out = torch.empty(shape, dtype=torch.float32)
             kept = sum(b.numel() for b in self.buffers) * 4
