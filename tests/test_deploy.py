@@ -758,7 +758,8 @@ def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
     del first
     third = layer(x)
     assert third.data_ptr() == address  # dropped: reused
-    for alias in (lambda t: t.detach(), lambda t: t.numpy(), lambda t: t[0], lambda t: t.permute(0, 2, 3, 1).view(-1)):
+    for alias in (lambda t: t.detach(), lambda t: t.numpy(), lambda t: t[0], lambda t: t.permute(0, 2, 3, 1).view(-1),
+                  lambda t: t._base):
         held = alias(third)
         value = torch.as_tensor(held).clone()
         address = third.data_ptr()

@@ -85,23 +85,19 @@ class _OutputPool:
     A fresh large tensor costs a page fault per 4 KiB on first touch (glibc serves
     allocations above 32 MiB, and often smaller ones, with new pages); on the 2-core VM
     that was a third of a 128-channel batch-64 layer's time, and most of the gap between
-    the kernel and the whole layer on ResNet-20's small ones. A buffer is handed out again
-    only when no tensor shares its memory: no view of it, no detached alias, no NumPy
-    array (the storage's use count, a PyTorch internal read through
-    ``torch._C._storage_Use_Count``; without it nothing is reused) and no Python reference
-    to it besides the pool's. Buffers are kept up to ``max_bytes`` in total.
+    the kernel and the whole layer on ResNet-20's small ones. Callers get a view of a
+    buffer, never the buffer itself, and a buffer is handed out again only when no tensor
+    shares its memory: no view, detached alias or NumPy array (the storage's use count, a
+    PyTorch internal read through ``torch._C._storage_Use_Count``; without it nothing is
+    reused), no Python reference to the buffer object (reachable through a view's
+    ``_base``), and only within the same inference-mode state. Buffers are kept up to
+    ``max_bytes`` in total.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.buffers: list[Tensor] = []
         self.lock = threading.Lock()
-
-    def _free(self, buf: Tensor) -> bool:
-        # Called with a loop variable over self.buffers. Python references then: the pool's
-        # list, the caller's loop variable, this argument and getrefcount's; storage users:
-        # buf itself and the temporary storage object that reads the count.
-        return sys.getrefcount(buf) <= 4 and _storage_use_count(buf) == 2
 
     def empty(self, shape: tuple) -> Tensor:
         numel = math.prod(shape)
@@ -110,12 +106,16 @@ class _OutputPool:
         inference = torch.is_inference_mode_enabled()  # an inference tensor outside that mode refuses in-place ops
         with self.lock:
             for buf in self.buffers:
-                if buf.numel() == numel and buf.is_inference() == inference and self._free(buf):
+                if buf.numel() == numel and buf.is_inference() == inference and _unused(buf):
                     return buf.view(shape)  # a view: while the caller holds it, the buffer is in use
             out = torch.empty(shape, dtype=torch.float32)
             kept = sum(b.numel() for b in self.buffers) * 4
             if kept + numel * 4 > self.max_bytes:  # make room: drop buffers nobody uses
-                self.buffers = [b for b in self.buffers if not self._free(b)]
+                busy = []
+                for buf in self.buffers:
+                    if not _unused(buf):
+                        busy.append(buf)
+                self.buffers = busy
                 kept = sum(b.numel() for b in self.buffers) * 4
             if kept + numel * 4 <= self.max_bytes:
                 self.buffers.append(out)
@@ -131,6 +131,33 @@ def _storage_use_count_fn():
 
 
 _storage_use_count = _storage_use_count_fn()
+
+
+def _references(buf: Tensor) -> int:
+    return sys.getrefcount(buf)
+
+
+def _references_through_a_call(buf: Tensor) -> int:
+    return _references(buf)  # the same call depth as in _unused
+
+
+def _calibrate_references() -> int:
+    """What :func:`_unused` sees for a tensor nobody else holds, measured through the same
+    calls the pool makes (from the loop variable of a loop over a list): the count differs
+    between Python versions, so it is measured, not assumed."""
+    for buf in [torch.empty(0)]:
+        return _references_through_a_call(buf)
+    return 0
+
+
+_UNREFERENCED = _calibrate_references()
+
+
+def _unused(buf: Tensor) -> bool:
+    # storage users: buf itself and the temporary storage object that reads the count
+    return _references(buf) <= _UNREFERENCED and _storage_use_count(buf) == 2
+
+
 _pool = _OutputPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
 
 
