@@ -11,8 +11,9 @@ model / data set / estimator names and conflicting options all raise
 :class:`ConfigError`, whose message names the key and says how to fix it.
 
 YAML is read with ``yaml.safe_load`` (refusing a key given twice in one mapping) and
-override values are parsed the same way, so a configuration is data, never code. The defaults are the project's main job:
-a binary (1W/1A) ResNet-20 trained with ReSTE (``o_end = 3``) on Fashion-MNIST.
+override values are parsed the same way, so a configuration is data, never code. The
+defaults are the project's main job: a binary (1W/1A) ResNet-20 trained with ReSTE
+(``o_end = 3``) on Fashion-MNIST.
 """
 
 from __future__ import annotations
