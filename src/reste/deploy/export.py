@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -262,10 +263,7 @@ def _fingerprint(entries) -> str:
 def _blob_sizes(entries) -> dict:
     sizes: dict = {}
     for _, dtype, shape in entries:
-        n = 1
-        for d in shape:
-            n *= d
-        sizes[dtype] = sizes.get(dtype, 0) + n
+        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
     return sizes
 
 
@@ -461,9 +459,7 @@ def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
     offsets = {dtype: 0 for dtype in want}
     tensors = {}
     for name, dtype, shape in entries:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         tensors[name] = blobs[dtype][offsets[dtype]:offsets[dtype] + n].reshape(shape)
         offsets[dtype] += n
     return model, tensors, folded

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .registry import register_model
 
-__all__ = ["VisionTransformer", "vit_tiny"]
+__all__ = ["VisionTransformer"]
 
 
 class Attention(nn.Module):
@@ -59,6 +59,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@register_model("vit_tiny")  # the defaults are ViT-tiny's: patch 16, width 192, depth 12, 3 heads, MLP 768
 class VisionTransformer(nn.Module):
     """ViT: patch embedding (conv with kernel = stride = patch), class token, learned
     position embeddings, ``depth`` pre-norm blocks, final LayerNorm, linear head on the
@@ -121,18 +122,3 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1) + self.pos_embed
         tokens = self.norm(self.blocks(tokens))
         return self.head(tokens[:, 0])
-
-
-@register_model("vit_tiny")
-def vit_tiny(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 224,
-    patch_size: int = 16,
-    dim: int = 192,
-    depth: int = 12,
-    heads: int = 3,
-    mlp_dim: int = 768,
-) -> VisionTransformer:
-    """ViT-tiny: patch 16, width 192, depth 12, 3 heads, MLP 768 (sizes can be changed)."""
-    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_dim)
