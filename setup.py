@@ -6,6 +6,7 @@ reste falls back to pure PyTorch code paths and says so once.
 """
 
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -29,6 +30,7 @@ EXTENSIONS = [
     Extension(
         "reste.deploy._bitops",
         sources=["src/reste/deploy/csrc/bitops.c"],
+        depends=sorted(str(p) for p in Path("src/reste/deploy/csrc").glob("*.h")),
         extra_compile_args=COMMON_FLAGS + ["-ffp-contract=off", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/openmp"],
         extra_link_args=["-fopenmp", "-lm"] if sys.platform != "win32" else [],
     ),

@@ -1,0 +1,95 @@
+/* Shared definitions of the XNOR-popcount kernels: layouts are documented in bitops.c. */
+#ifndef RESTE_BITOPS_COMMON_H
+#define RESTE_BITOPS_COMMON_H
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define RESTE_X86 1
+#include <immintrin.h>
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,popcnt")))
+#define TARGET_POPCNT __attribute__((target("popcnt")))
+#else
+#define RESTE_X86 0
+#define TARGET_AVX512
+#define TARGET_POPCNT
+#endif
+
+#define LANES 16 /* output channels per block: two 8-word vectors */
+#define PIX_BLOCK 8 /* output pixels per register block */
+#define L1_WEIGHT_BYTES (32 * 1024) /* weights of the channel blocks one work item cycles through */
+
+typedef struct {
+    const uint8_t *x; /* packed input [N][Hp][row_bytes] */
+    int64_t N, H, W, Hp, row_bytes, pix_bytes;
+    int64_t kh, kw, sh, sw, ph, pw, OH, OW;
+    const uint64_t *w; /* packed weights [OB][kh][Kw][LANES] */
+    int64_t O, OB, Kw;
+    uint64_t last_mask;
+    const int32_t *wsum; /* [kh + 1][kw + 1][OB * LANES] tap prefix sums, or NULL: no zero-padding correction */
+    int64_t K;           /* real taps: kh * kw * C */
+    const float *alpha;  /* [O] or [1] */
+    int64_t alpha_per_channel;
+    const float *bias; /* [O] or NULL */
+    int64_t relu;      /* max(., 0) after the bias */
+    const float *post_scale, *post_shift; /* [O] affine after ReLU, or NULL */
+    int64_t post_fma;  /* the affine map as one fused multiply-add (else multiply, then add) */
+    float *out;        /* [N][OH][OW][O] */
+} conv_args;
+
+static inline uint64_t load_word(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof v); /* unaligned load; compiles to one mov */
+    return v;
+}
+
+/* The taps of output (oh, ow) that fall inside the image: rows [i0, i1), columns [j0, j1). */
+static inline int inside(const conv_args *a, int64_t oh, int64_t ow, int64_t *i0, int64_t *i1, int64_t *j0, int64_t *j1) {
+    int64_t ih = oh * a->sh - a->ph, iw = ow * a->sw - a->pw;
+    *i0 = ih < 0 ? -ih : 0;
+    *j0 = iw < 0 ? -iw : 0;
+    *i1 = a->H - ih < a->kh ? a->H - ih : a->kh;
+    *j1 = a->W - iw < a->kw ? a->W - iw : a->kw;
+    return *i0 == 0 && *j0 == 0 && *i1 == a->kh && *j1 == a->kw;
+}
+
+/* wsum holds 2-D prefix sums over taps: entry (i, j) = sum of sign(w) over taps i' < i, j' < j
+   and all channels. The zero-padding correction (the weight sum over the taps outside the
+   image) is then total - inside rectangle: four lookups, no loop over taps. */
+static inline const int32_t *tap_prefix(const conv_args *a, int64_t i, int64_t j, int64_t ob) {
+    return a->wsum + (i * (a->kw + 1) + j) * a->OB * LANES + ob * LANES;
+}
+
+/* out = alpha * (K - 2 * popcount + zero-padding correction) + bias for LANES channels. */
+static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t ow, int64_t ob, const int64_t *pc) {
+    int32_t dot[LANES];
+    for (int v = 0; v < LANES; v++) dot[v] = (int32_t)(a->K - 2 * pc[v]);
+    int64_t i0, i1, j0, j1;
+    if (a->wsum && !inside(a, oh, ow, &i0, &i1, &j0, &j1)) {
+        const int32_t *c00 = tap_prefix(a, i0, j0, ob), *c01 = tap_prefix(a, i0, j1, ob);
+        const int32_t *c10 = tap_prefix(a, i1, j0, ob), *c11 = tap_prefix(a, i1, j1, ob);
+        const int32_t *all = tap_prefix(a, a->kh, a->kw, ob);
+        for (int v = 0; v < LANES; v++) dot[v] += all[v] - (c11[v] - c01[v] - c10[v] + c00[v]);
+    }
+    int64_t o0 = ob * LANES, nv = a->O - o0 < LANES ? a->O - o0 : LANES;
+    float *dst = a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + o0;
+    for (int64_t v = 0; v < nv; v++) {
+        float al = a->alpha[a->alpha_per_channel ? o0 + v : 0];
+        float b = a->bias ? a->bias[o0 + v] : 0.0f;
+        float y = al * (float)dot[v] + b;
+        if (a->relu) y = y > 0.0f ? y : 0.0f;
+        if (a->post_scale) {
+            float sc = a->post_scale[o0 + v], sh = a->post_shift[o0 + v];
+            y = a->post_fma ? fmaf(y, sc, sh) : y * sc + sh;
+        }
+        dst[v] = y;
+    }
+}
+
+
+#endif

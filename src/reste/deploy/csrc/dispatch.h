@@ -1,0 +1,104 @@
+/* Kernel selection and the two whole-tensor entry points (packing, convolution), in plain C
+   without Python, so a test harness can build them for another architecture. */
+#ifndef RESTE_BITOPS_DISPATCH_H
+#define RESTE_BITOPS_DISPATCH_H
+#include "bitops_common.h"
+#include "kernel_generic.h"
+#if RESTE_X86
+#include "kernel_avx512.h"
+#endif
+
+typedef void (*conv_block_fn)(const conv_args *, int64_t, int64_t);
+typedef void (*pack_pixels_fn)(const float *, int64_t, int64_t, int64_t, uint8_t *);
+
+static conv_block_fn conv_block = conv_block_generic;
+static pack_pixels_fn pack_pixels = pack_pixels_generic;
+static const char *isa_name = "generic";
+
+static void select_isa(const char *force) {
+    conv_block = conv_block_generic;
+    pack_pixels = pack_pixels_generic;
+    isa_name = "generic";
+    if (force && strcmp(force, "generic") == 0) return; /* the portable kernel, e.g. to test it */
+#if RESTE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq")) {
+        conv_block = conv_block_avx512;
+        pack_pixels = pack_pixels_avx512;
+        isa_name = "avx512_vpopcntdq";
+    } else if (__builtin_cpu_supports("popcnt")) {
+        isa_name = "popcnt";
+    }
+#endif
+}
+
+/* Threads for `work` units of roughly one cycle: waking a thread costs microseconds (more on
+   a busy machine, where a parallel region waits for its slowest thread), so small calls stay
+   on the calling thread and every extra thread gets at least ~100k units. */
+#define WORK_PER_THREAD 100000
+static int thread_count(int64_t requested, int64_t work) {
+    int64_t t = requested < 1 ? 1 : requested;
+    if (t > work / WORK_PER_THREAD) t = work / WORK_PER_THREAD;
+    return t < 1 ? 1 : (int)t;
+}
+
+/* Sign-and-pack float32 NHWC x into padded row bit streams (layout in bitops.c). Returns NULL,
+   or a message naming what is inconsistent. */
+static const char *run_pack_rows(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t ph, int64_t pw,
+                                 int64_t pix_bytes, int64_t row_bytes, int plus_one_pad, uint8_t *out, int64_t threads) {
+    if (N < 0 || H < 0 || W < 0 || C < 1 || ph < 0 || pw < 0 || pix_bytes * 8 < C ||
+        row_bytes < (W + 2 * pw) * pix_bytes + 8)
+        return "pack_rows: inconsistent sizes";
+    int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, rows = N * Hp;
+    /* the bits of one "+1" border pixel: C ones, then zeros up to Cb */
+    uint8_t pad_pixel[4096];
+    if (pix_bytes > (int64_t)sizeof pad_pixel && plus_one_pad) return "pack_rows: '+1' padding supports at most 32768 channels";
+    if (plus_one_pad) {
+        memset(pad_pixel, 0, (size_t)pix_bytes);
+        for (int64_t c = 0; c < C; c++) pad_pixel[c / 8] |= (uint8_t)(1u << (c % 8));
+    }
+    int nt = thread_count(threads, rows * W * (C / 16 + 1));
+    (void)nt; /* unused when built without OpenMP */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = r / Hp, hp = r % Hp;
+        uint8_t *row = out + r * row_bytes;
+        memset(row, 0, (size_t)row_bytes);
+        int border_row = hp < ph || hp >= ph + H;
+        if (plus_one_pad)
+            for (int64_t wp = 0; wp < Wp; wp++)
+                if (border_row || wp < pw || wp >= pw + W) memcpy(row + wp * pix_bytes, pad_pixel, (size_t)pix_bytes);
+        if (border_row) continue;
+        const float *src = x + ((n * H + (hp - ph)) * W) * C;
+        pack_pixels(src, W, C, pix_bytes, row + pw * pix_bytes);
+    }
+    return NULL;
+}
+
+/* The whole convolution of `a`. Returns NULL, or a message naming what is inconsistent. */
+static const char *run_conv(const conv_args *a, int64_t threads) {
+    if (a->N < 0 || a->OH < 0 || a->OW < 0 || a->kh < 1 || a->kw < 1 || a->sh < 1 || a->sw < 1 || a->Kw < 1 || a->O < 1 ||
+        a->OB * LANES < a->O || (a->kw * a->pix_bytes + 7) / 8 != a->Kw || (a->OH - 1) * a->sh + a->kh > a->Hp ||
+        (a->OW - 1) * a->sw * a->pix_bytes + a->Kw * 8 > a->row_bytes || a->K < 0 || a->K >= (1LL << 24))
+        return "conv: inconsistent sizes";
+    if ((a->post_scale == NULL) != (a->post_shift == NULL)) return "conv: give both post_scale and post_shift, or neither";
+    /* Channel blocks go in groups whose weights fit in L1 (~32 KiB); a work item is one
+       output row for one group, so the weights stay hot over many rows and the row's
+       input bits stay hot over the group's blocks. */
+    int64_t OB = a->OB, block_bytes = a->kh * a->Kw * LANES * 8;
+    int64_t group = block_bytes >= L1_WEIGHT_BYTES ? 1 : L1_WEIGHT_BYTES / block_bytes;
+    if (group > OB) group = OB;
+    int64_t groups = (OB + group - 1) / group, rows = a->N * a->OH, items = groups * rows;
+    int nt = thread_count(threads, OB * rows * a->OW * (a->kh * a->Kw * 3 + 16)); /* ~cycles: 3 per word pair + epilogue */
+    (void)nt; /* unused when built without OpenMP */
+    conv_block_fn fn = conv_block;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t g = it / rows, r = it % rows, end = (g + 1) * group < OB ? (g + 1) * group : OB;
+        for (int64_t ob = g * group; ob < end; ob++) fn(a, r, ob);
+    }
+    return NULL;
+}
+
+#endif
