@@ -20,17 +20,19 @@ from reste.nn import BinaryConv2d, BinaryLinear
 torch.set_num_threads(2)
 
 HAS_EXT = packed_mod._ext() is not None
-ISAS = ["auto", "generic"] if HAS_EXT else ["reference"]
+# every kernel path this CPU supports (portable, avx2, avx512, neon), each tested on its own
+ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else ["reference"]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Run a test with the best kernel for this CPU and with the portable one."""
+    """Run a test once per kernel path this machine can run (or on the reference without the extension)."""
     if request.param != "reference":
-        packed_mod._ext().select(request.param)
+        before = packed_mod._ext().isa()
+        assert packed_mod._ext().select(request.param, "the test") == request.param
     yield request.param
     if request.param != "reference":
-        packed_mod._ext().select("auto")
+        packed_mod._ext().select(before)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -147,6 +149,49 @@ def test_fallback_without_extension_warns_and_stays_exact(no_extension):
             out = layer(x)
     with torch.no_grad():
         assert torch.equal(out, trained(x))
+
+
+def _reload_with_env(monkeypatch, var, value):
+    """As if the process started with var=value: _ext() applies it on its next call."""
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(packed_mod, "_extension_loaded", False)
+    monkeypatch.setattr(packed_mod, "_extension", None)
+    monkeypatch.setattr(packed_mod, "_forced_error", None)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the compiled extension is not built")
+@pytest.mark.parametrize("var", ["RESTE_DEPLOY_ISA", "RESTE_BITOPS_ISA"])
+def test_forcing_a_path_by_environment(monkeypatch, var):
+    ext = packed_mod._ext()
+    before = ext.isa()
+    try:
+        for name in ISAS:
+            _reload_with_env(monkeypatch, var, name)
+            info = packed_mod.kernel_info()
+            assert info["isa"] == name and info["why"] == f"forced by {var}={name}"
+        _reload_with_env(monkeypatch, var, "generic")  # the portable kernel's former name
+        assert packed_mod.kernel_info()["isa"] == "portable"
+        _reload_with_env(monkeypatch, var, "auto")
+        info = packed_mod.kernel_info()
+        assert info["isa"] == ISAS[0] and info["why"].startswith("auto: ")
+    finally:
+        ext.select(before)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the compiled extension is not built")
+def test_forcing_a_path_the_cpu_lacks_is_a_clear_error(monkeypatch):
+    ext = packed_mod._ext()
+    lacking = [n for n in ("neon", "avx2", "avx512") if n not in ISAS][0]  # x86 never has neon, ARM never avx*
+    with pytest.raises(ValueError, match=f"'{lacking}'.*this CPU supports: {ISAS[0]}.*Unset RESTE_DEPLOY_ISA"):
+        ext.select(lacking)
+    assert ext.isa() == ISAS[0]  # the previous choice stays
+    with pytest.raises(ValueError, match="known names: auto, portable, avx2, avx512, neon"):
+        ext.select("avx3")
+    _reload_with_env(monkeypatch, "RESTE_DEPLOY_ISA", lacking)
+    for _ in range(2):  # refused on every use, never a silent fallback
+        with pytest.raises(RuntimeError, match=f"RESTE_DEPLOY_ISA={lacking}: .*'{lacking}'"):
+            packed_mod.kernel_info()
+    monkeypatch.setattr(packed_mod, "_forced_error", None)
 
 
 def test_whole_model_without_extension(no_extension, tmp_path):

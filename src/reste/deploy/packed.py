@@ -53,18 +53,26 @@ __all__ = [
 
 #: set to 1 to force the PyTorch reference path (the extension is not loaded)
 NO_EXTENSION_ENV = "RESTE_NO_EXT"
+#: force a kernel path: portable, avx2, avx512, neon or auto (a path the CPU lacks is an error)
+ISA_ENV = "RESTE_DEPLOY_ISA"
+_OLD_ISA_ENV = "RESTE_BITOPS_ISA"  # its former name, still accepted
 #: output channels per block of the compiled kernel's weight layout
 _LANES = 16
 
 _extension = None
 _extension_error: str | None = None
 _extension_loaded = False
+_forced_error: str | None = None
 _warned = False
 
 
 def _ext():
-    """The compiled ``_bitops`` module, or None (with the reason kept for :func:`kernel_info`)."""
-    global _extension, _extension_error, _extension_loaded
+    """The compiled ``_bitops`` module, or None (with the reason kept for :func:`kernel_info`).
+
+    Applies ``RESTE_DEPLOY_ISA``; a path this CPU cannot run raises ``RuntimeError`` (on every
+    call, not only the first): a forced path never silently becomes another one.
+    """
+    global _extension, _extension_error, _extension_loaded, _forced_error
     if not _extension_loaded:
         _extension_loaded = True
         if os.environ.get(NO_EXTENSION_ENV, "") not in ("", "0"):
@@ -76,6 +84,17 @@ def _ext():
                 _extension = _bitops
             except ImportError as err:
                 _extension_error = f"not built ({err}); reinstall with a C compiler: pip install -e ."
+            if _extension is not None:
+                for var in (ISA_ENV, _OLD_ISA_ENV):
+                    name = os.environ.get(var, "").strip()
+                    if name:
+                        try:
+                            _extension.select(name, f"{var}={name}")
+                        except ValueError as err:
+                            _forced_error = f"{var}={name}: {err}"
+                        break
+    if _forced_error is not None:
+        raise RuntimeError(_forced_error)
     return _extension
 
 
@@ -185,11 +204,18 @@ def _warn_fallback() -> None:
 
 
 def kernel_info() -> dict:
-    """Which implementation packed layers use on CPU: ``{"extension", "isa", "openmp", "reason"}``."""
+    """Which implementation packed layers use on CPU.
+
+    ``{"extension", "isa", "why", "available", "openmp", "reason"}``: ``isa`` is the kernel path
+    (``portable``, ``avx2``, ``avx512``, ``neon``), ``why`` says why it runs (``"auto: ..."`` or
+    ``"forced by RESTE_DEPLOY_ISA=..."``), ``available`` lists the paths this CPU supports (best
+    first), ``reason`` why the extension is not used (when it is not).
+    """
     ext = _ext()
     if ext is None:
-        return {"extension": False, "isa": None, "openmp": False, "reason": _extension_error}
-    return {"extension": True, "isa": ext.isa(), "openmp": bool(ext.openmp()), "reason": None}
+        return {"extension": False, "isa": None, "why": None, "available": [], "openmp": False, "reason": _extension_error}
+    return {"extension": True, "isa": ext.isa(), "why": ext.why(), "available": ext.available().split(", "),
+            "openmp": bool(ext.openmp()), "reason": None}
 
 
 # ----------------------------------------------------------------------------- canonical bits

@@ -32,9 +32,10 @@
  * the exact zero-padded sum (via 2-D prefix sums over taps, see tap_prefix).
  *
  * Kernels. An AVX-512 kernel with VPOPCNTDQ (8 words per instruction; output
- * channels across vector lanes, so no horizontal sums), chosen at run time
- * with __builtin_cpu_supports, and a portable one on __builtin_popcountll
- * (compiled for POPCNT where the target has it). Both are exact and tested
+ * channels across vector lanes, so no horizontal sums) and a portable one on
+ * __builtin_popcountll (compiled for POPCNT where the target has it), chosen
+ * at run time from the table in dispatch.h (__builtin_cpu_supports), or
+ * forced by name (RESTE_DEPLOY_ISA, select()). All are exact and tested
  * against each other and against the PyTorch reference. OpenMP splits output
  * channel blocks x rows over threads; it runs on the same libgomp as torch
  * (same soname, loaded once), so no second thread pool competes for the cores.
@@ -105,14 +106,18 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(isa_name); }
 
+static PyObject *py_why(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(isa_reason); }
+
+static PyObject *py_available(PyObject *self, PyObject *noargs) { return PyUnicode_FromString(supported_path_names()); }
+
 static PyObject *py_select(PyObject *self, PyObject *args) {
-    const char *name;
-    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    if (strcmp(name, "generic") != 0 && strcmp(name, "auto") != 0) {
-        PyErr_SetString(PyExc_ValueError, "select: use 'auto' (best kernel for this CPU) or 'generic'");
+    const char *name, *by = NULL;
+    if (!PyArg_ParseTuple(args, "s|s", &name, &by)) return NULL;
+    const char *err = select_isa(name, by);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
         return NULL;
     }
-    select_isa(name);
     return PyUnicode_FromString(isa_name);
 }
 
@@ -132,8 +137,12 @@ static PyMethodDef methods[] = {
      "conv(x, N, H, W, Hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW, w, O, OB, Kw, last_mask, "
      "wsum, K, alpha, alpha_per_channel, bias, relu, post_scale, post_shift, post_fma, out, threads): "
      "XNOR-popcount convolution into float32 NHWC out, with the fused epilogue."},
-    {"isa", py_isa, METH_NOARGS, "Name of the kernel chosen for this CPU."},
-    {"select", py_select, METH_VARARGS, "select('auto' | 'generic'): choose the kernel; returns its name."},
+    {"isa", py_isa, METH_NOARGS, "Name of the kernel path in use (portable, avx2, avx512, neon)."},
+    {"why", py_why, METH_NOARGS, "Why that path runs: 'auto: ...' or 'forced by ...'."},
+    {"available", py_available, METH_NOARGS, "The paths this CPU supports, best first, comma-separated."},
+    {"select", py_select, METH_VARARGS,
+     "select(name, by=None): 'auto' (the best path for this CPU) or a path name; `by` is recorded as who "
+     "forced it. Returns the path's name; ValueError (naming what the CPU supports) if it cannot run here."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the extension was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };
@@ -142,7 +151,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bitops",
                                     "XNOR-popcount kernels for bit-packed binary layers.", -1, methods};
 
 PyMODINIT_FUNC PyInit__bitops(void) {
-    select_isa(getenv("RESTE_BITOPS_ISA")); /* RESTE_BITOPS_ISA=generic forces the portable kernel */
+    select_isa("auto", NULL); /* RESTE_DEPLOY_ISA is applied by reste.deploy.packed, which can raise a clear error */
     return PyModule_Create(&module);
 }
 

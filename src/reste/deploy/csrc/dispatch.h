@@ -11,26 +11,98 @@
 typedef void (*conv_block_fn)(const conv_args *, int64_t, int64_t);
 typedef void (*pack_pixels_fn)(const float *, int64_t, int64_t, int64_t, uint8_t *);
 
+/* One kernel path. `name` is what RESTE_DEPLOY_ISA and select() accept; `needs` names the CPU
+   features it uses (for kernel_info and the error when a path is forced on a CPU without them). */
+typedef struct {
+    const char *name, *needs;
+    int (*supported)(void);
+    conv_block_fn conv_block;
+    pack_pixels_fn pack_pixels;
+} kernel_path;
+
+static int cpu_any(void) { return 1; }
+#if RESTE_X86
+/* __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0). */
+static int cpu_popcnt(void) { __builtin_cpu_init(); return __builtin_cpu_supports("popcnt"); }
+static int cpu_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
+}
+#endif
+
+/* Best first: "auto" takes the first entry this CPU supports. A name may appear twice (the
+   portable kernel with and without POPCNT): a forced name takes its first supported entry.
+   A new instruction set adds its header above and one row here, in its #if block. */
+static const kernel_path kernel_paths[] = {
+#if RESTE_X86
+    {"avx512", "avx512f+avx512bw+avx512dq+avx512vl+avx512vpopcntdq", cpu_avx512, conv_block_avx512, pack_pixels_avx512},
+    {"portable", "popcnt", cpu_popcnt, conv_block_generic_popcnt, pack_pixels_generic},
+#endif
+#if defined(__aarch64__)
+    /* the NEON row goes here */
+#endif
+    {"portable", "nothing beyond the base instruction set", cpu_any, conv_block_generic, pack_pixels_generic},
+};
+#define N_PATHS ((int)(sizeof kernel_paths / sizeof kernel_paths[0]))
+/* every path name of every architecture, for the message about a name this build lacks */
+#define ALL_PATH_NAMES "auto, portable, avx2, avx512, neon"
+
 static conv_block_fn conv_block = conv_block_generic;
 static pack_pixels_fn pack_pixels = pack_pixels_generic;
-static const char *isa_name = "generic";
+static const char *isa_name = "portable";
+static char isa_reason[256] = "not selected yet";
+static char select_error[512];
 
-static void select_isa(const char *force) {
-    conv_block = conv_block_generic;
-    pack_pixels = pack_pixels_generic;
-    isa_name = "generic";
-    if (force && strcmp(force, "generic") == 0) return; /* the portable kernel, e.g. to test it */
-#if RESTE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq")) {
-        conv_block = conv_block_avx512;
-        pack_pixels = pack_pixels_avx512;
-        isa_name = "avx512_vpopcntdq";
-    } else if (__builtin_cpu_supports("popcnt")) {
-        isa_name = "popcnt";
+/* Names of the paths this CPU supports, best first, comma-separated, each once. */
+static const char *supported_path_names(void) {
+    static char buf[128];
+    buf[0] = 0;
+    for (int i = 0; i < N_PATHS; i++) {
+        if (!kernel_paths[i].supported()) continue;
+        int seen = 0;
+        for (int j = 0; j < i; j++) seen |= kernel_paths[j].supported() && strcmp(kernel_paths[j].name, kernel_paths[i].name) == 0;
+        if (seen) continue;
+        if (buf[0]) strncat(buf, ", ", sizeof buf - strlen(buf) - 1);
+        strncat(buf, kernel_paths[i].name, sizeof buf - strlen(buf) - 1);
     }
-#endif
+    return buf;
+}
+
+/* Choose the kernel path: `name` NULL, "" or "auto" takes the best this CPU supports; otherwise
+   that path ("generic" is the old name of "portable"). `by` says who forced it, for kernel_info.
+   Returns NULL, or a message naming the problem and the fix (the previous choice then stays). */
+static const char *select_isa(const char *name, const char *by) {
+    int automatic = name == NULL || name[0] == 0 || strcmp(name, "auto") == 0;
+    if (!automatic && strcmp(name, "generic") == 0) name = "portable";
+    const kernel_path *pick = NULL, *first_known = NULL;
+    for (int i = 0; i < N_PATHS && !pick; i++) {
+        const kernel_path *k = &kernel_paths[i];
+        if (!automatic && strcmp(k->name, name) != 0) continue;
+        if (!first_known) first_known = k;
+        if (k->supported()) pick = k;
+    }
+    if (!pick) {
+        if (first_known)
+            snprintf(select_error, sizeof select_error,
+                     "kernel path '%s' needs %s, which this CPU lacks; paths it supports: %s. "
+                     "Unset RESTE_DEPLOY_ISA (or set it to auto) to use the best of them.",
+                     name, first_known->needs, supported_path_names());
+        else
+            snprintf(select_error, sizeof select_error,
+                     "no kernel path '%s' in this build for this CPU (known names: " ALL_PATH_NAMES "; this CPU supports: %s). "
+                     "Unset RESTE_DEPLOY_ISA (or set it to auto) to use the best of them.",
+                     name, supported_path_names());
+        return select_error;
+    }
+    conv_block = pick->conv_block;
+    pack_pixels = pick->pack_pixels;
+    isa_name = pick->name;
+    if (automatic)
+        snprintf(isa_reason, sizeof isa_reason, "auto: best path for this CPU (it has %s)", pick->needs);
+    else
+        snprintf(isa_reason, sizeof isa_reason, "forced by %s", by ? by : "select()");
+    return NULL;
 }
 
 /* Threads for `work` units of roughly one cycle: waking a thread costs microseconds (more on

@@ -1,8 +1,8 @@
-/* The portable kernel: __builtin_popcountll, compiled for POPCNT where the target has it. */
+/* The portable kernel: __builtin_popcountll, built twice on x86 (with POPCNT, and without it
+   for the rare CPU that lacks the instruction). */
 /* ---------------------------------------------------------------- portable */
 
-TARGET_POPCNT
-static void conv_block_generic(const conv_args *a, int64_t r, int64_t ob) {
+__attribute__((always_inline)) static inline void conv_block_generic_body(const conv_args *a, int64_t r, int64_t ob) {
     int64_t n = r / a->OH, oh = r % a->OH;
     const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
     const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
@@ -21,6 +21,11 @@ static void conv_block_generic(const conv_args *a, int64_t r, int64_t ob) {
         epilogue(a, n, oh, ow, ob, pc);
     }
 }
+
+static void conv_block_generic(const conv_args *a, int64_t r, int64_t ob) { conv_block_generic_body(a, r, ob); }
+#if RESTE_X86
+TARGET_POPCNT static void conv_block_generic_popcnt(const conv_args *a, int64_t r, int64_t ob) { conv_block_generic_body(a, r, ob); }
+#endif
 
 
 static void pack_pixels_generic(const float *x, int64_t W, int64_t C, int64_t pix_bytes, uint8_t *dst) {
