@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     e.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors)")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     e.add_argument("--no-verify", action="store_true", help="skip checking the loaded file against the trained model")
+    e.add_argument("--verify-images", type=_images, default=1000, metavar="N|all",
+                   help="check on the first N of the run's test images (default 1000; all: every one)")
+    e.add_argument("--root", metavar="DIR", help="data folder for the check (default: the run's)")
     e.set_defaults(func=run_export)
 
     b = subparsers.add_parser(
@@ -69,6 +72,14 @@ def register(subparsers) -> None:
     b.add_argument("--quick", action="store_true", help="one shape per family and ResNet-20 only (a smoke test)")
     b.add_argument("--json", metavar="FILE", default="bench_infer.json", help="where to write the results (default bench_infer.json)")
     b.set_defaults(func=run_bench)
+
+
+def _images(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got {text!r}")
+    return int(text)
 
 
 def _fail(message: str) -> int:
@@ -130,10 +141,8 @@ def run_summary(args) -> int:
 def run_export(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from ..train.checkpoint import CheckpointError
-    from .export import ExportError, export, load, load_run_model
+    from .export import ExportError, export, load_run_model
     from .summary import summary
 
     run_dir = Path(args.run_dir)
@@ -151,14 +160,19 @@ def run_export(args) -> int:
     size_bytes = out.stat().st_size
     print(f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
           f"float32 weights ({s.float32_bytes:,} bytes)")
-    if not args.no_verify:
-        deployed = load(out)
-        x = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            diff = (deployed(x) - model.eval()(x)).abs().max().item()
-        print(f"  verified: loaded model vs trained model on 8 random inputs, max |logit difference| = {diff:.2e}")
-        if diff > 1e-3:
-            return _fail(f"the exported model's logits differ from the trained model's by {diff:.3g}; please report this")
+    from .verify import LOGIT_TOLERANCE, check_export
+
+    # records the run's data set in the file, and checks it on real test images (see verify.py)
+    try:
+        lines, passed = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
+                                     images=args.verify_images, root=args.root)
+    except (ExportError, CheckpointError, ValueError) as err:
+        return _fail(str(err))
+    for line in lines:
+        print(line)
+    if not passed:
+        return _fail(f"the exported model's logits differ from the trained model's by more than {LOGIT_TOLERANCE:g} "
+                     f"(see the lines above and the 'verification' entry of {out}'s metadata); please report this")
     return 0
 
 
