@@ -1,6 +1,7 @@
 """Binary layers and model conversion."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import reste
-from reste.nn import BinaryConv2d, BinaryLinear
+from reste.nn import BinaryConv2d, BinaryLayer, BinaryLinear
 
 
 def small_cnn():
@@ -97,11 +98,65 @@ def test_binarize_keeps_first_and_last_and_preserves_shapes_and_params():
 def test_binarize_keep_rules_pointwise_patterns_and_types():
     model = reste.binarize(small_cnn(), keep=("first", "last", "pointwise"))
     assert type(model[6]) is nn.Conv2d
-    model = reste.binarize(small_cnn(), keep=("3",))
+    model = reste.binarize(small_cnn(), keep=("3",), keep_defaults=False)
     assert type(model[3]) is nn.Conv2d and isinstance(model[0], BinaryConv2d)
     model = reste.binarize(small_cnn(), keep=(nn.Linear,))
     assert type(model[9]) is nn.Linear and isinstance(model[3], BinaryConv2d)
     assert reste.nn.full_precision_layers(small_cnn(), keep=("first", "last", "pointwise")) == ["0", "6", "10"]
+
+
+def _real(model):
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryLayer)]
+
+
+def test_binarize_keep_adds_to_the_defaults_and_keep_defaults_false_replaces_them():
+    assert reste.nn.DEFAULT_KEEP == ("first", "last")
+    assert _real(reste.binarize(small_cnn())) == ["0", "10"]
+    # the issue's case: "pointwise" used to replace ("first", "last"); it now adds to them
+    assert _real(reste.binarize(small_cnn(), keep="pointwise")) == ["0", "6", "10"]
+    assert _real(reste.binarize(small_cnn(), keep=["9"])) == ["0", "9", "10"]
+    assert _real(reste.binarize(small_cnn(), keep="pointwise", keep_defaults=False)) == ["6"]
+    assert _real(reste.binarize(small_cnn(), keep_defaults=False)) == []  # every layer binary
+    assert reste.nn.full_precision_layers(small_cnn(), "pointwise") == ["0", "6", "10"]
+    assert reste.nn.full_precision_layers(small_cnn(), "pointwise", keep_defaults=False) == ["6"]
+
+
+@pytest.mark.parametrize("keep,suggestion", [("frist", "'first'"), (["first", "last", "fc_1"], None), ("*.downsampel.*", None)])
+def test_binarize_keep_entry_matching_nothing_is_an_error_with_close_names(keep, suggestion):
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 8, 3))
+    model.add_module("fc1", nn.Linear(8, 8))
+    model.add_module("fc2", nn.Linear(8, 2))
+    before = repr(model)
+    with pytest.raises(ValueError, match="matches no Conv2d/Linear layer") as info:
+        reste.binarize(model, keep=keep)
+    message = str(info.value)
+    bad = keep if isinstance(keep, str) else keep[-1]
+    assert repr(bad) in message and "conv, fc1, fc2" in message  # the valid names are listed
+    if bad == "fc_1":
+        assert "Did you mean 'fc1'" in message
+    if suggestion:
+        assert f"Did you mean {suggestion}" in message
+    assert repr(model) == before  # nothing was converted
+    with pytest.raises(ValueError, match="'frist'"):
+        reste.nn.full_precision_layers(model, "frist")
+
+
+def test_binarize_keep_none_is_refused_and_tokens_and_types_may_match_nothing():
+    with pytest.raises(TypeError, match="keep_defaults=False"):
+        reste.binarize(small_cnn(), keep=None)
+    with pytest.raises(TypeError, match="keep entries"):
+        reste.binarize(small_cnn(), keep=(int,))
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    assert _real(reste.binarize(mlp, keep=("pointwise", nn.Conv2d))) == ["0", "2"]  # categories, not names
+
+
+def test_binarize_logs_the_layers_made_binary_and_those_kept(caplog):
+    with caplog.at_level(logging.INFO, logger="reste.nn.convert"):
+        model = reste.binarize(small_cnn(), keep="pointwise")
+    line = next(r.getMessage() for r in caplog.records if r.name == "reste.nn.convert")
+    assert line == "binarize: 2 layer(s) made binary: 3, 9; kept real: 0, 6, 10"
+    assert [n for n, _ in reste.nn.binary_layers(model)] == ["3", "9"]
 
 
 def test_binarize_twice_is_a_no_op():

@@ -150,6 +150,7 @@ def create(
         estimator=estimator,
         activations=precision == "1w1a",
         keep=getattr(model, "full_precision", DEFAULT_FULL_PRECISION),
+        keep_defaults=False,  # the architecture's list is complete
         weight_estimator=weight_estimator,
         weight_scale=weight_scale,
         input_padding=input_padding,

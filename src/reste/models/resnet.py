@@ -120,8 +120,9 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """stem -> stages of :class:`ResidualBlock` -> avgpool -> BatchNorm1d -> Linear."""
 
-    #: layers ``create`` keeps real: stem conv, 1x1 shortcut convs, classifier (all BN are never binarized)
-    full_precision = ("stem.conv", "*.shortcut.conv", "head.fc")
+    #: layers ``create`` keeps real: stem conv, 1x1 shortcut convs (the only 1x1 convs; a token, because
+    #: option-A ResNet-20s have none and a name pattern must match), classifier (all BN are never binarized)
+    full_precision = ("stem.conv", "pointwise", "head.fc")
 
     def __init__(
         self,
