@@ -7,6 +7,9 @@
 #if RESTE_X86
 #include "kernel_avx512.h"
 #endif
+#if defined(__aarch64__)
+#include "kernel_neon.h"
+#endif
 
 typedef void (*conv_block_fn)(const conv_args *, int64_t, int64_t);
 typedef void (*pack_pixels_fn)(const float *, int64_t, int64_t, int64_t, uint8_t *);
@@ -40,7 +43,8 @@ static const kernel_path kernel_paths[] = {
     {"portable", "popcnt", cpu_popcnt, conv_block_generic_popcnt, pack_pixels_generic},
 #endif
 #if defined(__aarch64__)
-    /* the NEON row goes here */
+    /* Advanced SIMD is part of the aarch64 base the compiler already targets: every CPU has it */
+    {"neon", "asimd (aarch64 Advanced SIMD)", cpu_any, conv_block_neon, pack_pixels_neon},
 #endif
     {"portable", "nothing beyond the base instruction set", cpu_any, conv_block_generic, pack_pixels_generic},
 };
