@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt (only a few options may change, e.g. train.epochs)")
     p.add_argument("--force", action="store_true", help="overwrite the run directory named by out.name if it exists")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit (no training)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or final summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines; the final summary and the run directory are still printed")
     p.set_defaults(func=run_train)
     _allow_options_anywhere(p, takes_value=("--resume",))
 
@@ -125,7 +125,7 @@ def run_train(args) -> int:
             cfg = resume_config(args.resume, overrides) if args.resume else load_config(config, overrides)
             print(config_to_yaml(cfg), end="")
             return 0
-        train(config, resume=args.resume, force=args.force, progress=not args.quiet, overrides=overrides)
+        train(config, resume=args.resume, force=args.force, progress=not args.quiet, summary=True, overrides=overrides)
         return 0
     except ConfigError as err:
         _error(str(err))

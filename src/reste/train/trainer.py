@@ -196,6 +196,23 @@ def _resume_command(run_dir: Path) -> str:
     return f"{launcher} train --resume {run_dir}"
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One terminal line per epoch: train and test loss and top-1, and the equilibrium indicators
+    (the epoch's mean o; e and s as sampled at its last step, see docs/analysis.md)."""
+
+    def num(key, fmt, label):
+        value = row.get(key)
+        return f"{label} {value:{fmt}}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+
+    parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}",
+             f"train loss {row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%",
+             f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%",
+             "  ".join(filter(None, (num("o_mean", ".3f", "mean o"), num("est_error", ".4g", "e"), num("est_error_end", ".4g", "e@o_end"),
+                                     num("grad_instability", ".3g", "s")))),
+             num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else "")]
+    return " | ".join(p for p in parts if p)
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: str = "none", channels_last: bool = False, ctx: D.DistContext | None = None) -> dict:
@@ -584,15 +601,20 @@ class Trainer:
         cfg: a validated :class:`Config` (see :func:`reste.train.load_config`).
         resume: a run directory to continue from its ``checkpoints/last.pt``.
         force: overwrite an existing run directory named by ``out.name``.
-        progress: show the tqdm progress bar and the final summary (rank 0 only).
+        progress: show the tqdm progress bar, a line per epoch under it (test top-1 and loss,
+            o, e, s) and the final summary (rank 0 only).
+        summary: print the final summary and the run directory (default: as ``progress``);
+            ``reste train --quiet`` is ``progress=False, summary=True``.
     """
 
-    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+                 summary: bool | None = None):
         self._created_run_dir: Path | None = None
         self.cfg = cfg
         self.resume_dir = Path(resume) if resume is not None else None
         self.force = force
         self.progress = progress
+        self.print_summary = progress if summary is None else summary
 
     # -- setup -----------------------------------------------------------------
     def _setup(self):
@@ -812,13 +834,14 @@ class Trainer:
         total_steps = epochs * self.steps_per_epoch
         done_steps = self.start_epoch * self.steps_per_epoch + self.start_batch
         show = self.progress and ctx.is_main
+        tell = self.print_summary and ctx.is_main
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True, disable=not show, leave=True)
         self.session_start = time.perf_counter()
         if self.start_epoch >= epochs:
             self.bar.close()
-            if show:
+            if tell:
                 print(f"{self.run_dir} is already complete ({epochs} epochs); raise train.epochs to continue it")
             return self._summary(complete=True)
         try:
@@ -831,12 +854,14 @@ class Trainer:
                 row.update({"test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]})
                 row["epoch_time"] = time.perf_counter() - epoch_start
                 self._end_epoch(epoch, row)
+                if show:
+                    tqdm.write(epoch_line(row, epochs))  # above the bar, which stays at the bottom
                 if epoch + 1 < epochs:
                     self._check_stop(epoch + 1, 0)
         finally:
             self.bar.close()
         summary = self._summary(complete=True)
-        if show:
+        if tell:
             self._print_summary(summary)
         return summary
 
@@ -941,6 +966,7 @@ class Trainer:
             "train_top5": _accuracy(c5, count) if self.num_classes > 5 else None,
             "lr": lr,
             "o": self.est_scheduler.o,
+            "o_mean": self._epoch_mean_o(epoch),
             "images_per_s": count / train_seconds if train_seconds > 0 else float("nan"),
             "train_time": train_seconds,
             "skipped_batches": skipped,
@@ -949,6 +975,18 @@ class Trainer:
             for key in ("est_error", "est_error_end", "grad_instability", "flip_ratio"):
                 row[key] = indicator_row.get(key)
         return row, epoch_start
+
+    def _epoch_mean_o(self, epoch: int) -> float | None:
+        """The mean of o over the epoch's steps, from the schedule (so a resumed epoch gets the
+        same value); ``o`` in the row is the last step's."""
+        sched = self.est_scheduler
+        if sched.o is None:
+            return None
+        if sched.per == "epoch":
+            return sched.schedule(epoch / sched.epochs)
+        total = sched.epochs * sched.steps_per_epoch
+        first = epoch * sched.steps_per_epoch
+        return sum(sched.schedule((first + k) / total) for k in range(sched.steps_per_epoch)) / sched.steps_per_epoch
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
         """Whether the loss / the gradient norm is NaN or inf on any rank (one sync per step)."""
@@ -1059,6 +1097,10 @@ class Trainer:
             "final_test_loss": final.get("test_loss"),
             "epochs": len(rows),
             "planned_epochs": cfg.train.epochs,
+            # the scale of the run, for reports: images actually used (all ranks), steps per epoch
+            "train_images": getattr(self.train_loader, "dataset_size", None),
+            "test_images": getattr(self.test_loader, "dataset_size", None),
+            "steps_per_epoch": self.steps_per_epoch,
             "complete": complete and len(rows) == cfg.train.epochs,
             "seconds": seconds,
             "skipped_batches": self.skipped_total,
@@ -1118,7 +1160,8 @@ def _dotted_keys(nested: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def train(config=None, *, resume=None, force: bool = False, progress: bool = True, overrides=None, **sections) -> dict:
+def train(config=None, *, resume=None, force: bool = False, progress: bool = True, summary: bool | None = None, overrides=None,
+          **sections) -> dict:
     """Train a model; returns the summary dict (also written to ``summary.json``).
 
     Args:
@@ -1126,7 +1169,8 @@ def train(config=None, *, resume=None, force: bool = False, progress: bool = Tru
             path, a nested dict or a :class:`Config`.
         resume: a run directory to continue (its config is used; see :data:`RESUME_OVERRIDABLE`).
         force: overwrite an existing run directory named by ``out.name``.
-        progress: progress bar and final summary on stdout.
+        progress: progress bar, a line per epoch and the final summary on the terminal.
+        summary: the final summary and run directory only (default: as ``progress``).
         overrides: ``["optim.lr=0.05", ...]`` or a nested dict, applied on top of ``config``.
         **sections: more overrides by section, e.g. ``train={"epochs": 2}, optim={"lr": 0.05}, seed=1``.
 
@@ -1144,7 +1188,7 @@ def train(config=None, *, resume=None, force: bool = False, progress: bool = Tru
         cfg = resume_config(resume, extra or None)
     else:
         cfg = load_config(config, extra or None)
-    return Trainer(cfg, resume=resume, force=force, progress=progress).fit()
+    return Trainer(cfg, resume=resume, force=force, progress=progress, summary=summary).fit()
 
 
 def _merge(a: dict, b: dict) -> dict:

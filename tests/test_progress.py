@@ -1,0 +1,113 @@
+"""What `reste train` shows while it runs: a line per epoch under the progress bar (test top-1
+and loss, the epoch's mean o, estimating error e, gradient instability s), the same scalars
+in TensorBoard, and the final summary and run folder even with --quiet.
+
+Tiny runs on generated IDX files (tests/data_fixtures.py): no network, no real data set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import data_fixtures as fx  # noqa: E402
+
+import reste  # noqa: E402
+from reste import cli  # noqa: E402
+from reste.train import trainer as T  # noqa: E402
+
+# 64 training images, batch 32: 2 steps per epoch; 64 // 5 = 12 test images
+TINY = ["data.name=fashion_mnist", "data.subset=64", "data.batch_size=32", "data.test_batch_size=64", "train.device=cpu",
+        "train.threads=1", "model.kwargs={width: 0.25}", "train.epochs=2"]
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    fx.make_idx_dataset(root / "fashion_mnist", n_train=64, n_test=16)
+    return root
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_line_per_epoch_with_test_accuracy_and_the_indicators(tmp_path, data_root, capsys):
+    code = cli.main(["train", *TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = rows_of(tmp_path / "run")
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 == len(rows)
+    for line, row in zip(lines, rows):
+        assert line.startswith(f"epoch {row['epoch']}/2 | train loss {row['train_loss']:.4f}")
+        assert f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%" in line
+        assert f"o {row['o_mean']:.3f}" in line
+        assert f" e {row['est_error']:.4g} " in line and f"e@o_end {row['est_error_end']:.4g}" in line
+        assert f" s {row['grad_instability']:.3g} |" in line
+    # the epoch's mean o, from the schedule the run used (per step, cosine to 3 over 4 steps);
+    # the row's o is the last step's
+    schedule = reste.o_schedule("cosine", o_end=3.0)
+    assert rows[0]["o_mean"] == pytest.approx((schedule(0 / 4) + schedule(1 / 4)) / 2)
+    assert rows[1]["o_mean"] == pytest.approx((schedule(2 / 4) + schedule(3 / 4)) / 2)
+    assert rows[1]["o"] == pytest.approx(schedule(3 / 4))
+    assert "run directory: " + str(tmp_path / "run") in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["train_images"], summary["test_images"], summary["steps_per_epoch"]) == (64, 12, 2)
+
+
+def test_quiet_prints_only_the_final_summary_and_the_run_folder(tmp_path, data_root, capsys):
+    code = cli.main(["train", *TINY, "estimator.per=epoch", f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=q", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert not re.search(r"^epoch ", captured.out, re.M) and "%|" not in captured.err  # no epoch lines, no bar
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert f"final test top-1 {summary['final_top1']:.2f}%" in captured.out
+    assert f"run directory: {tmp_path / 'q'}" in captured.out
+    rows = rows_of(tmp_path / "q")
+    schedule = reste.o_schedule("cosine", o_end=3.0)
+    # per epoch: o = schedule(epoch / epochs), constant within the epoch
+    assert [r["o_mean"] for r in rows] == [r["o"] for r in rows] == [schedule(0.0), schedule(0.5)]
+    # the library stays silent unless asked
+    T.train(overrides=[*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=lib", "train.epochs=1"], progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_tensorboard_gets_the_same_scalars_as_the_epoch_line(tmp_path, data_root, monkeypatch):
+    calls = []
+
+    class RecordingWriter:  # the real SummaryWriter needs the optional tensorboard package
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    T.train(overrides=[*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=tb"], progress=False)
+    rows = rows_of(tmp_path / "tb")
+    scalars = {(tag, step): value for tag, value, step in calls}
+    for row in rows:
+        for key in ("test_top1", "test_loss", "o_mean", "est_error", "est_error_end", "grad_instability"):
+            assert scalars[(key, row["epoch"])] == pytest.approx(row[key]), key
+
+
+def test_epoch_line_leaves_out_what_a_run_does_not_measure():
+    row = {"epoch": 3, "train_loss": 0.5, "train_top1": 80.0, "test_loss": 0.6, "test_top1": 75.5, "o_mean": None,
+           "est_error": None, "est_error_end": None, "grad_instability": None, "epoch_time": 1.25}
+    assert T.epoch_line(row, 10) == "epoch  3/10 | train loss 0.5000 top-1 80.00% | test loss 0.6000 top-1 75.50% | time 1.2 s"
