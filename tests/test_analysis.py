@@ -333,6 +333,40 @@ def test_sweep_cli_rejects_bad_grids(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_sweep_checks_every_run_before_starting_any_with_trains_message(tmp_path, capsys):
+    from reste.analysis.sweep import SweepConfigError
+    from reste.cli import main
+
+    out = tmp_path / "x"
+    assert main(["train", "estimator.o_endd=1", f"out.dir={tmp_path / 'runs'}"]) == 2
+    train_err = capsys.readouterr().err
+    assert "Did you mean 'estimator.o_end'?" in train_err
+    assert main(["sweep", "estimator.o_endd=1,2", "--out", str(out)]) == 2
+    sweep_err = capsys.readouterr().err
+    assert sweep_err.splitlines()[0] == train_err.strip()  # the same message, on the terminal
+    assert "estimator.o_endd=1" in sweep_err and not out.exists() and not (tmp_path / "runs").exists()
+
+    # only the third run is invalid: it is named, and not even the valid ones start
+    calls = []
+    with pytest.raises(SweepConfigError) as info:
+        Sweep(None, ["estimator.o_end=2,3,0.5"], out, launch=fake_launcher(calls), poll_s=0)
+    assert info.value.run == "estimator.o_end=0.5" and "estimator.o_end must be >= 1" in info.value.message
+    assert calls == [] and not out.exists()
+    # a value of the wrong type, caught by the same loader `reste train` uses
+    assert main(["sweep", "train.epochs=1,two", "--out", str(out)]) == 2
+    assert "train.epochs" in capsys.readouterr().err and not out.exists()
+
+
+def test_sweep_check_skips_finished_and_resumed_runs(tmp_path):
+    # a run with a checkpoint trains on the config saved in its folder, not on the grid's values
+    out = tmp_path / "sw"
+    (out / "estimator.o_end=0.5" / "checkpoints").mkdir(parents=True)
+    (out / "estimator.o_end=0.5" / "checkpoints" / "last.pt").write_bytes(b"x")
+    calls = []
+    sweep = Sweep(None, ["estimator.o_end=0.5,2"], out, launch=fake_launcher(calls), poll_s=0)
+    assert sweep.run(progress=None) == 0 and len(calls) == 2 and "--resume" in calls[0]
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 def run_sweep(args) -> int:
     from pathlib import Path
 
-    from .sweep import Sweep, SweepError
+    from .sweep import Sweep, SweepConfigError, SweepError
 
     items = list(args.items)
     config = items.pop(0) if items and "=" not in items[0] else None
@@ -71,6 +71,12 @@ def run_sweep(args) -> int:
         return 2
     try:
         sweep = Sweep(config=config, grid=items, out=out, seeds=seeds, jobs=args.jobs)
+    except SweepConfigError as err:
+        # the first line is what `reste train` prints for this run, with its exit code
+        from ..train.commands import EXIT_CONFIG, _error
+
+        _error(str(err))
+        return EXIT_CONFIG
     except SweepError as err:
         print(f"reste sweep: {err}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-__all__ = ["Sweep", "SweepRun", "SweepError", "is_complete", "parse_grid", "split_values", "run_name", "launch_subprocess"]
+__all__ = ["Sweep", "SweepRun", "SweepError", "SweepConfigError", "is_complete", "parse_grid", "split_values", "run_name", "launch_subprocess"]
 
 #: statuses a run can have in sweep.json
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
@@ -36,6 +36,18 @@ STATUSES = ("pending", "running", "done", "failed", "interrupted")
 
 class SweepError(ValueError):
     """A sweep specification that cannot be run (bad grid syntax, conflicting options)."""
+
+
+class SweepConfigError(SweepError):
+    """The configuration of one run of the grid is invalid; nothing was started.
+
+    ``message`` is exactly what ``reste train`` would print for that run, ``run`` its name.
+    """
+
+    def __init__(self, run: str, message: str):
+        self.run = run
+        self.message = message
+        super().__init__(f"{message}\n  (run {run!r} of the grid; no run was started)")
 
 
 def split_values(text: str) -> list[str]:
@@ -182,6 +194,7 @@ class Sweep:
         self.fixed = {k: v[0][1] for k, v in self.parsed.items() if len(v) == 1}
         self.varying = {k: v for k, v in self.parsed.items() if len(v) > 1}
         self.runs = self._plan()
+        self.check()
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> list[SweepRun]:
@@ -204,14 +217,39 @@ class Sweep:
             data = json.loads((run.path / "summary.json").read_text())
             run.final_top1, run.best_top1 = data.get("final_top1"), data.get("best_top1")
 
+    def check(self) -> None:
+        """Validate, before anything runs, the config of every run this sweep would start.
+
+        Each one is built from the same ``key=value`` items its ``reste train`` command gets,
+        through the same loader, so the first invalid run raises :class:`SweepConfigError`
+        with ``reste train``'s own message. Finished runs are skipped, and so are runs that
+        will be resumed: they train on the config saved in their run directory.
+        """
+        import warnings
+
+        from ..train.config import ConfigError, load_config
+
+        for run in self.runs:
+            if run.status == "done" or (run.path / "checkpoints" / "last.pt").is_file():
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # harmless conflicts: each run's log reports them
+                    load_config(self.config, self._train_items(run))
+            except ConfigError as err:
+                raise SweepConfigError(run.name, str(err)) from None
+
+    def _train_items(self, run: SweepRun) -> list[str]:
+        items = [f"{k}={_override_text(v)}" for k, v in run.overrides.items()]
+        return items + [f"out.dir={self.out}", f"out.name={run.name}"]
+
     def command(self, run: SweepRun) -> tuple[list[str], str]:
         """The ``reste train`` command line for ``run`` and the action it takes."""
         base = [sys.executable, "-m", "reste", "train"]
         if (run.path / "checkpoints" / "last.pt").is_file():
             return base + ["--resume", str(run.path)], "resume"
         argv = base + ([str(self.config)] if self.config is not None else [])
-        argv += [f"{k}={_override_text(v)}" for k, v in run.overrides.items()]
-        argv += [f"out.dir={self.out}", f"out.name={run.name}"]
+        argv += self._train_items(run)
         if run.path.exists():  # a run that died before its first checkpoint: start over
             return argv + ["--force"], "restart"
         return argv, "start"
