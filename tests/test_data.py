@@ -46,6 +46,9 @@ def isolated_environment(monkeypatch, tmp_path):
     for var in ("RESTE_DATA", "RESTE_MIRROR", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    # the per-user data folder of these tests; an unintended download fails at once (port 9 is closed)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("RESTE_MIRROR", "http://127.0.0.1:9/")
 
 
 def normalized(images_uint8: np.ndarray, name: str) -> torch.Tensor:
@@ -377,8 +380,55 @@ def test_missing_dataset_error_says_where_and_how(tmp_path, monkeypatch, name):
     assert repr(name) in text
     assert str(tmp_path / name) in text and f"{tmp_path} (" in text
     assert f"reste.data.download('{name}'" in text and f"reste download {name} --root {tmp_path}" in text
+    assert f"{tmp_path / 'usr-share'} (" not in text  # an explicit root is the only place looked at
     if name == "fashion_mnist":
-        assert str(tmp_path / "usr-share") in text and "apt-get install dataset-fashion-mnist" in text
+        assert "apt-get install" not in text and f"leave the data folder unset (data.root) to use {data.default_root()}" in text
+
+
+def test_explicit_root_never_falls_back_to_the_system_copy(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share"
+    fx.make_idx_dataset(system, n_train=16, n_test=4)
+    monkeypatch.setattr(catalog, "SYSTEM_DIRS", {"fashion_mnist": [system]})
+    train, _ = data.create_loaders("fashion_mnist", batch_size=4)  # no root: the system copy is found
+    assert train.source == str(system)
+    for root in (tmp_path / "nonexistent", tmp_path / "half"):
+        if root.name == "half":  # a folder that lacks one file
+            fx.make_idx_dataset(root / "fashion_mnist", n_train=16, n_test=4)
+            (root / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+        with pytest.raises(data.DatasetNotFoundError) as caught:
+            data.create_loaders("fashion_mnist", root=root, batch_size=4)
+        assert str(root / "fashion_mnist") in str(caught.value) and f"{system} (" not in str(caught.value)
+        assert not (root / "fashion_mnist" / "train-images-idx3-ubyte.gz").exists() or root.name == "half"
+
+
+def test_missing_default_data_is_downloaded_into_the_user_cache(tmp_path, monkeypatch, http_server, capsys):
+    served, url, requests = http_server
+    arrays = fx.make_idx_dataset(served, n_train=24, n_test=6)
+    _pin_md5s(monkeypatch, "fashion_mnist", served)
+    monkeypatch.setenv("RESTE_MIRROR", url)
+    train, test = data.create_loaders("fashion_mnist", batch_size=8)  # no root, download left to its default
+    cache = tmp_path / "user-cache" / "reste" / "data" / "fashion_mnist"
+    assert train.source == str(cache) and (train.dataset_size, test.dataset_size) == (24, 6)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(fx.IDX_FILES.values())
+    assert np.array_equal(data.load_arrays("fashion_mnist").test_images[:, 0], arrays["test_images"])
+    err = capsys.readouterr().err
+    assert f"downloading the official files into {cache} (md5-checked)" in err and f"is ready in {cache}" in err
+    assert len(requests) == 4
+    data.create_loaders("fashion_mnist", batch_size=8)
+    assert len(requests) == 4  # found in the cache: nothing fetched again
+
+
+def test_offline_default_download_fails_with_where_and_how(tmp_path, capsys):
+    with pytest.raises(data.DatasetNotFoundError) as caught:  # RESTE_MIRROR points at a closed port
+        data.create_loaders("fashion_mnist", batch_size=8)
+    text = str(caught.value)
+    cache = tmp_path / "user-cache" / "reste" / "data"
+    assert str(cache / "fashion_mnist") + " (no such folder)" in text
+    assert f"download into {cache / 'fashion_mnist'} failed" in text and "apt-get install dataset-fashion-mnist" in text
+    assert not cache.exists()  # the failed download left no empty folder behind
+    with pytest.raises(data.DatasetNotFoundError) as caught:  # download=False: no attempt
+        data.create_loaders("fashion_mnist", batch_size=8, download=False)
+    assert "failed" not in str(caught.value)
 
 
 def test_partial_idx_folder_names_missing_files(tmp_path):
@@ -394,7 +444,9 @@ def test_default_root_from_environment(tmp_path, monkeypatch):
     train, _ = data.create_loaders("mnist", batch_size=4)
     assert train.dataset_size == 16
     monkeypatch.delenv("RESTE_DATA")
-    assert data.default_root() == Path("data")
+    assert data.default_root() == tmp_path / "user-cache" / "reste" / "data"  # $XDG_CACHE_HOME/reste/data
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.default_root() == Path.home() / ".cache" / "reste" / "data"
 
 
 def _corrupt(path: Path, how: str):
@@ -538,8 +590,9 @@ def test_download_with_wrong_checksum_leaves_nothing_and_keeps_good_file(tmp_pat
     with pytest.raises(data.CorruptDataError, match="md5 mismatch") as caught:
         data.download("mnist", root, mirror=url, progress=False)
     assert "train-images-idx3-ubyte.gz" in str(caught.value)
-    assert list((root / "mnist").iterdir()) == []  # no partial or bad file left behind
+    assert not root.exists()  # no partial or bad file left behind, nor the folders made for them
 
+    (root / "mnist").mkdir(parents=True)
     existing = root / "mnist" / "train-images-idx3-ubyte.gz"
     existing.write_bytes(b"previously downloaded content")
     with pytest.raises(data.CorruptDataError):
@@ -552,7 +605,7 @@ def test_download_failure_is_clear_and_leaves_nothing(tmp_path, http_server):
     _, url, _ = http_server  # serves an empty folder: 404
     with pytest.raises(OSError, match="download of .*train-images-idx3-ubyte.gz failed"):
         data.download("mnist", tmp_path, mirror=url, progress=False)
-    assert list((tmp_path / "mnist").iterdir()) == []
+    assert not (tmp_path / "mnist").exists()  # no empty folder left behind
 
 
 def test_download_cifar_tarball_and_extract(tmp_path, monkeypatch, http_server):
@@ -652,7 +705,8 @@ def test_import_needs_neither_torchvision_nor_pillow():
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_system_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "SYSTEM_DIRS", {"fashion_mnist": [REAL_FASHION_MNIST]})
-    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=256)
+    monkeypatch.setenv("RESTE_DATA", str(tmp_path))  # an empty per-user folder: the system copy is next
+    train, test = data.create_loaders("fashion_mnist", batch_size=256)
     assert (train.dataset_size, test.dataset_size) == (60000, 10000)
     assert train.source == str(REAL_FASHION_MNIST)
     assert torch.bincount(train.labels, minlength=10).tolist() == [6000] * 10

@@ -9,13 +9,46 @@ Binarize a model in three lines::
 See the README for the command-line tool (``reste train``, ``reste eval``, ...).
 """
 
-from . import deploy, models, nn
-from .deploy import summary
-from .estimators import Estimator, estimator, estimators, register
-from .nn import binarize
-from .schedules import EstimatorScheduler, o_schedule, o_schedule_ways, set_params, set_progress
+import importlib
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so `reste --help` and other light commands start without
+# loading torch: name -> (module, attribute or None for the module itself).
+_LAZY = {
+    "deploy": (".deploy", None),
+    "models": (".models", None),
+    "nn": (".nn", None),
+    "data": (".data", None),
+    "train": (".train", None),
+    "analysis": (".analysis", None),
+    "summary": (".deploy", "summary"),
+    "Estimator": (".estimators", "Estimator"),
+    "estimator": (".estimators", "estimator"),
+    "estimators": (".estimators", "estimators"),
+    "register": (".estimators", "register"),
+    "binarize": (".nn", "binarize"),
+    "EstimatorScheduler": (".schedules", "EstimatorScheduler"),
+    "o_schedule": (".schedules", "o_schedule"),
+    "o_schedule_ways": (".schedules", "o_schedule_ways"),
+    "set_params": (".schedules", "set_params"),
+    "set_progress": (".schedules", "set_progress"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reste' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Estimator",

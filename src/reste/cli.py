@@ -2,8 +2,13 @@
 
 Each area of the library registers its own sub-commands from a ``commands``
 module (``reste.train.commands``, ``reste.analysis.commands``, ...), so this
-file only assembles them. Heavy imports happen inside the commands, keeping
-``reste --help`` fast.
+file only assembles them. Only the module of the command being run is imported:
+``reste --help``, ``--version`` and ``reste datasets`` start without loading torch.
+
+Exit codes, the same for every command: 0 success, 1 the work itself failed (a
+run diverged, a download failed, a check did not pass), 2 bad usage or input (an
+unknown option, a config key that does not exist, a missing or unreadable file),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,43 +16,73 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-#: modules that provide ``register(subparsers)``; each adds its sub-commands
-COMMAND_MODULES = (
-    "reste.train.commands",
-    "reste.analysis.commands",
-    "reste.deploy.commands",
-    "reste.data.commands",
-)
+#: command -> (module whose ``register(subparsers)`` adds it, the one-line help of ``reste --help``;
+#: tests check that it is the help the module registers)
+COMMANDS = {
+    "train": ("reste.train.commands", "train a binary network (default: binary ResNet-20 + ReSTE on Fashion-MNIST)"),
+    "eval": ("reste.train.commands", "evaluate a trained run, a checkpoint or an exported 1-bit model on a test set"),
+    "sweep": ("reste.analysis.commands", "run a grid of training runs (cartesian product), resumable"),
+    "report": ("reste.analysis.commands", "tables and figures (seed Tables 1-3, Figures 1-3) from run or sweep directories"),
+    "summary": ("reste.deploy.commands", "per-layer parameters by bit width, memory and MACs of a model"),
+    "export": ("reste.deploy.commands", "write a trained run's model with 1-bit packed weights (safetensors)"),
+    "bench-infer": ("reste.deploy.commands", "time packed binary layers and models against float PyTorch on this CPU"),
+    "download": ("reste.data.commands", "download and verify a data set into ROOT/NAME"),
+    "datasets": ("reste.data.commands", "list the known data sets, their shapes and which are present here"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the sub-commands of ``command``'s module are complete, the others are listed
+    by name and help only (``None``: all complete, as the tests and the docs generator use)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="reste",
         description="Train, analyse and ship binary neural networks with the Rectified Straight-Through Estimator.",
+        epilog="exit codes: 0 success, 1 the work failed, 2 bad usage or input, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"reste {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # that area has no commands (yet); others still work
-                continue
-            raise
-        module.register(sub)
+    wanted = {module for module, _ in COMMANDS.values()} if command is None else (
+        {COMMANDS[command][0]} if command in COMMANDS else set())
+    registered = set()
+    for name, (module, help_text) in COMMANDS.items():
+        if module in wanted and module not in registered:
+            importlib.import_module(module).register(sub)
+            registered.add(module)
+        elif module not in wanted:
+            sub.add_parser(name, help=help_text)  # a placeholder for the listing
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The first argument that is not an option: the sub-command, if any."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    # users see "Warning: ...", not the library's source file and line
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _short_warning
+    try:
+        parser = build_parser(_command_of(argv) or "")  # "": no command module imported
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

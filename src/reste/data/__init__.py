@@ -14,18 +14,24 @@ In-memory data sets (MNIST-likes, CIFAR) are served by
 device, batched augmentation, deterministic from ``(seed, epoch)``.
 ImageNet uses a torch ``DataLoader`` over class folders (needs Pillow, the
 ``reste[imagenet]`` extra). Importing this package needs neither Pillow nor
-torchvision. See ``docs/data.md``.
+torchvision, nor torch (the loaders import it on first use, so ``reste datasets``
+starts fast). See ``docs/data.md``.
 """
 
 from __future__ import annotations
-
-import torch
 
 from .arrays import DatasetArrays, load_arrays, locate
 from .catalog import DatasetInfo, canonical_name, default_root, info, names
 from .download import download, download_file
 from .errors import CorruptDataError, DatasetNotFoundError
-from .loaders import InMemoryLoader
+
+
+def __getattr__(name: str):
+    if name == "InMemoryLoader":  # imports torch
+        from .loaders import InMemoryLoader
+
+        return InMemoryLoader
+    raise AttributeError(f"module 'reste.data' has no attribute {name!r}")
 
 __all__ = [
     "names",
@@ -50,7 +56,7 @@ def create_loaders(
     batch_size: int = 128,
     test_batch_size: int | None = None,
     augment: bool = True,
-    download: bool = False,
+    download: bool | None = None,
     seed: int = 0,
     device="cpu",
     num_workers: int = 0,
@@ -66,14 +72,17 @@ def create_loaders(
 
     Args:
         name: one of :func:`names`.
-        root: data folder (default ``$RESTE_DATA`` or ``./data``); see
-            :mod:`reste.data.arrays` for every place searched.
+        root: data folder, the only place looked at when given; by default the
+            per-user folder (``$RESTE_DATA``, else ``~/.cache/reste/data``), then
+            system folders. See :mod:`reste.data.arrays` for every place searched.
         batch_size: training batch size *per rank*.
         test_batch_size: evaluation batch size (default ``batch_size``).
         augment: apply the recipe's training augmentation (see :func:`info`:
             random crop after ``crop_padding`` zero pixels, flips if
             ``horizontal_flip``; RandomResizedCrop + flip for ImageNet).
-        download: fetch the data set into ``root/<name>`` if it is not found.
+        download: ``None`` (default): fetch a missing data set into the per-user
+            folder when no ``root`` is given, never into an explicit ``root``;
+            ``True``: fetch it into ``root/<name>`` too; ``False``: never fetch.
         seed: seeds the shuffle and augmentation (with the epoch, see
             ``loader.set_epoch``).
         device: where batches are produced (in-memory sets live there).
@@ -103,6 +112,10 @@ def create_loaders(
             device=device, num_workers=num_workers, subset=subset, rank=rank, world_size=world_size,
             drop_last=drop_last, shard_test=shard_test,
         )
+
+    import torch
+
+    from .loaders import InMemoryLoader
 
     arrays = load_arrays(name, root, download=download, mirror=mirror)
     train_x, train_y = arrays.train_images, arrays.train_labels

@@ -3,18 +3,22 @@
 Search order for the in-memory data sets (first complete hit wins):
 
 * MNIST-likes: ``root/<name>``, ``root``, torchvision's ``root/<Folder>/raw``
-  layout, then system folders (Debian's ``/usr/share/datasets/fashion-mnist``
-  for ``fashion_mnist``). A folder counts when it holds all four IDX files,
-  each either ``.gz`` or uncompressed.
+  layout, then, only when no ``root`` was given, system folders (Debian's
+  ``/usr/share/datasets/fashion-mnist`` for ``fashion_mnist``). A folder counts
+  when it holds all four IDX files, each either ``.gz`` or uncompressed.
 * CIFAR: in ``root/<name>`` then ``root``: the extracted folder
   (``cifar-10-batches-py/`` / ``cifar-100-python/``) if it holds every batch,
   else the official tarball, read in place without extracting.
 
-``root`` defaults to ``$RESTE_DATA`` or ``./data``.
+``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
+``~/.cache/reste/data``). A ``root`` given explicitly is the only place looked
+at: a data set missing there is an error naming it, never a silent fallback to
+another copy.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +56,12 @@ class DatasetArrays:
     source: str  # where it was read from, for logs
 
 
-def _idx_candidates(name: str, root: Path) -> list[Path]:
+def _idx_candidates(name: str, root: Path, system: bool) -> list[Path]:
     candidates = [root / name, root]
     if name in _TORCHVISION_FOLDERS:
         candidates.append(root / _TORCHVISION_FOLDERS[name] / "raw")
-    # Looked up at call time (not imported by value) so it can be patched.
-    candidates += list(catalog.SYSTEM_DIRS.get(name, []))
+    if system:  # only without an explicit root; looked up at call time so it can be patched
+        candidates += list(catalog.SYSTEM_DIRS.get(name, []))
     return candidates
 
 
@@ -80,7 +84,7 @@ def _find_idx_files(name: str, folder: Path) -> tuple[dict[str, Path] | None, st
     return found, ""
 
 
-def _cifar_candidates(name: str, root: Path) -> list[Path]:
+def _cifar_candidates(name: str, root: Path, system: bool) -> list[Path]:
     return [root / name, root]
 
 
@@ -102,8 +106,13 @@ def _find_cifar(name: str, folder: Path) -> tuple[tuple[str, Path] | None, str]:
 
 def locate(name: str, root=None):
     """Find data set ``name``; return what the reader needs, or raise
-    :class:`DatasetNotFoundError` listing every place searched."""
+    :class:`DatasetNotFoundError` listing every place searched.
+
+    With ``root=None`` the per-user data folder and then the system folders are
+    searched; with an explicit ``root`` only that folder (see the module docstring).
+    """
     name = canonical_name(name)
+    system = root is None
     root = resolve_root(root)
     if name in IDX_SOURCES:
         candidates, find = _idx_candidates, _find_idx_files
@@ -112,12 +121,23 @@ def locate(name: str, root=None):
     else:
         raise ValueError(f"{name!r} is not an in-memory data set")
     searched = []
-    for folder in candidates(name, root):
+    for folder in candidates(name, root, system):
         hit, why = find(name, folder)
         if hit:
             return hit
         searched.append(f"{folder} ({why})")
-    raise DatasetNotFoundError(name, searched, how_to_get(name, root))
+    raise DatasetNotFoundError(name, searched, how_to_get(name, root, system))
+
+
+def find_imagenet_root(root=None) -> Path:
+    """The folder holding ``train/`` and ``val/``: ``root`` or ``root/imagenet``."""
+    root = resolve_root(root)
+    searched = []
+    for candidate in (root, root / "imagenet"):
+        if (candidate / "train").is_dir() and (candidate / "val").is_dir():
+            return candidate
+        searched.append(f"{candidate} (needs train/ and val/ class folders)")
+    raise DatasetNotFoundError("imagenet", searched, how_to_get("imagenet", root))
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, source) -> None:
@@ -141,21 +161,36 @@ def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndar
     return images[:, None], labels  # add the channel axis: N x 1 x H x W
 
 
-def load_arrays(name: str, root=None, *, download: bool = False, mirror: str | None = None) -> DatasetArrays:
+def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: str | None = None,
+                progress: bool = True) -> DatasetArrays:
     """Read the whole train and test split of an in-memory data set.
 
-    With ``download=True`` a data set that is not found is downloaded into
-    ``root/<name>`` first (see :func:`reste.data.download`).
+    ``download``: ``None`` (the default) downloads a missing data set into the
+    per-user data folder when no ``root`` was given, and never into an explicit
+    ``root``; ``True`` downloads into ``root/<name>`` (or the per-user folder);
+    ``False`` never downloads. Downloads are announced on stderr and md5-checked
+    (see :func:`reste.data.download`); if one fails (offline, say), the error lists
+    every place searched, the failure and how to get the files.
     """
     name = canonical_name(name)
     meta = info(name)
+    if download is None:
+        download = root is None
     try:
         found = locate(name, root)
-    except DatasetNotFoundError:
+    except DatasetNotFoundError as missing:
         if not download:
             raise
-        download_dataset(name, root, mirror=mirror)
-        found = locate(name, root)
+        target = resolve_root(root) / name
+        print(f"{name} was not found; downloading the official files into {target} (md5-checked) ...",
+              file=sys.stderr, flush=True)
+        try:
+            download_dataset(name, root if root is not None else resolve_root(None), mirror=mirror, progress=progress)
+        except OSError as exc:  # offline, refused, timed out: keep the full "where we looked" message
+            raise DatasetNotFoundError(name, missing.searched + [f"download into {target} failed: {exc}"],
+                                       missing.how_to_get) from exc
+        found = locate(name, target.parent)
+        print(f"{name} is ready in {target}", file=sys.stderr, flush=True)
 
     if name in IDX_SOURCES:
         train = _read_idx_split(found["train_images"], found["train_labels"], meta)

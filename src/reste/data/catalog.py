@@ -202,16 +202,21 @@ MIRROR_ENV_VAR = "RESTE_MIRROR"
 
 
 def default_root() -> Path:
-    """``$RESTE_DATA`` if set, else ``./data`` (relative to the working dir)."""
-    return Path(os.environ.get(ROOT_ENV_VAR) or "data")
+    """The per-user data folder: ``$RESTE_DATA`` if set, else ``$XDG_CACHE_HOME/reste/data``
+    (``~/.cache/reste/data``). Data sets downloaded without an explicit root go there."""
+    if os.environ.get(ROOT_ENV_VAR):
+        return Path(os.environ[ROOT_ENV_VAR]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "reste" / "data"
 
 
 def resolve_root(root) -> Path:
     return Path(root).expanduser() if root is not None else default_root()
 
 
-def how_to_get(name: str, root: Path) -> list[str]:
-    """Commands that fetch data set ``name`` into ``root``, for error messages."""
+def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
+    """Commands that fetch data set ``name`` into ``root``, for error messages; ``system``:
+    whether the system folders were searched too (no explicit root)."""
     name = canonical_name(name)
     if name == "imagenet":
         return [
@@ -223,8 +228,11 @@ def how_to_get(name: str, root: Path) -> list[str]:
     commands = [
         f"python -c \"import reste.data; reste.data.download('{name}', root='{root}')\"",
         f"reste download {name} --root {root}   (or: python -m reste download ...)",
-        "or pass download=True to reste.data.create_loaders(...)",
+        "or pass download=True to reste.data.create_loaders(...) (data.download=true in a config)",
     ]
-    if name == "fashion_mnist":
+    if name == "fashion_mnist" and system:
         commands.append("or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist")
+    elif name in SYSTEM_DIRS and not system:
+        commands.append(f"or leave the data folder unset (data.root) to use {default_root()} and "
+                        f"{', '.join(str(p) for p in SYSTEM_DIRS[name])}")
     return commands

@@ -9,13 +9,15 @@ import sys
 
 DOWNLOAD_EPILOG = """\
 examples:
+  reste download fashion_mnist                 # into $RESTE_DATA or ~/.cache/reste/data
   reste download cifar10 --root ./data
-  reste download fashion_mnist                 # into $RESTE_DATA or ./data
   RESTE_MIRROR=http://host/mnist/ reste download mnist
 
 Files are md5-checked; a wrong download is deleted and never replaces an
-existing file. Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist
-(Debian: apt-get install dataset-fashion-mnist). ImageNet cannot be downloaded.
+existing file; a failed download leaves no folder behind. Without --root, training
+finds what is downloaded here by itself. Fashion-MNIST is also found in
+/usr/share/datasets/fashion-mnist (Debian: apt-get install dataset-fashion-mnist).
+ImageNet cannot be downloaded.
 """
 
 
@@ -29,12 +31,17 @@ def register(subparsers) -> None:
         epilog=DOWNLOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     download.add_argument("name", choices=names(), metavar="NAME", help=", ".join(names()))
-    download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ./data)")
+    download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ~/.cache/reste/data)")
     download.add_argument("--mirror", default=None, help="base URL replacing the official one ($RESTE_MIRROR)")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(func=run_download)
 
-    datasets = subparsers.add_parser("datasets", help="list the known data sets and their shapes")
+    datasets = subparsers.add_parser(
+        "datasets", help="list the known data sets, their shapes and which are present here",
+        description="List the known data sets and, for each, where it was found (without --root: the per-user "
+                    "data folder, then system folders) or 'not present'.",
+    )
+    datasets.add_argument("--root", default=None, help="look only in this data folder")
     datasets.set_defaults(func=run_datasets)
 
 
@@ -45,9 +52,31 @@ def run_download(args) -> int:
         folder = download(args.name, args.root, mirror=args.mirror, progress=not args.quiet)
     except (OSError, ValueError) as exc:  # includes DatasetNotFoundError / CorruptDataError
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if args.name == "imagenet" else 1  # ImageNet: a usage error; otherwise the download failed
     print(f"{args.name} is ready in {folder}")
     return 0
+
+
+def _where(name: str, root) -> str:
+    """The folder data set ``name`` is read from, or 'not present'."""
+    from .arrays import locate
+    from .errors import CorruptDataError, DatasetNotFoundError
+
+    if name == "imagenet":
+        from .arrays import find_imagenet_root
+
+        try:
+            return str(find_imagenet_root(root))
+        except (OSError, ValueError):
+            return "not present (needs a manual download, see docs/data.md)"
+    try:
+        hit = locate(name, root)
+    except DatasetNotFoundError:
+        return "not present (reste download " + name + ")"
+    except CorruptDataError as exc:
+        return f"damaged: {exc}"
+    path = hit[1] if isinstance(hit, tuple) else hit["train_images"].parent
+    return str(path)
 
 
 def run_datasets(args) -> int:
@@ -57,5 +86,5 @@ def run_datasets(args) -> int:
         meta = info(name)
         shape = f"{meta.in_channels}x{meta.image_size}x{meta.image_size}"
         print(f"{name:14s} {meta.num_classes:5d} classes  {shape:10s} "
-              f"{meta.train_size:>9,d} train / {meta.test_size:,d} test")
+              f"{meta.train_size:>9,d} train / {meta.test_size:>6,d} test   {_where(name, args.root)}")
     return 0

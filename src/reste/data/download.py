@@ -166,13 +166,31 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
       is kept (so a re-run is a no-op) and safely extracted next to it.
     * ``imagenet``: cannot be downloaded (registration needed): ValueError.
 
-    ``root`` defaults to ``$RESTE_DATA`` or ``./data``; ``mirror`` (or
-    ``$RESTE_MIRROR``) replaces the official base URL. Every file is md5
-    checked; see :func:`download_file` for what happens on a mismatch.
+    ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
+    ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
+    official base URL. Every file is md5 checked; see :func:`download_file` for
+    what happens on a mismatch. A failed download leaves no folder it created.
     """
     name = canonical_name(name)
     root = resolve_root(root)
     target = root / name
+    if name == "imagenet":
+        raise ValueError("\n".join(how_to_get(name, root)))
+    if name not in IDX_SOURCES and name not in CIFAR_SOURCES:
+        raise ValueError(f"unknown data set {name!r}")
+    created = [p for p in [target, *target.parents] if not p.exists()]
+    try:
+        return _download_into(name, target, mirror, progress)
+    except BaseException:
+        for folder in created:  # deepest first: only the folders this call made, only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download_into(name: str, target: Path, mirror: str | None, progress: bool) -> Path:
     if name in IDX_SOURCES:
         source = IDX_SOURCES[name]
         base = _base_url(source.base_url, mirror)
@@ -189,6 +207,4 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
         )
         safe_extract(archive, target)
         return target
-    if name == "imagenet":
-        raise ValueError("\n".join(how_to_get(name, root)))
-    raise ValueError(f"unknown data set {name!r}")
+    raise AssertionError(name)  # download() checked the name

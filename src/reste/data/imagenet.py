@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .arrays import find_imagenet_root  # noqa: F401 - part of this module's API
 from .augment import Normalizer
-from .catalog import how_to_get, info, resolve_root
+from .catalog import how_to_get, info
 from .errors import CorruptDataError, DatasetNotFoundError
 from .loaders import epoch_seed, shard_range
 
@@ -61,17 +62,6 @@ def require_pillow():
             "extra with: pip install 'reste[imagenet]'  (or: pip install pillow)"
         ) from exc
     return Image
-
-
-def find_imagenet_root(root=None) -> Path:
-    """The folder holding ``train/`` and ``val/``: ``root`` or ``root/imagenet``."""
-    root = resolve_root(root)
-    searched = []
-    for candidate in (root, root / "imagenet"):
-        if (candidate / "train").is_dir() and (candidate / "val").is_dir():
-            return candidate
-        searched.append(f"{candidate} (needs train/ and val/ class folders)")
-    raise DatasetNotFoundError("imagenet", searched, how_to_get("imagenet", root))
 
 
 def scan_class_folders(split_dir: Path, class_to_index: dict[str, int] | None = None):

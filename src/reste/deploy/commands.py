@@ -160,19 +160,18 @@ def run_export(args) -> int:
     size_bytes = out.stat().st_size
     print(f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
           f"float32 weights ({s.float32_bytes:,} bytes)")
-    from .verify import LOGIT_TOLERANCE, check_export
+    from .verify import check_export
 
     # records the run's data set in the file, and checks it on real test images (see verify.py)
     try:
-        lines, passed = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
-                                     images=args.verify_images, root=args.root)
+        lines, problem = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
+                                      images=args.verify_images, root=args.root)
     except (ExportError, CheckpointError, ValueError) as err:
         return _fail(str(err))
     for line in lines:
         print(line)
-    if not passed:
-        return _fail(f"the exported model's logits differ from the trained model's by more than {LOGIT_TOLERANCE:g} "
-                     f"(see the lines above and the 'verification' entry of {out}'s metadata); please report this")
+    if problem:
+        return _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
     return 0
 
 

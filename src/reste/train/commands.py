@@ -53,16 +53,25 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser(
         "eval",
-        help="evaluate a trained run or checkpoint on a test set",
-        description="Load a checkpoint and its config, rebuild the model and the test loader, print top-1, top-5 and loss.",
+        help="evaluate a trained run, a checkpoint or an exported 1-bit model on a test set",
+        description="Load a checkpoint and its config (or an exported .safetensors file), rebuild the model and the test "
+                    "loader, print top-1, top-5, loss and the number of test images. By default the test images are the "
+                    "ones the run reported on (its data.subset), so the numbers match the run's.",
+        epilog="examples:\n  reste eval runs/my-run\n  reste eval runs/my-run --which last --full --threads 2\n"
+               "  reste eval runs/my-run/model-1bit.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (uses checkpoints/<which>.pt) or a .pt file")
-    e.add_argument("--which", choices=("last", "best"), default="last", help="checkpoint of a run directory (default: last)")
+    e.add_argument("source", metavar="RUN_DIR_OR_FILE",
+                   help="a run directory (uses checkpoints/<which>.pt), a .pt checkpoint, or a .safetensors file from `reste export`")
+    e.add_argument("--which", choices=("last", "best"), help="checkpoint of a run directory (default: best, as `reste export`)")
     e.add_argument("--data", metavar="NAME", help="evaluate on this data set instead of the one trained on (same classes and channels)")
-    e.add_argument("--root", metavar="DIR", help="data folder")
+    e.add_argument("--root", metavar="DIR", help="data folder (default: the run's data.root)")
     e.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
-    e.add_argument("--subset", type=int, metavar="N", help="only the first N // 5 test images (quick check)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    images = e.add_mutually_exclusive_group()
+    images.add_argument("--subset", type=int, metavar="N", help="only the first N // 5 test images (default: the run's test images)")
+    images.add_argument("--full", action="store_true", help="the whole test set, also for a run trained on a subset")
+    e.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and the 1-bit kernel (default: torch's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto; an export: cpu)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=run_eval)
 
@@ -148,9 +157,31 @@ def run_eval(args) -> int:
     from .checkpoint import CheckpointError
     from .trainer import evaluate
 
+    export = str(args.source).endswith(".safetensors")
+    if args.threads is not None and args.threads < 1:
+        _error(f"--threads must be at least 1, got {args.threads}")
+        return EXIT_CONFIG
+    if export and args.which:
+        _error(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from")
+        return EXIT_CONFIG
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the packed kernel uses torch's thread count too
+    subset = None if args.full else (args.subset if args.subset is not None else "run")
     try:
-        result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=args.subset,
-                          device=args.device, which=args.which)
+        if export:
+            from reste.deploy import ExportError
+            from reste.deploy.verify import evaluate_export
+
+            try:
+                result = evaluate_export(args.source, data=args.data, root=args.root, batch_size=args.batch_size,
+                                         subset=subset, device="cpu" if args.device == "auto" else args.device)
+            except ExportError as err:  # not a reste export, damaged, ...: a bad input file, like a bad checkpoint
+                raise CheckpointError(str(err)) from None
+        else:
+            result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=subset,
+                              device=args.device, which=args.which or "best")
     except ConfigError as err:
         _error(str(err))
         return EXIT_CONFIG
@@ -161,6 +192,8 @@ def run_eval(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"
-        print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['data']} test set, {result['count']} images:")
+        which = "the whole test set" if result.get("subset") is None else f"the first ones, as data.subset={result['subset']}; --full for all"
+        label = f"{result['file']} ({result['checkpoint']}, " if export else f"{result['checkpoint']} ("
+        print(f"{label}epoch {result['epoch']}) on the {result['data']} test set: {result['count']:,} images ({which})")
         print(f"  top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}")
     return 0

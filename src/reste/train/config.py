@@ -94,13 +94,13 @@ class DataConfig:
     """The data set and its loaders (see ``reste.data.names()``)."""
 
     name: str = _opt("fashion_mnist", "data set, one of reste.data.names()")
-    root: Optional[str] = _opt(None, "data folder (default $RESTE_DATA or ./data, then system folders)")
+    root: Optional[str] = _opt(None, "data folder, the only place looked at when set (default: $RESTE_DATA or ~/.cache/reste/data, then system folders)")
     batch_size: int = _opt(128, "GLOBAL training batch (split evenly across distributed ranks)")
     test_batch_size: Optional[int] = _opt(512, "evaluation batch per rank (null = batch_size)")
     augment: bool = _opt(False, "training augmentation of the data set's recipe (random crop, flips); off in the short main job, on in the paper configs")
     subset: Optional[int] = _opt(None, "use only the first N training images (and N // 5 test images)")
     num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
-    download: bool = _opt(False, "download the data set into data.root if it is missing")
+    download: Optional[bool] = _opt(None, "download a missing data set: null = into the per-user folder when data.root is unset; true = into data.root too; false = never")
 
 
 @dataclass

@@ -257,20 +257,22 @@ def _locate_checkpoint(source, which: str) -> Path:
     return path
 
 
-def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None, subset: int | None = None,
-             device: str = "auto", which: str = "last", amp: str | None = None) -> dict:
+def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None, subset: int | str | None = "run",
+             device: str = "auto", which: str = "best", amp: str | None = None) -> dict:
     """Evaluate a run directory or checkpoint on its test set (or another data set's).
 
     Args:
         source: a run directory (uses ``checkpoints/<which>.pt``) or a ``.pt`` file.
         data, root: evaluate on this data set / data folder instead of the run's.
         batch_size: evaluation batch (default: the run's ``data.test_batch_size``).
-        subset: only the first ``subset // 5`` test images (as ``data.subset`` does).
+        subset: ``"run"``: the test images the run reported on (its ``data.subset``; another
+            data set is used whole); None: the whole test set; N: the first ``N // 5`` test
+            images (as ``data.subset`` does).
         device: ``auto``, ``cpu``, ``cuda`` ...
-        which: ``last`` or ``best`` when ``source`` is a run directory.
+        which: ``best`` or ``last`` when ``source`` is a run directory (best, as ``reste export``).
         amp: ``bf16`` or ``none`` (default: the run's ``train.amp``).
 
-    Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data"}``.
+    Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data", "subset"}``.
     """
     from reste import data as rdata
 
@@ -295,12 +297,14 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
     model = build_model(cfg, trained_on).to(dev)
     load_model_weights(model, state["model"], path)
     batch = batch_size or cfg.data.test_batch_size or cfg.data.batch_size
+    if subset == "run":  # the same create_loaders call as training: the same test images
+        subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
     _, test_loader = rdata.create_loaders(
         name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch, test_batch_size=batch,
         augment=False, seed=cfg.seed, device=dev, subset=subset,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
-    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name)})
+    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name), "subset": subset})
     return result
 
 

@@ -1,0 +1,76 @@
+"""The command line as a whole: start-up cost, the command table, exit codes, warnings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from reste import cli
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["datasets"], []])
+def test_light_commands_do_not_import_torch(argv):
+    # torch takes 1.5-4 s to import; these commands must answer in well under a second
+    code = f"from reste.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    loaded = _modules_after(code)
+    assert "reste.cli" in loaded and "torch" not in loaded
+
+
+def test_lazy_package_attributes_still_work():
+    loaded = _modules_after("import reste\nassert 'torch' not in __import__('sys').modules\n"
+                            "reste.binarize, reste.o_schedule, reste.summary, reste.deploy.kernel_info, reste.data.create_loaders")
+    assert "torch" in loaded  # imported on first use
+    import reste
+
+    assert callable(reste.summary) and callable(reste.deploy.summary) and set(reste._LAZY) <= set(dir(reste))
+    with pytest.raises(AttributeError, match="no attribute 'binarise'"):
+        reste.binarise  # noqa: B018
+
+
+def test_command_table_matches_what_the_modules_register():
+    full = cli.build_parser()  # every module registers its commands
+    actions = [a for a in full._subparsers._group_actions if hasattr(a, "choices")][0]
+    helps = {c.dest: c.help for c in actions._choices_actions}
+    assert set(helps) == set(cli.COMMANDS)
+    for name, (_, help_text) in cli.COMMANDS.items():
+        assert helps[name] == help_text, name
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["datasets", "--frobnicate"])
+    assert caught.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_warnings_print_without_source_lines():
+    code = ("import warnings\nfrom reste import cli\ntry:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "warnings.warn('the compiled kernel is unavailable', RuntimeWarning)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stderr == "RuntimeWarning: the compiled kernel is unavailable\n"  # no file name, line or source
+
+
+def test_datasets_marks_what_is_present(tmp_path, monkeypatch, capsys):
+    from reste.data import catalog
+    from data_fixtures import make_idx_dataset
+
+    monkeypatch.setattr(catalog, "SYSTEM_DIRS", {})
+    make_idx_dataset(tmp_path / "mnist", n_train=8, n_test=2)
+    assert cli.main(["datasets", "--root", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["mnist"].endswith(str(tmp_path / "mnist"))
+    assert lines["fashion_mnist"].endswith("not present (reste download fashion_mnist)")
+    assert "not present" in lines["imagenet"]

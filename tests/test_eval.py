@@ -1,0 +1,197 @@
+"""``reste eval`` of a run and of an exported 1-bit file, and the export's check on real test images.
+
+End to end through the command line, in process, on a tiny generated MNIST (official IDX
+files, class = the height of a bright band, so a binary ResNet learns something in seconds)
+read from an explicit data folder: no network, no system data set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import IDX_FILES, write_idx
+
+from reste import cli
+from reste.data import info
+from reste.deploy import export, load
+from reste.deploy.verify import read_metadata
+from reste.train import trainer as T
+
+N_TRAIN, N_TEST, SUBSET = 400, 100, 160  # the run keeps SUBSET // 5 = 32 test images
+
+
+def write_banded_mnist(folder, seed=0):
+    """MNIST files where image k shows a bright horizontal band at a height set by its label."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(1, 90, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4:2 * k + 7] = 255
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    for role, name in IDX_FILES.items():
+        write_idx(folder / name, arrays[role])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-epoch binary ResNet-20 (half width) run on 160 training images, 1 thread."""
+    base = tmp_path_factory.mktemp("eval")
+    write_banded_mnist(base / "data")
+    summary = T.train(
+        progress=False,
+        model={"name": "resnet20", "kwargs": {"width": 0.5}},
+        data={"name": "mnist", "root": str(base / "data"), "subset": SUBSET, "batch_size": 32, "test_batch_size": 16},
+        train={"epochs": 3, "threads": 1, "device": "cpu"},
+        analysis={"indicators": False},
+        out={"dir": str(base), "name": "run"},
+    )
+    rows = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
+    return base, base / "run", summary, rows
+
+
+def eval_json(capsys, *args):
+    capsys.readouterr()
+    code = cli.main(["eval", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else captured.err)
+
+
+def test_eval_of_a_run_uses_its_test_subset_and_best_checkpoint(run, capsys):
+    _, run_dir, summary, rows = run
+    best = next(r for r in rows if r["epoch"] == summary["best_epoch"])
+    code, result = eval_json(capsys, run_dir, "--device", "cpu")
+    assert code == 0
+    # the 32 test images the run reported on, not the 100 on disk
+    assert result["count"] == SUBSET // 5 and result["subset"] == SUBSET
+    assert result["checkpoint"].endswith("best.pt") and result["epoch"] == summary["best_epoch"]
+    assert result["top1"] == pytest.approx(best["test_top1"]) and result["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+
+    code, last = eval_json(capsys, run_dir, "--which", "last", "--device", "cpu")
+    assert code == 0 and last["epoch"] == 3 and last["top1"] == pytest.approx(rows[-1]["test_top1"])
+
+    code, full = eval_json(capsys, run_dir, "--full", "--device", "cpu", "--threads", "1")
+    assert code == 0 and full["count"] == N_TEST and full["subset"] is None
+    assert torch.get_num_threads() == 1
+
+    # the plain output names the number of images and how to get them all
+    assert cli.main(["eval", str(run_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{SUBSET // 5} images (the first ones, as data.subset={SUBSET}; --full for all)" in out
+    assert cli.main(["eval", str(run_dir), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, capsys):
+    base, run_dir, summary, rows = run
+    out = base / "model.safetensors"
+    capsys.readouterr()
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"verified on {SUBSET // 5} mnist test images" in printed and "agree on 100.00%" in printed
+
+    meta = read_metadata(out)
+    data, check = meta["data"], meta["verification"]
+    mnist = info("mnist")
+    assert (data["name"], data["subset"], data["input_shape"]) == ("mnist", SUBSET, [1, 28, 28])
+    assert (data["mean"], data["std"]) == (list(mnist.mean), list(mnist.std))
+    assert check["passed"] and check["images"] == SUBSET // 5 and check["agreement"] == 1.0
+    assert 0.0 <= check["max_abs_logit_diff"] <= 1e-3 and 0.0 <= check["random_max_abs_logit_diff"] <= 1e-3
+    best = next(r for r in rows if r["epoch"] == summary["best_epoch"])
+    assert check["trained_top1"] == check["exported_top1"] == pytest.approx(best["test_top1"])
+
+    # eval of the file: the same images, the same accuracy as eval of the run
+    code, of_run = eval_json(capsys, run_dir, "--device", "cpu")
+    code_file, of_file = eval_json(capsys, out, "--threads", "1")
+    assert code == code_file == 0
+    assert (of_file["count"], of_file["epoch"], of_file["checkpoint"]) == (of_run["count"], summary["best_epoch"], "best.pt")
+    assert of_file["top1"] == of_run["top1"] and of_file["loss"] == pytest.approx(of_run["loss"], abs=1e-4)
+    code, full = eval_json(capsys, out, "--full")
+    assert code == 0 and full["count"] == N_TEST
+
+    # predictions of the packed model are those of the trained one, image for image
+    from reste.deploy.export import load_run_model
+    from reste.deploy.verify import test_loader
+
+    model, _, _ = load_run_model(run_dir, "best")
+    deployed = load(out)
+    with torch.no_grad():
+        for images, _ in test_loader(data, subset=None):
+            assert torch.equal(model.eval()(images).argmax(1), deployed(images).argmax(1))
+
+
+def test_export_without_its_data_set_is_checked_on_random_inputs_and_says_so(run, capsys, tmp_path):
+    base, run_dir, _, _ = run
+    moved = tmp_path / "elsewhere"
+    (base / "data").rename(moved)
+    try:
+        out = tmp_path / "m.safetensors"
+        assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "warning: could not read the run's test images" in printed and "8 random inputs" in printed
+        check = read_metadata(out)["verification"]
+        assert check["images"] == 0 and check["passed"] and str(base / "data") in check["reason"]
+        # eval of the file looks in the run's folder too, and says where else to look
+        code = cli.main(["eval", str(out)])
+        assert code == 1 and "error:" in capsys.readouterr().err
+        code, result = eval_json(capsys, out, "--root", moved)
+        assert code == 0 and result["count"] == SUBSET // 5
+    finally:
+        moved.rename(base / "data")
+
+
+def test_eval_of_a_file_that_is_not_an_export_is_a_clear_error(run, capsys, tmp_path):
+    base, run_dir, _, _ = run
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    assert cli.main(["eval", str(plain)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(plain) in err and "not a reste export" in err and "reste export" in err
+    assert cli.main(["eval", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no exported model at" in capsys.readouterr().err
+
+    # a file exported from Python records no data set: eval asks for one
+    from reste.deploy.export import load_run_model
+
+    model, arch, _ = load_run_model(run_dir, "best")
+    bare = tmp_path / "bare.safetensors"
+    export(model, bare, architecture=arch)
+    assert cli.main(["eval", str(bare)]) == 2
+    assert "give it with --data NAME" in capsys.readouterr().err
+    code, result = eval_json(capsys, bare, "--data", "mnist", "--root", base / "data")
+    assert code == 0 and result["count"] == N_TEST  # no recorded subset: the whole test set
+    assert cli.main(["eval", str(bare), "--which", "last"]) == 2
+    assert "--which chooses a checkpoint of a run directory" in capsys.readouterr().err
+    assert cli.main(["eval", str(bare), "--data", "cifar10"]) == 2
+    assert "cannot be evaluated on cifar10" in capsys.readouterr().err
+
+
+def test_export_check_fails_when_the_file_predicts_other_classes(run, capsys, tmp_path, monkeypatch):
+    export_module = importlib.import_module("reste.deploy.export")  # the module; reste.deploy.export is the function
+
+    class Negated(torch.nn.Module):  # a broken deploy path: every prediction changes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return -self.inner(x)
+
+    real_load = export_module.load
+    monkeypatch.setattr(export_module, "load", lambda *a, **k: Negated(real_load(*a, **k)))
+    _, run_dir, _, _ = run
+    out = tmp_path / "m.safetensors"
+    capsys.readouterr()
+    assert cli.main(["export", str(run_dir), "--out", str(out), "--verify-images", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the exported model predicts another class") and "of 20 test images" in err
+    check = read_metadata(out)["verification"]
+    assert not check["passed"] and check["images"] == 20 and check["agreement"] < 0.99
+    assert check["images_over_tolerance"] == 20 and check["random_max_abs_logit_diff"] > 1e-3
