@@ -74,3 +74,14 @@ def test_datasets_marks_what_is_present(tmp_path, monkeypatch, capsys):
     assert lines["mnist"].endswith(str(tmp_path / "mnist"))
     assert lines["fashion_mnist"].endswith("not present (reste download fashion_mnist)")
     assert "not present" in lines["imagenet"]
+
+
+def test_optional_extras_never_replace_torch():
+    # torchvision (or a torch range) in an extra makes pip swap the installed CPU torch for a CUDA build
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    for extra, requirements in project["optional-dependencies"].items():
+        for requirement in requirements:
+            assert not requirement.lower().startswith(("torch", "torchvision", "torchaudio")), (extra, requirement)

@@ -56,7 +56,7 @@ def _model():
 
 def test_scheduler_per_epoch_sets_o_on_every_estimator():
     model = _model()
-    sched = reste.EstimatorScheduler(model, reste.o_schedule("cosine", o_end=3), epochs=1000, steps_per_epoch=5)
+    sched = reste.EstimatorScheduler(model, reste.o_schedule("cosine", o_end=3), epochs=1000, steps_per_epoch=5, per="epoch")
     sched.step_epoch(500)
     for _ in range(5):
         sched.step_iter()  # per-epoch: o does not move inside the epoch
@@ -88,3 +88,14 @@ def test_scheduler_drives_progress_based_estimators():
     sched.step_epoch(10)
     assert float(model[1].weight_estimator.t) == pytest.approx(10.0, rel=1e-6)
     assert sched.o is None
+
+
+def test_scheduler_default_matches_the_training_config():
+    from reste.train.config import Config
+
+    sched = reste.EstimatorScheduler(_model(), reste.o_schedule("linear", o_end=3), epochs=2, steps_per_epoch=10)
+    assert sched.per == Config().estimator.per == "step"
+    sched.step_epoch(0)
+    for _ in range(5):
+        sched.step_iter()
+    assert sched.o == pytest.approx(1 + 2 * 4 / 20)  # moves inside the epoch

@@ -119,6 +119,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     # summary consistent with the metrics
     on_disk = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
+    assert on_disk["data_source"] == str(FASHION)  # the folder actually read (no data.root: the system copy)
     best = max(rows, key=lambda r: r["test_top1"])
     assert on_disk["final_top1"] == rows[-1]["test_top1"] == summary["final_top1"]
     assert on_disk["best_top1"] == best["test_top1"] and on_disk["best_epoch"] == best["epoch"]

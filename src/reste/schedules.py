@@ -116,14 +116,15 @@ class EstimatorScheduler:
     """Drives the estimators of ``model`` through training.
 
     Call :meth:`step_epoch` at the start of every epoch, and :meth:`step_iter`
-    before every optimisation step. With ``per="epoch"`` (the reference)
-    progress is ``epoch / epochs`` and only changes at epoch starts; with
-    ``per="step"`` it is ``global_step / (epochs * steps_per_epoch)``.
+    before every optimisation step. With ``per="step"`` (the default, as ``reste
+    train``'s ``estimator.per``) progress is ``global_step / (epochs * steps_per_epoch)``;
+    with ``per="epoch"`` (the paper's reference code) it is ``epoch / epochs`` and only
+    changes at epoch starts.
     The o schedule (if any) sets ``o`` on every ReSTE; every estimator also gets
     :meth:`~reste.estimators.Estimator.set_progress`.
     """
 
-    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "epoch"):
+    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "step"):
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
         if epochs < 1 or steps_per_epoch < 1:

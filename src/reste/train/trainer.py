@@ -1110,6 +1110,7 @@ class Trainer:
             "skipped_batches": self.skipped_total,
             "model": cfg.model.name,
             "dataset": cfg.data.name,
+            "data_source": getattr(self.train_loader, "source", None),  # the folder actually read
             "precision": cfg.model.precision,
             "estimator": cfg.model.estimator,
             "o_end": cfg.estimator.o_end,
@@ -1125,9 +1126,10 @@ class Trainer:
 
         minutes, seconds = divmod(s["seconds"], 60)
         print(
-            f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {s['epochs']} epochs in {int(minutes)} min {seconds:.0f} s\n"
+            f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'} in {int(minutes)} min {seconds:.0f} s\n"
             f"  final test top-1 {pct(s['final_top1'])}  (top-5 {pct(s['final_top5'])})\n"
             f"  best  test top-1 {pct(s['best_top1'])}  at epoch {s['best_epoch']}\n"
+            f"  data read from: {s['data_source']}\n"
             f"  run directory: {s['run_dir']}",
             flush=True,
         )
