@@ -1,11 +1,11 @@
 /* ARM NEON (aarch64) kernel: byte popcounts (vcntq_u8) summed by pairwise widening adds
-   (vpadalq_u8) into 16-bit lanes, 16 output channels x 2 output pixels per pass. */
+   (vpadalq_u8) into 16-bit lanes, 8 output channels x 2 output pixels per pass. */
 /* -------------------------------------------------------------------- NEON */
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
-#define NEON_PIX 2 /* output pixels per pass: 16 u16x8 accumulators, the weights loaded once for both */
+#define NEON_PIX 2 /* output pixels per pass, sharing each weight load */
 /* Words one 16-bit lane can count: a word adds at most 16 to a lane (two bytes of 8 bits each).
    A pixel with more words (kh * Kw, e.g. a 3x3 kernel over ~90k channels) takes the 32-bit path. */
 #define NEON_U16_WORDS 4095
@@ -57,7 +57,7 @@ static inline float32x4_t mul_rounded(float32x4_t a, float32x4_t b) {
 
 /* `epilogue` on vectors: pc[q] holds the popcounts of channels 4q..4q+3 of one output pixel;
    `border` asks for the zero-padding correction. Rounds exactly like the scalar epilogue. */
-static inline void epilogue_neon(const conv_args *a, const epi_neon *e, int64_t n, int64_t oh, int64_t ow, int64_t ob,
+__attribute__((always_inline)) static inline void epilogue_neon(const conv_args *a, const epi_neon *e, int64_t n, int64_t oh, int64_t ow, int64_t ob,
                                  const uint32x4_t pc[4], int border) {
     int32x4_t dot[4];
     for (int q = 0; q < 4; q++) dot[q] = vsubq_s32(e->K, vreinterpretq_s32_u32(vshlq_n_u32(pc[q], 1)));
@@ -86,44 +86,45 @@ static inline void epilogue_neon(const conv_args *a, const epi_neon *e, int64_t 
     memcpy(dst, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
 }
 
-/* Accumulator j of a pixel holds channel 2j in lanes 0-3 and 2j + 1 in lanes 4-7: widen each to
-   u32 (lanes 0-1: 2j, 2-3: 2j + 1), then one pairwise add of two neighbours gives four channels. */
-static inline void reduce_u16_neon(const uint16x8_t acc[8], uint32x4_t pc[4]) {
-    for (int q = 0; q < 4; q++) pc[q] = vpaddq_u32(vpaddlq_u16(acc[2 * q]), vpaddlq_u16(acc[2 * q + 1]));
-}
-
-/* P output pixels x LANES channels with 16-bit accumulators (kh * Kw <= NEON_U16_WORDS). Each of
-   the 8 weight vectors (2 channels) is loaded once per word and used for all P pixels. KW: the
-   words per kernel row as a compile-time constant (1-3 for 16-64 channels), or 0 to read `a`. */
+/* P output pixels x LANES channels with 16-bit accumulators (kh * Kw <= NEON_U16_WORDS), in two
+   passes of 8 channels: 4P accumulators, 4 weight vectors (2 channels each) loaded once per word
+   for all P pixels, so everything stays in the 32 vector registers (16 channels x 2 pixels at once
+   made gcc spill accumulators in the inner loop). Accumulator j holds channel 2j of the pass in
+   lanes 0-3 and 2j + 1 in lanes 4-7. KW: the words per kernel row as a compile-time constant
+   (1-3 for 16-64 channels), or 0 to read `a`. */
 __attribute__((always_inline)) static inline void conv_pixels_neon(const conv_args *a, const epi_neon *e,
                                                                    const uint8_t *rowbase, const uint64_t *wb, int64_t n,
                                                                    int64_t oh, int64_t ow, int64_t ob, int border,
                                                                    const int P, const int KW) {
     const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
-    uint16x8_t acc[NEON_PIX][8];
-    for (int p = 0; p < P; p++)
-        for (int j = 0; j < 8; j++) acc[p][j] = vdupq_n_u16(0);
-    for (int64_t i = 0; i < a->kh; i++) {
-        const uint8_t *xr = rowbase + i * a->row_bytes + ow * step;
-        const uint64_t *wi = wb + i * Kw * LANES;
-        for (int64_t k = 0; k < Kw; k++) {
-            uint8x16_t xv[NEON_PIX];
-            for (int p = 0; p < P; p++) {
-                uint64_t word = load_word(xr + p * step + 8 * k);
-                if (k == Kw - 1) word &= a->last_mask; /* bits past the kernel row's taps */
-                xv[p] = vreinterpretq_u8_u64(vdupq_n_u64(word));
-            }
-            for (int j = 0; j < 8; j++) {
-                uint8x16_t w = vreinterpretq_u8_u64(vld1q_u64(wi + k * LANES + 2 * j));
-                for (int p = 0; p < P; p++) acc[p][j] = vpadalq_u8(acc[p][j], vcntq_u8(veorq_u8(xv[p], w)));
+    uint32x4_t pc[NEON_PIX][4];
+    for (int half = 0; half < 2; half++) {
+        uint16x8_t acc[NEON_PIX][4];
+        for (int p = 0; p < P; p++)
+            for (int j = 0; j < 4; j++) acc[p][j] = vdupq_n_u16(0);
+        for (int64_t i = 0; i < a->kh; i++) {
+            const uint8_t *xr = rowbase + i * a->row_bytes + ow * step;
+            const uint64_t *wi = wb + i * Kw * LANES + 8 * half;
+            for (int64_t k = 0; k < Kw; k++) {
+                uint8x16_t xv[NEON_PIX];
+                for (int p = 0; p < P; p++) {
+                    uint64_t word = load_word(xr + p * step + 8 * k);
+                    if (k == Kw - 1) word &= a->last_mask; /* bits past the kernel row's taps */
+                    xv[p] = vreinterpretq_u8_u64(vdupq_n_u64(word));
+                }
+                for (int j = 0; j < 4; j++) {
+                    uint8x16_t w = vreinterpretq_u8_u64(vld1q_u64(wi + k * LANES + 2 * j));
+                    for (int p = 0; p < P; p++) acc[p][j] = vpadalq_u8(acc[p][j], vcntq_u8(veorq_u8(xv[p], w)));
+                }
             }
         }
+        /* widen to u32 first (two full u16 lanes can sum past 65535): lanes 0-1 hold channel 2j,
+           2-3 channel 2j + 1; one pairwise add of two neighbours then gives four channels */
+        for (int p = 0; p < P; p++)
+            for (int q = 0; q < 2; q++)
+                pc[p][2 * half + q] = vpaddq_u32(vpaddlq_u16(acc[p][2 * q]), vpaddlq_u16(acc[p][2 * q + 1]));
     }
-    for (int p = 0; p < P; p++) {
-        uint32x4_t pc[4];
-        reduce_u16_neon(acc[p], pc);
-        epilogue_neon(a, e, n, oh, ow + p, ob, pc, border);
-    }
+    for (int p = 0; p < P; p++) epilogue_neon(a, e, n, oh, ow + p, ob, pc[p], border);
 }
 
 /* One output pixel with 32-bit accumulators, for pixels of more than NEON_U16_WORDS words (rare:
