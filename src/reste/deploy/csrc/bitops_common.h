@@ -14,10 +14,12 @@
 #define RESTE_X86 1
 #include <immintrin.h>
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,popcnt")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
 #define TARGET_POPCNT __attribute__((target("popcnt")))
 #else
 #define RESTE_X86 0
 #define TARGET_AVX512
+#define TARGET_AVX2
 #define TARGET_POPCNT
 #endif
 
@@ -57,6 +59,20 @@ static inline int inside(const conv_args *a, int64_t oh, int64_t ow, int64_t *i0
     *i1 = a->H - ih < a->kh ? a->H - ih : a->kh;
     *j1 = a->W - iw < a->kw ? a->W - iw : a->kw;
     return *i0 == 0 && *j0 == 0 && *i1 == a->kh && *j1 == a->kw;
+}
+
+/* With zero padding, the output columns [c0, c1) of row oh read no padding and skip the
+   correction; the few outside take the border path. Returns 0 when no column needs to be
+   told apart: no correction at all (wsum NULL), or a kernel row reads the top or bottom padding. */
+static inline int interior_columns(const conv_args *a, int64_t oh, int64_t *c0, int64_t *c1) {
+    int64_t ih = oh * a->sh - a->ph;
+    if (!a->wsum || ih < 0 || ih + a->kh > a->H) return 0;
+    *c0 = (a->pw + a->sw - 1) / a->sw;
+    *c1 = a->W + a->pw - a->kw < 0 ? 0 : (a->W + a->pw - a->kw) / a->sw + 1;
+    if (*c0 > a->OW) *c0 = a->OW;
+    if (*c1 < *c0) *c1 = *c0;
+    if (*c1 > a->OW) *c1 = a->OW;
+    return 1;
 }
 
 /* wsum holds 2-D prefix sums over taps: entry (i, j) = sum of sign(w) over taps i' < i, j' < j

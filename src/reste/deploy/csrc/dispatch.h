@@ -6,6 +6,7 @@
 #include "kernel_generic.h"
 #if RESTE_X86
 #include "kernel_avx512.h"
+#include "kernel_avx2.h"
 #endif
 #if defined(__aarch64__)
 #include "kernel_neon.h"
@@ -32,6 +33,10 @@ static int cpu_avx512(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
 }
+static int cpu_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+}
 #endif
 
 /* Best first: "auto" takes the first entry this CPU supports. A name may appear twice (the
@@ -40,6 +45,7 @@ static int cpu_avx512(void) {
 static const kernel_path kernel_paths[] = {
 #if RESTE_X86
     {"avx512", "avx512f+avx512bw+avx512dq+avx512vl+avx512vpopcntdq", cpu_avx512, conv_block_avx512, pack_pixels_avx512},
+    {"avx2", "avx2+fma+popcnt", cpu_avx2, conv_block_avx2, pack_pixels_avx2},
     {"portable", "popcnt", cpu_popcnt, conv_block_generic_popcnt, pack_pixels_generic},
 #endif
 #if defined(__aarch64__)

@@ -99,21 +99,11 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void conv_block_avx51
     const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
     const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
     const epi_avx512 e = epi_load(a, ob);
-    if (!a->wsum) { /* no zero-padding correction anywhere */
-        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, 0, KW);
+    int64_t c0, c1;
+    if (!interior_columns(a, oh, &c0, &c1)) { /* the whole row reads padding, or there is no zero-padding fix */
+        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);
         return;
     }
-    int64_t ih = oh * a->sh - a->ph;
-    if (ih < 0 || ih + a->kh > a->H) { /* a kernel row reads the top or bottom padding */
-        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, 1, KW);
-        return;
-    }
-    /* columns [c0, c1) read no padding: only the few columns outside take the border path */
-    int64_t c0 = (a->pw + a->sw - 1) / a->sw;
-    int64_t c1 = a->W + a->pw - a->kw < 0 ? 0 : (a->W + a->pw - a->kw) / a->sw + 1;
-    if (c0 > a->OW) c0 = a->OW;
-    if (c1 < c0) c1 = c0;
-    if (c1 > a->OW) c1 = a->OW;
     conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);
     conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);
     conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);
