@@ -170,8 +170,9 @@ def run_export(args) -> int:
         return _fail(str(err))
     for line in lines:
         print(line)
-    if problem:
-        return _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
+    if problem:  # the export ran but its check did not pass: exit code 1, as a failed run (usage errors are 2)
+        _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
+        return 1
     return 0
 
 

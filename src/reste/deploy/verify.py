@@ -97,12 +97,14 @@ def write_metadata(path, entries: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- test images
-def test_loader(spec: dict, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device="cpu"):
+def test_loader(spec: dict, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device="cpu",
+                download: bool | None = None):
     """The test loader a ``data`` spec describes: the run's test images by default.
 
     ``data``/``root`` replace the data set / folder; ``subset="run"`` keeps the run's test
     subset (on the run's data set; another data set is used whole), None takes the whole
-    test set, a number N its first N // 5 images (as ``data.subset`` does).
+    test set, a number N its first N // 5 images (as ``data.subset`` does). ``download`` as for
+    :func:`reste.data.create_loaders`.
     """
     from .. import data as rdata
 
@@ -114,7 +116,8 @@ def test_loader(spec: dict, *, data: str | None = None, root=None, batch_size: i
         root = spec.get("root")
     batch = batch_size or spec.get("test_batch_size") or 256
     _, loader = rdata.create_loaders(name, root=root, batch_size=batch, test_batch_size=batch, augment=False,
-                                     seed=spec.get("seed", 0), device=device, subset=subset)
+                                     seed=spec.get("seed", 0), device=device, subset=subset,
+                                     download=download)
     meta = rdata.info(name)
     mean, std = spec.get("mean"), spec.get("std")
     if same and mean is not None and (tuple(mean), tuple(std)) != (tuple(meta.mean), tuple(meta.std)):
@@ -192,7 +195,7 @@ def check_export(run_dir, out, model: nn.Module, checkpoint: str = "best", *, ve
         random_diff = (deployed(x) - model(x)).abs().max().item()
     lines = []
     try:
-        loader = test_loader(spec, root=root)
+        loader = test_loader(spec, root=root, download=False)  # an export never starts a download
         result = compare(model, deployed, loader, images)
         result["inputs"] = f"{spec['name']} test images"
     except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
