@@ -140,7 +140,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
 
     # `reste eval` rebuilds the model and test loader and reproduces the final accuracy
     capsys.readouterr()
-    code = cli.main(["eval", str(run), "--subset", "2000", "--batch-size", "400", "--device", "cpu", "--json"])
+    code = cli.main(["eval", str(run), "--which", "last", "--batch-size", "400", "--device", "cpu", "--json"])  # the run's 400 test images by default
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["count"] == 400
     assert result["top1"] == pytest.approx(rows[-1]["test_top1"]) and result["loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
