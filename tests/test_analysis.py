@@ -481,6 +481,112 @@ def test_report_without_matplotlib_writes_tables_and_says_how_to_get_plots(tmp_p
     assert "| fashion_mnist | resnet20 | 1/1 | ReSTE | cosine | 3 |" in report.markdown
 
 
+def _edit_run(run, config=None, summary=None, rows=None):
+    """Change a fixture run's config.yaml / summary.json (nested dicts merged one level) / metrics."""
+    if config:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        for section, values in config.items():
+            cfg.setdefault(section, {}).update(values)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if summary:
+        data = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**data, **summary}))
+    if rows is not None:
+        write_metrics(run, rows)
+
+
+def report_section(text, title):
+    return "## " + text.split("## " + title, 1)[1].split("\n## ", 1)[0]
+
+
+def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_path):
+    sweep = tmp_path / "sweep"
+    for o_end in (1, 2, 3):
+        for seed in (0, 1):
+            run = fixture_run(sweep, f"p{o_end}-{seed}", [60.0, 70.0], seed=seed, o_end=float(o_end), snapshot=False)
+            _edit_run(run, summary={"train_images": 512, "test_images": 102})  # what a real run records
+    for name, extra in (("linear", {"schedule": "linear"}), ("ste", {"estimator": "ste"})):
+        _edit_run(fixture_run(sweep, name, [60.0, 66.0], snapshot=False, **extra), summary={"train_images": 512, "test_images": 102})
+    fixture_run(sweep, "fixed3", [60.0, 65.0], o_end=3.0, schedule="fixed", snapshot=False)  # no summary counts: from data.subset
+    report = build_report([sweep], tmp_path / "out", plots=False)
+    text = report.markdown
+    scale = "Scale: data set fashion_mnist, model resnet20, 512 training images, 102 test images, 2 epochs."
+    for title in ("Results", "Table 2", "Table 3", "Estimator comparison", "Equilibrium"):
+        section = report_section(text, title)
+        assert section.index("\nScale") < section.index("\n|"), title  # above the table
+    assert scale in report_section(text, "Equilibrium")
+    # the fixed run has no counts in its summary: 1000 images of data.subset, 1000 // 5 test images
+    table2 = report_section(text, "Table 2")
+    assert "Scale (differs between the runs below): " in table2
+    assert "1,000 training images, 200 test images" in table2 and "512 training images, 102 test images" in table2
+    # "seeds" holds the seed ids in every table that has the column
+    for title in ("Results", "Equilibrium"):
+        header, _, *rows = [line for line in report_section(text, title).splitlines() if line.startswith("|")]
+        column = [c.strip() for c in header.strip("|").split("|")].index("seeds")
+        assert "0,1" in [[c.strip() for c in row.strip("|").split("|")][column] for row in rows], title
+
+
+def test_report_prints_booleans_as_yes_and_no(tmp_path):
+    for name, augment in (("aug", True), ("plain", False)):
+        _edit_run(fixture_run(tmp_path / "runs", name, [50.0, 60.0], snapshot=False), config={"data": {"augment": augment}})
+    report = build_report([tmp_path / "runs"], tmp_path / "out", plots=False)
+    header, _, *rows = [line for line in report_section(report.markdown, "Results").splitlines() if line.startswith("|")]
+    column = [c.strip() for c in header.strip("|").split("|")].index("data.augment")
+    assert sorted(row.strip("|").split("|")[column].strip() for row in rows) == ["no", "yes"]
+
+
+def test_report_says_which_tables_and_figures_it_did_not_draw_and_why(tmp_path, capsys):
+    from reste.cli import main
+
+    sweep = tmp_path / "sweep"
+    for o_end in (1, 3):  # the issue's 2-cell sweep
+        fixture_run(sweep, f"p{o_end}", [60.0, 70.0], o_end=float(o_end), snapshot=False)
+    report = build_report([sweep], tmp_path / "out")
+    assert report.figures == []
+    equilibrium = next(line for line in report.not_drawn if line.startswith("Equilibrium table and Figures 1 and 2"))
+    assert "3 or more o_end values" in equilibrium and "found estimator.o_end 1, 3" in equilibrium
+    assert any(line.startswith("Figure 3") for line in report.not_drawn)
+    assert any(line.startswith("Table 2") and "`fixed`" in line for line in report.not_drawn)
+    for line in report.not_drawn:
+        assert f"- {line}" in report.markdown
+    assert main(["report", str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    assert f"not drawn: {equilibrium}" in capsys.readouterr().out
+    assert "Figures: not drawn, --no-plots was given." in build_report([sweep], tmp_path / "np", plots=False).not_drawn
+    # three o_end values: the table and Figure 1 are drawn; Figure 2 lacks snapshots and says so
+    fixture_run(sweep, "p2", [60.0, 70.0], o_end=2.0, snapshot=False)
+    report = build_report([sweep], tmp_path / "out3")
+    assert [p.name for p in report.figures] == ["figure1_o_end.png"]
+    assert any(line.startswith("Figure 2") and "histograms" in line for line in report.not_drawn)
+    assert not any(line.startswith("Equilibrium") for line in report.not_drawn)
+
+
+def test_figure3_shows_the_o_each_run_reached_on_its_schedule(tmp_path):
+    from reste.analysis.report import Cell, load_run, o_points
+
+    steps, epochs = 4, 2
+    runs = tmp_path / "runs"
+    for way in ("linear", "cosine"):
+        schedule = reste.o_schedule(way, o_end=3.0)
+        run = fixture_run(runs, way, [60.0, 70.0], schedule=way, snapshot=False)
+        # as the trainer logs it per step: o of each epoch's last step, o_end never reached
+        rows = [{"epoch": e, "test_top1": 60.0, "o": schedule((e * steps - 1) / (epochs * steps))} for e in (1, 2)]
+        _edit_run(run, config={"estimator": {"per": "step"}}, summary={"steps_per_epoch": steps}, rows=rows)
+        cell = Cell([load_run(run)])
+        points = o_points(cell)
+        assert [o for _, o in points] == [row["o"] for row in rows]
+        assert all(schedule(r) == pytest.approx(o) for r, o in points)  # on the line, not below its end
+        assert points[-1][0] == pytest.approx(7 / 8) and points[-1][1] < 3.0
+        # an older run without steps_per_epoch: the same points, found on the schedule
+        _edit_run(run, summary={"steps_per_epoch": None})
+        found = o_points(Cell([load_run(run)]))
+        assert [r for r, _ in found] == pytest.approx([r for r, _ in points], abs=1e-9) and [o for _, o in found] == [o for _, o in points]
+        _edit_run(run, summary={"steps_per_epoch": steps})
+    report = build_report([runs], tmp_path / "out")
+    assert [p.name for p in report.figures] == ["figure3_o_schedules.png"]
+    reached = reste.o_schedule("cosine", o_end=3.0)(7 / 8)
+    assert f"cosine {reached:.2f} (o_end 3)" in report.markdown and "reaches o_end only at r = 1" in report.markdown
+
+
 def test_real_sweep_interrupted_then_restarted_trains_only_what_is_missing(tmp_path):
     """Two real tiny `reste train` runs; the sweep is stopped after the first and restarted."""
     grid = ["data.subset=256", "data.batch_size=64", "train.epochs=1", "train.threads=1", "model.name=resnet20",
@@ -518,9 +624,10 @@ def test_real_sweep_interrupted_then_restarted_trains_only_what_is_missing(tmp_p
         rows = read_metrics(run.path)
         assert len(rows) == 1 and rows[0]["est_error_end"] > 0 and rows[0]["grad_instability"] > 0
         assert (run.path / "histograms" / "epoch0001.npz").is_file()
-    # and the report reads the real sweep
+    # and the report reads the real sweep, with the images the runs used
     report = build_report([out], tmp_path / "report", plots=False)
     assert "| fashion_mnist | resnet20 | 1/1 | ReSTE | cosine | 3 |" in report.markdown
+    assert "Scale: data set fashion_mnist, model resnet20, 256 training images, 51 test images, 1 epoch." in report.markdown
 
 
 def test_indicator_cost_times_a_step_measure_and_snapshot():

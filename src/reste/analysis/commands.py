@@ -94,9 +94,6 @@ def run_report(args) -> int:
         print(f"reste report: {err}", file=sys.stderr)
         return 2
     print(f"wrote {report.path}" + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else ""))
-    if not report.figures and not args.no_plots:
-        from .report import _pyplot
-
-        if _pyplot() is None:
-            print("figures need matplotlib: pip install reste[plot]")
+    for line in report.not_drawn:  # the same lines as in report.md: what is missing and why
+        print(f"not drawn: {line}")
     return 0

@@ -277,6 +277,31 @@ class Cell:
     def epochs(self):
         return self.get("train.epochs", self.first.summary.get("epochs") if self.first.summary else None)
 
+    @property
+    def scale(self) -> tuple:
+        """(data set, model, training images, test images, epochs) of the cell's runs."""
+        train, test = _image_counts(self.first)
+        return (self.get("data.name", "?"), self.get("model.name", "?"), train, test, self.epochs)
+
+
+def _image_counts(run: RunRecord) -> tuple[int | None, int | None]:
+    """Training and test images of a run: as its summary.json records them, else derived from
+    ``data.subset`` the way the loaders apply it (first N training, N // 5 test images), else
+    the data set's full sizes."""
+    summary = run.summary or {}
+    if summary.get("train_images") is not None and summary.get("test_images") is not None:
+        return int(summary["train_images"]), int(summary["test_images"])
+    subset = run.get("data.subset")
+    if subset is not None:
+        return int(subset), max(1, int(subset) // 5)
+    try:
+        from ..data import info
+
+        meta = info(str(run.get("data.name")))
+    except (ImportError, ValueError):
+        return None, None
+    return meta.train_size, meta.test_size
+
 
 def make_cells(runs: Iterable[RunRecord]) -> list[Cell]:
     """Group finished runs by setting, keeping first-seen order."""
@@ -320,7 +345,25 @@ def _wa(precision) -> str:
 def _num(x) -> str:
     if x is None:
         return "—"
+    if isinstance(x, bool):  # before int: True would print as 1
+        return "yes" if x else "no"
     return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def _epochs(n) -> str:
+    return f"{_num(n)} epoch" + ("" if n == 1 else "s")
+
+
+def _count(x) -> str:
+    return "?" if x is None else f"{x:,}"
+
+
+def _scale_line(cells: Sequence[Cell]) -> str:
+    """What the numbers below were measured on: data set, model, images and epochs of the runs."""
+    scales = list(dict.fromkeys(c.scale for c in cells))
+    parts = [f"data set {data}, model {model}, {_count(train)} training images, {_count(test)} test images, {_epochs(epochs)}"
+             for data, model, train, test, epochs in scales]
+    return ("Scale: " if len(parts) == 1 else "Scale (differs between the runs below): ") + "; ".join(parts) + "."
 
 
 def _paper(x) -> str:
@@ -330,7 +373,8 @@ def _paper(x) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def _context_line(cell: Cell, free: Sequence[str]) -> str:
+def _context_line(cell: Cell, free: Sequence[str], scale: bool = False) -> str:
+    """The settings shared by a table's cells (with ``scale``: data, images and epochs too, for figure titles)."""
     parts = [f"data {cell.get('data.name', '?')}", f"model {cell.get('model.name', '?')}"]
     if "model.precision" not in free:
         parts.append(f"W/A {_wa(cell.get('model.precision'))}")
@@ -340,9 +384,9 @@ def _context_line(cell: Cell, free: Sequence[str]) -> str:
         parts.append(f"o schedule {cell.schedule}")
     if "estimator.o_end" not in free:
         parts.append(f"o_end {_num(cell.o_end)}")
-    if cell.get("data.subset") is not None:
-        parts.append(f"{cell.get('data.subset')} training images")
-    parts.append(f"{_num(cell.epochs)} epochs")
+    if scale:
+        _, _, train, test, epochs = cell.scale
+        parts += [f"{_count(train)} training / {_count(test)} test images", _epochs(epochs)]
     return ", ".join(parts)
 
 
@@ -355,6 +399,7 @@ class Report:
     path: Path
     figures: list[Path] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
+    not_drawn: list[str] = field(default_factory=list)  # a line per table or figure left out, with the reason
 
 
 def _results_section(cells: Sequence[Cell]) -> str:
@@ -379,7 +424,7 @@ def _results_section(cells: Sequence[Cell]) -> str:
             " / ".join(f"{v:.2f}" for v in c.summary_values("final_top1")),
             _pm(c.summary_values("final_top5")), paper or "—",
         ])
-    return "## Results\n\nMean ± sample standard deviation over seeds. " \
+    return "## Results\n\n" + _scale_line(cells) + "\n\nMean ± sample standard deviation over seeds (`seeds`: their ids). " \
            "\"final\" is the last epoch, \"best\" the best epoch (what the reference reports).\n\n" + _table(header, rows)
 
 
@@ -415,8 +460,8 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
                     (_pm(fixed.summary_values("best_top1")) + mark) if fixed else "—"]
             row += [_paper(PAPER["table2"].get(("progressive", o))), _paper(PAPER["table2"].get(("fixed", o)))]
             rows.append(row)
-        text = "## Table 2: fixed vs progressive o\n\n" + _context_line(family[0], ["estimator.schedule", "estimator.o_end"]) + \
-               ". Top-1 %, mean ± std over seeds.\n\n" + _table(header, rows)
+        text = "## Table 2: fixed vs progressive o\n\n" + _scale_line(family) + "\n\n" + \
+               _context_line(family[0], ["estimator.schedule", "estimator.o_end"]) + ". Top-1 %, mean ± std over seeds.\n\n" + _table(header, rows)
         if note:
             text += "\n\n\\* the progressive run with o_end = 1: o = 1 for the whole run, the same training as fixed o = 1."
         out.append(text)
@@ -433,7 +478,7 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         header = ["tuning way", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
         rows = [[c.schedule, _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
                  _paper(PAPER["table3"].get(c.schedule))] for c in ways]
-        out.append("## Table 3: tuning ways of the progressive strategy\n\n" +
+        out.append("## Table 3: tuning ways of the progressive strategy\n\n" + _scale_line(ways) + "\n\n" +
                    _context_line(ways[0], ["estimator.schedule"]) + ".\n\n" + _table(header, rows))
     return out
 
@@ -462,7 +507,8 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                      _sci_pm(c.aggregate_values("est_error_end_mean")), _sci_pm(c.aggregate_values("grad_instability_sum")),
                      _paper(PAPER["estimators"].get(c.get("model.estimator")))] for c in family]
             title = "## Estimator comparison"
-        out.append(title + "\n\n" + _context_line(family[0], ESTIMATOR_KEYS) + ". Mean ± std over seeds.\n\n" + _table(header, rows))
+        out.append(title + "\n\n" + _scale_line(family) + "\n\n" + _context_line(family[0], ESTIMATOR_KEYS) +
+                   ". Mean ± std over seeds.\n\n" + _table(header, rows))
     return out
 
 
@@ -478,10 +524,11 @@ def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
 def _o_end_section(family: list[Cell]) -> str:
     header = ["o_end", "seeds", "est. error e (mean over epochs, at o_end)", "est. error at current o (mean over epochs)",
               "grad. instability s (sum over epochs)", "final top-1 (%)", "best top-1 (%)"]
-    rows = [[_num(c.o_end), len(c.runs), _sci_pm(c.aggregate_values("est_error_end_mean")), _sci_pm(c.aggregate_values("est_error_mean")),
+    rows = [[_num(c.o_end), ",".join(map(str, c.seeds)), _sci_pm(c.aggregate_values("est_error_end_mean")), _sci_pm(c.aggregate_values("est_error_mean")),
              _sci_pm(c.aggregate_values("grad_instability_sum")), _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1"))]
             for c in family]
-    return ("## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n\n" + _context_line(family[0], ["estimator.o_end"]) +
+    return ("## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n\n" + _scale_line(family) + "\n\n" +
+            _context_line(family[0], ["estimator.o_end"]) +
             ". e and s sampled at the last step of each epoch, aggregated as the reference does.\n\n" + _table(header, rows))
 
 
@@ -520,7 +567,7 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
     ax.set_title("test top-1 (%)", fontsize=10)
     ax.set_xlabel("o_end")
     ax.legend()
-    fig.suptitle(textwrap.fill(_context_line(family[0], ["estimator.o_end"]) + f"; mean ± std over {min(len(c.runs) for c in family)}+ seeds", 140), fontsize=9)
+    fig.suptitle(textwrap.fill(_context_line(family[0], ["estimator.o_end"], scale=True) + f"; mean ± std over {min(len(c.runs) for c in family)}+ seeds", 140), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -572,7 +619,8 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
     right.set_xlabel("log10 |dL/dw|")
     right.set_ylabel("density")
     left.legend(fontsize=8)
-    fig.suptitle(textwrap.fill("last snapshot of each run, all seeds pooled; " + _context_line(family[0], ["estimator.o_end"]), 120), fontsize=9)
+    fig.suptitle(textwrap.fill("last snapshot of each run, all seeds pooled; " + _context_line(family[0], ["estimator.o_end"], scale=True), 120),
+                 fontsize=9)
     right.legend(fontsize=8)
     nonzero = np.nonzero(sum(c["grad_log10_counts"] for _, c, _, _ in curves))[0]
     if nonzero.size:  # zoom on the decades that hold gradients
@@ -584,39 +632,137 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
     return path
 
 
-def _figure3(plt, cells: Sequence[Cell], path: Path) -> Path | None:
-    from ..schedules import o_schedule
-
-    ways = {}
-    for family in _families(cells, ["estimator.schedule"]):  # ways compared at the same o_end
+def _figure3_ways(cells: Sequence[Cell]) -> dict[str, Cell]:
+    """The largest set of progressive ReSTE ways compared at otherwise equal settings."""
+    ways: dict[str, Cell] = {}
+    for family in _families(cells, ["estimator.schedule"]):
         found = {c.schedule: c for c in family if c.schedule in PROGRESSIVE_WAYS and c.label == "ReSTE"}
         if len(found) > len(ways):
             ways = found
-    if len(ways) < 2:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    return ways
+
+
+def _schedule_of(cell: Cell):
+    from ..schedules import o_schedule
+
+    p = cell.get("estimator.p", 2.0)
+    return o_schedule(cell.schedule, o_end=cell.o_end, p=float(p) if p is not None else 2.0)
+
+
+def o_points(cell: Cell) -> list[tuple[float, float]]:
+    """``(progress r, o)`` for every epoch of the cell's first run: the ``o`` its metrics log (the
+    o of the epoch's last step) at the progress the schedule was evaluated at for that step.
+
+    Per epoch that is ``r = (epoch - 1) / epochs``; per step ``(epoch * steps - 1) / (epochs * steps)``
+    (``steps_per_epoch`` from summary.json; older runs: where the schedule takes that ``o``).
+    So the last point is the ``o`` the run reached, below ``o_end``, which the schedule only
+    reaches at ``r = 1``, after the last step.
+    """
+    run = cell.first
+    rows = [m for m in run.metrics if m.get("o") is not None]
+    epochs = cell.epochs or len(run.metrics)
+    steps = (run.summary or {}).get("steps_per_epoch")
+    sched = _schedule_of(cell)
+    points = []
+    for m in rows:
+        if cell.get("estimator.per") == "epoch":
+            r = (m["epoch"] - 1) / epochs
+        elif steps:
+            r = (m["epoch"] * steps - 1) / (epochs * steps)
+        else:
+            r = _progress_at(sched, float(m["o"]), m["epoch"] / epochs)
+        points.append((r, float(m["o"])))
+    return points
+
+
+def _progress_at(sched, o: float, default: float) -> float:
+    """Where a rising schedule takes the value ``o`` (bisection); ``default`` for a flat one."""
+    lo, hi = 0.0, 1.0
+    if sched(hi) <= sched(lo):
+        return default
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sched(mid) < o else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _figure3(plt, ways: dict[str, Cell], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
     r = np.linspace(0, 1, 201)
     for way in PROGRESSIVE_WAYS:
         if way not in ways:
             continue
         cell = ways[way]
-        p = cell.get("estimator.p", 2.0)
-        sched = o_schedule(way, o_end=cell.o_end, p=float(p) if p is not None else 2.0)
-        line = ax.plot(r, [sched(v) for v in r], label=f"{way}" + (f" (p = {p:g})" if way == "power" else ""))[0]
-        rows = [m for m in cell.first.metrics if m.get("o") is not None]
-        epochs = cell.epochs or len(cell.first.metrics)
-        if rows and epochs:
-            # the trainer logs o as it was on the epoch's last step: at the epoch's start when o moves per epoch
-            shift = 1 if cell.get("estimator.per") == "epoch" else 0
-            ax.plot([(m["epoch"] - shift) / epochs for m in rows], [m["o"] for m in rows], "o", color=line.get_color(), ms=4)
+        sched = _schedule_of(cell)
+        label = f"{way}" + (f" (p = {sched.p:g})" if way == "power" else "")
+        points = o_points(cell)
+        if points:
+            label += f": reached o = {points[-1][1]:.2f} (o_end {cell.o_end:g})"
+        line = ax.plot(r, [sched(v) for v in r], label=label)[0]
+        if points:
+            ax.plot([x for x, _ in points], [o for _, o in points], "o", color=line.get_color(), ms=4)
+            ax.plot(*points[-1], "*", color=line.get_color(), ms=11)
     ax.set_xlabel("training progress r")
     ax.set_ylabel("o")
-    ax.set_title("tuning ways of o (lines: schedule; dots: o logged per epoch)", fontsize=9)
-    ax.legend()
+    ax.set_title("o schedules (lines); o at each epoch's last step (dots);\nthe o reached (stars): o_end comes at r = 1, after the last step",
+                 fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _figure3_caption(ways: dict[str, Cell]) -> str:
+    parts = []
+    for way in PROGRESSIVE_WAYS:
+        if way in ways and o_points(ways[way]):
+            parts.append(f"{way} {o_points(ways[way])[-1][1]:.2f} (o_end {ways[way].o_end:g})")
+    text = "Lines: the schedules o(r). Dots: the o of each epoch's last step, at the progress it was computed for."
+    if parts:
+        text += " The o the runs reached at their last step: " + ", ".join(parts) + \
+                "; a schedule reaches o_end only at r = 1, after the last step."
+    return text
+
+
+def _values(cells: Sequence[Cell], key: str) -> str:
+    values = {c.get(key) for c in cells}
+    numbers = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return ", ".join([_num(v) for v in numbers] + sorted(_num(v) for v in values if v not in numbers)) or "none"
+
+
+def _not_drawn(cells: Sequence[Cell], sections: Sequence[str], figures: Sequence[str], plt, plots: bool) -> list[str]:
+    """One line per table or figure the runs do not allow, saying what it needs and what was found."""
+    text = "\n".join(sections)
+    cnn = [c for c in cells if not str(c.get("model.name", "")).startswith("vit")]
+    vit = [c for c in cells if str(c.get("model.name", "")).startswith("vit")]
+    schedules = f"found estimator.schedule {_values(cells, 'estimator.schedule')}"
+    lines = []
+    if "## Table 2" not in text:
+        lines.append("Table 2 (fixed vs progressive o): needs runs that differ only in estimator.schedule and estimator.o_end, "
+                     f"with `fixed` and a progressive way at 2 or more o_end values ({schedules}; estimator.o_end {_values(cells, 'estimator.o_end')}).")
+    if "## Table 3" not in text:
+        lines.append(f"Table 3 (tuning ways): needs 2 or more of {', '.join(PROGRESSIVE_WAYS)} at otherwise equal settings ({schedules}).")
+    if "## Estimator comparison" not in text:
+        found = ", ".join(sorted({c.label for c in cnn})) or "no CNN run"
+        lines.append(f"Estimator comparison: needs 2 or more estimators on a CNN at otherwise equal settings (found {found}).")
+    if "## Table 1" not in text:
+        found = ", ".join(sorted({c.label for c in vit})) or "no ViT run"
+        lines.append(f"Table 1 (binary ViT): needs vit_tiny runs with 2 or more of FP, DoReFa, ReSTE at otherwise equal settings (found {found}).")
+    if "## Equilibrium" not in text:
+        lines.append("Equilibrium table and Figures 1 and 2: need progressive ReSTE runs at 3 or more o_end values at otherwise "
+                     f"equal settings (found estimator.o_end {_values([c for c in cells if c.schedule != 'fixed'], 'estimator.o_end')}).")
+    if plt is None:
+        why = "--no-plots was given" if not plots else "they need matplotlib (`pip install reste[plot]`)"
+        lines.append(f"Figures: not drawn, {why}.")
+        return lines
+    if "## Equilibrium" in text and not any(t.startswith("Figure 2") for t in figures):
+        lines.append("Figure 2 (distributions): needs the runs' histograms/*.npz snapshots (written at the final epoch and at "
+                     "analysis.histograms_at when analysis.indicators is on); the o_end runs have none.")
+    if not any(t.startswith("Figure 3") for t in figures):
+        lines.append(f"Figure 3 (tuning ways of o): needs ReSTE runs with 2 or more of {', '.join(PROGRESSIVE_WAYS)} at otherwise "
+                     f"equal settings ({schedules}).")
+    return lines
 
 
 # --------------------------------------------------------------------------- entry point
@@ -640,7 +786,7 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, com
     out = Path(out)
     fig_dir = out / "figures"
     sections: list[str] = []
-    figures: list[tuple[str, Path]] = []
+    figures: list[tuple[str, Path, str]] = []  # title, file, caption
     plt = _pyplot() if plots else None
     if plt is not None:
         fig_dir.mkdir(parents=True, exist_ok=True)
@@ -653,14 +799,13 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, com
         sections.append(_o_end_section(family))
         if plt is not None:
             suffix = "" if i == 0 else f"_{i + 1}"
-            figures.append(("Figure 1: indicators and accuracy against o_end", _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png")))
+            figures.append(("Figure 1: indicators and accuracy against o_end", _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png"), ""))
             fig2 = _figure2(plt, family, fig_dir / f"figure2_distributions{suffix}.png")
             if fig2 is not None:
-                figures.append(("Figure 2: distributions of the fitting error and the gradients per o_end", fig2))
-    if plt is not None:
-        fig3 = _figure3(plt, cells, fig_dir / "figure3_o_schedules.png")
-        if fig3 is not None:
-            figures.append(("Figure 3: tuning ways of o", fig3))
+                figures.append(("Figure 2: distributions of the fitting error and the gradients per o_end", fig2, ""))
+    ways = _figure3_ways(cells)
+    if plt is not None and len(ways) >= 2:
+        figures.append(("Figure 3: tuning ways of o", _figure3(plt, ways, fig_dir / "figure3_o_schedules.png"), _figure3_caption(ways)))
 
     head = ["# reste report", ""]
     if command:
@@ -669,12 +814,14 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, com
     if unfinished:
         head.append("Left out, unfinished (no complete summary.json): " + ", ".join(f"`{r.dir}`" for r in unfinished) + ".")
     head.append("")
-    if plots and plt is None:
-        head.append("Figures were not drawn: they need matplotlib (`pip install reste[plot]`).")
-    fig_text = "\n\n".join(f"### {title}\n\n![{title}](figures/{p.name})" for title, p in figures)
-    body = "\n\n".join(sections) + ("\n\n## Figures\n\n" + fig_text if fig_text else "")
+    missing = _not_drawn(cells, sections, [t for t, _, _ in figures], plt, plots)
+    if missing:
+        head += ["Not drawn:", ""] + [f"- {line}" for line in missing] + [""]
+    fig_text = "\n\n".join(f"### {title}\n\n![{title}](figures/{p.name})" + (f"\n\n{caption}" if caption else "")
+                            for title, p, caption in figures)
+    body = "\n\n".join(sections) + ("\n\n## Figures\n\n" + _scale_line(cells) + "\n\n" + fig_text if fig_text else "")
     text = "\n".join(head) + "\n" + body + "\n"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
-    return Report(markdown=text, path=path, figures=[p for _, p in figures], sections=sections)
+    return Report(markdown=text, path=path, figures=[p for _, p, _ in figures], sections=sections, not_drawn=missing)
