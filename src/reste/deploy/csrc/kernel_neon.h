@@ -7,7 +7,7 @@
 
 #define NEON_PIX 2 /* output pixels per pass, sharing each weight load */
 /* Words one 16-bit lane can count: a word adds at most 16 to a lane (two bytes of 8 bits each).
-   A pixel with more words (kh * Kw, e.g. a 3x3 kernel over ~90k channels) takes the 32-bit path. */
+   A pixel with more words (kh * Kw, e.g. a 3x3 kernel over more than ~29k channels) takes the 32-bit path. */
 #define NEON_U16_WORDS 4095
 
 /* Per (row, channel block) constants of the epilogue, in registers. Channels beyond O get 0
