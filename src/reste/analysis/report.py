@@ -18,6 +18,9 @@ The cells are then laid out like the seed document's tables wherever the runs al
   distributions of Figure 2 from the runs' ``histograms/``;
 - **Figure 3**: ``o`` against training progress for the tuning ways present.
 
+Every table starts with the scale of its runs (data set, model, training and test images,
+epochs); a ``Not drawn`` list says which tables and figures the runs do not allow, and why.
+
 Numbers reported in the paper sit in their own column headed ``paper (reported, ...)``
 naming the paper's data set and model; they are never mixed with measured ones.
 Figures need matplotlib (``pip install reste[plot]``); without it only tables are written.
