@@ -116,12 +116,12 @@ def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, c
 
     # predictions of the packed model are those of the trained one, image for image
     from reste.deploy.export import load_run_model
-    from reste.deploy.verify import test_loader
+    from reste.deploy.verify import eval_loader
 
     model, _, _ = load_run_model(run_dir, "best")
     deployed = load(out)
     with torch.no_grad():
-        for images, _ in test_loader(data, subset=None):
+        for images, _ in eval_loader(data, subset=None):
             assert torch.equal(model.eval()(images).argmax(1), deployed(images).argmax(1))
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .export import ExportError, read_graph
 
-__all__ = ["DATA_KEY", "VERIFY_KEY", "LOGIT_TOLERANCE", "MIN_AGREEMENT", "data_spec", "read_metadata", "write_metadata", "test_loader",
+__all__ = ["DATA_KEY", "VERIFY_KEY", "LOGIT_TOLERANCE", "MIN_AGREEMENT", "data_spec", "read_metadata", "write_metadata", "eval_loader",
            "compare", "check_export", "evaluate_export"]
 
 DATA_KEY = "data"
@@ -97,7 +97,7 @@ def write_metadata(path, entries: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- test images
-def test_loader(spec: dict, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device="cpu",
+def eval_loader(spec: dict, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device="cpu",
                 download: bool | None = None):
     """The test loader a ``data`` spec describes: the run's test images by default.
 
@@ -195,7 +195,7 @@ def check_export(run_dir, out, model: nn.Module, checkpoint: str = "best", *, ve
         random_diff = (deployed(x) - model(x)).abs().max().item()
     lines = []
     try:
-        loader = test_loader(spec, root=root, download=False)  # an export never starts a download
+        loader = eval_loader(spec, root=root, download=False)  # an export never starts a download
         result = compare(model, deployed, loader, images)
         result["inputs"] = f"{spec['name']} test images"
     except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
@@ -227,7 +227,7 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
                     device: str = "cpu") -> dict:
     """Test accuracy of an exported file, by default on the test images of the run it came from.
 
-    Arguments as for :func:`reste.train.evaluate` (``subset``: see :func:`test_loader`); the
+    Arguments as for :func:`reste.train.evaluate` (``subset``: see :func:`eval_loader`); the
     data set, test subset and normalisation come from the file's ``data`` entry, so a file
     exported without one (from Python, or by an older reste) needs ``data``.
     Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data", "subset", "run", "file"}``.
@@ -258,7 +258,7 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
     model = load(path).to(device)
     if subset == "run":
         subset = spec.get("subset") if meta.name == spec["name"] else None
-    loader = test_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=device)
+    loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=device)
     result = evaluate_model(model, loader, device, num_classes=meta.num_classes)
     source = graph.get("source") or {}
     result.update({"checkpoint": source.get("checkpoint"), "epoch": source.get("epoch"), "run": source.get("run"),
