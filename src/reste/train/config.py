@@ -525,9 +525,11 @@ def validate(cfg: Config) -> Config:
         if choices:
             _name_in(key, _get(cfg, key), list(choices))
 
-    import reste  # estimators are part of the light core
+    # the function itself: once the submodule reste.estimators is imported, the package
+    # attribute of that name is the module, not the lazily exported function
+    from reste.estimators import estimators as estimator_names
 
-    _name_in("model.estimator", cfg.model.estimator, reste.estimators())
+    _name_in("model.estimator", cfg.model.estimator, estimator_names())
     try:
         from reste import models
     except ImportError:  # pragma: no cover - the models package is part of the library
