@@ -18,7 +18,7 @@ from data_fixtures import IDX_FILES, write_idx
 from reste import cli
 from reste.data import info
 from reste.deploy import export, load
-from reste.deploy.verify import read_metadata
+from reste.deploy.verify import read_metadata, write_metadata
 from reste.train import trainer as T
 
 N_TRAIN, N_TEST, SUBSET = 400, 100, 160  # the run keeps SUBSET // 5 = 32 test images
@@ -75,9 +75,14 @@ def test_eval_of_a_run_uses_its_test_subset_and_best_checkpoint(run, capsys):
     code, last = eval_json(capsys, run_dir, "--which", "last", "--device", "cpu")
     assert code == 0 and last["epoch"] == 3 and last["top1"] == pytest.approx(rows[-1]["test_top1"])
 
-    code, full = eval_json(capsys, run_dir, "--full", "--device", "cpu", "--threads", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        code, full = eval_json(capsys, run_dir, "--full", "--device", "cpu", "--threads", "2")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0 and full["count"] == N_TEST and full["subset"] is None
-    assert torch.get_num_threads() == 1
 
     # the plain output names the number of images and how to get them all
     assert cli.main(["eval", str(run_dir), "--device", "cpu"]) == 0
@@ -113,6 +118,19 @@ def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, c
     assert of_file["top1"] == of_run["top1"] and of_file["loss"] == pytest.approx(of_run["loss"], abs=1e-4)
     code, full = eval_json(capsys, out, "--full")
     assert code == 0 and full["count"] == N_TEST
+
+    # the normalisation recorded in the file is the one applied
+    other = base / "renormalised.safetensors"
+    other.write_bytes(out.read_bytes())
+    write_metadata(other, {"data": {**data, "mean": [0.0], "std": [1.0]}})
+    code, renormalised = eval_json(capsys, other)
+    assert code == 0 and renormalised["count"] == of_file["count"] and renormalised["loss"] != pytest.approx(of_file["loss"], abs=1e-3)
+
+    # --no-verify still records the data set, and no check
+    bare = base / "unchecked.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(bare), "--no-verify"]) == 0
+    assert "verified" not in capsys.readouterr().out
+    assert read_metadata(bare) == {"data": data}
 
     # predictions of the packed model are those of the trained one, image for image
     from reste.deploy.export import load_run_model

@@ -54,9 +54,9 @@ def register(subparsers) -> None:
     e = subparsers.add_parser(
         "eval",
         help="evaluate a trained run, a checkpoint or an exported 1-bit model on a test set",
-        description="Load a checkpoint and its config (or an exported .safetensors file), rebuild the model and the test "
-                    "loader, print top-1, top-5, loss and the number of test images. By default the test images are the "
-                    "ones the run reported on (its data.subset), so the numbers match the run's.",
+        description="Load a checkpoint and its config (or an exported .safetensors file), rebuild the model and\n"
+                    "the test loader, print top-1, top-5, loss and the number of test images. By default the test\n"
+                    "images are the ones the run reported on (its data.subset), so the numbers match the run's.",
         epilog="examples:\n  reste eval runs/my-run\n  reste eval runs/my-run --which last --full --threads 2\n"
                "  reste eval runs/my-run/model-1bit.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
