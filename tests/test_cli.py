@@ -32,6 +32,9 @@ def test_lazy_package_attributes_still_work():
     import reste
 
     assert callable(reste.summary) and callable(reste.deploy.summary) and set(reste._LAZY) <= set(dir(reste))
+    # a submodule named like an API function: importing the module first must not hide the function
+    code = "from reste.nn import binarize\nimport reste\nassert reste.estimators()[0] and callable(reste.estimator)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     with pytest.raises(AttributeError, match="no attribute 'binarise'"):
         reste.binarise  # noqa: B018
 

@@ -10,6 +10,8 @@ See the README for the command-line tool (``reste train``, ``reste eval``, ...).
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,20 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets it as an attribute of its package; for ``reste.estimators``
+    (a module and, as part of the API, a function) the function must win, as it did when this
+    file imported everything eagerly, so that attribute is not replaced by the module."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] is not None:
+            return  # sys.modules still has the submodule; __getattr__ serves the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
