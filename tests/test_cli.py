@@ -88,3 +88,19 @@ def test_optional_extras_never_replace_torch():
     for extra, requirements in project["optional-dependencies"].items():
         for requirement in requirements:
             assert not requirement.lower().startswith(("torch", "torchvision", "torchaudio")), (extra, requirement)
+
+
+def test_every_help_example_names_files_that_exist():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = cli.build_parser()
+    sub = [a for a in parser._subparsers._group_actions if hasattr(a, "choices")][0]
+    named = 0
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        for path in re.findall(r"configs/[\w./-]+\.yaml", text):
+            named += 1
+            assert (repo / path).is_file(), f"reste {name} --help names {path}, which does not exist"
+    assert named >= 2  # the check looked at real examples

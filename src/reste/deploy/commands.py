@@ -8,7 +8,7 @@ import sys
 SUMMARY_EPILOG = """\
 examples:
   reste summary runs/fashion_mnist-resnet20_bireal-1w1a-reste-20261126-000235
-  reste summary configs/cifar10/vgg_small.yaml --json vgg.json
+  reste summary configs/cifar10/vgg_small_1w1a.yaml --json vgg.json
   reste summary model.safetensors --input-size 1 28 28
   reste summary resnet20 --input-size 3 32 32 --precision 1w32a
 """
