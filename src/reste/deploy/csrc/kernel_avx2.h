@@ -91,46 +91,49 @@ TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_add_popcou
 }
 
 /* P output pixels x LANES channels. KW: the words per kernel row as a compile-time
-   constant (1-3 for 16-64 channels: the loops unroll), or 0 to read it from `a`. */
+   constant (1-3 for 16-64 channels: the loops unroll), or 0 to read it from `a`.
+   The byte counters take whole kernel rows (31 / Kw of them) between two VPSADBW flushes,
+   so the hot loop has no flush test and keeps its 4P counters in registers; only rows of
+   more than 31 words (over 661 channels) are cut into pieces. */
 TARGET_AVX2 __attribute__((always_inline)) static inline void conv_pixels_avx2(
     const conv_args *a, const epi_avx2 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
     int64_t ow, int64_t ob, int border, const int P, const int KW) {
     const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
+    const int64_t rows_per_flush = Kw <= AVX2_BYTE_WORDS ? AVX2_BYTE_WORDS / Kw : 1;
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-    __m256i acc[AVX2_PIX][4], total[AVX2_PIX][4];
+    const __m256i keep = _mm256_set1_epi64x((long long)a->last_mask); /* the last word's bits past the taps go */
+    __m256i total[AVX2_PIX][4];
     for (int p = 0; p < P; p++)
-        for (int v = 0; v < 4; v++) acc[p][v] = total[p][v] = zero;
-    int used = 0; /* words in the byte accumulators */
-    for (int64_t i = 0; i < a->kh; i++) {
-        const uint8_t *xr = rowbase + i * a->row_bytes + ow * step;
-        const uint64_t *wi = wb + i * Kw * LANES;
-        for (int64_t k = 0; k < Kw; k++) {
-            if (used == AVX2_BYTE_WORDS) { /* 64-bit totals before the bytes could overflow */
-                for (int p = 0; p < P; p++)
-                    for (int v = 0; v < 4; v++) {
-                        total[p][v] = _mm256_add_epi64(total[p][v], _mm256_sad_epu8(acc[p][v], zero));
-                        acc[p][v] = zero;
+        for (int v = 0; v < 4; v++) total[p][v] = zero;
+    for (int64_t i0 = 0; i0 < a->kh; i0 += rows_per_flush) {
+        const int64_t i1 = i0 + rows_per_flush < a->kh ? i0 + rows_per_flush : a->kh;
+        for (int64_t k0 = 0; k0 < Kw; k0 += AVX2_BYTE_WORDS) {
+            const int64_t k1 = k0 + AVX2_BYTE_WORDS < Kw ? k0 + AVX2_BYTE_WORDS : Kw;
+            __m256i acc[AVX2_PIX][4];
+            for (int p = 0; p < P; p++)
+                for (int v = 0; v < 4; v++) acc[p][v] = zero;
+            for (int64_t i = i0; i < i1; i++) {
+                const uint8_t *xr = rowbase + i * a->row_bytes + ow * step;
+                const __m256i *wi = (const __m256i *)(wb + i * Kw * LANES);
+                for (int64_t k = k0; k < k1; k++) {
+                    __m256i xv[AVX2_PIX];
+                    for (int p = 0; p < P; p++) { /* a broadcast from memory: a load, no shuffle */
+                        xv[p] = _mm256_set1_epi64x((long long)load_word(xr + p * step + 8 * k));
+                        if (k == Kw - 1) xv[p] = _mm256_and_si256(xv[p], keep);
                     }
-                used = 0;
-            }
-            const uint64_t keep = k == Kw - 1 ? a->last_mask : ~(uint64_t)0; /* the last word's bits past the taps */
-            const __m256i *w = (const __m256i *)(wi + k * LANES);
-            for (int v = 0; v < 4; v++) {
-                __m256i wv = _mm256_loadu_si256(w + v);
-                for (int p = 0; p < P; p++) {
-                    __m256i xv = _mm256_set1_epi64x((long long)(load_word(xr + p * step + 8 * k) & keep));
-                    acc[p][v] = avx2_add_popcount(acc[p][v], xv, wv, table, low4);
+                    for (int v = 0; v < 4; v++) {
+                        __m256i wv = _mm256_loadu_si256(wi + k * 4 + v);
+                        for (int p = 0; p < P; p++) acc[p][v] = avx2_add_popcount(acc[p][v], xv[p], wv, table, low4);
+                    }
                 }
             }
-            used++;
+            for (int p = 0; p < P; p++)
+                for (int v = 0; v < 4; v++) total[p][v] = _mm256_add_epi64(total[p][v], _mm256_sad_epu8(acc[p][v], zero));
         }
     }
-    for (int p = 0; p < P; p++) {
-        for (int v = 0; v < 4; v++) total[p][v] = _mm256_add_epi64(total[p][v], _mm256_sad_epu8(acc[p][v], zero));
-        epilogue_avx2(a, e, n, oh, ow + p, ob, total[p], border);
-    }
+    for (int p = 0; p < P; p++) epilogue_avx2(a, e, n, oh, ow + p, ob, total[p], border);
 }
 
 /* Output columns [from, to) of one row in blocks of AVX2_PIX pixels, then single ones. */
