@@ -467,7 +467,7 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
 
     from reste.cli import main
 
-    assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 1  # an unusable input (reste.cli exit codes)
     assert not (tmp_path / "out").exists()
 
 

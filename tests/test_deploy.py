@@ -609,8 +609,10 @@ def test_version_1_file_is_rejected_with_the_fix(tmp_path, capsys):
     for kwargs in ({}, {"model": TinyResNet()}):
         with pytest.raises(ExportError, match=r"format version 1.*re-export it with this reste: `reste export RUN_DIR"):
             load(old, **kwargs)
-    assert main(["summary", str(old)]) == 2
+    assert main(["summary", str(old)]) == 1  # an input file it cannot use
     assert "re-export" in capsys.readouterr().err
+    assert main(["summary", "no-such-model-or-file"]) == 2  # a usage error
+    assert "is not a run directory, a .yaml config" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -670,7 +672,7 @@ def test_cli_export_and_summary(tmp_path, capsys):
     from reste.cli import main
 
     run, model = _fake_run(tmp_path)
-    assert main(["export", str(run)]) == 2  # no best.pt: the error says to use last
+    assert main(["export", str(run)]) == 1  # no best.pt: the error says to use last
     assert "--checkpoint last" in capsys.readouterr().err
     out = tmp_path / "m.safetensors"
     assert main(["export", str(run), "--checkpoint", "last", "--out", str(out)]) == 0

@@ -5,10 +5,11 @@ module (``reste.train.commands``, ``reste.analysis.commands``, ...), so this
 file only assembles them. Only the module of the command being run is imported:
 ``reste --help``, ``--version`` and ``reste datasets`` start without loading torch.
 
-Exit codes, the same for every command: 0 success, 1 the work itself failed (a
-run diverged, a download failed, a check did not pass), 2 bad usage or input (an
-unknown option, a config key that does not exist, a missing or unreadable file),
-130 interrupted (Ctrl-C).
+Exit codes, the same for every command: 0 success; 1 an input that is missing or
+unusable (a checkpoint, run directory, exported file or data set) or work that failed
+(a run diverged, a download or a check failed, the disk is full); 2 a command line or
+configuration that is wrong (an unknown option or key, an invalid value); 130 / 143
+interrupted by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reste",
         description="Train, analyse and ship binary neural networks with the Rectified Straight-Through Estimator.",
-        epilog="exit codes: 0 success, 1 the work failed, 2 bad usage or input, 130 interrupted",
+        epilog="exit codes: 0 success, 1 a missing or unusable input or failed work, 2 a wrong command line or "
+               "configuration, 130 / 143 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"reste {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

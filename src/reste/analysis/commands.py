@@ -90,9 +90,9 @@ def run_report(args) -> int:
     command += " --no-plots" if args.no_plots else ""
     try:
         report = build_report(args.dirs, args.out, command=command, plots=not args.no_plots)
-    except NotARunError as err:
-        print(f"reste report: {err}", file=sys.stderr)
-        return 2
+    except NotARunError as err:  # an input that is not usable: exit 1, as every command (reste.cli)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {report.path}" + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else ""))
     for line in report.not_drawn:  # the same lines as in report.md: what is missing and why
         print(f"not drawn: {line}")

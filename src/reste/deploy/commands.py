@@ -82,9 +82,18 @@ def _images(text: str) -> int | None:
     return int(text)
 
 
-def _fail(message: str) -> int:
+#: exit codes, as every reste command (see reste.cli): 1 an input that is missing or unusable, or
+#: work that failed; 2 a command line that cannot be right whatever the files hold
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return code
+
+
+class _UnknownSource(ValueError):
+    """The summary source is neither a run, a config, an export nor a model name: a usage error."""
 
 
 def _model_for_summary(args):
@@ -116,7 +125,7 @@ def _model_for_summary(args):
         size = tuple(args.input_size or (3, 32, 32))
         model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
         return model, size
-    raise ValueError(f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
+    raise _UnknownSource(f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
                      f"({', '.join(models.names())})")
 
 
@@ -127,7 +136,9 @@ def run_summary(args) -> int:
 
     try:
         model, size = _model_for_summary(args)
-    except (ValueError, TypeError, OSError) as err:
+    except _UnknownSource as err:
+        return _fail(str(err), EXIT_USAGE)
+    except (ValueError, TypeError, OSError) as err:  # a file that is missing, damaged or not reste's
         return _fail(str(err))
     result = summary(model, size)
     print(result)
@@ -154,6 +165,8 @@ def run_export(args) -> int:
         export(model, out, architecture=arch, source=source)
     except (ExportError, CheckpointError, ValueError) as err:
         return _fail(str(err))
+    except OSError as err:  # e.g. a full disk: export writes atomically, so a previous file is intact
+        return _fail(f"{err}; nothing was written to {out} (a previous file there is intact)")
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
@@ -166,13 +179,12 @@ def run_export(args) -> int:
     try:
         lines, problem = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
                                       images=args.verify_images, root=args.root)
-    except (ExportError, CheckpointError, ValueError) as err:
+    except (ExportError, CheckpointError, ValueError, OSError) as err:
         return _fail(str(err))
     for line in lines:
         print(line)
-    if problem:  # the export ran but its check did not pass: exit code 1, as a failed run (usage errors are 2)
-        _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
-        return 1
+    if problem:  # the export ran but its check did not pass: the work failed
+        return _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
     return 0
 
 
