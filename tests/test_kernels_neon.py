@@ -25,7 +25,8 @@ CSRC = ROOT / "src" / "reste" / "deploy" / "csrc"
 FLAGS = ["-std=gnu11", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 NATIVE_CASES = "600"  # random cases on top of the harness's ~180 fixed ones: ~1 s natively
 EMULATED_CASES = "400"  # ~3 s under qemu, plus ~6 s (CPU) to cross-compile
-CROSS_PACKAGES = "gcc-aarch64-linux-gnu qemu-user"
+# libc6-dev-arm64-cross is only a Recommends of the compiler: name it for --no-install-recommends
+CROSS_PACKAGES = "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 
 
 def _build_and_run(compiler, out, runner, cases, extra_flags=()):
@@ -55,6 +56,11 @@ def test_neon_bit_exact_under_qemu(tmp_path):
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found: to test the NEON kernel, install the Debian packages "
                     f"{CROSS_PACKAGES} (apt-get install {CROSS_PACKAGES})")
+    probe = tmp_path / "probe.c"
+    probe.write_text("#include <stdio.h>\nint main(void) { return 0; }\n")
+    if subprocess.run([cross, "-static", str(probe), "-o", str(tmp_path / "probe")], capture_output=True).returncode:
+        pytest.skip(f"aarch64-linux-gnu-gcc cannot build a static C program (no aarch64 C library): install the Debian "
+                    f"package libc6-dev-arm64-cross (apt-get install {CROSS_PACKAGES})")
     # static: qemu then needs no aarch64 libc or loader on this machine
     stdout = _build_and_run(cross, tmp_path / "kernel_harness_aarch64", [qemu], EMULATED_CASES, ["-O3", "-static"])
     assert "paths compared with the portable kernel: neon" in stdout, stdout
