@@ -394,6 +394,37 @@ def test_batchnorms_stored_as_scale_shift_with_bit_identical_outputs(name, tmp_p
         assert sum(1 for m in deployed.modules() if getattr(m, "post_bn", None) is not None) == convs
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_bireal"])
+def test_residual_adds_land_in_the_conv_output_bit_exactly(name, tmp_path, isa):
+    torch.manual_seed(12)
+    arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.5}
+    model = _perturb_batchnorms(_trained(reste.models.create(**arch), in_channels=3, size=16), seed=13)
+    path = export(model, tmp_path / "r.safetensors", architecture=arch)
+    plain, fused = load(path, fuse=False), load(path)
+    if HAS_EXT:  # every block's add went into a conv; the blocks keep all their children's names
+        blocks = [b for stage in fused.stages for b in stage]
+        assert all(isinstance(b, torch.fx.GraphModule) for b in blocks)
+        assert all("conv2(" in b.code for b in blocks)
+        assert {n for n, _ in blocks[0].named_children()} == {n for n, _ in plain.stages[0][0].named_children()}
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(fused(xx), plain(xx))
+
+
+def test_packed_conv_residual_argument_is_the_plain_sum():
+    torch.manual_seed(2)
+    layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1, bias=True).eval())
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        for residual in (torch.randn(2, 16, 5, 5), torch.randn(16, 1, 1), torch.randn(2, 16, 5, 5, dtype=torch.float64),
+                         torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)):
+            want = y + residual
+            got = layer(x, residual)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_batchnorm_scale_shift_read_back_exactly():
     from reste.deploy.export import _fold_bn, _restore_bn
 

@@ -24,6 +24,7 @@ Safety:
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
@@ -31,7 +32,7 @@ from torch import fx, nn
 
 from .packed import PackedBinaryConv2d, _ext
 
-__all__ = ["fuse_epilogues"]
+__all__ = ["fuse_epilogues", "fuse_residual_adds"]
 
 _PROBE = 2.0 ** 100  # power of two: x * a is exact, and b is negligible next to it
 
@@ -106,12 +107,13 @@ def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d
     return []
 
 
-def fuse_epilogues(model: nn.Module) -> list[str]:
+def fuse_epilogues(model: nn.Module, residual_adds: bool = True) -> list[str]:
     """Fuse every safe ``packed conv -> [ReLU] -> [BatchNorm2d]`` chain of an eval-mode ``model``.
 
     The absorbed ReLU and BN modules are replaced by ``nn.Identity`` in their parent.
-    Returns the names of the convs that absorbed something. Needs the compiled kernel
-    (without it there is nothing to gain, and nothing is changed).
+    With ``residual_adds``, :func:`fuse_residual_adds` then runs too. Returns the names of
+    the convs that absorbed a ReLU or BN. Needs the compiled kernel (without it there is
+    nothing to gain, and nothing is changed).
     """
     if _ext() is None:
         return []
@@ -148,4 +150,82 @@ def fuse_epilogues(model: nn.Module) -> list[str]:
                 setattr(parent, name, nn.Identity())
             if absorbed:
                 fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
+    if residual_adds:
+        fuse_residual_adds(model)
     return fused
+
+
+def _add_with_other(node: fx.Node, value: fx.Node):
+    """The other operand if ``node`` is ``value + other`` or ``other + value`` (no alpha, no out), else None."""
+    if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    other = b if a is value else a if b is value else None
+    return other if isinstance(other, fx.Node) and other is not value else None
+
+
+def fuse_residual_adds(model: nn.Module) -> list[str]:
+    """Give each ``packed conv [-> fused ReLU/BN] -> + other`` the sum to compute itself.
+
+    A residual block ends in ``conv(h) + shortcut(x)``; PyTorch would allocate a new tensor
+    for the sum (on the 2-core VM the page faults of a fresh 4 MB tensor cost more than the
+    add), where the packed conv can add ``other`` into its own output buffer: the same float
+    addition, so the same bits. The block (a child of ``model``, never ``model`` itself) is
+    replaced by an ``fx.GraphModule`` of its traced forward in which that add became
+    ``conv(h, other)``; everything else, its children included, stays as it was. Run after
+    :func:`fuse_epilogues` (the ReLU/BN between the conv and the add must have been absorbed).
+    Returns the names of the convs that took an add.
+    """
+    if _ext() is None:
+        return []
+    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    done = []
+    for parent_name, parent in list(model.named_modules()):
+        if not parent_name or shared[id(parent)] != 1 or isinstance(parent, fx.GraphModule):
+            continue
+        children = dict(parent.named_children())
+        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
+            continue
+        try:
+            graph = _OpaqueChildren().trace(parent)
+        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module as it is
+            continue
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        changed = []
+        for node in list(graph.nodes):
+            conv = children.get(node.target) if node.op == "call_module" else None
+            if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
+                continue
+            if calls[node.target] != 1 or shared[id(conv)] != 1 or len(node.args) != 1 or node.kwargs:
+                continue
+            chain, tail = [], node  # the absorbed ReLU/BN, now nn.Identity, between the conv and the add
+            while len(tail.users) == 1:
+                user = next(iter(tail.users))
+                if user.op == "call_module" and type(children.get(user.target)) is nn.Identity and user.args == (tail,):
+                    chain.append(user)
+                    tail = user
+                    continue
+                break
+            if len(tail.users) != 1:
+                continue
+            add = next(iter(tail.users))
+            other = _add_with_other(add, tail)
+            if other is None:
+                continue
+            with graph.inserting_before(add):  # after `other` and the conv's input: both come before the add
+                fused = graph.call_module(node.target, (node.args[0], other))
+            add.replace_all_uses_with(fused)
+            for dead in [add] + chain[::-1] + [node]:
+                graph.erase_node(dead)
+            changed.append(f"{parent_name}.{node.target}")
+        if not changed:
+            continue
+        graph.lint()
+        module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+        for name, child in children.items():  # keep every child reachable under its name, used or not
+            if not hasattr(module, name):
+                module.add_module(name, child)
+        owner_name, _, attr = parent_name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
+        done += changed
+    return done

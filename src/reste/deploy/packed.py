@@ -450,17 +450,26 @@ class PackedBinaryConv2d(_PackedBinary):
             opts["input_padding"] = self.input_padding
         return opts
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The layer's output, plus ``residual`` if given: ``layer(x) + residual`` as one call, so
+        the sum can land in the layer's own output buffer (see :mod:`reste.deploy.fuse`)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if not self.binary_inputs:
             # 1W/32A: the trained layer's own operation on the unpacked alpha * sign(W)
             w = self.scaled_weight(x.dtype, x.device)
             b = self.bias.to(x.dtype) if self.bias is not None else None
-            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-        if self._use_kernel(x):
-            return self._kernel_forward(x)
-        return self._epilogue_reference(self.reference_forward(x))
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        elif self._use_kernel(x):
+            y = self._kernel_forward(x)
+            if residual is not None and residual.shape == y.shape and residual.dtype == y.dtype == torch.float32 \
+                    and residual.device == y.device and not residual.requires_grad:
+                # y is a fresh view of a pooled buffer nobody else holds: add in place, no new
+                # tensor (a new 4 MB one costs its page faults, more than the add itself)
+                return y.add_(residual)
+        else:
+            y = self._epilogue_reference(self.reference_forward(x))
+        return y if residual is None else y + residual
 
     # -- fused epilogue: ReLU and/or an eval-mode BatchNorm applied by the kernel as it writes the output
     def fuse_epilogue(self, relu: bool, bn: nn.BatchNorm2d | None, kernel_scale: Tensor | None = None,
