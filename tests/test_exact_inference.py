@@ -1,0 +1,67 @@
+"""Trained binary convs and their packed exports compute bit-identical outputs.
+
+Without autograd a BinaryConv2d sums sign(x)·sign(W) exactly before scaling by alpha, as packed
+inference does; before, its float conv of sign(x) with alpha·sign(W) rounded differently (about
+1e-6), and activations that close to 0 took the other sign in the next layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reste
+from reste.deploy import export, load
+from reste.deploy.packed import PackedBinaryConv2d
+from reste.nn import BinaryConv2d
+
+
+@pytest.mark.parametrize("scale", ["layer_mean", "channel_mean", "none"])
+@pytest.mark.parametrize("pad", ["zero", "+1", "-1"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_binary_conv_without_grad_equals_its_packed_twin(scale, pad, bias):
+    torch.manual_seed(0)
+    conv = BinaryConv2d(16, 24, 3, stride=2, padding=1, bias=bias, weight_scale=scale, input_padding=pad).eval()
+    if bias:
+        torch.nn.init.normal_(conv.bias)
+    x = torch.randn(3, 16, 11, 9) * 1e-3
+    packed = PackedBinaryConv2d.from_binary(conv)
+    with torch.no_grad():
+        exact = conv(x)
+        assert torch.equal(exact, packed(x)) and torch.equal(exact, packed.reference_forward(x))
+    with_grad = conv(x.requires_grad_())  # the training forward: the same value up to rounding
+    assert torch.allclose(with_grad, exact, rtol=1e-6, atol=1e-6)
+
+
+def _stats(model, channels, size):
+    """BatchNorm statistics from a few training-mode batches, then eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, channels, size, size))
+    return model.eval()
+
+
+def _outputs(model, names):
+    seen = {}
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_bireal", "vgg_small"])
+def test_every_binary_conv_of_an_exported_model_is_bit_identical(name, tmp_path):
+    torch.manual_seed(1)
+    arch = {"name": name, "num_classes": 10, "in_channels": 1, "precision": "1w1a", "image_size": 16, "width": 0.5}
+    model = _stats(reste.models.create(**arch), 1, 16)
+    deployed = load(export(model, tmp_path / "m.safetensors", architecture=arch), fuse=False)
+    convs = [n for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]
+    trained, packed = _outputs(model, convs), _outputs(deployed, convs)
+    x = torch.randn(32, 1, 16, 16)
+    with torch.no_grad():
+        want, got = model(x), deployed(x)
+    assert len(trained) == len(packed) == len(convs) >= 5
+    for conv in convs:  # so every binary layer downstream sees the same signs
+        assert torch.equal(packed[conv], trained[conv]), conv
+    # the float head after the last binary layer may sum in another order (channels-last pooling)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6) and torch.equal(got.argmax(1), want.argmax(1))
