@@ -412,6 +412,25 @@ def test_residual_adds_land_in_the_conv_output_bit_exactly(name, tmp_path, isa):
             assert torch.equal(fused(xx), plain(xx))
 
 
+def test_batchnorm_before_a_binary_conv_is_applied_while_packing(tmp_path, isa):
+    torch.manual_seed(14)
+    arch = {"name": "vgg_small", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.375}
+    model = _perturb_batchnorms(_trained(reste.models.create(**arch), in_channels=3, size=16), seed=15)
+    path = export(model, tmp_path / "v.safetensors", architecture=arch)
+    plain, fused = load(path, fuse=False), load(path)
+    if HAS_EXT:  # the real first unit's ReLU and BN (48 channels) are absorbed by conv1
+        assert isinstance(fused.features.bn0, nn.Identity) and isinstance(fused.features.relu0, nn.Identity)
+        assert fused.features.conv1.pre_bn is not None and "fused_before=ReLU+BatchNorm2d" in repr(fused.features.conv1)
+    x = torch.randn(5, 3, 16, 16)
+    x[0] = 0.0  # the stem conv gives exact zeros: ReLU(0) then the BN's shift alone decides the sign
+    with torch.no_grad():
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(fused(xx), plain(xx))
+        x.requires_grad_(True)  # the reference path applies the absorbed BN itself
+        with torch.enable_grad():
+            assert torch.equal(fused(x), plain(x))
+
+
 def test_packed_conv_residual_argument_is_the_plain_sum():
     torch.manual_seed(2)
     layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1, bias=True).eval())

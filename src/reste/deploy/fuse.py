@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .packed import PackedBinaryConv2d, _ext
 
-__all__ = ["fuse_epilogues", "fuse_residual_adds"]
+__all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds"]
 
 _PROBE = 2.0 ** 100  # power of two: x * a is exact, and b is negligible next to it
 
@@ -107,11 +107,113 @@ def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d
     return []
 
 
+def _bn_formula(relu: nn.ReLU | None, bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, channels: int,
+                seed: int) -> bool | None:
+    """Whether PyTorch computes ``bn(relu(x))`` as ``fma(x, scale, shift)`` (True) or as a multiply, then
+    an add (False), judged on float outputs in both memory layouts; None if neither matches bit for bit.
+
+    Only the signs reach a binary conv, but two roundings and one can differ in sign next to zero,
+    so the float values are compared, not the conv outputs. The fused form is computed exactly in
+    float64 (the product of two floats fits) and rounded once more to float32: that double rounding
+    could differ from a true fma only on an exact float32 halfway case, which random data never hits
+    here, and the check only chooses between the two forms."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, channels, 7, 5, generator=gen) * 3
+    x.view(-1)[::11] = 0.0
+    a, b = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+    results = set()
+    with torch.no_grad():
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = torch.relu(xx) if relu is not None else xx
+            want = bn(y)
+            if torch.equal(want, y * a + b):
+                results.add(False)
+            elif torch.equal(want, (y.double() * a.double() + b.double()).float()):
+                results.add(True)
+            else:
+                return None
+    return results.pop() if len(results) == 1 else None
+
+
+def _producer(node: fx.Node, children: dict, calls: Counter, shared: Counter, kind: type):
+    """(node, module) of the ``kind`` child module that computes ``node``'s only input, if this
+    is that value's only use and the module is called once and not shared; else None."""
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    module = children.get(src.target) if src.op == "call_module" else None
+    if type(module) is not kind or len(src.users) != 1 or calls[src.target] != 1 or shared[id(module)] != 1:
+        return None
+    return src, module
+
+
+def fuse_prologues(model: nn.Module) -> list[str]:
+    """Fuse every safe ``[ReLU ->] BatchNorm2d -> packed conv`` (e.g. VGG-small's real first
+    conv unit feeding the first binary conv): the kernel maps each input value as the BN would
+    while it packs the signs, so the BN's float output is never written. Fused only if the
+    BN's own arithmetic is reproduced bit for bit (:func:`_bn_formula`) and the conv's output
+    then equals the unfused chain's. Run after :func:`fuse_epilogues` (a BN between two binary
+    convs is better absorbed by the first one's epilogue). Returns the names of the convs."""
+    if _ext() is None:
+        return []
+    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        children = dict(parent.named_children())
+        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
+            continue
+        try:
+            graph = _OpaqueChildren().trace(parent)
+        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module unfused
+            continue
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        for node in list(graph.nodes):
+            conv = children.get(node.target) if node.op == "call_module" else None
+            if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
+                continue
+            if calls[node.target] != 1 or shared[id(conv)] != 1 or getattr(conv, "pre_bn", None) is not None:
+                continue
+            found = _producer(node, children, calls, shared, nn.BatchNorm2d)
+            if found is None:
+                continue
+            bn_node, bn = found
+            if bn.training or bn.running_mean is None or bn.num_features != conv.in_channels:
+                continue
+            relu_found = _producer(bn_node, children, calls, shared, nn.ReLU)
+            relu = relu_found[1] if relu_found is not None else None
+            affine = _bn_affine(bn)
+            fma = None if affine is None else _bn_formula(relu, bn, *affine, conv.in_channels, seed=len(fused))
+            if fma is None:
+                continue
+            gen = torch.Generator().manual_seed(len(fused))
+            probe = torch.randn(3, conv.in_channels, 6 * conv.stride[0], 5 * conv.stride[1], generator=gen)
+            with torch.no_grad():
+                chain = [m for m in (relu, bn) if m is not None]
+                wanted = []
+                for x in (probe, probe.contiguous(memory_format=torch.channels_last)):
+                    y = x
+                    for m in chain:
+                        y = m(y)
+                    wanted.append(conv(y))
+                conv.fuse_prologue(relu is not None, bn, affine[0], affine[1], fma)
+                ok = all(torch.equal(conv(x), want)
+                         for x, want in zip((probe, probe.contiguous(memory_format=torch.channels_last)), wanted))
+            if not ok:
+                conv.unfuse_prologue()
+                continue
+            for module in chain:
+                name = next(n for n, m in children.items() if m is module)
+                setattr(parent, name, nn.Identity())
+            fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
+    return fused
+
+
 def fuse_epilogues(model: nn.Module, residual_adds: bool = True) -> list[str]:
     """Fuse every safe ``packed conv -> [ReLU] -> [BatchNorm2d]`` chain of an eval-mode ``model``.
 
     The absorbed ReLU and BN modules are replaced by ``nn.Identity`` in their parent.
-    With ``residual_adds``, :func:`fuse_residual_adds` then runs too. Returns the names of
+    Then :func:`fuse_prologues` runs, and with ``residual_adds`` :func:`fuse_residual_adds`
+    too. Returns the names of
     the convs that absorbed a ReLU or BN. Needs the compiled kernel (without it there is
     nothing to gain, and nothing is changed).
     """
@@ -150,6 +252,7 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True) -> list[str]:
                 setattr(parent, name, nn.Identity())
             if absorbed:
                 fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
+    fuse_prologues(model)
     if residual_adds:
         fuse_residual_adds(model)
     return fused

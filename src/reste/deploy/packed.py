@@ -460,6 +460,8 @@ class PackedBinaryConv2d(_PackedBinary):
             w = self.scaled_weight(x.dtype, x.device)
             b = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        elif getattr(self, "pre_bn", None) is not None and not self._use_kernel(x):
+            y = self._epilogue_reference(self.reference_forward(self._prologue_reference(x)))
         elif self._use_kernel(x):
             y = self._kernel_forward(x)
             if residual is not None and residual.shape == y.shape and residual.dtype == y.dtype == torch.float32 \
@@ -492,6 +494,41 @@ class PackedBinaryConv2d(_PackedBinary):
             self.register_buffer("post_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
             self.register_buffer("post_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
             self.post_fma = bool(kernel_fma)
+
+    # -- fused prologue: a ReLU and an eval-mode BatchNorm before the conv, applied while packing the signs
+    def fuse_prologue(self, relu: bool, bn: nn.BatchNorm2d, kernel_scale: Tensor, kernel_shift: Tensor,
+                      kernel_fma: bool) -> None:
+        """Absorb a preceding ``[ReLU ->] BatchNorm2d`` whose output only this conv reads (see
+        :mod:`reste.deploy.fuse`): the kernel maps each input value with ``max(x, 0)`` and
+        ``x * kernel_scale + kernel_shift`` (one fused multiply-add when ``kernel_fma``) before
+        taking its sign, chosen to equal ``bn`` bit for bit; the reference path applies ``bn``."""
+        self._plans = {}
+        self.pre_relu = bool(relu)
+        self.pre_bn = {
+            "mean": bn.running_mean.detach().clone(), "var": bn.running_var.detach().clone(),
+            "weight": bn.weight.detach().clone() if bn.weight is not None else None,
+            "bias": bn.bias.detach().clone() if bn.bias is not None else None, "eps": float(bn.eps),
+        }
+        self.register_buffer("pre_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
+        self.register_buffer("pre_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
+        self.pre_fma = bool(kernel_fma)
+
+    def unfuse_prologue(self) -> None:
+        self._plans = {}
+        self.pre_relu, self.pre_bn = False, None
+
+    def _prologue_reference(self, x: Tensor) -> Tensor:
+        if getattr(self, "pre_relu", False):
+            x = torch.relu(x)
+        bn = self.pre_bn
+        dev = x.device
+        opt = lambda t: t.to(dev) if t is not None else None  # noqa: E731
+        return F.batch_norm(x, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"])
+
+    def _prologue_args(self) -> tuple:
+        if getattr(self, "pre_bn", None) is None:
+            return ()
+        return int(self.pre_relu), self.pre_scale.data_ptr(), self.pre_shift.data_ptr(), int(self.pre_fma)
 
     def _epilogue_reference(self, y: Tensor) -> Tensor:
         if getattr(self, "post_relu", False):
@@ -557,7 +594,7 @@ class PackedBinaryConv2d(_PackedBinary):
             else x.detach().float().contiguous(memory_format=torch.channels_last)  # NHWC in memory
         threads = torch.get_num_threads()
         xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
-        ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
+        ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *self._prologue_args())
         out = _pool.empty(plan["out"])
         ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
@@ -572,7 +609,8 @@ class PackedBinaryConv2d(_PackedBinary):
         s += f", bias={self.bias is not None}, inputs={'binary' if self.binary_inputs else 'real'}, " \
              f"input_padding={self.input_padding}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}"
         fused = [name for name, on in (("ReLU", getattr(self, "post_relu", False)), ("BatchNorm2d", getattr(self, "post_bn", None) is not None)) if on]
-        return s + (f", fused={'+'.join(fused)}" if fused else "")
+        before = [name for name, on in (("ReLU", getattr(self, "pre_relu", False)), ("BatchNorm2d", getattr(self, "pre_bn", None) is not None)) if on]
+        return s + (f", fused_before={'+'.join(before)}" if before else "") + (f", fused={'+'.join(fused)}" if fused else "")
 
 
 # ----------------------------------------------------------------------------- linear

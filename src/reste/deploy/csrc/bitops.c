@@ -53,15 +53,21 @@
 /* ------------------------------------------------------- Python functions */
 
 static PyObject *py_pack_rows(PyObject *self, PyObject *args) {
-    unsigned long long x_addr, out_addr;
-    long long N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, threads;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLLLKL", &x_addr, &N, &H, &W, &C, &ph, &pw, &pix_bytes, &row_bytes,
-                          &plus_one_pad, &out_addr, &threads))
+    unsigned long long x_addr, out_addr, scale_addr = 0, shift_addr = 0;
+    long long N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, threads, relu = 0, fma = 0;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLLKL|LKKL", &x_addr, &N, &H, &W, &C, &ph, &pw, &pix_bytes, &row_bytes,
+                          &plus_one_pad, &out_addr, &threads, &relu, &scale_addr, &shift_addr, &fma))
         return NULL;
+    pre_map map = {(int)(relu != 0), (int)(fma != 0), (const float *)(uintptr_t)scale_addr, (const float *)(uintptr_t)shift_addr};
+    int mapped = relu || scale_addr || shift_addr;
+    if (mapped && !(scale_addr && shift_addr)) {
+        PyErr_SetString(PyExc_ValueError, "pack_rows: give the input map's scale and shift (a ReLU alone is not supported)");
+        return NULL;
+    }
     const char *err;
     Py_BEGIN_ALLOW_THREADS
-    err = run_pack_rows((const float *)(uintptr_t)x_addr, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad != 0,
-                        (uint8_t *)(uintptr_t)out_addr, threads);
+    err = run_pack_rows_map((const float *)(uintptr_t)x_addr, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad != 0,
+                            mapped ? &map : NULL, (uint8_t *)(uintptr_t)out_addr, threads);
     Py_END_ALLOW_THREADS
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -131,8 +137,9 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"pack_rows", py_pack_rows, METH_VARARGS,
-     "pack_rows(x, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, out, threads): "
-     "sign-and-pack float32 NHWC x into padded row bit streams at out."},
+     "pack_rows(x, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, out, threads[, relu, scale, shift, fma]): "
+     "sign-and-pack float32 NHWC x into padded row bit streams at out, optionally after the per-channel map "
+     "y = max(x, 0) (relu), y * scale + shift (fma: fused)."},
     {"conv", py_conv, METH_VARARGS,
      "conv(x, N, H, W, Hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW, w, O, OB, Kw, last_mask, "
      "wsum, K, alpha, alpha_per_channel, bias, relu, post_scale, post_shift, post_fma, out, threads): "

@@ -45,6 +45,40 @@ typedef struct {
     float *out;        /* [N][OH][OW][O] */
 } conv_args;
 
+/* An optional per-channel map of the input before its signs are packed: the eval-mode
+   BatchNorm (and a ReLU before it) that fed a binary conv, applied on the fly so that
+   tensor is never written: y = max(x, 0) if relu (NaN stays NaN, as torch.relu), then
+   y * scale + shift, as one fused multiply-add if fma (else two roundings, like PyTorch). */
+typedef struct {
+    int relu, fma;
+    const float *scale, *shift; /* [C] */
+} pre_map;
+
+/* The map over `pixels` pixels of C channels; the body is built once per instruction set
+   (plain C that the compiler vectorises for each target). */
+__attribute__((always_inline)) static inline void pre_map_body(const float *x, int64_t pixels, int64_t C, const pre_map *m,
+                                                               float *out) {
+    const float *sc = m->scale, *sh = m->shift;
+    for (int64_t p = 0; p < pixels; p++, x += C, out += C) {
+        if (m->fma)
+            for (int64_t c = 0; c < C; c++) out[c] = fmaf(m->relu && x[c] < 0.0f ? 0.0f : x[c], sc[c], sh[c]);
+        else
+            for (int64_t c = 0; c < C; c++) out[c] = (m->relu && x[c] < 0.0f ? 0.0f : x[c]) * sc[c] + sh[c];
+    }
+}
+typedef void (*pre_map_fn)(const float *, int64_t, int64_t, const pre_map *, float *);
+static void pre_map_generic(const float *x, int64_t pixels, int64_t C, const pre_map *m, float *out) {
+    pre_map_body(x, pixels, C, m, out);
+}
+#if RESTE_X86
+TARGET_AVX2 static void pre_map_avx2(const float *x, int64_t pixels, int64_t C, const pre_map *m, float *out) {
+    pre_map_body(x, pixels, C, m, out);
+}
+TARGET_AVX512 static void pre_map_avx512(const float *x, int64_t pixels, int64_t C, const pre_map *m, float *out) {
+    pre_map_body(x, pixels, C, m, out);
+}
+#endif
+
 static inline uint64_t load_word(const uint8_t *p) {
     uint64_t v;
     memcpy(&v, p, sizeof v); /* unaligned load; compiles to one mov */

@@ -22,6 +22,7 @@ typedef struct {
     int (*supported)(void);
     conv_block_fn conv_block;
     pack_pixels_fn pack_pixels;
+    pre_map_fn pre_map; /* optional (NULL: the portable one) */
 } kernel_path;
 
 static int cpu_any(void) { return 1; }
@@ -44,8 +45,8 @@ static int cpu_avx2(void) {
    A new instruction set adds its header above and one row here, in its #if block. */
 static const kernel_path kernel_paths[] = {
 #if RESTE_X86
-    {"avx512", "avx512f+avx512bw+avx512dq+avx512vl+avx512vpopcntdq", cpu_avx512, conv_block_avx512, pack_pixels_avx512},
-    {"avx2", "avx2+fma+popcnt", cpu_avx2, conv_block_avx2, pack_pixels_avx2},
+    {"avx512", "avx512f+avx512bw+avx512dq+avx512vl+avx512vpopcntdq", cpu_avx512, conv_block_avx512, pack_pixels_avx512, pre_map_avx512},
+    {"avx2", "avx2+fma+popcnt", cpu_avx2, conv_block_avx2, pack_pixels_avx2, pre_map_avx2},
     {"portable", "popcnt", cpu_popcnt, conv_block_generic_popcnt, pack_pixels_generic},
 #endif
 #if defined(__aarch64__)
@@ -60,6 +61,7 @@ static const kernel_path kernel_paths[] = {
 
 static conv_block_fn conv_block = conv_block_generic;
 static pack_pixels_fn pack_pixels = pack_pixels_generic;
+static pre_map_fn pre_map_pixels = pre_map_generic;
 static const char *isa_name = "portable";
 static char isa_reason[256] = "not selected yet";
 static char select_error[512];
@@ -107,6 +109,7 @@ static const char *select_isa(const char *name, const char *by) {
     }
     conv_block = pick->conv_block;
     pack_pixels = pick->pack_pixels;
+    pre_map_pixels = pick->pre_map ? pick->pre_map : pre_map_generic;
     isa_name = pick->name;
     if (automatic)
         snprintf(isa_reason, sizeof isa_reason, "auto: best path for this CPU (it has %s)", pick->needs);
@@ -125,13 +128,16 @@ static int thread_count(int64_t requested, int64_t work) {
     return t < 1 ? 1 : (int)t;
 }
 
-/* Sign-and-pack float32 NHWC x into padded row bit streams (layout in bitops.c). Returns NULL,
-   or a message naming what is inconsistent. */
-static const char *run_pack_rows(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t ph, int64_t pw,
-                                 int64_t pix_bytes, int64_t row_bytes, int plus_one_pad, uint8_t *out, int64_t threads) {
+/* Sign-and-pack float32 NHWC x into padded row bit streams (layout in bitops.c), with the
+   optional map `pre` (NULL: none) applied to x first. Returns NULL, or a message naming
+   what is inconsistent. */
+static const char *run_pack_rows_map(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t ph, int64_t pw,
+                                     int64_t pix_bytes, int64_t row_bytes, int plus_one_pad, const pre_map *pre, uint8_t *out,
+                                     int64_t threads) {
     if (N < 0 || H < 0 || W < 0 || C < 1 || ph < 0 || pw < 0 || pix_bytes * 8 < C ||
         row_bytes < (W + 2 * pw) * pix_bytes + 8)
         return "pack_rows: inconsistent sizes";
+    if (pre && (!pre->scale || !pre->shift)) return "pack_rows: the input map needs both scale and shift";
     int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, rows = N * Hp;
     /* the bits of one "+1" border pixel: C ones, then zeros up to Cb */
     uint8_t pad_pixel[4096];
@@ -140,22 +146,38 @@ static const char *run_pack_rows(const float *x, int64_t N, int64_t H, int64_t W
         memset(pad_pixel, 0, (size_t)pix_bytes);
         for (int64_t c = 0; c < C; c++) pad_pixel[c / 8] |= (uint8_t)(1u << (c % 8));
     }
-    int nt = thread_count(threads, rows * W * (C / 16 + 1));
+    int nt = thread_count(threads, rows * W * (C / 16 + 1) * (pre ? 3 : 1));
     (void)nt; /* unused when built without OpenMP */
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t n = r / Hp, hp = r % Hp;
-        uint8_t *row = out + r * row_bytes;
-        memset(row, 0, (size_t)row_bytes);
-        int border_row = hp < ph || hp >= ph + H;
-        if (plus_one_pad)
-            for (int64_t wp = 0; wp < Wp; wp++)
-                if (border_row || wp < pw || wp >= pw + W) memcpy(row + wp * pix_bytes, pad_pixel, (size_t)pix_bytes);
-        if (border_row) continue;
-        const float *src = x + ((n * H + (hp - ph)) * W) * C;
-        pack_pixels(src, W, C, pix_bytes, row + pw * pix_bytes);
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        float *mapped = pre ? (float *)malloc((size_t)(W * C) * sizeof(float)) : NULL; /* one image row, per thread */
+        if (pre && !mapped) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t n = r / Hp, hp = r % Hp;
+            uint8_t *row = out + r * row_bytes;
+            memset(row, 0, (size_t)row_bytes);
+            int border_row = hp < ph || hp >= ph + H;
+            if (plus_one_pad)
+                for (int64_t wp = 0; wp < Wp; wp++)
+                    if (border_row || wp < pw || wp >= pw + W) memcpy(row + wp * pix_bytes, pad_pixel, (size_t)pix_bytes);
+            if (border_row || (pre && !mapped)) continue;
+            const float *src = x + ((n * H + (hp - ph)) * W) * C;
+            if (pre) {
+                pre_map_pixels(src, W, C, pre, mapped);
+                src = mapped;
+            }
+            pack_pixels(src, W, C, pix_bytes, row + pw * pix_bytes);
+        }
+        free(mapped);
     }
-    return NULL;
+    return failed ? "pack_rows: out of memory for one mapped image row" : NULL;
+}
+
+static const char *run_pack_rows(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t ph, int64_t pw,
+                                 int64_t pix_bytes, int64_t row_bytes, int plus_one_pad, uint8_t *out, int64_t threads) {
+    return run_pack_rows_map(x, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, NULL, out, threads);
 }
 
 /* The whole convolution of `a`. Returns NULL, or a message naming what is inconsistent. */
