@@ -747,6 +747,40 @@ def test_bench_conv_smoke():
     assert row["exact"] and row["float_ms"] > 0 and row["binary_ms"] > 0
 
 
+def test_slow_kernel_note_when_only_the_portable_kernel_runs(monkeypatch):
+    base = {"extension": True, "isa": "portable", "why": "auto: ...", "openmp": True, "reason": None}
+    monkeypatch.setattr(packed_mod, "kernel_info", lambda: dict(base, available=["portable"]))
+    assert "only the portable XNOR-popcount kernel" in packed_mod.slow_kernel_note()
+    monkeypatch.setattr(packed_mod, "kernel_info", lambda: dict(base, isa="avx2", available=["avx2", "portable"]))
+    assert packed_mod.slow_kernel_note() is None
+    monkeypatch.setattr(packed_mod, "kernel_info", lambda: dict(base, extension=False, isa=None, available=[], reason="not built"))
+    assert "unavailable here (not built)" in packed_mod.slow_kernel_note()
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="needs the compiled kernel paths")
+def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsys):
+    import argparse
+
+    from reste.deploy import bench
+
+    result = {"machine": bench.machine_info(), "repeats": 1, "conv": [], "e2e": [], "sizes": []}
+    assert result["machine"]["cpu"] in bench.format_report(result)
+    assert ISAS[0] in bench.default_json_path(result).name and bench.default_json_path(result).name.startswith("infer_")
+    if len(ISAS) > 1:  # force the second-best path: the report says it is not this CPU's default
+        ext = packed_mod._ext()
+        ext.select(ISAS[1], "the test")
+        try:
+            text = bench.format_report(dict(result, machine=bench.machine_info()))
+        finally:
+            ext.select(ISAS[0])
+        assert f"kernel path: {ISAS[1]}" in text and f"NOT this CPU's default path ({ISAS[0]})" in text
+    args = argparse.Namespace(isa="no-such-path", threads=None, repeats=1, quick=True, json="-")
+    from reste.deploy.commands import run_bench
+
+    assert run_bench(args) == 1
+    assert "known names: auto, portable, avx2, avx512, neon" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("name", ["resnet20", "vgg_small"])
 def test_loaded_model_on_cuda_matches_trained_model_on_cuda(name, tmp_path, capsys):

@@ -6,7 +6,7 @@
 - ``conv``: one 3x3 convolution of each VGG-small and ResNet-20 shape, the packed
   binary layer against ``F.conv2d`` on float weights, batch 1 and 64;
 - ``e2e``: whole binary VGG-small and ResNet-20 (``reste.deploy.load`` of an exported
-  model) against the same architecture in float, batch 64;
+  model, fused) against the same architecture in float, batch 1 and 64;
 - ``sizes``: exported file vs the float model's checkpoint.
 
 Float and binary samples alternate, round after round (each sample long enough to be
@@ -15,6 +15,13 @@ median of the per-round ratios, so noise from other processes hits both sides al
 Float runs in NCHW or channels-last, whichever a first measurement finds faster, so the
 baseline is the best PyTorch offers here. Binary outputs are checked against the
 PyTorch reference before being timed.
+
+Each result names the CPU (model name and the vector extensions it has) and the kernel
+path that ran (``isa``, and ``why``: picked automatically or forced). ``run(isa=...)``
+forces a path, ``isas="all"`` in :func:`run_isas` measures every path this CPU supports,
+one result each: a forced path is not what this CPU would run by default (``best_isa``
+says what would), and a forced ``avx2`` on an AVX-512 CPU is not an AVX2-only CPU (the
+float side, for one, still uses AVX-512).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VGG_SMALL_SHAPES", "RESNET20_SHAPES", "run", "format_report", "machine_info"]
+__all__ = ["VGG_SMALL_SHAPES", "RESNET20_SHAPES", "run", "run_isas", "format_report", "machine_info", "default_json_path", "main"]
 
 #: (in_channels, out_channels, input size, stride) of the binary 3x3 convs of VGG-small on 32x32
 VGG_SMALL_SHAPES = ((128, 128, 32, 1), (128, 256, 16, 1), (256, 256, 16, 1), (256, 512, 8, 1), (512, 512, 8, 1))
@@ -40,21 +47,43 @@ VGG_SMALL_SHAPES = ((128, 128, 32, 1), (128, 256, 16, 1), (256, 256, 16, 1), (25
 RESNET20_SHAPES = ((16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1))
 
 
+#: CPU flags (as /proc/cpuinfo spells them) that decide which kernel path can run
+_ISA_FLAGS = ("popcnt", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vpopcntdq", "asimd", "asimddp")
+
+
+def _cpu() -> tuple[str, list[str], str | None]:
+    """(model name, the kernel-relevant flags it has, cpu family/model) from /proc/cpuinfo where there is one."""
+    name, flags, family = platform.processor() or platform.machine(), [], None
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or name
+    have = set((fields.get("flags") or fields.get("Features") or "").split())
+    flags = [f for f in _ISA_FLAGS if f in have]
+    if "cpu family" in fields:
+        family = f"family {fields['cpu family']} model {fields.get('model', '?')}"
+    return name, flags, family
+
+
 def machine_info() -> dict:
-    """CPU, threads and software versions the numbers were measured with."""
+    """CPU, threads, kernel path and software versions the numbers were measured with."""
     from .. import __version__
     from .packed import kernel_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu, flags, family = _cpu()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    k = kernel_info()
     return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "reste": __version__, "kernel": kernel_info(),
+        "cpu": cpu, "cpu_family_model": family, "cpu_flags": flags, "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "reste": __version__, "kernel": k,
+        "best_isa": k["available"][0] if k["available"] else None,
         "load_average_1min_at_start": round(load[0], 2) if load else None,
     }
 
@@ -148,7 +177,8 @@ def _file_size(obj) -> int:
 
 
 @torch.no_grad()
-def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sample_s=0.2, seed=0) -> tuple[list[dict], list[dict]]:
+def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sample_s=0.2, seed=0,
+                 batches=None) -> tuple[list[dict], list[dict]]:
     """End-to-end binary (exported + loaded) vs float models, and file sizes."""
     from .. import models
     from .export import export, load
@@ -164,17 +194,18 @@ def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sampl
             path = export(trained, Path(tmp) / f"{name}.safetensors", architecture=arch)
             exported_bytes = path.stat().st_size
             deployed = load(path)
-        x = torch.randn(batch, 3, 32, 32, generator=gen)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        max_diff = (deployed(x) - trained(x)).abs().max().item()
         float_cl = copy.deepcopy(float_model).to(memory_format=torch.channels_last)
-        layout, run_float = _faster({"nchw": lambda: float_model(x), "channels_last": lambda: float_cl(x_cl)}, min_sample_s)
         deployed_cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
-        bin_layout, run_bin = _faster({"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s)
-        t_float, t_bin, ratio = _paired(run_float, run_bin, repeats, min_sample_s)
-        e2e.append({"model": name, "batch": batch, "float_ms": 1e3 * t_float, "float_layout": layout, "binary_ms": 1e3 * t_bin,
-                    "binary_layout": bin_layout, "speedup": ratio, "max_abs_logit_diff": max_diff,
-                    "float_images_per_s": batch / t_float, "binary_images_per_s": batch / t_bin})
+        for b in batches or (batch,):
+            x = torch.randn(b, 3, 32, 32, generator=gen)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            max_diff = (deployed(x) - trained(x)).abs().max().item()
+            layout, run_float = _faster({"nchw": lambda: float_model(x), "channels_last": lambda: float_cl(x_cl)}, min_sample_s)
+            bin_layout, run_bin = _faster({"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s)
+            t_float, t_bin, ratio = _paired(run_float, run_bin, repeats, min_sample_s)
+            e2e.append({"model": name, "batch": b, "float_ms": 1e3 * t_float, "float_layout": layout, "binary_ms": 1e3 * t_bin,
+                        "binary_layout": bin_layout, "speedup": ratio, "max_abs_logit_diff": max_diff,
+                        "float_images_per_s": b / t_float, "binary_images_per_s": b / t_bin})
         sd = float_model.state_dict()
         opt = torch.optim.SGD(float_model.parameters(), lr=0.1, momentum=0.9)
         for p in float_model.parameters():
@@ -188,29 +219,90 @@ def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sampl
     return e2e, sizes
 
 
-def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batch: int = 64, quick: bool = False,
-        models=("vgg_small", "resnet20")) -> dict:
-    """All three parts; ``quick`` measures one shape per family and ResNet-20 only (a smoke test)."""
+def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batches=(1, 64), quick: bool = False,
+        models=("vgg_small", "resnet20"), isa: str | None = None) -> dict:
+    """All three parts; ``quick`` measures one shape per family and ResNet-20 only (a smoke test).
+    ``isa`` forces a kernel path for the run (the previous one is restored after)."""
+    from .packed import _ext
+
     if threads:
         torch.set_num_threads(threads)
-    info = machine_info()
-    vgg, res = (VGG_SMALL_SHAPES[-1:], RESNET20_SHAPES[:1]) if quick else (VGG_SMALL_SHAPES, RESNET20_SHAPES)
-    sample = 0.01 if quick else 0.05
-    result = {"machine": info, "repeats": repeats}
-    result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
-    result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
-    result["e2e"], result["sizes"] = bench_models(("resnet20",) if quick else models, e2e_batch, repeats, 0.02 if quick else 0.2)
+    ext = _ext() if isa else None
+    before = ext.isa() if ext is not None else None
+    if isa and ext is None:
+        raise RuntimeError(f"cannot force the {isa!r} kernel path: the compiled extension is not available")
+    try:
+        if ext is not None:
+            ext.select(isa, f"reste bench-infer --isa {isa}")
+        info = machine_info()
+        vgg, res = (VGG_SMALL_SHAPES[-1:], RESNET20_SHAPES[:1]) if quick else (VGG_SMALL_SHAPES, RESNET20_SHAPES)
+        sample = 0.01 if quick else 0.05
+        result = {"machine": info, "repeats": repeats}
+        result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
+        result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
+        result["e2e"], result["sizes"] = bench_models(("resnet20",) if quick else models, repeats=repeats,
+                                                      min_sample_s=0.02 if quick else 0.2, batches=e2e_batches)
+    finally:
+        if ext is not None:
+            ext.select(before, "restored after reste bench-infer")
     return result
+
+
+def run_isas(isas: str = "auto", **kwargs) -> list[dict]:
+    """:func:`run` once per kernel path: ``"auto"`` (what this CPU runs by default), one name,
+    a comma-separated list, or ``"all"`` (every path this CPU supports, best first)."""
+    from .packed import kernel_info
+
+    if isas == "auto":
+        return [run(**kwargs)]
+    names = kernel_info()["available"] if isas == "all" else [n.strip() for n in isas.split(",") if n.strip()]
+    return [run(isa=name, **kwargs) for name in names]
+
+
+def default_json_path(result: dict, folder="benchmarks/results") -> Path:
+    """``folder/infer_<cpu>_<isa>_t<threads>_<date>.json``: the file names the CPU and the kernel path."""
+    m = result["machine"]
+    cpu = "".join(c if c.isalnum() else "-" for c in m["cpu"].lower()).strip("-")
+    while "--" in cpu:
+        cpu = cpu.replace("--", "-")
+    isa = m["kernel"]["isa"] or "reference"
+    return Path(folder) / f"infer_{cpu}_{isa}_t{m['torch_threads']}_{time.strftime('%Y-%m-%d')}.json"
+
+
+def main(args) -> int:
+    """``reste bench-infer`` and ``benchmarks/bench_infer.py``: run, print, write one JSON per path."""
+    results = run_isas(args.isa, threads=args.threads, repeats=args.repeats, quick=args.quick)
+    for i, result in enumerate(results):
+        print(("\n" if i else "") + format_report(result))
+        if args.json == "-":
+            continue
+        if args.json is None or args.json.endswith("/") or Path(args.json).is_dir():
+            path = default_json_path(result, args.json or "benchmarks/results")
+        else:  # a file name; with several paths, each file gets its path's name added
+            path = Path(args.json)
+            if len(results) > 1:
+                path = path.with_name(f"{path.stem}_{result['machine']['kernel']['isa']}{path.suffix}")
+        print(f"\nwrote {save(result, path)}")
+    return 0
 
 
 def format_report(result: dict) -> str:
     """Markdown tables of a :func:`run` result."""
     m = result["machine"]
     k = m["kernel"]
-    kernel = f"{k['isa']}{' + OpenMP' if k['openmp'] else ''}" if k["extension"] else f"PyTorch reference ({k['reason']})"
-    lines = [f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
-             f"kernel {kernel}, load average {m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating "
-             "float/binary samples (speedup = median per-round ratio)", ""]
+    kernel = f"{k['isa']}{' + OpenMP' if k['openmp'] else ''} ({k.get('why')})" if k["extension"] \
+        else f"PyTorch reference ({k['reason']})"
+    forced = k["extension"] and k["isa"] != m.get("best_isa")
+    cpu = m["cpu"] + (f" ({m['cpu_family_model']})" if m.get("cpu_family_model") else "")
+    lines = [f"CPU: {cpu}; flags: {' '.join(m.get('cpu_flags') or []) or 'unknown'}",
+             f"kernel path: {kernel}" + (f"; NOT this CPU's default path ({m['best_isa']}): the numbers show the {k['isa']} "
+                                         "kernel on this CPU, not a CPU that only has it" if forced else ""),
+             f"{m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, load average "
+             f"{m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating float/binary samples "
+             "(speedup = median per-round ratio)", ""]
+    if k["extension"] and k["isa"] == "portable" and not forced:
+        lines.insert(2, "WARNING: only the portable kernel runs on this CPU (no AVX2, AVX-512 or NEON path): "
+                        "binary models may be slower than float here")
     lines += ["| family | conv 3x3 | batch | float ms | binary ms | speedup | exact |", "|---|---|---:|---:|---:|---:|---|"]
     for r in result["conv"]:
         lines.append(f"| {r['family']} | {r['shape']} | {r['batch']} | {r['float_ms']:.3f} ({r['float_layout']}) | "

@@ -26,9 +26,9 @@ parameters) is left out.
 
 BENCH_EPILOG = """\
 examples:
+  reste bench-infer --threads 1 --isa all     # every kernel path this CPU supports, one JSON each
   reste bench-infer --json bench.json
-  reste bench-infer --threads 1 --repeats 11
-  reste bench-infer --quick
+  reste bench-infer --isa avx2 --quick
 """
 
 
@@ -67,11 +67,21 @@ def register(subparsers) -> None:
         description="Benchmark XNOR-popcount inference against float F.conv2d / float models with the same threads.",
         epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
-    b.add_argument("--repeats", type=int, default=7, help="samples per measurement; the median is reported (default 7)")
-    b.add_argument("--quick", action="store_true", help="one shape per family and ResNet-20 only (a smoke test)")
-    b.add_argument("--json", metavar="FILE", default="bench_infer.json", help="where to write the results (default bench_infer.json)")
+    add_bench_arguments(b)
     b.set_defaults(func=run_bench)
+
+
+def add_bench_arguments(parser) -> None:
+    """The options of ``reste bench-infer`` and ``benchmarks/bench_infer.py``."""
+    parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=7, help="alternating samples per measurement; medians (default 7)")
+    parser.add_argument("--quick", action="store_true", help="one shape per family and ResNet-20 only (a smoke test)")
+    parser.add_argument("--isa", default="auto", metavar="auto|all|NAME[,NAME]",
+                        help="kernel path(s) to measure: auto (this CPU's default), all (every path it supports, one "
+                             "result each), or names among portable, avx2, avx512, neon (default auto)")
+    parser.add_argument("--json", default=None, metavar="FILE|DIR|-",
+                        help="where to write the results: a file, a folder (one file per path, named "
+                             "infer_<cpu>_<isa>_t<threads>_<date>.json; default benchmarks/results), or - for none")
 
 
 def _images(text: str) -> int | None:
@@ -173,6 +183,11 @@ def run_export(args) -> int:
     size_bytes = out.stat().st_size
     print(f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
           f"float32 weights ({s.float32_bytes:,} bytes)")
+    from .packed import slow_kernel_note
+
+    note = slow_kernel_note()
+    if note:  # the file is fine; this machine would run it slowly
+        print(f"warning: {note}", file=sys.stderr)
     from .verify import check_export
 
     # records the run's data set in the file, and checks it on real test images (see verify.py)
@@ -189,10 +204,9 @@ def run_export(args) -> int:
 
 
 def run_bench(args) -> int:
-    from .bench import format_report, run, save
+    from .bench import main
 
-    result = run(threads=args.threads, repeats=args.repeats, quick=args.quick)
-    print(format_report(result))
-    if args.json:
-        print(f"\nwrote {save(result, args.json)}")
-    return 0
+    try:
+        return main(args)
+    except (RuntimeError, ValueError) as err:  # e.g. --isa naming a path this CPU lacks: the message names the fix
+        return _fail(str(err))

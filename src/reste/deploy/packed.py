@@ -46,6 +46,7 @@ __all__ = [
     "pack_signs",
     "unpack_signs",
     "kernel_info",
+    "slow_kernel_note",
     "packed_layer",
     "set_output_pool",
     "NO_EXTENSION_ENV",
@@ -216,6 +217,24 @@ def kernel_info() -> dict:
         return {"extension": False, "isa": None, "why": None, "available": [], "openmp": False, "reason": _extension_error}
     return {"extension": True, "isa": ext.isa(), "why": ext.why(), "available": ext.available().split(", "),
             "openmp": bool(ext.openmp()), "reason": None}
+
+
+def slow_kernel_note() -> str | None:
+    """A warning for this machine when packed layers cannot run fast here (only the portable
+    kernel, or no compiled extension), else None. ``reste export`` prints it."""
+    try:
+        info = kernel_info()
+    except RuntimeError as err:  # a forced path this CPU lacks
+        return str(err)
+    where = "docs/deploy.md, 'Kernel paths and speed'"
+    if not info["extension"]:
+        return (f"the compiled XNOR-popcount kernel is unavailable here ({info['reason']}): binary layers run the exact "
+                f"but slow PyTorch reference, slower than the float model. The exported file is the same anywhere; see {where}")
+    if info["available"] == ["portable"]:
+        return ("this CPU has only the portable XNOR-popcount kernel (no AVX2, AVX-512 or NEON path): the binary model may "
+                "run slower than the float one here. The exported file is the same anywhere and runs fast on CPUs with "
+                f"AVX2, AVX-512 or NEON; see {where}")
+    return None
 
 
 # ----------------------------------------------------------------------------- canonical bits
