@@ -208,12 +208,12 @@ def fuse_prologues(model: nn.Module) -> list[str]:
     return fused
 
 
-def fuse_epilogues(model: nn.Module, residual_adds: bool = True) -> list[str]:
+def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool = True) -> list[str]:
     """Fuse every safe ``packed conv -> [ReLU] -> [BatchNorm2d]`` chain of an eval-mode ``model``.
 
     The absorbed ReLU and BN modules are replaced by ``nn.Identity`` in their parent.
-    Then :func:`fuse_prologues` runs, and with ``residual_adds`` :func:`fuse_residual_adds`
-    too. Returns the names of
+    Then :func:`fuse_prologues` and :func:`fuse_residual_adds` run (unless ``prologues`` or
+    ``residual_adds`` is False). Returns the names of
     the convs that absorbed a ReLU or BN. Needs the compiled kernel (without it there is
     nothing to gain, and nothing is changed).
     """
@@ -252,7 +252,8 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True) -> list[str]:
                 setattr(parent, name, nn.Identity())
             if absorbed:
                 fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
-    fuse_prologues(model)
+    if prologues:
+        fuse_prologues(model)
     if residual_adds:
         fuse_residual_adds(model)
     return fused
