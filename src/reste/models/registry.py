@@ -249,3 +249,39 @@ def describe(model: nn.Module) -> ModelDescription:
         binary_params=sum(math.prod(l.shape) for l in layers if l.binary_weights),
         norm_layers=sum(isinstance(m, norms) for m in model.modules()),
     )
+
+
+# ----------------------------------------------------------------------------- size bound
+#: training holds about this many copies of the parameters (weights, gradients, two Adam moments)
+TRAINING_COPIES = 4
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or a lower address-space limit (``ulimit -v``)."""
+    import os
+
+    limit = 1 << 62
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    except (ImportError, ValueError, OSError):  # pragma: no cover - Windows
+        pass
+    return limit
+
+
+def check_size(model: nn.Module, copies: int = TRAINING_COPIES) -> str | None:
+    """None, or why ``model`` (built on the meta device: shapes only) is too big to train here:
+    ``copies`` times its parameter and buffer bytes must fit :func:`memory_limit`."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    limit = memory_limit()
+    if total * copies > limit:
+        return (f"it has {total / 2**30:.3g} GiB of parameters and buffers, and training needs about {copies}x that; "
+                f"this process may use {limit / 2**30:.3g} GiB")
+    return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 import warnings
@@ -55,6 +56,27 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
+
+
+#: what a config file may make the program hold, checked before the values are built: a config
+#: has ~60 settings, so these refuse only hostile or broken files (e.g. a "billion laughs" of
+#: nested YAML aliases, whose few hundred bytes expand to billions of values)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_DEPTH = 64
+#: whole-number options must fit a 64-bit integer (torch and numpy take them as such)
+_MAX_INT = 2**63 - 1
+MAX_THREADS = 1024
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, built without expanding huge nested values."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 6, 6, limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -260,17 +282,25 @@ def _coerce(key: str, value, tp):
         if optional:
             return None
         raise ConfigError(f"{key} must be of type {_type_name(tp)}, got null; set a value or remove the key to use the default")
-    expected = f"{key} must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    # built only on error, and cut short: a valid value may be large, and never needs formatting
+    def expected() -> str:
+        return f"{key} must be of type {_type_name(tp)}, got {_short(value)} ({type(value).__name__})"
+
     if inner is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{expected}; write true or false")
+        raise ConfigError(f"{expected()}; write true or false")
     if inner is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{expected}; write a whole number, e.g. {key}=10")
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is None:
+            raise ConfigError(f"{expected()}; write a whole number, e.g. {key}=10")
+        if abs(number) > _MAX_INT:  # e.g. seed=1e21: torch and numpy take 64-bit integers
+            raise ConfigError(f"{key}={_short(value)} is out of range: whole-number options must lie within +-(2**63 - 1)")
+        return number
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -280,28 +310,28 @@ def _coerce(key: str, value, tp):
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{expected}; write a number, e.g. {key}=0.1")
+        raise ConfigError(f"{expected()}; write a number, e.g. {key}=0.1")
     if inner is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("train.device",):
             return str(value)
-        raise ConfigError(f"{expected}; write a string")
+        raise ConfigError(f"{expected()}; write a string")
     if inner is list:
         if isinstance(value, (list, tuple)):
             return list(value)
-        raise ConfigError(f"{expected}; write a list, e.g. {key}=[1, 2]")
+        raise ConfigError(f"{expected()}; write a list, e.g. {key}=[1, 2]")
     if inner is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{expected}; write a mapping, e.g. {key}={{a: 1}}")
+        raise ConfigError(f"{expected()}; write a mapping, e.g. {key}={{a: 1}}")
     raise TypeError(f"unsupported schema type {tp!r} for {key}")  # a bug in the schema, not the user's
 
 
 def _set_section(obj, data: dict, prefix: str) -> None:
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the configuration"
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {_short(data)}")
     hints = _hints(type(obj))
     names = {f.name: f for f in dataclasses.fields(obj)}
     for name, value in data.items():
@@ -357,10 +387,14 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         key = key.strip()
         if key not in valid:
             raise _unknown_key_error(key, valid)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"the value of {key} is longer than {MAX_CONFIG_BYTES >> 20} MiB; give a config file instead")
         try:
             value = _load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({_yaml_problem(err)}); quote it or fix the syntax") from None
+            raise ConfigError(f"cannot parse the value of {key}: {_short(raw)} ({_yaml_problem(err)}); quote it or fix the syntax") from None
+        except ConfigError as err:
+            raise ConfigError(f"the value of {key}: {err}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -402,10 +436,51 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _expanded_values(node, seen: dict, open_nodes: set, depth: int = 0) -> int:
+    """How many values ``node`` becomes once its aliases are expanded; ConfigError past the budget.
+
+    Aliases make a small file a graph whose expansion can be exponential; counting each
+    node once (``seen``) keeps this linear in the file, and Python ints cannot overflow.
+    """
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"values nested more than {MAX_CONFIG_DEPTH} levels deep (a config needs 3); flatten it")
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    if key in open_nodes:
+        raise ConfigError(f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains it (endless); "
+                          "write the value out")
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_values(child, seen, open_nodes, depth + 1)
+        if total > MAX_CONFIG_VALUES:
+            raise ConfigError(f"the YAML expands to more than {MAX_CONFIG_VALUES:,} values (aliases '*name' repeat "
+                              f"whole values; the one at line {node.start_mark.line + 1} multiplies them); write the values out")
+    open_nodes.discard(key)
+    seen[key] = total
+    return total
+
+
 def _load_yaml(text: str):
+    """Plain data from YAML text, refusing duplicate keys, deep nesting and alias bombs before
+    any value is built (ConfigError, or yaml.YAMLError for a syntax error)."""
     loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only, never Python objects
     try:
-        return loader.get_single_data()
+        try:
+            node = loader.get_single_node()  # the node graph: each aliased value once
+        except RecursionError:  # PyYAML's composer recurses once per nesting level
+            raise ConfigError(f"values nested more than {MAX_CONFIG_DEPTH} levels deep (a config needs 3); flatten it") from None
+        if node is None:
+            return None
+        _expanded_values(node, {}, set())
+        return loader.construct_document(node)
     finally:
         loader.dispose()
 
@@ -420,17 +495,39 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{where}{problem}"
 
 
-def read_yaml(path) -> dict:
-    """The mapping stored in the YAML file ``path`` (``yaml.safe_load``)."""
+def read_yaml(path, *, allow_empty: bool = False) -> dict:
+    """The mapping stored in the YAML file ``path`` (``yaml.safe_load``), read within the bounds
+    above; an empty file is refused unless ``allow_empty``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file (see configs/), "
+                          "or --resume for a run directory")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
-        data = _load_yaml(path.read_text())
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more than the bound, whatever the file's size
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); check its permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML, is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     if data is None:
-        return {}
+        if allow_empty:
+            return {}
+        raise ConfigError(f"config file {path} is empty (no settings); add settings (see configs/), "
+                          "or leave the file out to train the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}")
     return data
@@ -452,7 +549,7 @@ def read_config_file(path, _chain: tuple = ()) -> dict:
     if base is None:
         return data
     if not isinstance(base, str):
-        raise ConfigError(f"config file {path}: 'base' must be the path of another YAML file, got {base!r}")
+        raise ConfigError(f"config file {path}: 'base' must be the path of another YAML file, got {_short(base)}")
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
     if not base_path.is_file():
         raise ConfigError(f"config file {path}: its base {base_path} does not exist; fix the 'base:' path (relative to the file)")
@@ -507,9 +604,9 @@ def _check(ok: bool, message: str) -> None:
 def _name_in(key: str, value: str, known: list[str]) -> None:
     if value in known:
         return
-    close = difflib.get_close_matches(value, known, n=1)
+    close = difflib.get_close_matches(value, known, n=1) if len(value) < 100 else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(known)}.{hint}")
+    raise ConfigError(f"{key}: unknown value {_short(value)}; choose one of {', '.join(known)}.{hint}")
 
 
 def validate(cfg: Config) -> Config:
@@ -539,6 +636,7 @@ def validate(cfg: Config) -> Config:
     from reste import data
 
     _name_in("data.name", data.canonical_name(cfg.data.name), data.names())
+    _check(0 <= cfg.seed <= _MAX_INT, f"seed must be a whole number in [0, 2**63 - 1], got {cfg.seed}")
 
     e = cfg.estimator
     _check(math.isfinite(e.o_end) and e.o_end >= 1.0, f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3")
@@ -549,7 +647,12 @@ def validate(cfg: Config) -> Config:
     _check(d.test_batch_size is None or d.test_batch_size >= 1, f"data.test_batch_size must be >= 1 or null, got {d.test_batch_size}")
     _check(d.subset is None or d.subset >= 1, f"data.subset must be a positive number of images or null (all), got {d.subset}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(d.num_workers <= MAX_THREADS, f"data.num_workers must be <= {MAX_THREADS} (processes), got {d.num_workers}")
     if d.subset is not None:
+        train_size = data.info(cfg.data.name).train_size
+        _check(train_size is None or d.subset <= train_size,
+               f"data.subset={d.subset} is larger than the {data.canonical_name(d.name)} training set ({train_size:,} images); "
+               "use data.subset=null for all of it")
         _check(d.subset >= d.batch_size, f"data.batch_size ({d.batch_size}) is larger than the training set (data.subset={d.subset}); lower data.batch_size or raise data.subset")
 
     o = cfg.optim
@@ -559,7 +662,7 @@ def validate(cfg: Config) -> Config:
     _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
     _check(
         len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
-        f"optim.betas must be two numbers in [0, 1), got {o.betas}; e.g. optim.betas=[0.9,0.999]",
+        f"optim.betas must be two numbers in [0, 1), got {_short(o.betas)}; e.g. optim.betas=[0.9,0.999]",
     )
     o.betas = [float(b) for b in o.betas]
 
@@ -571,16 +674,17 @@ def validate(cfg: Config) -> Config:
     _check(0 <= s.final_lr_ratio <= 1, f"lr_schedule.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
 
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _check(t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
+    _check(0 <= t.threads <= MAX_THREADS, f"train.threads must be in 0..{MAX_THREADS} (0 = torch's default), got {t.threads}; "
+           f"this machine has {os.cpu_count()} CPUs")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, f"train.grad_clip must be a finite number >= 0 (0 = off), got {t.grad_clip}")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _check(t.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every_steps}")
-    _check(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 second, got {t.dist_timeout_s}")
+    _check(1 <= t.dist_timeout_s <= 7 * 86400, f"train.dist_timeout_s must be 1 second to 7 days (604800), got {t.dist_timeout_s}")
     device = t.device
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
-        f"train.device must be auto, cpu, cuda or cuda:N, got {device!r}",
+        f"train.device must be auto, cpu, cuda or cuda:N, got {_short(device)}",
     )
 
     a = cfg.analysis
@@ -588,14 +692,14 @@ def validate(cfg: Config) -> Config:
     for epoch in a.histograms_at:
         _check(
             isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= t.epochs,
-            f"analysis.histograms_at entries must be epochs in 1..{t.epochs} (train.epochs), got {epoch!r}",
+            f"analysis.histograms_at entries must be epochs in 1..{t.epochs} (train.epochs), got {_short(epoch)}",
         )
 
     _check(bool(cfg.out.dir), "out.dir must not be empty; use '.' for the current folder")
     if cfg.out.name is not None:
-        _check(bool(cfg.out.name) and "/" not in cfg.out.name and cfg.out.name not in (".", ".."), f"out.name must be a plain folder name, got {cfg.out.name!r}")
+        _check(bool(cfg.out.name) and "/" not in cfg.out.name and cfg.out.name not in (".", ".."), f"out.name must be a plain folder name, got {_short(cfg.out.name)}")
     if cfg.name is not None:
-        _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got {cfg.name!r}")
+        _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got {_short(cfg.name)}")
     return cfg
 
 

@@ -322,15 +322,34 @@ def model_arguments(cfg: Config, meta) -> dict:
 
 
 def build_model(cfg: Config, meta) -> nn.Module:
-    """``reste.models.create`` from the config; a bad ``model.kwargs`` is a :class:`ConfigError`."""
+    """``reste.models.create`` from the config; a bad ``model.kwargs`` is a :class:`ConfigError`.
+
+    The model is first built on the meta device (no memory), and its size checked against
+    this machine's memory, so ``model.kwargs={width: 300}`` is refused before it is allocated.
+    """
     from reste import models
+    from reste.models import check_size
+
+    from .config import _short
 
     args = model_arguments(cfg, meta)
     kwargs = args.pop("kwargs")
+    name = args.pop("name")
+    what = f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} estimator.params={_short(cfg.estimator.params)}"
+    # width: .inf raises OverflowError, a huge width an allocator RuntimeError: all are a wrong config
+    errors = (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
     try:
-        return models.create(args.pop("name"), **args, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"cannot build model {cfg.model.name!r} from model.kwargs={cfg.model.kwargs} estimator.params={cfg.estimator.params}: {err}") from None
+        with torch.device("meta"):
+            shape_only = models.create(name, **args, **kwargs)
+        problem = check_size(shape_only)
+    except errors as err:
+        raise ConfigError(f"cannot build {what}: {str(err)[:200]}") from None
+    if problem:
+        raise ConfigError(f"{what}: {problem}; lower the width or size in model.kwargs")
+    try:
+        return models.create(name, **args, **kwargs)
+    except errors as err:
+        raise ConfigError(f"cannot build {what}: {str(err)[:200]}") from None
 
 
 # ----------------------------------------------------------------------------- the run directory
