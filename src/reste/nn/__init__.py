@@ -1,6 +1,7 @@
 """Binary layers and the conversion of float models (``reste.binarize``)."""
 
-from .convert import DEFAULT_KEEP, KEEP_TOKENS, binarize, full_precision_layers
+from .attention import MultiheadAttention
+from .convert import DEFAULT_KEEP, KEEP_TOKENS, binarize, full_precision_layers, rebuild_attention
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, INPUT_PADDINGS, WEIGHT_SCALES, binary_layers
 
 __all__ = [
@@ -8,6 +9,8 @@ __all__ = [
     "BinaryLinear",
     "BinaryLayer",
     "binarize",
+    "MultiheadAttention",
+    "rebuild_attention",
     "binary_layers",
     "full_precision_layers",
     "KEEP_TOKENS",

@@ -4,6 +4,11 @@
 not kept in full precision by a :class:`BinaryConv2d` / :class:`BinaryLinear`
 sharing the same weight and bias parameters, and leaves everything else (the
 user's forward code, batch norms, attention arithmetic) untouched.
+``nn.MultiheadAttention``, whose input projection is a raw parameter, is first
+rebuilt as :class:`reste.nn.MultiheadAttention` (same function, projections
+``in_proj`` / ``out_proj`` as linear submodules), whose projections are then
+swapped under the same rules. Layers with weights that it cannot convert (a
+``Conv1d``, a subclass of ``Linear`` it does not know) are named in a warning.
 
 What stays real is :data:`DEFAULT_KEEP` (the first and the last layer) plus whatever
 ``keep`` adds; ``keep_defaults=False`` drops the defaults. Every ``keep`` entry must
@@ -16,14 +21,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
+import warnings
 from typing import Iterable, Sequence
 
 from torch import nn
 
 from ..estimators import Estimator
+from .attention import MultiheadAttention
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, EstimatorSpec
 
-__all__ = ["binarize", "KEEP_TOKENS", "DEFAULT_KEEP", "full_precision_layers"]
+__all__ = ["binarize", "KEEP_TOKENS", "DEFAULT_KEEP", "full_precision_layers", "rebuild_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +44,60 @@ DEFAULT_KEEP = ("first", "last")
 _SWAPS = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+def _walk(module: nn.Module, prefix: str, replacements: dict, seen: set):
+    """``named_modules`` of the model as it will be once ``replacements`` ({name: module}) are in place."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield from _walk(replacements.get(full, child), full, replacements, seen)
+
+
+def _candidates(model: nn.Module, replacements: dict | None = None) -> list[tuple[str, nn.Module]]:
+    modules = _walk(model, "", replacements or {}, set())
+    return [(n, m) for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _attention_rebuilds(model: nn.Module) -> dict:
+    """{name: reste MultiheadAttention sharing the parameters} for every ``nn.MultiheadAttention``."""
+    if type(model) is nn.MultiheadAttention:
+        raise ValueError("the model itself is an nn.MultiheadAttention; wrap it in a container, or binarize "
+                         "reste.nn.MultiheadAttention.from_torch(model)")
+    return {n: MultiheadAttention.from_torch(m) for n, m in model.named_modules()
+            if type(m) is nn.MultiheadAttention}  # a subclass may change forward: left alone, and named
+
+
+def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> list[str]:
+    """Replace ``nn.MultiheadAttention`` modules by :class:`reste.nn.MultiheadAttention` (same
+    function, shared parameters), all of them or those containing a name of ``inside``; returns
+    their names. ``binarize`` does this itself; loading an exported binary model into a float
+    architecture needs it (``reste.deploy.load(path, model=float_model)``)."""
+    names = list(_attention_rebuilds(model))
+    if inside is not None:
+        inside = list(inside)
+        names = [n for n in names if any(i.startswith(n + ".") for i in inside)]
+    for name in names:
+        _install(model, name, MultiheadAttention.from_torch(model.get_submodule(name)))
+    _no_fused_encoders(model)
+    return names
+
+
+def _unconvertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers with weights that ``binarize`` has no binary twin for (they stay float)."""
+    out, attention = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(a + ".") for a in attention):
+            continue  # inside an attention module: reported (or converted) as a whole
+        if isinstance(m, nn.MultiheadAttention):
+            attention.append(name)
+            if type(m) is not nn.MultiheadAttention:
+                out.append((name, m))
+        elif isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.conv._ConvNd, nn.Bilinear)) \
+                and type(m) not in _SWAPS and not isinstance(m, BinaryLayer):
+            out.append((name, m))
+    return out
 
 
 def _is_kept(name: str, module: nn.Module, index: int, count: int, keep: Sequence) -> bool:
@@ -60,15 +119,17 @@ def _is_kept(name: str, module: nn.Module, index: int, count: int, keep: Sequenc
     return False
 
 
-def _keep_rules(keep, keep_defaults: bool, cands: list[tuple[str, nn.Module]]) -> tuple:
-    """``keep`` as a checked tuple of rules, the defaults first unless ``keep_defaults=False``."""
+def _keep_rules(keep, keep_defaults: bool, cands: list[tuple[str, nn.Module]], extra_names=()) -> tuple:
+    """``keep`` as a checked tuple of rules, the defaults first unless ``keep_defaults=False``.
+
+    ``extra_names`` (attention modules, unconvertible layers) may be named too."""
     if keep is None:
         raise TypeError("keep=None is ambiguous: omit keep to keep only the defaults "
                         f"{DEFAULT_KEEP}, or pass keep_defaults=False to binarize every layer")
     if isinstance(keep, (str, type)):
         keep = (keep,)
     keep = tuple(keep)
-    names = [n for n, _ in cands]
+    names = [n for n, _ in cands] + list(extra_names)
     for rule in keep:
         if isinstance(rule, type) and issubclass(rule, nn.Module) or rule in KEEP_TOKENS:
             continue  # categories: they may legitimately match nothing (a ResNet without 1x1 convs)
@@ -83,15 +144,25 @@ def _no_match_message(rule: str, names: list[str]) -> str:
     close = difflib.get_close_matches(rule, [*KEEP_TOKENS, *names], n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-    return (f"keep entry {rule!r} matches no Conv2d/Linear layer of the model.{hint} keep takes the tokens "
+    return (f"keep entry {rule!r} matches no Conv2d/Linear layer (or attention module) of the model.{hint} keep takes the tokens "
             f"{', '.join(KEEP_TOKENS)}, module types, or fnmatch patterns on the layer names: {shown or 'none'}")
 
 
 def full_precision_layers(model: nn.Module, keep: Iterable = (), *, keep_defaults: bool = True) -> list[str]:
     """Names of the conv/linear layers that ``binarize(model, keep=keep, keep_defaults=...)`` leaves real."""
-    cands = _candidates(model)
-    rules = _keep_rules(keep, keep_defaults, cands)
-    return [n for i, (n, m) in enumerate(cands) if _is_kept(n, m, i, len(cands), rules)]
+    cands, rules, kept_attention = _plan(model, keep, keep_defaults, _attention_rebuilds(model))
+    return [n for i, (n, m) in enumerate(cands) if _is_kept(n, m, i, len(cands), rules)
+            or any(n.startswith(a + ".") for a in kept_attention)]
+
+
+def _plan(model: nn.Module, keep, keep_defaults: bool, rebuilds: dict):
+    """Candidates in module order (attention rebuilt), checked keep rules, and the attention
+    modules a rule keeps whole (by type, e.g. ``nn.MultiheadAttention``, or by name)."""
+    cands = _candidates(model, rebuilds)
+    extra = list(rebuilds) + [n for n, _ in _unconvertible(model)]
+    rules = _keep_rules(keep, keep_defaults, cands, extra)
+    kept_attention = [n for n in rebuilds if _is_kept(n, model.get_submodule(n), -1, len(cands), rules)]
+    return cands, rules, kept_attention
 
 
 def binarize(
@@ -133,10 +204,17 @@ def binarize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"binarize expects an nn.Module, got {type(model).__name__}")
     wspec = estimator if weight_estimator == "same" else weight_estimator
-    cands = _candidates(model)
-    rules = _keep_rules(keep, keep_defaults, cands)
-    swapped, kept = [], []
+    rebuilds = _attention_rebuilds(model)
+    cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)
+    for name in kept_attention:
+        del rebuilds[name]
+    for name, attention in rebuilds.items():
+        _install(model, name, attention)
+    _no_fused_encoders(model)
+    swapped, kept = [], list(kept_attention)
     for index, (name, module) in enumerate(cands):
+        if any(name.startswith(a + ".") for a in kept_attention):
+            continue
         if isinstance(module, BinaryLayer) or type(module) not in _SWAPS:
             continue  # already binary, or a subclass we do not know how to rebuild
         if _is_kept(name, module, index, len(cands), rules):
@@ -152,11 +230,30 @@ def binarize(
         )
         if name == "":
             raise ValueError("the model itself is a single Conv2d/Linear; wrap it in a container or build a BinaryConv2d directly")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        _install(model, name, new)
         swapped.append(name)
     logger.info("binarize: %d layer(s) made binary: %s; kept real: %s", len(swapped), ", ".join(swapped) or "none", ", ".join(kept) or "none")
+    left = [(n, m) for n, m in _unconvertible(model) if not any(fnmatch.fnmatchcase(n, r) or isinstance(r, type) and isinstance(m, r)
+                                                               for r in rules if not isinstance(r, str) or r not in KEEP_TOKENS)]
+    if left:
+        shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in left[:8]) + (f", ... ({len(left)} in all)" if len(left) > 8 else "")
+        warnings.warn(f"binarize cannot convert {len(left)} layer(s), which stay real: {shown}. Only nn.Conv2d, nn.Linear and "
+                      "nn.MultiheadAttention (exact types) are binarized; rebuild these from those, or name them in keep= "
+                      "to say they stay real on purpose", UserWarning, stacklevel=2)
     return model
+
+
+def _install(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def _no_fused_encoders(model: nn.Module) -> None:
+    """Turn off ``nn.TransformerEncoder``'s nested-tensor fast path where attention was rebuilt:
+    it would feed nested tensors to our attention, which computes on plain tensors."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(a, MultiheadAttention) for a in m.modules()):
+            m.use_nested_tensor = False
 
 
 def _fresh(spec):
