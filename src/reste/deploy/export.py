@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..estimators import Estimator
+from ..nn.convert import rebuild_attention
 from ..nn.layers import BinaryLayer
 from .packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBinary, packed_layer
 
@@ -425,6 +426,8 @@ def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
         except (KeyError, TypeError, ValueError) as err:
             raise ExportError(f"{path}: cannot rebuild the recorded architecture {graph['architecture']}: {err}") from None
     model = model.cpu().eval()
+    # a float architecture's nn.MultiheadAttention holds raw projections; binarize rebuilt those it converted
+    rebuild_attention(model, inside=graph["binary_layers"])
     for name, options in graph["binary_layers"].items():
         try:
             old = model.get_submodule(name)
