@@ -148,11 +148,11 @@ def _check_labels(labels: np.ndarray, num_classes: int, source) -> None:
 
 
 def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(images_path, 3)
-    labels = read_idx(labels_path, 1).astype(np.int64)
     size = meta.image_size
-    if images.shape[1:] != (size, size):
-        raise CorruptDataError(images_path, f"expected {size}x{size} images, got {images.shape[1:]}")
+    # the image size is checked on the header, before the images are read
+    images = read_idx(images_path, 3, item_shape=(size, size))
+    labels = read_idx(labels_path, 1, max_bytes=len(images),
+                      limit_reason=f"one label per image of {images_path.name}").astype(np.int64)
     if len(images) != len(labels):
         raise CorruptDataError(
             labels_path, f"{len(labels)} labels for {len(images)} images in {images_path.name}"

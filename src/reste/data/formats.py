@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -43,59 +44,99 @@ IDX_UBYTE_TYPE = 0x08
 # --------------------------------------------------------------------------
 
 
-def _read_maybe_gzipped(path: Path) -> bytes:
-    """Return the (decompressed) bytes of ``path``; gzip is detected by magic
-    bytes, not by the file name, so renamed files still work."""
+#: the most an IDX file may declare (the largest official one, Fashion-MNIST's training
+#: images, is 47 MB); checked on the header, before anything is allocated or decompressed
+MAX_IDX_BYTES = 1 << 30
+_CHUNK = 1 << 20
+
+
+def _open_maybe_gzipped(path: Path):
+    """``(binary stream, is_gzip)``: gzip is detected by magic bytes, not by the file name, so
+    renamed files still work. The stream decompresses as it is read, so a caller reads no more
+    than it asks for (a gzip bomb is never expanded beyond that)."""
     try:
-        raw = path.read_bytes()
+        fh = open(path, "rb")
     except OSError as exc:  # unreadable file: permissions, I/O error
         raise CorruptDataError(path, f"cannot read file ({exc})") from exc
-    if raw[:2] != GZIP_MAGIC:
+    if fh.read(2) != GZIP_MAGIC:
         if path.suffix == ".gz":
+            fh.close()
             raise CorruptDataError(path, "not a gzip file (bad gzip magic bytes)")
-        return raw
+        fh.seek(0)
+        return fh, False
+    fh.seek(0)
+    return gzip.GzipFile(fileobj=fh, mode="rb"), True
+
+
+def _read_exactly(path: Path, stream, out, what: str) -> int:
+    """Fill ``out`` (a writable buffer) from ``stream``; the number of bytes read (less at end of data)."""
+    view = memoryview(out).cast("B")
+    done = 0
     try:
-        return gzip.decompress(raw)
+        while done < len(view):
+            n = stream.readinto(view[done:done + _CHUNK])
+            if not n:
+                break
+            done += n
     except EOFError as exc:
         raise CorruptDataError(path, "truncated gzip stream") from exc
     except (gzip.BadGzipFile, zlib.error, OSError) as exc:
         raise CorruptDataError(path, f"bad gzip data ({exc})") from exc
+    return done
 
 
-def read_idx(path, expected_ndim: int) -> np.ndarray:
+def read_idx(path, expected_ndim: int, *, item_shape: tuple | None = None, max_bytes: int = MAX_IDX_BYTES,
+             limit_reason: str = "the most an IDX file of a data set may hold") -> np.ndarray:
     """Read an IDX file of unsigned bytes (``.gz`` or raw) into an array.
 
     The IDX header is: two zero bytes, a type code (0x08 = ubyte), the number
     of dimensions, then one big-endian uint32 per dimension. MNIST image files
     therefore start with magic 0x00000803 and label files with 0x00000801.
+
+    The size the header declares is computed exactly (Python ints) and checked against
+    ``max_bytes`` and ``item_shape`` (the dimensions after the first, e.g. ``(28, 28)``)
+    before any allocation; the data is then read (decompressed) up to that size plus one
+    byte, so no file makes this allocate more than ``max_bytes``.
     """
     path = Path(path)
-    data = _read_maybe_gzipped(path)
-    if len(data) < 4:
-        raise CorruptDataError(path, f"file too short for an IDX header ({len(data)} bytes)")
-    expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
-    magic = int.from_bytes(data[:4], "big")
-    if magic != expected_magic:
-        raise CorruptDataError(
-            path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
-        )
-    header_len = 4 + 4 * expected_ndim
-    if len(data) < header_len:
-        raise CorruptDataError(path, "truncated IDX header")
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim)
-    )
-    expected_payload = int(np.prod(shape, dtype=np.int64))
-    payload = len(data) - header_len
-    if payload != expected_payload:
-        what = "truncated" if payload < expected_payload else "trailing bytes"
-        raise CorruptDataError(
-            path,
-            f"{what}: header says shape {shape} = {expected_payload} bytes, "
-            f"file has {payload} payload bytes",
-        )
-    # copy(): frombuffer views are read-only and torch.from_numpy warns on them.
-    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape).copy()
+    stream, zipped = _open_maybe_gzipped(path)
+    with stream:
+        header_len = 4 + 4 * expected_ndim
+        header = bytearray(header_len)
+        got = _read_exactly(path, stream, header, "header")
+        if got < 4:
+            raise CorruptDataError(path, f"file too short for an IDX header ({got} bytes)")
+        expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
+        magic = int.from_bytes(header[:4], "big")
+        if magic != expected_magic:
+            raise CorruptDataError(
+                path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
+            )
+        if got < header_len:
+            raise CorruptDataError(path, "truncated IDX header")
+        shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim))
+        if item_shape is not None and shape[1:] != tuple(item_shape):
+            raise CorruptDataError(path, f"expected items of shape {tuple(item_shape)}, the header says {shape[1:]}")
+        expected_payload = math.prod(shape)  # a Python int: never overflows
+        if expected_payload > max_bytes:
+            raise CorruptDataError(path, f"header says shape {shape} = {expected_payload:,} bytes, more than "
+                                         f"{max_bytes:,} ({limit_reason}); the file is damaged")
+        if not zipped:  # the file's size tells at once
+            payload = path.stat().st_size - header_len
+            if payload != expected_payload:
+                what = "truncated" if payload < expected_payload else "trailing bytes"
+                raise CorruptDataError(path, f"{what}: header says shape {shape} = {expected_payload} bytes, "
+                                             f"file has {payload} payload bytes")
+        out = np.empty(expected_payload, dtype=np.uint8)
+        payload = _read_exactly(path, stream, out, "data")
+        if payload < expected_payload:
+            raise CorruptDataError(path, f"truncated: header says shape {shape} = {expected_payload} bytes, "
+                                         f"file has {payload} payload bytes")
+        # one byte more: trailing data, and (gzip) the end of the stream with its CRC check
+        if _read_exactly(path, stream, bytearray(1), "end"):
+            raise CorruptDataError(path, f"trailing bytes: header says shape {shape} = {expected_payload} bytes, "
+                                         "the file holds more")
+    return out.reshape(shape)
 
 
 # --------------------------------------------------------------------------
@@ -193,12 +234,24 @@ def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray
     return pixels.reshape(-1, 3, 32, 32), labels
 
 
+#: the largest CIFAR batch file is CIFAR-100's ``train`` (50,000 images, 158 MB); checked on the
+#: file's or the tar member's declared size before it is read
+MAX_CIFAR_BATCH_BYTES = 256 << 20
+
+
+def _check_batch_size(source, size: int) -> None:
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise CorruptDataError(source, f"{size:,} bytes, more than a CIFAR batch holds (at most "
+                                       f"{MAX_CIFAR_BATCH_BYTES:,}); the file is damaged or not a CIFAR batch")
+
+
 def read_cifar_members_from_dir(folder: Path, members, label_key: bytes):
     """Read and concatenate the named batch files from an extracted folder."""
     images, labels = [], []
     for member in members:
         path = folder / member
         try:
+            _check_batch_size(path, path.stat().st_size)
             data = path.read_bytes()
         except OSError as exc:
             raise CorruptDataError(path, f"cannot read file ({exc})") from exc
@@ -222,6 +275,7 @@ def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
+                    _check_batch_size(f"{archive}::{member.name}", member.size)  # the tar header's size, before reading
                     found[member.name] = tar.extractfile(member).read()
                     if len(found) == len(wanted):
                         break

@@ -321,35 +321,47 @@ def model_arguments(cfg: Config, meta) -> dict:
     }
 
 
-def build_model(cfg: Config, meta) -> nn.Module:
-    """``reste.models.create`` from the config; a bad ``model.kwargs`` is a :class:`ConfigError`.
+#: what building a model from a wrong model.kwargs raises (width: .inf an OverflowError, a huge
+#: width an allocator RuntimeError): all are a configuration error
+_BUILD_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
 
-    The model is first built on the meta device (no memory), and its size checked against
-    this machine's memory, so ``model.kwargs={width: 300}`` is refused before it is allocated.
-    """
+
+def _model_label(cfg: Config) -> str:
+    from .config import _short
+
+    return f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} estimator.params={_short(cfg.estimator.params)}"
+
+
+def check_model(cfg: Config, meta) -> None:
+    """Build the model on the meta device (shapes only, no memory) and check that training it
+    fits this process's memory; ConfigError otherwise, so ``model.kwargs={width: 300}`` is
+    refused before anything is allocated (or any data read)."""
     from reste import models
     from reste.models import check_size
 
-    from .config import _short
-
     args = model_arguments(cfg, meta)
     kwargs = args.pop("kwargs")
-    name = args.pop("name")
-    what = f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} estimator.params={_short(cfg.estimator.params)}"
-    # width: .inf raises OverflowError, a huge width an allocator RuntimeError: all are a wrong config
-    errors = (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
     try:
         with torch.device("meta"):
-            shape_only = models.create(name, **args, **kwargs)
-        problem = check_size(shape_only)
-    except errors as err:
-        raise ConfigError(f"cannot build {what}: {str(err)[:200]}") from None
+            problem = check_size(models.create(args.pop("name"), **args, **kwargs))
+    except _BUILD_ERRORS as err:
+        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
     if problem:
-        raise ConfigError(f"{what}: {problem}; lower the width or size in model.kwargs")
+        raise ConfigError(f"{_model_label(cfg)}: {problem}; lower the width or size in model.kwargs")
+
+
+def build_model(cfg: Config, meta) -> nn.Module:
+    """``reste.models.create`` from the config, after :func:`check_model`; a bad ``model.kwargs``
+    is a :class:`ConfigError`."""
+    from reste import models
+
+    check_model(cfg, meta)
+    args = model_arguments(cfg, meta)
+    kwargs = args.pop("kwargs")
     try:
-        return models.create(name, **args, **kwargs)
-    except errors as err:
-        raise ConfigError(f"cannot build {what}: {str(err)[:200]}") from None
+        return models.create(args.pop("name"), **args, **kwargs)
+    except _BUILD_ERRORS as err:
+        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -653,6 +665,9 @@ class Trainer:
                 f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the {ctx.world_size} ranks; "
                 f"use a multiple of {ctx.world_size}"
             )
+        from reste import data as rdata
+
+        check_model(cfg, rdata.info(cfg.data.name))  # a model too big to build: before any folder or data
         # claim the run directory first: a name clash is reported before any data is loaded
         self.run_dir = self._prepare_run_dir()
         self.fault = FaultInjection.from_env(ctx.rank)

@@ -1,0 +1,268 @@
+"""Hostile input and runs that go wrong (issue 15): bounded memory, one-line errors, no
+false "good" checkpoint.
+
+Every test feeds a real bad file, config or export, or makes a real run go wrong, and checks
+what the user gets: one ``error: ...`` line naming the file or key (no traceback), the
+documented exit code, and, for input that could expand, that the process stays under a
+memory limit (``RLIMIT_AS``, set in the child) and answers quickly. docs/reliability.md lists
+the cases and the measured limits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reste import cli
+from reste.data import CorruptDataError
+from reste.data.formats import read_idx
+from reste.train.config import ConfigError, load_config
+
+import data_fixtures as fx
+
+REPO = Path(__file__).resolve().parents[1]
+#: address-space limit of the children that read hostile input: importing torch needs ~0.8 GiB
+#: of address space, so 1.5 GiB leaves the program well under 1 GiB for the input
+LIMIT = 1536 << 20
+TINY = ["data.subset=256", "data.batch_size=64", "data.test_batch_size=256", "train.device=cpu", "train.threads=1",
+        "model.kwargs={width: 0.25}", "analysis.indicators=false", "train.epochs=1"]
+
+
+def env(**extra) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RESTE_FAULT")}
+    base.update(PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    base.update({k: str(v) for k, v in extra.items()})
+    return base
+
+
+def limited(args: list[str], limit: int = LIMIT, timeout: float = 60, cwd=None, **kw) -> tuple[int, str, str, float]:
+    """``python -m reste ARGS`` (or ``python -c`` with args[0] == "-c") under an address-space
+    limit: (exit code, stdout, stderr, seconds)."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    cmd = [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", "reste", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap, env=env(), cwd=cwd, **kw)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+
+def assert_one_error(stderr: str, *fragments: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert len(lines[0]) < 600, lines[0]
+    return lines[0]
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ============================================================================ 1. input that expands
+def laughs(levels: int = 9, fan: int = 10, indent: str = "    ") -> str:
+    """A "billion laughs": each alias level repeats the previous one ``fan`` times (10**9 values)."""
+    lines = [f"{indent}l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for k in range(1, levels):
+        lines.append(f"{indent}l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * fan)}]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("section", ["model:\n  kwargs:", "estimator:\n  params:"])
+def test_yaml_alias_bomb_in_a_config_is_refused_quickly_under_a_memory_limit(tmp_path, section):
+    config = tmp_path / "laughs.yaml"
+    config.write_text(f"{section}\n{laughs()}\n")
+    assert config.stat().st_size < 1000
+    code, out, err, seconds = limited(["train", str(config), "--print-config"])
+    assert code == 2, err[-2000:]
+    assert_one_error(err, str(config), "expands to more than 10,000 values")
+    assert seconds < 20
+
+
+def test_yaml_alias_bomb_in_an_override_and_a_self_referencing_alias_are_refused(capsys):
+    bomb = "{a: &a [x, x, x, x, x, x, x, x, x, x], b: &b [" + ", ".join(["*a"] * 10) + "], c: &c [" + \
+           ", ".join(["*b"] * 10) + "], d: &d [" + ", ".join(["*c"] * 10) + "], e: [" + ", ".join(["*d"] * 10) + "]}"
+    code, _, err = run_cli(["train", f"model.kwargs={bomb}", "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, "model.kwargs", "expands to more than 10,000 values")
+    code, _, err = run_cli(["train", "estimator.params=&a [1, *a]", "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, "estimator.params", "refers to a value that contains it")
+
+
+def test_aliases_within_the_budget_still_work_and_large_valid_values_are_not_formatted(capsys):
+    # merge keys and a few aliases are ordinary YAML
+    cfg = load_config({"model": {"kwargs": {}}})
+    assert cfg.model.kwargs == {}
+    text = "base: &b {width: 0.5}\n"
+    from reste.train.config import _load_yaml
+
+    assert _load_yaml(text + "other: {<<: *b, depth: 2}") == {"base": {"width": 0.5}, "other": {"width": 0.5, "depth": 2}}
+    # 9,000 values: within the budget, and accepted without building a 9,000-value message
+    big = "[" + ", ".join(["1"] * 9000) + "]"
+    start = time.perf_counter()
+    cfg = load_config(None, [f"estimator.params={{big: {big}}}"])
+    assert len(cfg.estimator.params["big"]) == 9000 and time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("kind", ["yaml", "json"])
+def test_config_nested_100000_deep_is_one_error_line(tmp_path, kind):
+    config = tmp_path / f"deep.{kind}"
+    depth = 100_000
+    body = "[" * depth + "]" * depth if kind == "yaml" else '{"a": ' * depth + "1" + "}" * depth
+    config.write_text("model:\n  kwargs:\n    x: " + body + "\n" if kind == "yaml" else '{"model": {"kwargs": ' + body + "}}")
+    code, _, err, seconds = limited(["train", str(config), "--print-config"])
+    assert code == 2
+    assert_one_error(err, str(config), "nested more than 64 levels deep")
+    assert seconds < 20
+
+
+def zeros_gzip(header: bytes, payload: int) -> bytes:
+    """A gzip file of ``header`` then ``payload`` zero bytes, built from repeated gzip members
+    (readers decompress the members one after the other) so that a GiB costs ~1 MB and no time."""
+    block = 16 << 20
+    member = gzip.compress(b"\0" * block, compresslevel=9)
+    count, rest = divmod(payload, block)
+    return gzip.compress(header) + member * count + (gzip.compress(b"\0" * rest) if rest else b"")
+
+
+def idx_header(*shape: int) -> bytes:
+    return struct.pack(">I", 0x800 | len(shape)) + b"".join(struct.pack(">I", n) for n in shape)
+
+
+def test_gzip_bomb_data_file_is_stopped_at_the_size_its_header_declares(tmp_path):
+    folder = tmp_path / "mnist"
+    fx.make_idx_dataset(folder, n_train=64, n_test=16)
+    bomb = folder / "train-images-idx3-ubyte.gz"
+    # declares 64 images of 28x28 (50 KB), then decompresses to 2 GiB of zeros
+    bomb.write_bytes(zeros_gzip(idx_header(64, 28, 28), 2 << 30))
+    assert bomb.stat().st_size < 5 << 20
+    code, _, err, seconds = limited(["train", "data.name=mnist", f"data.root={tmp_path}", "data.download=false",
+                                     f"out.dir={tmp_path / 'runs'}", *TINY, "data.subset=64"])
+    assert code == 1, err[-2000:]
+    assert_one_error(err, str(bomb), "trailing bytes", "(64, 28, 28)")
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ((2**22, 2**21, 2**21), "= 18,446,744,073,709,551,616 bytes"),  # 2**64: overflowed an int64 product to 0
+    ((2**32 - 1, 28, 28), "more than 1,073,741,824"),
+])
+def test_idx_header_size_is_computed_exactly_and_bounded_before_allocating(tmp_path, shape, fragment):
+    path = tmp_path / "images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_header(*shape)))
+    with pytest.raises(CorruptDataError) as caught:
+        read_idx(path, 3)
+    assert fragment in str(caught.value) and str(path) in str(caught.value)
+    # the image size is checked on the header too, before any pixel is read
+    with pytest.raises(CorruptDataError, match=r"expected items of shape \(32, 32\), the header says"):
+        read_idx(path, 3, item_shape=(32, 32))
+
+
+def test_idx_header_declaring_4_gib_through_train_is_refused_under_a_memory_limit(tmp_path):
+    folder = tmp_path / "mnist"
+    fx.make_idx_dataset(folder, n_train=64, n_test=16)
+    bomb = folder / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(zeros_gzip(idx_header(2**32 - 1, 28, 28), 1 << 30))
+    code, _, err, seconds = limited(["train", "data.name=mnist", f"data.root={tmp_path}", "data.download=false",
+                                     f"out.dir={tmp_path / 'runs'}", *TINY, "data.subset=64"])
+    assert code == 1
+    assert_one_error(err, str(bomb), "more than 1,073,741,824")
+    assert seconds < 30
+
+
+def test_cifar_tar_member_larger_than_any_batch_is_refused_before_reading(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    archive = folder / "cifar-10-python.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = 300 << 20  # zeros: a 300 MB "batch"
+
+        class Zeros(io.RawIOBase):
+            left = info.size
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                n = min(len(b), self.left)
+                b[:n] = b"\0" * n
+                self.left -= n
+                return n
+
+        tar.addfile(info, io.BufferedReader(Zeros()))
+    archive.write_bytes(buf.getvalue())
+    code, _, err, seconds = limited(["train", "data.name=cifar10", f"data.root={tmp_path}", "data.download=false",
+                                     f"out.dir={tmp_path / 'runs'}", *TINY], limit=1200 << 20)
+    assert code == 1, err[-2000:]
+    assert_one_error(err, "data_batch_1", "more than a CIFAR batch holds")
+    assert seconds < 30
+
+
+# ============================================================================ 5. one line where a traceback was
+def test_config_with_non_utf8_bytes_is_one_error_line(tmp_path, capsys):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("optim:\n  name: adam\n# caf\xe9\n".encode("latin-1"))
+    code, _, err = run_cli(["train", str(config), "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, str(config), "not UTF-8", "line 3")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("seed=1.0e+21", "seed=1e+21 is out of range"),
+    ("seed=-1", "seed must be a whole number in [0, 2**63 - 1]"),
+    ("train.threads=4096", "train.threads must be in 0..1024"),
+    ("data.num_workers=100000", "data.num_workers must be <= 1024"),
+    ("train.dist_timeout_s=1.0e+12", "train.dist_timeout_s must be 1 second to 7 days"),
+    ("data.subset=1.0e+20", "data.subset=1e+20 is out of range"),
+    ("data.subset=1000000", "data.subset=1000000 is larger than the fashion_mnist training set (60,000 images)"),
+])
+def test_out_of_range_numbers_are_refused_with_the_key(override, fragment, capsys):
+    code, _, err = run_cli(["train", override, "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, fragment)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ("{width: .inf}", "cannot convert float infinity to integer"),
+    ("{width: 300}", "GiB of parameters and buffers"),
+])
+def test_model_kwargs_that_cannot_be_built_are_one_line_before_allocating(tmp_path, kwargs, fragment):
+    code, _, err, seconds = limited(["train", f"model.kwargs={kwargs}", f"out.dir={tmp_path}", *TINY[:5],
+                                     "data.name=mnist", f"data.root={tmp_path}", "data.download=false"])
+    # the model is checked before the data is looked for: exit 2, not "data set not found"
+    assert code == 2, err[-2000:]
+    assert_one_error(err, "model.kwargs", fragment)
+    assert seconds < 30 and not list(tmp_path.iterdir())
+
+
+# ============================================================================ 6. silently accepted
+def test_empty_config_file_and_a_directory_as_config_are_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    code, _, err = run_cli(["train", str(empty), "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, str(empty), "is empty")
+    code, _, err = run_cli(["train", str(tmp_path), "--print-config"], capsys)
+    assert code == 2
+    assert_one_error(err, str(tmp_path), "is a directory")
