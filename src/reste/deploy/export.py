@@ -33,9 +33,15 @@ File format (``.safetensors``, format version 2, see docs/deploy.md):
   ``layout`` (``fingerprint``: the first 16 hex digits of the SHA-256 of
   ``json.dumps([[name, dtype, shape], ...], separators=(",", ":"))`` over the named tensors in
   order, dtype as in the blob names, shape a list; ``blobs``: each blob's number of
-  elements) and ``source`` (the run and checkpoint it came from, or null). :func:`load`
-  recomputes the fingerprint and the blob sizes from the architecture it rebuilds and
-  refuses a file that does not match.
+  elements), ``source`` (the run and checkpoint it came from, or null) and ``checksum``:
+  ``"sha256:<hex>"`` of the graph description without ``checksum`` (compact JSON, sorted
+  keys) followed by, for each blob in dtype-name order, its name, a zero byte and its raw
+  bytes. :func:`load` rebuilds the architecture on the meta device first, recomputes the
+  fingerprint and the blob sizes and compares them with the file's before anything is
+  allocated, checks each binary layer's options against the architecture, and verifies the
+  checksum (``verify=False`` skips it; a file without one, written by an earlier reste,
+  loads with a warning). The checksum detects damage and edits, it does not authenticate:
+  whoever can edit the file can recompute it.
 
 safetensors stores raw tensors and a JSON header only, so loading a file never runs
 code; the architecture is rebuilt from the model registry, never unpickled.
@@ -47,6 +53,7 @@ import copy
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +76,10 @@ _BN_PROBE_RANK = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 _BN_STATE = ("weight", "bias", "running_mean", "running_var")
 #: probe magnitudes that read a BatchNorm's scale back exactly, largest first (see _bn_coefficients)
 _PROBE_POWERS = tuple(2.0 ** k for k in range(127, 23, -1))
+#: a graph description is a few KB; a longer one is not read (nor a JSON nested deeper than Python recurses)
+MAX_GRAPH_BYTES = 1 << 20
+#: what building a recorded architecture raises for absurd arguments (width: .inf, image_size: 1e5, ...)
+_BUILD_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
 
 
 class ExportError(ValueError):
@@ -268,6 +279,19 @@ def _blob_sizes(entries) -> dict:
     return sizes
 
 
+def _checksum(graph: dict, blobs: dict) -> str:
+    """``sha256:<hex>`` of the graph description (compact JSON, sorted keys, without ``checksum``)
+    and of every blob's bytes (by dtype name): an edited option, architecture or weight changes it."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in graph.items() if k != "checksum"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for dtype in sorted(blobs):
+        blob = blobs[dtype].contiguous()
+        digest.update(dtype.encode() + b"\0")
+        digest.update(memoryview(blob.view(torch.uint8).numpy()))  # no copy
+    return "sha256:" + digest.hexdigest()
+
+
 def _inference_state(deploy: nn.Module) -> tuple[dict, list[str]]:
     """The named tensors an export stores, in layout order, and the BatchNorms that did not fold exactly.
 
@@ -322,16 +346,17 @@ def export(model: nn.Module, path, architecture: dict | None = None, source: dic
     deploy = to_deploy(model)
     tensors, unfolded = _inference_state(deploy)
     graph = _graph(deploy, architecture, source, unfolded, tensors)
+    parts: dict = {}
+    for t in tensors.values():
+        parts.setdefault(_dtype_name(t.dtype), []).append(t.reshape(-1))
+    blobs = {dtype: torch.cat(chunks) for dtype, chunks in parts.items()}
     try:
+        graph["checksum"] = _checksum(graph, blobs)
         text = json.dumps(graph, sort_keys=True, separators=(",", ":"))
     except TypeError as err:
         raise ExportError(f"architecture/source must be JSON-serialisable (plain dicts, lists, numbers, strings): {err}") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts: dict = {}
-    for t in tensors.values():
-        parts.setdefault(_dtype_name(t.dtype), []).append(t.reshape(-1))
-    blobs = {dtype: torch.cat(chunks) for dtype, chunks in parts.items()}
     data = save(blobs, metadata={
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "reste_version": __version__, "graph": text,
     })
@@ -362,15 +387,19 @@ def read_graph(path) -> dict:
     if version < FORMAT_VERSION:
         raise ExportError(f"{path} uses format version {version}, which this reste no longer reads (it reads version "
                           f"{FORMAT_VERSION}); re-export it with this reste: `reste export RUN_DIR --out {path.name}`")
+    if len(meta.get("graph", "")) > MAX_GRAPH_BYTES:
+        raise ExportError(f"{path}: the graph description is longer than {MAX_GRAPH_BYTES >> 20} MiB (an export's is a few KB); "
+                          "the file is damaged, re-export the model")
     try:
         graph = json.loads(meta["graph"])
-    except (KeyError, ValueError) as err:
-        raise ExportError(f"{path} has no readable graph description ({err!r}); re-export the model") from None
+    except (KeyError, ValueError, RecursionError) as err:
+        raise ExportError(f"{path} has no readable graph description ({type(err).__name__}: {str(err)[:100]}); "
+                          "re-export the model") from None
     if not isinstance(graph, dict) or not isinstance(graph.get("binary_layers"), dict):
         raise ExportError(f"{path}: the graph description lists no binary layers; re-export the model")
     layout = graph.get("layout")
     if (not isinstance(layout, dict) or not isinstance(layout.get("fingerprint"), str) or not isinstance(layout.get("blobs"), dict)
-            or not isinstance(graph.get("unfolded_batchnorms", []), list)):
+            or not isinstance(graph.get("unfolded_batchnorms", []), list) or not isinstance(graph.get("checksum", ""), str)):
         raise ExportError(f"{path}: the graph description has no readable tensor layout; the file is damaged, re-export the model")
     return graph
 
@@ -400,6 +429,17 @@ def _packed_twin(path: Path, name: str, old: nn.Module, options: dict) -> _Packe
     alpha = options.pop("alpha", "layer")
     if alpha not in ("layer", "channel"):
         raise ExportError(f"{path}: binary layer {name!r} has alpha={alpha!r}; expected 'layer' or 'channel' (re-export the model)")
+    if isinstance(old, BinaryLayer):
+        # the architecture fixes every option that changes the computation: the file must agree
+        implied = {"inputs": "binary" if old.binary_inputs else "real",
+                   "alpha": "channel" if old.weight_scale == "channel_mean" and out > 1 else "layer"}
+        if kind == "conv":
+            implied["input_padding"] = old.input_padding
+        recorded = {"inputs": options.get("inputs", "binary"), "alpha": alpha, "input_padding": options.get("input_padding", "zero")}
+        differ = [f"{key} {recorded[key]!r} (the architecture has {value!r})" for key, value in implied.items() if recorded[key] != value]
+        if differ:
+            raise ExportError(f"{path}: binary layer {name!r} is recorded with {', '.join(differ)}; the file was edited or "
+                              "is of another architecture, re-export it")
     try:
         return cls.like(old, alpha_size=out if alpha == "channel" else 1, bias=getattr(old, "bias", None) is not None, **options)
     except (TypeError, ValueError) as err:
@@ -410,24 +450,9 @@ def _describe(sizes: dict) -> str:
     return " + ".join(f"{n:,} {dtype}" if isinstance(n, int) else f"{n!r} {dtype}" for dtype, n in sorted(sizes.items())) or "nothing"
 
 
-def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
-    """The deploy model of a file (packed layers in place, weights not loaded), its named tensors, and the
-    BatchNorms stored as ``(scale, shift)``; ExportError where the file does not fit the architecture."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    graph = read_graph(path)
-    if model is None:
-        if not graph.get("architecture"):
-            raise ExportError(f"{path} records no architecture (it was exported from a model outside reste.models); "
-                              "pass the architecture: reste.deploy.load(path, model=MyNet())")
-        try:
-            model = build_architecture(graph["architecture"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ExportError(f"{path}: cannot rebuild the recorded architecture {graph['architecture']}: {err}") from None
-    model = model.cpu().eval()
-    # a float architecture's nn.MultiheadAttention holds raw projections; binarize rebuilt those it converted
-    rebuild_attention(model, inside=graph["binary_layers"])
+def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set, list]:
+    """``model`` with its binary layers replaced by empty packed twins, the BatchNorms stored as
+    ``(scale, shift)``, and the layout it stores; ExportError where the file does not fit it."""
     for name, options in graph["binary_layers"].items():
         try:
             old = model.get_submodule(name)
@@ -440,17 +465,75 @@ def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
                           "the file was exported from a different precision")
     unfolded = set(graph.get("unfolded_batchnorms", []))
     folded = {n for n, m in model.named_modules() if _foldable(m) and n not in unfolded}
-    entries = _layout(model, folded)
+    return model, folded, _layout(model, folded)
+
+
+def _check_layout(path: Path, graph: dict, entries: list, stored_sizes: dict) -> None:
+    """The layout rebuilt from the architecture against the file's fingerprint and its blobs' real sizes."""
     want, stored = _blob_sizes(entries), graph["layout"]
     if _fingerprint(entries) != stored["fingerprint"]:
         raise ExportError(
             f"{path} was written for a different architecture / model arguments: layout fingerprint differs "
             f"(file {stored['fingerprint']}, this architecture {_fingerprint(entries)}; the file holds "
-            f"{_describe(stored['blobs'])} values, this architecture stores {_describe(want)}); re-export it, "
+            f"{_describe(stored_sizes)} values, this architecture stores {_describe(want)}); re-export it, "
             "or pass the model it came from: reste.deploy.load(path, model=...)")
     if stored["blobs"] != want:
         raise ExportError(f"{path}: the graph's blob sizes ({_describe(stored['blobs'])}) do not match its layout "
                           f"({_describe(want)}); the file is damaged, re-export it")
+    if stored_sizes != want:
+        raise ExportError(f"{path} holds tensors of {_describe(stored_sizes)} values, but its layout needs 1-D blobs "
+                          f"{_describe(want)}; the file is damaged, re-export it")
+
+
+def _stored_sizes(path: Path) -> dict:
+    """Elements of each stored blob, from the safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: math.prod(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise ExportError(f"{path} is truncated or corrupt ({err}); re-export the model") from None
+
+
+def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module, dict, set]:
+    """The deploy model of a file (packed layers in place, weights not loaded), its named tensors, and the
+    BatchNorms stored as ``(scale, shift)``; ExportError where the file does not fit the architecture.
+
+    A recorded architecture is first built on the meta device (shapes, no memory) and its layout
+    checked against the fingerprint and the sizes of the blobs actually stored, so a file cannot
+    make this build more than the architecture its own bytes hold (see docs/reliability.md).
+    """
+    from safetensors.torch import load_file
+
+    from ..models import check_size
+
+    path = Path(path)
+    graph = read_graph(path)
+    stored_sizes = _stored_sizes(path)
+    if model is None:
+        arch = graph.get("architecture")
+        if not arch:
+            raise ExportError(f"{path} records no architecture (it was exported from a model outside reste.models); "
+                              "pass the architecture: reste.deploy.load(path, model=MyNet())")
+        label = json.dumps(arch)[:200] if isinstance(arch, dict) else repr(arch)[:200]
+        try:
+            with torch.device("meta"):
+                shape_only = build_architecture(arch)
+                problem = check_size(shape_only, copies=2)  # the float model and its packed twin
+                if problem:
+                    raise ExportError(f"{path}: the recorded architecture {label} is too big to build: {problem}; the file is damaged, re-export it")
+                _, _, entries = _skeleton(path, graph, shape_only)
+        except _BUILD_ERRORS as err:
+            raise ExportError(f"{path}: cannot rebuild the recorded architecture {label}: {str(err)[:200]}") from None
+        _check_layout(path, graph, entries, stored_sizes)
+        try:
+            model = build_architecture(arch)
+        except _BUILD_ERRORS as err:
+            raise ExportError(f"{path}: cannot rebuild the recorded architecture {label}: {str(err)[:200]}") from None
+    model, folded, entries = _skeleton(path, graph, model.cpu().eval())
+    _check_layout(path, graph, entries, stored_sizes)
+    want = _blob_sizes(entries)
     try:
         blobs = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for damaged files
@@ -459,6 +542,13 @@ def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
     if found != {dtype: (dtype, (n,)) for dtype, n in want.items()}:
         raise ExportError(f"{path} holds tensors {found}, but its layout needs 1-D blobs {_describe(want)}; "
                           "the file is damaged, re-export it")
+    if verify:
+        if "checksum" not in graph:
+            warnings.warn(f"{path} has no content checksum (exported by an earlier reste), so its weights cannot be "
+                          "verified; re-export it to add one", stacklevel=3)
+        elif _checksum(graph, blobs) != graph["checksum"]:
+            raise ExportError(f"{path}: content checksum differs (the weights or the graph description were changed "
+                              "after export, or the file is damaged); re-export the model")
     offsets = {dtype: 0 for dtype in want}
     tensors = {}
     for name, dtype, shape in entries:
@@ -468,7 +558,7 @@ def _open(path, model: nn.Module | None) -> tuple[nn.Module, dict, set]:
     return model, tensors, folded
 
 
-def read_tensors(path, model: nn.Module | None = None) -> dict:
+def read_tensors(path, model: nn.Module | None = None, verify: bool = True) -> dict:
     """The named tensors stored in an exported file, ``{name: tensor}`` in file order.
 
     The file holds one blob per dtype; this rebuilds the layout from the architecture (the
@@ -476,10 +566,10 @@ def read_tensors(path, model: nn.Module | None = None) -> dict:
     the blobs into the deploy model's tensors: ``<layer>.weight_bits``, ``<layer>.alpha``,
     ``<bn>.scale``, ``<bn>.shift``, the real layers' parameters and buffers. ``model`` is not changed.
     """
-    return _open(path, copy.deepcopy(model) if model is not None else None)[1]
+    return _open(path, copy.deepcopy(model) if model is not None else None, verify)[1]
 
 
-def load(path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
+def load(path, model: nn.Module | None = None, fuse: bool = True, verify: bool = True) -> nn.Module:
     """Load an exported file as an eval-mode inference model with packed binary layers.
 
     Args:
@@ -491,6 +581,9 @@ def load(path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
         fuse: let the compiled kernel apply the ReLU and BatchNorm that follow a binary conv
             as it writes the conv output (:func:`reste.deploy.fuse.fuse_epilogues`; checked to be
             bit-exact, else skipped). The absorbed modules become ``nn.Identity``.
+        verify: check the file's content checksum (SHA-256 of the graph description and the
+            tensors; docs/reliability.md has its cost); False skips it. A file without one
+            (exported by an earlier reste) loads with a warning.
 
     The file's layout (names, dtypes and shapes of its tensors) is recomputed from the
     architecture and checked against the fingerprint stored in the file: a file written for
@@ -501,7 +594,7 @@ def load(path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
     not the training statistics, so the model is for inference only.
     """
     path = Path(path)
-    model, state, folded = _open(path, model)
+    model, state, folded = _open(path, model, verify)
     coeffs = {}
     for name in folded:
         prefix = f"{name}." if name else ""
