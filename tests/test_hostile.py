@@ -266,3 +266,127 @@ def test_empty_config_file_and_a_directory_as_config_are_refused(tmp_path, capsy
     code, _, err = run_cli(["train", str(tmp_path), "--print-config"], capsys)
     assert code == 2
     assert_one_error(err, str(tmp_path), "is a directory")
+
+
+# ============================================================================ 2. exports that build before they check
+def exported(tmp_path: Path, name: str = "resnet20", **kwargs) -> Path:
+    from reste import models
+    from reste.deploy import export
+
+    arch = {"name": name, "num_classes": 10, "in_channels": 1, "precision": "1w1a", "estimator": "reste", "image_size": 28,
+            "kwargs": dict(kwargs)}
+    model = models.create(name, **{k: v for k, v in arch.items() if k not in ("name", "kwargs")}, **kwargs)
+    path = tmp_path / f"{name}.safetensors"
+    export(model, path, architecture=arch)
+    return path
+
+
+def rewrite(path: Path, out: Path, edit_graph=None, edit_blobs=None) -> Path:
+    """A copy of an export with its graph description and/or blobs edited (the checksum left as it was)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, blobs = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}
+    graph = json.loads(meta["graph"])
+    if edit_graph:
+        edit_graph(graph)
+    if edit_blobs:
+        edit_blobs(blobs)
+    save_file(blobs, str(out), metadata=dict(meta, graph=json.dumps(graph)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    return exported(tmp_path_factory.mktemp("export"), width=0.25)
+
+
+def _set_arch(**changes):
+    def edit(graph):
+        graph["architecture"].update(changes)
+    return edit
+
+
+def _set_kwargs(**changes):
+    def edit(graph):
+        graph["architecture"]["kwargs"].update(changes)
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_set_kwargs(width=300), "too big to build"),                     # 90 GiB of weights
+    (_set_kwargs(width=2), "layout fingerprint differs"),             # fits, but is not what the file holds
+    (_set_arch(num_classes=10**9), "too big to build"),               # a 64 GB classifier
+    (_set_arch(name="vit_tiny", image_size=10**5, kwargs={}), "too big to build"),  # 30 GB of position embeddings
+    (_set_kwargs(width=float("inf")), "cannot rebuild the recorded architecture"),
+])
+def test_export_with_an_absurd_architecture_is_refused_before_building_it(small_export, tmp_path, edit, fragment):
+    bad = rewrite(small_export, tmp_path / "bad.safetensors", edit_graph=edit)
+    code, _, err, seconds = limited(["summary", str(bad)])
+    assert code == 1, err[-2000:]
+    assert_one_error(err, str(bad), fragment)
+    assert seconds < 30
+    # eval may find an earlier reason (1e9 classes are not mnist's 10: exit 2), never a traceback
+    code, _, err, seconds = limited(["eval", str(bad), "--data", "mnist", "--root", str(tmp_path)])
+    assert code in (1, 2), err[-2000:]
+    assert_one_error(err, str(bad))
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("inputs", "real", "inputs 'real' (the architecture has 'binary')"),
+    ("input_padding", "+1", "input_padding '+1' (the architecture has 'zero')"),
+    ("alpha", "channel", "alpha 'channel' (the architecture has 'layer')"),
+])
+def test_export_with_an_edited_layer_option_is_refused(small_export, tmp_path, option, value, fragment):
+    from reste.deploy import ExportError, load
+
+    def edit(graph):
+        layer = sorted(graph["binary_layers"])[0]
+        graph["binary_layers"][layer][option] = value
+    bad = rewrite(small_export, tmp_path / "bad.safetensors", edit_graph=edit)
+    with pytest.raises(ExportError, match="recorded with " + fragment.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        load(bad)
+
+
+def test_export_with_edited_weights_or_graph_fails_its_checksum_unless_verify_is_off(small_export, tmp_path):
+    from reste.deploy import ExportError, load
+
+    def flip(blobs):
+        blobs["uint8"][100] ^= 0xFF  # eight binary weights change sign
+    bad = rewrite(small_export, tmp_path / "bits.safetensors", edit_blobs=flip)
+    with pytest.raises(ExportError, match="content checksum differs"):
+        load(bad)
+    model = load(bad, verify=False)  # the opt-out loads it as it is
+    good = load(small_export)
+    x = torch.randn(8, 1, 28, 28)
+    assert not torch.equal(model(x), good(x))  # the edit changes the computation: that is why it is checked
+
+    def edit_source(graph):
+        graph["source"] = {"run": "elsewhere"}
+    with pytest.raises(ExportError, match="content checksum differs"):
+        load(rewrite(small_export, tmp_path / "graph.safetensors", edit_graph=edit_source))
+
+
+def test_export_without_a_checksum_loads_with_a_warning(small_export, tmp_path):
+    from reste.deploy import load
+
+    old = rewrite(small_export, tmp_path / "old.safetensors", edit_graph=lambda g: g.pop("checksum"))
+    with pytest.warns(UserWarning, match="has no content checksum"):
+        model = load(old)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), load(small_export)(x))
+
+
+def test_export_graph_nested_deeply_is_one_error_line(small_export, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(small_export), framework="pt") as f:
+        meta, blobs = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "deep.safetensors"
+    save_file(blobs, str(bad), metadata=dict(meta, graph="[" * 100_000 + "]" * 100_000))
+    code, _, err, _ = limited(["summary", str(bad)])
+    assert code == 1
+    assert_one_error(err, str(bad), "no readable graph description")

@@ -516,16 +516,18 @@ def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module
         if not arch:
             raise ExportError(f"{path} records no architecture (it was exported from a model outside reste.models); "
                               "pass the architecture: reste.deploy.load(path, model=MyNet())")
-        label = json.dumps(arch)[:200] if isinstance(arch, dict) else repr(arch)[:200]
+        label = json.dumps(arch)[:120] if isinstance(arch, dict) else repr(arch)[:120]
         try:
             with torch.device("meta"):
                 shape_only = build_architecture(arch)
                 problem = check_size(shape_only, copies=2)  # the float model and its packed twin
-                if problem:
-                    raise ExportError(f"{path}: the recorded architecture {label} is too big to build: {problem}; the file is damaged, re-export it")
-                _, _, entries = _skeleton(path, graph, shape_only)
         except _BUILD_ERRORS as err:
             raise ExportError(f"{path}: cannot rebuild the recorded architecture {label}: {str(err)[:200]}") from None
+        if problem:
+            raise ExportError(f"{path}: the recorded architecture {label} is too big to build: {problem}; "
+                              "the file is damaged, re-export it")
+        with torch.device("meta"):
+            _, _, entries = _skeleton(path, graph, shape_only)
         _check_layout(path, graph, entries, stored_sizes)
         try:
             model = build_architecture(arch)
