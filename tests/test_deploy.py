@@ -431,6 +431,35 @@ def test_batchnorm_before_a_binary_conv_is_applied_while_packing(tmp_path, isa):
             assert torch.equal(fused(x), plain(x))
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="the packed-input buffer belongs to the compiled kernel's path")
+def test_packed_input_buffer_is_reused_and_safe_across_threads():
+    import threading
+
+    torch.manual_seed(3)
+    layer = PackedBinaryConv2d.from_binary(BinaryConv2d(24, 16, 3, 1, 1).eval())
+    xs = [torch.randn(2, 24, 9, 7) for _ in range(4)]
+    with torch.no_grad():
+        want = [layer.reference_forward(x) for x in xs]
+        assert torch.equal(layer(xs[0]), want[0])
+        plan = layer._plans[tuple(xs[0].shape)]
+        buf = plan["xbits_buf"].data_ptr()
+        assert torch.equal(layer(xs[1]), want[1]) and plan["xbits_buf"].data_ptr() == buf  # no new buffer per call
+    bad = []
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(layer(xs[i]), want[i]):
+                    bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
 def test_packed_conv_residual_argument_is_the_plain_sum():
     torch.manual_seed(2)
     layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1, bias=True).eval())

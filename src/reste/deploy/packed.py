@@ -181,6 +181,29 @@ def _unused(buf: Tensor) -> bool:
 _pool = _OutputPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
 
 
+class _scratch:
+    """The packed-input buffer of a plan, reused from call to call (no allocation per call);
+    a call that finds it in use by another thread packs into a fresh one instead."""
+
+    __slots__ = ("plan", "locked")
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+
+    def __enter__(self) -> Tensor:
+        plan = self.plan
+        self.locked = plan["xbits_lock"].acquire(blocking=False)  # the lock comes with the plan (_plan)
+        if not self.locked:
+            return torch.empty(plan["xbits"], dtype=torch.uint8)
+        if "xbits_buf" not in plan:
+            plan["xbits_buf"] = torch.empty(plan["xbits"], dtype=torch.uint8)
+        return plan["xbits_buf"]
+
+    def __exit__(self, *exc) -> None:
+        if self.locked:
+            self.plan["xbits_lock"].release()
+
+
 def set_output_pool(max_bytes: int) -> int:
     """Cap (in bytes) the memory the packed layers keep for reusing their outputs; 0 turns
     reuse off. Returns the previous cap. Default 1 GiB (``RESTE_OUTPUT_POOL_MB``)."""
@@ -313,6 +336,7 @@ class _PackedBinary(nn.Module):
         if plan is None or plan["stamp"] != stamp:
             plan = build(shape)
             plan["stamp"] = stamp
+            plan["xbits_lock"] = threading.Lock()  # guards the plan's packed-input buffer (_scratch)
             self._plans[shape] = plan
         return plan
 
@@ -612,10 +636,13 @@ class PackedBinaryConv2d(_PackedBinary):
         xin = x if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) \
             else x.detach().float().contiguous(memory_format=torch.channels_last)  # NHWC in memory
         threads = torch.get_num_threads()
-        xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
-        ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *self._prologue_args())
+        if "maps" not in plan:  # addresses of the fused maps' buffers (a new fusion or _apply clears the plans)
+            plan["maps"] = (self._prologue_args(), self._epilogue_args())
+        pre, post = plan["maps"]
         out = _pool.empty(plan["out"])
-        ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
+        with _scratch(plan) as xbits:
+            ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
+            ext.conv(xbits.data_ptr(), *plan["conv"], *post, out.data_ptr(), threads)
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -703,10 +730,10 @@ class PackedBinaryLinear(_PackedBinary):
         rows = x.detach().float().reshape(-1, self.in_features).contiguous()
         plan = self._plan(tuple(rows.shape), self._build_plan)
         threads = torch.get_num_threads()
-        xbits = torch.empty(plan["xbits"], dtype=torch.uint8)
-        ext.pack_rows(rows.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
         out = _pool.empty(plan["out"])
-        ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
+        with _scratch(plan) as xbits:
+            ext.pack_rows(rows.data_ptr(), *plan["pack"], xbits.data_ptr(), threads)
+            ext.conv(xbits.data_ptr(), *plan["conv"], *self._epilogue_args(), out.data_ptr(), threads)
         return out.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
