@@ -1,7 +1,8 @@
 """Dispatch to the compiled CPU kernels (``reste._kernels``) when they apply.
 
 The kernels fuse an elementwise chain into one pass (see ``csrc/estimators.c``).
-They apply to contiguous float32 CPU tensors outside ``torch.compile`` tracing;
+They apply to contiguous float32 CPU tensors outside ``torch.compile``, ``torch.jit.trace``
+and ``torch.onnx.export`` tracing;
 everything else (CUDA, bf16, float64, compiled graphs, where inductor fuses the
 torch formula itself) takes the pure PyTorch path, which computes the same
 values. ``RESTE_NO_EXT=1`` turns the kernels off (to compare or debug).
@@ -49,8 +50,8 @@ def _dense(t: Tensor) -> bool:
 
 def _applies(*tensors: Tensor) -> bool:
     """Kernels walk memory linearly: every tensor dense, CPU float32, all with the same strides."""
-    if not _ENABLED or torch.compiler.is_compiling():
-        return False
+    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False  # a tracer (jit.trace, the TorchScript ONNX exporter) must see torch ops, not pointers
     first = tensors[0]
     return all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 and _dense(t) and t.stride() == first.stride() and t.shape == first.shape

@@ -5,12 +5,14 @@
 >>> reste.deploy.export(model, "model.safetensors", architecture={...})  # doctest: +SKIP
 >>> net = reste.deploy.load("model.safetensors")             # doctest: +SKIP
 >>> tensors = reste.deploy.read_tensors("model.safetensors") # doctest: +SKIP
+>>> reste.deploy.export_onnx(model, "model.onnx", (3, 32, 32))  # doctest: +SKIP
 
 Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
 """
 
 from .export import (ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph,
                      read_tensors, to_deploy)
+from .onnx import export_onnx, to_onnx_module
 from .packed import (PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, set_output_pool,
                      unpack_signs)
 from .summary import LayerSummary, ModelSummary, summary
@@ -23,6 +25,7 @@ __all__ = [
     "PackedBinaryLinear",
     "architecture_from_config",
     "export",
+    "export_onnx",
     "export_run",
     "kernel_info",
     "load",
@@ -34,5 +37,6 @@ __all__ = [
     "set_output_pool",
     "summary",
     "to_deploy",
+    "to_onnx_module",
     "unpack_signs",
 ]

@@ -17,11 +17,16 @@ EXPORT_EPILOG = """\
 examples:
   reste export runs/my-run --out resnet20-1bit.safetensors
   reste export runs/my-run --checkpoint last --out last.safetensors
+  reste export runs/my-run --format onnx --out model.onnx     # needs pip install 'reste[onnx]'
 
 The file holds every binary layer's weights at 1 bit each plus its scale alpha, batch
 norms and real layers as float32, and the architecture; load it with
 reste.deploy.load(FILE). Training state (optimizer, latent float weights, estimator
 parameters) is left out.
+
+--format onnx writes an ONNX graph instead (binary weights as +-1 float constants times
+alpha, sign(0) = +1 explicit, dynamic batch size), checked against the trained model
+with onnxruntime when it is installed. See docs/deploy.md, Interoperability.
 """
 
 BENCH_EPILOG = """\
@@ -54,7 +59,11 @@ def register(subparsers) -> None:
         epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `reste train`")
-    e.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors)")
+    e.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors: 1-bit packed weights for reste.deploy (default); onnx: an ONNX graph for other runtimes")
+    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="with --format onnx: PyTorch's ONNX exporter (default dynamo, PyTorch's default)")
+    e.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors, or RUN_DIR/model.onnx)")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     e.add_argument("--no-verify", action="store_true", help="skip checking the loaded file against the trained model")
     e.add_argument("--verify-images", type=_images, default=1000, metavar="N|all",
@@ -169,6 +178,8 @@ def run_export(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         return _fail(f"{run_dir} is not a directory; give a run directory written by `reste train`")
+    if getattr(args, "format", "safetensors") == "onnx":
+        return _run_export_onnx(args, run_dir)
     out = Path(args.out) if args.out else run_dir / "model-1bit.safetensors"
     try:
         model, arch, source = load_run_model(run_dir, args.checkpoint)
@@ -200,6 +211,63 @@ def run_export(args) -> int:
         print(line)
     if problem:  # the export ran but its check did not pass: the work failed
         return _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
+    return 0
+
+
+def _run_export_onnx(args, run_dir) -> int:
+    """``reste export RUN_DIR --format onnx``: write the graph, then check it with onnxruntime if installed."""
+    from pathlib import Path
+
+    from .. import data as rdata
+    from ..train.checkpoint import CheckpointError
+    from .export import ExportError, load_run_model
+    from .onnx import INSTALL_HINT, check_onnx, export_onnx, write_onnx_metadata
+    from .verify import _run_config, data_spec, eval_loader
+
+    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    try:
+        model, arch, source = load_run_model(run_dir, args.checkpoint)
+        spec = data_spec(_run_config(run_dir, args.checkpoint))
+        shape = tuple(spec["input_shape"])
+        export_onnx(model, out, shape, exporter=args.exporter,
+                    metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec})
+    except (ExportError, CheckpointError, ValueError) as err:
+        return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{err}; nothing was written to {out} (a previous file there is intact)")
+    except Exception as err:  # noqa: BLE001 - the exporters raise their own types; name the model and the way out
+        return _fail(f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
+                     f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
+                     f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})")
+    print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out} "
+          f"(ONNX, {args.exporter} exporter, {out.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])")
+    if args.no_verify:
+        return 0
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print(f"warning: onnxruntime is not installed, so {out} is not checked against the trained model ({INSTALL_HINT})",
+              file=sys.stderr)
+        return 0
+    lines, loader = [], None
+    try:
+        loader = eval_loader(spec, root=args.root, download=False)
+    except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
+        lines.append("  warning: could not read the run's test images, so the ONNX file is checked on random inputs only "
+                     f"(give the data folder with --root DIR): {str(err).splitlines()[0]}")
+    result = check_onnx(model, out, shape, loader, args.verify_images)
+    problem = result.pop("problem")
+    write_onnx_metadata(out, {"reste.verification": result})
+    if result["images"]:
+        lines.append(f"  onnxruntime on {result['images']} {spec['name']} test images: predictions agree on "
+                     f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, onnx "
+                     f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}")
+    lines.append(f"  onnxruntime on {result['random_inputs']} random inputs (batch {result['random_inputs']}): "
+                 f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}")
+    for line in lines:
+        print(line)
+    if problem:
+        return _fail(f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; please report this")
     return 0
 
 

@@ -187,6 +187,15 @@ class BinaryLayer:
     def quantized_input(self, x: Tensor) -> Tensor:
         return x if self.input_estimator is None else self.input_estimator(x)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it
+        raise RuntimeError(
+            f"torch.jit.script cannot compile reste's {type(self).__name__} (its estimators are Python objects and "
+            "its training forward a custom autograd function). Use torch.jit.trace(model.eval(), example) under "
+            "torch.no_grad(), "
+            "torch.onnx.export(model.eval(), (example,)) or `reste export RUN_DIR --format onnx` "
+            "(reste.deploy.export_onnx); see docs/deploy.md, Interoperability")
+
     def _binary_repr(self) -> str:
         w = DOREFA if self.dorefa else (self.weight_estimator.name if self.weight_estimator is not None else "real")
         a = self.input_estimator.name if self.input_estimator is not None else "real"
