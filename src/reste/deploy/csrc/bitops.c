@@ -31,12 +31,14 @@
  * as -1 * w, so adding wsum back over the taps that fall outside the image gives
  * the exact zero-padded sum (via 2-D prefix sums over taps, see tap_prefix).
  *
- * Kernels. An AVX-512 kernel with VPOPCNTDQ (8 words per instruction; output
- * channels across vector lanes, so no horizontal sums) and a portable one on
- * __builtin_popcountll (compiled for POPCNT where the target has it), chosen
- * at run time from the table in dispatch.h (__builtin_cpu_supports), or
- * forced by name (RESTE_DEPLOY_ISA, select()). All are exact and tested
- * against each other and against the PyTorch reference. OpenMP splits output
+ * Kernels. AVX-512 with VPOPCNTDQ (8 words per instruction; output channels
+ * across vector lanes, so no horizontal sums), AVX2 (nibble-lookup popcount with
+ * VPSHUFB, byte counts summed per 64-bit lane by VPSADBW: again one lane per
+ * output channel), NEON on aarch64, and a portable one on __builtin_popcountll
+ * (compiled for POPCNT where the target has it), chosen at run time from the
+ * table in dispatch.h (__builtin_cpu_supports), or forced by name
+ * (RESTE_DEPLOY_ISA, select()). All are exact and tested against each other
+ * and against the PyTorch reference. OpenMP splits output
  * channel blocks x rows over threads; it runs on the same libgomp as torch
  * (same soname, loaded once), so no second thread pool competes for the cores.
  *
