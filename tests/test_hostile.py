@@ -390,3 +390,95 @@ def test_export_graph_nested_deeply_is_one_error_line(small_export, tmp_path):
     code, _, err, _ = limited(["summary", str(bad)])
     assert code == 1
     assert_one_error(err, str(bad), "no readable graph description")
+
+
+# ============================================================================ 4. no false "good" checkpoint
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                                   reason="needs the Debian dataset-fashion-mnist package")
+#: 512 images in batches of 64: 8 steps an epoch
+RUN = ["data.subset=512", "data.batch_size=64", "data.test_batch_size=256", "train.device=cpu", "train.threads=1",
+       "model.kwargs={width: 0.25}", "analysis.indicators=false"]
+
+
+def finite_checkpoints(run: Path) -> dict:
+    from reste.train.checkpoint import load_checkpoint, nonfinite_entries
+
+    return {p.name: not nonfinite_entries(load_checkpoint(p)["model"]) for p in sorted((run / "checkpoints").glob("*.pt"))}
+
+
+@needs_fashion
+def test_an_update_that_makes_the_weights_infinite_is_never_checkpointed(tmp_path, capsys):
+    # sgd at lr 3e38: the first update overflows the weights, the loss before it was finite
+    code, _, err = run_cli(["train", *RUN, "optim.name=sgd", "optim.lr=3e38", "train.checkpoint_every_steps=1",
+                            "train.epochs=2", f"out.dir={tmp_path}", "out.name=run", "--quiet"], capsys)
+    assert code == 1
+    assert_one_error(err, "non-finite", "stem.conv.weight", "without writing checkpoints/last.pt")
+    assert all(finite_checkpoints(tmp_path / "run").values())
+
+
+@needs_fashion
+def test_mostly_skipped_epoch_fails_and_a_skipped_batch_leaves_no_batchnorm_trace(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["train", *RUN, "optim.name=sgd", "optim.lr=3e38", "train.nonfinite=skip", "train.epochs=1",
+                            f"out.dir={tmp_path}", "out.name=skip", "--quiet"], capsys)
+    assert code == 1
+    assert_one_error(err, "epoch 1 skipped 7 of 8 batches", "the run is diverging")
+    assert all(finite_checkpoints(tmp_path / "skip").values())
+
+    # one batch of infinite pixels: its loss is NaN and it is skipped, and the BatchNorm statistics
+    # its forward pass updated are put back, so the run ends normally with a finite model
+    from reste import data as rdata
+
+    real = rdata.create_loaders
+
+    class Poisoned:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for i, (images, labels) in enumerate(self.loader):
+                yield (torch.full_like(images, float("inf")) if i == 3 else images), labels
+
+    def poisoned(*args, **kwargs):
+        train, test = real(*args, **kwargs)
+        return Poisoned(train), test
+
+    monkeypatch.setattr(rdata, "create_loaders", poisoned)
+    code, _, err = run_cli(["train", *RUN, "train.nonfinite=skip", "train.epochs=1", f"out.dir={tmp_path}", "out.name=one",
+                            "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "one" / "metrics.jsonl").read_text())["skipped_batches"] == 1
+    assert finite_checkpoints(tmp_path / "one") == {"best.pt": True, "last.pt": True}
+
+
+@needs_fashion
+def test_a_diverged_but_finite_run_warns(tmp_path, capsys):
+    with pytest.warns(UserWarning, match=r"train loss .* times that of guessing .* the run has diverged; lower optim.lr"):
+        code, _, err = run_cli(["train", *RUN, "optim.name=adam", "optim.lr=1e9", "train.epochs=1", f"out.dir={tmp_path}",
+                                "out.name=adam", "--quiet"], capsys)
+    assert code == 0
+
+
+def test_eval_export_and_resume_of_a_checkpoint_with_infinite_weights_are_errors(tmp_path, capsys):
+    from reste.train import trainer as T
+    from reste.train.checkpoint import load_checkpoint, save_checkpoint
+
+    fx.make_idx_dataset(tmp_path / "data" / "mnist", n_train=128, n_test=32)
+    T.train(overrides=[*RUN, "data.subset=128", "data.name=mnist", f"data.root={tmp_path / 'data'}", "train.epochs=1",
+                       f"out.dir={tmp_path}", "out.name=run"], progress=False)
+    for which in ("best", "last"):
+        path = tmp_path / "run" / "checkpoints" / f"{which}.pt"
+        state = load_checkpoint(path)
+        state["model"]["stem.bn.running_var"][0] = float("inf")
+        save_checkpoint(state, path)
+    run = str(tmp_path / "run")
+    for argv in (["eval", run], ["export", run, "--no-verify"], ["train", "--resume", run, "train.epochs=2"]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1, (argv, err)
+        assert_one_error(err, "non-finite", "stem.bn.running_var")

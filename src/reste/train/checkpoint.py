@@ -131,6 +131,12 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
     return state
 
 
+def nonfinite_entries(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_model_weights(model: nn.Module, state_dict: dict, path) -> None:
     """``model.load_state_dict(state_dict)`` with a clear error when the checkpoint is of another model."""
     if not isinstance(state_dict, dict):
@@ -153,6 +159,11 @@ def load_model_weights(model: nn.Module, state_dict: dict, path) -> None:
             f"checkpoint {path} does not fit this model ({'; '.join(parts)}); "
             "it was saved from a different architecture, precision or number of classes"
         )
+    bad = nonfinite_entries(state_dict)
+    if bad:  # a diverged model: its outputs (and an eval "loss nan") would mean nothing
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights or statistics (NaN/inf in {', '.join(bad[:3])}{more}); "
+                              "the run had diverged when it was written: use an earlier checkpoint (e.g. best.pt) or train again with a lower optim.lr")
     model.load_state_dict(state_dict)
 
 

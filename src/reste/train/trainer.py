@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (REQUIRED_KEYS, CheckpointError, load_checkpoint, load_model_weights, nonfinite_entries, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml, load_config, read_yaml, validate, warn_conflicts
 
 __all__ = [
@@ -885,6 +886,7 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, epochs):
                 row, epoch_start = self._train_epoch(epoch)
+                self._check_divergence(epoch, row)
                 # the plain module, not the DDP wrapper: ranks may hold different numbers of test
                 # batches, and DDP's per-forward buffer broadcast would then wait forever
                 test = evaluate_model(self.model, self.test_loader, self.device, num_classes=self.num_classes,
@@ -938,6 +940,9 @@ class Trainer:
             if fault is not None:
                 fault.before_step(global_step + 1)
             self.est_scheduler.step_iter()
+            if t.nonfinite == "skip":  # a skipped batch must not leave its BatchNorm statistics behind
+                buffers = [b for b in model.buffers()]
+                saved_buffers = [b.detach().clone() for b in buffers]
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if t.channels_last:
@@ -961,6 +966,9 @@ class Trainer:
                 if ctx.is_main:
                     sums[4] += 1  # skip: no update; the schedules still advance
                 optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, saved in zip(buffers, saved_buffers):
+                        buffer.copy_(saved)
             else:
                 measure = self.tracker is not None and (last_step or (every > 0 and (global_step + 1) % every == 0))
                 if measure:
@@ -1013,6 +1021,21 @@ class Trainer:
             for key in ("est_error", "est_error_end", "grad_instability", "flip_ratio"):
                 row[key] = indicator_row.get(key)
         return row, epoch_start
+
+    def _check_divergence(self, epoch: int, row: dict) -> None:
+        """Fail a run that skipped most of an epoch; warn about one whose loss ran far above chance."""
+        skipped = row.get("skipped_batches", 0)
+        if skipped * 2 > self.steps_per_epoch:
+            last = self.run_dir / "checkpoints" / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"epoch {epoch + 1} skipped {skipped} of {self.steps_per_epoch} batches for a non-finite loss or gradient "
+                f"(train.nonfinite=skip): the run is diverging, not training; stopped before writing this epoch's checkpoint, "
+                f"{kept}. Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip")
+        loss, chance = row.get("train_loss"), math.log(max(self.num_classes, 2))
+        if isinstance(loss, float) and math.isfinite(loss) and loss > 100 * chance and self.ctx.is_main:
+            warnings.warn(f"epoch {epoch + 1}: train loss {loss:.3g} is {loss / chance:.3g} times that of guessing (ln {self.num_classes} = "
+                          f"{chance:.2f}): the run has diverged; lower optim.lr (now {self.cfg.optim.lr:g})", stacklevel=2)
 
     def _epoch_mean_o(self, epoch: int) -> float | None:
         """The mean of o over the epoch's steps, from the schedule (so a resumed epoch gets the
@@ -1100,8 +1123,18 @@ class Trainer:
         """Write checkpoints/<which>.pt (rank 0); ``epoch`` counts finished epochs."""
         if not self.ctx.is_main:
             return
+        model_state = self.model.state_dict()
+        bad = nonfinite_entries(model_state)
+        if bad:  # never write (nor call good) a checkpoint of a diverged model
+            last = self.run_dir / "checkpoints" / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise NonFiniteLossError(
+                f"the model's weights or statistics became non-finite (NaN/inf in {', '.join(bad[:3])}{more}) at epoch {epoch + 1 if step_in_epoch else epoch}"
+                f"{f', step {step_in_epoch}' if step_in_epoch else ''}; training stopped without writing checkpoints/{which}.pt, "
+                f"{kept}. Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip")
         state = {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "estimator_scheduler": self.est_scheduler.state_dict(),
