@@ -199,6 +199,30 @@ def test_forcing_a_path_the_cpu_lacks_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(packed_mod, "_forced_error", None)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="the compiled extension is not built")
+def test_forcing_by_environment_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, reste.deploy as d\n"
+            "from reste.nn import BinaryConv2d\n"
+            "info = d.kernel_info(); print(info['isa'], '|', info['why'])\n"
+            "layer = d.PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1).eval())\n"
+            "x = torch.randn(2, 16, 6, 5)\n"
+            "with torch.no_grad(): print(torch.equal(layer(x), layer._epilogue_reference(layer.reference_forward(x))))\n")
+    env = dict(os.environ, RESTE_DEPLOY_ISA=ISAS[-1])
+    env.pop("RESTE_BITOPS_ISA", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [ISAS[-1], "|", "forced", "by", f"RESTE_DEPLOY_ISA={ISAS[-1]}", "True"]
+    lacking = [n for n in ("neon", "avx2", "avx512") if n not in ISAS][0]
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, RESTE_DEPLOY_ISA=lacking), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and f"RuntimeError: RESTE_DEPLOY_ISA={lacking}: " in run.stderr
+    assert "Unset RESTE_DEPLOY_ISA (or set it to auto)" in run.stderr
+
+
 def test_whole_model_without_extension(no_extension, tmp_path):
     model = _tiny("1w1a")
     with pytest.warns(RuntimeWarning, match="unavailable"):
