@@ -191,7 +191,7 @@ def fuse_prologues(model: nn.Module) -> list[str]:
                 chain = [m for m in (relu, bn) if m is not None]
                 wanted = []
                 for x in (probe, probe.contiguous(memory_format=torch.channels_last)):
-                    y = x
+                    y = x.clone()  # an in-place ReLU must not change the probe the fused conv sees
                     for m in chain:
                         y = m(y)
                     wanted.append(conv(y))
