@@ -2,6 +2,7 @@
 
 from .attention import MultiheadAttention
 from .convert import DEFAULT_KEEP, KEEP_TOKENS, binarize, full_precision_layers, rebuild_attention
+from .weights import WeightLoadReport, load_float_weights
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, INPUT_PADDINGS, WEIGHT_SCALES, binary_layers
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "rebuild_attention",
     "binary_layers",
     "full_precision_layers",
+    "load_float_weights",
+    "WeightLoadReport",
     "KEEP_TOKENS",
     "DEFAULT_KEEP",
     "WEIGHT_SCALES",

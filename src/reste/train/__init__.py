@@ -10,12 +10,14 @@ Python API (the ``reste train`` / ``reste eval`` commands call the same function
     summary = train(resume="runs/fashion_mnist-resnet20_bireal-1w1a-reste-20261126-000235")
     cfg = load_config("my.yaml", ["estimator.o_end=4"])        # validated Config
     result = evaluate("runs/<run>", which="best")              # {"top1", "top5", "loss", ...}
+    report = init_from(binary_model, "runs/<float run>")       # float weights in, estimators fresh
 
 See ``docs/training.md`` for every option.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+from .warmstart import init_from
 from .trainer import DistributedFailure, NonFiniteLossError, Trainer, TrainingInterrupted, evaluate, evaluate_model, train
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "config_to_yaml",
     "evaluate",
     "evaluate_model",
+    "init_from",
     "load_checkpoint",
     "load_config",
     "save_checkpoint",

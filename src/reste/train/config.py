@@ -98,6 +98,7 @@ class ModelConfig:
     precision: str = _opt("1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp"))
     estimator: str = _opt("reste", "gradient estimator of the binary layers, one of reste.estimators()")
     kwargs: dict = _opt({}, "extra keyword arguments for reste.models.create (architecture options)")
+    init_from: Optional[str] = _opt(None, "start from a trained run's weights (RUN_DIR: best.pt, else last.pt; or a .pt file): matching tensors copied, estimators and optimizer fresh, the rest reported")
 
 
 @dataclass
@@ -164,6 +165,9 @@ class TrainConfig:
     nonfinite: str = _opt("stop", "on a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
     checkpoint_every: int = _opt(1, "write checkpoints/last.pt every N epochs (always at the end)")
     checkpoint_every_steps: int = _opt(0, "also write checkpoints/last.pt every N training steps, mid-epoch (0 = off); a killed run loses at most N steps")
+    teacher: Optional[str] = _opt(None, "distil from a trained run (RUN_DIR or its checkpoint file): adds w * T^2 * KL(teacher || student) of the softened logits")
+    distill_weight: float = _opt(1.0, "w: loss = (1 - w) * cross-entropy + w * T^2 * KL; 1 is ReActNet's distributional loss alone")
+    distill_temperature: float = _opt(1.0, "T: softmax temperature of teacher and student logits in the KL term")
     dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
 
 
@@ -677,6 +681,9 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.threads <= MAX_THREADS, f"train.threads must be in 0..{MAX_THREADS} (0 = torch's default), got {t.threads}; "
            f"this machine has {os.cpu_count()} CPUs")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    _check(0 <= t.distill_weight <= 1, f"train.distill_weight must be in [0, 1] (the KL term's share of the loss), got {t.distill_weight}")
+    _check(math.isfinite(t.distill_temperature) and t.distill_temperature > 0,
+           f"train.distill_temperature must be a finite number > 0 (1 = plain softmax), got {t.distill_temperature}")
     _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, f"train.grad_clip must be a finite number >= 0 (0 = off), got {t.grad_clip}")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _check(t.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every_steps}")
@@ -753,5 +760,7 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
     """Warn about harmless combinations that do nothing (they are ignored, not errors)."""
     if cfg.train.sync_bn and world_size == 1:
         warnings.warn("train.sync_bn=true has no effect in a single-process run (ignored)", stacklevel=2)
+    if cfg.train.teacher is None and (cfg.train.distill_weight != 1.0 or cfg.train.distill_temperature != 1.0):
+        warnings.warn("train.distill_weight / train.distill_temperature have no effect without train.teacher=RUN_DIR (ignored)", stacklevel=2)
     if cfg.model.precision == "fp" and cfg.estimator.params:
         warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -210,7 +211,8 @@ def epoch_line(row: dict, epochs: int) -> str:
              f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%",
              "  ".join(filter(None, (num("o_mean", ".3f", "mean o"), num("est_error", ".4g", "e"), num("est_error_end", ".4g", "e@o_end"),
                                      num("grad_instability", ".3g", "s")))),
-             num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else "")]
+             num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else ""),
+             num("teacher_ms_per_step", ".1f", "teacher") + (" ms/step" if row.get("teacher_ms_per_step") is not None else "")]
     return " | ".join(p for p in parts if p)
 
 
@@ -450,39 +452,103 @@ class RunWriter:
 
 
 def _looks_like_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+    # .lock: reste created it, even if set-up was killed before anything else was written
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / ".lock").is_file()
 
 
-def new_run_dir(cfg: Config, force: bool) -> Path:
-    """Create and return a fresh run directory; an existing one is replaced only with ``force``."""
+#: what a run folder holds before its first epoch ends: a set-up killed there left nothing of value
+_SETUP_FILES = {".lock", "config.yaml", ".config.yaml.tmp"}
+
+
+def abandoned_setup(path: Path) -> bool:
+    """Whether ``path`` is a run folder whose set-up was stopped (SIGKILL, power loss) before its
+    first checkpoint and metrics: only the lock, the config, empty folders and TensorBoard's first
+    event file. Such a folder is reused by the same command (it held no results)."""
+    if not (path / ".lock").is_file():
+        return False
+    for item in path.rglob("*"):
+        rel = item.relative_to(path)
+        if item.is_dir() or str(rel) in _SETUP_FILES or rel.parts[0] == "tb" or (item.name.startswith(".") and item.name.endswith(".tmp")):
+            continue
+        return False
+    return True
+
+
+def _claim(path: Path, taken_message: str) -> "RunDirLock":
+    """Create the folder ``path`` with its lock already held, atomically: it is built under a
+    temporary name and renamed into place, so two runs started at once never share it and
+    neither sees the other's half-made folder. ConfigError(``taken_message``) if ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.claim-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    lock = RunDirLock(staging)
+    lock.acquire()  # a new folder: nobody else can hold it
+    try:
+        os.rename(staging, path)  # fails if path exists (unless it is an empty folder, which it replaces)
+    except OSError:
+        lock.release()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigError(taken_message) from None
+    lock.path = path / ".lock"
+    return lock
+
+
+def _discard(path: Path) -> None:
+    """Remove a run folder after checking that no process uses it; renamed away first, so the
+    name is free at once and a concurrent run never sees it half-deleted."""
+    probe = RunDirLock(path)
+    probe.acquire()  # refuses to delete a run that another process is training right now
+    trash = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # another --force run moved it first
+        return
+    finally:
+        probe.release()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, "RunDirLock"]:
+    """Create a fresh run directory and lock it; an existing one is replaced only with ``force``,
+    or when it is a set-up that was stopped before its first checkpoint (:func:`abandoned_setup`)."""
     parent = Path(cfg.out.dir)
     if cfg.out.name:
         path = parent / cfg.out.name
         exists = f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, or choose another out.name"
         if path.exists():
-            if not force:
+            if abandoned_setup(path):
+                _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
+                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no results",
+                      file=sys.stderr, flush=True)
+            elif not force:
                 raise ConfigError(exists)
-            if not _looks_like_run(path) and any(path.iterdir()):
+            elif not path.is_dir() or (not _looks_like_run(path) and any(path.iterdir())):
                 raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
-            probe = RunDirLock(path)
-            probe.acquire()  # refuses to delete a run that another process is training right now
-            probe.release()
-            shutil.rmtree(path)
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:  # another run claimed it in the meantime
-            raise ConfigError(exists) from None
-        return path
+            else:
+                _discard(path)
+        lock = _claim(path, f"run directory {path} was just created by another run started at the same time; "
+                            "wait for it, or choose another out.name")
+        return path, lock
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = parent / f"{cfg.run_name}-{stamp}"
     suffix = 2
     while True:
         try:
             path.mkdir(parents=True)  # claims the name atomically: runs started in the same second never share it
-            return path
+            break
         except FileExistsError:
             path = parent / f"{cfg.run_name}-{stamp}-{suffix}"
             suffix += 1
+    lock = RunDirLock(path)
+    lock.acquire()
+    return path, lock
+
+
+def new_run_dir(cfg: Config, force: bool) -> Path:
+    """Create and return a fresh run directory (see :func:`claim_run_dir`; the lock is released)."""
+    path, lock = claim_run_dir(cfg, force)
+    lock.release()
+    return path
 
 
 # ----------------------------------------------------------------------------- run-directory lock
@@ -692,12 +758,27 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
 
         model = build_model(cfg, self.meta)
+        self.init_report = None
+        if cfg.model.init_from is not None and self.resume_dir is None:  # a resume restores its own checkpoint
+            from .warmstart import init_from
+
+            self.init_report = init_from(model, cfg.model.init_from)
+            if ctx.is_main and self.print_summary:
+                print(f"model.init_from: {self.init_report.source}: " + "; ".join(self.init_report.lines()), flush=True)
         if t.sync_bn and ctx.distributed:
             model = D.convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: its state_dict is what checkpoints hold
+        self.teacher = None
+        if t.teacher is not None:
+            from .distill import Teacher
+
+            self.teacher = Teacher.from_source(t.teacher, cfg, self.meta, self.device, t.channels_last)
+            if ctx.is_main and self.print_summary:
+                print(f"train.teacher: {self.teacher.source}; loss = {1 - self.teacher.weight:g} * CE + "
+                      f"{self.teacher.weight:g} * T^2 * KL, T = {self.teacher.temperature:g}", flush=True)
         self.optimizer = build_optimizer(model, cfg)
         self.lr_scheduler = self._build_lr_scheduler()
         import reste
@@ -806,13 +887,12 @@ class Trainer:
             try:
                 if self.resume_dir is not None:
                     path = self.resume_dir
-                else:
-                    path = new_run_dir(self.cfg, self.force)
-                    self._created_run_dir = path
-                self._lock = RunDirLock(path)
-                self._lock.acquire()
-                if self.resume_dir is not None:
+                    self._lock = RunDirLock(path)
+                    self._lock.acquire()
                     _remove_stale_temp_files(path / "checkpoints")  # left by a writer that was killed mid-write
+                else:
+                    path, self._lock = claim_run_dir(self.cfg, self.force)
+                    self._created_run_dir = path
                 result = ("ok", str(path))
             except ConfigError as err:
                 result = ("error", str(err))
@@ -950,6 +1030,8 @@ class Trainer:
             with autocast:
                 logits = forward_model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+            if self.teacher is not None:
+                loss = self.teacher.loss(images, logits, loss, autocast)
             if fault is not None:
                 loss = fault.on_loss(global_step + 1, loss)
             # backward even on a NaN loss: every rank must join DDP's gradient all-reduce
@@ -1017,6 +1099,8 @@ class Trainer:
             "train_time": train_seconds,
             "skipped_batches": skipped,
         }
+        if self.teacher is not None:
+            row.update(self.teacher.pop_epoch_stats())
         if self.cfg.analysis.indicators and self.ctx.is_main and self.tracker is not None:
             for key in ("est_error", "est_error_end", "grad_instability", "flip_ratio"):
                 row[key] = indicator_row.get(key)
@@ -1185,6 +1269,11 @@ class Trainer:
             "seed": cfg.seed,
             "world_size": self.ctx.world_size,
             "run_dir": str(self.run_dir),
+            "init_from": cfg.model.init_from,
+            "teacher": cfg.train.teacher,
+            # the teacher's forward time over the epochs run, per step (rank 0's)
+            "teacher_ms_per_step": (sum(r["teacher_ms_per_step"] for r in rows) / len(rows)
+                                    if rows and all(r.get("teacher_ms_per_step") is not None for r in rows) else None),
         }
 
     def _print_summary(self, s: dict) -> None:
@@ -1206,9 +1295,17 @@ class Trainer:
 def resume_config(run_dir, overrides=None) -> Config:
     """The configuration of ``run_dir`` with the few overrides a resume allows (:data:`RESUME_OVERRIDABLE`)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there (is it a run directory written by `reste train`?)")
+    restart = not (run_dir / "checkpoints" / "last.pt").is_file() and abandoned_setup(run_dir)
+    if restart and not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the command "
+                              "that started it again (it reuses the folder), or add --force to it")
+    if not restart and not (run_dir / "checkpoints" / "last.pt").is_file():
+        hint = ("it has no checkpoint yet; start it again with its command and --force" if _looks_like_run(run_dir)
+                else "is it a run directory written by `reste train`?")
+        raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there ({hint})")
     cfg = load_config(read_yaml(run_dir / "config.yaml"), check=False)
+    if restart:  # nothing was trained: start the run over in the same folder
+        cfg.out.dir, cfg.out.name = str(run_dir.parent), run_dir.name
     if overrides:
         from .config import parse_overrides
 
@@ -1259,6 +1356,10 @@ def train(config=None, *, resume=None, force: bool = False, progress: bool = Tru
         if config is not None:
             raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its run directory)")
         cfg = resume_config(resume, extra or None)
+        if not (Path(resume) / "checkpoints" / "last.pt").is_file():  # resume_config checked it is a stopped set-up
+            print(f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its config.yaml",
+                  file=sys.stderr, flush=True)
+            resume = None
     else:
         cfg = load_config(config, extra or None)
     return Trainer(cfg, resume=resume, force=force, progress=progress, summary=summary).fit()

@@ -1,0 +1,67 @@
+"""Models from other runs: ``model.init_from`` (start from a trained run's weights) and the
+teacher of ``train.teacher`` (see :mod:`reste.train.distill`).
+
+A source is a run directory of ``reste train`` (its ``checkpoints/best.pt``, else ``last.pt``),
+a checkpoint file of one, or, for ``init_from`` only, a ``.pt`` file holding a plain
+``state_dict`` (e.g. ``torch.save(float_model.state_dict(), "fp.pt")``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint
+
+__all__ = ["checkpoint_of", "source_config", "init_from"]
+
+
+def checkpoint_of(source, key: str) -> Path:
+    """The checkpoint file a source names; ``key`` (the config key) goes into the errors."""
+    path = Path(source)
+    if path.is_dir():
+        for which in ("best", "last"):
+            candidate = path / "checkpoints" / f"{which}.pt"
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{key}={str(source)!r}: no checkpoints/best.pt or last.pt there; give a run directory "
+                              "written by `reste train` or a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{key}={str(source)!r} does not exist; give a run directory of `reste train` or a .pt file "
+                              "(run the first step of a two-step recipe before the second)")
+    return path
+
+
+def source_config(path: Path, state: dict) -> dict | None:
+    """The training config of a checkpoint: stored in it, else the run directory's config.yaml."""
+    if isinstance(state.get("config"), dict):
+        return state["config"]
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            from .config import read_yaml
+
+            return read_yaml(folder / "config.yaml")
+    return None
+
+
+def init_from(model: nn.Module, source, key: str = "model.init_from"):
+    """Load the weights of ``source`` (a run directory or ``.pt`` file) into ``model``.
+
+    Matching tensors are copied; estimator state stays fresh; what did not fit is reported by
+    name (:class:`reste.nn.weights.WeightLoadReport`). Nothing copied at all is an error (the
+    wrong architecture). The optimizer is the caller's, built afterwards: it starts fresh.
+    """
+    from ..nn.weights import load_float_weights
+
+    path = checkpoint_of(source, key)
+    state = load_checkpoint(path)
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
+    report = load_float_weights(model, weights)
+    if not report.copied:
+        config = source_config(path, state) or {}
+        arch = (config.get("model") or {}).get("name", "an unknown architecture")
+        raise CheckpointError(f"{key}={str(source)!r}: none of its {len(weights)} tensors fits this model ({path} holds "
+                              f"{arch}); start from a run of the same model.name and model.kwargs")
+    report.source = str(path)
+    return report

@@ -1,0 +1,139 @@
+"""Training recipes of the BNN literature: start from a float run (model.init_from) and distil
+from a float teacher (train.teacher). Tiny runs on generated Fashion-MNIST files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import reste
+from reste.nn.weights import load_float_weights
+from reste.train import trainer as T
+from reste.train.checkpoint import CheckpointError
+from reste.train.config import ConfigError, config_from_dict
+from reste.train.distill import distillation_loss
+
+from data_fixtures import make_idx_dataset
+
+
+# ----------------------------------------------------------------------------- loading float weights
+def test_float_resnet_loads_into_binary_one_completely():
+    torch.manual_seed(0)
+    fp = reste.models.create("resnet20", in_channels=1, precision="fp")
+    binary = reste.models.create("resnet20", in_channels=1, precision="1w1a")
+    fresh_o = {k: v.clone() for k, v in binary.state_dict().items() if "estimator" in k}
+    report = load_float_weights(binary, fp.state_dict())
+    assert report.complete and len(report.copied) == len(fp.state_dict())
+    for key, value in fp.state_dict().items():
+        assert torch.equal(binary.state_dict()[key], value), key
+    assert fresh_o and all(torch.equal(binary.state_dict()[k], v) for k, v in fresh_o.items())  # estimators untouched
+    # a plain load_state_dict fails on exactly these keys: what the report leaves out on purpose
+    with pytest.raises(RuntimeError, match="weight_estimator"):
+        binary.load_state_dict(fp.state_dict())
+
+
+def test_report_names_what_does_not_fit():
+    src = reste.models.create("resnet20", in_channels=1, num_classes=10, precision="1w32a").state_dict()
+    src["extra.weight"] = torch.zeros(3)
+    model = reste.models.create("resnet20", in_channels=1, num_classes=5, precision="1w1a")
+    report = load_float_weights(model, src)
+    assert report.unexpected == ["extra.weight"]
+    assert [k for k, _, _ in report.mismatched] == ["head.fc.weight", "head.fc.bias"]
+    assert report.mismatched[0][1:] == ((10, 64), (5, 64))
+    assert report.estimator_state_skipped and all("estimator" in k for k in report.estimator_state_skipped)
+    text = str(report)
+    assert "head.fc.weight (source [10, 64], model [5, 64])" in text and "extra.weight" in text
+
+
+def test_torch_attention_checkpoint_starts_binarized_attention():
+    torch.manual_seed(1)
+    layer = lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)  # noqa: E731
+    float_model, binary = nn.Sequential(layer(), nn.Linear(16, 3)), reste.binarize(nn.Sequential(layer(), nn.Linear(16, 3)))
+    report = load_float_weights(binary, float_model.state_dict())
+    assert report.complete, str(report)
+    assert torch.equal(binary[0].self_attn.in_proj.weight, float_model[0].self_attn.in_proj_weight)
+
+
+# ----------------------------------------------------------------------------- the distillation loss
+def test_distillation_loss_against_the_formula():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0], [4.0, -2.0, 1.0]])
+    for temp in (1.0, 4.0):
+        want = 0.0
+        for zs, zt in zip(s.tolist(), t.tolist()):
+            p = [math.exp(v / temp) / sum(math.exp(u / temp) for u in zt) for v in zt]
+            q = [math.exp(v / temp) / sum(math.exp(u / temp) for u in zs) for v in zs]
+            want += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        want = want / 2 * temp ** 2
+        assert distillation_loss(s, t, temp).item() == pytest.approx(want, rel=1e-6)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    # ReActNet's soft cross-entropy -sum p log q has the same gradient (they differ by H(p))
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    distillation_loss(a, t).backward()
+    (-(t.softmax(1) * b.log_softmax(1)).sum(1).mean()).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture
+def data_root(tmp_path):
+    make_idx_dataset(tmp_path / "fmnist", n_train=64, n_test=16)
+    return str(tmp_path / "fmnist")
+
+
+def _cfg(tmp_path, data_root, name, precision="1w1a", **train):
+    return config_from_dict({
+        "model": {"name": "resnet20", "precision": precision, "kwargs": {"width": 4}},
+        "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 32, "test_batch_size": 16},
+        "train": {"epochs": 1, "threads": 1, "device": "cpu", **train},
+        "analysis": {"indicators": False},
+        "out": {"dir": str(tmp_path), "name": name},
+    })
+
+
+def test_two_step_recipe_and_teacher_end_to_end(tmp_path, data_root, capsys):
+    fp = T.train(_cfg(tmp_path, data_root, "fp", "fp"), progress=False, summary=False)
+    cfg = _cfg(tmp_path, data_root, "student", teacher=fp["run_dir"], distill_weight=0.5, distill_temperature=2.0)
+    cfg.model.init_from = fp["run_dir"]
+    trainer = T.Trainer(cfg, progress=False, summary=True)
+    trainer._setup()
+    start = torch.load(f"{fp['run_dir']}/checkpoints/best.pt", weights_only=True)["model"]
+    for key, value in start.items():  # the step-2 model starts from the float run's weights
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    assert trainer.init_report.complete
+    assert "model.init_from" in capsys.readouterr().out
+    teacher = trainer.teacher.model
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer.writer.close()
+
+    cfg.out.name = "student2"
+    summary = T.Trainer(cfg, progress=False, summary=False).fit()
+    assert summary["teacher_ms_per_step"] > 0 and summary["init_from"] == fp["run_dir"]
+    rows = [json.loads(line) for line in (tmp_path / "student2" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["teacher_ms_per_step"] > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # eval mode: BN stats frozen
+
+
+def test_init_from_and_teacher_errors_name_the_key(tmp_path, data_root):
+    cfg = _cfg(tmp_path, data_root, "a")
+    cfg.model.init_from = str(tmp_path / "no-such-run")
+    with pytest.raises(CheckpointError, match=r"model.init_from=.*does not exist"):
+        T.Trainer(cfg, progress=False, summary=False).fit()
+    vit = _cfg(tmp_path, data_root, "vit", "fp")
+    vit.model.name, vit.model.kwargs = "vit_tiny", {"patch_size": 7, "dim": 12, "depth": 1, "heads": 2, "mlp_dim": 8}
+    vit = T.train(vit, progress=False, summary=False)
+    cfg = _cfg(tmp_path, data_root, "b")
+    cfg.model.init_from = vit["run_dir"]
+    with pytest.raises(CheckpointError, match=r"none of its .* tensors fits this model .*vit_tiny"):
+        T.Trainer(cfg, progress=False, summary=False).fit()
+    with pytest.raises(ConfigError, match="train.distill_weight must be in"):
+        reste.train.load_config(None, ["train.distill_weight=1.5"])
+    with pytest.warns(UserWarning, match="no effect without train.teacher"):
+        from reste.train.config import warn_conflicts
+
+        warn_conflicts(config_from_dict({"train": {"distill_temperature": 4.0}}), 1)
