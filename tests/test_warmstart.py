@@ -137,3 +137,26 @@ def test_init_from_and_teacher_errors_name_the_key(tmp_path, data_root):
         from reste.train.config import warn_conflicts
 
         warn_conflicts(config_from_dict({"train": {"distill_temperature": 4.0}}), 1)
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+def test_shipped_recipes_chain_their_steps():
+    from pathlib import Path
+
+    from reste.train.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    main = load_config(root / "fashion_mnist/resnet20_reste.yaml")
+    pairs = [("fashion_mnist/recipes/two_step_1_1w32a.yaml", "fashion_mnist/recipes/two_step_2_1w1a.yaml")]
+    pairs += [(f"cifar10/two_step/{m}_step1_1w32a.yaml", f"cifar10/two_step/{m}_step2_1w1a.yaml") for m in ("resnet20", "resnet18")]
+    pairs += [(f"imagenet/two_step/{m}_step1_1w32a.yaml", f"imagenet/two_step/{m}_step2_1w1a.yaml") for m in ("resnet18", "resnet34")]
+    for first, second in pairs:
+        a, b = load_config(root / first), load_config(root / second)
+        assert b.model.init_from == f"runs/{a.out.name}", second
+        assert (a.model.precision, b.model.precision) == ("1w32a", "1w1a") and a.model.name == b.model.name
+        assert a.train.epochs == b.train.epochs  # half of the paper's (or the main job's) budget each
+    a, b = (load_config(root / f"fashion_mnist/recipes/two_step_{i}.yaml") for i in ("1_1w32a", "2_1w1a"))
+    assert a.train.epochs + b.train.epochs == main.train.epochs
+    teacher, student = (load_config(root / f"fashion_mnist/recipes/{n}.yaml") for n in ("teacher_fp", "distill_1w1a"))
+    assert student.train.teacher == f"runs/{teacher.out.name}" and teacher.model.precision == "fp"
+    assert student.train.epochs == teacher.train.epochs == main.train.epochs and student.model == main.model
