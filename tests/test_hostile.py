@@ -482,3 +482,90 @@ def test_eval_export_and_resume_of_a_checkpoint_with_infinite_weights_are_errors
         code, _, err = run_cli(argv, capsys)
         assert code == 1, (argv, err)
         assert_one_error(err, "non-finite", "stem.bn.running_var")
+
+
+# ============================================================================ 3. kills during set-up
+def reste_popen(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "reste", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), **kw)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@needs_fashion
+@pytest.mark.parametrize("left", [{".lock"}, {".lock", "config.yaml", "checkpoints/", "histograms/", "tb/events.out"}])
+@pytest.mark.parametrize("command", ["same", "resume", "force"])
+def test_a_set_up_killed_before_its_first_checkpoint_is_no_dead_end(tmp_path, capsys, left, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    for item in left:  # what a SIGKILL between claiming the folder and the first checkpoint leaves
+        if item.endswith("/"):
+            (run / item).mkdir()
+        else:
+            (run / item).parent.mkdir(exist_ok=True)
+            (run / item).write_text(f"{os.getpid() + 10**6}\n" if item == ".lock" else "")
+    if "config.yaml" in left:
+        from reste.train.config import config_to_yaml
+
+        (run / "config.yaml").write_text(config_to_yaml(load_config(None, [*RUN, "train.epochs=1", f"out.dir={tmp_path}", "out.name=run"])))
+    argv = {"same": ["train", *RUN, "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"],
+            "force": ["train", *RUN, "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--force", "--quiet"],
+            "resume": ["train", "--resume", str(run), "--quiet"]}[command]
+    code, out, err = run_cli(argv, capsys)
+    if command == "resume" and "config.yaml" not in left:  # nothing says what the run was: the error says what to do
+        assert code == 1
+        assert_one_error(err, f"cannot resume {run}", "run the command that started it again (it reuses the folder)")
+        return
+    assert code == 0, err
+    assert (run / "checkpoints" / "last.pt").is_file() and json.loads((run / "summary.json").read_text())["complete"]
+
+
+@needs_fashion
+def test_sigterm_and_a_double_ctrl_c_during_set_up_exit_cleanly_and_remove_the_folder(tmp_path):
+    for signals, code in (([signal.SIGTERM], 143), ([signal.SIGINT, signal.SIGINT], 130)):
+        run = tmp_path / f"run{code}"
+        proc = reste_popen("train", *RUN, "train.epochs=1", f"out.dir={tmp_path}", f"out.name={run.name}", "--quiet")
+        wait_for(lambda: (run / ".lock").is_file(), proc)  # set-up has claimed the folder, training has not started
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted by {signal.Signals(signals[0]).name}"
+        assert not run.exists()  # nothing was trained: no folder left to trip over
+
+
+@needs_fashion
+def test_simultaneous_force_runs_one_wins_the_others_say_why(tmp_path, capsys):
+    assert cli.main(["train", *RUN, "data.subset=128", "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"]) == 0
+    procs = [reste_popen("train", *RUN, "data.subset=128", "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--force",
+                         "--quiet") for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sum(code == 0 for code, _ in results) >= 1, results
+    for code, err in results:
+        assert "Traceback" not in err
+        if code:
+            assert code == 2
+            line = assert_one_error(err)
+            assert "is in use by another process" in line or "was just created by another run" in line, line
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
+@needs_fashion
+def test_a_real_sigkill_during_set_up_then_the_same_command_finishes_the_run(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", *RUN, "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"]
+    proc = reste_popen(*args)
+    wait_for(lambda: (run / ".lock").is_file(), proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert run.is_dir() and not (run / "checkpoints" / "last.pt").exists()
+    again = subprocess.run([sys.executable, "-m", "reste", *args], capture_output=True, text=True, env=env(), timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"note: reusing {run}" in again.stderr and (run / "checkpoints" / "last.pt").is_file()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 #: command -> (module whose ``register(subparsers)`` adds it, the one-line help of ``reste --help``;
@@ -72,9 +74,25 @@ def _short_warning(message, category, filename, lineno, line=None) -> str:
     return f"{category.__name__}: {message}\n"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM outside a training loop (imports, set-up, eval, export): unwinds like Ctrl-C, so
+    ``finally`` blocks clean up (a run folder claimed during set-up is removed), then exits 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the console script or python -m reste, not a caller in Python
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = _short_warning
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         parser = build_parser(_command_of(argv) or "")  # "": no command module imported
         args = parser.parse_args(argv)
@@ -82,9 +100,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        if main_thread:  # we are leaving: a second Ctrl-C must not turn the exit into a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"\ninterrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        if main_thread and not as_program:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return 128 + int(signum)
+    finally:
+        if main_thread and not as_program:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

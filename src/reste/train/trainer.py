@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -451,39 +452,103 @@ class RunWriter:
 
 
 def _looks_like_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+    # .lock: reste created it, even if set-up was killed before anything else was written
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / ".lock").is_file()
 
 
-def new_run_dir(cfg: Config, force: bool) -> Path:
-    """Create and return a fresh run directory; an existing one is replaced only with ``force``."""
+#: what a run folder holds before its first epoch ends: a set-up killed there left nothing of value
+_SETUP_FILES = {".lock", "config.yaml", ".config.yaml.tmp"}
+
+
+def abandoned_setup(path: Path) -> bool:
+    """Whether ``path`` is a run folder whose set-up was stopped (SIGKILL, power loss) before its
+    first checkpoint and metrics: only the lock, the config, empty folders and TensorBoard's first
+    event file. Such a folder is reused by the same command (it held no results)."""
+    if not (path / ".lock").is_file():
+        return False
+    for item in path.rglob("*"):
+        rel = item.relative_to(path)
+        if item.is_dir() or str(rel) in _SETUP_FILES or rel.parts[0] == "tb" or (item.name.startswith(".") and item.name.endswith(".tmp")):
+            continue
+        return False
+    return True
+
+
+def _claim(path: Path, taken_message: str) -> "RunDirLock":
+    """Create the folder ``path`` with its lock already held, atomically: it is built under a
+    temporary name and renamed into place, so two runs started at once never share it and
+    neither sees the other's half-made folder. ConfigError(``taken_message``) if ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.claim-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    lock = RunDirLock(staging)
+    lock.acquire()  # a new folder: nobody else can hold it
+    try:
+        os.rename(staging, path)  # fails if path exists (unless it is an empty folder, which it replaces)
+    except OSError:
+        lock.release()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigError(taken_message) from None
+    lock.path = path / ".lock"
+    return lock
+
+
+def _discard(path: Path) -> None:
+    """Remove a run folder after checking that no process uses it; renamed away first, so the
+    name is free at once and a concurrent run never sees it half-deleted."""
+    probe = RunDirLock(path)
+    probe.acquire()  # refuses to delete a run that another process is training right now
+    trash = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # another --force run moved it first
+        return
+    finally:
+        probe.release()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, "RunDirLock"]:
+    """Create a fresh run directory and lock it; an existing one is replaced only with ``force``,
+    or when it is a set-up that was stopped before its first checkpoint (:func:`abandoned_setup`)."""
     parent = Path(cfg.out.dir)
     if cfg.out.name:
         path = parent / cfg.out.name
         exists = f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, or choose another out.name"
         if path.exists():
-            if not force:
+            if abandoned_setup(path):
+                _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
+                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no results",
+                      file=sys.stderr, flush=True)
+            elif not force:
                 raise ConfigError(exists)
-            if not _looks_like_run(path) and any(path.iterdir()):
+            elif not path.is_dir() or (not _looks_like_run(path) and any(path.iterdir())):
                 raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
-            probe = RunDirLock(path)
-            probe.acquire()  # refuses to delete a run that another process is training right now
-            probe.release()
-            shutil.rmtree(path)
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:  # another run claimed it in the meantime
-            raise ConfigError(exists) from None
-        return path
+            else:
+                _discard(path)
+        lock = _claim(path, f"run directory {path} was just created by another run started at the same time; "
+                            "wait for it, or choose another out.name")
+        return path, lock
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = parent / f"{cfg.run_name}-{stamp}"
     suffix = 2
     while True:
         try:
             path.mkdir(parents=True)  # claims the name atomically: runs started in the same second never share it
-            return path
+            break
         except FileExistsError:
             path = parent / f"{cfg.run_name}-{stamp}-{suffix}"
             suffix += 1
+    lock = RunDirLock(path)
+    lock.acquire()
+    return path, lock
+
+
+def new_run_dir(cfg: Config, force: bool) -> Path:
+    """Create and return a fresh run directory (see :func:`claim_run_dir`; the lock is released)."""
+    path, lock = claim_run_dir(cfg, force)
+    lock.release()
+    return path
 
 
 # ----------------------------------------------------------------------------- run-directory lock
@@ -822,13 +887,12 @@ class Trainer:
             try:
                 if self.resume_dir is not None:
                     path = self.resume_dir
-                else:
-                    path = new_run_dir(self.cfg, self.force)
-                    self._created_run_dir = path
-                self._lock = RunDirLock(path)
-                self._lock.acquire()
-                if self.resume_dir is not None:
+                    self._lock = RunDirLock(path)
+                    self._lock.acquire()
                     _remove_stale_temp_files(path / "checkpoints")  # left by a writer that was killed mid-write
+                else:
+                    path, self._lock = claim_run_dir(self.cfg, self.force)
+                    self._created_run_dir = path
                 result = ("ok", str(path))
             except ConfigError as err:
                 result = ("error", str(err))
@@ -1231,9 +1295,17 @@ class Trainer:
 def resume_config(run_dir, overrides=None) -> Config:
     """The configuration of ``run_dir`` with the few overrides a resume allows (:data:`RESUME_OVERRIDABLE`)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there (is it a run directory written by `reste train`?)")
+    restart = not (run_dir / "checkpoints" / "last.pt").is_file() and abandoned_setup(run_dir)
+    if restart and not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the command "
+                              "that started it again (it reuses the folder), or add --force to it")
+    if not restart and not (run_dir / "checkpoints" / "last.pt").is_file():
+        hint = ("it has no checkpoint yet; start it again with its command and --force" if _looks_like_run(run_dir)
+                else "is it a run directory written by `reste train`?")
+        raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there ({hint})")
     cfg = load_config(read_yaml(run_dir / "config.yaml"), check=False)
+    if restart:  # nothing was trained: start the run over in the same folder
+        cfg.out.dir, cfg.out.name = str(run_dir.parent), run_dir.name
     if overrides:
         from .config import parse_overrides
 
@@ -1284,6 +1356,10 @@ def train(config=None, *, resume=None, force: bool = False, progress: bool = Tru
         if config is not None:
             raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its run directory)")
         cfg = resume_config(resume, extra or None)
+        if not (Path(resume) / "checkpoints" / "last.pt").is_file():  # resume_config checked it is a stopped set-up
+            print(f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its config.yaml",
+                  file=sys.stderr, flush=True)
+            resume = None
     else:
         cfg = load_config(config, extra or None)
     return Trainer(cfg, resume=resume, force=force, progress=progress, summary=summary).fit()
