@@ -484,6 +484,26 @@ def test_packed_input_buffer_is_reused_and_safe_across_threads():
     assert not bad
 
 
+def test_used_deployed_model_can_be_copied_and_pickled(tmp_path):
+    import copy
+    import io
+
+    torch.manual_seed(5)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.5}
+    model = _trained(reste.models.create(**arch), in_channels=3, size=16)
+    deployed = load(export(model, tmp_path / "r.safetensors", architecture=arch))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = deployed(x)  # builds the plans (raw addresses, a lock) that a copy must not take along
+        twin = copy.deepcopy(deployed)
+        buf = io.BytesIO()
+        torch.save(deployed, buf)
+        buf.seek(0)
+        again = torch.load(buf, weights_only=False)
+        del deployed
+        assert torch.equal(twin(x), want) and torch.equal(again(x), want)
+
+
 def test_packed_conv_residual_argument_is_the_plain_sum():
     torch.manual_seed(2)
     layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1, bias=True).eval())

@@ -325,6 +325,8 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
         if not changed:
             continue
         graph.lint()
+        for node in graph.nodes:  # postponed annotations are strings, which torch.save of a GraphModule cannot name
+            node.type = None
         module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
         for name, child in children.items():  # keep every child reachable under its name, used or not
             if not hasattr(module, name):

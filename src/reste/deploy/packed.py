@@ -312,6 +312,13 @@ class _PackedBinary(nn.Module):
         self._cache, self._plans = {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
+    def __getstate__(self):
+        # copies and pickles leave the caches behind: plans hold raw addresses into this
+        # layer's tensors and a lock, none of which belongs to a copy
+        state = dict(super().__getstate__())
+        state["_cache"], state["_plans"] = {}, {}
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self._cache, self._plans = {}, {}
         return super()._apply(fn, *args, **kwargs)
