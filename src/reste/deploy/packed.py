@@ -8,8 +8,9 @@ bias, and computes the same thing: the dot product of two +-1 vectors of length
 
 Two implementations compute the identical integers:
 
-- the compiled kernel ``reste.deploy._bitops`` (AVX-512 VPOPCNTDQ or portable
-  POPCNT, OpenMP threads), used on CPU for float inputs when it is available;
+- the compiled kernel ``reste.deploy._bitops`` (AVX-512 VPOPCNTDQ, AVX2, ARM NEON or
+  portable POPCNT, whichever the CPU has, or the one ``RESTE_DEPLOY_ISA`` forces; OpenMP
+  threads), used on CPU for float inputs when it is available;
 - a PyTorch reference: a float convolution of the unpacked +-1 weights with the
   +-1 inputs, exact because sums of at most 2**24 integers are exact in float32.
   It runs on any device (CUDA included) and is what the kernel is tested against.
