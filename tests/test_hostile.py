@@ -569,3 +569,66 @@ def test_a_real_sigkill_during_set_up_then_the_same_command_finishes_the_run(tmp
     again = subprocess.run([sys.executable, "-m", "reste", *args], capture_output=True, text=True, env=env(), timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"note: reusing {run}" in again.stderr and (run / "checkpoints" / "last.pt").is_file()
+
+
+# ============================================================================ 5. full disk: one line naming the file
+def file_size_capped(limit: int):
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return cap
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from reste.train import trainer as T
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    fx.make_idx_dataset(tmp / "data" / "mnist", n_train=128, n_test=32)
+    T.train(overrides=[*RUN, "data.subset=128", "data.name=mnist", f"data.root={tmp / 'data'}", "train.epochs=1",
+                       f"out.dir={tmp}", "out.name=run"], progress=False)
+    return tmp / "run"
+
+
+def test_training_onto_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path):
+    fx.make_idx_dataset(tmp_path / "data" / "mnist", n_train=128, n_test=32)
+    proc = subprocess.run([sys.executable, "-m", "reste", "train", *RUN, "data.subset=128", "data.name=mnist",
+                           f"data.root={tmp_path / 'data'}", "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"],
+                          capture_output=True, text=True, env=env(), timeout=120, preexec_fn=file_size_capped(20_000))
+    assert proc.returncode == 1
+    assert_one_error(proc.stderr, f"cannot write {tmp_path / 'run' / 'checkpoints' / 'best.pt'}: File too large",
+                     "the files written before it are intact")
+    assert not [p.name for p in (tmp_path / "run").rglob("*.tmp")]
+
+
+def test_run_files_written_onto_a_full_disk_name_the_file_and_leave_no_temporary_file(tmp_path):
+    code = ("import sys; from pathlib import Path; from reste.train.trainer import RunWriter\n"
+            "w = RunWriter(Path(sys.argv[1]), None, True)\n"
+            "try:\n"
+            "    w.write_metrics([{'epoch': i, 'train_loss': 0.5} for i in range(1000)])\n"
+            "except OSError as err:\n"
+            "    print(err.filename, err.strerror)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env(), timeout=60,
+                          preexec_fn=file_size_capped(4096))
+    assert proc.stdout.strip() == f"{tmp_path / 'metrics.jsonl'} File too large", proc.stderr
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_onto_a_full_disk_is_one_line_with_exit_1(tiny_run, tmp_path):
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "reste", "export", str(tiny_run), "--out", str(out), "--no-verify"],
+                          capture_output=True, text=True, env=env(), timeout=120, preexec_fn=file_size_capped(1000))
+    assert proc.returncode == 1
+    assert_one_error(proc.stderr, f"cannot write {out}: File too large", "nothing was written")
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_with_an_edited_non_utf8_config_is_one_line(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.yaml").write_bytes((run / "config.yaml").read_bytes() + b"# \xff\xfe\n")
+    code, _, err = run_cli(["train", "--resume", str(run), "train.epochs=2", "--quiet"], capsys)
+    assert code == 2
+    assert_one_error(err, f"config file {run / 'config.yaml'} is not UTF-8")

@@ -187,7 +187,8 @@ def run_export(args) -> int:
     except (ExportError, CheckpointError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:  # e.g. a full disk: export writes atomically, so a previous file is intact
-        return _fail(f"{err}; nothing was written to {out} (a previous file there is intact)")
+        what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        return _fail(f"{what}; nothing was written to {out} (a previous file there is intact); free some space or choose another --out")
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")

@@ -15,6 +15,7 @@ model, raises :class:`CheckpointError` naming the file. Loading never writes.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -59,8 +60,16 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_checkpoint(state: dict, path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace`` + dir fsync)."""
-    return atomic_write(path, lambda handle: torch.save(state, handle))
+    """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace`` + dir fsync).
+
+    Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
+    RuntimeError without the cause, a plain file write keeps the OSError and its errno."""
+    def write(handle):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        handle.write(buffer.getbuffer())
+
+    return atomic_write(path, write)
 
 
 def atomic_write(path, write) -> Path:
@@ -78,12 +87,14 @@ def atomic_write(path, write) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         # never leave a half-written temp file behind (KeyboardInterrupt included)
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename is None:  # say which file could not be written
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
     _fsync_dir(path.parent)
     return path

@@ -147,7 +147,8 @@ def run_train(args) -> int:
         _error(str(err))
         return EXIT_FAILURE
     except OSError as err:  # e.g. disk full or permission denied while writing the run directory
-        _error(f"{err}; the files written before it are intact (every write is atomic)")
+        what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        _error(f"{what}; the files written before it are intact (every write is atomic)")
         return EXIT_FAILURE
 
 

@@ -24,6 +24,7 @@ bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -187,10 +188,21 @@ def _clean(value):
     return value
 
 
-def _write_json(path: Path, data) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a temp file beside it, then ``os.replace``); on a
+    failed write (a full disk) the temp file is removed and the OSError names ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _resume_command(run_dir: Path) -> str:
@@ -388,29 +400,23 @@ class RunWriter:
 
     def write_config(self, cfg: Config) -> None:
         if self.enabled:
-            tmp = self.run_dir / ".config.yaml.tmp"
-            tmp.write_text(config_to_yaml(cfg))
-            os.replace(tmp, self.run_dir / "config.yaml")
+            _write_text(self.run_dir / "config.yaml", config_to_yaml(cfg))
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Rewrite metrics.jsonl and metrics.csv from all rows so far (keys may appear later, e.g. indicators)."""
         if not self.enabled:
             return
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n")
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        _write_text(self.run_dir / "metrics.jsonl",
+                    "".join(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n" for row in rows))
         keys: list[str] = []
         for row in rows:
             keys += [k for k in row if k not in keys]
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys, restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
-        os.replace(tmp, self.run_dir / "metrics.csv")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
+        _write_text(self.run_dir / "metrics.csv", text.getvalue())
 
     def log_scalars(self, row: dict) -> None:
         if self.tb is None:
@@ -422,8 +428,12 @@ class RunWriter:
 
     def append_indicators(self, row: dict) -> None:
         if self.enabled:
-            with open(self.run_dir / "indicators.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, default=_json_default) + "\n")
+            path = self.run_dir / "indicators.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row, default=_json_default) + "\n")
+            except OSError as err:  # a cut line is skipped on resume (truncate_indicators)
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
     def truncate_indicators(self, global_step: int) -> None:
         """On resume: drop indicator rows measured after the checkpoint (they will be measured again)."""
@@ -437,9 +447,7 @@ class RunWriter:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by a killed process
-        tmp = path.with_name(".indicators.jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        _write_text(path, "".join(kept))
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
