@@ -632,3 +632,24 @@ def test_resume_with_an_edited_non_utf8_config_is_one_line(tiny_run, tmp_path, c
     code, _, err = run_cli(["train", "--resume", str(run), "train.epochs=2", "--quiet"], capsys)
     assert code == 2
     assert_one_error(err, f"config file {run / 'config.yaml'} is not UTF-8")
+
+
+# ============================================================================ 6. eval reads only the test set
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_eval_needs_only_the_test_files(tmp_path, capsys, name):
+    from reste.train import trainer as T
+
+    root = tmp_path / "data"
+    if name == "mnist":
+        fx.make_idx_dataset(root / "mnist", n_train=128, n_test=32)
+    else:
+        fx.write_cifar_folder(root, "cifar10", per_batch=26, n_test=32)
+    T.train(overrides=[*RUN, "data.subset=128", f"data.name={name}", f"data.root={root}", "train.epochs=1",
+                       f"out.dir={tmp_path}", "out.name=run"], progress=False)
+    gone = [p for p in root.rglob("*") if p.is_file() and ("train" in p.name or "data_batch" in p.name)]
+    assert len(gone) == (2 if name == "mnist" else 5)
+    for path in gone:  # the training files are gone: eval must not need them
+        path.unlink()
+    code, out, err = run_cli(["eval", str(tmp_path / "run"), "--full", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["count"] == 32

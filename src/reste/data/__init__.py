@@ -67,6 +67,7 @@ def create_loaders(
     *,
     shard_test: bool = False,
     mirror: str | None = None,
+    test_only: bool = False,
 ):
     """Return ``(train_loader, test_loader)`` for data set ``name``.
 
@@ -97,6 +98,8 @@ def create_loaders(
             covering it, sizes differing by at most one).
         drop_last: drop an incomplete last training batch (never the only one).
         mirror: base URL replacing the official one for ``download``.
+        test_only: read only the test split (evaluation): the training files need not be
+            present and ``train_loader`` is None (ImageNet reads both folders as before).
     """
     name = canonical_name(name)
     meta = info(name)
@@ -117,7 +120,7 @@ def create_loaders(
 
     from .loaders import InMemoryLoader
 
-    arrays = load_arrays(name, root, download=download, mirror=mirror)
+    arrays = load_arrays(name, root, download=download, mirror=mirror, test_only=test_only)
     train_x, train_y = arrays.train_images, arrays.train_labels
     test_x, test_y = arrays.test_images, arrays.test_labels
     if subset is not None:
@@ -126,7 +129,7 @@ def create_loaders(
         test_x, test_y = test_x[:test_count], test_y[:test_count]
 
     common = dict(mean=meta.mean, std=meta.std, seed=seed, device=device)
-    train = InMemoryLoader(
+    train = None if test_only else InMemoryLoader(
         torch.from_numpy(train_x), torch.from_numpy(train_y),
         batch_size=batch_size, shuffle=True,
         crop_padding=meta.crop_padding if augment else 0,
@@ -139,5 +142,7 @@ def create_loaders(
         rank=rank if shard_test else 0, world_size=world_size if shard_test else 1,
         equal_shards=False, **common,
     )
-    train.source = test.source = arrays.source
+    test.source = arrays.source
+    if train is not None:
+        train.source = arrays.source
     return train, test

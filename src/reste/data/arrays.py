@@ -65,13 +65,13 @@ def _idx_candidates(name: str, root: Path, system: bool) -> list[Path]:
     return candidates
 
 
-def _find_idx_files(name: str, folder: Path) -> tuple[dict[str, Path] | None, str]:
-    """Return ({role: path}, "") if ``folder`` holds all four files, else
-    (None, why-not) for the error message."""
+def _find_idx_files(name: str, folder: Path, roles=IDX_ROLES) -> tuple[dict[str, Path] | None, str]:
+    """Return ({role: path}, "") if ``folder`` holds the files of ``roles`` (all four by default),
+    else (None, why-not) for the error message."""
     if not folder.is_dir():
         return None, "no such folder"
     found, missing = {}, []
-    for role in IDX_ROLES:
+    for role in roles:
         gz_name = IDX_SOURCES[name].files[role][0]
         for candidate in (folder / gz_name, folder / gz_name[: -len(".gz")]):
             if candidate.is_file():
@@ -88,12 +88,12 @@ def _cifar_candidates(name: str, root: Path, system: bool) -> list[Path]:
     return [root / name, root]
 
 
-def _find_cifar(name: str, folder: Path) -> tuple[tuple[str, Path] | None, str]:
+def _find_cifar(name: str, folder: Path, test_only: bool = False) -> tuple[tuple[str, Path] | None, str]:
     """("dir", path) for an extracted folder, ("tar", path) for the tarball,
     or (None, why-not)."""
     source = CIFAR_SOURCES[name]
     extracted = folder / source.folder
-    members = source.train_members + source.test_members
+    members = source.test_members if test_only else source.train_members + source.test_members
     if extracted.is_dir() and all((extracted / m).is_file() for m in members):
         return ("dir", extracted), ""
     archive = folder / source.archive
@@ -104,20 +104,28 @@ def _find_cifar(name: str, folder: Path) -> tuple[tuple[str, Path] | None, str]:
     return None, f"no {source.folder}/ with all batches and no {source.archive}"
 
 
-def locate(name: str, root=None):
+def locate(name: str, root=None, *, test_only: bool = False):
     """Find data set ``name``; return what the reader needs, or raise
     :class:`DatasetNotFoundError` listing every place searched.
 
     With ``root=None`` the per-user data folder and then the system folders are
     searched; with an explicit ``root`` only that folder (see the module docstring).
+    ``test_only``: only the test split's files are needed (evaluation).
     """
     name = canonical_name(name)
     system = root is None
     root = resolve_root(root)
     if name in IDX_SOURCES:
-        candidates, find = _idx_candidates, _find_idx_files
+        candidates = _idx_candidates
+        roles = ("test_images", "test_labels") if test_only else IDX_ROLES
+
+        def find(name, folder):
+            return _find_idx_files(name, folder, roles)
     elif name in CIFAR_SOURCES:
-        candidates, find = _cifar_candidates, _find_cifar
+        candidates = _cifar_candidates
+
+        def find(name, folder):
+            return _find_cifar(name, folder, test_only)
     else:
         raise ValueError(f"{name!r} is not an in-memory data set")
     searched = []
@@ -162,7 +170,7 @@ def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndar
 
 
 def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: str | None = None,
-                progress: bool = True) -> DatasetArrays:
+                progress: bool = True, test_only: bool = False) -> DatasetArrays:
     """Read the whole train and test split of an in-memory data set.
 
     ``download``: ``None`` (the default) downloads a missing data set into the
@@ -177,7 +185,7 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
     if download is None:
         download = root is None
     try:
-        found = locate(name, root)
+        found = locate(name, root, test_only=test_only)
     except DatasetNotFoundError as missing:
         if not download:
             raise
@@ -189,19 +197,24 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
         except OSError as exc:  # offline, refused, timed out: keep the full "where we looked" message
             raise DatasetNotFoundError(name, missing.searched + [f"download into {target} failed: {exc}"],
                                        missing.how_to_get) from exc
-        found = locate(name, target.parent)
+        found = locate(name, target.parent, test_only=test_only)
         print(f"{name} is ready in {target}", file=sys.stderr, flush=True)
 
+    # test_only: the training split is left empty (evaluation reads the test images only)
+    channels = meta.in_channels
+    no_train = (np.empty((0, channels, meta.image_size, meta.image_size), dtype=np.uint8), np.empty(0, dtype=np.int64))
     if name in IDX_SOURCES:
-        train = _read_idx_split(found["train_images"], found["train_labels"], meta)
+        train = no_train if test_only else _read_idx_split(found["train_images"], found["train_labels"], meta)
         test = _read_idx_split(found["test_images"], found["test_labels"], meta)
-        return DatasetArrays(*train, *test, source=str(found["train_images"].parent))
+        return DatasetArrays(*train, *test, source=str(found["test_images"].parent))
 
     source = CIFAR_SOURCES[name]
     kind, path = found
     if kind == "dir":
-        train = read_cifar_members_from_dir(path, source.train_members, source.label_key)
+        train = no_train if test_only else read_cifar_members_from_dir(path, source.train_members, source.label_key)
         test = read_cifar_members_from_dir(path, source.test_members, source.label_key)
+    elif test_only:
+        train, (test,) = no_train, read_cifar_members_from_tar(path, source.folder, [source.test_members], source.label_key)
     else:
         train, test = read_cifar_members_from_tar(
             path, source.folder, [source.train_members, source.test_members], source.label_key

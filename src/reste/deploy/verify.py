@@ -117,7 +117,7 @@ def eval_loader(spec: dict, *, data: str | None = None, root=None, batch_size: i
     batch = batch_size or spec.get("test_batch_size") or 256
     _, loader = rdata.create_loaders(name, root=root, batch_size=batch, test_batch_size=batch, augment=False,
                                      seed=spec.get("seed", 0), device=device, subset=subset,
-                                     download=download)
+                                     download=download, test_only=True)
     meta = rdata.info(name)
     mean, std = spec.get("mean"), spec.get("std")
     if same and mean is not None and (tuple(mean), tuple(std)) != (tuple(meta.mean), tuple(meta.std)):

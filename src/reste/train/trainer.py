@@ -316,7 +316,7 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
         subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
     _, test_loader = rdata.create_loaders(
         name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch, test_batch_size=batch,
-        augment=False, seed=cfg.seed, device=dev, subset=subset,
+        augment=False, seed=cfg.seed, device=dev, subset=subset, test_only=True,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
     result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name), "subset": subset})
