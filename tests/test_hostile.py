@@ -327,11 +327,11 @@ def test_export_with_an_absurd_architecture_is_refused_before_building_it(small_
     assert code == 1, err[-2000:]
     assert_one_error(err, str(bad), fragment)
     assert seconds < 30
-    # eval may find an earlier reason (1e9 classes are not mnist's 10: exit 2), never a traceback
-    code, _, err, seconds = limited(["eval", str(bad), "--data", "mnist", "--root", str(tmp_path)])
-    assert code in (1, 2), err[-2000:]
-    assert_one_error(err, str(bad))
-    assert seconds < 30
+    if "too big" in fragment:  # eval reads the file through the same checks (once is enough: ~3 s a child)
+        code, _, err, seconds = limited(["eval", str(bad), "--data", "mnist", "--root", str(tmp_path)])
+        assert code in (1, 2), err[-2000:]  # 1e9 classes are not mnist's 10: exit 2 before the file is read
+        assert_one_error(err, str(bad))
+        assert seconds < 30
 
 
 @pytest.mark.parametrize("option, value, fragment", [
@@ -393,21 +393,30 @@ def test_export_graph_nested_deeply_is_one_error_line(small_export, tmp_path):
 
 
 # ============================================================================ 4. no false "good" checkpoint
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="needs the Debian dataset-fashion-mnist package")
-#: 512 images in batches of 64: 8 steps an epoch
-RUN = ["data.subset=512", "data.batch_size=64", "data.test_batch_size=256", "train.device=cpu", "train.threads=1",
-       "model.kwargs={width: 0.25}", "analysis.indicators=false"]
+#: 512 synthetic MNIST-format images (see data_fixture) in batches of 64: 8 steps an epoch
+RUN = ["data.name=mnist", "data.download=false", "data.subset=512", "data.batch_size=64", "data.test_batch_size=256",
+       "train.device=cpu", "train.threads=1", "model.kwargs={width: 0.25}", "analysis.indicators=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_fixture(tmp_path_factory):
+    """The runs of this file read a generated MNIST (official IDX format) from $RESTE_DATA, for
+    this process and the children it starts: no download, no system data set needed."""
+    root = tmp_path_factory.mktemp("reste-data")
+    fx.make_idx_dataset(root / "mnist", n_train=512, n_test=128)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESTE_DATA", str(root))
+        yield root
 
 
 def finite_checkpoints(run: Path) -> dict:
-    from reste.train.checkpoint import load_checkpoint, nonfinite_entries
+    """{checkpoint file: whether every weight and buffer in it is finite}."""
+    from reste.train.checkpoint import load_checkpoint
 
-    return {p.name: not nonfinite_entries(load_checkpoint(p)["model"]) for p in sorted((run / "checkpoints").glob("*.pt"))}
+    return {p.name: all(bool(torch.isfinite(v).all()) for v in load_checkpoint(p)["model"].values() if v.is_floating_point())
+            for p in sorted((run / "checkpoints").glob("*.pt"))}
 
 
-@needs_fashion
 def test_an_update_that_makes_the_weights_infinite_is_never_checkpointed(tmp_path, capsys):
     # sgd at lr 3e38: the first update overflows the weights, the loss before it was finite
     code, _, err = run_cli(["train", *RUN, "optim.name=sgd", "optim.lr=3e38", "train.checkpoint_every_steps=1",
@@ -417,7 +426,6 @@ def test_an_update_that_makes_the_weights_infinite_is_never_checkpointed(tmp_pat
     assert all(finite_checkpoints(tmp_path / "run").values())
 
 
-@needs_fashion
 def test_mostly_skipped_epoch_fails_and_a_skipped_batch_leaves_no_batchnorm_trace(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["train", *RUN, "optim.name=sgd", "optim.lr=3e38", "train.nonfinite=skip", "train.epochs=1",
                             f"out.dir={tmp_path}", "out.name=skip", "--quiet"], capsys)
@@ -457,7 +465,6 @@ def test_mostly_skipped_epoch_fails_and_a_skipped_batch_leaves_no_batchnorm_trac
     assert finite_checkpoints(tmp_path / "one") == {"best.pt": True, "last.pt": True}
 
 
-@needs_fashion
 def test_a_diverged_but_finite_run_warns(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"train loss .* times that of guessing .* the run has diverged; lower optim.lr"):
         code, _, err = run_cli(["train", *RUN, "optim.name=adam", "optim.lr=1e9", "train.epochs=1", f"out.dir={tmp_path}",
@@ -498,7 +505,6 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
-@needs_fashion
 @pytest.mark.parametrize("left", [{".lock"}, {".lock", "config.yaml", "checkpoints/", "histograms/", "tb/events.out"}])
 @pytest.mark.parametrize("command", ["same", "resume", "force"])
 def test_a_set_up_killed_before_its_first_checkpoint_is_no_dead_end(tmp_path, capsys, left, command):
@@ -526,7 +532,6 @@ def test_a_set_up_killed_before_its_first_checkpoint_is_no_dead_end(tmp_path, ca
     assert (run / "checkpoints" / "last.pt").is_file() and json.loads((run / "summary.json").read_text())["complete"]
 
 
-@needs_fashion
 def test_sigterm_and_a_double_ctrl_c_during_set_up_exit_cleanly_and_remove_the_folder(tmp_path):
     for signals, code in (([signal.SIGTERM], 143), ([signal.SIGINT, signal.SIGINT], 130)):
         run = tmp_path / f"run{code}"
@@ -541,7 +546,6 @@ def test_sigterm_and_a_double_ctrl_c_during_set_up_exit_cleanly_and_remove_the_f
         assert not run.exists()  # nothing was trained: no folder left to trip over
 
 
-@needs_fashion
 def test_simultaneous_force_runs_one_wins_the_others_say_why(tmp_path, capsys):
     assert cli.main(["train", *RUN, "data.subset=128", "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"]) == 0
     procs = [reste_popen("train", *RUN, "data.subset=128", "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--force",
@@ -557,7 +561,6 @@ def test_simultaneous_force_runs_one_wins_the_others_say_why(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
 
 
-@needs_fashion
 def test_a_real_sigkill_during_set_up_then_the_same_command_finishes_the_run(tmp_path):
     run = tmp_path / "run"
     args = ["train", *RUN, "train.epochs=1", f"out.dir={tmp_path}", "out.name=run", "--quiet"]
