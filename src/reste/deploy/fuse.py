@@ -147,6 +147,35 @@ def _producer(node: fx.Node, children: dict, calls: Counter, shared: Counter, ki
     return src, module
 
 
+def _traced_parents(model: nn.Module, skip=None):
+    """``(name, module, graph, children, calls, shared)`` for each module of ``model`` (listed
+    before any is changed) that has a packed conv child and whose forward traces: ``graph`` its
+    traced forward with the children as opaque calls, ``calls`` how often each child is called,
+    ``shared`` how often each module object occurs in ``model``. Modules whose forward cannot be
+    traced, or that ``skip(name, module, shared)`` names, are left as they are."""
+    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for parent_name, parent in list(model.named_modules()):
+        if skip is not None and skip(parent_name, parent, shared):
+            continue
+        children = dict(parent.named_children())
+        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
+            continue
+        try:
+            graph = _OpaqueChildren().trace(parent)
+        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module as it is
+            continue
+        yield parent_name, parent, graph, children, Counter(n.target for n in graph.nodes if n.op == "call_module"), shared
+
+
+def _single_use_conv(node, children: dict, calls: Counter, shared: Counter):
+    """The packed binary conv ``node`` calls if the kernel runs it and it is used only there
+    (one call, one owner: fusing changes what it computes), else None."""
+    conv = children.get(node.target) if node.op == "call_module" else None
+    if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
+        return None
+    return conv if calls[node.target] == 1 and shared[id(conv)] == 1 else None
+
+
 def fuse_prologues(model: nn.Module) -> list[str]:
     """Fuse every safe ``[ReLU ->] BatchNorm2d -> packed conv`` (e.g. VGG-small's real first
     conv unit feeding the first binary conv): the kernel maps each input value as the BN would
@@ -156,22 +185,11 @@ def fuse_prologues(model: nn.Module) -> list[str]:
     convs is better absorbed by the first one's epilogue). Returns the names of the convs."""
     if _ext() is None:
         return []
-    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     fused = []
-    for parent_name, parent in list(model.named_modules()):
-        children = dict(parent.named_children())
-        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
-            continue
-        try:
-            graph = _OpaqueChildren().trace(parent)
-        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module unfused
-            continue
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for parent_name, parent, graph, children, calls, shared in _traced_parents(model):
         for node in list(graph.nodes):
-            conv = children.get(node.target) if node.op == "call_module" else None
-            if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
-                continue
-            if calls[node.target] != 1 or shared[id(conv)] != 1 or getattr(conv, "pre_bn", None) is not None:
+            conv = _single_use_conv(node, children, calls, shared)
+            if conv is None or getattr(conv, "pre_bn", None) is not None:
                 continue
             found = _producer(node, children, calls, shared, nn.BatchNorm2d)
             if found is None:
@@ -219,22 +237,11 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool
     """
     if _ext() is None:
         return []
-    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     fused = []
-    for parent_name, parent in list(model.named_modules()):
-        children = dict(parent.named_children())
-        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
-            continue
-        try:
-            graph = _OpaqueChildren().trace(parent)
-        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module unfused
-            continue
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for parent_name, parent, graph, children, calls, shared in _traced_parents(model):
         for node in list(graph.nodes):
-            conv = children.get(node.target) if node.op == "call_module" else None
-            if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
-                continue
-            if calls[node.target] != 1 or shared[id(conv)] != 1:
+            conv = _single_use_conv(node, children, calls, shared)
+            if conv is None:
                 continue
             relu = bn = None
             tail, step = node, _sole_consumer(node, children, calls, shared)
@@ -282,25 +289,14 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
     """
     if _ext() is None:
         return []
-    shared = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     done = []
-    for parent_name, parent in list(model.named_modules()):
-        if not parent_name or shared[id(parent)] != 1 or isinstance(parent, fx.GraphModule):
-            continue
-        children = dict(parent.named_children())
-        if not any(type(c) is PackedBinaryConv2d for c in children.values()):
-            continue
-        try:
-            graph = _OpaqueChildren().trace(parent)
-        except Exception:  # noqa: BLE001 - any untraceable forward: leave this module as it is
-            continue
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    blocks = _traced_parents(model, skip=lambda name, module, shared: not name or shared[id(module)] != 1
+                             or isinstance(module, fx.GraphModule))
+    for parent_name, parent, graph, children, calls, shared in blocks:
         changed = []
         for node in list(graph.nodes):
-            conv = children.get(node.target) if node.op == "call_module" else None
-            if not (type(conv) is PackedBinaryConv2d and conv.binary_inputs and conv._kernel_supported()):
-                continue
-            if calls[node.target] != 1 or shared[id(conv)] != 1 or len(node.args) != 1 or node.kwargs:
+            conv = _single_use_conv(node, children, calls, shared)
+            if conv is None or len(node.args) != 1 or node.kwargs:
                 continue
             chain, tail = [], node  # the absorbed ReLU/BN, now nn.Identity, between the conv and the add
             while len(tail.users) == 1:
