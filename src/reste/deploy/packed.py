@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ..nn.layers import INPUT_PADDINGS, BinaryConv2d, BinaryLayer, BinaryLinear
 
 __all__ = [
@@ -96,8 +97,12 @@ def _ext():
                             _forced_error = f"{var}={name}: {err}"
                         break
     if _forced_error is not None:
-        raise RuntimeError(_forced_error)
+        raise KernelPathError(_forced_error)
     return _extension
+
+
+class KernelPathError(UsageError, RuntimeError):
+    """``RESTE_DEPLOY_ISA`` forces a kernel path this CPU or build lacks (a setting to fix: exit 2)."""
 
 
 class _OutputPool:
