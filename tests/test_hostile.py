@@ -23,14 +23,13 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from reste import cli
 from reste.data import CorruptDataError
 from reste.data.formats import read_idx
-from reste.train.config import ConfigError, load_config
+from reste.train.config import load_config
 
 import data_fixtures as fx
 
