@@ -655,3 +655,15 @@ def test_eval_needs_only_the_test_files(tmp_path, capsys, name):
     code, out, err = run_cli(["eval", str(tmp_path / "run"), "--full", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["count"] == 32
+
+
+def test_summary_of_a_config_or_model_too_big_to_build_is_refused_before_allocating(tmp_path):
+    config = tmp_path / "wide.yaml"
+    config.write_text("model:\n  kwargs: {width: 300}\n")
+    code, _, err, seconds = limited(["summary", str(config)])
+    assert code == 2, err[-2000:]
+    assert_one_error(err, "model.kwargs={'width': 300}", "GiB of parameters and buffers")
+    code, _, err, seconds = limited(["summary", "vit_tiny", "--input-size", "3", "100000", "100000"])
+    assert code == 2, err[-2000:]
+    assert_one_error(err, "vit_tiny with --input-size 3 100000 100000", "GiB of parameters and buffers")
+    assert seconds < 30

@@ -112,12 +112,15 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 
 class _UnknownSource(ValueError):
-    """The summary source is neither a run, a config, an export nor a model name: a usage error."""
+    """The summary source is neither a run, a config, an export nor a model name (or its
+    --input-size is absurd): a usage error."""
 
 
 def _model_for_summary(args):
     """(model, input_size) described by the summary source."""
     from pathlib import Path
+
+    import torch
 
     from .. import data, models
     from .export import architecture_from_config, build_architecture, load, read_graph
@@ -137,11 +140,19 @@ def _model_for_summary(args):
         if not cfg_path.is_file():
             raise ValueError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
         cfg = load_config(str(cfg_path))
-        model = build_architecture(architecture_from_config(cfg))
         meta = data.info(cfg.data.name)
+        from ..train.trainer import check_model
+
+        check_model(cfg, meta)  # model.kwargs={width: 300}: refused on the meta device, before allocating
+        model = build_architecture(architecture_from_config(cfg))
         return model, tuple(args.input_size or (meta.in_channels, meta.image_size, meta.image_size))
     if args.source in models.names():
         size = tuple(args.input_size or (3, 32, 32))
+        with torch.device("meta"):  # shapes only: an absurd --input-size is refused before allocating
+            problem = models.check_size(models.create(args.source, in_channels=size[0], precision=args.precision,
+                                                      image_size=size[1]), copies=1)
+        if problem:
+            raise _UnknownSource(f"{args.source} with --input-size {' '.join(map(str, size))}: {problem}; give a smaller size")
         model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
         return model, size
     raise _UnknownSource(f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
@@ -153,9 +164,11 @@ def run_summary(args) -> int:
 
     from .summary import summary
 
+    from ..train.config import ConfigError
+
     try:
         model, size = _model_for_summary(args)
-    except _UnknownSource as err:
+    except (_UnknownSource, ConfigError) as err:  # a wrong command line or configuration
         return _fail(str(err), EXIT_USAGE)
     except (ValueError, TypeError, OSError) as err:  # a file that is missing, damaged or not reste's
         return _fail(str(err))
