@@ -104,3 +104,19 @@ def test_every_help_example_names_files_that_exist():
             named += 1
             assert (repo / path).is_file(), f"reste {name} --help names {path}, which does not exist"
     assert named >= 2  # the check looked at real examples
+
+
+def test_library_errors_end_as_one_line_with_their_exit_code(monkeypatch, capsys):
+    import argparse
+
+    from reste.errors import ReSTEError, UsageError
+
+    for error, code in ((UsageError("RESTE_DEPLOY_ISA=neon: no kernel path 'neon'"), 2), (ReSTEError("file F is damaged"), 1)):
+        def fail(args, error=error):
+            raise error
+
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(func=fail)
+        monkeypatch.setattr(cli, "build_parser", lambda command=None, parser=parser: parser)
+        assert cli.main([]) == code
+        assert capsys.readouterr().err == f"error: {error}\n"

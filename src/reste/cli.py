@@ -21,6 +21,8 @@ import sys
 import threading
 import warnings
 
+from .errors import ReSTEError
+
 #: command -> (module whose ``register(subparsers)`` adds it, the one-line help of ``reste --help``;
 #: tests check that it is the help the module registers)
 COMMANDS = {
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
+    except ReSTEError as err:  # raised anywhere below a command: one line, the documented code
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt as err:
         if main_thread:  # we are leaving: a second Ctrl-C must not turn the exit into a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
