@@ -129,7 +129,7 @@ def _keep_rules(keep, keep_defaults: bool, cands: list[tuple[str, nn.Module]], e
     if isinstance(keep, (str, type)):
         keep = (keep,)
     keep = tuple(keep)
-    names = [n for n, _ in cands] + list(extra_names)
+    names = list(dict.fromkeys([n for n, _ in cands] + list(extra_names)))  # each name once
     for rule in keep:
         if isinstance(rule, type) and issubclass(rule, nn.Module) or rule in KEEP_TOKENS:
             continue  # categories: they may legitimately match nothing (a ResNet without 1x1 convs)
