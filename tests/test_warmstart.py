@@ -160,3 +160,32 @@ def test_shipped_recipes_chain_their_steps():
     teacher, student = (load_config(root / f"fashion_mnist/recipes/{n}.yaml") for n in ("teacher_fp", "distill_1w1a"))
     assert student.train.teacher == f"runs/{teacher.out.name}" and teacher.model.precision == "fp"
     assert student.train.epochs == teacher.train.epochs == main.train.epochs and student.model == main.model
+
+
+def test_teacher_under_ddp_matches_one_process(tmp_path, data_root):
+    """One SGD step distilled under 2-rank DDP equals the same step in one process with the
+    same global batch (as tests/test_distributed.py checks without a teacher): the teacher
+    runs per rank on its half, unwrapped, and the KL's batch mean is averaged by DDP."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    common = [f"data.root={data_root}", "data.subset=64", "data.batch_size=64", "data.test_batch_size=8", "train.epochs=1",
+              "train.device=cpu", "model.name=resnet20", "model.kwargs={width: 0.5}", "optim.name=sgd", "optim.lr=0.1",
+              f"out.dir={tmp_path}", "analysis.indicators=false"]
+    teacher = T.train(overrides=[*common, "model.precision=fp", "out.name=teacher", "train.threads=1"], progress=False, summary=False)
+    distil = [*common, f"train.teacher={teacher['run_dir']}", "train.distill_weight=0.5", "train.distill_temperature=2.0"]
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reste",
+                           "train", *distil, "train.sync_bn=true", "out.name=ddp", "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = T.train(overrides=[*distil, "out.name=single", "train.threads=1"], progress=False, summary=False)
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
+    worst = max((a["model"][k] - v).abs().max().item() for k, v in b["model"].items() if v.is_floating_point())
+    assert a["world_size"] == 2 and worst < 1e-5
+    assert a["metrics"][0]["train_loss"] == pytest.approx(b["metrics"][0]["train_loss"], rel=1e-5)
+    assert a["metrics"][0]["teacher_ms_per_step"] > 0 and single["teacher_ms_per_step"] > 0
