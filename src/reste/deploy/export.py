@@ -453,6 +453,8 @@ def _describe(sizes: dict) -> str:
 def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set, list]:
     """``model`` with its binary layers replaced by empty packed twins, the BatchNorms stored as
     ``(scale, shift)``, and the layout it stores; ExportError where the file does not fit it."""
+    # a float architecture's nn.MultiheadAttention holds raw projections; binarize rebuilt those it converted
+    rebuild_attention(model, inside=graph["binary_layers"])
     for name, options in graph["binary_layers"].items():
         try:
             old = model.get_submodule(name)
