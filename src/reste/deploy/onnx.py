@@ -102,7 +102,7 @@ class SignLinear(_SignLayer):
 
 def to_onnx_module(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every binary layer as a :class:`SignConv2d` / :class:`SignLinear`
-    (plain PyTorch ops on folded constants, which both ONNX exporters and ``torch.jit.script`` take)."""
+    (plain PyTorch ops on folded constants, which both ONNX exporters and ``torch.jit.trace`` take)."""
     twin = to_deploy(model)  # checks the model and packs: the signs and alphas of the .safetensors export
     for name, layer in list(twin.named_modules()):
         if isinstance(layer, PackedBinaryConv2d):
