@@ -90,9 +90,9 @@ class MultiheadAttention(nn.Module):
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
         """The same attention as ``mha``, sharing its parameters (q/k/v biases are views)."""
-        w = mha.out_proj.weight
+        # built on the meta device: every tensor is replaced by one of mha's below, so nothing is allocated
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
-                  mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device=w.device, dtype=w.dtype)
+                  mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=mha.out_proj.weight.dtype)
         if new.packed:
             new.in_proj.weight, new.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
         else:
