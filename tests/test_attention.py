@@ -182,3 +182,13 @@ def test_export_and_load_into_float_architecture(tmp_path):
         path = reste.deploy.export(model, tmp_path / "enc.safetensors")
         deployed = reste.deploy.load(path, model=Encoder())  # torch's attention is rebuilt to take the packed layers
         assert torch.equal(deployed(x), want)
+
+
+def test_reste_vit_binarizes_without_warnings_like_create():
+    kw = dict(in_channels=1, image_size=12, patch_size=4, dim=24, depth=2, heads=3, mlp_dim=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unconverted
+        model = reste.binarize(reste.models.create("vit_tiny", precision="fp", **kw), keep=["patch_embed", "head"])
+    want = [n for n, _ in binary_layers(reste.models.create("vit_tiny", precision="1w1a", **kw))]
+    assert [n for n, _ in binary_layers(model)] == want == [f"blocks.{i}.{p}" for i in range(2)
+                                                            for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
