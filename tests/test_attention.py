@@ -192,3 +192,24 @@ def test_reste_vit_binarizes_without_warnings_like_create():
     want = [n for n, _ in binary_layers(reste.models.create("vit_tiny", precision="1w1a", **kw))]
     assert [n for n, _ in binary_layers(model)] == want == [f"blocks.{i}.{p}" for i in range(2)
                                                             for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+
+
+def test_fused_encoder_kernel_never_skips_binary_linears():
+    """Attention kept whole, MLP binary: PyTorch's fused eval kernel would read linear1.weight
+    (the latent floats) under no_grad; binarize turns that path off for touched layers."""
+    torch.manual_seed(8)
+    model = reste.binarize(Encoder(), keep=[nn.MultiheadAttention]).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        fast = model(x)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            slow = model(x)  # the module path, as in training
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    # the kept nn.MultiheadAttention may still take its own fused kernel: rounding apart only
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    model.enc.layers[0].activation_relu_or_gelu = 1  # as PyTorch set it: the fused kernel returns
+    with torch.no_grad():
+        assert (model(x) - slow).abs().max() > 1e-3  # computed with the latent float weights of linear1/2

@@ -210,7 +210,6 @@ def binarize(
         del rebuilds[name]
     for name, attention in rebuilds.items():
         _install(model, name, attention)
-    _no_fused_encoders(model)
     swapped, kept = [], list(kept_attention)
     for index, (name, module) in enumerate(cands):
         if any(name.startswith(a + ".") for a in kept_attention):
@@ -232,6 +231,7 @@ def binarize(
             raise ValueError("the model itself is a single Conv2d/Linear; wrap it in a container or build a BinaryConv2d directly")
         _install(model, name, new)
         swapped.append(name)
+    _no_fused_encoders(model)
     logger.info("binarize: %d layer(s) made binary: %s; kept real: %s", len(swapped), ", ".join(swapped) or "none", ", ".join(kept) or "none")
     left = [(n, m) for n, m in _unconvertible(model) if not any(fnmatch.fnmatchcase(n, r) or isinstance(r, type) and isinstance(m, r)
                                                                for r in rules if not isinstance(r, str) or r not in KEEP_TOKENS)]
@@ -249,11 +249,22 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _no_fused_encoders(model: nn.Module) -> None:
-    """Turn off ``nn.TransformerEncoder``'s nested-tensor fast path where attention was rebuilt:
-    it would feed nested tensors to our attention, which computes on plain tensors."""
+    """Keep PyTorch's fused eval-mode transformer kernels off the binarized parts.
+
+    ``nn.TransformerEncoderLayer`` in eval mode without autograd calls one fused kernel on its
+    raw weights (``linear1.weight``, the attention's ``in_proj_weight``): it would compute with
+    the latent float weights past every binary layer. Its ``activation_relu_or_gelu`` flag is
+    read only to choose that path, so clearing it keeps the module's own forward. The nested
+    tensor path of ``nn.TransformerEncoder`` would feed our attention nested tensors: off too.
+    """
+    def touched(m):
+        return any(isinstance(a, (MultiheadAttention, BinaryLayer)) for a in m.modules())
+
     for m in model.modules():
-        if isinstance(m, nn.TransformerEncoder) and any(isinstance(a, MultiheadAttention) for a in m.modules()):
+        if isinstance(m, nn.TransformerEncoder) and touched(m):
             m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer) and touched(m):
+            m.activation_relu_or_gelu = False
 
 
 def _fresh(spec):
