@@ -1,6 +1,7 @@
 # Set-up and the two commands of the README, for a fresh machine:
 #   make train   creates .venv, installs CPU torch + reste, gets Fashion-MNIST, runs the main job
-#   make test    the same set-up, then the test suite (what .ci/run runs)
+#   make test    the same set-up, then the test suite (what .ci/run runs); the onnx extra is
+#                installed so the ONNX export is tested against onnxruntime
 # Variables: PYTHON (the interpreter for the venv), TORCH (the torch requirement, pinned to the
 # CPU build by default), PIP_ARGS (e.g. --index-url for torch's CPU wheels), ARGS (for reste train).
 
@@ -23,7 +24,7 @@ $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 2; }
 	@# torch first and pinned: a package asking for plain 'torch' must find it installed, not pull a CUDA build
 	$(BIN)/pip install -q --disable-pip-version-check $(PIP_ARGS) "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,onnx]"
 	@touch $@
 
 # Fashion-MNIST, the default data set: already there, or Debian's package (root with apt-get),
