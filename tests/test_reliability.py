@@ -477,7 +477,7 @@ UNSAFE = [
     (re.compile(r"\bpickle\.loads?\("), "pickle.load (use a restricted unpickler)"),
     (re.compile(r"\byaml\.(load|unsafe_load|full_load|load_all)\("), "yaml.load (use yaml.safe_load)"),
     (re.compile(r"\byaml\.(Unsafe|Full)?Loader\b"), "an unsafe YAML loader class (subclass yaml.SafeLoader)"),
-    (re.compile(r"(?<![\w.])(eval|exec)\("), "eval/exec"),
+    (re.compile(r"(?<![\w.])(?<!def )(eval|exec)\("), "eval/exec"),  # a method named eval is no call
     (re.compile(r"allow_pickle=True"), "np.load(allow_pickle=True)"),
 ]
 
@@ -494,6 +494,7 @@ def test_library_sources_use_only_safe_loaders():
     # the check itself finds what it looks for
     assert UNSAFE[0][0].search("torch.load(path)") and not UNSAFE[0][0].search("torch.load(p, weights_only=True)")
     assert UNSAFE[4][0].search("x = eval(s)") and not UNSAFE[4][0].search("model.eval()")
+    assert not UNSAFE[4][0].search("    def eval(self):")
     assert UNSAFE[3][0].search("yaml.load(s, Loader=yaml.FullLoader)") and UNSAFE[3][0].search("class L(yaml.Loader):")
     assert not UNSAFE[3][0].search("class L(yaml.SafeLoader):")
 
