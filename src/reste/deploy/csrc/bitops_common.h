@@ -109,6 +109,37 @@ static inline int interior_columns(const conv_args *a, int64_t oh, int64_t *c0, 
     return 1;
 }
 
+/* Each kernel's per-(row, channel block) entry point, the same for every instruction set: the
+   output columns that read left or right padding take the border path, the interior ones skip
+   the test; the words per kernel row of 16, 32 and 64 channels (Kw 1-3) become compile-time
+   constants so the inner loops unroll. ISA names the kernel's functions: it provides
+   epi_load_ISA(a, ob) -> epi_ISA and conv_columns_ISA(a, &e, rowbase, wb, n, oh, ob, from, to,
+   border, KW); TARGET is its target attribute (empty where none is needed). */
+#define DEFINE_CONV_BLOCK(ISA, TARGET)                                                                     \
+    TARGET __attribute__((always_inline)) static inline void conv_block_##ISA##_kw(                         \
+        const conv_args *a, int64_t r, int64_t ob, const int KW) {                                          \
+        int64_t n = r / a->OH, oh = r % a->OH;                                                              \
+        const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;                                            \
+        const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;                           \
+        const epi_##ISA e = epi_load_##ISA(a, ob);                                                         \
+        int64_t c0, c1;                                                                                     \
+        if (!interior_columns(a, oh, &c0, &c1)) { /* the whole row reads padding, or no zero-padding fix */ \
+            conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);               \
+            return;                                                                                         \
+        }                                                                                                   \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);                                    \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);                                   \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);                                \
+    }                                                                                                       \
+    TARGET static void conv_block_##ISA(const conv_args *a, int64_t r, int64_t ob) {                        \
+        switch (a->Kw) {                                                                                    \
+        case 1: conv_block_##ISA##_kw(a, r, ob, 1); break;                                                  \
+        case 2: conv_block_##ISA##_kw(a, r, ob, 2); break;                                                  \
+        case 3: conv_block_##ISA##_kw(a, r, ob, 3); break;                                                  \
+        default: conv_block_##ISA##_kw(a, r, ob, 0); break;                                                 \
+        }                                                                                                   \
+    }
+
 /* wsum holds 2-D prefix sums over taps: entry (i, j) = sum of sign(w) over taps i' < i, j' < j
    and all channels. The zero-padding correction (the weight sum over the taps outside the
    image) is then total - inside rectangle: four lookups, no loop over taps. */

@@ -145,31 +145,7 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void conv_columns_avx2(
     for (; ow < to; ow++) conv_pixels_avx2(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
 }
 
-TARGET_AVX2 __attribute__((always_inline)) static inline void conv_block_avx2_kw(const conv_args *a, int64_t r, int64_t ob,
-                                                                               const int KW) {
-    int64_t n = r / a->OH, oh = r % a->OH;
-    const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
-    const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
-    const epi_avx2 e = epi_load_avx2(a, ob);
-    int64_t c0, c1;
-    if (!interior_columns(a, oh, &c0, &c1)) { /* the whole row reads padding, or there is no zero-padding fix */
-        conv_columns_avx2(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);
-        return;
-    }
-    conv_columns_avx2(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);
-    conv_columns_avx2(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);
-    conv_columns_avx2(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);
-}
-
-TARGET_AVX2
-static void conv_block_avx2(const conv_args *a, int64_t r, int64_t ob) {
-    switch (a->Kw) { /* the words per kernel row of 16, 32 and 64 channels as constants */
-    case 1: conv_block_avx2_kw(a, r, ob, 1); break;
-    case 2: conv_block_avx2_kw(a, r, ob, 2); break;
-    case 3: conv_block_avx2_kw(a, r, ob, 3); break;
-    default: conv_block_avx2_kw(a, r, ob, 0); break;
-    }
-}
+DEFINE_CONV_BLOCK(avx2, TARGET_AVX2)
 
 /* Pack `count` floats into count / 8 bytes (count a multiple of 8): bit t of byte b = !(x[8b + t] < 0)
    (0, -0 and NaN give +1, like the estimators' sign); MOVMSKPS gathers the 8 compare results. */

@@ -11,7 +11,7 @@ typedef struct {
     int relu, post, fma;
 } epi_avx512;
 
-TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load(const conv_args *a, int64_t ob) {
+TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load_avx512(const conv_args *a, int64_t ob) {
     epi_avx512 e;
     int64_t o0 = ob * LANES, nv = a->O - o0 < LANES ? a->O - o0 : LANES;
     __mmask16 m = (__mmask16)(nv == LANES ? 0xffffu : (1u << nv) - 1u);
@@ -93,31 +93,7 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void conv_columns_avx
     if (ow < to) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
 }
 
-TARGET_AVX512 __attribute__((always_inline)) static inline void conv_block_avx512_kw(
-    const conv_args *a, int64_t r, int64_t ob, const int KW) {
-    int64_t n = r / a->OH, oh = r % a->OH;
-    const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
-    const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
-    const epi_avx512 e = epi_load(a, ob);
-    int64_t c0, c1;
-    if (!interior_columns(a, oh, &c0, &c1)) { /* the whole row reads padding, or there is no zero-padding fix */
-        conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);
-        return;
-    }
-    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);
-    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);
-    conv_columns_avx512(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);
-}
-
-TARGET_AVX512
-static void conv_block_avx512(const conv_args *a, int64_t r, int64_t ob) {
-    switch (a->Kw) { /* the words per kernel row of 16, 32 and 64 channels as constants */
-    case 1: conv_block_avx512_kw(a, r, ob, 1); break;
-    case 2: conv_block_avx512_kw(a, r, ob, 2); break;
-    case 3: conv_block_avx512_kw(a, r, ob, 3); break;
-    default: conv_block_avx512_kw(a, r, ob, 0); break;
-    }
-}
+DEFINE_CONV_BLOCK(avx512, TARGET_AVX512)
 
 /* Pack `count` floats into count / 8 bytes (count a multiple of 8): bit t of byte b = !(x[8b + t] < 0),
    so 0, -0 and NaN give +1, like the estimators' sign. */

@@ -167,36 +167,7 @@ __attribute__((always_inline)) static inline void conv_columns_neon(const conv_a
     if (ow < to) conv_pixels_neon(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
 }
 
-__attribute__((always_inline)) static inline void conv_block_neon_kw(const conv_args *a, int64_t r, int64_t ob,
-                                                                     const int KW) {
-    int64_t n = r / a->OH, oh = r % a->OH;
-    const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;
-    const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;
-    const epi_neon e = epi_load_neon(a, ob);
-    int64_t ih = oh * a->sh - a->ph;
-    if (!a->wsum || ih < 0 || ih + a->kh > a->H) { /* no correction at all, or every column may need it */
-        conv_columns_neon(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);
-        return;
-    }
-    /* columns [c0, c1) read no left or right padding: they skip the border test */
-    int64_t c0 = (a->pw + a->sw - 1) / a->sw;
-    int64_t c1 = a->W + a->pw - a->kw < 0 ? 0 : (a->W + a->pw - a->kw) / a->sw + 1;
-    if (c0 > a->OW) c0 = a->OW;
-    if (c1 < c0) c1 = c0;
-    if (c1 > a->OW) c1 = a->OW;
-    conv_columns_neon(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);
-    conv_columns_neon(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);
-    conv_columns_neon(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);
-}
-
-static void conv_block_neon(const conv_args *a, int64_t r, int64_t ob) {
-    switch (a->Kw) { /* the words per kernel row of 16, 32 and 64 channels as constants */
-    case 1: conv_block_neon_kw(a, r, ob, 1); break;
-    case 2: conv_block_neon_kw(a, r, ob, 2); break;
-    case 3: conv_block_neon_kw(a, r, ob, 3); break;
-    default: conv_block_neon_kw(a, r, ob, 0); break;
-    }
-}
+DEFINE_CONV_BLOCK(neon, )
 
 /* Bit t of each byte: the byte-wide masks AND these, then pairwise adds sum (= OR) them. */
 static const uint8_t neon_bit_weights[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
