@@ -442,6 +442,14 @@ def _fill_packed(new, layer, alpha):
     return new
 
 
+def _bn_state(bn: nn.BatchNorm2d) -> dict:
+    """A copy of what ``F.batch_norm`` needs to apply an eval-mode ``bn`` (the reference path of a
+    fused ReLU/BatchNorm)."""
+    copy = lambda t: t.detach().clone() if t is not None else None  # noqa: E731
+    return {"mean": copy(bn.running_mean), "var": copy(bn.running_var), "weight": copy(bn.weight),
+            "bias": copy(bn.bias), "eps": float(bn.eps)}
+
+
 class PackedBinaryConv2d(_PackedBinary):
     """Inference-only binary convolution holding 1-bit weights (see the module docstring).
 
@@ -542,11 +550,7 @@ class PackedBinaryConv2d(_PackedBinary):
         self.post_relu = bool(relu)
         self.post_bn = None
         if bn is not None:
-            self.post_bn = {
-                "mean": bn.running_mean.detach().clone(), "var": bn.running_var.detach().clone(),
-                "weight": bn.weight.detach().clone() if bn.weight is not None else None,
-                "bias": bn.bias.detach().clone() if bn.bias is not None else None, "eps": float(bn.eps),
-            }
+            self.post_bn = _bn_state(bn)
             self.register_buffer("post_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
             self.register_buffer("post_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
             self.post_fma = bool(kernel_fma)
@@ -560,11 +564,7 @@ class PackedBinaryConv2d(_PackedBinary):
         taking its sign, chosen to equal ``bn`` bit for bit; the reference path applies ``bn``."""
         self._plans = {}
         self.pre_relu = bool(relu)
-        self.pre_bn = {
-            "mean": bn.running_mean.detach().clone(), "var": bn.running_var.detach().clone(),
-            "weight": bn.weight.detach().clone() if bn.weight is not None else None,
-            "bias": bn.bias.detach().clone() if bn.bias is not None else None, "eps": float(bn.eps),
-        }
+        self.pre_bn = _bn_state(bn)
         self.register_buffer("pre_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
         self.register_buffer("pre_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
         self.pre_fma = bool(kernel_fma)
