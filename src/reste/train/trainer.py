@@ -368,9 +368,14 @@ def check_model(cfg: Config, meta) -> None:
 def build_model(cfg: Config, meta) -> nn.Module:
     """``reste.models.create`` from the config, after :func:`check_model`; a bad ``model.kwargs``
     is a :class:`ConfigError`."""
+    check_model(cfg, meta)
+    return _create_model(cfg, meta)
+
+
+def _create_model(cfg: Config, meta) -> nn.Module:
+    """:func:`build_model` for a config :func:`check_model` has already passed."""
     from reste import models
 
-    check_model(cfg, meta)
     args = model_arguments(cfg, meta)
     kwargs = args.pop("kwargs")
     try:
@@ -742,15 +747,13 @@ class Trainer:
             )
         from reste import data as rdata
 
-        check_model(cfg, rdata.info(cfg.data.name))  # a model too big to build: before any folder or data
+        self.meta = rdata.info(cfg.data.name)
+        check_model(cfg, self.meta)  # a model too big to build: before any folder or data
         # claim the run directory first: a name clash is reported before any data is loaded
         self.run_dir = self._prepare_run_dir()
         self.fault = FaultInjection.from_env(ctx.rank)
         seed_everything(cfg.seed)
 
-        from reste import data as rdata
-
-        self.meta = rdata.info(cfg.data.name)
         self.num_classes = self.meta.num_classes
         d = cfg.data
         if d.subset is None and self.meta.train_size < d.batch_size:
@@ -765,7 +768,7 @@ class Trainer:
             raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); lower data.batch_size or raise data.subset")
         self.steps_per_epoch = len(self.train_loader)
 
-        model = build_model(cfg, self.meta)
+        model = _create_model(cfg, self.meta)  # checked above
         self.init_report = None
         if cfg.model.init_from is not None and self.resume_dir is None:  # a resume restores its own checkpoint
             from .warmstart import init_from
