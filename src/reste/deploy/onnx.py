@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..nn.layers import INPUT_PADDINGS
 from .export import ExportError, _set_module, to_deploy
 from .packed import PackedBinaryConv2d, PackedBinaryLinear
+from .packed import _pm1 as _sign  # Where(x < 0, -1, +1) in the graph: sign(0) = +1, as in training
 
 __all__ = ["EXPORTERS", "SignConv2d", "SignLinear", "to_onnx_module", "export_onnx", "OnnxRuntimeModel", "check_onnx",
            "write_onnx_metadata", "read_onnx_metadata"]
@@ -42,12 +43,6 @@ __all__ = ["EXPORTERS", "SignConv2d", "SignLinear", "to_onnx_module", "export_on
 #: ``torchscript``: the older tracing exporter (deprecated by PyTorch, faster to run)
 EXPORTERS = ("dynamo", "torchscript")
 INSTALL_HINT = "pip install 'reste[onnx]' (onnx, onnxscript, onnxruntime)"
-
-
-def _sign(x: Tensor) -> Tensor:
-    """``Where(x < 0, -1, +1)``: sign with sign(0) = +1, as in training (NaN -> +1, as the packing)."""
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    return torch.where(x < 0, -one, one)
 
 
 class _SignLayer(nn.Module):
