@@ -531,6 +531,10 @@ def test_a_set_up_killed_before_its_first_checkpoint_is_no_dead_end(tmp_path, ca
     assert (run / "checkpoints" / "last.pt").is_file() and json.loads((run / "summary.json").read_text())["complete"]
 
 
+# Timing-dependent: the signals must land in the short window between claiming the folder and the
+# first training step; in 2 of about 9 clean-clone CI runs they did not (exit 0: the tiny run finished
+# first; exit -2, since fixed in cli). Kept in the slow suite until set-up can be held open on purpose.
+@pytest.mark.slow
 def test_sigterm_and_a_double_ctrl_c_during_set_up_exit_cleanly_and_remove_the_folder(tmp_path):
     for signals, code in (([signal.SIGTERM], 143), ([signal.SIGINT, signal.SIGINT], 130)):
         run = tmp_path / f"run{code}"
