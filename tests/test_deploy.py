@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 import reste
+from reste import _ext as _loader
 from reste.deploy import ExportError, export, load, pack_signs, summary, unpack_signs
 from reste.deploy import packed as packed_mod
 from reste.deploy.packed import PackedBinaryConv2d, PackedBinaryLinear
@@ -137,8 +138,7 @@ def test_real_input_layers_use_unpacked_weights_exactly():
 def no_extension(monkeypatch):
     """As if the process started with RESTE_NO_EXT=1."""
     monkeypatch.setenv(packed_mod.NO_EXTENSION_ENV, "1")
-    monkeypatch.setattr(packed_mod, "_extension_loaded", False)
-    monkeypatch.setattr(packed_mod, "_extension", None)
+    monkeypatch.setattr(_loader, "BITOPS", _loader.BITOPS.fresh())
     monkeypatch.setattr(packed_mod, "_warned", False)
 
 
@@ -159,9 +159,7 @@ def test_fallback_without_extension_warns_and_stays_exact(no_extension):
 def _reload_with_env(monkeypatch, var, value):
     """As if the process started with var=value: _ext() applies it on its next call."""
     monkeypatch.setenv(var, value)
-    monkeypatch.setattr(packed_mod, "_extension_loaded", False)
-    monkeypatch.setattr(packed_mod, "_extension", None)
-    monkeypatch.setattr(packed_mod, "_forced_error", None)
+    monkeypatch.setattr(_loader, "BITOPS", _loader.BITOPS.fresh())
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="the compiled extension is not built")
@@ -196,7 +194,7 @@ def test_forcing_a_path_the_cpu_lacks_is_a_clear_error(monkeypatch):
     for _ in range(2):  # refused on every use, never a silent fallback
         with pytest.raises(RuntimeError, match=f"RESTE_DEPLOY_ISA={lacking}: .*'{lacking}'"):
             packed_mod.kernel_info()
-    monkeypatch.setattr(packed_mod, "_forced_error", None)
+    monkeypatch.setattr(_loader.BITOPS, "forced_error", None)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="the compiled extension is not built")
@@ -504,17 +502,24 @@ def test_used_deployed_model_can_be_copied_and_pickled(tmp_path):
         assert torch.equal(twin(x), want) and torch.equal(again(x), want)
 
 
-def test_packed_conv_residual_argument_is_the_plain_sum():
+@pytest.mark.parametrize("out_channels", [16, 20])  # 20: a last block of 4 channels (masked loads and stores)
+def test_packed_conv_residual_argument_is_the_plain_sum(out_channels, isa):
     torch.manual_seed(2)
-    layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1, bias=True).eval())
+    layer = PackedBinaryConv2d.from_binary(BinaryConv2d(8, out_channels, 3, 1, 1, bias=True).eval())
     x = torch.randn(2, 8, 5, 5)
+    special = torch.randn(2, out_channels, 5, 5).contiguous(memory_format=torch.channels_last)
+    special[0, 1, 2, 3], special[1, -1, 4, 4], special[1, 0, 0, 0] = float("nan"), float("-inf"), -0.0
     with torch.no_grad():
         y = layer(x)
-        for residual in (torch.randn(2, 16, 5, 5), torch.randn(16, 1, 1), torch.randn(2, 16, 5, 5, dtype=torch.float64),
-                         torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)):
-            want = y + residual
+        for residual in (torch.randn(2, out_channels, 5, 5), torch.randn(out_channels, 1, 1),
+                         torch.randn(2, out_channels, 5, 5, dtype=torch.float64),
+                         torch.randn(2, out_channels, 5, 5).contiguous(memory_format=torch.channels_last), special,
+                         torch.randn(1, out_channels, 5, 5).contiguous(memory_format=torch.channels_last)):
+            want = y + residual  # channels-last float32 of the output's shape: added by the kernel itself
             got = layer(x, residual)
-            assert got.dtype == want.dtype and torch.equal(got, want)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            bits = torch.int32 if want.dtype == torch.float32 else torch.int64  # bit for bit: NaN and -0 too
+            assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
 
 
 def test_batchnorm_scale_shift_read_back_exactly():
@@ -954,7 +959,7 @@ def test_summary_size_is_what_the_export_stores(name, tmp_path):
 def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
     from reste.deploy import packed as packed_mod
 
-    if packed_mod._ext() is None or packed_mod._storage_use_count is None:
+    if packed_mod._ext() is None or _loader._storage_use_count is None:
         pytest.skip("needs the compiled kernel and torch's storage use count")
     torch.manual_seed(0)
     layer = PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1, bias=False).eval())

@@ -38,7 +38,7 @@ static void *xcalloc(size_t n, size_t size) {
 typedef struct {
     int64_t N, H, W, C, O, kh, kw, sh, sw;
     int pad;           /* 0 none, 1 zero (wsum correction), 2 "+1" */
-    int alpha_pc, bias, relu, post, post_fma;
+    int alpha_pc, bias, relu, post, post_fma, residual;
     int input_kind;    /* 0 random with 0, -0 and NaN sprinkled in; 1 all negative */
     int weight_kind;   /* 0 random bits; 1 all ones (with input_kind 1: every tap differs) */
     int special_alpha; /* inf and NaN among alpha */
@@ -54,10 +54,10 @@ static void describe(const conv_case *c, const char *what) {
     if (verbose_failures-- <= 0) return;
     fprintf(stderr,
             "MISMATCH %s: N=%lld H=%lld W=%lld C=%lld O=%lld k=%lldx%lld s=%lldx%lld pad=%d alpha_pc=%d bias=%d relu=%d "
-            "post=%d fma=%d input=%d weight=%d special_alpha=%d\n",
+            "post=%d fma=%d residual=%d input=%d weight=%d special_alpha=%d\n",
             what, (long long)c->N, (long long)c->H, (long long)c->W, (long long)c->C, (long long)c->O, (long long)c->kh,
             (long long)c->kw, (long long)c->sh, (long long)c->sw, c->pad, c->alpha_pc, c->bias, c->relu, c->post, c->post_fma,
-            c->input_kind, c->weight_kind, c->special_alpha);
+            c->residual, c->input_kind, c->weight_kind, c->special_alpha);
 }
 
 #define GUARD 64 /* bytes after each output, to catch a kernel writing past the last channel block */
@@ -134,6 +134,15 @@ static void run_case(const conv_case *c, const char **paths, int n_paths, tally 
     a.post_scale = c->post ? scale : NULL;
     a.post_shift = c->post ? shift : NULL;
     a.post_fma = c->post_fma;
+    /* a residual of the output's layout (the ResNet shortcut the kernel adds last), with a NaN and an inf */
+    const size_t res_count = (size_t)(N * OH * OW * O);
+    float *res = xcalloc(res_count, sizeof(float));
+    for (size_t i = 0; i < res_count; i++) res[i] = rnd_float() * 4.0f;
+    if (res_count > 2) {
+        res[res_count / 2] = NAN;
+        res[res_count - 1] = -INFINITY;
+    }
+    a.residual = c->residual ? res : NULL;
 
     const size_t pack_size = (size_t)(N * Hp * row_bytes), out_count = (size_t)(N * OH * OW * O);
     uint8_t *packed_ref = NULL, *packed = xcalloc(pack_size, 1);
@@ -206,6 +215,7 @@ static void run_case(const conv_case *c, const char **paths, int n_paths, tally 
                     float y = alpha[c->alpha_pc ? o : 0] * (float)dot + (c->bias ? bias[o] : 0.0f);
                     if (c->relu) y = y > 0.0f ? y : 0.0f;
                     if (c->post) y = c->post_fma ? fmaf(y, scale[o], shift[o]) : y * scale[o] + shift[o];
+                    if (c->residual) y += res[((n * OH + oh) * OW + ow) * O + o];
                     if (memcmp(&y, &ref[((n * OH + oh) * OW + ow) * O + o], sizeof y) != 0) {
                         describe(c, "portable conv output vs direct sum");
                         t->mismatches++;
@@ -214,7 +224,7 @@ static void run_case(const conv_case *c, const char **paths, int n_paths, tally 
                 }
 done:
     t->cases++;
-    free(x); free(wbit); free(w); free(wsum); free(alpha); free(bias); free(scale); free(shift);
+    free(x); free(wbit); free(w); free(wsum); free(alpha); free(bias); free(scale); free(shift); free(res);
     free(packed_ref); free(packed); free(out_ref); free(out);
 #undef WBIT
 }
@@ -244,6 +254,7 @@ static conv_case random_case(int large) {
     c.relu = (int)(rnd() & 1);
     c.post = (int)(rnd() % 3 != 0);
     c.post_fma = c.post && (rnd() & 1);
+    c.residual = rnd() % 3 == 0;
     c.special_alpha = rnd() % 16 == 0;
     return c;
 }

@@ -527,6 +527,11 @@ class PackedBinaryConv2d(_PackedBinary):
         elif getattr(self, "pre_bn", None) is not None and not self._use_kernel(x):
             y = self._epilogue_reference(self.reference_forward(self._prologue_reference(x)))
         elif self._use_kernel(x):
+            if residual is not None and x.dtype == residual.dtype == torch.float32 and residual.device == x.device \
+                    and not residual.requires_grad and residual.is_contiguous(memory_format=torch.channels_last):
+                # the kernel adds it as it writes each output (no second pass over the output);
+                # the shape is checked against the plan's output there
+                return self._kernel_forward(x, residual)
             y = self._kernel_forward(x)
             if residual is not None and residual.shape == y.shape and residual.dtype == y.dtype == torch.float32 \
                     and residual.device == y.device and not residual.requires_grad:
@@ -643,9 +648,16 @@ class PackedBinaryConv2d(_PackedBinary):
                      bias.data_ptr() if bias is not None else 0),
         }
 
-    def _kernel_forward(self, x: Tensor) -> Tensor:
+    def _kernel_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The kernel's output; a ``residual`` (float32, channels-last, the output's shape) is added
+        by the kernel as it writes each output value, else ``x`` gives ``layer(x) + residual``
+        with the sum outside."""
         ext = _ext()
         plan = self._plan(tuple(x.shape), self._build_plan)
+        if residual is not None:
+            N, OH, OW, O = plan["out"]
+            if tuple(residual.shape) != (N, O, OH, OW):
+                return self._kernel_forward(x) + residual  # broadcasting or an error, as torch decides
         xin = x if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) \
             else x.detach().float().contiguous(memory_format=torch.channels_last)  # NHWC in memory
         threads = torch.get_num_threads()
@@ -655,7 +667,8 @@ class PackedBinaryConv2d(_PackedBinary):
         out = _pool.empty(plan["out"])
         with _scratch(plan) as xbits:
             ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
-            ext.conv(xbits.data_ptr(), *plan["conv"], *post, out.data_ptr(), threads)
+            ext.conv(xbits.data_ptr(), *plan["conv"], *post, out.data_ptr(), threads,
+                     residual.data_ptr() if residual is not None else 0)
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 

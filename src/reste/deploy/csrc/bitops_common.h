@@ -42,6 +42,7 @@ typedef struct {
     int64_t relu;      /* max(., 0) after the bias */
     const float *post_scale, *post_shift; /* [O] affine after ReLU, or NULL */
     int64_t post_fma;  /* the affine map as one fused multiply-add (else multiply, then add) */
+    const float *residual; /* [N][OH][OW][O] added last (a ResNet shortcut), or NULL; never aliases out */
     float *out;        /* [N][OH][OW][O] */
 } conv_args;
 
@@ -147,7 +148,8 @@ static inline const int32_t *tap_prefix(const conv_args *a, int64_t i, int64_t j
     return a->wsum + (i * (a->kw + 1) + j) * a->OB * LANES + ob * LANES;
 }
 
-/* out = alpha * (K - 2 * popcount + zero-padding correction) + bias for LANES channels. */
+/* out = alpha * (K - 2 * popcount + zero-padding correction) + bias for LANES channels, then the
+   optional ReLU, affine map and residual, each rounded on its own like the PyTorch ops they replace. */
 static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t ow, int64_t ob, const int64_t *pc) {
     int32_t dot[LANES];
     for (int v = 0; v < LANES; v++) dot[v] = (int32_t)(a->K - 2 * pc[v]);
@@ -159,7 +161,8 @@ static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t o
         for (int v = 0; v < LANES; v++) dot[v] += all[v] - (c11[v] - c01[v] - c10[v] + c00[v]);
     }
     int64_t o0 = ob * LANES, nv = a->O - o0 < LANES ? a->O - o0 : LANES;
-    float *dst = a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + o0;
+    const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + o0;
+    float *dst = a->out + at;
     for (int64_t v = 0; v < nv; v++) {
         float al = a->alpha[a->alpha_per_channel ? o0 + v : 0];
         float b = a->bias ? a->bias[o0 + v] : 0.0f;
@@ -169,6 +172,7 @@ static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t o
             float sc = a->post_scale[o0 + v], sh = a->post_shift[o0 + v];
             y = a->post_fma ? fmaf(y, sc, sh) : y * sc + sh;
         }
+        if (a->residual) y += a->residual[at + v];
         dst[v] = y;
     }
 }

@@ -59,7 +59,8 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
     const conv_args *a, const epi_avx2 *e, int64_t n, int64_t oh, int64_t ow, int64_t ob, const __m256i *pc, int border) {
     int64_t i0, i1, j0, j1;
     int fix = border && !inside(a, oh, ow, &i0, &i1, &j0, &j1);
-    float *dst = a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
+    const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
+    float *dst = a->out + at;
     for (int h = 0; h < 2; h++) {
         __m256i c = avx2_low_halves(pc[2 * h], pc[2 * h + 1]);
         __m256i dot = _mm256_sub_epi32(e->K, _mm256_add_epi32(c, c)); /* K - 2 * popcount */
@@ -74,6 +75,9 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
         if (e->relu) y = _mm256_max_ps(y, _mm256_setzero_ps()); /* NaN and -0 give +0, as max(., 0) in the scalar code */
         if (e->post)
             y = e->fma ? _mm256_fmadd_ps(y, e->scale[h], e->shift[h]) : _mm256_add_ps(_mm256_mul_ps(y, e->scale[h]), e->shift[h]);
+        if (a->residual) /* the shortcut of a ResNet block, added as the last op like PyTorch's x + y */
+            y = _mm256_add_ps(y, e->partial ? _mm256_maskload_ps(a->residual + at + 8 * h, e->store_mask[h])
+                                            : _mm256_loadu_ps(a->residual + at + 8 * h));
         if (e->partial)
             _mm256_maskstore_ps(dst + 8 * h, e->store_mask[h], y);
         else

@@ -46,7 +46,9 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     __m512 y = _mm512_add_ps(_mm512_mul_ps(e->alpha, _mm512_cvtepi32_ps(dot)), e->bias);
     if (e->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
     if (e->post) y = e->fma ? _mm512_fmadd_ps(y, e->scale, e->shift) : _mm512_add_ps(_mm512_mul_ps(y, e->scale), e->shift);
-    _mm512_mask_storeu_ps(a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES, e->store_mask, y);
+    const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
+    if (a->residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(e->store_mask, a->residual + at));
+    _mm512_mask_storeu_ps(a->out + at, e->store_mask, y);
 }
 
 /* P output pixels x LANES channels: 2P accumulators stay in registers. KW: the words per

@@ -82,8 +82,10 @@ __attribute__((always_inline)) static inline void epilogue_neon(const conv_args 
         if (e->post) v = e->fma ? vfmaq_f32(e->shift[q], v, e->scale[q]) : vaddq_f32(mul_rounded(v, e->scale[q]), e->shift[q]);
         vst1q_f32(y + 4 * q, v);
     }
-    float *dst = a->out + ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
-    memcpy(dst, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
+    const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
+    if (a->residual)
+        for (int v = 0; v < e->nv; v++) y[v] += a->residual[at + v]; /* one rounding each, like PyTorch's add */
+    memcpy(a->out + at, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
 }
 
 /* P output pixels x LANES channels with 16-bit accumulators (kh * Kw <= NEON_U16_WORDS), in two
