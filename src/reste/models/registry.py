@@ -20,6 +20,7 @@ from typing import Callable, Dict
 from torch import nn
 
 from ..nn import BinaryLayer, binarize
+from .init import DEFAULT_INIT, apply_init, check_init
 
 __all__ = [
     "PRECISIONS",
@@ -104,6 +105,7 @@ def create(
     weight_estimator="same",
     weight_scale: str = "layer_mean",
     input_padding: str = "zero",
+    init: str = DEFAULT_INIT,
     **kwargs,
 ) -> nn.Module:
     """Build the registered model ``name`` in the given precision.
@@ -123,6 +125,9 @@ def create(
         weight_estimator: ``"same"`` (use ``estimator``), another estimator, or
             ``"dorefa"`` (DoReFa-Net's weight binarizer, the ViT baseline).
         weight_scale, input_padding: see :class:`reste.nn.BinaryConv2d`.
+        init: ``"pytorch"`` (the default: the model as built, PyTorch's layer defaults) or
+            ``"reference"`` (what the paper's reference code does for this model, see
+            :mod:`reste.models.init`), applied to the float network before binarization.
         **kwargs: architecture options of the model (e.g. ``width`` for the CNNs;
             ``patch_size``, ``dim``, ``depth``, ``heads``, ``mlp_dim`` for the ViT).
 
@@ -130,6 +135,7 @@ def create(
     can switch precision without editing the rest.
     """
     builder = _builder(name)
+    check_init(init)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (W = weight bits, A = activation bits)")
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
@@ -143,6 +149,7 @@ def create(
     if image_size is not None and "image_size" in accepted:
         kwargs["image_size"] = image_size
     model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    apply_init(model, name, init)  # once, on the float layers; binary layers share their weight tensors
     if precision == "fp":
         return model
     return binarize(

@@ -98,6 +98,9 @@ class ModelConfig:
     precision: str = _opt("1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp"))
     estimator: str = _opt("reste", "gradient estimator of the binary layers, one of reste.estimators()")
     kwargs: dict = _opt({}, "extra keyword arguments for reste.models.create (architecture options)")
+    init: str = _opt("pytorch", "initial weights: pytorch (PyTorch's layer defaults, as built) or reference (what the "
+                     "paper's code does for this model, see docs/models.md); model.init_from and resume replace them",
+                     ("pytorch", "reference"))
     init_from: Optional[str] = _opt(None, "start from a trained run's weights (RUN_DIR: best.pt, else last.pt; or a .pt file): matching tensors copied, estimators and optimizer fresh, the rest reported")
 
 
