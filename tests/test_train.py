@@ -63,18 +63,17 @@ def assert_same_weights(a: dict, b: dict):
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT):
-    """Deliver a real ``signum`` to this process after ``steps`` training steps (counted across epochs)."""
-    original = T.Trainer._update_bar
+def interrupt_after(steps: int, signum=signal.SIGINT):
+    """An ``on_step`` hook that delivers a real ``signum`` to this process after ``steps`` training
+    steps (counted across epochs)."""
     seen = {"n": 0}
 
-    def update_bar(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+    def on_step(epoch, step):
         seen["n"] += 1
         if seen["n"] == steps:
             signal.raise_signal(signum)
 
-    monkeypatch.setattr(T.Trainer, "_update_bar", update_bar)
+    return on_step
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +148,9 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
 # ----------------------------------------------------------------------------- resume
 def test_resume_from_an_epoch_boundary_gives_identical_weights(tmp_path, monkeypatch, straight_run):
     straight, _ = straight_run
-    interrupt_after(monkeypatch, steps=4)  # the last step of epoch 1: stops after its evaluation
+    stop_at = interrupt_after(steps=4)  # the last step of epoch 1: stops after its evaluation
     with pytest.raises(T.TrainingInterrupted) as stop:
-        T.train(progress=False, **tiny(tmp_path, "resumed"))
+        T.train(progress=False, on_step=stop_at, **tiny(tmp_path, "resumed"))
     assert stop.value.exit_code == 130
     run = tmp_path / "resumed"
     state = weights(run)
@@ -170,9 +169,9 @@ def test_resume_from_an_epoch_boundary_gives_identical_weights(tmp_path, monkeyp
 
 def test_resume_from_the_middle_of_an_epoch_gives_identical_weights(tmp_path, monkeypatch, straight_run):
     straight, _ = straight_run
-    interrupt_after(monkeypatch, steps=6, signum=signal.SIGTERM)  # step 2 of epoch 2
+    stop_at = interrupt_after(steps=6, signum=signal.SIGTERM)  # step 2 of epoch 2
     with pytest.raises(T.TrainingInterrupted) as stop:
-        T.train(progress=False, **tiny(tmp_path, "mid"))
+        T.train(progress=False, on_step=stop_at, **tiny(tmp_path, "mid"))
     assert stop.value.exit_code == 143 and "--resume" in str(stop.value)
     run = tmp_path / "mid"
     assert (weights(run)["epoch"], weights(run)["step_in_epoch"]) == (1, 2)

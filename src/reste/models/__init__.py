@@ -41,3 +41,8 @@ __all__ = [
     "names",
     "register_model",
 ]
+
+# building from a training config (imports nothing of reste.train at import time)
+from .build import build_model, check_model, model_arguments  # noqa: E402
+
+__all__ += ["build_model", "check_model", "model_arguments"]

@@ -57,7 +57,7 @@ class Teacher:
     def from_source(cls, source, cfg, meta, device, channels_last: bool = False) -> "Teacher":
         """The teacher of ``train.teacher=source`` for a run of ``cfg`` on the data set ``meta``."""
         from .config import config_from_dict
-        from .trainer import build_model
+        from ..models.build import build_model
 
         path = checkpoint_of(source, "train.teacher")
         state = load_checkpoint(path, map_location="cpu", required=("model",))

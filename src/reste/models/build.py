@@ -1,0 +1,82 @@
+"""Models from a training configuration: what ``reste train`` builds, export rebuilds and a
+teacher or ``reste eval`` loads, in one place.
+
+``cfg`` is a :class:`reste.train.Config` (or anything with its ``model``, ``estimator`` and
+``data`` sections), ``meta`` the data set's :func:`reste.data.info`. A bad ``model.kwargs``
+is a :class:`reste.train.ConfigError`.
+
+Layering: ``models`` sits below ``train``, so this module does not import ``reste.train`` at
+import time (``reste.train`` imports the trainer, which imports this module: a cycle). The config
+is duck-typed, and ``ConfigError`` and ``_short`` are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import check_size, create
+
+__all__ = ["model_arguments", "check_model", "build_model"]
+
+#: what building a model from a wrong model.kwargs raises (width: .inf an OverflowError, a huge
+#: width an allocator RuntimeError): all are a configuration error
+_BUILD_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
+
+
+def model_arguments(cfg, meta) -> dict:
+    """The ``reste.models.create`` arguments of a config: classes, channels and image size
+    from the data set ``meta`` (``reste.data.info``), estimator parameters from ``estimator.params``.
+    Export stores this dict, so a deployed model is rebuilt exactly as training built it."""
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.estimator.params:
+        kwargs["estimator_params"] = dict(cfg.estimator.params)
+    return {
+        "name": cfg.model.name, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
+        "precision": cfg.model.precision, "estimator": cfg.model.estimator, "image_size": meta.image_size, "kwargs": kwargs,
+        "init": cfg.model.init,
+    }
+
+
+def _model_label(cfg) -> str:
+    from ..train.config import _short  # lazily: see the module docstring
+
+    return f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} estimator.params={_short(cfg.estimator.params)}"
+
+
+def _config_error(message: str) -> Exception:
+    from ..train.config import ConfigError  # lazily: see the module docstring
+
+    return ConfigError(message)
+
+
+def check_model(cfg, meta) -> None:
+    """Build the model on the meta device (shapes only, no memory) and check that training it
+    fits this process's memory; ConfigError otherwise, so ``model.kwargs={width: 300}`` is
+    refused before anything is allocated (or any data read)."""
+    args = model_arguments(cfg, meta)
+    kwargs = args.pop("kwargs")
+    try:
+        with torch.device("meta"):
+            problem = check_size(create(args.pop("name"), **args, **kwargs))
+    except _BUILD_ERRORS as err:
+        raise _config_error(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
+    if problem:
+        raise _config_error(f"{_model_label(cfg)}: {problem}; lower the width or size in model.kwargs")
+
+
+def build_model(cfg, meta) -> nn.Module:
+    """``reste.models.create`` from the config, after :func:`check_model`; a bad ``model.kwargs``
+    is a :class:`ConfigError`."""
+    check_model(cfg, meta)
+    return _create_model(cfg, meta)
+
+
+def _create_model(cfg, meta) -> nn.Module:
+    """:func:`build_model` for a config :func:`check_model` has already passed."""
+    args = model_arguments(cfg, meta)
+    kwargs = args.pop("kwargs")
+    try:
+        return create(args.pop("name"), **args, **kwargs)
+    except _BUILD_ERRORS as err:
+        raise _config_error(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None

@@ -1,0 +1,409 @@
+"""The run folder: the one module that knows its layout, creates and locks it, and reads it back.
+
+``reste train`` writes, and ``reste report``, ``reste sweep``, ``reste export`` and
+``reste eval`` read::
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+        .lock                the flock held while a process trains into the folder
+        config.yaml          the resolved configuration
+        metrics.jsonl/.csv   one row per epoch
+        indicators.jsonl     every-N-step indicator values (analysis.every_steps > 0)
+        checkpoints/last.pt  every train.checkpoint_every epochs (and train.checkpoint_every_steps steps),
+                             at the end and on SIGINT/SIGTERM
+        checkpoints/best.pt  whenever test top-1 improves
+        summary.json         final and best accuracy, time, what was trained (``complete`` after the last epoch)
+        histograms/          fitting-error and gradient histograms (analysis.histograms_at + final epoch)
+        tb/                  TensorBoard events (when tensorboard is installed)
+
+It imports nothing above ``reste.train`` (analysis and deploy import it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, config_to_yaml, read_yaml
+
+__all__ = [
+    "CONFIG", "SUMMARY", "METRICS", "METRICS_CSV", "INDICATORS", "CHECKPOINTS", "HISTOGRAMS", "LOCK",
+    "checkpoint_path", "locate_checkpoint", "read_config", "read_summary", "read_metrics",
+    "has_results", "looks_like_run", "is_complete", "abandoned_setup",
+    "RunDirLock", "RunWriter", "claim_run_dir", "new_run_dir",
+]
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+INDICATORS = "indicators.jsonl"
+CHECKPOINTS = "checkpoints"
+HISTOGRAMS = "histograms"
+LOCK = ".lock"
+
+
+# ----------------------------------------------------------------------------- paths and reading
+def checkpoint_path(run_dir, which: str) -> Path:
+    """``RUN_DIR/checkpoints/<which>.pt`` (``which``: ``last`` or ``best``), whether or not it exists."""
+    return Path(run_dir) / CHECKPOINTS / f"{which}.pt"
+
+
+def locate_checkpoint(source, which: str) -> Path:
+    """The checkpoint a source names: a run directory's ``checkpoints/<which>.pt`` (CheckpointError
+    if it has none), or ``source`` itself (a file)."""
+    path = Path(source)
+    if path.is_dir():
+        candidate = checkpoint_path(path, which)
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} has no checkpoints/{which}.pt; is it a run directory written by `reste train`?")
+        return candidate
+    return path
+
+
+def read_config(run_dir, *, allow_empty: bool = False) -> dict:
+    """The run's ``config.yaml`` as a nested dict, read as every config is (duplicate keys,
+    size and nesting refused: ConfigError)."""
+    return read_yaml(Path(run_dir) / CONFIG, allow_empty=allow_empty)
+
+
+def read_summary(run_dir) -> dict | None:
+    """The run's ``summary.json`` (None if it has none; ValueError naming it if it is not valid JSON)."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the run's files are damaged") from None
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (one dict per epoch), in file order."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory written by `reste train`")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err}); the file is damaged") from None
+    return rows
+
+
+def has_results(path) -> bool:
+    """Whether ``path`` holds a run's results (summary.json or metrics.jsonl): what a report reads."""
+    path = Path(path)
+    return (path / SUMMARY).is_file() or (path / METRICS).is_file()
+
+
+def looks_like_run(path) -> bool:
+    """Whether ``path`` was made by ``reste train`` (a config, checkpoints, or the lock: reste created it,
+    even if set-up was killed before anything else was written)."""
+    path = Path(path)
+    return (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir() or (path / LOCK).is_file()
+
+
+_looks_like_run = looks_like_run  # the trainer's older name
+
+
+def is_complete(run_dir) -> bool:
+    """Whether a run finished: its summary.json exists and does not say ``complete: false``.
+
+    The trainer rewrites summary.json after every epoch, marking it complete after the last.
+    """
+    try:
+        data = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and summary_complete(data)
+
+
+def summary_complete(summary: dict | None) -> bool:
+    """Whether a read summary marks its run complete (an old summary without the key counts as complete)."""
+    return summary is not None and summary.get("complete", True) is not False
+
+
+#: what a run folder holds before its first epoch ends: a set-up killed there left nothing of value
+_SETUP_FILES = {LOCK, CONFIG, f".{CONFIG}.tmp"}
+
+
+def abandoned_setup(path: Path) -> bool:
+    """Whether ``path`` is a run folder whose set-up was stopped (SIGKILL, power loss) before its
+    first checkpoint and metrics: only the lock, the config, empty folders and TensorBoard's first
+    event file. Such a folder is reused by the same command (it held no results)."""
+    if not (path / LOCK).is_file():
+        return False
+    for item in path.rglob("*"):
+        rel = item.relative_to(path)
+        if (item.is_dir() or str(rel) in _SETUP_FILES or rel.parts[0] == "tb"
+                or (item.name.startswith(".") and item.name.endswith(".tmp"))):
+            continue
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- writing
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _clean(value):
+    """NaN/inf -> None, so JSON stays valid (``null``) and CSV shows an empty cell."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a temp file beside it, then ``os.replace``); on a
+    failed write (a full disk) the temp file is removed and the OSError names ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+class RunWriter:
+    """Writes the run directory's files (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        (run_dir / HISTOGRAMS).mkdir(exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def write_config(self, cfg: Config) -> None:
+        if self.enabled:
+            _write_text(self.run_dir / CONFIG, config_to_yaml(cfg))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite metrics.jsonl and metrics.csv from all rows so far (keys may appear later, e.g. indicators)."""
+        if not self.enabled:
+            return
+        _write_text(self.run_dir / METRICS,
+                    "".join(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n" for row in rows))
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
+        _write_text(self.run_dir / METRICS_CSV, text.getvalue())
+
+    def log_scalars(self, row: dict) -> None:
+        if self.tb is None:
+            return
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.tb.add_scalar(key, value, row["epoch"])
+        self.tb.flush()
+
+    def append_indicators(self, row: dict) -> None:
+        if self.enabled:
+            path = self.run_dir / INDICATORS
+            try:
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row, default=_json_default) + "\n")
+            except OSError as err:  # a cut line is skipped on resume (truncate_indicators)
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+
+    def truncate_indicators(self, global_step: int) -> None:
+        """On resume: drop indicator rows measured after the checkpoint (they will be measured again)."""
+        path = self.run_dir / INDICATORS
+        if not self.enabled or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["global_step"] <= global_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a killed process
+        _write_text(path, "".join(kept))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            _write_json(self.run_dir / SUMMARY, summary)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+# ----------------------------------------------------------------------------- creating and locking
+class RunDirLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` held while a process trains into the folder.
+
+    Two processes writing one run (a resume started twice, a job re-queued while the old
+    one still runs) would interleave their checkpoints and metrics. The kernel drops the
+    lock when its holder dies, SIGKILL included, so a crashed run never blocks a resume.
+    Without ``fcntl`` (Windows) this does nothing.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fh = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise ConfigError(
+                f"run directory {self.path.parent} is in use by another process (pid {holder}); "
+                "wait for it to finish or stop it, or start a new run"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor releases the flock
+            self._fh = None
+
+
+def _claim(path: Path, taken_message: str) -> RunDirLock:
+    """Create the folder ``path`` with its lock already held, atomically: it is built under a
+    temporary name and renamed into place, so two runs started at once never share it and
+    neither sees the other's half-made folder. ConfigError(``taken_message``) if ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.claim-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    lock = RunDirLock(staging)
+    lock.acquire()  # a new folder: nobody else can hold it
+    try:
+        os.rename(staging, path)  # fails if path exists (unless it is an empty folder, which it replaces)
+    except OSError:
+        lock.release()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigError(taken_message) from None
+    lock.path = path / LOCK
+    return lock
+
+
+def _discard(path: Path) -> None:
+    """Remove a run folder after checking that no process uses it; renamed away first, so the
+    name is free at once and a concurrent run never sees it half-deleted."""
+    probe = RunDirLock(path)
+    probe.acquire()  # refuses to delete a run that another process is training right now
+    trash = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # another --force run moved it first
+        return
+    finally:
+        probe.release()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
+    """Create a fresh run directory and lock it; an existing one is replaced only with ``force``,
+    or when it is a set-up that was stopped before its first checkpoint (:func:`abandoned_setup`)."""
+    parent = Path(cfg.out.dir)
+    if cfg.out.name:
+        path = parent / cfg.out.name
+        exists = (f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, "
+                  "or choose another out.name")
+        if path.exists():
+            if abandoned_setup(path):
+                _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
+                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no results",
+                      file=sys.stderr, flush=True)
+            elif not force:
+                raise ConfigError(exists)
+            elif not path.is_dir() or (not looks_like_run(path) and any(path.iterdir())):
+                raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
+            else:
+                _discard(path)
+        lock = _claim(path, f"run directory {path} was just created by another run started at the same time; "
+                            "wait for it, or choose another out.name")
+        return path, lock
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = parent / f"{cfg.run_name}-{stamp}"
+    suffix = 2
+    while True:
+        try:
+            path.mkdir(parents=True)  # claims the name atomically: runs started in the same second never share it
+            break
+        except FileExistsError:
+            path = parent / f"{cfg.run_name}-{stamp}-{suffix}"
+            suffix += 1
+    lock = RunDirLock(path)
+    lock.acquire()
+    return path, lock
+
+
+def new_run_dir(cfg: Config, force: bool) -> Path:
+    """Create and return a fresh run directory (see :func:`claim_run_dir`; the lock is released)."""
+    path, lock = claim_run_dir(cfg, force)
+    lock.release()
+    return path
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.<token>.tmp`` files that a killed writer left behind.
+
+    Only called under the run-directory lock, so no live process of this run is writing them.
+    """
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_remove_stale_temp_files = remove_stale_temp_files  # the trainer's older name
