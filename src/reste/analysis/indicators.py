@@ -29,7 +29,6 @@ run by the mean of ``e`` over epochs and the sum of ``s`` over epochs:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -301,21 +300,12 @@ def load_snapshot(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl`` (one dict per epoch), in file order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory written by `reste train`")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err}); the file is damaged") from None
-    return rows
+    """The rows of ``run_dir/metrics.jsonl`` (one dict per epoch), in file order
+    (:func:`reste.train.rundir.read_metrics`: that module owns the run folder)."""
+    # imported here: the tracker above is used by the trainer, so this module does not import reste.train
+    from ..train.rundir import read_metrics as read
+
+    return read(run_dir)
 
 
 def reference_aggregates(rows_or_run_dir: Iterable[dict] | str | os.PathLike) -> dict:

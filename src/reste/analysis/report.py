@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import yaml
 
-from .indicators import load_snapshot, read_metrics, reference_aggregates
+from ..train import rundir
+from ..train.config import ConfigError
+from .indicators import load_snapshot, reference_aggregates
 
 __all__ = ["NotARunError", "RunRecord", "Cell", "load_run", "find_runs", "build_report", "PAPER"]
 
@@ -135,7 +136,7 @@ class RunRecord:
     @property
     def finished(self) -> bool:
         """Trained to the end: the trainer marks summary.json ``complete`` after the last epoch."""
-        return self.summary is not None and self.summary.get("complete", True) is not False
+        return rundir.summary_complete(self.summary)
 
     @property
     def flat(self) -> dict:
@@ -166,7 +167,7 @@ class RunRecord:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "summary.json").is_file() or (path / "metrics.jsonl").is_file()
+    return rundir.has_results(path)
 
 
 def load_run(path: str | os.PathLike) -> RunRecord:
@@ -177,16 +178,17 @@ def load_run(path: str | os.PathLike) -> RunRecord:
     if not _is_run(path):
         raise NotARunError(f"{path} is not a run directory: it has neither summary.json nor metrics.jsonl. "
                            "Give a directory written by `reste train` (runs/<name>-<time>/) or by `reste sweep`")
-    summary = None
-    if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except json.JSONDecodeError as err:
-            raise NotARunError(f"{path / 'summary.json'} is not valid JSON ({err}); the run's files are damaged") from None
+    try:
+        summary = rundir.read_summary(path)
+    except ValueError as err:
+        raise NotARunError(str(err)) from None
     config = {}
-    if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    metrics = read_metrics(path) if (path / "metrics.jsonl").is_file() else []
+    if (path / rundir.CONFIG).is_file():
+        try:  # read as every config is: a key given twice is refused, not silently the last
+            config = rundir.read_config(path, allow_empty=True)
+        except ConfigError as err:
+            raise NotARunError(f"{err}; the run's files are damaged") from None
+    metrics = rundir.read_metrics(path) if (path / rundir.METRICS).is_file() else []
     return RunRecord(dir=path, config=config, summary=summary, metrics=metrics)
 
 
@@ -578,7 +580,7 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
 
 
 def _last_snapshot(run: RunRecord) -> Path | None:
-    snaps = sorted((run.dir / "histograms").glob("*.npz")) if (run.dir / "histograms").is_dir() else []
+    snaps = sorted((run.dir / rundir.HISTOGRAMS).glob("*.npz")) if (run.dir / rundir.HISTOGRAMS).is_dir() else []
     return snaps[-1] if snaps else None
 
 

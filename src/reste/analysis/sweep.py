@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import yaml
 
+from ..train import rundir
+
 __all__ = ["Sweep", "SweepRun", "SweepError", "SweepConfigError", "is_complete", "parse_grid", "split_values", "run_name", "launch_subprocess"]
 
 #: statuses a run can have in sweep.json
@@ -101,16 +103,8 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[tuple[str, object]]]:
     return grid
 
 
-def is_complete(run_dir: Path) -> bool:
-    """Whether a run finished: its summary.json exists and does not say ``complete: false``.
-
-    The trainer rewrites summary.json after every epoch, marking it complete after the last.
-    """
-    try:
-        data = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("complete", True) is not False
+#: whether a run finished: its summary.json exists and does not say ``complete: false``
+is_complete = rundir.is_complete
 
 
 def run_name(items: Sequence[tuple[str, str]]) -> str:
@@ -214,7 +208,7 @@ class Sweep:
         """Set ``status`` and the result from what is on disk."""
         if is_complete(run.path):
             run.status = "done"
-            data = json.loads((run.path / "summary.json").read_text())
+            data = rundir.read_summary(run.path)
             run.final_top1, run.best_top1 = data.get("final_top1"), data.get("best_top1")
 
     def check(self) -> None:
@@ -230,7 +224,7 @@ class Sweep:
         from ..train.config import ConfigError, load_config
 
         for run in self.runs:
-            if run.status == "done" or (run.path / "checkpoints" / "last.pt").is_file():
+            if run.status == "done" or rundir.checkpoint_path(run.path, "last").is_file():
                 continue
             try:
                 with warnings.catch_warnings():
@@ -246,7 +240,7 @@ class Sweep:
     def command(self, run: SweepRun) -> tuple[list[str], str]:
         """The ``reste train`` command line for ``run`` and the action it takes."""
         base = [sys.executable, "-m", "reste", "train"]
-        if (run.path / "checkpoints" / "last.pt").is_file():
+        if rundir.checkpoint_path(run.path, "last").is_file():
             return base + ["--resume", str(run.path)], "resume"
         argv = base + ([str(self.config)] if self.config is not None else [])
         argv += self._train_items(run)

@@ -135,13 +135,14 @@ def _model_for_summary(args):
         return model, tuple(args.input_size or default)
     if src.is_dir() or src.suffix in (".yaml", ".yml"):
         from ..train.config import load_config
+        from ..train.rundir import CONFIG
 
-        cfg_path = src / "config.yaml" if src.is_dir() else src
+        cfg_path = src / CONFIG if src.is_dir() else src
         if not cfg_path.is_file():
             raise ValueError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
         cfg = load_config(str(cfg_path))
         meta = data.info(cfg.data.name)
-        from ..train.trainer import check_model
+        from ..models.build import check_model
 
         check_model(cfg, meta)  # model.kwargs={width: 300}: refused on the meta device, before allocating
         model = build_architecture(architecture_from_config(cfg))

@@ -629,8 +629,8 @@ def architecture_from_config(config) -> dict:
     set, estimator parameters from the ``estimator.params`` section.
     """
     from .. import data
+    from ..models.build import model_arguments
     from ..train.config import config_from_dict
-    from ..train.trainer import model_arguments
 
     cfg = config_from_dict(config) if isinstance(config, dict) else config
     return model_arguments(cfg, data.info(cfg.data.name))
@@ -642,25 +642,24 @@ def load_run_model(run_dir, checkpoint: str = "best") -> tuple[nn.Module, dict, 
     ``checkpoint`` is ``"best"`` or ``"last"`` (``checkpoints/<checkpoint>.pt``) or a path to a ``.pt`` file.
     """
     from ..train.checkpoint import load_checkpoint, load_model_weights
+    from ..train.rundir import CONFIG, checkpoint_path, read_config
 
     run_dir = Path(run_dir)
     if checkpoint in ("best", "last"):
-        ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+        ckpt_path = checkpoint_path(run_dir, checkpoint)
         if not ckpt_path.is_file():
             other = "last" if checkpoint == "best" else "best"
-            hint = f"; try --checkpoint {other}" if (run_dir / "checkpoints" / f"{other}.pt").is_file() else ""
+            hint = f"; try --checkpoint {other}" if checkpoint_path(run_dir, other).is_file() else ""
             raise ExportError(f"{ckpt_path} does not exist{hint} (is {run_dir} a run directory written by `reste train`?)")
     else:
         ckpt_path = Path(checkpoint)
     state = load_checkpoint(ckpt_path, required=("model",))
     config = state.get("config")
     if not config:
-        cfg_file = run_dir / "config.yaml"
+        cfg_file = run_dir / CONFIG
         if not cfg_file.is_file():
             raise ExportError(f"{ckpt_path} holds no config and {cfg_file} is missing; cannot tell which architecture to build")
-        from ..train.config import read_yaml
-
-        config = read_yaml(cfg_file)
+        config = read_config(run_dir)
     architecture = architecture_from_config(config)
     if architecture["precision"] == "fp":
         raise ExportError(f"{run_dir} trained a full-precision model (model.precision: fp); there are no binary layers to pack")

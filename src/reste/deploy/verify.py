@@ -162,11 +162,11 @@ def compare(trained: nn.Module, exported: nn.Module, loader, limit: int | None =
 def _run_config(run_dir: Path, checkpoint: str) -> dict:
     """The config a run's checkpoint was trained with (as ``load_run_model`` reads it)."""
     from ..train.checkpoint import load_checkpoint
-    from ..train.config import read_yaml
+    from ..train.rundir import checkpoint_path, read_config
 
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt" if checkpoint in ("best", "last") else Path(checkpoint)
+    path = checkpoint_path(run_dir, checkpoint) if checkpoint in ("best", "last") else Path(checkpoint)
     config = load_checkpoint(path, required=("model",)).get("config")
-    return config or read_yaml(run_dir / "config.yaml")
+    return config or read_config(run_dir)
 
 
 def check_export(run_dir, out, model: nn.Module, checkpoint: str = "best", *, verify: bool = True,
@@ -234,7 +234,7 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
     """
     from .. import data as rdata
     from ..train.config import ConfigError
-    from ..train.trainer import evaluate_model
+    from ..train.evaluation import evaluate_model
     from .export import load
 
     path = Path(path)

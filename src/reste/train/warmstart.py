@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .rundir import CONFIG, checkpoint_path, read_config
 
 __all__ = ["checkpoint_of", "source_config", "init_from"]
 
@@ -22,7 +23,7 @@ def checkpoint_of(source, key: str) -> Path:
     path = Path(source)
     if path.is_dir():
         for which in ("best", "last"):
-            candidate = path / "checkpoints" / f"{which}.pt"
+            candidate = checkpoint_path(path, which)
             if candidate.is_file():
                 return candidate
         raise CheckpointError(f"{key}={str(source)!r}: no checkpoints/best.pt or last.pt there; give a run directory "
@@ -38,10 +39,8 @@ def source_config(path: Path, state: dict) -> dict | None:
     if isinstance(state.get("config"), dict):
         return state["config"]
     for folder in (path.parent, path.parent.parent):
-        if (folder / "config.yaml").is_file():
-            from .config import read_yaml
-
-            return read_yaml(folder / "config.yaml")
+        if (folder / CONFIG).is_file():
+            return read_config(folder)
     return None
 
 
