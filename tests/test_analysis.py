@@ -468,6 +468,7 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     from reste.cli import main
 
     assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 1  # an unusable input (reste.cli exit codes)
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_reads_config_yaml_as_training_does_and_refuses_a_key_given_twice(tmp_path):
@@ -476,7 +477,6 @@ def test_report_reads_config_yaml_as_training_does_and_refuses_a_key_given_twice
     path.write_text(path.read_text() + "seed: 1\n")  # seed is already there: yaml.safe_load would keep the last
     with pytest.raises(NotARunError, match="seed"):
         build_report([tmp_path / "dup"], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_report_without_matplotlib_writes_tables_and_says_how_to_get_plots(tmp_path, monkeypatch):
