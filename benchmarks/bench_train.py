@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import reste
-from reste import _fast
+from reste import ops
 
 
 def make_model(name: str, precision: str, device: str, channels_last: bool):
@@ -189,11 +189,11 @@ def main(argv=None):
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                    "kernels": _fast.kernels_enabled()},
+                    "kernels": ops.kernels_enabled()},
         "command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_step": [],
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, compiled kernels: {_fast.kernels_enabled()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, compiled kernels: {ops.kernels_enabled()}")
     est = bench_estimator(args.device)
     results["estimator"] = est
     print(f"estimator fwd+bwd, 2M elements: ReSTE {est['reste_ms']:.2f} ms, bare clipped STE {est['clipped_ste_ms']:.2f} ms, ratio {est['ratio']:.2f}x")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from reste import models
+from reste import _ext as _loader, models
 from reste.deploy import bench, packed
 from reste.deploy.export import export, load
 from reste.deploy.fuse import fuse_epilogues
@@ -91,9 +91,9 @@ def _hooked_pass(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
 
         hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     timed, spent = _split_kernel_calls()
-    real_ext = packed._extension
+    real_ext = packed._ext()
     try:
-        packed._extension = timed
+        _loader.BITOPS.module = timed
         with torch.no_grad():
             model(x)
             per_type.clear()
@@ -103,7 +103,7 @@ def _hooked_pass(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
                 model(x)
             total = (time.perf_counter() - start) / rounds
     finally:
-        packed._extension = real_ext
+        _loader.BITOPS.module = real_ext
         for h in hooks:
             h.remove()
     out = {"total_hooked_ms": 1e3 * total}

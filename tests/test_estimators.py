@@ -11,18 +11,18 @@ import pytest
 import torch
 
 import reste
-from reste import _fast
+from reste import ops
 from reste.estimators import binary_sign, binary_sign_torch
 
 
 @pytest.fixture(params=["kernel", "torch"])
 def code_path(request):
     """Run a test through the compiled CPU kernels and through the pure PyTorch formulas."""
-    if request.param == "kernel" and _fast._kernels is None:
+    if request.param == "kernel" and not ops.kernels_built():
         pytest.skip("compiled kernels not built")
-    previous = _fast.set_kernels_enabled(request.param == "kernel")
+    previous = ops.set_kernels_enabled(request.param == "kernel")
     yield request.param
-    _fast.set_kernels_enabled(previous)
+    ops.set_kernels_enabled(previous)
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -350,12 +350,12 @@ def test_inplace_rule_equals_out_of_place(o, code_path):
 
 
 def test_kernel_handles_channels_last_and_rejects_mixed_layouts(monkeypatch):
-    if _fast._kernels is None:
+    if not ops.kernels_built():
         pytest.skip("compiled kernels not built")
-    monkeypatch.setattr(_fast, "_ENABLED", True)  # also under RESTE_NO_EXT=1
+    monkeypatch.setattr(ops, "_ENABLED", True)  # also under RESTE_NO_EXT=1
     z = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
-    assert torch.equal(_fast.sign(z), binary_sign_torch(z))
-    assert _fast.reste_backward(z, torch.randn(2, 3, 4, 5), torch.tensor(3.0), 1.5, 0.1) is None  # strides differ
+    assert torch.equal(ops._sign_kernel(z), binary_sign_torch(z))
+    assert ops._reste_backward_kernel(z, torch.randn(2, 3, 4, 5), torch.tensor(3.0), 1.5, 0.1) is None  # strides differ
 
 
 def _compiled_grad(name, z_np, **params):

@@ -186,7 +186,7 @@ def test_estimator_options_reach_every_binary_layer():
 
     dorefa = reste.models.create("vit_tiny", precision="1w32a", weight_estimator="dorefa", depth=2, image_size=32, patch_size=4)
     layers = [layer for _, layer in reste.nn.binary_layers(dorefa)]
-    assert len(layers) == 8 and all(layer.dorefa and not layer.binary_inputs for layer in layers)
+    assert len(layers) == 8 and all(layer.weight_estimator.name == "dorefa" and not layer.binary_inputs for layer in layers)
 
     scaled = reste.models.create("vgg_small", weight_scale="channel_mean", input_padding="+1")
     layer = scaled.get_submodule("features.conv1")

@@ -213,7 +213,7 @@ def _assert_same_outputs_and_gradients(layer, reference, x):
 def _unfused_copy(layer):
     """The same layer computing through the plain estimator + conv ops (no fusion)."""
     other = copy.deepcopy(layer)
-    other.input_estimator.fusable = False
+    other.input_estimator.recompute_sign_in_backward = False
     return other
 
 

@@ -7,6 +7,10 @@ backward rule of its own: ``dL/dz = g(z) * dL/dy``. Each is a small
 name; ``reste.estimator(name, **params)`` builds one, ``reste.estimators()``
 lists the names.
 
+Weight binarizers (:class:`WeightBinarizer`, registered apart with
+:func:`register_weight_binarizer`) are for weights only and apply a scale of
+their own: DoReFa-Net's ``E|W| sign(W)`` (``weight_estimator="dorefa"``).
+
 Parameters that change while training runs (ReSTE's ``o``; EDE's and RBNN's
 ``t`` and ``k``; FDA's ``n``) live in buffers, so they are part of the model's
 ``state_dict`` and a resumed run continues with the right value. They are kept
@@ -24,7 +28,9 @@ from typing import Callable, Dict, Type
 import torch
 from torch import Tensor, nn
 
-from . import _fast
+from . import ops
+from .ops import _param, reste_grad
+from .ops import sign as binary_sign, sign_torch as binary_sign_torch
 
 __all__ = [
     "Estimator",
@@ -37,26 +43,61 @@ __all__ = [
     "RBNN",
     "FDA",
     "DSQ",
+    "WeightBinarizer",
+    "DoReFa",
     "binary_sign",
     "estimator",
     "estimators",
     "register",
+    "register_weight_binarizer",
+    "weight_binarizer",
+    "weight_binarizers",
 ]
 
 _REGISTRY: Dict[str, Type["Estimator"]] = {}
+_WEIGHT_BINARIZERS: Dict[str, Type["WeightBinarizer"]] = {}
 
 
 def register(name: str) -> Callable[[Type["Estimator"]], Type["Estimator"]]:
     """Class decorator: make an :class:`Estimator` subclass available by ``name``."""
 
     def wrap(cls: Type["Estimator"]) -> Type["Estimator"]:
-        if name in _REGISTRY:
-            raise ValueError(f"estimator name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
+        if taken is not None:
+            raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return wrap
+
+
+def register_weight_binarizer(name: str) -> Callable[[Type["WeightBinarizer"]], Type["WeightBinarizer"]]:
+    """Class decorator: make a :class:`WeightBinarizer` subclass available by ``name`` as a layer's
+    ``weight_estimator`` (not listed by :func:`estimators`: it cannot binarize inputs)."""
+
+    def wrap(cls: Type["WeightBinarizer"]) -> Type["WeightBinarizer"]:
+        taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
+        if taken is not None:
+            raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
+        cls.name = name
+        _WEIGHT_BINARIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def weight_binarizers() -> list[str]:
+    """Names of all registered weight binarizers, sorted."""
+    return sorted(_WEIGHT_BINARIZERS)
+
+
+def weight_binarizer(name: str) -> "WeightBinarizer":
+    """Build the weight binarizer registered as ``name`` (they take no parameters)."""
+    try:
+        return _WEIGHT_BINARIZERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown weight binarizer {name!r}; known: {', '.join(weight_binarizers())}") from None
 
 
 def estimators() -> list[str]:
@@ -89,27 +130,6 @@ def estimator(name: str, **params) -> "Estimator":
         raise TypeError(f"estimator {name!r}: {err}") from None
 
 
-def binary_sign(z: Tensor) -> Tensor:
-    """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
-
-    One fused pass with the compiled kernel where it applies (CPU float32),
-    else :func:`binary_sign_torch`.
-    """
-    out = _fast.sign(z)
-    return binary_sign_torch(z) if out is None else out
-
-
-def binary_sign_torch(z: Tensor) -> Tensor:
-    """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
-
-    ``sign(sign(z) + 0.5)`` maps {-1, 0, +1} to {-1, +1, +1} in two cheap
-    elementwise passes, avoiding boolean tensors (slow on CPU). ``torch.sign`` maps
-    NaN to 0 on CPU, so NaN becomes +1 here: a diverged run shows in its loss and
-    gradients (which stay NaN), not in the binary activations.
-    """
-    return torch.sign(torch.sign(z) + 0.5)
-
-
 def _scalar(value, name: str) -> Tensor:
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -136,9 +156,11 @@ class Estimator(nn.Module):
         """A copy configured for binarizing activations (same rule unless overridden)."""
         return copy.deepcopy(self)
 
-    #: whether the backward rule depends on nothing trainable, so that fused layers may
-    #: apply it themselves (:meth:`surrogate_grad`); DSQ's learnable alpha opts out
-    fusable: bool = True
+    #: whether a binary layer may recompute ``sign(z)`` in its backward instead of saving it, and
+    #: apply this rule to its input gradient itself (:meth:`surrogate_grad`, see
+    #: :func:`reste.ops.recomputes_sign`): true when the rule depends on nothing trainable;
+    #: DSQ's learnable alpha opts out
+    recompute_sign_in_backward: bool = True
 
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
         """The backward rule: ``dL/dz = g(z) * dL/dy`` (what this estimator's backward returns)."""
@@ -182,29 +204,7 @@ class _SignFn(torch.autograd.Function):
         return ctx.est.surrogate_grad(z, grad_out), None
 
 
-def _param(buf: Tensor, like: Tensor) -> Tensor:
-    """A scalar buffer on the data's device and dtype (a no-op in the common case)."""
-    return buf.to(device=like.device, dtype=like.dtype)
-
-
 # --------------------------------------------------------------------------- ReSTE
-def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
-    """The ReSTE gradient g_o(z) (without the incoming gradient).
-
-    ``g = (1/o) |z|^((1-o)/o)`` on ``m < |z| <= t``, the secant slope
-    ``m^(1/o) / m`` on ``|z| <= m`` and 0 beyond ``t``. Written as
-    ``c(|z|) * max(|z|, m)^((1-o)/o)`` where ``c`` is ``1`` inside ``[0, m]``
-    (``m^((1-o)/o) = m^(1/o)/m``), ``1/o`` on ``(m, t]`` and ``0`` beyond.
-    """
-    o = _param(o, z)
-    a = z.abs()
-    # exp(e log a) rather than pow(a, e): with a tensor exponent, inductor vectorises exp and
-    # log but not pow, which made the compiled backward 3x slower
-    power = torch.exp((1.0 - o) / o * torch.log(a.clamp(min=m)))
-    coef = torch.where(a <= m, torch.ones_like(o), torch.where(a <= t, 1.0 / o, torch.zeros_like(o)))
-    return coef * power
-
-
 @register("reste")
 class ReSTE(Estimator):
     r"""Rectified Straight-Through Estimator.
@@ -250,12 +250,11 @@ class ReSTE(Estimator):
         super().set_param(name, value)
 
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
-        fused = _fast.reste_backward(z, grad_out, self.o, self.t, self.m)
-        return reste_grad(z, self.o, self.t, self.m) * grad_out if fused is None else fused
+        """``g_o(z) * grad_out`` (:func:`reste.ops.reste_grad`; the compiled kernel where it applies)."""
+        return ops.reste_backward(z, grad_out, self.o, self.t, self.m)
 
     def surrogate_grad_(self, z: Tensor, grad_out: Tensor) -> Tensor:
-        fused = _fast.reste_backward(z, grad_out, self.o, self.t, self.m, inplace=True)
-        return grad_out.mul_(reste_grad(z, self.o, self.t, self.m)) if fused is None else fused
+        return ops.reste_backward(z, grad_out, self.o, self.t, self.m, inplace=True)
 
     def extra_repr(self) -> str:
         return f"o={float(self.o):.4g}, t={self.t:g}, m={self.m:g}"
@@ -528,7 +527,7 @@ class DSQ(Estimator):
             raise ValueError(f"DSQ needs 0 < alpha < 1, got {alpha}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=bool(learnable))
 
-    fusable = False  # alpha is trained through the backward
+    recompute_sign_in_backward = False  # alpha is trained through the backward
 
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
         a = self.alpha.detach().clamp(1e-4, 1.0 - 1e-4).to(z.dtype)
@@ -539,3 +538,56 @@ class DSQ(Estimator):
 
     def extra_repr(self) -> str:
         return f"alpha={float(self.alpha):.4g}"
+
+
+# --------------------------------------------------------------------------- weight binarizers
+class WeightBinarizer(Estimator):
+    """A binarizer for a layer's weights that applies its own scale.
+
+    Its forward returns the weights the layer computes with, ``alpha * sign(W)`` (not +-1),
+    and :meth:`alpha` the scale, so the layer adds none of its own; the layer's
+    ``weight_scale`` must be :attr:`weight_scale`. Weights only: it cannot binarize inputs.
+    """
+
+    #: the layer ``weight_scale`` this binarizer's own scale is
+    weight_scale = "layer_mean"
+    #: how the error message names the binarizer and its scale
+    title = "?"
+    scale_text = "?"
+
+    def alpha(self, w: Tensor) -> Tensor:
+        """The scale ``alpha`` of the binary weights ``w`` (shape broadcastable to ``w``)."""
+        raise NotImplementedError
+
+    def check_weight_scale(self, weight_scale: str) -> None:
+        """Refuse a layer ``weight_scale`` other than the scale this binarizer applies itself."""
+        if weight_scale != self.weight_scale:
+            raise ValueError(f"the {self.title} weight binarizer always uses {self.scale_text} as its scale; "
+                             f"leave weight_scale={self.weight_scale!r}")
+
+    def for_inputs(self) -> "Estimator":
+        raise ValueError(f"{self.name!r} binarizes weights only; choose an estimator for the inputs "
+                         f"({', '.join(estimators())})")
+
+
+@register_weight_binarizer("dorefa")
+class DoReFa(WeightBinarizer):
+    r"""The weight binarizer of DoReFa-Net.
+
+    Forward: :math:`w_b = \mathbb{E}|W| \cdot \mathrm{sign}(W)` (one scale for the layer,
+    ``sign(0) = +1``). Backward: the identity, :math:`\partial L / \partial W = \partial L / \partial w_b`;
+    the scale :math:`\mathbb{E}|W|` is under stop-gradient, so it is not trained.
+    """
+
+    title = "DoReFa"
+    scale_text = "the layer mean |W|"
+
+    def alpha(self, w: Tensor) -> Tensor:
+        return w.abs().mean()
+
+    def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        return grad_out
+
+    def forward(self, w: Tensor) -> Tensor:
+        # forward E|W| sign(W); backward identity (scale under stop-gradient)
+        return w + (w.abs().mean() * binary_sign(w) - w).detach()

@@ -215,8 +215,6 @@ class ModelDescription:
 
 
 def _estimator_label(module: nn.Module, which: str) -> str:
-    if which == "weights" and getattr(module, "dorefa", False):
-        return "dorefa"
     est = getattr(module, "weight_estimator" if which == "weights" else "input_estimator", None)
     return "real" if est is None else est.name
 

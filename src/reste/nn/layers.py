@@ -15,15 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _fast
-from ..estimators import Estimator, binary_sign, estimator as make_estimator
+from .. import ops
+from ..estimators import Estimator, WeightBinarizer, binary_sign, estimator as make_estimator
+from ..estimators import weight_binarizer, weight_binarizers
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "WEIGHT_SCALES", "INPUT_PADDINGS", "binary_layers"]
 
 WEIGHT_SCALES = ("layer_mean", "channel_mean", "none")
 INPUT_PADDINGS = {"zero": 0.0, "+1": 1.0, "-1": -1.0}
-#: the weight binarizer of DoReFa-Net: E|W| * sign(W), identity gradient, scale not trained
-DOREFA = "dorefa"
 
 EstimatorSpec = Union[str, Estimator, None]
 
@@ -31,21 +30,24 @@ EstimatorSpec = Union[str, Estimator, None]
 def _build(spec: EstimatorSpec, params: dict | None, for_inputs: bool) -> Estimator | None:
     if spec is None:
         return None
+    if not for_inputs and isinstance(spec, str) and spec in weight_binarizers():
+        return weight_binarizer(spec)  # e.g. "dorefa"; estimator_params are for the estimators
     est = make_estimator(spec, **(params or {})) if not isinstance(spec, Estimator) else spec
     return est.for_inputs() if for_inputs else est
 
 
 class _BinaryInputConvFn(torch.autograd.Function):
-    """``conv2d(sign(x), w)`` that keeps only ``x`` (not ``sign(x)`` too) for backward.
+    """``conv2d(sign(x), w)`` that keeps only ``x`` (not ``sign(x)`` too) for backward: the
+    recompute path of :func:`reste.ops.recomputes_sign`.
 
-    An unfused layer saves ``x`` in the estimator and ``sign(x)`` in the conv: twice the
+    The plain path saves ``x`` in the estimator and ``sign(x)`` in the conv: twice the
     activation memory of a float conv. Here ``sign(x)`` is recomputed in backward (one
     cheap pass), and the estimator's rule is applied to the conv's input gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value):
-        xb = _pad_binary(_transient_sign(x), padding, pad_value)
+        xb = _pad_binary(ops.transient_sign(x), padding, pad_value)
         conv_padding = padding if pad_value is None else (0, 0)
         ctx.save_for_backward(x, weight)
         ctx.conf = (est, stride, padding, dilation, groups, pad_value, conv_padding, None if bias is None else tuple(bias.shape))
@@ -56,7 +58,7 @@ class _BinaryInputConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         est, stride, padding, dilation, groups, pad_value, conv_padding, bias_shape = ctx.conf
         dtype = grad_out.dtype  # under autocast the forward conv ran in bf16: stay in it
-        xb = _pad_binary(_transient_sign(x), padding, pad_value).to(dtype)
+        xb = _pad_binary(ops.transient_sign(x), padding, pad_value).to(dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_xb, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, xb, weight.to(dtype), list(bias_shape) if bias_shape else None,
@@ -113,13 +115,6 @@ class _BinaryInputLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _transient_sign(x: Tensor) -> Tensor:
-    """``sign(x)`` for use within one call only: on the CPU it goes into a reused scratch
-    buffer (no fresh pages to fault in), elsewhere into a new tensor."""
-    out = _fast.sign(x, out=_fast.scratch.like(x)) if x.device.type == "cpu" and _fast.kernels_enabled() else None
-    return binary_sign(x) if out is None else out
-
-
 def _layout(x: Tensor):
     return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
@@ -129,12 +124,6 @@ def _pad_binary(xb: Tensor, padding, pad_value):
         return xb
     ph, pw = padding
     return F.pad(xb, (pw, pw, ph, ph), value=pad_value)
-
-
-def _fused(est) -> bool:
-    """Use the fused path in eager mode; compiled graphs get the plain ops (inductor fuses
-    and recomputes them itself)."""
-    return est is not None and est.fusable and not torch.compiler.is_compiling()
 
 
 class BinaryLayer:
@@ -149,17 +138,16 @@ class BinaryLayer:
             raise ValueError(f"weight_scale must be one of {WEIGHT_SCALES}, got {weight_scale!r}")
         if str(input_padding) not in INPUT_PADDINGS:
             raise ValueError(f"input_padding must be one of {tuple(INPUT_PADDINGS)}, got {input_padding!r}")
-        self.dorefa = weight_estimator == DOREFA
-        if self.dorefa and weight_scale != "layer_mean":
-            raise ValueError("the DoReFa weight binarizer always uses the layer mean |W| as its scale; leave weight_scale='layer_mean'")
-        self.weight_estimator = None if self.dorefa else _build(weight_estimator, estimator_params, for_inputs=False)
+        self.weight_estimator = _build(weight_estimator, estimator_params, for_inputs=False)
+        if isinstance(self.weight_estimator, WeightBinarizer):
+            self.weight_estimator.check_weight_scale(weight_scale)
         self.input_estimator = _build(input_estimator, estimator_params, for_inputs=True)
         self.weight_scale = weight_scale
         self.input_padding = str(input_padding)
 
     @property
     def binary_weights(self) -> bool:
-        return self.dorefa or self.weight_estimator is not None
+        return self.weight_estimator is not None
 
     @property
     def binary_inputs(self) -> bool:
@@ -168,7 +156,9 @@ class BinaryLayer:
     def weight_alpha(self, weight: Tensor | None = None) -> Tensor:
         """The scale ``alpha`` of the binary weights (differentiable, shape broadcastable to W)."""
         w = self.weight if weight is None else weight
-        if self.weight_scale == "layer_mean" or self.dorefa:
+        if isinstance(self.weight_estimator, WeightBinarizer):
+            return self.weight_estimator.alpha(w)
+        if self.weight_scale == "layer_mean":
             return w.abs().mean()
         if self.weight_scale == "channel_mean":
             return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
@@ -177,11 +167,10 @@ class BinaryLayer:
     def quantized_weight(self) -> Tensor:
         """The weights the layer computes with: ``alpha * sign(W)`` (real W when weights are not binary)."""
         w = self.weight
-        if self.dorefa:
-            # forward E|W| sign(W); backward identity (scale under stop-gradient)
-            return w + (w.abs().mean() * binary_sign(w) - w).detach()
         if self.weight_estimator is None:
             return w
+        if isinstance(self.weight_estimator, WeightBinarizer):
+            return self.weight_estimator(w)  # alpha * sign(W) already (e.g. DoReFa's E|W| sign(W))
         return self.weight_alpha(w) * self.weight_estimator(w)
 
     def quantized_input(self, x: Tensor) -> Tensor:
@@ -197,7 +186,7 @@ class BinaryLayer:
             "(reste.deploy.export_onnx); see docs/deploy.md, Interoperability")
 
     def _binary_repr(self) -> str:
-        w = DOREFA if self.dorefa else (self.weight_estimator.name if self.weight_estimator is not None else "real")
+        w = self.weight_estimator.name if self.weight_estimator is not None else "real"
         a = self.input_estimator.name if self.input_estimator is not None else "real"
         return f"weights={w}, inputs={a}, weight_scale={self.weight_scale}, input_padding={self.input_padding}"
 
@@ -207,8 +196,9 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
 
     Args: those of ``nn.Conv2d``, plus
 
-    - ``weight_estimator``: estimator name or instance for the weights, ``"dorefa"``
-      for DoReFa-Net's ``E|W| sign(W)`` with identity gradient, or None to keep them real;
+    - ``weight_estimator``: estimator name or instance for the weights, a weight binarizer
+      (``"dorefa"`` for DoReFa-Net's ``E|W| sign(W)`` with identity gradient, see
+      :class:`reste.estimators.DoReFa`), or None to keep them real;
     - ``input_estimator``: estimator for the inputs; None keeps inputs real (1W/32A);
     - ``weight_scale``: ``layer_mean`` (one ``mean |W|`` for the layer, the reference),
       ``channel_mean`` (per output channel) or ``none``;
@@ -250,7 +240,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
             return self._inference_forward(x)
         w = self.quantized_weight()
         est = self.input_estimator
-        if _fused(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        if ops.recomputes_sign(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
             return _BinaryInputConvFn.apply(x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value)
         x = self.quantized_input(x)
@@ -329,7 +319,7 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fused(self.input_estimator):
+        if ops.recomputes_sign(self.input_estimator):
             scaled_signs = self.binary_weights and self.weight_scale != "none"
             return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
