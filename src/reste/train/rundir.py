@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_to_yaml, read_yaml
 
@@ -41,7 +42,7 @@ __all__ = [
     "CONFIG", "SUMMARY", "METRICS", "METRICS_CSV", "INDICATORS", "CHECKPOINTS", "HISTOGRAMS", "LOCK",
     "checkpoint_path", "locate_checkpoint", "read_config", "read_summary", "read_metrics",
     "has_results", "looks_like_run", "is_complete", "abandoned_setup",
-    "RunDirLock", "RunWriter", "claim_run_dir", "new_run_dir",
+    "RunDirLock", "RunWriter", "claim_run_dir", "new_run_dir", "open_run_dir",
 ]
 
 CONFIG = "config.yaml"
@@ -391,6 +392,49 @@ def new_run_dir(cfg: Config, force: bool) -> Path:
     path, lock = claim_run_dir(cfg, force)
     lock.release()
     return path
+
+
+def open_run_dir(cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None, force: bool) -> tuple[Path, RunDirLock | None, bool]:
+    """The run folder of a training process: ``(path, lock, created)``.
+
+    Rank 0 locks ``resume_dir`` (and removes the temp files a killed writer left there), or claims
+    a new folder (:func:`claim_run_dir`; ``created``); every rank learns the path, or the
+    ConfigError, so all fail alike. Other ranks hold no lock.
+    """
+    result: tuple[str, str] = ("ok", "")
+    lock, created = None, False
+    if ctx.is_main:
+        try:
+            if resume_dir is not None:
+                path = resume_dir
+                lock = RunDirLock(path)
+                lock.acquire()
+                remove_stale_temp_files(path / CHECKPOINTS)  # left by a writer that was killed mid-write
+            else:
+                path, lock = claim_run_dir(cfg, force)
+                created = True
+            result = ("ok", str(path))
+        except ConfigError as err:
+            result = ("error", str(err))
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    result = D.broadcast_object(result, ctx)
+    if result[0] == "error":
+        raise ConfigError(result[1])
+    return Path(result[1]), lock, created
+
+
+def remove_if_empty(path: Path | None, lock: RunDirLock | None) -> None:
+    """Remove a run folder that set-up claimed and then failed in (e.g. data not found), if it holds
+    no file but the lock (whose lock is released first)."""
+    if path is not None and path.is_dir():
+        leftovers = [p for p in path.rglob("*") if p.is_file() and p.name != LOCK]
+        if not leftovers:
+            if lock is not None:
+                lock.release()
+            shutil.rmtree(path)
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:

@@ -22,15 +22,12 @@ Their public names are importable from here too, as before.
 from __future__ import annotations
 
 import os
-import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,13 +40,16 @@ from .evaluation import _accuracy, evaluate, evaluate_model, topk_correct  # noq
 from .failures import (DistributedFailure, NonFiniteLossError, _is_collective_failure, check_divergence,  # noqa: F401
                        distributed_failure, nonfinite, nonfinite_step_error, nonfinite_weights_error)
 from .faults import FAULT_KINDS, FaultInjection, NoFaults, fault_from_env  # noqa: F401
+from .metrics import epoch_mean_o, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
 from .progress import ProgressBar, epoch_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
 from .rundir import (RunDirLock, RunWriter, _clean, _json_default, _looks_like_run, _write_json, _write_text,  # noqa: F401
-                     abandoned_setup, checkpoint_path, claim_run_dir, new_run_dir, remove_stale_temp_files)
+                     abandoned_setup, checkpoint_path, claim_run_dir, new_run_dir, open_run_dir, remove_if_empty)
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
+from .setup import (create_estimator_scheduler, create_loaders, create_model, create_teacher, create_tracker,
+                    seed_everything, wrap_model)
 from .signals import TrainingInterrupted, _StopRequest
 from .signals import resume_command as _resume_command
 from .state import TrainState
@@ -70,13 +70,6 @@ __all__ = [
 #: ``on_step(epoch, step)``: called after every training step (``epoch`` 0-based, ``step`` the
 #: steps done in that epoch), before the loop checks for a stop request
 StepHook = Callable[[int, int], None]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -153,32 +146,17 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.num_classes = self.meta.num_classes
-        self._create_loaders(rdata)
-        self.model = self._create_model()
-        if t.teacher is not None:
-            from .distill import Teacher
-
-            self.teacher = Teacher.from_source(t.teacher, cfg, self.meta, self.device, t.channels_last)
-            if ctx.is_main and self.print_summary:
-                print(f"train.teacher: {self.teacher.source}; loss = {1 - self.teacher.weight:g} * CE + "
-                      f"{self.teacher.weight:g} * T^2 * KL, T = {self.teacher.temperature:g}", flush=True)
+        self.train_loader, self.test_loader = create_loaders(cfg, self.meta, ctx)
+        self.steps_per_epoch = len(self.train_loader)
+        tell = ctx.is_main and self.print_summary
+        self.model, self.init_report = create_model(cfg, self.meta, ctx, warm_start=self.resume_dir is None, tell=tell)
+        self.teacher = create_teacher(cfg, self.meta, ctx, tell=tell)
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        import reste
-
-        schedule = reste.o_schedule(cfg.estimator.schedule, o_end=cfg.estimator.o_end, p=cfg.estimator.p)
-        self.est_scheduler = reste.EstimatorScheduler(self.model, schedule, t.epochs, self.steps_per_epoch, per=cfg.estimator.per)
+        self.est_scheduler = create_estimator_scheduler(self.model, cfg, self.steps_per_epoch)
         saved = restore(self.resume_dir, self) if self.resume_dir is not None else None
-
-        forward_model: nn.Module = self.model
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if t.compile:
-            forward_model = torch.compile(forward_model)
-        self.forward_model = forward_model
-        self._create_tracker(saved)
+        self.forward_model = wrap_model(self.model, ctx, t.compile)
+        self.tracker = create_tracker(self.model, cfg, ctx, saved)
 
         self.writer = RunWriter(self.run_dir, cfg, enabled=ctx.is_main)
         self.writer.write_config(cfg)
@@ -187,79 +165,15 @@ class Trainer:
             self.writer.truncate_indicators(self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch)
             set_rng_state(saved["rng"])  # last: building the model above drew random numbers
 
-    def _create_loaders(self, rdata) -> None:
-        d, ctx = self.cfg.data, self.ctx
-        if d.subset is None and self.meta.train_size < d.batch_size:
-            raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the {d.name} training set "
-                              f"({self.meta.train_size} images); lower data.batch_size")
-        self.train_loader, self.test_loader = rdata.create_loaders(
-            d.name, root=d.root, batch_size=d.batch_size // ctx.world_size, test_batch_size=d.test_batch_size,
-            augment=d.augment, download=d.download, seed=self.cfg.seed, device=self.device, num_workers=d.num_workers,
-            subset=d.subset, rank=ctx.rank, world_size=ctx.world_size, drop_last=True, shard_test=True,
-        )
-        dataset_size = getattr(self.train_loader, "dataset_size", None)
-        if dataset_size is not None and dataset_size < d.batch_size:
-            raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); "
-                              "lower data.batch_size or raise data.subset")
-        self.steps_per_epoch = len(self.train_loader)
-
-    def _create_model(self) -> nn.Module:
-        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
-        model = _create_model(cfg, self.meta)  # checked in _setup
-        if cfg.model.init_from is not None and self.resume_dir is None:  # a resume restores its own checkpoint
-            from .warmstart import init_from
-
-            self.init_report = init_from(model, cfg.model.init_from)
-            if ctx.is_main and self.print_summary:
-                print(f"model.init_from: {self.init_report.source}: " + "; ".join(self.init_report.lines()), flush=True)
-        if t.sync_bn and ctx.distributed:
-            model = D.convert_sync_batchnorm(model, self.device)
-        model = model.to(self.device)
-        if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-    def _create_tracker(self, saved: dict | None) -> None:
-        if not (self.cfg.analysis.indicators and self.ctx.is_main):
-            return
-        from reste.analysis.indicators import IndicatorTracker
-
-        tracker = IndicatorTracker(self.model, self.cfg.estimator.o_end)
-        self.tracker = tracker if len(tracker) else None  # a float model has nothing to measure
-        indicators = saved.get("indicators") if saved is not None else None
-        if self.tracker is not None and indicators is not None and hasattr(self.tracker, "load_state_dict"):
-            self.tracker.load_state_dict(indicators)  # e.g. the signs flip_ratio compares against
-
     def _prepare_run_dir(self) -> Path:
-        """Rank 0 picks (or checks) the folder; every rank learns the result, errors included."""
-        result: tuple[str, str] = ("ok", "")
-        if self.ctx.is_main:
-            try:
-                if self.resume_dir is not None:
-                    path = self.resume_dir
-                    self._lock = RunDirLock(path)
-                    self._lock.acquire()
-                    remove_stale_temp_files(path / "checkpoints")  # left by a writer that was killed mid-write
-                else:
-                    path, self._lock = claim_run_dir(self.cfg, self.force)
-                    self._created_run_dir = path
-                result = ("ok", str(path))
-            except ConfigError as err:
-                result = ("error", str(err))
-        result = D.broadcast_object(result, self.ctx)
-        if result[0] == "error":
-            raise ConfigError(result[1])
-        return Path(result[1])
+        """Rank 0 picks (or checks and locks) the folder; every rank learns the result, errors included."""
+        path, self._lock, created = open_run_dir(self.cfg, self.ctx, resume_dir=self.resume_dir, force=self.force)
+        self._created_run_dir = path if created else None
+        return path
 
     def _remove_empty_run_dir(self) -> None:
         """Set-up failed (e.g. data not found): do not leave the empty folder it claimed."""
-        path = self._created_run_dir
-        if path is not None and path.is_dir():
-            leftovers = [p for p in path.rglob("*") if p.is_file() and p.name != ".lock"]
-            if not leftovers:
-                if self._lock is not None:
-                    self._lock.release()
-                shutil.rmtree(path)
+        remove_if_empty(self._created_run_dir, self._lock)
 
     # -- the loop --------------------------------------------------------------
     def fit(self) -> dict:
@@ -444,39 +358,16 @@ class Trainer:
 
     def _epoch_row(self, epoch: int, sums: torch.Tensor, train_seconds: float, lr: float, indicators: dict) -> dict:
         """The epoch's metrics row (its training half; ``_run`` adds the test results)."""
-        loss_sum, c1, c5, count, skipped = D.all_reduce_sum(sums.clone(), self.ctx).tolist()
-        skipped = int(round(skipped))  # counted on rank 0 only: every rank skips the same batches
-        self.state.skipped_total += skipped
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / count if count else float("nan"),
-            "train_top1": _accuracy(c1, count),
-            "train_top5": _accuracy(c5, count) if self.num_classes > 5 else None,
-            "lr": lr,
-            "o": self.est_scheduler.o,
-            "o_mean": self._epoch_mean_o(epoch),
-            "images_per_s": count / train_seconds if train_seconds > 0 else float("nan"),
-            "train_time": train_seconds,
-            "skipped_batches": skipped,
-        }
+        totals = D.all_reduce_sum(sums.clone(), self.ctx).tolist()
+        row = train_row(epoch, totals, num_classes=self.num_classes, lr=lr, o=self.est_scheduler.o,
+                        o_mean=epoch_mean_o(self.est_scheduler, epoch), train_seconds=train_seconds)
+        self.state.skipped_total += row["skipped_batches"]
         if self.teacher is not None:
             row.update(self.teacher.pop_epoch_stats())
         if self.cfg.analysis.indicators and self.ctx.is_main and self.tracker is not None:
             for key in ("est_error", "est_error_end", "grad_instability", "flip_ratio"):
                 row[key] = indicators.get(key)
         return row
-
-    def _epoch_mean_o(self, epoch: int) -> float | None:
-        """The mean of o over the epoch's steps, from the schedule (so a resumed epoch gets the
-        same value); ``o`` in the row is the last step's."""
-        sched = self.est_scheduler
-        if sched.o is None:
-            return None
-        if sched.per == "epoch":
-            return sched.schedule(epoch / sched.epochs)
-        total = sched.epochs * sched.steps_per_epoch
-        first = epoch * sched.steps_per_epoch
-        return sum(sched.schedule((first + k) / total) for k in range(sched.steps_per_epoch)) / sched.steps_per_epoch
 
     def _global_sums(self, sums: torch.Tensor) -> list[float]:
         """The epoch's running sums over all ranks (a collective: every rank calls it at the same step)."""
@@ -536,42 +427,8 @@ class Trainer:
         save_checkpoint(state, checkpoint_path(self.run_dir, which))
 
     def _summary(self, complete: bool) -> dict:
-        cfg = self.cfg
-        rows = self.state.history
-        final = rows[-1] if rows else {}
-        best = self.state.best_row() or {}
-        return {
-            "final_top1": final.get("test_top1"),
-            "best_top1": best.get("test_top1"),
-            "best_epoch": best.get("epoch"),
-            "final_top5": final.get("test_top5"),
-            "best_top5": best.get("test_top5"),
-            "final_test_loss": final.get("test_loss"),
-            "epochs": len(rows),
-            "planned_epochs": cfg.train.epochs,
-            # the scale of the run, for reports: images actually used (all ranks), steps per epoch
-            "train_images": getattr(self.train_loader, "dataset_size", None),
-            "test_images": getattr(self.test_loader, "dataset_size", None),
-            "steps_per_epoch": self.steps_per_epoch,
-            "complete": complete and len(rows) == cfg.train.epochs,
-            "seconds": self.state.elapsed,
-            "skipped_batches": self.state.skipped_total,
-            "model": cfg.model.name,
-            "dataset": cfg.data.name,
-            "data_source": getattr(self.train_loader, "source", None),  # the folder actually read
-            "precision": cfg.model.precision,
-            "estimator": cfg.model.estimator,
-            "o_end": cfg.estimator.o_end,
-            "o_schedule": cfg.estimator.schedule,
-            "seed": cfg.seed,
-            "world_size": self.ctx.world_size,
-            "run_dir": str(self.run_dir),
-            "init_from": cfg.model.init_from,
-            "teacher": cfg.train.teacher,
-            # the teacher's forward time over the epochs run, per step (rank 0's)
-            "teacher_ms_per_step": (sum(r["teacher_ms_per_step"] for r in rows) / len(rows)
-                                    if rows and all(r.get("teacher_ms_per_step") is not None for r in rows) else None),
-        }
+        return run_summary(self.cfg, self.state, complete=complete, train_loader=self.train_loader, test_loader=self.test_loader,
+                           steps_per_epoch=self.steps_per_epoch, world_size=self.ctx.world_size, run_dir=self.run_dir)
 
 
 # ----------------------------------------------------------------------------- public entry point

@@ -1,0 +1,119 @@
+"""The pieces a :class:`reste.train.Trainer` builds before its first step, one function each:
+the data loaders, the model (and its warm start), the teacher, the estimator schedule, the model
+the steps call (DDP, compiled) and the indicator tracker. The trainer calls them in a fixed order:
+building draws random numbers, and a resumed run must draw the same ones."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.build import _create_model
+from . import distributed as D
+from .config import Config, ConfigError
+
+__all__ = ["seed_everything", "create_loaders", "create_model", "create_teacher", "create_estimator_scheduler",
+           "wrap_model", "create_tracker"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def create_loaders(cfg: Config, meta, ctx: D.DistContext):
+    """This rank's training and test loaders (``meta``: the data set's ``reste.data.info``); a batch
+    larger than the training set is a ConfigError."""
+    from reste import data as rdata
+
+    d = cfg.data
+    if d.subset is None and meta.train_size < d.batch_size:
+        raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the {d.name} training set "
+                          f"({meta.train_size} images); lower data.batch_size")
+    train_loader, test_loader = rdata.create_loaders(
+        d.name, root=d.root, batch_size=d.batch_size // ctx.world_size, test_batch_size=d.test_batch_size,
+        augment=d.augment, download=d.download, seed=cfg.seed, device=ctx.device, num_workers=d.num_workers,
+        subset=d.subset, rank=ctx.rank, world_size=ctx.world_size, drop_last=True, shard_test=True,
+    )
+    dataset_size = getattr(train_loader, "dataset_size", None)
+    if dataset_size is not None and dataset_size < d.batch_size:
+        raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); "
+                          "lower data.batch_size or raise data.subset")
+    return train_loader, test_loader
+
+
+def create_model(cfg: Config, meta, ctx: D.DistContext, *, warm_start: bool, tell: bool) -> tuple[nn.Module, object]:
+    """The model (checked by ``check_model`` before), on the device: ``(model, init_report)``; with
+    ``warm_start`` (not for a resume, which restores its own checkpoint) from ``model.init_from``."""
+    t = cfg.train
+    model = _create_model(cfg, meta)
+    report = None
+    if cfg.model.init_from is not None and warm_start:
+        from .warmstart import init_from
+
+        report = init_from(model, cfg.model.init_from)
+        if tell:
+            print(f"model.init_from: {report.source}: " + "; ".join(report.lines()), flush=True)
+    if t.sync_bn and ctx.distributed:
+        model = D.convert_sync_batchnorm(model, ctx.device)
+    model = model.to(ctx.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, report
+
+
+def create_teacher(cfg: Config, meta, ctx: D.DistContext, *, tell: bool):
+    """The frozen teacher of ``train.teacher`` (None without one)."""
+    t = cfg.train
+    if t.teacher is None:
+        return None
+    from .distill import Teacher
+
+    teacher = Teacher.from_source(t.teacher, cfg, meta, ctx.device, t.channels_last)
+    if tell:
+        print(f"train.teacher: {teacher.source}; loss = {1 - teacher.weight:g} * CE + "
+              f"{teacher.weight:g} * T^2 * KL, T = {teacher.temperature:g}", flush=True)
+    return teacher
+
+
+def create_estimator_scheduler(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    """The :class:`reste.EstimatorScheduler` of ``cfg.estimator``."""
+    import reste
+
+    e = cfg.estimator
+    schedule = reste.o_schedule(e.schedule, o_end=e.o_end, p=e.p)
+    return reste.EstimatorScheduler(model, schedule, cfg.train.epochs, steps_per_epoch, per=e.per)
+
+
+def wrap_model(model: nn.Module, ctx: D.DistContext, compile: bool) -> nn.Module:
+    """What a training step calls: ``model`` in DistributedDataParallel (several ranks), compiled (``compile``)."""
+    forward_model: nn.Module = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device = ctx.device
+        forward_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        forward_model = torch.compile(forward_model)
+    return forward_model
+
+
+def create_tracker(model: nn.Module, cfg: Config, ctx: D.DistContext, saved: dict | None):
+    """The indicator tracker (rank 0, ``analysis.indicators``; None for a model without binary
+    layers), with the state a resumed checkpoint ``saved`` holds."""
+    if not (cfg.analysis.indicators and ctx.is_main):
+        return None
+    from reste.analysis.indicators import IndicatorTracker
+
+    tracker = IndicatorTracker(model, cfg.estimator.o_end)
+    if not len(tracker):
+        return None  # a float model has nothing to measure
+    indicators = saved.get("indicators") if saved is not None else None
+    if indicators is not None and hasattr(tracker, "load_state_dict"):
+        tracker.load_state_dict(indicators)  # e.g. the signs flip_ratio compares against
+    return tracker
