@@ -433,6 +433,15 @@ def _kernel_weights(signs: Tensor, pix_bytes: int) -> tuple[Tensor, Tensor, int]
 
 
 # ----------------------------------------------------------------------------- conv
+def _weight_nibbles(words: Tensor) -> Tensor:
+    """The AVX2 kernel's copy of the kernel weights ``[OB, kh, Kw, LANES]``: per group of LANES
+    words, their low nibbles (``w & 0x0f`` in every byte), then their high ones (``(w >> 4) & 0x0f``),
+    as the extension's ``split_nibbles``; built once per plan, so no call splits them."""
+    groups = words.reshape(-1, 1, _LANES)
+    low4 = 0x0F0F0F0F0F0F0F0F  # the arithmetic shift's sign bits land in the masked-off nibble
+    return torch.cat([groups & low4, (groups >> 4) & low4], dim=1).contiguous()
+
+
 def _fill_packed(new, layer, alpha):
     """Copy a trained binary layer's weight signs (packed), scale and bias into ``new``."""
     new.weight_bits.copy_(pack_signs(layer.weight))
@@ -632,13 +641,15 @@ class PackedBinaryConv2d(_PackedBinary):
             raise ValueError(f"input {H}x{W} is smaller than the {kh}x{kw} kernel with padding {self.padding}")
         pix_bytes = (C + 7) // 8  # each pixel's channel bits, rounded up to whole bytes
         words, wsum, kw_words = _kernel_weights(self.sign_weight(), pix_bytes)
+        nibbles = _weight_nibbles(words)
         alpha, bias = self._alpha_bias_f32()
         hp, wp = H + 2 * ph, W + 2 * pw
         row_bytes = -(-(wp * pix_bytes + 8) // 8) * 8  # 8 spare bytes: word loads never leave the row
         tail_bits = (kw * pix_bytes * 8) % 64
         zero_fix = self.input_padding == "zero" and (ph or pw)
         return {
-            "keep": (words, wsum, alpha, bias),  # the tensors the addresses below point into
+            "keep": (words, wsum, alpha, bias, nibbles),  # the tensors the addresses below point into
+            "nibbles": nibbles.data_ptr(),
             "xbits": N * hp * row_bytes, "out": (N, OH, OW, self.out_channels),
             "pack": (N, H, W, C, ph, pw, pix_bytes, row_bytes, int(self.input_padding == "+1")),
             "conv": (N, H, W, hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW,
@@ -668,7 +679,7 @@ class PackedBinaryConv2d(_PackedBinary):
         with _scratch(plan) as xbits:
             ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
             ext.conv(xbits.data_ptr(), *plan["conv"], *post, out.data_ptr(), threads,
-                     residual.data_ptr() if residual is not None else 0)
+                     residual.data_ptr() if residual is not None else 0, plan["nibbles"])
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 

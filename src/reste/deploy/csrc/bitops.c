@@ -82,12 +82,12 @@ static PyObject *py_pack_rows(PyObject *self, PyObject *args) {
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     conv_args a;
     unsigned long long x_addr, w_addr, wsum_addr, alpha_addr, bias_addr, out_addr, last_mask, scale_addr, shift_addr;
-    unsigned long long residual_addr = 0;
+    unsigned long long residual_addr = 0, nibbles_addr = 0;
     long long N, H, W, Hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW, O, OB, Kw, K, alpha_pc, threads, relu, post_fma;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLLLLLLLLKLLLKKLKLKLKKLKL|K", &x_addr, &N, &H, &W, &Hp, &row_bytes, &pix_bytes, &kh,
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLLLLLLLKLLLKKLKLKLKKLKL|KK", &x_addr, &N, &H, &W, &Hp, &row_bytes, &pix_bytes, &kh,
                           &kw, &sh, &sw, &ph, &pw, &OH, &OW, &w_addr, &O, &OB, &Kw, &last_mask, &wsum_addr, &K,
                           &alpha_addr, &alpha_pc, &bias_addr, &relu, &scale_addr, &shift_addr, &post_fma, &out_addr, &threads,
-                          &residual_addr))
+                          &residual_addr, &nibbles_addr))
         return NULL;
     a.x = (const uint8_t *)(uintptr_t)x_addr;
     a.N = N; a.H = H; a.W = W; a.Hp = Hp; a.row_bytes = row_bytes; a.pix_bytes = pix_bytes;
@@ -104,6 +104,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     a.post_shift = (const float *)(uintptr_t)shift_addr;
     a.post_fma = post_fma;
     a.residual = (const float *)(uintptr_t)residual_addr;
+    a.w_nibbles = (const uint64_t *)(uintptr_t)nibbles_addr;
     a.out = (float *)(uintptr_t)out_addr;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
@@ -148,9 +149,10 @@ static PyMethodDef methods[] = {
      "y = max(x, 0) (relu), y * scale + shift (fma: fused)."},
     {"conv", py_conv, METH_VARARGS,
      "conv(x, N, H, W, Hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW, w, O, OB, Kw, last_mask, "
-     "wsum, K, alpha, alpha_per_channel, bias, relu, post_scale, post_shift, post_fma, out, threads[, residual]): "
-     "XNOR-popcount convolution into float32 NHWC out, with the fused epilogue (residual: a float32 NHWC tensor "
-     "of out's shape added last, or 0)."},
+     "wsum, K, alpha, alpha_per_channel, bias, relu, post_scale, post_shift, post_fma, out, threads[, residual, "
+     "w_nibbles]): XNOR-popcount convolution into float32 NHWC out, with the fused epilogue (residual: a float32 "
+     "NHWC tensor of out's shape added last, or 0; w_nibbles: the weights split by split_nibbles, kept by the "
+     "caller for the AVX2 path, or 0 to split them per call)."},
     {"isa", py_isa, METH_NOARGS, "Name of the kernel path in use (portable, avx2, avx512, neon)."},
     {"why", py_why, METH_NOARGS, "Why that path runs: 'auto: ...' or 'forced by ...'."},
     {"available", py_available, METH_NOARGS, "The paths this CPU supports, best first, comma-separated."},

@@ -32,6 +32,9 @@ typedef struct {
     int64_t N, H, W, Hp, row_bytes, pix_bytes;
     int64_t kh, kw, sh, sw, ph, pw, OH, OW;
     const uint64_t *w; /* packed weights [OB][kh][Kw][LANES] */
+    const uint64_t *w_nibbles; /* [OB][kh][Kw][2][LANES]: each weight word's low nibbles (w & 0x0f..), then its
+                                  high ones ((w >> 4) & 0x0f..), for the AVX2 kernel (split_nibbles); NULL: run_conv
+                                  splits them per call */
     int64_t O, OB, Kw;
     uint64_t last_mask;
     const int32_t *wsum; /* [kh + 1][kw + 1][OB * LANES] tap prefix sums, or NULL: no zero-padding correction */
@@ -140,6 +143,16 @@ static inline int interior_columns(const conv_args *a, int64_t oh, int64_t *c0, 
         default: conv_block_##ISA##_kw(a, r, ob, 0); break;                                                 \
         }                                                                                                   \
     }
+
+/* The weights' nibbles for the AVX2 kernel, [groups][2][LANES] from [groups][LANES] words. */
+static void split_nibbles(const uint64_t *w, int64_t groups, uint64_t *out) {
+    const uint64_t low4 = 0x0f0f0f0f0f0f0f0fULL;
+    for (int64_t g = 0; g < groups; g++)
+        for (int v = 0; v < LANES; v++) {
+            out[(2 * g) * LANES + v] = w[g * LANES + v] & low4;
+            out[(2 * g + 1) * LANES + v] = (w[g * LANES + v] >> 4) & low4;
+        }
+}
 
 /* wsum holds 2-D prefix sums over taps: entry (i, j) = sum of sign(w) over taps i' < i, j' < j
    and all channels. The zero-padding correction (the weight sum over the taps outside the

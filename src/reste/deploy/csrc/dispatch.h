@@ -23,6 +23,7 @@ typedef struct {
     conv_block_fn conv_block;
     pack_pixels_fn pack_pixels;
     pre_map_fn pre_map; /* optional (NULL: the portable one) */
+    int nibbles;        /* reads conv_args.w_nibbles */
 } kernel_path;
 
 static int cpu_any(void) { return 1; }
@@ -46,7 +47,7 @@ static int cpu_avx2(void) {
 static const kernel_path kernel_paths[] = {
 #if RESTE_X86
     {"avx512", "avx512f+avx512bw+avx512dq+avx512vl+avx512vpopcntdq", cpu_avx512, conv_block_avx512, pack_pixels_avx512, pre_map_avx512},
-    {"avx2", "avx2+fma+popcnt", cpu_avx2, conv_block_avx2, pack_pixels_avx2, pre_map_avx2},
+    {"avx2", "avx2+fma+popcnt", cpu_avx2, conv_block_avx2, pack_pixels_avx2, pre_map_avx2, 1},
     {"portable", "popcnt", cpu_popcnt, conv_block_generic_popcnt, pack_pixels_generic},
 #endif
 #if defined(__aarch64__)
@@ -62,6 +63,7 @@ static const kernel_path kernel_paths[] = {
 static conv_block_fn conv_block = conv_block_generic;
 static pack_pixels_fn pack_pixels = pack_pixels_generic;
 static pre_map_fn pre_map_pixels = pre_map_generic;
+static int path_nibbles = 0;
 static const char *isa_name = "portable";
 static char isa_reason[256] = "not selected yet";
 static char select_error[512];
@@ -110,6 +112,7 @@ static const char *select_isa(const char *name, const char *by) {
     conv_block = pick->conv_block;
     pack_pixels = pick->pack_pixels;
     pre_map_pixels = pick->pre_map ? pick->pre_map : pre_map_generic;
+    path_nibbles = pick->nibbles;
     isa_name = pick->name;
     if (automatic)
         snprintf(isa_reason, sizeof isa_reason, "auto: best path for this CPU (it has %s)", pick->needs);
@@ -188,10 +191,20 @@ static const char *run_conv(const conv_args *a, int64_t threads) {
         (a->OW - 1) * a->sw * a->pix_bytes + a->Kw * 8 > a->row_bytes || a->K < 0 || a->K >= (1LL << 24))
         return "conv: inconsistent sizes";
     if ((a->post_scale == NULL) != (a->post_shift == NULL)) return "conv: give both post_scale and post_shift, or neither";
+    conv_args split;
+    uint64_t *nibbles = NULL;
+    if (path_nibbles && a->w_nibbles == NULL) { /* the caller did not keep them: split them for this call */
+        nibbles = malloc((size_t)(a->OB * a->kh * a->Kw) * 2 * LANES * sizeof(uint64_t));
+        if (!nibbles) return "conv: out of memory for the weights' nibbles";
+        split_nibbles(a->w, a->OB * a->kh * a->Kw, nibbles);
+        split = *a;
+        split.w_nibbles = nibbles;
+        a = &split;
+    }
     /* Channel blocks go in groups whose weights fit in L1 (~32 KiB); a work item is one
        output row for one group, so the weights stay hot over many rows and the row's
        input bits stay hot over the group's blocks. */
-    int64_t OB = a->OB, block_bytes = a->kh * a->Kw * LANES * 8;
+    int64_t OB = a->OB, block_bytes = a->kh * a->Kw * LANES * 8 * (path_nibbles ? 2 : 1);
     int64_t group = block_bytes >= L1_WEIGHT_BYTES ? 1 : L1_WEIGHT_BYTES / block_bytes;
     if (group > OB) group = OB;
     int64_t groups = (OB + group - 1) / group, rows = a->N * a->OH, items = groups * rows;
@@ -203,6 +216,7 @@ static const char *run_conv(const conv_args *a, int64_t threads) {
         int64_t g = it / rows, r = it % rows, end = (g + 1) * group < OB ? (g + 1) * group : OB;
         for (int64_t ob = g * group; ob < end; ob++) fn(a, r, ob);
     }
+    free(nibbles);
     return NULL;
 }
 

@@ -4,7 +4,7 @@
 #if RESTE_X86
 /* Popcount. AVX2 has no vector popcount instruction; VPSHUFB looks up 32 bytes at once in
    a 16-entry table, so the count of each byte is table[low nibble] + table[high nibble]
-   (4 instructions after the XOR). The byte counts of up to 31 words (31 * 8 = 248 < 256)
+   (the weights' nibbles are split ahead, see avx2_add_popcount). The byte counts of up to 31 words (31 * 8 = 248 < 256)
    add up in 8-bit lanes; VPSADBW then sums each 64-bit lane's 8 bytes into that lane,
    which is exactly one output channel's count: no horizontal sums.
 
@@ -85,12 +85,14 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
     }
 }
 
-/* The byte counts of popcount(x XOR w) added to acc (bytes). */
-TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_add_popcount(__m256i acc, __m256i x, __m256i w,
-                                                                                   __m256i table, __m256i low4) {
-    __m256i v = _mm256_xor_si256(x, w);
-    __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
-    __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+/* The byte counts of popcount(x XOR w) added to acc, from the nibbles of x and of w: the
+   nibbles of x XOR w are (x nibbles) XOR (w nibbles), so with the weights' nibbles split once
+   (split_nibbles) and each input word's once per pixel, a popcount is 2 XOR + 2 VPSHUFB + 2 adds
+   instead of XOR, AND, shift, AND, 2 VPSHUFB and 2 adds. */
+TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_add_popcount(__m256i acc, __m256i x_lo, __m256i x_hi,
+                                                                                   __m256i w_lo, __m256i w_hi, __m256i table) {
+    __m256i lo = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_lo, w_lo));
+    __m256i hi = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_hi, w_hi));
     return _mm256_add_epi8(acc, _mm256_add_epi8(lo, hi));
 }
 
@@ -108,6 +110,8 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void conv_pixels_avx2(
                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
     const __m256i keep = _mm256_set1_epi64x((long long)a->last_mask); /* the last word's bits past the taps go */
+    const __m256i *wn = (const __m256i *)(a->w_nibbles + ob * a->kh * Kw * 2 * LANES); /* 8 vectors per word */
+    (void)wb;
     __m256i total[AVX2_PIX][4];
     for (int p = 0; p < P; p++)
         for (int v = 0; v < 4; v++) total[p][v] = zero;
@@ -120,16 +124,18 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void conv_pixels_avx2(
                 for (int v = 0; v < 4; v++) acc[p][v] = zero;
             for (int64_t i = i0; i < i1; i++) {
                 const uint8_t *xr = rowbase + i * a->row_bytes + ow * step;
-                const __m256i *wi = (const __m256i *)(wb + i * Kw * LANES);
+                const __m256i *wi = wn + i * Kw * 8;
                 for (int64_t k = k0; k < k1; k++) {
-                    __m256i xv[AVX2_PIX];
+                    __m256i x_lo[AVX2_PIX], x_hi[AVX2_PIX];
                     for (int p = 0; p < P; p++) { /* a broadcast from memory: a load, no shuffle */
-                        xv[p] = _mm256_set1_epi64x((long long)load_word(xr + p * step + 8 * k));
-                        if (k == Kw - 1) xv[p] = _mm256_and_si256(xv[p], keep);
+                        __m256i xv = _mm256_set1_epi64x((long long)load_word(xr + p * step + 8 * k));
+                        if (k == Kw - 1) xv = _mm256_and_si256(xv, keep);
+                        x_lo[p] = _mm256_and_si256(xv, low4);
+                        x_hi[p] = _mm256_and_si256(_mm256_srli_epi16(xv, 4), low4);
                     }
                     for (int v = 0; v < 4; v++) {
-                        __m256i wv = _mm256_loadu_si256(wi + k * 4 + v);
-                        for (int p = 0; p < P; p++) acc[p][v] = avx2_add_popcount(acc[p][v], xv[p], wv, table, low4);
+                        __m256i w_lo = _mm256_loadu_si256(wi + k * 8 + v), w_hi = _mm256_loadu_si256(wi + k * 8 + 4 + v);
+                        for (int p = 0; p < P; p++) acc[p][v] = avx2_add_popcount(acc[p][v], x_lo[p], x_hi[p], w_lo, w_hi, table);
                     }
                 }
             }
