@@ -1,47 +1,14 @@
-"""Export a trained binary model with 1-bit weights, and load it back for inference.
+"""Export a trained binary model with 1-bit weights, and load it back for inference: the public API.
 
-File format (``.safetensors``, format version 2, see docs/deploy.md):
+- :func:`to_deploy`: an eval-mode copy of a model with its binary layers swapped for packed twins;
+- :func:`export` (and :func:`export_run` for a training run) writes a file; :func:`load` reads one
+  back as an inference model, :func:`read_tensors` as named tensors;
+- :func:`load_run_model` and :func:`architecture_from_config`: the model of a training run.
 
-- The stored tensors are the inference state of the *deploy model*: the model with every
-  binary layer replaced by its packed twin (:mod:`reste.deploy.packed`). Its named tensors
-  are the entries of ``deploy.state_dict()``, in that order, except:
-
-  - ``num_batches_tracked`` counters are left out;
-  - each eval-mode BatchNorm stored as the two per-channel coefficients PyTorch evaluates it
-    with, ``y = x * scale + shift`` (every ``BatchNorm1d/2d/3d`` with affine parameters and
-    running statistics, unless the graph lists it in ``unfolded_batchnorms``): its
-    ``weight, bias, running_mean, running_var`` are replaced, at the place of ``weight``, by
-    ``<bn>.scale`` and ``<bn>.shift`` (``float32 [C]``).
-
-  A packed layer holds ``<layer>.weight_bits`` (``uint8 [out, ceil(k/8)]``, 1 bit per weight),
-  ``<layer>.alpha`` (``float32 [1]``, or ``[out]`` with the option ``"alpha": "channel"``) and
-  ``<layer>.bias`` (``float32 [out]``) if the architecture's layer has one. Every other
-  parameter and buffer (full-precision layers) is stored as it is. Nothing of training
-  survives: no latent float weights of binary layers, no estimator parameters, no optimizer
-  state, no ``num_batches_tracked`` counters.
-- The file holds one safetensors tensor per dtype, named by the dtype (``"float32"``,
-  ``"uint8"``, ...; PyTorch's name without ``torch.``), 1-D: the named tensors of that dtype
-  flattened (row-major) and concatenated in the order above. Offsets and shapes are not
-  stored; they follow from the rebuilt deploy model, so reading a file needs its
-  architecture (:func:`read_tensors` rebuilds it and returns the named tensors).
-- metadata (safetensors' string map): ``format = "reste.packed"``, ``format_version``,
-  ``reste_version`` and ``graph``, a compact JSON document: ``architecture`` (the
-  ``reste.models.create`` arguments, or null for a model the caller rebuilds),
-  ``binary_layers`` (each binary layer's name with the options that differ from the
-  defaults, usually ``{}``), ``unfolded_batchnorms`` (BatchNorms stored with their four
-  tensors because their ``scale, shift`` could not be checked bit for bit; usually ``[]``),
-  ``layout`` (``fingerprint``: the first 16 hex digits of the SHA-256 of
-  ``json.dumps([[name, dtype, shape], ...], separators=(",", ":"))`` over the named tensors in
-  order, dtype as in the blob names, shape a list; ``blobs``: each blob's number of
-  elements), ``source`` (the run and checkpoint it came from, or null) and ``checksum``:
-  ``"sha256:<hex>"`` of the graph description without ``checksum`` (compact JSON, sorted
-  keys) followed by, for each blob in dtype-name order, its name, a zero byte and its raw
-  bytes. :func:`load` rebuilds the architecture on the meta device first, recomputes the
-  fingerprint and the blob sizes and compares them with the file's before anything is
-  allocated, checks each binary layer's options against the architecture, and verifies the
-  checksum (``verify=False`` skips it; a file without one, written by an earlier reste,
-  loads with a warning). The checksum detects damage and edits, it does not authenticate:
-  whoever can edit the file can recompute it.
+The file format (what the tensors are, the graph description, the layout fingerprint and the
+checksum) is described and read in :mod:`reste.deploy.fileformat`; BatchNorms stored as
+``(scale, shift)`` are read back and rebuilt exactly by :mod:`reste.deploy.batchnorm`. Their
+names stay importable from here.
 
 safetensors stores raw tensors and a JSON header only, so loading a file never runs
 code; the architecture is rebuilt from the model registry, never unpickled.
@@ -50,7 +17,6 @@ code; the architecture is rebuilt from the model registry, never unpickled.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import warnings
@@ -62,28 +28,18 @@ from torch import nn
 from ..estimators import Estimator
 from ..nn.convert import rebuild_attention
 from ..nn.layers import BinaryLayer
+from .batchnorm import (_BN_PROBE_RANK, _PROBE_POWERS, _bn_coefficients, _bn_probes, _fold_bn,  # noqa: F401
+                        _foldable, _restore_bn, _same_bits, _unit_variance)
+from .fileformat import (_BN_STATE, _TRAINING_COUNTERS, FORMAT, FORMAT_VERSION, MAX_GRAPH_BYTES,  # noqa: F401
+                         ExportError, _blob_sizes, _check_layout, _checksum, _describe, _dtype_name, _fingerprint,
+                         _layout, _stored_sizes, read_graph)
 from .packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBinary, packed_layer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ExportError", "to_deploy", "export", "export_run", "load", "read_graph",
            "read_tensors", "architecture_from_config"]
 
-FORMAT = "reste.packed"
-FORMAT_VERSION = 2
-#: buffers that only count training steps; BatchNorm rebuilds them as zeros
-_TRAINING_COUNTERS = ("num_batches_tracked",)
-#: BatchNorm classes stored as (scale, shift), with the input rank their forward takes for a probe
-_BN_PROBE_RANK = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
-_BN_STATE = ("weight", "bias", "running_mean", "running_var")
-#: probe magnitudes that read a BatchNorm's scale back exactly, largest first (see _bn_coefficients)
-_PROBE_POWERS = tuple(2.0 ** k for k in range(127, 23, -1))
-#: a graph description is a few KB; a longer one is not read (nor a JSON nested deeper than Python recurses)
-MAX_GRAPH_BYTES = 1 << 20
 #: what building a recorded architecture raises for absurd arguments (width: .inf, image_size: 1e5, ...)
 _BUILD_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
-
-
-class ExportError(ValueError):
-    """A model, run directory or exported file that cannot be exported or loaded; the message says why."""
 
 
 # ----------------------------------------------------------------------------- model -> deploy model
@@ -115,181 +71,6 @@ def to_deploy(model: nn.Module) -> nn.Module:
         raise ExportError(f"estimators outside binary layers ({', '.join(leftover[:3])}) cannot be exported; "
                           "use reste.nn.BinaryConv2d/BinaryLinear for every binarized operation")
     return deploy
-
-
-# ----------------------------------------------------------------------------- batch norms as (scale, shift)
-def _bn_coefficients(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """PyTorch's own per-channel ``(scale, shift)`` of an eval-mode BatchNorm, read back exactly.
-
-    PyTorch evaluates it as ``x * scale + shift`` (one rounding, or two) with coefficients it
-    derives from the statistics. Read back per channel, without a rounding of ours:
-
-    - ``scale = BN(P) / P`` for the largest power of two ``P`` with ``BN(P) == -BN(-P)``, both
-      finite: ``P * scale`` is exact, and if rounding ``P * scale + shift`` and
-      ``-P * scale + shift`` gives opposite values, both are ``±P * scale`` (else the float
-      ``P * scale``, lying between the two sums, would be nearer to one of them);
-    - ``scale = 0`` where ``BN(max) == BN(-max)`` (the float32 extremes): rounding is monotone,
-      so the channel outputs one constant for every finite input;
-    - ``shift = BN(z)`` with a zero ``z`` whose product with ``scale`` is ``-0``: ``-0 + shift``
-      is ``shift`` exactly, signed zeros included.
-
-    :func:`_fold_bn` checks the result. None for BatchNorms this does not apply to (no affine
-    parameters or running statistics, not float32, a subclass) or channels it cannot read.
-    """
-    rank = _BN_PROBE_RANK.get(type(bn))
-    if rank is None or bn.training or not bn.affine or bn.running_mean is None or bn.running_var is None:
-        return None
-    if any(getattr(bn, k).dtype != torch.float32 for k in _BN_STATE):
-        return None
-    c = bn.num_features
-
-    def run(values: torch.Tensor) -> torch.Tensor:  # [n, c] probe values -> [n, c] outputs
-        with torch.no_grad():
-            return bn(values.reshape((values.shape[0], c) + (1,) * (rank - 2)).contiguous()).reshape(values.shape[0], c)
-
-    powers = torch.tensor(_PROBE_POWERS).reshape(-1, 1).expand(-1, c)
-    pos, neg = run(powers), run(-powers)
-    symmetric = torch.isfinite(pos) & torch.isfinite(neg) & (pos == -neg)
-    biggest = torch.finfo(torch.float32).max
-    top, bottom = run(torch.full((1, c), biggest))[0], run(torch.full((1, c), -biggest))[0]
-    constant = torch.isfinite(top) & (top == bottom)
-    if not (symmetric.any(0) | constant).all():
-        return None
-    first = symmetric.to(torch.uint8).argmax(0)  # the largest P that reads the channel's scale exactly
-    channels = torch.arange(c)
-    scale = torch.where(symmetric.any(0), pos[first, channels] / powers[first, channels], torch.zeros(c))
-    shift = run(torch.where(torch.signbit(scale), 0.0, -0.0).reshape(1, c))[0]
-    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
-        return None
-    return scale.clone(), shift.clone()
-
-
-def _unit_variance(eps: float) -> float | None:
-    """A float32 ``v`` with ``v + float32(eps) == 1`` in float32, so ``1 / sqrt(v + eps) == 1`` exactly."""
-    e = torch.tensor(eps, dtype=torch.float32)
-    v = 1 - e
-    for _ in range(8):
-        total = (v + e).item()
-        if total == 1.0:
-            return v.item()
-        v = torch.nextafter(v, torch.tensor(2.0 if total < 1.0 else -2.0))
-    return None
-
-
-def _restore_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Set an eval-mode BatchNorm's state so that PyTorch evaluates it as ``x * scale + shift``, bit for bit.
-
-    PyTorch computes ``a = (1 / sqrt(var + eps)) * weight`` and ``b = bias - mean * a``. With
-    ``var + eps == 1`` exactly, ``weight = scale``, ``bias = shift`` and ``mean`` a zero whose
-    sign makes ``mean * a == +0``, ``a = scale`` and ``b = shift`` exactly (``-0`` included).
-    The statistics are then no longer the training ones: the module is for inference only.
-    """
-    var = _unit_variance(bn.eps)
-    if var is None:
-        raise ExportError(f"BatchNorm eps={bn.eps} admits no unit variance in float32")
-    with torch.no_grad():
-        bn.weight.copy_(scale)
-        bn.bias.copy_(shift)
-        bn.running_mean.copy_(torch.where(torch.signbit(scale), -0.0, 0.0))
-        bn.running_var.fill_(var)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
-
-
-def _bn_probes(bn: nn.Module, gen: torch.Generator) -> list[torch.Tensor]:
-    """Inputs for the export-time check: signed zeros, +-1, powers of two up to the float32
-    extremes, and random values of many magnitudes, in every memory layout and in shapes
-    that take PyTorch's vectorised, per-pixel and tail paths."""
-    c, rank = bn.num_features, _BN_PROBE_RANK[type(bn)]
-    one = (1, c) + (1,) * (rank - 2)
-    specials = (0.0, -0.0, 1.0, -1.0, 2.0 ** 100, -(2.0 ** 100), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max)
-    probes = [torch.full(one, v) for v in specials]
-    # BatchNorm1d takes [N, C] and [N, C, L]
-    spatial = {2: [(), (5,)], 4: [(9, 7), (1, 1), (3, 5)], 5: [(3, 4, 5), (1, 1, 1)]}[rank]
-    for n, size in zip((37, 4, 2), spatial):
-        x = torch.randn((n, c) + size, generator=gen) * torch.pow(10.0, 3 * torch.randn((n, c) + size, generator=gen))
-        probes.append(x)
-        if x.dim() == 4:
-            probes.append(x.contiguous(memory_format=torch.channels_last))
-        elif x.dim() == 5:
-            probes.append(x.contiguous(memory_format=torch.channels_last_3d))
-    return probes
-
-
-def _fold_bn(bn: nn.Module, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale, shift)`` of ``bn`` if a BatchNorm restored from them by :func:`_restore_bn` computes
-    exactly what ``bn`` computes (checked bit for bit on probe and random inputs); else None."""
-    coeffs = _bn_coefficients(bn)
-    if coeffs is None or _unit_variance(bn.eps) is None:
-        return None
-    twin = copy.deepcopy(bn)
-    _restore_bn(twin, *coeffs)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if all(_same_bits(bn(x), twin(x)) for x in _bn_probes(bn, gen)):
-            return coeffs
-    return None
-
-
-def _foldable(module: nn.Module) -> bool:
-    """A BatchNorm that a file stores as ``(scale, shift)`` unless the graph lists it in ``unfolded_batchnorms``:
-    exactly ``BatchNorm1d/2d/3d`` (no subclass) with affine parameters and running statistics."""
-    return (type(module) in _BN_PROBE_RANK and bool(module.affine)
-            and module.running_mean is not None and module.running_var is not None)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _layout(deploy: nn.Module, folded) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The named tensors a file stores for ``deploy``, in order: ``(name, dtype, shape)``.
-
-    ``deploy.state_dict()`` in order without ``num_batches_tracked``; each BatchNorm named in
-    ``folded`` contributes ``scale, shift`` (float32, its channels) at the place of its weight,
-    and nothing for its bias and running statistics.
-    """
-    folded = set(folded)
-    entries = []
-    for key, value in deploy.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if leaf in _TRAINING_COUNTERS:
-            continue
-        if owner in folded and leaf in _BN_STATE:
-            if leaf == "weight":
-                prefix = f"{owner}." if owner else ""
-                entries += [(prefix + "scale", "float32", tuple(value.shape)), (prefix + "shift", "float32", tuple(value.shape))]
-            continue
-        entries.append((key, _dtype_name(value.dtype), tuple(value.shape)))
-    return entries
-
-
-def _fingerprint(entries) -> str:
-    """First 16 hex digits of the SHA-256 of the compact JSON list ``[[name, dtype, shape], ...]``."""
-    text = json.dumps([[name, dtype, list(shape)] for name, dtype, shape in entries], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _blob_sizes(entries) -> dict:
-    sizes: dict = {}
-    for _, dtype, shape in entries:
-        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-    return sizes
-
-
-def _checksum(graph: dict, blobs: dict) -> str:
-    """``sha256:<hex>`` of the graph description (compact JSON, sorted keys, without ``checksum``)
-    and of every blob's bytes (by dtype name): an edited option, architecture or weight changes it."""
-    digest = hashlib.sha256()
-    body = {k: v for k, v in graph.items() if k != "checksum"}
-    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-    for dtype in sorted(blobs):
-        blob = blobs[dtype].contiguous()
-        digest.update(dtype.encode() + b"\0")
-        digest.update(memoryview(blob.view(torch.uint8).numpy()))  # no copy
-    return "sha256:" + digest.hexdigest()
 
 
 def _inference_state(deploy: nn.Module) -> tuple[dict, list[str]]:
@@ -364,44 +145,6 @@ def export(model: nn.Module, path, architecture: dict | None = None, source: dic
 
 
 # ----------------------------------------------------------------------------- load
-def read_graph(path) -> dict:
-    """The JSON graph description stored in an exported file (without loading tensors)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"no exported model at {path}; create one with `reste export RUN_DIR --out {path.name}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad headers
-        raise ExportError(f"{path} is not a readable safetensors file ({err}); re-export the model") from None
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{path} is not a reste export (metadata format={meta.get('format')!r}); export one with `reste export`")
-    try:
-        version = int(meta.get("format_version", "0"))
-    except ValueError:
-        version = 0
-    if version > FORMAT_VERSION:
-        raise ExportError(f"{path} uses format version {version}, newer than this reste reads ({FORMAT_VERSION}); upgrade reste")
-    if version < FORMAT_VERSION:
-        raise ExportError(f"{path} uses format version {version}, which this reste no longer reads (it reads version "
-                          f"{FORMAT_VERSION}); re-export it with this reste: `reste export RUN_DIR --out {path.name}`")
-    if len(meta.get("graph", "")) > MAX_GRAPH_BYTES:
-        raise ExportError(f"{path}: the graph description is longer than {MAX_GRAPH_BYTES >> 20} MiB (an export's is a few KB); "
-                          "the file is damaged, re-export the model")
-    try:
-        graph = json.loads(meta["graph"])
-    except (KeyError, ValueError, RecursionError) as err:
-        raise ExportError(f"{path} has no readable graph description ({type(err).__name__}: {str(err)[:100]}); "
-                          "re-export the model") from None
-    if not isinstance(graph, dict) or not isinstance(graph.get("binary_layers"), dict):
-        raise ExportError(f"{path}: the graph description lists no binary layers; re-export the model")
-    layout = graph.get("layout")
-    if (not isinstance(layout, dict) or not isinstance(layout.get("fingerprint"), str) or not isinstance(layout.get("blobs"), dict)
-            or not isinstance(graph.get("unfolded_batchnorms", []), list) or not isinstance(graph.get("checksum", ""), str)):
-        raise ExportError(f"{path}: the graph description has no readable tensor layout; the file is damaged, re-export the model")
-    return graph
 
 
 def build_architecture(architecture: dict) -> nn.Module:
@@ -446,10 +189,6 @@ def _packed_twin(path: Path, name: str, old: nn.Module, options: dict) -> _Packe
         raise ExportError(f"{path}: cannot rebuild binary {kind} layer {name!r} with options {options}: {err}") from None
 
 
-def _describe(sizes: dict) -> str:
-    return " + ".join(f"{n:,} {dtype}" if isinstance(n, int) else f"{n!r} {dtype}" for dtype, n in sorted(sizes.items())) or "nothing"
-
-
 def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set, list]:
     """``model`` with its binary layers replaced by empty packed twins, the BatchNorms stored as
     ``(scale, shift)``, and the layout it stores; ExportError where the file does not fit it."""
@@ -468,34 +207,6 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
     unfolded = set(graph.get("unfolded_batchnorms", []))
     folded = {n for n, m in model.named_modules() if _foldable(m) and n not in unfolded}
     return model, folded, _layout(model, folded)
-
-
-def _check_layout(path: Path, graph: dict, entries: list, stored_sizes: dict) -> None:
-    """The layout rebuilt from the architecture against the file's fingerprint and its blobs' real sizes."""
-    want, stored = _blob_sizes(entries), graph["layout"]
-    if _fingerprint(entries) != stored["fingerprint"]:
-        raise ExportError(
-            f"{path} was written for a different architecture / model arguments: layout fingerprint differs "
-            f"(file {stored['fingerprint']}, this architecture {_fingerprint(entries)}; the file holds "
-            f"{_describe(stored_sizes)} values, this architecture stores {_describe(want)}); re-export it, "
-            "or pass the model it came from: reste.deploy.load(path, model=...)")
-    if stored["blobs"] != want:
-        raise ExportError(f"{path}: the graph's blob sizes ({_describe(stored['blobs'])}) do not match its layout "
-                          f"({_describe(want)}); the file is damaged, re-export it")
-    if stored_sizes != want:
-        raise ExportError(f"{path} holds tensors of {_describe(stored_sizes)} values, but its layout needs 1-D blobs "
-                          f"{_describe(want)}; the file is damaged, re-export it")
-
-
-def _stored_sizes(path: Path) -> dict:
-    """Elements of each stored blob, from the safetensors header (no tensor is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: math.prod(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for damaged files
-        raise ExportError(f"{path} is truncated or corrupt ({err}); re-export the model") from None
 
 
 def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module, dict, set]:

@@ -16,7 +16,8 @@ Safety:
   layers see exactly the same signs. PyTorch evaluates an eval-mode BN as
   ``x * a + b`` with per-channel ``a, b`` it derives from the statistics (the exact
   rounding of that derivation is its own); ``a`` and ``b`` are read back from the BN
-  itself (``b = BN(0)``, ``a = BN(2^100) / 2^100``, both exact), and the fused layer
+  itself, exactly, by :func:`reste.deploy.batchnorm._bn_coefficients` (the reading an
+  export stores BatchNorms with), and the fused layer
   is checked against the unfused chain on random inputs, in NCHW and channels-last,
   with a fused multiply-add and then with a separate multiply and add. If neither
   matches bit for bit the BN is not fused.
@@ -30,12 +31,10 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
+from .batchnorm import _bn_coefficients
 from .packed import PackedBinaryConv2d, _ext
 
 __all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds"]
-
-_PROBE = 2.0 ** 100  # power of two: x * a is exact, and b is negligible next to it
-
 
 class _OpaqueChildren(fx.Tracer):
     """Trace only the root's own forward; every submodule is a single call node."""
@@ -55,17 +54,6 @@ def _sole_consumer(node: fx.Node, children: dict, calls: Counter, shared: Counte
     if module is None or calls[user.target] != 1 or shared[id(module)] != 1:
         return None
     return user, module
-
-
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """PyTorch's own per-channel ``(a, b)`` of an eval-mode BN, read back exactly; None if not finite."""
-    c = bn.num_features
-    with torch.no_grad():
-        shift = bn(torch.zeros(1, c, 1, 1)).reshape(c)
-        scale = bn(torch.full((1, c, 1, 1), _PROBE)).reshape(c) / _PROBE
-    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
-        return None
-    return scale, shift
 
 
 def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d | None, seed: int):
@@ -90,7 +78,7 @@ def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d
             return all(torch.equal(conv(x), want) for x, want in zip(inputs, wanted))
 
     if bn is not None:
-        affine = _bn_affine(bn)
+        affine = _bn_coefficients(bn)
         if affine is not None:
             wanted = expected([m for m in (relu, bn) if m is not None])
             for fma in (True, False):
@@ -199,7 +187,7 @@ def fuse_prologues(model: nn.Module) -> list[str]:
                 continue
             relu_found = _producer(bn_node, children, calls, shared, nn.ReLU)
             relu = relu_found[1] if relu_found is not None else None
-            affine = _bn_affine(bn)
+            affine = _bn_coefficients(bn)
             fma = None if affine is None else _bn_formula(relu, bn, *affine, conv.in_channels, seed=len(fused))
             if fma is None:
                 continue
