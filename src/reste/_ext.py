@@ -141,7 +141,9 @@ class BufferPool:
             return buf.view(shape) if stride is None else buf.as_strided(shape, stride)
 
         if self.max_bytes <= 0 or _storage_use_count is None:
-            return torch.empty(shape, dtype=dtype) if stride is None else torch.empty_strided(shape, stride, dtype=dtype)
+            if stride is None:
+                return torch.empty(shape, dtype=dtype)
+            return torch.empty_strided(shape, stride, dtype=dtype)
         inference = torch.is_inference_mode_enabled()  # an inference tensor outside that mode refuses in-place ops
         with self.lock:
             for buf in self.buffers:

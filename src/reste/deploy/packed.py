@@ -28,9 +28,7 @@ holding element ``8b + t``, unused bits 0.
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import threading
 import warnings
 
@@ -39,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _ext as _loader
+from .._ext import BufferPool
 from ..errors import UsageError
 from ..nn.layers import INPUT_PADDINGS, BinaryConv2d, BinaryLayer, BinaryLinear
 
@@ -55,136 +55,35 @@ __all__ = [
 ]
 
 #: set to 1 to force the PyTorch reference path (the extension is not loaded)
-NO_EXTENSION_ENV = "RESTE_NO_EXT"
+NO_EXTENSION_ENV = _loader.NO_EXTENSION_ENV
 #: force a kernel path: portable, avx2, avx512, neon or auto (a path the CPU lacks is an error)
-ISA_ENV = "RESTE_DEPLOY_ISA"
-_OLD_ISA_ENV = "RESTE_BITOPS_ISA"  # its former name, still accepted
+ISA_ENV = _loader.ISA_ENV
 #: output channels per block of the compiled kernel's weight layout
 _LANES = 16
 
-_extension = None
-_extension_error: str | None = None
-_extension_loaded = False
-_forced_error: str | None = None
 _warned = False
 
 
 def _ext():
-    """The compiled ``_bitops`` module, or None (with the reason kept for :func:`kernel_info`).
+    """The compiled ``_bitops`` module, or None (the loader, :data:`reste._ext.BITOPS`, keeps the
+    reason for :func:`kernel_info`).
 
-    Applies ``RESTE_DEPLOY_ISA``; a path this CPU cannot run raises ``RuntimeError`` (on every
-    call, not only the first): a forced path never silently becomes another one.
+    Its first load applies ``RESTE_DEPLOY_ISA``; a path this CPU cannot run raises ``RuntimeError``
+    (on every call, not only the first): a forced path never silently becomes another one.
     """
-    global _extension, _extension_error, _extension_loaded, _forced_error
-    if not _extension_loaded:
-        _extension_loaded = True
-        if os.environ.get(NO_EXTENSION_ENV, "") not in ("", "0"):
-            _extension_error = f"disabled by {NO_EXTENSION_ENV}={os.environ[NO_EXTENSION_ENV]}"
-        else:
-            try:
-                from . import _bitops  # torch is imported first, so the extension shares torch's libgomp
-
-                _extension = _bitops
-            except ImportError as err:
-                _extension_error = f"not built ({err}); reinstall with a C compiler: pip install -e ."
-            if _extension is not None:
-                for var in (ISA_ENV, _OLD_ISA_ENV):
-                    name = os.environ.get(var, "").strip()
-                    if name:
-                        try:
-                            _extension.select(name, f"{var}={name}")
-                        except ValueError as err:
-                            _forced_error = f"{var}={name}: {err}"
-                        break
-    if _forced_error is not None:
-        raise KernelPathError(_forced_error)
-    return _extension
+    bitops = _loader.BITOPS
+    ext = bitops.available()
+    if bitops.forced_error is not None:
+        raise KernelPathError(bitops.forced_error)
+    return ext
 
 
 class KernelPathError(UsageError, RuntimeError):
     """``RESTE_DEPLOY_ISA`` forces a kernel path this CPU or build lacks (a setting to fix: exit 2)."""
 
 
-class _OutputPool:
-    """Float32 output buffers of the packed layers, reused once nothing refers to them.
-
-    A fresh large tensor costs a page fault per 4 KiB on first touch (glibc serves
-    allocations above 32 MiB, and often smaller ones, with new pages); on the 2-core VM
-    that was a third of a 128-channel batch-64 layer's time, and most of the gap between
-    the kernel and the whole layer on ResNet-20's small ones. Callers get a view of a
-    buffer, never the buffer itself, and a buffer is handed out again only when no tensor
-    shares its memory: no view, detached alias or NumPy array (the storage's use count, a
-    PyTorch internal read through ``torch._C._storage_Use_Count``; without it nothing is
-    reused), no Python reference to the buffer object (reachable through a view's
-    ``_base``), and only within the same inference-mode state. Buffers are kept up to
-    ``max_bytes`` in total.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.buffers: list[Tensor] = []
-        self.lock = threading.Lock()
-
-    def empty(self, shape: tuple) -> Tensor:
-        numel = math.prod(shape)
-        if self.max_bytes <= 0 or _storage_use_count is None:
-            return torch.empty(shape, dtype=torch.float32)
-        inference = torch.is_inference_mode_enabled()  # an inference tensor outside that mode refuses in-place ops
-        with self.lock:
-            for buf in self.buffers:
-                if buf.numel() == numel and buf.is_inference() == inference and _unused(buf):
-                    return buf.view(shape)  # a view: while the caller holds it, the buffer is in use
-            out = torch.empty(shape, dtype=torch.float32)
-            kept = sum(b.numel() for b in self.buffers) * 4
-            if kept + numel * 4 > self.max_bytes:  # make room: drop buffers nobody uses
-                busy = []
-                for buf in self.buffers:
-                    if not _unused(buf):
-                        busy.append(buf)
-                self.buffers = busy
-                kept = sum(b.numel() for b in self.buffers) * 4
-            if kept + numel * 4 <= self.max_bytes:
-                self.buffers.append(out)
-                return out.view(shape)
-            return out
-
-
-def _storage_use_count_fn():
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    if fn is None:
-        return None
-    return lambda t: fn(t.untyped_storage()._cdata)
-
-
-_storage_use_count = _storage_use_count_fn()
-
-
-def _references(buf: Tensor) -> int:
-    return sys.getrefcount(buf)
-
-
-def _references_through_a_call(buf: Tensor) -> int:
-    return _references(buf)  # the same call depth as in _unused
-
-
-def _calibrate_references() -> int:
-    """What :func:`_unused` sees for a tensor nobody else holds, measured through the same
-    calls the pool makes (from the loop variable of a loop over a list): the count differs
-    between Python versions, so it is measured, not assumed."""
-    for buf in [torch.empty(0)]:
-        return _references_through_a_call(buf)
-    return 0
-
-
-_UNREFERENCED = _calibrate_references()
-
-
-def _unused(buf: Tensor) -> bool:
-    # storage users: buf itself and the temporary storage object that reads the count
-    return _references(buf) <= _UNREFERENCED and _storage_use_count(buf) == 2
-
-
-_pool = _OutputPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
+#: the packed layers' float32 outputs, reused once nothing refers to them (see :class:`reste._ext.BufferPool`)
+_pool = BufferPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
 
 
 class _scratch:
@@ -226,7 +125,7 @@ def _warn_fallback() -> None:
     if not _warned:
         _warned = True
         warnings.warn(
-            f"reste.deploy: the compiled XNOR-popcount kernel is unavailable ({_extension_error}); "
+            f"reste.deploy: the compiled XNOR-popcount kernel is unavailable ({_loader.BITOPS.reason}); "
             "binary layers run the exact but slower PyTorch reference",
             RuntimeWarning,
             stacklevel=3,
@@ -243,7 +142,8 @@ def kernel_info() -> dict:
     """
     ext = _ext()
     if ext is None:
-        return {"extension": False, "isa": None, "why": None, "available": [], "openmp": False, "reason": _extension_error}
+        return {"extension": False, "isa": None, "why": None, "available": [], "openmp": False,
+                "reason": _loader.BITOPS.reason}
     return {"extension": True, "isa": ext.isa(), "why": ext.why(), "available": ext.available().split(", "),
             "openmp": bool(ext.openmp()), "reason": None}
 
