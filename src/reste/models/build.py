@@ -33,7 +33,8 @@ def model_arguments(cfg, meta) -> dict:
         kwargs["estimator_params"] = dict(cfg.estimator.params)
     return {
         "name": cfg.model.name, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
-        "precision": cfg.model.precision, "estimator": cfg.model.estimator, "image_size": meta.image_size, "kwargs": kwargs,
+        "precision": cfg.model.precision, "estimator": cfg.model.estimator, "image_size": meta.image_size,
+        "kwargs": kwargs,
         "init": cfg.model.init,
     }
 
@@ -41,7 +42,8 @@ def model_arguments(cfg, meta) -> dict:
 def _model_label(cfg) -> str:
     from ..train.config import _short  # lazily: see the module docstring
 
-    return f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} estimator.params={_short(cfg.estimator.params)}"
+    return (f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} "
+            f"estimator.params={_short(cfg.estimator.params)}")
 
 
 def _config_error(message: str) -> Exception:

@@ -31,7 +31,8 @@ def _accuracy(correct: float, count: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: str = "none", channels_last: bool = False, ctx: D.DistContext | None = None) -> dict:
+def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: str = "none",
+                   channels_last: bool = False, ctx: D.DistContext | None = None) -> dict:
     """Loss, top-1 and top-5 (percent) of ``model`` over ``loader``.
 
     In a distributed run every rank evaluates its shard of the test set and the sums are
@@ -41,7 +42,8 @@ def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: s
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+    bf16 = amp == "bf16"
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -51,7 +53,8 @@ def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: s
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         c1, c5 = topk_correct(logits, labels, num_classes)
-        totals += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        count = torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)
+        totals += torch.stack([loss.double(), c1.double(), c5.double(), count])
     D.all_reduce_sum(totals, ctx)
     model.train(was_training)
     loss_sum, c1, c5, count = totals.tolist()
@@ -63,8 +66,9 @@ def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: s
     }
 
 
-def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None, subset: int | str | None = "run",
-             device: str = "auto", which: str = "best", amp: str | None = None) -> dict:
+def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None,
+             subset: int | str | None = "run", device: str = "auto", which: str = "best",
+             amp: str | None = None) -> dict:
     """Evaluate a run directory or checkpoint on its test set (or another data set's).
 
     Args:
@@ -96,7 +100,8 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
         raise ConfigError(f"--data: {err}") from None
     if (meta.num_classes, meta.in_channels) != (trained_on.num_classes, trained_on.in_channels):
         raise ConfigError(
-            f"the model was trained on {cfg.data.name} ({trained_on.num_classes} classes, {trained_on.in_channels} channels) "
+            f"the model was trained on {cfg.data.name} ({trained_on.num_classes} classes, "
+            f"{trained_on.in_channels} channels) "
             f"and cannot be evaluated on {name} ({meta.num_classes} classes, {meta.in_channels} channels)"
         )
     dev = D.resolve_device(device)
@@ -106,9 +111,10 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
     if subset == "run":  # the same create_loaders call as training: the same test images
         subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
     _, test_loader = rdata.create_loaders(
-        name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch, test_batch_size=batch,
-        augment=False, seed=cfg.seed, device=dev, subset=subset, test_only=True,
+        name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch,
+        test_batch_size=batch, augment=False, seed=cfg.seed, device=dev, subset=subset, test_only=True,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
-    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name), "subset": subset})
+    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name),
+                   "subset": subset})
     return result

@@ -27,8 +27,8 @@ class DistributedFailure(RuntimeError):
 
 
 # substrings of the errors gloo and NCCL raise when a peer is gone or too slow
-_COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out", "timed out",
-                               "NCCL", "gloo")
+_COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out",
+                               "timed out", "NCCL", "gloo")
 
 _ADVICE = "Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip"
 
@@ -67,26 +67,29 @@ def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx: D.DistContext) -
     return bool(bad_loss), bool(bad_grad)
 
 
-def nonfinite_step_error(run_dir: Path, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad_loss: bool, *,
-                         lr: float, o: float | None, world_size: int) -> NonFiniteLossError:
+def nonfinite_step_error(run_dir: Path, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                         bad_loss: bool, *, lr: float, o: float | None, world_size: int) -> NonFiniteLossError:
     """The error of a step whose loss or gradient was not finite with ``train.nonfinite=stop``."""
     o_text = f"{o:.4g}" if o is not None else "n/a"
     loss_value, norm_value = float(loss.detach()), float(grad_norm)
     what = "loss" if bad_loss else "gradient"
     where = "" if world_size == 1 else " on at least one rank"
     return NonFiniteLossError(
-        f"non-finite {what}{where} (loss {loss_value:.4g}, gradient norm {norm_value:.4g}) at epoch {epoch + 1}, step {step + 1} "
+        f"non-finite {what}{where} (loss {loss_value:.4g}, gradient norm {norm_value:.4g}) at epoch {epoch + 1}, "
+        f"step {step + 1} "
         f"(lr {lr:.4g}, o {o_text}); training stopped, "
         f"{_kept(run_dir, 'no checkpoint was written yet')}. {_ADVICE}, or set train.nonfinite=skip"
     )
 
 
-def nonfinite_weights_error(run_dir: Path, bad: list[str], which: str, epoch: int, step_in_epoch: int) -> NonFiniteLossError:
+def nonfinite_weights_error(run_dir: Path, bad: list[str], which: str, epoch: int,
+                            step_in_epoch: int) -> NonFiniteLossError:
     """The error of a checkpoint refused because the model's weights or statistics are not finite."""
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
     return NonFiniteLossError(
         f"the model's weights or statistics became non-finite (NaN/inf in {', '.join(bad[:3])}{more}) at epoch "
-        f"{epoch + 1 if step_in_epoch else epoch}{f', step {step_in_epoch}' if step_in_epoch else ''}; training stopped "
+        f"{epoch + 1 if step_in_epoch else epoch}{f', step {step_in_epoch}' if step_in_epoch else ''}; "
+        "training stopped "
         f"without writing checkpoints/{which}.pt, {_kept(run_dir)}. {_ADVICE}")
 
 
@@ -97,9 +100,11 @@ def check_divergence(run_dir: Path, epoch: int, row: dict, *, steps_per_epoch: i
     if skipped * 2 > steps_per_epoch:
         raise NonFiniteLossError(
             f"epoch {epoch + 1} skipped {skipped} of {steps_per_epoch} batches for a non-finite loss or gradient "
-            f"(train.nonfinite=skip): the run is diverging, not training; stopped before writing this epoch's checkpoint, "
+            f"(train.nonfinite=skip): the run is diverging, not training; stopped before writing this epoch's "
+            "checkpoint, "
             f"{_kept(run_dir)}. {_ADVICE}")
     loss, chance = row.get("train_loss"), math.log(max(num_classes, 2))
     if isinstance(loss, float) and math.isfinite(loss) and loss > 100 * chance and warn:
-        warnings.warn(f"epoch {epoch + 1}: train loss {loss:.3g} is {loss / chance:.3g} times that of guessing (ln {num_classes} = "
-                      f"{chance:.2f}): the run has diverged; lower optim.lr (now {lr:g})", stacklevel=2)
+        warnings.warn(f"epoch {epoch + 1}: train loss {loss:.3g} is {loss / chance:.3g} times that of guessing "
+                      f"(ln {num_classes} = {chance:.2f}): the run has diverged; lower optim.lr (now {lr:g})",
+                      stacklevel=2)

@@ -27,7 +27,8 @@ def epoch_line(row: dict, epochs: int) -> str:
              f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%",
              "  ".join(filter(None, indicators)),
              num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else ""),
-             num("teacher_ms_per_step", ".1f", "teacher") + (" ms/step" if row.get("teacher_ms_per_step") is not None else "")]
+             num("teacher_ms_per_step", ".1f", "teacher")
+             + (" ms/step" if row.get("teacher_ms_per_step") is not None else "")]
     return " | ".join(p for p in parts if p)
 
 
@@ -77,7 +78,8 @@ def print_summary(s: dict) -> None:
     minutes, seconds = divmod(s["seconds"], 60)
     epochs = f"{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}"
     print(
-        f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {epochs} in {int(minutes)} min {seconds:.0f} s\n"
+        f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {epochs} in {int(minutes)} min "
+        f"{seconds:.0f} s\n"
         f"  final test top-1 {pct(s['final_top1'])}  (top-5 {pct(s['final_top5'])})\n"
         f"  best  test top-1 {pct(s['best_top1'])}  at epoch {s['best_epoch']}\n"
         f"  data read from: {s['data_source']}\n"

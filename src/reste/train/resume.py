@@ -38,8 +38,8 @@ def resume_config(run_dir, overrides=None) -> Config:
     has_last = checkpoint_path(run_dir, "last").is_file()
     restart = not has_last and abandoned_setup(run_dir)
     if restart and not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the command "
-                              "that started it again (it reuses the folder), or add --force to it")
+        raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the "
+                              "command that started it again (it reuses the folder), or add --force to it")
     if not restart and not has_last:
         hint = ("it has no checkpoint yet; start it again with its command and --force" if looks_like_run(run_dir)
                 else "is it a run directory written by `reste train`?")
@@ -83,7 +83,8 @@ def restore(run_dir: Path, trainer) -> dict:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path}: optimizer or lr-scheduler state does not fit this configuration ({err})") from None
+        raise CheckpointError(f"checkpoint {path}: optimizer or lr-scheduler state does not fit this configuration "
+                              f"({err})") from None
     trainer.est_scheduler.load_state_dict(state["estimator_scheduler"])
     ts: TrainState = trainer.state
     ts.load_state_dict(state)
@@ -93,7 +94,8 @@ def restore(run_dir: Path, trainer) -> dict:
     if saved_steps != steps:
         if ts.step_in_epoch:
             raise CheckpointError(
-                f"checkpoint {path} stopped at batch {ts.step_in_epoch} of an epoch of {saved_steps} steps ({saved_world} ranks), "
+                f"checkpoint {path} stopped at batch {ts.step_in_epoch} of an epoch of {saved_steps} steps "
+                f"({saved_world} ranks), "
                 f"but an epoch now has {steps} steps ({world} ranks); resume with {saved_world} "
                 "ranks to finish that epoch, then with any number"
             )

@@ -68,7 +68,8 @@ def locate_checkpoint(source, which: str) -> Path:
     if path.is_dir():
         candidate = checkpoint_path(path, which)
         if not candidate.is_file():
-            raise CheckpointError(f"{path} has no checkpoints/{which}.pt; is it a run directory written by `reste train`?")
+            raise CheckpointError(f"{path} has no checkpoints/{which}.pt; is it a run directory written by "
+                                  "`reste train`?")
         return candidate
     return path
 
@@ -221,8 +222,8 @@ class RunWriter:
         """Rewrite metrics.jsonl and metrics.csv from all rows so far (keys may appear later, e.g. indicators)."""
         if not self.enabled:
             return
-        _write_text(self.run_dir / METRICS,
-                    "".join(json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n" for row in rows))
+        lines = (json.dumps({k: _clean(v) for k, v in row.items()}, default=_json_default) + "\n" for row in rows)
+        _write_text(self.run_dir / METRICS, "".join(lines))
         keys: list[str] = []
         for row in rows:
             keys += [k for k in row if k not in keys]
@@ -237,7 +238,8 @@ class RunWriter:
         if self.tb is None:
             return
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key != "epoch" and number and math.isfinite(value):
                 self.tb.add_scalar(key, value, row["epoch"])
         self.tb.flush()
 
@@ -361,12 +363,14 @@ def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
         if path.exists():
             if abandoned_setup(path):
                 _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
-                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no results",
+                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no "
+                      "results",
                       file=sys.stderr, flush=True)
             elif not force:
                 raise ConfigError(exists)
             elif not path.is_dir() or (not looks_like_run(path) and any(path.iterdir())):
-                raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory")
+                raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a "
+                                  "run directory")
             else:
                 _discard(path)
         lock = _claim(path, f"run directory {path} was just created by another run started at the same time; "
@@ -394,7 +398,8 @@ def new_run_dir(cfg: Config, force: bool) -> Path:
     return path
 
 
-def open_run_dir(cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None, force: bool) -> tuple[Path, RunDirLock | None, bool]:
+def open_run_dir(cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None,
+                 force: bool) -> tuple[Path, RunDirLock | None, bool]:
     """The run folder of a training process: ``(path, lock, created)``.
 
     Rank 0 locks ``resume_dir`` (and removes the temp files a killed writer left there), or claims

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..models.build import _create_model, _model_label, build_model, check_model, model_arguments  # noqa: F401
 from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, nonfinite_entries, rng_state, save_checkpoint, set_rng_state  # noqa: F401
+from .checkpoint import (CheckpointError, load_checkpoint, nonfinite_entries, rng_state, save_checkpoint,  # noqa: F401
+                         set_rng_state)
 from .config import Config, ConfigError, config_to_dict, load_config, warn_conflicts
 from .evaluation import _accuracy, evaluate, evaluate_model, topk_correct  # noqa: F401
 from .failures import (DistributedFailure, NonFiniteLossError, _is_collective_failure, check_divergence,  # noqa: F401
@@ -44,8 +45,9 @@ from .metrics import epoch_mean_o, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
 from .progress import ProgressBar, epoch_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
-from .rundir import (RunDirLock, RunWriter, _clean, _json_default, _looks_like_run, _write_json, _write_text,  # noqa: F401
-                     abandoned_setup, checkpoint_path, claim_run_dir, new_run_dir, open_run_dir, remove_if_empty)
+from .rundir import (RunDirLock, RunWriter, _clean, _json_default, _looks_like_run, _write_json,  # noqa: F401
+                     _write_text, abandoned_setup, checkpoint_path, claim_run_dir, new_run_dir, open_run_dir,
+                     remove_if_empty)
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
 from .setup import (create_estimator_scheduler, create_loaders, create_model, create_teacher, create_tracker,
@@ -87,8 +89,8 @@ class Trainer:
             run at a chosen step); it must not change what is trained.
     """
 
-    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
-                 summary: bool | None = None, on_step: StepHook | None = None):
+    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False,
+                 progress: bool = True, summary: bool | None = None, on_step: StepHook | None = None):
         self.cfg = cfg
         self.resume_dir = Path(resume) if resume is not None else None
         self.force = force
@@ -133,7 +135,8 @@ class Trainer:
         warn_conflicts(cfg, ctx.world_size)
         if cfg.data.batch_size % ctx.world_size:
             raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the {ctx.world_size} ranks; "
+                f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
+                f"{ctx.world_size} ranks; "
                 f"use a multiple of {ctx.world_size}"
             )
         from reste import data as rdata
@@ -190,7 +193,8 @@ class Trainer:
                     return self._run()
                 except RuntimeError as err:
                     if self.ctx.distributed and _is_collective_failure(err):
-                        raise distributed_failure(err, self.run_dir, self.ctx.rank, self.cfg.train.dist_timeout_s) from err
+                        timeout = self.cfg.train.dist_timeout_s
+                        raise distributed_failure(err, self.run_dir, self.ctx.rank, timeout) from err
                     raise
         finally:
             if self.writer is not None:
@@ -219,8 +223,8 @@ class Trainer:
             for epoch in range(start_epoch, epochs):
                 resumed = epoch == start_epoch and start_step > 0
                 row, epoch_start = self._train_epoch(epoch, start_step if resumed else 0, partial if resumed else None)
-                check_divergence(self.run_dir, epoch, row, steps_per_epoch=self.steps_per_epoch, num_classes=self.num_classes,
-                                 lr=cfg.optim.lr, warn=ctx.is_main)
+                check_divergence(self.run_dir, epoch, row, steps_per_epoch=self.steps_per_epoch,
+                                 num_classes=self.num_classes, lr=cfg.optim.lr, warn=ctx.is_main)
                 # the plain module, not the DDP wrapper: ranks may hold different numbers of test
                 # batches, and DDP's per-forward buffer broadcast would then wait forever
                 test = evaluate_model(self.model, self.test_loader, self.device, num_classes=self.num_classes,
@@ -301,8 +305,9 @@ class Trainer:
         measured = None
         if bad_loss or bad_grad:
             if t.nonfinite == "stop":
-                raise nonfinite_step_error(self.run_dir, epoch, step, loss, grad_norm, bad_loss, lr=optimizer.param_groups[0]["lr"],
-                                           o=self.est_scheduler.o, world_size=self.ctx.world_size)
+                raise nonfinite_step_error(self.run_dir, epoch, step, loss, grad_norm, bad_loss,
+                                           lr=optimizer.param_groups[0]["lr"], o=self.est_scheduler.o,
+                                           world_size=self.ctx.world_size)
             if self.ctx.is_main:
                 sums[4] += 1  # skip: no update; the schedules still advance
             optimizer.zero_grad(set_to_none=True)
@@ -427,13 +432,14 @@ class Trainer:
         save_checkpoint(state, checkpoint_path(self.run_dir, which))
 
     def _summary(self, complete: bool) -> dict:
-        return run_summary(self.cfg, self.state, complete=complete, train_loader=self.train_loader, test_loader=self.test_loader,
-                           steps_per_epoch=self.steps_per_epoch, world_size=self.ctx.world_size, run_dir=self.run_dir)
+        return run_summary(self.cfg, self.state, complete=complete, train_loader=self.train_loader,
+                           test_loader=self.test_loader, steps_per_epoch=self.steps_per_epoch,
+                           world_size=self.ctx.world_size, run_dir=self.run_dir)
 
 
 # ----------------------------------------------------------------------------- public entry point
-def train(config=None, *, resume=None, force: bool = False, progress: bool = True, summary: bool | None = None, overrides=None,
-          on_step: StepHook | None = None, **sections) -> dict:
+def train(config=None, *, resume=None, force: bool = False, progress: bool = True, summary: bool | None = None,
+          overrides=None, on_step: StepHook | None = None, **sections) -> dict:
     """Train a model; returns the summary dict (also written to ``summary.json``).
 
     Args:
@@ -457,10 +463,12 @@ def train(config=None, *, resume=None, force: bool = False, progress: bool = Tru
         extra = _merge(extra, nested)
     if resume is not None:
         if config is not None:
-            raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its run directory)")
+            raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its "
+                              "run directory)")
         cfg = resume_config(resume, extra or None)
         if not checkpoint_path(resume, "last").is_file():  # resume_config checked it is a stopped set-up
-            print(f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its config.yaml",
+            print(f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
+                  "config.yaml",
                   file=sys.stderr, flush=True)
             resume = None
     else:
