@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, load_model_weights
 from .config import Config, ConfigError, load_config, validate
 from .optim import realign_step_schedule
-from .rundir import abandoned_setup, checkpoint_path, looks_like_run, read_config
+from .rundir import CONFIG, abandoned_setup, checkpoint_path, looks_like_run, read_config
 from .state import TrainState
 
 __all__ = ["RESUME_OVERRIDABLE", "resume_config", "restore"]
@@ -37,7 +37,7 @@ def resume_config(run_dir, overrides=None) -> Config:
     run_dir = Path(run_dir)
     has_last = checkpoint_path(run_dir, "last").is_file()
     restart = not has_last and abandoned_setup(run_dir)
-    if restart and not (run_dir / "config.yaml").is_file():
+    if restart and not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the "
                               "command that started it again (it reuses the folder), or add --force to it")
     if not restart and not has_last:

@@ -15,6 +15,7 @@ so on CPU a resumed run ends with bit-identical weights to an uninterrupted one.
 The pieces live beside this file: :mod:`.optim` (optimizer, lr schedule), :mod:`.evaluation`,
 :mod:`.faults` (the fault-injection testing hook), :mod:`.signals` (SIGINT/SIGTERM),
 :mod:`.failures` (non-finite values, failed collectives), :mod:`.resume`, :mod:`.state`,
+:mod:`.setup` (what is built before the first step), :mod:`.metrics` (the epoch row, the summary),
 :mod:`.progress` (the terminal) and :mod:`.rundir`; model building is :mod:`reste.models.build`.
 Their public names are importable from here too, as before.
 """
@@ -45,9 +46,9 @@ from .metrics import epoch_mean_o, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
 from .progress import ProgressBar, epoch_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
-from .rundir import (RunDirLock, RunWriter, _clean, _json_default, _looks_like_run, _write_json,  # noqa: F401
-                     _write_text, abandoned_setup, checkpoint_path, claim_run_dir, new_run_dir, open_run_dir,
-                     remove_if_empty)
+from .rundir import HISTOGRAMS, RunDirLock, RunWriter, checkpoint_path, open_run_dir, remove_if_empty
+from .rundir import (_clean, _json_default, _looks_like_run, _write_json, _write_text, abandoned_setup,  # noqa: F401
+                     claim_run_dir, new_run_dir)
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
 from .setup import (create_estimator_scheduler, create_loaders, create_model, create_teacher, create_tracker,
@@ -346,7 +347,7 @@ class Trainer:
         if not last_step:
             return None
         if (epoch + 1) in self.cfg.analysis.histograms_at or epoch + 1 == self.cfg.train.epochs:
-            self.tracker.snapshot(self.run_dir / "histograms" / f"epoch{epoch + 1:04d}.npz")
+            self.tracker.snapshot(self.run_dir / HISTOGRAMS / f"epoch{epoch + 1:04d}.npz")
         return {k: v for k, v in values.items() if k != "layers"}
 
     def _after_step(self, epoch: int, step: int, sums: torch.Tensor, epoch_start: float) -> None:
