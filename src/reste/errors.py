@@ -7,7 +7,7 @@ prints the message and returns ``exit_code`` (see its docstring for the conventi
 
 from __future__ import annotations
 
-__all__ = ["ReSTEError", "UsageError"]
+__all__ = ["ReSTEError", "UsageError", "ConfigError", "short_repr"]
 
 
 class ReSTEError(Exception):
@@ -21,3 +21,24 @@ class UsageError(ReSTEError):
     """A command line, configuration or environment setting that is wrong; exit code 2."""
 
     exit_code = 2
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix.
+
+    Defined here, below every layer, so that ``reste.models`` can raise it for a model that cannot
+    be built from its configuration; ``reste.train.config`` re-exports it (its usual import path).
+    Not a :class:`ReSTEError`: the commands that read configs give it exit code 2 themselves.
+    """
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, built without expanding huge nested values
+    (for quoting a configuration value in an error message)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

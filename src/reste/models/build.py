@@ -5,9 +5,9 @@ teacher or ``reste eval`` loads, in one place.
 ``data`` sections), ``meta`` the data set's :func:`reste.data.info`. A bad ``model.kwargs``
 is a :class:`reste.train.ConfigError`.
 
-Layering: ``models`` sits below ``train``, so this module does not import ``reste.train`` at
-import time (``reste.train`` imports the trainer, which imports this module: a cycle). The config
-is duck-typed, and ``ConfigError`` and ``_short`` are imported inside the functions that need them.
+Layering: ``models`` sits below ``train`` and imports nothing of it (not even inside a function:
+``reste.train`` imports this module). The config is duck-typed; ``ConfigError`` comes from
+:mod:`reste.errors`, where ``reste.train.config`` takes it from too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError, short_repr
 from .registry import check_size, create
 
 __all__ = ["model_arguments", "check_model", "build_model"]
@@ -40,16 +41,8 @@ def model_arguments(cfg, meta) -> dict:
 
 
 def _model_label(cfg) -> str:
-    from ..train.config import _short  # lazily: see the module docstring
-
-    return (f"model {cfg.model.name!r} from model.kwargs={_short(cfg.model.kwargs)} "
-            f"estimator.params={_short(cfg.estimator.params)}")
-
-
-def _config_error(message: str) -> Exception:
-    from ..train.config import ConfigError  # lazily: see the module docstring
-
-    return ConfigError(message)
+    return (f"model {cfg.model.name!r} from model.kwargs={short_repr(cfg.model.kwargs)} "
+            f"estimator.params={short_repr(cfg.estimator.params)}")
 
 
 def check_model(cfg, meta) -> None:
@@ -62,9 +55,9 @@ def check_model(cfg, meta) -> None:
         with torch.device("meta"):
             problem = check_size(create(args.pop("name"), **args, **kwargs))
     except _BUILD_ERRORS as err:
-        raise _config_error(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
+        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
     if problem:
-        raise _config_error(f"{_model_label(cfg)}: {problem}; lower the width or size in model.kwargs")
+        raise ConfigError(f"{_model_label(cfg)}: {problem}; lower the width or size in model.kwargs")
 
 
 def build_model(cfg, meta) -> nn.Module:
@@ -81,4 +74,4 @@ def _create_model(cfg, meta) -> nn.Module:
     try:
         return create(args.pop("name"), **args, **kwargs)
     except _BUILD_ERRORS as err:
-        raise _config_error(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
+        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None

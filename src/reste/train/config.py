@@ -31,6 +31,10 @@ from typing import Any, Iterator, Optional, Union
 
 import yaml
 
+# defined below every layer so that reste.models can raise it too (see reste.errors)
+from ..errors import ConfigError
+from ..errors import short_repr as _short
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -54,10 +58,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the fix."""
-
-
 #: what a config file may make the program hold, checked before the values are built: a config
 #: has ~60 settings, so these refuse only hostile or broken files (e.g. a "billion laughs" of
 #: nested YAML aliases, whose few hundred bytes expand to billions of values)
@@ -67,16 +67,6 @@ MAX_CONFIG_DEPTH = 64
 #: whole-number options must fit a 64-bit integer (torch and numpy take them as such)
 _MAX_INT = 2**63 - 1
 MAX_THREADS = 1024
-
-
-def _short(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, built without expanding huge nested values."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 6, 6, limit, limit, 40
-    text = r.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _opt(default, help: str, choices: tuple | None = None):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..models.build import _create_model
+from ..schedules import EstimatorScheduler, o_schedule
 from . import distributed as D
 from .config import Config, ConfigError
 
@@ -29,7 +30,7 @@ def seed_everything(seed: int) -> None:
 def create_loaders(cfg: Config, meta, ctx: D.DistContext):
     """This rank's training and test loaders (``meta``: the data set's ``reste.data.info``); a batch
     larger than the training set is a ConfigError."""
-    from reste import data as rdata
+    from .. import data as rdata
 
     d = cfg.data
     if d.subset is None and meta.train_size < d.batch_size:
@@ -83,11 +84,9 @@ def create_teacher(cfg: Config, meta, ctx: D.DistContext, *, tell: bool):
 
 def create_estimator_scheduler(model: nn.Module, cfg: Config, steps_per_epoch: int):
     """The :class:`reste.EstimatorScheduler` of ``cfg.estimator``."""
-    import reste
-
     e = cfg.estimator
-    schedule = reste.o_schedule(e.schedule, o_end=e.o_end, p=e.p)
-    return reste.EstimatorScheduler(model, schedule, cfg.train.epochs, steps_per_epoch, per=e.per)
+    schedule = o_schedule(e.schedule, o_end=e.o_end, p=e.p)
+    return EstimatorScheduler(model, schedule, cfg.train.epochs, steps_per_epoch, per=e.per)
 
 
 def wrap_model(model: nn.Module, ctx: D.DistContext, compile: bool) -> nn.Module:
@@ -108,7 +107,7 @@ def create_tracker(model: nn.Module, cfg: Config, ctx: D.DistContext, saved: dic
     layers), with the state a resumed checkpoint ``saved`` holds."""
     if not (cfg.analysis.indicators and ctx.is_main):
         return None
-    from reste.analysis.indicators import IndicatorTracker
+    from ..nn.indicators import IndicatorTracker
 
     tracker = IndicatorTracker(model, cfg.estimator.o_end)
     if not len(tracker):
