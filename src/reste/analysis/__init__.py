@@ -4,6 +4,8 @@
   instability, flip ratio, histogram snapshots) and :func:`reference_aggregates`;
 - :mod:`reste.analysis.sweep`: :class:`Sweep`, grids of ``reste train`` runs (``reste sweep``);
 - :mod:`reste.analysis.report`: :func:`build_report`, the seed's tables and figures (``reste report``);
+  its parts: :mod:`~reste.analysis.runs` (reading runs), :mod:`~reste.analysis.cells` (runs grouped
+  over seeds), :mod:`~reste.analysis.tables`, :mod:`~reste.analysis.figures`, :mod:`~reste.analysis.markdown`;
 - :mod:`reste.analysis.cost`: what the indicators cost next to a train step.
 
 See docs/analysis.md.

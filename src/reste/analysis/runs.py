@@ -1,0 +1,150 @@
+"""The runs a report reads: a run directory's ``config.yaml``, ``summary.json`` and ``metrics.jsonl``
+as a :class:`RunRecord`, and every run of a sweep directory (:func:`find_runs`).
+
+Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and re-exports these names).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ReSTEError
+from ..train import rundir
+from ..train.config import ConfigError
+from .indicators import reference_aggregates
+
+__all__ = ["NotARunError", "RunRecord", "load_run", "find_runs"]
+
+
+class NotARunError(ReSTEError, ValueError):
+    """A directory given to the report is neither a run nor a sweep (exit code 1: an unusable input).
+
+    Also a :class:`ValueError`, as it always was."""
+
+
+#: config keys that never distinguish cells
+IGNORED_PREFIXES = ("seed", "name", "out.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, dict):
+            continue  # an empty mapping sets nothing: same as the key being absent
+        elif isinstance(value, list):
+            flat[name] = tuple(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+@functools.lru_cache(maxsize=1)
+def _default_flat() -> dict:
+    """The trainer's defaults, flattened: a run saved before an option existed ran with its default."""
+    try:
+        from ..train.config import Config, config_to_dict
+    except ImportError:  # the report still works, comparing only what the runs saved
+        return {}
+    return _flatten(config_to_dict(Config()))
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_PREFIXES)
+
+
+@dataclass
+class RunRecord:
+    """One run directory as the report sees it."""
+
+    dir: Path
+    config: dict
+    summary: dict | None
+    metrics: list[dict]
+
+    @property
+    def finished(self) -> bool:
+        """Trained to the end: the trainer marks summary.json ``complete`` after the last epoch."""
+        return rundir.summary_complete(self.summary)
+
+    @property
+    def flat(self) -> dict:
+        """The config as dotted keys; options the run's config.yaml predates get the trainer's default."""
+        if not self.config:
+            return {}
+        return {**_default_flat(), **_flatten(self.config)}
+
+    @property
+    def setting(self) -> tuple:
+        """The resolved config without seed, name and output paths: equal settings form a cell."""
+        return tuple(sorted((k, repr(v)) for k, v in self.flat.items() if not _ignored(k)))
+
+    def get(self, key: str, default=None):
+        """A config value by dotted key, falling back to the summary's copy of it."""
+        flat = self.flat
+        if key in flat:
+            return flat[key]
+        fallback = {"data.name": "dataset", "model.name": "model", "model.precision": "precision",
+                    "model.estimator": "estimator", "estimator.o_end": "o_end", "seed": "seed"}
+        if self.summary and key in fallback:
+            return self.summary.get(fallback[key], default)
+        return default
+
+    @property
+    def aggregates(self) -> dict:
+        return reference_aggregates(self.metrics)
+
+
+def _is_run(path: Path) -> bool:
+    return rundir.has_results(path)
+
+
+def load_run(path: str | os.PathLike) -> RunRecord:
+    """Read a run directory; raises :class:`NotARunError` naming it when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NotARunError(f"{path} does not exist or is not a directory; give a run directory written by "
+                           "`reste train` or a sweep directory")
+    if not _is_run(path):
+        raise NotARunError(f"{path} is not a run directory: it has neither summary.json nor metrics.jsonl. "
+                           "Give a directory written by `reste train` (runs/<name>-<time>/) or by `reste sweep`")
+    try:
+        summary = rundir.read_summary(path)
+    except ValueError as err:
+        raise NotARunError(str(err)) from None
+    config = {}
+    if (path / rundir.CONFIG).is_file():
+        try:  # read as every config is: a key given twice is refused, not silently the last
+            config = rundir.read_config(path, allow_empty=True)
+        except ConfigError as err:
+            raise NotARunError(f"{err}; the run's files are damaged") from None
+    metrics = rundir.read_metrics(path) if (path / rundir.METRICS).is_file() else []
+    return RunRecord(dir=path, config=config, summary=summary, metrics=metrics)
+
+
+def find_runs(path: str | os.PathLike) -> list[RunRecord]:
+    """The runs in ``path``: itself when it is a run, else the runs of a sweep directory."""
+    path = Path(path)
+    if path.is_dir() and _is_run(path):
+        return [load_run(path)]
+    if path.is_dir():
+        listed = []
+        if (path / "sweep.json").is_file():
+            try:
+                listed = [path / Path(r["dir"]).name
+                          for r in json.loads((path / "sweep.json").read_text()).get("runs", [])]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                listed = []
+        # the sweep's listing first, then any other run directories placed there
+        candidates = listed + sorted(p for p in path.iterdir() if p.is_dir() and p not in listed)
+        runs = [load_run(p) for p in candidates if p.is_dir() and _is_run(p)]
+        if runs or (path / "sweep.json").is_file():
+            return runs
+    return [load_run(path)]  # raises the clear error
+
