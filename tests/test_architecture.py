@@ -15,6 +15,7 @@ higher layer is still a dependency on it), so the test needs no import of the pa
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,11 @@ def test_no_module_imports_a_higher_layer(name):
         if LAYERS[other] > LAYERS[part] or (part, other) in SIBLINGS_APART:
             bad.append(target)
     assert not bad, f"{name} ({part}, layer {LAYERS[part]}) imports {bad}"
+
+
+def test_architecture_doc_names_only_paths_that_exist():
+    doc = SRC.parents[1] / "docs" / "architecture.md"
+    named = set(re.findall(r"src/reste/[\w/]+\.(?:py|c|h)\b", doc.read_text()))
+    assert named, "docs/architecture.md names no src/reste/... path"
+    missing = sorted(p for p in named if not (SRC.parents[1] / p).is_file())
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
