@@ -3,9 +3,9 @@
     python benchmarks/recipes_table.py runs/recipes
 
 Reads ``<dir>/<recipe>-s<seed>/summary.json`` for the recipes scratch, two_step_1 + two_step_2
-(one row, times added), distill (with the teacher's training time in its own column) and
-teacher, and prints one Markdown row per recipe: final test top-1 per seed, their mean,
-and the mean training time per seed.
+(one row, times added), distill (with the training time of the teacher its config names in its
+own column: several students may share one teacher) and teacher, and prints one Markdown row
+per recipe: final test top-1 per seed, their mean, and the mean training time per seed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+import yaml
 
 ROWS = {  # row label: (run prefixes whose times add up, the run whose accuracy counts)
     "binary from scratch (the main job)": (("scratch",), "scratch"),
@@ -25,6 +27,14 @@ ROWS = {  # row label: (run prefixes whose times add up, the run whose accuracy 
 
 def _summary(folder: Path, prefix: str, seed: str) -> dict | None:
     path = folder / f"{prefix}-s{seed}" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _teacher_summary(run: Path) -> dict | None:
+    """The summary of the teacher run named by ``train.teacher`` in the run's config.yaml."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    source = Path(config["train"]["teacher"])
+    path = (source if source.is_dir() else source.parent) / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -42,8 +52,8 @@ def table(folder: Path) -> str:
             accs.append(_summary(folder, scored, seed)["final_top1"])
             times.append(sum(r["seconds"] for r in runs))
             epochs = "+".join(str(r["epochs"]) for r in runs)
-            if scored == "distill":
-                t = _summary(folder, "teacher", seed)
+            if scored == "distill":  # the teacher the run names (several students may share one)
+                t = _teacher_summary(folder / f"distill-s{seed}")
                 teacher.append(t["seconds"] if t else None)
         done = [a for a in accs if a is not None]
         cells = [f"{a:.2f}" if a is not None else "–" for a in accs]
