@@ -120,3 +120,67 @@ def test_library_errors_end_as_one_line_with_their_exit_code(monkeypatch, capsys
         monkeypatch.setattr(cli, "build_parser", lambda command=None, parser=parser: parser)
         assert cli.main([]) == code
         assert capsys.readouterr().err == f"error: {error}\n"
+
+
+# every error class a command module raises for a user's input or failed work: (module, class, exit code
+# documented in reste.cli: 1 a missing/unusable input or failed work, 2 a wrong command line/config/setting)
+_ERROR_CLASSES = [
+    ("reste.errors", "ConfigError", 2, ValueError),
+    ("reste.train.checkpoint", "CheckpointError", 1, RuntimeError),
+    ("reste.train.failures", "NonFiniteLossError", 1, RuntimeError),
+    ("reste.train.failures", "DistributedFailure", 1, RuntimeError),
+    ("reste.data.errors", "DatasetNotFoundError", 1, FileNotFoundError),
+    ("reste.data.errors", "CorruptDataError", 1, ValueError),
+    ("reste.data.download", "NotDownloadableError", 2, ValueError),
+    ("reste.deploy.fileformat", "ExportError", 1, ValueError),
+    ("reste.deploy.commands", "_UnknownSource", 2, ValueError),
+    ("reste.deploy.packed", "KernelPathError", 2, RuntimeError),
+    ("reste.analysis.sweep", "SweepError", 2, ValueError),
+    ("reste.analysis.sweep", "SweepConfigError", 2, ValueError),
+    ("reste.analysis.runs", "NotARunError", 1, ValueError),
+]
+
+
+@pytest.mark.parametrize("module, name, code, python_base", _ERROR_CLASSES, ids=[c[1] for c in _ERROR_CLASSES])
+def test_each_error_class_carries_its_documented_exit_code(module, name, code, python_base):
+    import importlib
+
+    from reste.errors import ReSTEError, UsageError
+
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, ReSTEError) and cls.exit_code == code
+    assert issubclass(cls, UsageError) == (code == 2)
+    assert issubclass(cls, python_base)  # `except ValueError` (...) callers still catch it
+
+
+def test_an_interrupted_run_exits_128_plus_the_signal_with_its_resume_command_on_rank_0_only(tmp_path):
+    import signal
+
+    from reste.errors import ReSTEError
+    from reste.train.signals import TrainingInterrupted
+
+    err = TrainingInterrupted(signal.SIGTERM, tmp_path, "reste train --resume RUN")
+    assert isinstance(err, ReSTEError) and err.exit_code == 143
+    assert err.cli_message("0") == str(err) and "reste train --resume RUN" in str(err) and err.cli_message("1") is None
+
+
+@pytest.mark.parametrize("rank, prefix", [("0", "error: "), ("", "error: "), ("2", "error [rank 2]: ")])
+def test_errors_name_the_rank_of_a_distributed_run(monkeypatch, capsys, rank, prefix):
+    import argparse
+
+    from reste.errors import ReSTEError
+
+    def fail(args):
+        raise ReSTEError("checkpoint C is damaged")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=fail)
+    monkeypatch.setattr(cli, "build_parser", lambda command=None: parser)
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main([]) == 1
+    assert capsys.readouterr().err == f"{prefix}checkpoint C is damaged\n"
+
+
+def test_sweep_errors_keep_their_prefix(tmp_path, capsys):
+    assert cli.main(["sweep", "--out", str(tmp_path / "s"), "--seeds", "0,x", "seed=1"]) == 2
+    assert capsys.readouterr().err == "reste sweep: --seeds must be comma-separated integers, got '0,x'\n"

@@ -837,8 +837,6 @@ def test_slow_kernel_note_when_only_the_portable_kernel_runs(monkeypatch):
 
 @pytest.mark.skipif(not HAS_EXT, reason="needs the compiled kernel paths")
 def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsys):
-    import argparse
-
     from reste.deploy import bench
 
     result = {"machine": bench.machine_info(), "repeats": 1, "conv": [], "e2e": [], "sizes": []}
@@ -852,10 +850,9 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
         finally:
             ext.select(ISAS[0])
         assert f"kernel path: {ISAS[1]}" in text and f"NOT this CPU's default path ({ISAS[0]})" in text
-    args = argparse.Namespace(isa="no-such-path", threads=None, repeats=1, quick=True, json="-")
-    from reste.deploy.commands import run_bench
+    from reste.cli import main
 
-    assert run_bench(args) == 1
+    assert main(["bench-infer", "--isa", "no-such-path", "--repeats", "1", "--quick", "--json", "-"]) == 1
     assert "known names: auto, portable, avx2, avx512, neon" in capsys.readouterr().err
 
 

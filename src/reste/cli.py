@@ -10,12 +10,21 @@ unusable (a checkpoint, run directory, exported file or data set) or work that f
 (a run diverged, a download or a check failed, the disk is full); 2 a command line or
 configuration that is wrong (an unknown option or key, an invalid value); 130 / 143
 interrupted by SIGINT / SIGTERM.
+
+One convention gives these codes: every error the library raises for a user's input or failed
+work derives from ``reste.errors.ReSTEError`` (exit 1) or ``reste.errors.UsageError`` (exit 2; a
+config, command line or environment setting to fix), keeping its Python base too (``ValueError``,
+``FileNotFoundError``, ``RuntimeError``...). Commands do not catch them: :func:`main` prints
+``error: <message>`` (``error [rank N]: ...`` on the other processes of a distributed run) and
+returns the class's ``exit_code``; an interrupted training run (``TrainingInterrupted``) prints
+its resume command instead and returns 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -117,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except ReSTEError as err:  # raised anywhere below a command: one line, the documented code
-        print(f"error: {err}", file=sys.stderr)
+        message = err.cli_message(os.environ.get("RANK", "0"))
+        if message is not None:
+            print(message, file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt as err:
         if main_thread:  # we are leaving: a second Ctrl-C must not turn the exit into a traceback

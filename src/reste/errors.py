@@ -16,6 +16,12 @@ class ReSTEError(Exception):
 
     exit_code = 1
 
+    def cli_message(self, rank: str = "0") -> str | None:
+        """What ``reste.cli.main`` prints for this error on process ``rank`` (the ``RANK`` of a
+        distributed run; "0" or "" otherwise), ``None`` for nothing: ``error: <message>``, with the
+        rank named on the other processes of a distributed run."""
+        return f"error: {self}" if rank in ("0", "") else f"error [rank {rank}]: {self}"
+
 
 class UsageError(ReSTEError):
     """A command line, configuration or environment setting that is wrong; exit code 2."""
@@ -23,16 +29,16 @@ class UsageError(ReSTEError):
     exit_code = 2
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the fix.
+class ConfigError(UsageError, ValueError):
+    """A configuration problem; the message names the key and the fix (exit code 2).
 
     Defined here, below every layer, so that ``reste.models`` can raise it for a model that cannot
     be built from its configuration; ``reste.train.config`` re-exports it (its usual import path).
-    Not a :class:`ReSTEError`: the commands that read configs give it exit code 2 themselves.
+    A ``ValueError`` too, for callers in Python that catch that.
     """
 
 
-def short_repr(value, limit: int = 80) -> str:
+def short_repr(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, built without expanding huge nested values
     (for quoting a configuration value in an error message)."""
     import reprlib

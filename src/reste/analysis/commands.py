@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 SWEEP_EPILOG = """\
 examples:
@@ -53,46 +52,32 @@ def register(subparsers) -> None:
     report.set_defaults(func=run_report)
 
 
-def run_sweep(args) -> int:
+def run_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sweep import Sweep, SweepConfigError, SweepError
+    from .sweep import Sweep, SweepError
 
     items = list(args.items)
     config = items.pop(0) if items and "=" not in items[0] else None
     if not items and args.seeds is None:
-        print("reste sweep: nothing to sweep; give key=v1,v2 items and/or --seeds", file=sys.stderr)
-        return 2
+        raise SweepError("nothing to sweep; give key=v1,v2 items and/or --seeds")
     out = args.out or str(Path("runs") / f"sweep-{Path(config).stem if config else 'default'}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds is not None else None
     except ValueError:
-        print(f"reste sweep: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
-    try:
-        sweep = Sweep(config=config, grid=items, out=out, seeds=seeds, jobs=args.jobs)
-    except SweepConfigError as err:
-        # the first line is what `reste train` prints for this run, with its exit code
-        from ..train.commands import EXIT_CONFIG, _error
-
-        _error(str(err))
-        return EXIT_CONFIG
-    except SweepError as err:
-        print(f"reste sweep: {err}", file=sys.stderr)
-        return 2
+        raise SweepError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    # a SweepError prints "reste sweep: ...", a SweepConfigError what `reste train` prints for that run: both exit 2
+    sweep = Sweep(config=config, grid=items, out=out, seeds=seeds, jobs=args.jobs)
     return sweep.run()
 
 
-def run_report(args) -> int:
-    from .report import NotARunError, build_report
+def run_report(args: argparse.Namespace) -> int:
+    from .report import build_report
 
     command = "reste report " + " ".join(shlex.quote(str(d)) for d in args.dirs) + f" --out {shlex.quote(str(args.out))}"
     command += " --no-plots" if args.no_plots else ""
-    try:
-        report = build_report(args.dirs, args.out, command=command, plots=not args.no_plots)
-    except NotARunError as err:  # an input that is not usable: exit 1, as every command (reste.cli)
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # a directory that is neither a run nor a sweep: NotARunError, exit 1 (reste.cli reports it)
+    report = build_report(args.dirs, args.out, command=command, plots=not args.no_plots)
     print(f"wrote {report.path}" + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else ""))
     for line in report.not_drawn:  # the same lines as in report.md: what is missing and why
         print(f"not drawn: {line}")

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import yaml
 
+from ..errors import ReSTEError, UsageError
+
 from ..train import rundir
 
 __all__ = ["Sweep", "SweepRun", "SweepError", "SweepConfigError", "is_complete", "parse_grid", "split_values", "run_name", "launch_subprocess"]
@@ -36,15 +38,23 @@ __all__ = ["Sweep", "SweepRun", "SweepError", "SweepConfigError", "is_complete",
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 
 
-class SweepError(ValueError):
-    """A sweep specification that cannot be run (bad grid syntax, conflicting options)."""
+class SweepError(UsageError, ValueError):
+    """A sweep specification that cannot be run (bad grid syntax, conflicting options): exit code 2,
+    reported as ``reste sweep: <message>``."""
+
+    def cli_message(self, rank: str = "0") -> str | None:
+        return f"reste sweep: {self}"
 
 
 class SweepConfigError(SweepError):
-    """The configuration of one run of the grid is invalid; nothing was started.
+    """The configuration of one run of the grid is invalid; nothing was started (exit code 2).
 
-    ``message`` is exactly what ``reste train`` would print for that run, ``run`` its name.
+    ``message`` is exactly what ``reste train`` would print for that run, ``run`` its name; the command
+    line reports it as ``reste train`` would (``error: <message>``).
     """
+
+    def cli_message(self, rank: str = "0") -> str | None:
+        return ReSTEError.cli_message(self, rank)
 
     def __init__(self, run: str, message: str):
         self.run = run
@@ -57,7 +67,9 @@ def split_values(text: str) -> list[str]:
 
     ``"1,2,3"`` -> ``["1", "2", "3"]``; ``"[1,2],[3]"`` -> ``["[1,2]", "[3]"]``.
     """
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[{":
             depth += 1
@@ -175,7 +187,7 @@ class Sweep:
             raise SweepError(f"--jobs must be >= 1, got {self.jobs}")
         if self.config is not None and not Path(self.config).is_file():
             raise SweepError(f"config file {self.config} does not exist")
-        self.out = Path(self.out)
+        self.out = self.folder = Path(self.out)  # folder: the same, typed as a Path
         self.parsed = parse_grid(self.grid)
         if self.seeds is not None:
             if "seed" in self.parsed:
@@ -198,7 +210,7 @@ class Sweep:
             name = run_name([(k, text) for k, (text, _) in zip(keys, combo)])
             overrides = dict(self.fixed)
             overrides.update({k: value for k, (_, value) in zip(keys, combo)})
-            runs.append(SweepRun(name=name, dir=str(self.out / name), overrides=overrides))
+            runs.append(SweepRun(name=name, dir=str(self.folder / name), overrides=overrides))
         for run in runs:
             self._refresh(run)
         return runs
@@ -208,7 +220,7 @@ class Sweep:
         """Set ``status`` and the result from what is on disk."""
         if is_complete(run.path):
             run.status = "done"
-            data = rundir.read_summary(run.path)
+            data = rundir.read_summary(run.path) or {}  # complete: it has one
             run.final_top1, run.best_top1 = data.get("final_top1"), data.get("best_top1")
 
     def check(self) -> None:
@@ -252,7 +264,7 @@ class Sweep:
     def run(self, progress: Callable[[str], None] | None = print) -> int:
         """Run every unfinished run, ``jobs`` at a time. Returns 0 (all done), 1 (some failed), 130/143 (stopped)."""
         say = progress or (lambda msg: None)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         todo = [r for r in self.runs if r.status != "done"]
         for run in self.runs:
             run.action = "skip" if run.status == "done" else None
@@ -271,7 +283,7 @@ class Sweep:
                 while todo and len(active) < self.jobs:
                     run = todo.pop(0)
                     argv, run.action = self.command(run)
-                    log = self.out / "logs" / f"{run.name}.log"
+                    log = self.folder / "logs" / f"{run.name}.log"
                     say(f"[{run.action}] {run.name}")
                     proc = self.launch(argv, log, env)
                     run.log, run.status, run.returncode = str(log), "running", None
@@ -297,7 +309,7 @@ class Sweep:
                 _stop_child(proc, signum)
                 self._finish(run, proc.returncode, time.monotonic() - start, interrupted=True)
             self.write()
-            say(f"sweep stopped; run the same command again to continue ({self.out / 'sweep.json'})")
+            say(f"sweep stopped; run the same command again to continue ({self.folder / 'sweep.json'})")
             return 128 + int(signum)
         finally:
             if in_main:
@@ -315,7 +327,7 @@ class Sweep:
     # ------------------------------------------------------------------ sweep.json
     def write(self) -> Path:
         """Write ``sweep.json`` atomically; runs of earlier invocations with other grids are kept."""
-        path = self.out / "sweep.json"
+        path = self.folder / "sweep.json"
         mine = {r.name for r in self.runs}
         others = []
         if path.is_file():

@@ -5,7 +5,6 @@ stand-alone as ``python -m reste.data``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 DOWNLOAD_EPILOG = """\
 examples:
@@ -46,13 +45,15 @@ def register(subparsers) -> None:
 
 
 def run_download(args) -> int:
+    from ..errors import ReSTEError
     from .download import download
 
     try:
         folder = download(args.name, args.root, mirror=args.mirror, progress=not args.quiet)
-    except (OSError, ValueError) as exc:  # includes DatasetNotFoundError / CorruptDataError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if args.name == "imagenet" else 1  # ImageNet: a usage error; otherwise the download failed
+    except ReSTEError:  # DatasetNotFoundError / CorruptDataError (exit 1), ImageNet's NotDownloadableError (exit 2)
+        raise
+    except (OSError, ValueError) as exc:  # the download failed
+        raise ReSTEError(str(exc)) from None
     print(f"{args.name} is ready in {folder}")
     return 0
 

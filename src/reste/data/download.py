@@ -28,7 +28,9 @@ import tempfile
 import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO, cast
 
+from ..errors import UsageError
 from .catalog import (
     CIFAR_SOURCES,
     IDX_SOURCES,
@@ -138,7 +140,8 @@ def safe_extract(archive, dest) -> None:
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(member) as src, open(target, "wb") as out:
+                    # a regular file here (links and devices are refused above): extractfile gives its stream
+                    with cast(IO[bytes], tar.extractfile(member)) as src, open(target, "wb") as out:
                         shutil.copyfileobj(src, out, _CHUNK)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise CorruptDataError(archive, f"unreadable or truncated tar.gz ({exc})") from exc
@@ -158,6 +161,11 @@ def _base_url(default: str, mirror: str | None) -> str:
     return base if base.endswith("/") else base + "/"
 
 
+class NotDownloadableError(UsageError, ValueError):
+    """A data set that cannot be downloaded (ImageNet: registration needed); the message says how to
+    get it. A usage error (exit code 2)."""
+
+
 def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
 
@@ -175,7 +183,7 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
     root = resolve_root(root)
     target = root / name
     if name == "imagenet":
-        raise ValueError("\n".join(how_to_get(name, root)))
+        raise NotDownloadableError("\n".join(how_to_get(name, root)))
     if name not in IDX_SOURCES and name not in CIFAR_SOURCES:
         raise ValueError(f"unknown data set {name!r}")
     created = [p for p in [target, *target.parents] if not p.exists()]
@@ -192,9 +200,9 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
 
 def _download_into(name: str, target: Path, mirror: str | None, progress: bool) -> Path:
     if name in IDX_SOURCES:
-        source = IDX_SOURCES[name]
-        base = _base_url(source.base_url, mirror)
-        for file_name, md5 in source.files.values():
+        idx = IDX_SOURCES[name]
+        base = _base_url(idx.base_url, mirror)
+        for file_name, md5 in idx.files.values():
             download_file(base + file_name, target / file_name, md5, progress=progress)
         return target
     if name in CIFAR_SOURCES:

@@ -10,16 +10,19 @@ Two failure modes deserve their own types because the fix differs:
 
 They subclass the built-in exceptions that generic code would expect
 (``FileNotFoundError`` and ``ValueError``) so ``except OSError`` style
-handlers keep working.
+handlers keep working, and :class:`reste.errors.ReSTEError` (exit code 1 on
+the command line).
 """
 
 from __future__ import annotations
 
+from ..errors import ReSTEError
+
 __all__ = ["DatasetNotFoundError", "CorruptDataError"]
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set could not be found in any of the places searched."""
+class DatasetNotFoundError(ReSTEError, FileNotFoundError):
+    """A data set could not be found in any of the places searched (exit code 1)."""
 
     def __init__(self, name: str, searched: list[str], how_to_get: list[str]):
         self.name = name
@@ -38,8 +41,8 @@ class DatasetNotFoundError(FileNotFoundError):
         return self.message
 
 
-class CorruptDataError(ValueError):
-    """A data file exists but is damaged, truncated or fails its checksum."""
+class CorruptDataError(ReSTEError, ValueError):
+    """A data file exists but is damaged, truncated or fails its checksum (exit code 1)."""
 
     DEFAULT_HINT = "Delete it and fetch it again (e.g. reste.data.download(...))."
 

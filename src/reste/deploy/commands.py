@@ -1,9 +1,18 @@
-"""``reste summary``, ``reste export`` and ``reste bench-infer``."""
+"""``reste summary``, ``reste export`` and ``reste bench-infer``.
+
+Errors are :class:`reste.errors.ReSTEError` (exit 1: a file that is missing, damaged or not reste's, a
+failed check) or :class:`reste.errors.UsageError` (exit 2: a source or size that cannot be right);
+:func:`reste.cli.main` prints them. Errors of other libraries (safetensors, the ONNX exporters, OS
+errors) are turned into ``ReSTEError`` here, with the message the command always gave.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from ..errors import ReSTEError, UsageError
 
 SUMMARY_EPILOG = """\
 examples:
@@ -101,25 +110,13 @@ def _images(text: str) -> int | None:
     return int(text)
 
 
-#: exit codes, as every reste command (see reste.cli): 1 an input that is missing or unusable, or
-#: work that failed; 2 a command line that cannot be right whatever the files hold
-EXIT_FAILURE, EXIT_USAGE = 1, 2
-
-
-def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-class _UnknownSource(ValueError):
+class _UnknownSource(UsageError, ValueError):
     """The summary source is neither a run, a config, an export nor a model name (or its
-    --input-size is absurd): a usage error."""
+    --input-size is absurd): a usage error (exit code 2)."""
 
 
 def _model_for_summary(args):
     """(model, input_size) described by the summary source."""
-    from pathlib import Path
-
     import torch
 
     from .. import data, models
@@ -160,19 +157,17 @@ def _model_for_summary(args):
                      f"({', '.join(models.names())})")
 
 
-def run_summary(args) -> int:
+def run_summary(args: argparse.Namespace) -> int:
     import json
 
     from .summary import summary
 
-    from ..train.config import ConfigError
-
     try:
         model, size = _model_for_summary(args)
-    except (_UnknownSource, ConfigError) as err:  # a wrong command line or configuration
-        return _fail(str(err), EXIT_USAGE)
+    except ReSTEError:  # _UnknownSource, ConfigError (exit 2), ExportError, a data set's error (exit 1)
+        raise
     except (ValueError, TypeError, OSError) as err:  # a file that is missing, damaged or not reste's
-        return _fail(str(err))
+        raise ReSTEError(str(err)) from None
     result = summary(model, size)
     print(result)
     if args.json:
@@ -182,27 +177,27 @@ def run_summary(args) -> int:
     return 0
 
 
-def run_export(args) -> int:
-    from pathlib import Path
-
-    from ..train.checkpoint import CheckpointError
-    from .export import ExportError, export, load_run_model
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export, load_run_model
     from .summary import summary
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        return _fail(f"{run_dir} is not a directory; give a run directory written by `reste train`")
+        raise ReSTEError(f"{run_dir} is not a directory; give a run directory written by `reste train`")
     if getattr(args, "format", "safetensors") == "onnx":
         return _run_export_onnx(args, run_dir)
     out = Path(args.out) if args.out else run_dir / "model-1bit.safetensors"
     try:
         model, arch, source = load_run_model(run_dir, args.checkpoint)
         export(model, out, architecture=arch, source=source)
-    except (ExportError, CheckpointError, ValueError) as err:
-        return _fail(str(err))
+    except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
+        raise
+    except ValueError as err:
+        raise ReSTEError(str(err)) from None
     except OSError as err:  # e.g. a full disk: export writes atomically, so a previous file is intact
         what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-        return _fail(f"{what}; nothing was written to {out} (a previous file there is intact); free some space or choose another --out")
+        raise ReSTEError(f"{what}; nothing was written to {out} (a previous file there is intact); free some space "
+                         "or choose another --out") from None
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
@@ -220,22 +215,22 @@ def run_export(args) -> int:
     try:
         lines, problem = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
                                       images=args.verify_images, root=args.root)
-    except (ExportError, CheckpointError, ValueError, OSError) as err:
-        return _fail(str(err))
+    except ReSTEError:
+        raise
+    except (ValueError, OSError) as err:
+        raise ReSTEError(str(err)) from None
     for line in lines:
         print(line)
     if problem:  # the export ran but its check did not pass: the work failed
-        return _fail(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this")
+        raise ReSTEError(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; "
+                         "please report this")
     return 0
 
 
-def _run_export_onnx(args, run_dir) -> int:
+def _run_export_onnx(args: argparse.Namespace, run_dir: Path) -> int:
     """``reste export RUN_DIR --format onnx``: write the graph, then check it with onnxruntime if installed."""
-    from pathlib import Path
-
     from .. import data as rdata
-    from ..train.checkpoint import CheckpointError
-    from .export import ExportError, load_run_model
+    from .export import load_run_model
     from .onnx import INSTALL_HINT, check_onnx, export_onnx, write_onnx_metadata
     from .verify import _run_config, data_spec, eval_loader
 
@@ -246,14 +241,16 @@ def _run_export_onnx(args, run_dir) -> int:
         shape = tuple(spec["input_shape"])
         export_onnx(model, out, shape, exporter=args.exporter,
                     metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec})
-    except (ExportError, CheckpointError, ValueError) as err:
-        return _fail(str(err))
+    except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
+        raise
+    except ValueError as err:
+        raise ReSTEError(str(err)) from None
     except OSError as err:
-        return _fail(f"{err}; nothing was written to {out} (a previous file there is intact)")
+        raise ReSTEError(f"{err}; nothing was written to {out} (a previous file there is intact)") from None
     except Exception as err:  # noqa: BLE001 - the exporters raise their own types; name the model and the way out
-        return _fail(f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
-                     f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
-                     f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})")
+        raise ReSTEError(f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
+                         f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})") from None
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out} "
           f"(ONNX, {args.exporter} exporter, {out.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])")
     if args.no_verify:
@@ -282,14 +279,17 @@ def _run_export_onnx(args, run_dir) -> int:
     for line in lines:
         print(line)
     if problem:
-        return _fail(f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; please report this")
+        raise ReSTEError(f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; "
+                         "please report this")
     return 0
 
 
-def run_bench(args) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     from .bench import main
 
     try:
         return main(args)
+    except ReSTEError:  # e.g. RESTE_DEPLOY_ISA forcing a path this CPU lacks: KernelPathError, exit 2
+        raise
     except (RuntimeError, ValueError) as err:  # e.g. --isa naming a path this CPU lacks: the message names the fix
-        return _fail(str(err))
+        raise ReSTEError(str(err)) from None

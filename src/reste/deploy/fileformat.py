@@ -58,6 +58,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ReSTEError
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_GRAPH_BYTES", "ExportError", "read_graph"]
 
 FORMAT = "reste.packed"
@@ -70,8 +72,9 @@ _BN_STATE = ("weight", "bias", "running_mean", "running_var")
 MAX_GRAPH_BYTES = 1 << 20
 
 
-class ExportError(ValueError):
-    """A model, run directory or exported file that cannot be exported or loaded; the message says why."""
+class ExportError(ReSTEError, ValueError):
+    """A model, run directory or exported file that cannot be exported or loaded; the message says why
+    (exit code 1)."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

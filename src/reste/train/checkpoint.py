@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ReSTEError
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -42,8 +44,8 @@ __all__ = [
 REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "estimator_scheduler", "epoch", "rng", "config", "metrics")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the file and the reason."""
+class CheckpointError(ReSTEError, RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the reason (exit code 1)."""
 
 
 def _fsync_dir(folder: Path) -> None:

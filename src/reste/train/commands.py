@@ -5,28 +5,20 @@
 
 Configuration errors print one message (no traceback) and exit with code 2; an
 interrupted run exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)
-after writing a checkpoint and printing the resume command.
+after writing a checkpoint and printing the resume command. The errors raise
+:class:`reste.errors.ReSTEError` subclasses that :func:`reste.cli.main` reports (see its docstring).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from ..errors import ReSTEError, UsageError
 from .config import ConfigError, help_epilog
 
 __all__ = ["register", "run_train", "run_eval"]
-
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
-
-
-def _error(message: str) -> None:
-    rank = os.environ.get("RANK", "0")
-    prefix = "error" if rank in ("0", "") else f"error [rank {rank}]"
-    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
 
 
 def register(subparsers) -> None:
@@ -104,7 +96,7 @@ def _allow_options_anywhere(parser: argparse.ArgumentParser, takes_value: tuple[
             i += 1
         return original(options + positionals, namespace)
 
-    parser.parse_known_args = parse_known_args
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]  # the reordering wrapper, on purpose
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -119,12 +111,9 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def run_train(args) -> int:
-    from reste.data import CorruptDataError, DatasetNotFoundError
-
-    from .checkpoint import CheckpointError
+def run_train(args: argparse.Namespace) -> int:
     from .config import config_to_yaml, load_config
-    from .trainer import DistributedFailure, NonFiniteLossError, TrainingInterrupted, resume_config, train
+    from .trainer import resume_config, train
 
     try:
         config, overrides = _split_items(args.items)
@@ -136,59 +125,34 @@ def run_train(args) -> int:
             return 0
         train(config, resume=args.resume, force=args.force, progress=not args.quiet, summary=True, overrides=overrides)
         return 0
-    except ConfigError as err:
-        _error(str(err))
-        return EXIT_CONFIG
-    except TrainingInterrupted as err:
-        if os.environ.get("RANK", "0") in ("0", ""):
-            print(str(err), file=sys.stderr, flush=True)
-        return err.exit_code
-    except (CheckpointError, NonFiniteLossError, DistributedFailure, DatasetNotFoundError, CorruptDataError) as err:
-        _error(str(err))
-        return EXIT_FAILURE
+    except ReSTEError:  # a config, checkpoint, data set, diverged run, interrupt...: reste.cli reports it
+        raise
     except OSError as err:  # e.g. disk full or permission denied while writing the run directory
         what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-        _error(f"{what}; the files written before it are intact (every write is atomic)")
-        return EXIT_FAILURE
+        raise ReSTEError(f"{what}; the files written before it are intact (every write is atomic)") from None
 
 
-def run_eval(args) -> int:
-    from reste.data import CorruptDataError, DatasetNotFoundError
-
-    from .checkpoint import CheckpointError
+def run_eval(args: argparse.Namespace) -> int:
     from .trainer import evaluate
 
     export = str(args.source).endswith(".safetensors")
     if args.threads is not None and args.threads < 1:
-        _error(f"--threads must be at least 1, got {args.threads}")
-        return EXIT_CONFIG
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if export and args.which:
-        _error(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from")
-        return EXIT_CONFIG
+        raise UsageError(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)  # the packed kernel uses torch's thread count too
     subset = None if args.full else (args.subset if args.subset is not None else "run")
-    try:
-        if export:
-            from reste.deploy import ExportError
-            from reste.deploy.verify import evaluate_export
+    if export:  # not a reste export, damaged, ...: an ExportError, exit 1 like a bad checkpoint
+        from reste.deploy.verify import evaluate_export
 
-            try:
-                result = evaluate_export(args.source, data=args.data, root=args.root, batch_size=args.batch_size,
-                                         subset=subset, device="cpu" if args.device == "auto" else args.device)
-            except ExportError as err:  # not a reste export, damaged, ...: a bad input file, like a bad checkpoint
-                raise CheckpointError(str(err)) from None
-        else:
-            result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=subset,
-                              device=args.device, which=args.which or "best")
-    except ConfigError as err:
-        _error(str(err))
-        return EXIT_CONFIG
-    except (CheckpointError, DatasetNotFoundError, CorruptDataError) as err:
-        _error(str(err))
-        return EXIT_FAILURE
+        result = evaluate_export(args.source, data=args.data, root=args.root, batch_size=args.batch_size,
+                                 subset=subset, device="cpu" if args.device == "auto" else args.device)
+    else:
+        result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=subset,
+                          device=args.device, which=args.which or "best")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

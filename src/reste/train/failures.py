@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ReSTEError
 from . import distributed as D
 from .rundir import checkpoint_path
 from .signals import resume_command
@@ -17,13 +18,13 @@ from .signals import resume_command
 __all__ = ["NonFiniteLossError", "DistributedFailure"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN/inf and ``train.nonfinite`` is ``stop``."""
+class NonFiniteLossError(ReSTEError, RuntimeError):
+    """The loss or the gradient became NaN/inf and ``train.nonfinite`` is ``stop`` (exit code 1)."""
 
 
-class DistributedFailure(RuntimeError):
+class DistributedFailure(ReSTEError, RuntimeError):
     """A collective operation failed in a distributed run: another rank died, hung past
-    ``train.dist_timeout_s``, or the network failed. The message says how to resume."""
+    ``train.dist_timeout_s``, or the network failed. The message says how to resume (exit code 1)."""
 
 
 # substrings of the errors gloo and NCCL raise when a peer is gone or too slow

@@ -9,13 +9,17 @@ import sys
 import threading
 from pathlib import Path
 
+from ..errors import ReSTEError
 from .rundir import checkpoint_path
 
 __all__ = ["TrainingInterrupted", "resume_command"]
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 128 + signal."""
+class TrainingInterrupted(ReSTEError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 128 + signal.
+    The command line prints the message (with the resume command) on rank 0 only, without ``error:``."""
+
+    exit_code: int
 
     def __init__(self, signum: int, run_dir: Path, resume_command: str):
         self.signum = signum
@@ -25,6 +29,9 @@ class TrainingInterrupted(Exception):
         name = signal.Signals(signum).name
         super().__init__(f"training stopped by {name}; checkpoint written to {checkpoint_path(run_dir, 'last')}. "
                          f"Resume with:\n  {resume_command}")
+
+    def cli_message(self, rank: str = "0") -> str | None:
+        return str(self) if rank in ("0", "") else None
 
 
 def resume_command(run_dir: Path) -> str:
@@ -40,7 +47,7 @@ class _StopRequest:
     A second SIGINT while stopping raises KeyboardInterrupt at once (the user insists).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
 
