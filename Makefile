@@ -2,6 +2,7 @@
 #   make train   creates .venv, installs CPU torch + reste, gets Fashion-MNIST, runs the main job
 #   make test    the same set-up, then the test suite (what .ci/run runs); the onnx extra is
 #                installed so the ONNX export is tested against onnxruntime
+#   make lint    the same set-up plus the lint extra (mypy, ruff), then the linters (.ci/run runs it first)
 # Variables: PYTHON (the interpreter for the venv), TORCH (the torch requirement, pinned to the
 # CPU build by default), PIP_ARGS (e.g. --index-url for torch's CPU wheels), ARGS (for reste train).
 
@@ -16,7 +17,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.reste-installed
 SOURCES := pyproject.toml setup.py $(wildcard src/reste/csrc/*.c src/reste/deploy/csrc/*.c src/reste/deploy/csrc/*.h)
 
-.PHONY: setup data train test test-slow
+.PHONY: setup data train test test-slow lint
 
 setup: $(STAMP) data
 
@@ -48,3 +49,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# the type check ([tool.mypy] in pyproject.toml: src/reste); no data set needed
+LINT_STAMP := $(VENV)/.reste-lint-installed
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[lint]"
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(BIN)/mypy
+	@# ruff: added by the formatting commit (ruff format --check, ruff check) once the code is formatted

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Type
+from typing import Any, Callable, Dict, Type
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +110,7 @@ def estimators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def estimator(name: str, **params) -> "Estimator":
+def estimator(name: str, **params: Any) -> "Estimator":
     """Build the estimator registered as ``name`` with the given parameters.
 
     >>> est = estimator("reste", o=3.0)
@@ -238,6 +238,7 @@ class ReSTE(Estimator):
     """
 
     scheduled = ("o",)
+    o: Tensor  # a scalar buffer (_scalar_buffer), for the type checker
 
     def __init__(self, o: float = 1.0, t: float = 1.5, m: float = 0.1):
         super().__init__()
@@ -362,6 +363,8 @@ class EDE(Estimator):
     """
 
     scheduled = ("t", "k")
+    t: Tensor  # scalar buffers (_scalar_buffer), for the type checker
+    k: Tensor
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 10.0):
         super().__init__()
@@ -393,6 +396,8 @@ class RBNN(Estimator):
     """
 
     scheduled = ("t", "k")
+    t: Tensor  # scalar buffers (_scalar_buffer), for the type checker
+    k: Tensor
 
     def __init__(self, t_min: float = 1e-2, t_max: float = 10.0, activation: bool = False):
         super().__init__()
@@ -455,6 +460,7 @@ class FDA(Estimator):
     """
 
     scheduled = ("n",)
+    n: Tensor  # a scalar buffer (_scalar_buffer), for the type checker
 
     def __init__(self, w: float = 0.1, n_start: int = 9, n_end: int = 18):
         super().__init__()

@@ -88,8 +88,8 @@ def sign_torch(z: Tensor) -> Tensor:
 
 def _sign_kernel(z: Tensor, out: Tensor | None = None) -> Tensor | None:
     """``sign`` with ``sign(0) = +1`` in one pass (into ``out`` if given), or None when the kernel does not apply."""
-    if not _applies(z) or (out is not None and not _applies(z, out)):
-        return None
+    if _kernels is None or not _applies(z) or (out is not None and not _applies(z, out)):
+        return None  # (_applies is False without kernels; the first test tells the type checker)
     out = torch.empty_like(z) if out is None else out
     _kernels.sign(z.data_ptr(), out.data_ptr(), z.numel(), torch.get_num_threads())
     return out
@@ -109,7 +109,9 @@ def transient_sign(x: Tensor) -> Tensor:
     """``sign(x)`` for use within one call only: where the kernel applies it goes into a reused
     buffer (no fresh pages to fault in), elsewhere into a new tensor."""
     if _applies(x):
-        return _sign_kernel(x, out=_scratch.empty(tuple(x.shape), x.dtype, x.stride()))
+        out = _sign_kernel(x, out=_scratch.empty(tuple(x.shape), x.dtype, x.stride()))
+        if out is not None:  # always, as the buffer has x's shape and strides
+            return out
     return sign_torch(x)
 
 
@@ -143,7 +145,7 @@ def _reste_backward_kernel(z: Tensor, grad: Tensor, o: Tensor, t: float, m: floa
 
     ``o`` is a CPU scalar tensor here, so reading it is a memory load, not a device sync.
     """
-    if not (_applies(z, grad) and o.device.type == "cpu"):
+    if _kernels is None or not (_applies(z, grad) and o.device.type == "cpu"):
         return None
     out = grad if inplace else torch.empty_like(z)
     _kernels.reste_backward(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), float(o), t, m,

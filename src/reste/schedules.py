@@ -62,7 +62,7 @@ class OSchedule:
         return _WAYS[self.way](r, float(self.o_end), float(self.p))
 
 
-def o_schedule(way: str = "cosine", o_end: float = 3.0, **params) -> OSchedule:
+def o_schedule(way: str = "cosine", o_end: float = 3.0, **params: float) -> OSchedule:
     """Build an o schedule. ``way`` is one of ``fixed``, ``linear``, ``cosine``, ``power``.
 
     >>> s = o_schedule("cosine", o_end=3)
@@ -84,7 +84,7 @@ def iter_estimators(model: nn.Module) -> Iterator[Estimator]:
             yield module
 
 
-def set_params(model: nn.Module, **values) -> int:
+def set_params(model: nn.Module, **values: float) -> int:
     """Set scheduled parameters (``o=...``, ``t=...``) on every estimator that has them.
 
     Returns how many estimators were changed. Raises if no estimator in the model
@@ -124,7 +124,8 @@ class EstimatorScheduler:
     :meth:`~reste.estimators.Estimator.set_progress`.
     """
 
-    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "step"):
+    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int,
+                 per: str = "step") -> None:
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
         if epochs < 1 or steps_per_epoch < 1:

@@ -206,7 +206,7 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
     if name in IDX_SOURCES:
         train = no_train if test_only else _read_idx_split(found["train_images"], found["train_labels"], meta)
         test = _read_idx_split(found["test_images"], found["test_labels"], meta)
-        return DatasetArrays(*train, *test, source=str(found["test_images"].parent))
+        return DatasetArrays(train[0], train[1], test[0], test[1], source=str(found["test_images"].parent))
 
     source = CIFAR_SOURCES[name]
     kind, path = found
@@ -221,4 +221,4 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
         )
     _check_labels(train[1], meta.num_classes, path)
     _check_labels(test[1], meta.num_classes, path)
-    return DatasetArrays(*train, *test, source=str(path))
+    return DatasetArrays(train[0], train[1], test[0], test[1], source=str(path))

@@ -21,6 +21,7 @@ import pickle
 import tarfile
 import zlib
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 
@@ -276,7 +277,7 @@ def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label
             for member in tar:
                 if member.name in wanted and member.isfile():
                     _check_batch_size(f"{archive}::{member.name}", member.size)  # the tar header's size, before reading
-                    found[member.name] = tar.extractfile(member).read()
+                    found[member.name] = cast(IO[bytes], tar.extractfile(member)).read()  # a regular file: a stream
                     if len(found) == len(wanted):
                         break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:

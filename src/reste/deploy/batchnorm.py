@@ -11,19 +11,21 @@ kernel that applies a BatchNorm as it writes or packs.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .fileformat import _BN_STATE, ExportError
 
 #: BatchNorm classes stored as (scale, shift), with the input rank their forward takes for a probe
-_BN_PROBE_RANK = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+_BN_PROBE_RANK: dict[type[nn.Module], int] = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 #: probe magnitudes that read a BatchNorm's scale back exactly, largest first (see _bn_coefficients)
 _PROBE_POWERS = tuple(2.0 ** k for k in range(127, 23, -1))
 
 
-def _bn_coefficients(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _bn_coefficients(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
     """PyTorch's own per-channel ``(scale, shift)`` of an eval-mode BatchNorm, read back exactly.
 
     PyTorch evaluates it as ``x * scale + shift`` (one rounding, or two) with coefficients it
@@ -83,7 +85,7 @@ def _unit_variance(eps: float) -> float | None:
     return None
 
 
-def _restore_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def _restore_bn(bn: _BatchNorm, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Set an eval-mode BatchNorm's state so that PyTorch evaluates it as ``x * scale + shift``, bit for bit.
 
     PyTorch computes ``a = (1 / sqrt(var + eps)) * weight`` and ``b = bias - mean * a``. With
@@ -94,18 +96,20 @@ def _restore_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None
     var = _unit_variance(bn.eps)
     if var is None:
         raise ExportError(f"BatchNorm eps={bn.eps} admits no unit variance in float32")
+    # a folded BatchNorm has running statistics (_bn_coefficients reads only those)
+    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
     with torch.no_grad():
         bn.weight.copy_(scale)
         bn.bias.copy_(shift)
-        bn.running_mean.copy_(torch.where(torch.signbit(scale), -0.0, 0.0))
-        bn.running_var.fill_(var)
+        running_mean.copy_(torch.where(torch.signbit(scale), -0.0, 0.0))
+        running_var.fill_(var)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
-def _bn_probes(bn: nn.Module, gen: torch.Generator) -> list[torch.Tensor]:
+def _bn_probes(bn: _BatchNorm, gen: torch.Generator) -> list[torch.Tensor]:
     """Inputs for the export-time check: signed zeros, +-1, powers of two up to the float32
     extremes, and random values of many magnitudes, in every memory layout and in shapes
     that take PyTorch's vectorised, per-pixel and tail paths."""
@@ -114,7 +118,8 @@ def _bn_probes(bn: nn.Module, gen: torch.Generator) -> list[torch.Tensor]:
     specials = (0.0, -0.0, 1.0, -1.0, 2.0 ** 100, -(2.0 ** 100), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max)
     probes = [torch.full(one, v) for v in specials]
     # BatchNorm1d takes [N, C] and [N, C, L]
-    spatial = {2: [(), (5,)], 4: [(9, 7), (1, 1), (3, 5)], 5: [(3, 4, 5), (1, 1, 1)]}[rank]
+    spatials: dict[int, list[tuple[int, ...]]] = {2: [(), (5,)], 4: [(9, 7), (1, 1), (3, 5)], 5: [(3, 4, 5), (1, 1, 1)]}
+    spatial = spatials[rank]
     for n, size in zip((37, 4, 2), spatial):
         x = torch.randn((n, c) + size, generator=gen) * torch.pow(10.0, 3 * torch.randn((n, c) + size, generator=gen))
         probes.append(x)
@@ -125,7 +130,7 @@ def _bn_probes(bn: nn.Module, gen: torch.Generator) -> list[torch.Tensor]:
     return probes
 
 
-def _fold_bn(bn: nn.Module, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _fold_bn(bn: _BatchNorm, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(scale, shift)`` of ``bn`` if a BatchNorm restored from them by :func:`_restore_bn` computes
     exactly what ``bn`` computes (checked bit for bit on probe and random inputs); else None."""
     coeffs = _bn_coefficients(bn)

@@ -107,7 +107,7 @@ def _median_time(fn, repeats: int, min_sample_s: float) -> float:
 def _faster(options: dict, min_sample_s: float):
     """(name, fn) of the fastest of ``options`` (name -> fn), by a short median."""
     times = {name: _median_time(fn, 3, min_sample_s / 2) for name, fn in options.items()}
-    name = min(times, key=times.get)
+    name = min(times, key=lambda n: times[n])
     return name, options[name]
 
 
@@ -119,7 +119,8 @@ def _paired(fn_float, fn_binary, repeats: int, min_sample_s: float) -> tuple[flo
         start = time.perf_counter()
         fn()
         counts.append(max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-6))))
-    tf, tb = [], []
+    tf: list[float] = []
+    tb: list[float] = []
     for _ in range(repeats):
         for fn, n, out in ((fn_float, counts[0], tf), (fn_binary, counts[1], tb)):
             start = time.perf_counter()
@@ -194,8 +195,9 @@ def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sampl
             path = export(trained, Path(tmp) / f"{name}.safetensors", architecture=arch)
             exported_bytes = path.stat().st_size
             deployed = load(path)
-        float_cl = copy.deepcopy(float_model).to(memory_format=torch.channels_last)
-        deployed_cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
+        # (Module.to's memory_format is missing from torch's stubs)
+        float_cl = copy.deepcopy(float_model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        deployed_cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         for b in batches or (batch,):
             x = torch.randn(b, 3, 32, 32, generator=gen)
             x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -237,7 +239,7 @@ def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batch
         info = machine_info()
         vgg, res = (VGG_SMALL_SHAPES[-1:], RESNET20_SHAPES[:1]) if quick else (VGG_SMALL_SHAPES, RESNET20_SHAPES)
         sample = 0.01 if quick else 0.05
-        result = {"machine": info, "repeats": repeats}
+        result: dict = {"machine": info, "repeats": repeats}
         result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
         result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
         result["e2e"], result["sizes"] = bench_models(("resnet20",) if quick else models, repeats=repeats,

@@ -19,11 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..estimators import Estimator
 from ..nn.convert import rebuild_attention
@@ -106,7 +109,8 @@ def _graph(deploy: nn.Module, architecture: dict | None, source: dict | None, un
 
 
 # ----------------------------------------------------------------------------- export
-def export(model: nn.Module, path, architecture: dict | None = None, source: dict | None = None) -> Path:
+def export(model: nn.Module, path: str | os.PathLike[str], architecture: dict | None = None,
+           source: dict | None = None) -> Path:
     """Write ``model`` with 1-bit packed binary layers to ``path`` (a ``.safetensors`` file).
 
     Args:
@@ -159,6 +163,7 @@ def build_architecture(architecture: dict) -> nn.Module:
 
 def _packed_twin(path: Path, name: str, old: nn.Module, options: dict) -> _PackedBinary:
     """The empty packed layer that replaces the architecture's layer ``name`` (geometry and bias from ``old``)."""
+    cls: type[PackedBinaryConv2d] | type[PackedBinaryLinear]
     if isinstance(old, (nn.Conv2d, PackedBinaryConv2d)):
         cls, kind, out = PackedBinaryConv2d, "conv", old.out_channels
     elif isinstance(old, (nn.Linear, PackedBinaryLinear)):
@@ -284,7 +289,8 @@ def read_tensors(path, model: nn.Module | None = None, verify: bool = True) -> d
     return _open(path, copy.deepcopy(model) if model is not None else None, verify)[1]
 
 
-def load(path, model: nn.Module | None = None, fuse: bool = True, verify: bool = True) -> nn.Module:
+def load(path: str | os.PathLike[str], model: nn.Module | None = None, fuse: bool = True,
+         verify: bool = True) -> nn.Module:
     """Load an exported file as an eval-mode inference model with packed binary layers.
 
     Args:
@@ -323,7 +329,7 @@ def load(path, model: nn.Module | None = None, fuse: bool = True, verify: bool =
                  for label, keys in (("missing in file", missing), ("not in architecture", unexpected)) if keys]
         raise ExportError(f"{path} does not fit the architecture ({'; '.join(parts)})")
     for name, (scale, shift) in coeffs.items():
-        _restore_bn(model.get_submodule(name), scale, shift)
+        _restore_bn(cast(_BatchNorm, model.get_submodule(name)), scale, shift)  # a folded BatchNorm of the file
     model.eval()
     if fuse:
         from .fuse import fuse_epilogues

@@ -173,7 +173,7 @@ def fuse_prologues(model: nn.Module) -> list[str]:
     convs is better absorbed by the first one's epilogue). Returns the names of the convs."""
     if _ext() is None:
         return []
-    fused = []
+    fused: list[str] = []
     for parent_name, parent, graph, children, calls, shared in _traced_parents(model):
         for node in list(graph.nodes):
             conv = _single_use_conv(node, children, calls, shared)
@@ -189,7 +189,7 @@ def fuse_prologues(model: nn.Module) -> list[str]:
             relu = relu_found[1] if relu_found is not None else None
             affine = _bn_coefficients(bn)
             fma = None if affine is None else _bn_formula(relu, bn, *affine, conv.in_channels, seed=len(fused))
-            if fma is None:
+            if affine is None or fma is None:
                 continue
             gen = torch.Generator().manual_seed(len(fused))
             probe = torch.randn(3, conv.in_channels, 6 * conv.stride[0], 5 * conv.stride[1], generator=gen)
@@ -225,7 +225,7 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool
     """
     if _ext() is None:
         return []
-    fused = []
+    fused: list[str] = []
     for parent_name, parent, graph, children, calls, shared in _traced_parents(model):
         for node in list(graph.nodes):
             conv = _single_use_conv(node, children, calls, shared)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,10 @@ INSTALL_HINT = "pip install 'reste[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
 class _SignLayer(nn.Module):
+    weight: Tensor  # buffers (_init_from), for the type checker
+    alpha: Tensor | None  # None without binary inputs
+    bias: Tensor | None
+
     def _init_from(self, packed) -> None:
         self.binary_inputs = packed.binary_inputs
         if packed.binary_inputs:  # ±1 constants, alpha after the integer sums
@@ -57,7 +62,8 @@ class _SignLayer(nn.Module):
         self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float().clone())
 
     def _scale(self, dot: Tensor, trailing: int) -> Tensor:
-        alpha = self.alpha.reshape((-1,) + (1,) * trailing) if self.alpha.numel() > 1 else self.alpha.reshape(())
+        a = cast(Tensor, self.alpha)  # set: _scale runs for binary inputs only
+        alpha = a.reshape((-1,) + (1,) * trailing) if a.numel() > 1 else a.reshape(())
         out = dot * alpha
         return out if self.bias is None else out + self.bias.reshape((-1,) + (1,) * trailing)
 
@@ -132,7 +138,7 @@ def export_onnx(model: nn.Module, path, input_shape, *, exporter: str = "dynamo"
     twin = to_onnx_module(model)
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     tmp = path.with_name(path.name + ".tmp")
-    kwargs = {"input_names": ["input"], "output_names": ["logits"]}
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"]}
     if opset is not None:
         kwargs["opset_version"] = opset
     if exporter == "dynamo":
@@ -211,7 +217,8 @@ def check_onnx(model: nn.Module, path, input_shape, loader=None, images: int | N
     x = torch.randn(RANDOM_INPUTS, *input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         random_diff = (session(x) - model(x).float()).abs().max().item()
-    result = compare(model, session, loader, images) if loader is not None else {"images": 0}
+    # an OnnxRuntimeModel has what compare uses of a module (eval(), calling it)
+    result = compare(model, session, loader, images) if loader is not None else {"images": 0}  # type: ignore[arg-type]
     result.update({"runtime": "onnxruntime", "random_inputs": RANDOM_INPUTS, "random_max_abs_logit_diff": random_diff})
     problem = None
     if result["images"] and result["agreement"] < MIN_AGREEMENT:

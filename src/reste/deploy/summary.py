@@ -24,6 +24,7 @@ Accounting (one image; the numbers of the deployed, bit-packed model):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -260,7 +261,7 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
     return row
 
 
-def summary(model: nn.Module, input_size, device=None) -> ModelSummary:
+def summary(model: nn.Module, input_size: Sequence[int], device: str | torch.device | None = None) -> ModelSummary:
     """Per-layer parameters, memory and MACs of ``model`` for one input of ``input_size``.
 
     Args:
@@ -274,7 +275,7 @@ def summary(model: nn.Module, input_size, device=None) -> ModelSummary:
     if len(size) < 1 or any(s < 1 for s in size):
         raise ValueError(f"input_size must be positive sizes like (3, 32, 32), got {input_size!r}")
     batch = size if len(size) == 4 else (1,) + size
-    first = next(iter(model.parameters()), None)
+    first: torch.Tensor | None = next(iter(model.parameters()), None)
     if first is None:
         first = next(iter(model.buffers()), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))

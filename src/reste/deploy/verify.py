@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def eval_loader(spec: dict, *, data: str | None = None, root=None, batch_size: i
                                      download=download, test_only=True)
     meta = rdata.info(name)
     mean, std = spec.get("mean"), spec.get("std")
-    if same and mean is not None and (tuple(mean), tuple(std)) != (tuple(meta.mean), tuple(meta.std)):
+    if same and mean is not None and (tuple(mean), tuple(cast(list, std))) != (tuple(meta.mean), tuple(meta.std)):
         # the file says how its model was fed; that wins over this reste's catalog
         if not hasattr(loader, "normalize"):
             raise ExportError(f"the export was made with normalisation mean={mean} std={std}, but this reste normalises {name} "
@@ -155,8 +156,8 @@ def compare(trained: nn.Module, exported: nn.Module, loader, limit: int | None =
     share = lambda n: n / count if count else None  # noqa: E731
     return {"images": count, "max_abs_logit_diff": worst if count else None, "images_over_tolerance": over,
             "agreement": share(agree),
-            "trained_top1": 100.0 * share(right_trained) if count else None,
-            "exported_top1": 100.0 * share(right_exported) if count else None}
+            "trained_top1": 100.0 * (right_trained / count) if count else None,
+            "exported_top1": 100.0 * (right_exported / count) if count else None}
 
 
 def _run_config(run_dir: Path, checkpoint: str) -> dict:
@@ -254,12 +255,12 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
     if arch and want != (meta.num_classes, meta.in_channels):
         raise ConfigError(f"{path} holds a model for {want[0]} classes and {want[1]} channels and cannot be evaluated on "
                           f"{meta.name} ({meta.num_classes} classes, {meta.in_channels} channels)")
-    device = torch.device(device)
-    model = load(path).to(device)
+    dev = torch.device(device)
+    model = load(path).to(dev)
     if subset == "run":
         subset = spec.get("subset") if meta.name == spec["name"] else None
-    loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=device)
-    result = evaluate_model(model, loader, device, num_classes=meta.num_classes)
+    loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=dev)
+    result = evaluate_model(model, loader, dev, num_classes=meta.num_classes)
     source = graph.get("source") or {}
     result.update({"checkpoint": source.get("checkpoint"), "epoch": source.get("epoch"), "run": source.get("run"),
                    "data": meta.name, "subset": subset, "file": str(path)})

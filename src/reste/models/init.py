@@ -101,7 +101,7 @@ def apply_init(model: nn.Module, name: str, init: str) -> nn.Module:
     return model
 
 
-def _batchnorm2d_one_zero(m: nn.Module) -> None:
+def _batchnorm2d_one_zero(m: nn.BatchNorm2d) -> None:
     m.weight.fill_(1)
     m.bias.zero_()
 

@@ -15,9 +15,12 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..estimators import Estimator
 
 from ..nn import BinaryLayer, binarize
 from .init import DEFAULT_INIT, apply_init, check_init
@@ -98,15 +101,15 @@ def create(
     num_classes: int = 10,
     in_channels: int = 3,
     precision: str = "1w1a",
-    estimator="reste",
+    estimator: str | Estimator | None = "reste",
     *,
     image_size: int | None = None,
     estimator_params: dict | None = None,
-    weight_estimator="same",
+    weight_estimator: str | Estimator | None = "same",
     weight_scale: str = "layer_mean",
     input_padding: str = "zero",
     init: str = DEFAULT_INIT,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build the registered model ``name`` in the given precision.
 

@@ -82,7 +82,7 @@ def pool_conv_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.M
     only real-valued path of the block. Same parameter count either way.
     ``ceil_mode`` keeps the shortcut's size equal to the strided 3x3 conv's on odd inputs.
     """
-    layers = OrderedDict()
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
     if stride > 1:
         layers["pool"] = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
     layers["conv"] = nn.Conv2d(in_channels, out_channels, 1, bias=False)

@@ -33,7 +33,7 @@ class VGGSmall(nn.Module):
         if image_size < 8:
             raise ValueError(f"vgg_small halves the image three times and needs image_size >= 8, got {image_size}")
         self.image_size = image_size
-        layers = OrderedDict()
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels, size = in_channels, image_size
         for index, (out_channels, pool) in enumerate(_UNITS):
             out_channels = scaled_width(out_channels, width)

@@ -48,6 +48,9 @@ class MultiheadAttention(nn.Module):
     Build one from an existing module with :meth:`from_torch` (parameters shared).
     """
 
+    bias_k: Tensor | None  # Parameters, or None without add_bias_kv
+    bias_v: Tensor | None
+
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):

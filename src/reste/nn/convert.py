@@ -22,7 +22,7 @@ import difflib
 import fnmatch
 import logging
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 from torch import nn
 
@@ -41,7 +41,8 @@ KEEP_TOKENS = ("first", "last", "pointwise")
 #: what ``binarize`` keeps real unless ``keep_defaults=False``; ``keep`` adds to it
 DEFAULT_KEEP = ("first", "last")
 
-_SWAPS = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
+_SWAPS: dict[type[nn.Module], type[BinaryConv2d] | type[BinaryLinear]] = {
+    nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
 
 
 def _walk(module: nn.Module, prefix: str, replacements: dict, seen: set):
@@ -79,14 +80,16 @@ def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> 
         inside = list(inside)
         names = [n for n in names if any(i.startswith(n + ".") for i in inside)]
     for name in names:
-        _install(model, name, MultiheadAttention.from_torch(model.get_submodule(name)))
+        mha = cast(nn.MultiheadAttention, model.get_submodule(name))  # _attention_rebuilds names only those
+        _install(model, name, MultiheadAttention.from_torch(mha))
     _no_fused_encoders(model)
     return names
 
 
 def _unconvertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Layers with weights that ``binarize`` has no binary twin for (they stay float)."""
-    out, attention = [], []
+    out: list[tuple[str, nn.Module]] = []
+    attention: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(a + ".") for a in attention):
             continue  # inside an attention module: reported (or converted) as a whole

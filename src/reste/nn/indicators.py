@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..estimators import ReSTE, binary_sign
-from .layers import binary_layers
+from .layers import BinaryLayer, binary_layers
 
 __all__ = [
     "IndicatorTracker",
@@ -86,7 +86,7 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def _current_o(layer: nn.Module) -> Tensor | None:
+def _current_o(layer: BinaryLayer) -> Tensor | None:
     """The ``o`` buffer of the layer's weight estimator when it is a ReSTE, else None."""
     est = getattr(layer, "weight_estimator", None)
     return est.o if isinstance(est, ReSTE) else None
@@ -120,7 +120,7 @@ class IndicatorTracker:
             raise ValueError(f"o_end must be >= 1 (f_o is defined for o >= 1), got {o_end}")
         self.model = model
         self.o_end = float(o_end)
-        self.layers: list[tuple[str, nn.Module]] = [(_clean_name(n), m) for n, m in binary_layers(model)]
+        self.layers: list[tuple[str, BinaryLayer]] = [(_clean_name(n), m) for n, m in binary_layers(model)]
         self._previous_signs: list[Tensor] | None = None
 
     def __len__(self) -> int:
@@ -189,12 +189,12 @@ class IndicatorTracker:
             vals = [row[key] for row in per_layer]
             return None if any(v is None for v in vals) else float(sum(vals))
 
-        flips = [row["flips"] for row in per_layer]
+        flip_counts = [row["flips"] for row in per_layer]
         return {
             "est_error": total("est_error"),
             "est_error_end": total("est_error_end"),
             "grad_instability": total("grad_instability"),
-            "flip_ratio": None if flips[0] is None else sum(flips) / sum(row["numel"] for row in per_layer),
+            "flip_ratio": None if flip_counts[0] is None else sum(flip_counts) / sum(row["numel"] for row in per_layer),
             "layers": layers,
         }
 
@@ -274,6 +274,7 @@ class IndicatorTracker:
             "o_end": np.asarray(self.o_end),
         }
         for key, values in out.items():
+            dtype: type
             if key in ("o", "grad_edges"):
                 dtype = np.float64
             elif key == "has_grad":
@@ -283,6 +284,6 @@ class IndicatorTracker:
             arrays[key] = as_array(values, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy stubs read **kwds as allow_pickle
         os.replace(tmp, path)  # a reader never sees half a file
         return path

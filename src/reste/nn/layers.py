@@ -9,7 +9,7 @@ binarization options, so they drop into any model and load float checkpoints.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def _pad_binary(xb: Tensor, padding, pad_value):
 class BinaryLayer:
     """What binary conv and linear layers share: weight and input binarization."""
 
-    weight: nn.Parameter
+    weight: Tensor  # a Parameter; Tensor as nn.Conv2d and nn.Linear declare it
     weight_estimator: Estimator | None
     input_estimator: Estimator | None
 
@@ -218,7 +218,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         dilation=1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         device=None,
         dtype=None,
         *,
@@ -244,8 +244,10 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
             pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
             return _BinaryInputConvFn.apply(x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value)
         x = self.quantized_input(x)
-        if self.input_estimator is not None and self.input_padding != "zero" and any(self.padding):
-            ph, pw = self.padding
+        padding = self.padding
+        if self.input_estimator is not None and self.input_padding != "zero" and not isinstance(padding, str) \
+                and any(padding):  # (a str padding, "same"/"valid", was refused with input_padding in __init__)
+            ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return self._conv_forward(x, w, self.bias)
@@ -270,7 +272,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         """
         xb = binary_sign(x)
         padding = self.padding
-        if self.input_padding != "zero" and any(padding):
+        if self.input_padding != "zero" and not isinstance(padding, str) and any(padding):
             ph, pw = padding
             xb = F.pad(xb, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
             padding = (0, 0)

@@ -37,6 +37,8 @@ class WeightLoadReport:
     mismatched: list = field(default_factory=list)
     #: estimator state of the source left out (the binary model's estimators start fresh)
     estimator_state_skipped: list = field(default_factory=list)
+    #: the checkpoint the weights came from (set by ``model.init_from``'s loader), None if not from a file
+    source: str | None = None
 
     @property
     def complete(self) -> bool:

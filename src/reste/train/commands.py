@@ -139,7 +139,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if export and args.which:
-        raise UsageError(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from")
+        raise UsageError(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was "
+                         "exported from")
     if args.threads:
         import torch
 

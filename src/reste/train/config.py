@@ -76,11 +76,11 @@ MAX_THREADS = 1024
 
 def _opt(default, help: str, choices: tuple | None = None):
     """A schema field: its default, one line of help and (optionally) the allowed values."""
-    meta = {"help": help}
+    meta: dict[str, object] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)  # type: ignore[misc]  # a copy
     return field(default=default, metadata=meta)
 
 
@@ -263,7 +263,7 @@ def _all_keys() -> list[str]:
 def _default_of(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()
+    return f.default_factory()  # type: ignore[operator]  # every field without a default has a factory (_opt)
 
 
 def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
@@ -632,7 +632,7 @@ def validate(cfg: Config) -> Config:
     try:
         from reste import models
     except ImportError:  # pragma: no cover - the models package is part of the library
-        models = None
+        models = None  # type: ignore[assignment]
     if models is not None and hasattr(models, "names"):
         _name_in("model.name", cfg.model.name, models.names())
     from reste import data

@@ -75,7 +75,7 @@ class Teacher:
         load_model_weights(model, state["model"], path)
         model = model.to(device)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in torch's stubs
         label = f"{path} ({tcfg.model.name} {tcfg.model.precision}, epoch {state.get('epoch', '?')})"
         return cls(model, cfg.train.distill_weight, cfg.train.distill_temperature, label)
 

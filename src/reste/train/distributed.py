@@ -80,11 +80,10 @@ def setup(device_setting: str = "auto", timeout_s: int = 600) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
+        if device.type == "cuda":
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device)
+        else:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
@@ -180,11 +179,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (CPUSyncBatchNorm, nn.SyncBatchNorm)):
-        like = next(iter(module.parameters()), None)
+        like: torch.Tensor | None = next(iter(module.parameters()), None)
         if like is None:
             like = module.running_mean
-        factory = {"device": like.device, "dtype": like.dtype} if like is not None else {}
-        sync = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **factory)
+        sync = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats, device=like.device if like is not None else None,
+                                dtype=like.dtype if like is not None else None)
         sync.load_state_dict(module.state_dict())
         sync.train(module.training)
         return sync

@@ -3,7 +3,9 @@ a run directory or checkpoint on its test set or another one (:func:`evaluate`, 
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,8 @@ def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: s
     }
 
 
-def evaluate(source, *, data: str | None = None, root: str | None = None, batch_size: int | None = None,
+def evaluate(source: str | os.PathLike[str], *, data: str | None = None, root: str | None = None,
+             batch_size: int | None = None,
              subset: int | str | None = "run", device: str = "auto", which: str = "best",
              amp: str | None = None) -> dict:
     """Evaluate a run directory or checkpoint on its test set (or another data set's).
@@ -112,7 +115,8 @@ def evaluate(source, *, data: str | None = None, root: str | None = None, batch_
         subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
     _, test_loader = rdata.create_loaders(
         name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch,
-        test_batch_size=batch, augment=False, seed=cfg.seed, device=dev, subset=subset, test_only=True,
+        test_batch_size=batch, augment=False, seed=cfg.seed, device=dev, subset=cast("int | None", subset),  # not "run"
+        test_only=True,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
     result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name),

@@ -85,8 +85,8 @@ class FaultInjection(NoFaults):
 
     def on_grads(self, global_step: int, model: nn.Module) -> None:
         if self.kind == "nan_grad" and global_step == self.step:
-            param = next(p for p in model.parameters() if p.grad is not None)
-            param.grad.view(-1)[0] = float("nan")
+            grad = next(p.grad for p in model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
 
 
 def fault_from_env(rank: int) -> FaultInjection | NoFaults:

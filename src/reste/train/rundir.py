@@ -30,6 +30,7 @@ import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -210,9 +211,8 @@ class RunWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
         except ImportError:
-            SummaryWriter = None
-        if SummaryWriter is not None:
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            return
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def write_config(self, cfg: Config) -> None:
         if self.enabled:
@@ -288,7 +288,7 @@ class RunDirLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self._fh = None
+        self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
         try:

@@ -6,6 +6,7 @@ building draws random numbers, and a resumed run must draw the same ones."""
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def create_model(cfg: Config, meta, ctx: D.DistContext, *, warm_start: bool, tel
         model = D.convert_sync_batchnorm(model, ctx.device)
     model = model.to(ctx.device)
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in torch's stubs
     return model, report
 
 
@@ -98,7 +99,7 @@ def wrap_model(model: nn.Module, ctx: D.DistContext, compile: bool) -> nn.Module
         device = ctx.device
         forward_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
-        forward_model = torch.compile(forward_model)
+        forward_model = cast(nn.Module, torch.compile(forward_model))  # an OptimizedModule, typed as a callable
     return forward_model
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -98,31 +98,34 @@ class Trainer:
         self.progress = progress
         self.print_summary = progress if summary is None else summary
         self.on_step = on_step
-        # set by _setup, in this order
-        self.ctx: D.DistContext | None = None
-        self.device: torch.device | None = None
-        self.meta = None  # the data set's reste.data.info
+        # set by _setup, in this order. None until then; typed as what they hold once _setup ran (the
+        # methods that read them run after it, from fit), hence the ignores: issue #16 point 1 moves them
+        # into a set-up result. fit's clean-up tests ctx, _lock and writer against None (a failed set-up).
+        self.ctx: D.DistContext = None  # type: ignore[assignment]
+        self.device: torch.device = None  # type: ignore[assignment]
+        self.meta: Any = None  # the data set's reste.data.info
         self.num_classes = 0
-        self.run_dir: Path | None = None
+        self.run_dir: Path = None  # type: ignore[assignment]
         self._lock: RunDirLock | None = None
         self._created_run_dir: Path | None = None  # a folder this trainer made: removed if set-up fails
         self.fault: NoFaults = NoFaults()
-        self.train_loader = None
-        self.test_loader = None
+        self.train_loader: Any = None
+        self.test_loader: Any = None
         self.steps_per_epoch = 0
-        self.model: nn.Module | None = None  # the plain module: its state_dict is what checkpoints hold
-        self.init_report = None  # what model.init_from copied
-        self.teacher = None  # the frozen teacher of train.teacher
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.lr_scheduler = None
-        self.est_scheduler = None
+        # the plain module (its state_dict is what checkpoints hold); forward_model: it, its DDP or compiled wrapper
+        self.model: nn.Module = None  # type: ignore[assignment]
+        self.init_report: Any = None  # what model.init_from copied
+        self.teacher: Any = None  # the frozen teacher of train.teacher (None without one)
+        self.optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
+        self.lr_scheduler: Any = None
+        self.est_scheduler: Any = None
         self.state = TrainState()  # what a checkpoint resumes, besides the objects above
-        self.forward_model: nn.Module | None = None  # what a step calls: the model, its DDP or compiled wrapper
-        self.tracker = None  # the indicator tracker (rank 0, analysis.indicators, a model with binary layers)
-        self.writer: RunWriter | None = None
+        self.forward_model: nn.Module = None  # type: ignore[assignment]
+        self.tracker: Any = None  # the indicator tracker (rank 0, analysis.indicators, a model with binary layers)
+        self.writer: RunWriter = None  # type: ignore[assignment]
         # set by fit
-        self._stop: _StopRequest | None = None
-        self.bar: ProgressBar | None = None
+        self._stop: _StopRequest = None  # type: ignore[assignment]
+        self.bar: ProgressBar = None  # type: ignore[assignment]
         self._params: list[torch.Tensor] = []  # the trained parameters, for the gradient norm
 
     # -- set-up ----------------------------------------------------------------
@@ -389,7 +392,8 @@ class Trainer:
             return
         if step == self.steps_per_epoch:
             return  # the epoch is complete: stop right after its evaluation and checkpoint
-        partial = None if step == 0 else {"sums": self._global_sums(sums), "seconds": seconds}
+        # a stop after a step of an epoch (step > 0) comes with the epoch's running sums
+        partial = None if step == 0 else {"sums": self._global_sums(cast(torch.Tensor, sums)), "seconds": seconds}
         self._save("last", epoch=epoch, step_in_epoch=step, partial=partial)
         self.bar.close()
         raise TrainingInterrupted(signum, self.run_dir, _resume_command(self.run_dir))
@@ -439,8 +443,10 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- public entry point
-def train(config=None, *, resume=None, force: bool = False, progress: bool = True, summary: bool | None = None,
-          overrides=None, on_step: StepHook | None = None, **sections) -> dict:
+def train(config: str | os.PathLike[str] | dict | Config | None = None, *, resume: str | os.PathLike[str] | None = None,
+          force: bool = False, progress: bool = True, summary: bool | None = None,
+          overrides: list[str] | tuple[str, ...] | dict | None = None, on_step: StepHook | None = None,
+          **sections: Any) -> dict:
     """Train a model; returns the summary dict (also written to ``summary.json``).
 
     Args:
