@@ -24,6 +24,11 @@ The canonical stored form, ``weight_bits``, is ``uint8 [out_channels, ceil(k / 8
 with ``k = in_channels/groups * kh * kw`` (or ``in_features``): the signs of
 ``W[o].flatten()`` (PyTorch order: channel, row, column), bit ``t`` of byte ``b``
 holding element ``8b + t``, unused bits 0.
+
+Longer than 500 lines on purpose: the packed layers, the bit layout they store and the choice
+between the C kernel and the exact PyTorch reference are one unit that must agree bit for bit;
+PackedBinaryConv2d alone (its kernel plan, the fused BatchNorm/ReLU prologue and epilogue, the
+residual add) is about 240 lines.
 """
 
 from __future__ import annotations
@@ -560,9 +565,9 @@ class PackedBinaryConv2d(_PackedBinary):
         }
 
     def _kernel_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The kernel's output; a ``residual`` (float32, channels-last, the output's shape) is added
-        by the kernel as it writes each output value, else ``x`` gives ``layer(x) + residual``
-        with the sum outside."""
+        """The kernel's output, plus ``residual`` if given: one of the output's shape (float32,
+        channels-last, as ``forward`` checks) is added by the kernel as it writes each output
+        value; any other shape is added afterwards (``layer(x) + residual``, torch's broadcasting)."""
         ext = _ext()
         plan = self._plan(tuple(x.shape), self._build_plan)
         if residual is not None:
