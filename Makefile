@@ -57,5 +57,6 @@ $(LINT_STAMP): $(STAMP)
 	@touch $@
 
 lint: $(LINT_STAMP)
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	@# ruff: added by the formatting commit (ruff format --check, ruff check) once the code is formatted

@@ -32,7 +32,7 @@ def images_per_second(loader, epochs: int, device: torch.device) -> float:
         loader.set_epoch(epoch)
         count = 0
         start = time.perf_counter()
-        for images, labels in loader:
+        for images, _labels in loader:
             count += images.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -44,10 +44,19 @@ def synthetic_loader(n, channels, size, name, batch_size, device, augment):
     meta = data.info(name)
     images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8)
     labels = torch.randint(0, meta.num_classes, (n,))
-    return InMemoryLoader(images, labels, batch_size=batch_size, mean=meta.mean, std=meta.std,
-                          shuffle=True, crop_padding=meta.crop_padding if augment else 0,
-                          horizontal_flip=meta.horizontal_flip and augment, seed=0, device=device,
-                          drop_last=True)
+    return InMemoryLoader(
+        images,
+        labels,
+        batch_size=batch_size,
+        mean=meta.mean,
+        std=meta.std,
+        shuffle=True,
+        crop_padding=meta.crop_padding if augment else 0,
+        horizontal_flip=meta.horizontal_flip and augment,
+        seed=0,
+        device=device,
+        drop_last=True,
+    )
 
 
 def main() -> None:
@@ -61,15 +70,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}")
 
     start = time.perf_counter()
     try:
-        train, _ = data.create_loaders("fashion_mnist", root=args.root, batch_size=args.batch_size,
-                                       device=device)
-        plain, _ = data.create_loaders("fashion_mnist", root=args.root, batch_size=args.batch_size,
-                                       device=device, augment=False)
+        train, _ = data.create_loaders("fashion_mnist", root=args.root, batch_size=args.batch_size, device=device)
+        plain, _ = data.create_loaders(
+            "fashion_mnist", root=args.root, batch_size=args.batch_size, device=device, augment=False
+        )
         origin = f"real files from {train.source}, read in {time.perf_counter() - start:.2f}s"
     except data.DatasetNotFoundError:
         train = synthetic_loader(60000, 1, 28, "fashion_mnist", args.batch_size, device, True)
@@ -79,8 +87,10 @@ def main() -> None:
     rows = [
         ("fashion_mnist train, crop pad 2 + flip", train),
         ("fashion_mnist train, no augmentation", plain),
-        ("cifar10-shaped train, crop pad 4 + flip",
-         synthetic_loader(50000, 3, 32, "cifar10", args.batch_size, device, True)),
+        (
+            "cifar10-shaped train, crop pad 4 + flip",
+            synthetic_loader(50000, 3, 32, "cifar10", args.batch_size, device, True),
+        ),
     ]
     for label, loader in rows:
         rate = images_per_second(loader, args.epochs, device)

@@ -125,13 +125,14 @@ def saved_bytes(stepper: Stepper) -> int:
 
 def rss_peak_mib(name, precision, batch, channels_last) -> float:
     """Peak RSS growth of a fresh process running 5 steps (CPU)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import resource,sys,torch;sys.path.insert(0,%r);import bench_train as b;"
-        "s=b.Stepper(%r,%r,'cpu',%d,False,%r);"
+        f"import resource,sys,torch;sys.path.insert(0,{here!r});import bench_train as b;"
+        f"s=b.Stepper({name!r},{precision!r},'cpu',{int(batch)},False,{channels_last!r});"
         "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         "[s.step() for _ in range(5)];"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/1024)"
-    ) % (os.path.dirname(os.path.abspath(__file__)), name, precision, batch, channels_last)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -167,7 +168,11 @@ def bench_estimator(device: str, n: int = 2_000_000, rounds: int = 30) -> dict:
         r.append(run(est))
         c.append(run(BareClippedSTE.apply))
     ratios = [a / b for a, b in zip(r, c)]
-    return {"reste_ms": statistics.median(r) * 1e3, "clipped_ste_ms": statistics.median(c) * 1e3, "ratio": statistics.median(ratios)}
+    return {
+        "reste_ms": statistics.median(r) * 1e3,
+        "clipped_ste_ms": statistics.median(c) * 1e3,
+        "ratio": statistics.median(ratios),
+    }
 
 
 def main(argv=None):
@@ -187,18 +192,33 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                    "kernels": ops.kernels_enabled()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "kernels": ops.kernels_enabled(),
+        },
         "command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_step": [],
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, compiled kernels: {ops.kernels_enabled()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, compiled kernels: "
+        f"{ops.kernels_enabled()}"
+    )
     est = bench_estimator(args.device)
     results["estimator"] = est
-    print(f"estimator fwd+bwd, 2M elements: ReSTE {est['reste_ms']:.2f} ms, bare clipped STE {est['clipped_ste_ms']:.2f} ms, ratio {est['ratio']:.2f}x")
+    print(
+        f"estimator fwd+bwd, 2M elements: ReSTE {est['reste_ms']:.2f} ms, bare clipped STE "
+        f"{est['clipped_ste_ms']:.2f} ms, ratio {est['ratio']:.2f}x"
+    )
 
-    header = f"{'model':<10} {'mode':<9} {'binary img/s':>12} {'float img/s':>12} {'ratio':>6} {'(min-max)':>12} {'saved MiB b/f':>15}"
+    header = (
+        f"{'model':<10} {'mode':<9} {'binary img/s':>12} {'float img/s':>12} {'ratio':>6} "
+        f"{'(min-max)':>12} {'saved MiB b/f':>15}"
+    )
     print(header)
     for name in args.models.split(","):
         for mode in args.modes.split(","):
@@ -221,8 +241,11 @@ def main(argv=None):
                     row[f"cuda_peak_mib_{label}"] = torch.cuda.max_memory_allocated() / 2**20
             results["train_step"].append(row)
             saved = f"{row['saved_mib_binary']:.0f}/{row['saved_mib_float']:.0f}" if "saved_mib_binary" in row else "-"
-            print(f"{name:<10} {mode:<9} {row['binary_img_s']:>12.1f} {row['float_img_s']:>12.1f} {row['ratio']:>6.3f} "
-                  f"{row['ratio_min']:>5.2f}-{row['ratio_max']:<5.2f} {saved:>15}", flush=True)
+            print(
+                f"{name:<10} {mode:<9} {row['binary_img_s']:>12.1f} {row['float_img_s']:>12.1f} {row['ratio']:>6.3f} "
+                f"{row['ratio_min']:>5.2f}-{row['ratio_max']:<5.2f} {saved:>15}",
+                flush=True,
+            )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -2,6 +2,7 @@
 
 Run: python benchmarks/checksum_cost.py  (one thread; ResNet-20 and VGG-small, CIFAR-10 shapes, random weights)
 """
+
 import importlib
 import json
 import os
@@ -31,8 +32,15 @@ def median_ms(fn, repeats: int) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     for name in ("resnet20", "vgg_small"):
-        arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "estimator": "reste", "image_size": 32,
-                "kwargs": {}}
+        arch = {
+            "name": name,
+            "num_classes": 10,
+            "in_channels": 3,
+            "precision": "1w1a",
+            "estimator": "reste",
+            "image_size": 32,
+            "kwargs": {},
+        }
         model = models.create(name, **{k: v for k, v in arch.items() if k not in ("name", "kwargs")})
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{name}.safetensors")
@@ -45,8 +53,10 @@ def main() -> None:
             with safe_open(path, framework="pt") as f:
                 graph = json.loads(f.metadata()["graph"])
             alone = median_ms(lambda: E._checksum(graph, blobs), 20)
-        print(f"{name}: file {size:,} B; load verify=False {min(plain):.1f} ms, verify=True {min(checked):.1f} ms; "
-              f"checksum alone {alone:.3f} ms")
+        print(
+            f"{name}: file {size:,} B; load verify=False {min(plain):.1f} ms, verify=True {min(checked):.1f} ms; "
+            f"checksum alone {alone:.3f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from reste import _ext as _loader, models
+from reste import _ext as _loader
+from reste import models
 from reste.deploy import bench, packed
 from reste.deploy.export import export, load
 from reste.deploy.fuse import fuse_epilogues
@@ -142,28 +143,42 @@ def profile(names=("resnet20", "vgg_small"), batches=(64, 1), repeats=7) -> dict
                             fn(x)
                         times[k].append((time.perf_counter() - start) / n)
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-            result["models"].append({
-                "model": name, "batch": batch, "median_ms": med,
-                "speedup": {k: med["float"] / med[k] for k in variants},
-                "breakdown_ms": {k: _hooked(v, x, repeats, n) for k, v in variants.items()},
-            })
+            result["models"].append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "median_ms": med,
+                    "speedup": {k: med["float"] / med[k] for k in variants},
+                    "breakdown_ms": {k: _hooked(v, x, repeats, n) for k, v in variants.items()},
+                }
+            )
     return result
 
 
 def format_profile(result: dict) -> str:
     m = result["machine"]
     k = m["kernel"]
-    lines = [f"CPU: {m['cpu']} ({m.get('cpu_family_model')}); kernel path {k['isa']} ({k['why']}); "
-             f"{m['torch_threads']} thread(s); load average {m['load_average_1min_at_start']} at start"]
+    lines = [
+        f"CPU: {m['cpu']} ({m.get('cpu_family_model')}); kernel path {k['isa']} ({k['why']}); "
+        f"{m['torch_threads']} thread(s); load average {m['load_average_1min_at_start']} at start"
+    ]
     for r in result["models"]:
         med = r["median_ms"]
-        lines += ["", f"{r['model']}, batch {r['batch']}: float {med['float']:.2f} ms; binary "
-                  + ", ".join(f"{v} {med[v]:.2f} ms ({r['speedup'][v]:.2f}x)" for v in r["speedup"]), "",
-                  "| ms per forward (hooked) | " + " | ".join(r["breakdown_ms"]) + " |",
-                  "|---|" + "---:|" * len(r["breakdown_ms"])]
+        lines += [
+            "",
+            f"{r['model']}, batch {r['batch']}: float {med['float']:.2f} ms; binary "
+            + ", ".join(f"{v} {med[v]:.2f} ms ({r['speedup'][v]:.2f}x)" for v in r["speedup"]),
+            "",
+            "| ms per forward (hooked) | " + " | ".join(r["breakdown_ms"]) + " |",
+            "|---|" + "---:|" * len(r["breakdown_ms"]),
+        ]
         rows = list(dict.fromkeys(key for b in r["breakdown_ms"].values() for key in b))
         for row in rows:
-            lines.append(f"| {row.strip()} | " + " | ".join(f"{b[row]:.2f}" if row in b else "-" for b in r["breakdown_ms"].values()) + " |")
+            lines.append(
+                f"| {row.strip()} | "
+                + " | ".join(f"{b[row]:.2f}" if row in b else "-" for b in r["breakdown_ms"].values())
+                + " |"
+            )
     return "\n".join(lines)
 
 

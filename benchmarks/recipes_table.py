@@ -40,8 +40,12 @@ def _teacher_summary(run: Path) -> dict | None:
 
 def table(folder: Path) -> str:
     seeds = sorted({p.name.rsplit("-s", 1)[1] for p in folder.glob("*-s*") if p.is_dir()}, key=int)
-    lines = ["| recipe | epochs | " + " | ".join(f"top-1 seed {s}" for s in seeds) + " | mean | time per seed | teacher training |",
-             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+    lines = [
+        "| recipe | epochs | "
+        + " | ".join(f"top-1 seed {s}" for s in seeds)
+        + " | mean | time per seed | teacher training |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|---|",
+    ]
     for label, (parts, scored) in ROWS.items():
         accs, times, epochs, teacher = [], [], None, []
         for seed in seeds:

@@ -109,11 +109,24 @@ def cifar_batch(images: np.ndarray, labels, label_key: bytes, batch_label: bytes
 
 
 CIFAR_LAYOUT = {
-    "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    meta="batches.meta", label_key=b"labels", classes=10),
-    "cifar100": dict(folder="cifar-100-python", archive="cifar-100-python.tar.gz",
-                     train=["train"], test=["test"], meta="meta", label_key=b"fine_labels", classes=100),
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        label_key=b"labels",
+        classes=10,
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        train=["train"],
+        test=["test"],
+        meta="meta",
+        label_key=b"fine_labels",
+        classes=100,
+    ),
 }
 
 
@@ -132,8 +145,12 @@ def cifar_members(name: str, per_batch=8, n_test=10, seed=0):
     test_y = rng.integers(0, layout["classes"], n_test)
     members[layout["test"][0]] = cifar_batch(test_x, test_y, layout["label_key"], b"testing batch 1 of 1")
     members[layout["meta"]] = py2_pickle({b"label_names": [f"class{i}".encode() for i in range(layout["classes"])]})
-    arrays = dict(train_images=np.concatenate(train_x), train_labels=np.concatenate(train_y),
-                  test_images=test_x, test_labels=test_y)
+    arrays = dict(
+        train_images=np.concatenate(train_x),
+        train_labels=np.concatenate(train_y),
+        test_images=test_x,
+        test_labels=test_y,
+    )
     return members, arrays
 
 
@@ -176,14 +193,15 @@ def write_cifar_tarball(directory: Path, name: str, **kwargs):
     return path, arrays
 
 
-def write_image_folders(root: Path, classes=("n01440764", "n01443537", "n01484850"), per_class=3,
-                        val_per_class=2, seed=0):
+def write_image_folders(
+    root: Path, classes=("n01440764", "n01443537", "n01484850"), per_class=3, val_per_class=2, seed=0
+):
     """ImageNet layout of small JPEGs of varied sizes and solid-ish colours."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for split, count in (("train", per_class), ("val", val_per_class)):
-        for label, wnid in enumerate(classes):
+        for _label, wnid in enumerate(classes):
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):

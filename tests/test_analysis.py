@@ -64,7 +64,11 @@ def numpy_indicators(model, o, o_end):
             f = sign * np.abs(w) ** (1.0 / order)
             return float(np.sqrt(np.sum((f - sign) ** 2)))
 
-        out[name] = {"est_error": err(o), "est_error_end": err(o_end), "grad_instability": float(np.var(np.abs(g), ddof=1))}
+        out[name] = {
+            "est_error": err(o),
+            "est_error_end": err(o_end),
+            "grad_instability": float(np.var(np.abs(g), ddof=1)),
+        }
     return out
 
 
@@ -134,7 +138,13 @@ def test_non_reste_estimators_have_no_current_error_and_fp_models_no_values():
 
     fp = nn.Sequential(nn.Linear(4, 2))
     empty = IndicatorTracker(fp, o_end=3.0).measure()
-    assert empty == {"est_error": None, "est_error_end": None, "grad_instability": None, "flip_ratio": None, "layers": {}}
+    assert empty == {
+        "est_error": None,
+        "est_error_end": None,
+        "grad_instability": None,
+        "flip_ratio": None,
+        "layers": {},
+    }
 
 
 def test_gradient_instability_is_none_without_gradients():
@@ -172,7 +182,10 @@ def test_snapshot_histograms_hold_every_weight_and_load_without_pickle(tmp_path)
         assert snap["numel"][i] == n
         for key in ("fit", "fit_end"):
             assert snap[f"{key}_counts"][i].sum() + snap[f"{key}_under"][i] + snap[f"{key}_over"][i] == n
-        assert snap["grad_log10_counts"][i].sum() + snap["grad_zero"][i] + snap["grad_under"][i] + snap["grad_over"][i] == n
+        assert (
+            snap["grad_log10_counts"][i].sum() + snap["grad_zero"][i] + snap["grad_under"][i] + snap["grad_over"][i]
+            == n
+        )
         assert snap["grad_counts"][i].sum() == n
         # the histogram agrees with NumPy's on the same values
         w = layer.weight.detach().double().numpy().ravel()
@@ -230,7 +243,12 @@ def test_grid_values_are_yaml_and_brackets_do_not_split():
     assert grid["estimator.o_end"] == [("1", 1), ("2.5", 2.5)]
     assert grid["estimator.schedule"] == [("cosine", "cosine")]
     assert grid["analysis.histograms_at"] == [("[1,2]", [1, 2]), ("[]", [])]
-    for bad, message in (("o_end", "not key=v1,v2"), ("a=1,,2", "empty value"), ("a=[1,2", "unbalanced"), ("a=1,1", "twice")):
+    for bad, message in (
+        ("o_end", "not key=v1,v2"),
+        ("a=1,,2", "empty value"),
+        ("a=[1,2", "unbalanced"),
+        ("a=1,1", "twice"),
+    ):
         with pytest.raises(SweepError, match=message):
             parse_grid([bad])
 
@@ -267,10 +285,20 @@ def fake_launcher(calls, interrupt_at=None):
 
 def test_sweep_runs_the_cartesian_product_and_writes_sweep_json(tmp_path):
     calls = []
-    sweep = Sweep(None, ["estimator.o_end=1,3", "train.epochs=1"], tmp_path / "sw", seeds=[0, 1],
-                  launch=fake_launcher(calls), poll_s=0)
-    assert [r.name for r in sweep.runs] == ["estimator.o_end=1,seed=0", "estimator.o_end=1,seed=1",
-                                            "estimator.o_end=3,seed=0", "estimator.o_end=3,seed=1"]
+    sweep = Sweep(
+        None,
+        ["estimator.o_end=1,3", "train.epochs=1"],
+        tmp_path / "sw",
+        seeds=[0, 1],
+        launch=fake_launcher(calls),
+        poll_s=0,
+    )
+    assert [r.name for r in sweep.runs] == [
+        "estimator.o_end=1,seed=0",
+        "estimator.o_end=1,seed=1",
+        "estimator.o_end=3,seed=0",
+        "estimator.o_end=3,seed=1",
+    ]
     assert sweep.run(progress=None) == 0
     assert len(calls) == 4
     # the single-valued key is passed to every run but not part of the names
@@ -373,10 +401,21 @@ def test_sweep_check_skips_finished_and_resumed_runs(tmp_path):
 def fixture_run(root, name, top1s, seed=0, snapshot=True, **settings):
     """A run directory as `reste train` writes it, with made-up but consistent numbers."""
     cfg = {
-        "name": name, "seed": seed,
-        "model": {"name": settings.get("model", "resnet20"), "precision": settings.get("precision", "1w1a"),
-                  "estimator": settings.get("estimator", "reste"), "kwargs": settings.get("kwargs", {})},
-        "estimator": {"o_end": settings.get("o_end", 3.0), "schedule": settings.get("schedule", "cosine"), "per": "epoch", "p": 2.0, "params": {}},
+        "name": name,
+        "seed": seed,
+        "model": {
+            "name": settings.get("model", "resnet20"),
+            "precision": settings.get("precision", "1w1a"),
+            "estimator": settings.get("estimator", "reste"),
+            "kwargs": settings.get("kwargs", {}),
+        },
+        "estimator": {
+            "o_end": settings.get("o_end", 3.0),
+            "schedule": settings.get("schedule", "cosine"),
+            "per": "epoch",
+            "p": 2.0,
+            "params": {},
+        },
         "data": {"name": "fashion_mnist", "subset": 1000, "batch_size": 128},
         "train": {"epochs": len(top1s)},
         "out": {"dir": str(root), "name": name},
@@ -387,13 +426,32 @@ def fixture_run(root, name, top1s, seed=0, snapshot=True, **settings):
     o_end = cfg["estimator"]["o_end"]
     rows = []
     for epoch, top1 in enumerate(top1s, 1):
-        rows.append({"epoch": epoch, "test_top1": top1, "test_top5": top1 + 10, "o": 1 + (o_end - 1) * epoch / len(top1s),
-                     "est_error": 10.0 / epoch, "est_error_end": 6.0 / o_end + seed, "grad_instability": 0.1 * o_end * epoch})
+        rows.append(
+            {
+                "epoch": epoch,
+                "test_top1": top1,
+                "test_top5": top1 + 10,
+                "o": 1 + (o_end - 1) * epoch / len(top1s),
+                "est_error": 10.0 / epoch,
+                "est_error_end": 6.0 / o_end + seed,
+                "grad_instability": 0.1 * o_end * epoch,
+            }
+        )
     write_metrics(run, rows)
     best = max(top1s)
-    (run / "summary.json").write_text(json.dumps({
-        "final_top1": top1s[-1], "best_top1": best, "best_epoch": top1s.index(best) + 1,
-        "final_top5": top1s[-1] + 10, "best_top5": best + 10, "epochs": len(top1s), "seed": seed}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "final_top1": top1s[-1],
+                "best_top1": best,
+                "best_epoch": top1s.index(best) + 1,
+                "final_top5": top1s[-1] + 10,
+                "best_top5": best + 10,
+                "epochs": len(top1s),
+                "seed": seed,
+            }
+        )
+    )
     if snapshot:
         model = tiny_model(o=o_end, seed=seed)
         backward_once(model)
@@ -408,7 +466,9 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
             fixture_run(sweep, f"prog{o_end}-{seed}", [60.0, 70.0 + o_end + seed], seed=seed, o_end=float(o_end))
     for o_end in (2, 3):
         for seed in (0, 1):
-            fixture_run(sweep, f"fixed{o_end}-{seed}", [60.0, 65.0 + 2 * seed], seed=seed, o_end=float(o_end), schedule="fixed")
+            fixture_run(
+                sweep, f"fixed{o_end}-{seed}", [60.0, 65.0 + 2 * seed], seed=seed, o_end=float(o_end), schedule="fixed"
+            )
     for way in ("linear", "power"):
         for seed in (0, 1):
             fixture_run(sweep, f"{way}-{seed}", [60.0, 72.0 + seed], seed=seed, schedule=way)
@@ -416,8 +476,11 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
         for seed in (0, 1):
             fixture_run(sweep, f"{est}-{seed}", [50.0, 68.0 + 4 * seed], seed=seed, estimator=est)
     vit = tmp_path / "vit"
-    for label, extra in (("fp", {"precision": "fp"}), ("dorefa", {"precision": "1w32a", "kwargs": {"weight_estimator": "dorefa"}}),
-                         ("reste", {"precision": "1w32a"})):
+    for label, extra in (
+        ("fp", {"precision": "fp"}),
+        ("dorefa", {"precision": "1w32a", "kwargs": {"weight_estimator": "dorefa"}}),
+        ("reste", {"precision": "1w32a"}),
+    ):
         fixture_run(vit, f"vit-{label}", [40.0, 55.0], model="vit_tiny", snapshot=False, **extra)
     # an unfinished run is listed but left out of the numbers
     (vit / "vit-unfinished").mkdir()
@@ -514,8 +577,13 @@ def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_
             run = fixture_run(sweep, f"p{o_end}-{seed}", [60.0, 70.0], seed=seed, o_end=float(o_end), snapshot=False)
             _edit_run(run, summary={"train_images": 512, "test_images": 102})  # what a real run records
     for name, extra in (("linear", {"schedule": "linear"}), ("ste", {"estimator": "ste"})):
-        _edit_run(fixture_run(sweep, name, [60.0, 66.0], snapshot=False, **extra), summary={"train_images": 512, "test_images": 102})
-    fixture_run(sweep, "fixed3", [60.0, 65.0], o_end=3.0, schedule="fixed", snapshot=False)  # no summary counts: from data.subset
+        _edit_run(
+            fixture_run(sweep, name, [60.0, 66.0], snapshot=False, **extra),
+            summary={"train_images": 512, "test_images": 102},
+        )
+    fixture_run(
+        sweep, "fixed3", [60.0, 65.0], o_end=3.0, schedule="fixed", snapshot=False
+    )  # no summary counts: from data.subset
     report = build_report([sweep], tmp_path / "out", plots=False)
     text = report.markdown
     scale = "Scale: data set fashion_mnist, model resnet20, 512 training images, 102 test images, 2 epochs."
@@ -536,9 +604,13 @@ def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_
 
 def test_report_prints_booleans_as_yes_and_no(tmp_path):
     for name, augment in (("aug", True), ("plain", False)):
-        _edit_run(fixture_run(tmp_path / "runs", name, [50.0, 60.0], snapshot=False), config={"data": {"augment": augment}})
+        _edit_run(
+            fixture_run(tmp_path / "runs", name, [50.0, 60.0], snapshot=False), config={"data": {"augment": augment}}
+        )
     report = build_report([tmp_path / "runs"], tmp_path / "out", plots=False)
-    header, _, *rows = [line for line in report_section(report.markdown, "Results").splitlines() if line.startswith("|")]
+    header, _, *rows = [
+        line for line in report_section(report.markdown, "Results").splitlines() if line.startswith("|")
+    ]
     column = [c.strip() for c in header.strip("|").split("|")].index("data.augment")
     assert sorted(row.strip("|").split("|")[column].strip() for row in rows) == ["no", "yes"]
 
@@ -587,7 +659,9 @@ def test_figure3_shows_the_o_each_run_reached_on_its_schedule(tmp_path):
         # an older run without steps_per_epoch: the same points, found on the schedule
         _edit_run(run, summary={"steps_per_epoch": None})
         found = o_points(Cell([load_run(run)]))
-        assert [r for r, _ in found] == pytest.approx([r for r, _ in points], abs=1e-9) and [o for _, o in found] == [o for _, o in points]
+        assert [r for r, _ in found] == pytest.approx([r for r, _ in points], abs=1e-9) and [o for _, o in found] == [
+            o for _, o in points
+        ]
         _edit_run(run, summary={"steps_per_epoch": steps})
     report = build_report([runs], tmp_path / "out")
     assert [p.name for p in report.figures] == ["figure3_o_schedules.png"]
@@ -597,8 +671,14 @@ def test_figure3_shows_the_o_each_run_reached_on_its_schedule(tmp_path):
 
 def test_real_sweep_interrupted_then_restarted_trains_only_what_is_missing(tmp_path):
     """Two real tiny `reste train` runs; the sweep is stopped after the first and restarted."""
-    grid = ["data.subset=256", "data.batch_size=64", "train.epochs=1", "train.threads=1", "model.name=resnet20",
-            "analysis.histograms_at=[1]"]
+    grid = [
+        "data.subset=256",
+        "data.batch_size=64",
+        "train.epochs=1",
+        "train.threads=1",
+        "model.name=resnet20",
+        "analysis.histograms_at=[1]",
+    ]
     out = tmp_path / "sweep"
     launched = []
 
@@ -635,7 +715,10 @@ def test_real_sweep_interrupted_then_restarted_trains_only_what_is_missing(tmp_p
     # and the report reads the real sweep, with the images the runs used
     report = build_report([out], tmp_path / "report", plots=False)
     assert "| fashion_mnist | resnet20 | 1/1 | ReSTE | cosine | 3 |" in report.markdown
-    assert "Scale: data set fashion_mnist, model resnet20, 256 training images, 51 test images, 1 epoch." in report.markdown
+    assert (
+        "Scale: data set fashion_mnist, model resnet20, 256 training images, 51 test images, 1 epoch."
+        in report.markdown
+    )
 
 
 def test_indicator_cost_times_a_step_measure_and_snapshot():

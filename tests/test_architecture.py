@@ -24,13 +24,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "reste"
 
 #: rank of each top-level part of the package; a module may import parts of equal or lower rank
 LAYERS = {
-    "errors": 0, "_ext": 0,
-    "ops": 1, "estimators": 1, "schedules": 1,
+    "errors": 0,
+    "_ext": 0,
+    "ops": 1,
+    "estimators": 1,
+    "schedules": 1,
     "nn": 2,
-    "models": 3, "data": 3,
+    "models": 3,
+    "data": 3,
     "train": 4,
-    "analysis": 5, "deploy": 5,
-    "cli": 6, "__main__": 6,
+    "analysis": 5,
+    "deploy": 5,
+    "cli": 6,
+    "__main__": 6,
 }
 #: the parts of equal rank that must not import each other
 SIBLINGS_APART = {("models", "data"), ("data", "models"), ("analysis", "deploy"), ("deploy", "analysis")}

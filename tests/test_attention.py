@@ -26,10 +26,14 @@ CASES = {
     "self_no_weights": ({}, {"need_weights": False}),
     "per_head_weights": ({}, {"average_attn_weights": False}),
     "padding_mask": ({}, {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2])}),
-    "padding_mask_no_weights": ({}, {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2]),
-                                     "need_weights": False}),
-    "causal": ({}, {"attn_mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True,
-                    "need_weights": False}),
+    "padding_mask_no_weights": (
+        {},
+        {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2]), "need_weights": False},
+    ),
+    "causal": (
+        {},
+        {"attn_mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True, "need_weights": False},
+    ),
     "bool_mask": ({}, {"attn_mask": torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)}),
     "bias_kv_zero_attn": ({"add_bias_kv": True, "add_zero_attn": True}, {}),
     "no_bias_seq_first": ({"bias": False, "batch_first": False}, {}),
@@ -90,8 +94,9 @@ class Encoder(nn.Module):
     def __init__(self, layers=2):
         super().__init__()
         self.embed = nn.Linear(8, E)
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 4, 32, dropout=0.0, batch_first=True), layers,
-                                         enable_nested_tensor=True)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(E, 4, 32, dropout=0.0, batch_first=True), layers, enable_nested_tensor=True
+        )
         self.head = nn.Linear(E, 3)
 
     def forward(self, x, key_padding_mask=None):
@@ -103,8 +108,11 @@ def test_binarize_converts_attention_and_matches_sign_weights():
     float_model = Encoder().eval()
     model = reste.binarize(copy.deepcopy(float_model), activations=False)
     names = [n for n, _ in binary_layers(model)]
-    assert names == [f"enc.layers.{i}.{p}" for i in range(2)
-                     for p in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    assert names == [
+        f"enc.layers.{i}.{p}"
+        for i in range(2)
+        for p in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    ]
     assert all(isinstance(m, BinaryLinear) for _, m in binary_layers(model))
     x = torch.randn(3, 5, 8)
     mask = torch.tensor([[False] * 5, [False] * 4 + [True], [False] * 2 + [True] * 3])
@@ -190,8 +198,11 @@ def test_reste_vit_binarizes_without_warnings_like_create():
         warnings.simplefilter("error")  # nothing left unconverted
         model = reste.binarize(reste.models.create("vit_tiny", precision="fp", **kw), keep=["patch_embed", "head"])
     want = [n for n, _ in binary_layers(reste.models.create("vit_tiny", precision="1w1a", **kw))]
-    assert [n for n, _ in binary_layers(model)] == want == [f"blocks.{i}.{p}" for i in range(2)
-                                                            for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert (
+        [n for n, _ in binary_layers(model)]
+        == want
+        == [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    )
 
 
 def test_fused_encoder_kernel_never_skips_binary_linears():

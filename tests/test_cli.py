@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -12,8 +11,13 @@ from reste import cli
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return set(out.stdout.split())
 
 
@@ -26,8 +30,10 @@ def test_light_commands_do_not_import_torch(argv):
 
 
 def test_lazy_package_attributes_still_work():
-    loaded = _modules_after("import reste\nassert 'torch' not in __import__('sys').modules\n"
-                            "reste.binarize, reste.o_schedule, reste.summary, reste.deploy.kernel_info, reste.data.create_loaders")
+    loaded = _modules_after(
+        "import reste\nassert 'torch' not in __import__('sys').modules\n"
+        "reste.binarize, reste.o_schedule, reste.summary, reste.deploy.kernel_info, reste.data.create_loaders"
+    )
     assert "torch" in loaded  # imported on first use
     import reste
 
@@ -60,15 +66,17 @@ def test_unknown_option_exits_2(capsys):
 
 
 def test_warnings_print_without_source_lines():
-    code = ("import warnings\nfrom reste import cli\ntry:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "warnings.warn('the compiled kernel is unavailable', RuntimeWarning)")
+    code = (
+        "import warnings\nfrom reste import cli\ntry:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "warnings.warn('the compiled kernel is unavailable', RuntimeWarning)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stderr == "RuntimeWarning: the compiled kernel is unavailable\n"  # no file name, line or source
 
 
 def test_datasets_marks_what_is_present(tmp_path, monkeypatch, capsys):
-    from reste.data import catalog
     from data_fixtures import make_idx_dataset
+    from reste.data import catalog
 
     monkeypatch.setattr(catalog, "SYSTEM_DIRS", {})
     make_idx_dataset(tmp_path / "mnist", n_train=8, n_test=2)
@@ -81,8 +89,9 @@ def test_datasets_marks_what_is_present(tmp_path, monkeypatch, capsys):
 
 def test_optional_extras_never_replace_torch():
     # torchvision (or a torch range) in an extra makes pip swap the installed CPU torch for a CUDA build
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     for extra, requirements in project["optional-dependencies"].items():
@@ -111,7 +120,11 @@ def test_library_errors_end_as_one_line_with_their_exit_code(monkeypatch, capsys
 
     from reste.errors import ReSTEError, UsageError
 
-    for error, code in ((UsageError("RESTE_DEPLOY_ISA=neon: no kernel path 'neon'"), 2), (ReSTEError("file F is damaged"), 1)):
+    for error, code in (
+        (UsageError("RESTE_DEPLOY_ISA=neon: no kernel path 'neon'"), 2),
+        (ReSTEError("file F is damaged"), 1),
+    ):
+
         def fail(args, error=error):
             raise error
 

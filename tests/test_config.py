@@ -48,7 +48,9 @@ def test_example_config_is_identical_to_the_defaults():
 
 
 def test_yaml_round_trip_keeps_every_value():
-    cfg = load_config(None, ["optim.lr=0.05", "optim.betas=[0.8, 0.9]", "analysis.histograms_at=[1, 2]", "model.kwargs={width: 2}"])
+    cfg = load_config(
+        None, ["optim.lr=0.05", "optim.betas=[0.8, 0.9]", "analysis.histograms_at=[1, 2]", "model.kwargs={width: 2}"]
+    )
     text = C.config_to_yaml(cfg)
     assert "betas: [0.8, 0.9]" in text  # lists stay readable
     assert C.config_from_dict(yaml.safe_load(text)) == cfg
@@ -72,7 +74,9 @@ def test_dict_and_config_sources_and_dict_overrides():
 
 
 def test_overrides_are_yaml_values_not_code():
-    cfg = load_config(None, ["name=__import__('os').system('echo hacked')", "train.device=cpu", "data.subset=null"], check=False)
+    cfg = load_config(
+        None, ["name=__import__('os').system('echo hacked')", "train.device=cpu", "data.subset=null"], check=False
+    )
     assert cfg.name == "__import__('os').system('echo hacked')"  # just a string
     assert cfg.data.subset is None
     with pytest.raises(ConfigError, match="optim.lr must be of type float"):
@@ -89,7 +93,12 @@ def test_numbers_written_without_a_dot_are_accepted_as_floats():
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "override, suggestion",
-    [("optim.lrr=0.1", "optim.lr"), ("train.epoch=3", "train.epochs"), ("trian.epochs=3", "train.epochs"), ("estimator.oend=4", "estimator.o_end")],
+    [
+        ("optim.lrr=0.1", "optim.lr"),
+        ("train.epoch=3", "train.epochs"),
+        ("trian.epochs=3", "train.epochs"),
+        ("estimator.oend=4", "estimator.o_end"),
+    ],
 )
 def test_unknown_key_suggests_the_closest(override, suggestion):
     with pytest.raises(ConfigError) as err:
@@ -147,7 +156,9 @@ def test_out_of_range_values_are_refused(override, expected):
 
 
 def test_batch_larger_than_the_subset_is_refused_before_any_work():
-    with pytest.raises(ConfigError, match=r"data.batch_size \(128\) is larger than the training set \(data.subset=100\)"):
+    with pytest.raises(
+        ConfigError, match=r"data.batch_size \(128\) is larger than the training set \(data.subset=100\)"
+    ):
         load_config(None, ["data.subset=100"])
 
 
@@ -262,7 +273,14 @@ def test_cli_config_errors_exit_2_with_one_message(argv, expected, capsys):
 
 def test_console_command_prints_no_traceback_and_exits_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run([sys.executable, "-m", "reste", "train", "optim.lrr=0.1"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reste", "train", "optim.lrr=0.1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "unknown config key 'optim.lrr'. Did you mean 'optim.lr'?" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -271,7 +289,9 @@ def test_console_command_prints_no_traceback_and_exits_2(tmp_path):
 
 def test_docs_option_table_is_current():
     text = (REPO / "docs" / "training.md").read_text()
-    assert C.markdown_table() in text, "regenerate the table in docs/training.md from reste.train.config.markdown_table()"
+    assert C.markdown_table() in text, (
+        "regenerate the table in docs/training.md from reste.train.config.markdown_table()"
+    )
 
 
 def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path):

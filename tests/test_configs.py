@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import reste
+from data_fixtures import make_idx_dataset, write_cifar_folder, write_image_folders
 from reste.train.config import ConfigError, load_config, read_config_file
 from reste.train.trainer import build_model
-
-from data_fixtures import make_idx_dataset, write_cifar_folder, write_image_folders
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
@@ -39,10 +38,18 @@ def data_roots(tmp_path_factory):
 def test_there_is_a_config_for_every_reported_experiment():
     names = {p.relative_to(CONFIG_ROOT).as_posix() for p in CONFIGS}
     expected = {
-        "cifar10/resnet20_1w1a.yaml", "cifar10/resnet20_1w32a.yaml", "cifar10/resnet20_bireal_1w1a.yaml",
-        "cifar10/resnet18_1w1a.yaml", "cifar10/vgg_small_1w1a.yaml",
-        "imagenet/resnet18_1w1a.yaml", "imagenet/resnet18_1w32a.yaml", "imagenet/resnet34_1w1a.yaml", "imagenet/resnet34_1w32a.yaml",
-        "imagenet/vit_tiny_fp.yaml", "imagenet/vit_tiny_dorefa_1w32a.yaml", "imagenet/vit_tiny_reste_1w32a.yaml",
+        "cifar10/resnet20_1w1a.yaml",
+        "cifar10/resnet20_1w32a.yaml",
+        "cifar10/resnet20_bireal_1w1a.yaml",
+        "cifar10/resnet18_1w1a.yaml",
+        "cifar10/vgg_small_1w1a.yaml",
+        "imagenet/resnet18_1w1a.yaml",
+        "imagenet/resnet18_1w32a.yaml",
+        "imagenet/resnet34_1w1a.yaml",
+        "imagenet/resnet34_1w32a.yaml",
+        "imagenet/vit_tiny_fp.yaml",
+        "imagenet/vit_tiny_dorefa_1w32a.yaml",
+        "imagenet/vit_tiny_reste_1w32a.yaml",
         *(f"cifar10/estimators/resnet20_{e}.yaml" for e in ("ste", "dsq", "ede", "fda", "rbnn", "reste")),
         *(f"cifar10/seed_table2/fixed_o{o}.yaml" for o in range(1, 5)),
         *(f"cifar10/seed_table2/progressive_o_end{o}.yaml" for o in range(1, 5)),
@@ -57,8 +64,15 @@ def test_config_builds_model_and_data(path, data_roots):
     cfg = load_config(path, [f"data.root={data_roots[cfg.data.name]}"])
     info = reste.data.info(cfg.data.name)
     model = build_model(cfg, info)
-    train, test = reste.data.create_loaders(cfg.data.name, root=cfg.data.root, batch_size=2, test_batch_size=2,
-                                            augment=cfg.data.augment, seed=cfg.seed, subset=8)
+    train, test = reste.data.create_loaders(
+        cfg.data.name,
+        root=cfg.data.root,
+        batch_size=2,
+        test_batch_size=2,
+        augment=cfg.data.augment,
+        seed=cfg.seed,
+        subset=8,
+    )
     x, y = next(iter(train))
     assert x.shape[1:] == (info.in_channels, info.image_size, info.image_size)
     out = model(x)

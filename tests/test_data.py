@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import data_fixtures as fx  # noqa: E402
-
 import reste.data as data  # noqa: E402
 from reste.data import catalog  # noqa: E402
 from reste.data.augment import random_crop  # noqa: E402
@@ -80,8 +79,11 @@ def collect(loader):
 def test_names_and_info():
     assert data.names() == ["fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet"]
     expected = {
-        "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32),
-        "cifar100": (100, 3, 32), "imagenet": (1000, 3, 224),
+        "fashion_mnist": (10, 1, 28),
+        "mnist": (10, 1, 28),
+        "cifar10": (10, 3, 32),
+        "cifar100": (100, 3, 32),
+        "imagenet": (1000, 3, 224),
     }
     for name, (classes, channels, size) in expected.items():
         meta = data.info(name)
@@ -100,8 +102,11 @@ def test_names_and_info():
 
 @pytest.mark.parametrize("layout", ["root/name", "root", "torchvision"])
 def test_idx_loader_shapes_normalisation_and_labels(tmp_path, layout):
-    folder = {"root/name": tmp_path / "fashion_mnist", "root": tmp_path,
-              "torchvision": tmp_path / "FashionMNIST" / "raw"}[layout]
+    folder = {
+        "root/name": tmp_path / "fashion_mnist",
+        "root": tmp_path,
+        "torchvision": tmp_path / "FashionMNIST" / "raw",
+    }[layout]
     arrays = fx.make_idx_dataset(folder, n_train=64, n_test=20)
     train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=16, test_batch_size=8)
     assert (len(train), len(test)) == (4, 3)
@@ -135,8 +140,7 @@ def test_uncompressed_idx_and_mnist_without_flips(tmp_path):
 
 def test_subset_is_first_images_and_deterministic(tmp_path):
     arrays = fx.make_idx_dataset(tmp_path / "fashion_mnist", n_train=64, n_test=20)
-    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=8, subset=30,
-                                      augment=False)
+    train, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=8, subset=30, augment=False)
     assert (train.dataset_size, test.dataset_size) == (30, 6)
     assert torch.equal(test.labels, torch.from_numpy(arrays["test_labels"][:6].astype(np.int64)))
     images, _ = collect(train)
@@ -186,8 +190,17 @@ def test_augmentation_differs_across_epochs_for_same_order(tmp_path):
     # Without shuffling effects: one image repeated, so only augmentation varies.
     images = torch.full((64, 1, 28, 28), 200, dtype=torch.uint8)
     images[:, :, 10:18, 4:9] = 50  # asymmetric pattern: flips and shifts are visible
-    loader = InMemoryLoader(images, torch.zeros(64, dtype=torch.long), batch_size=64, mean=(0.5,),
-                            std=(0.5,), shuffle=True, crop_padding=2, horizontal_flip=True, seed=0)
+    loader = InMemoryLoader(
+        images,
+        torch.zeros(64, dtype=torch.long),
+        batch_size=64,
+        mean=(0.5,),
+        std=(0.5,),
+        shuffle=True,
+        crop_padding=2,
+        horizontal_flip=True,
+        seed=0,
+    )
     epoch0 = next(iter(loader))[0]
     loader.set_epoch(1)
     epoch1 = next(iter(loader))[0]
@@ -230,7 +243,7 @@ def test_random_crop_is_a_real_padded_crop():
             for dy in range(5):
                 for dx in range(5):
                     padded = torch.nn.functional.pad(source, (2, 2, 2, 2))
-                    if torch.equal(padded[:, dy:dy + 12, dx:dx + 12], crop):
+                    if torch.equal(padded[:, dy : dy + 12, dx : dx + 12], crop):
                         match = (dy - 2, dx - 2)
             assert match is not None, "output is not a crop of its source image"
             shifts.add(match)
@@ -244,8 +257,16 @@ def test_random_crop_is_a_real_padded_crop():
 
 def test_horizontal_flip_is_a_real_flip():
     images = torch.randint(1, 256, (200, 3, 8, 8), dtype=torch.uint8)
-    loader = InMemoryLoader(images, torch.arange(200), batch_size=50, mean=(0, 0, 0),
-                            std=(1 / 255,) * 3, shuffle=False, horizontal_flip=True, seed=0)
+    loader = InMemoryLoader(
+        images,
+        torch.arange(200),
+        batch_size=50,
+        mean=(0, 0, 0),
+        std=(1 / 255,) * 3,
+        shuffle=False,
+        horizontal_flip=True,
+        seed=0,
+    )
     flipped = 0
     for batch, index in loader:
         out = batch.round().to(torch.uint8)
@@ -276,8 +297,7 @@ def test_sharding_gives_disjoint_equal_slices(tmp_path, n_train):
     images = torch.randint(0, 256, (n_train, 1, 4, 4), dtype=torch.uint8)
     shards = []
     for rank in range(2):
-        loader = _identity_loader(images, batch_size=8, shuffle=True, seed=5, rank=rank, world_size=2,
-                                  drop_last=False)
+        loader = _identity_loader(images, batch_size=8, shuffle=True, seed=5, rank=rank, world_size=2, drop_last=False)
         loader.set_epoch(2)
         shards.append(collect(loader)[1])
     a, b = (set(s.tolist()) for s in shards)
@@ -297,8 +317,9 @@ def test_test_set_sharding_is_opt_in(tmp_path):
     assert test0.dataset_size == test0.num_samples == 11  # every rank evaluates everything
     sizes, seen = [], []
     for rank in range(2):
-        _, test = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=4, rank=rank,
-                                      world_size=2, shard_test=True)
+        _, test = data.create_loaders(
+            "fashion_mnist", root=tmp_path, batch_size=4, rank=rank, world_size=2, shard_test=True
+        )
         sizes.append(test.num_samples)
         seen.append(collect(test)[0])
     assert sizes == [6, 5]
@@ -382,7 +403,10 @@ def test_missing_dataset_error_says_where_and_how(tmp_path, monkeypatch, name):
     assert f"reste.data.download('{name}'" in text and f"reste download {name} --root {tmp_path}" in text
     assert f"{tmp_path / 'usr-share'} (" not in text  # an explicit root is the only place looked at
     if name == "fashion_mnist":
-        assert "apt-get install" not in text and f"leave the data folder unset (data.root) to use {data.default_root()}" in text
+        assert (
+            "apt-get install" not in text
+            and f"leave the data folder unset (data.root) to use {data.default_root()}" in text
+        )
 
 
 def test_explicit_root_never_falls_back_to_the_system_copy(tmp_path, monkeypatch):
@@ -464,13 +488,16 @@ def _corrupt(path: Path, how: str):
         path.write_bytes(gzip.compress(raw + b"\x00" * 7))
 
 
-@pytest.mark.parametrize("how, message", [
-    ("not gzip", "not a gzip file"),
-    ("truncated gzip", "truncated gzip"),
-    ("wrong magic", "wrong IDX magic number 0x00000802, expected 0x00000803"),
-    ("truncated payload", "truncated: header says shape"),
-    ("trailing bytes", "trailing bytes"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("not gzip", "not a gzip file"),
+        ("truncated gzip", "truncated gzip"),
+        ("wrong magic", "wrong IDX magic number 0x00000802, expected 0x00000803"),
+        ("truncated payload", "truncated: header says shape"),
+        ("trailing bytes", "trailing bytes"),
+    ],
+)
 def test_corrupt_idx_files_are_reported_by_name(tmp_path, how, message):
     fx.make_idx_dataset(tmp_path / "mnist")
     target = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
@@ -552,8 +579,10 @@ def http_server(tmp_path):
 def _pin_md5s(monkeypatch, name: str, folder: Path):
     """Make the served fixture files the 'official' ones by md5."""
     source = catalog.IDX_SOURCES[name]
-    files = {role: (file_name, hashlib.md5((folder / file_name).read_bytes()).hexdigest())
-             for role, (file_name, _) in source.files.items()}
+    files = {
+        role: (file_name, hashlib.md5((folder / file_name).read_bytes()).hexdigest())
+        for role, (file_name, _) in source.files.items()
+    }
     monkeypatch.setitem(catalog.IDX_SOURCES, name, catalog.IdxSource(source.base_url, files))
 
 
@@ -613,16 +642,29 @@ def test_download_cifar_tarball_and_extract(tmp_path, monkeypatch, http_server):
     archive, arrays = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
     source = catalog.CIFAR_SOURCES["cifar10"]
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(catalog.CIFAR_SOURCES, "cifar10", catalog.CifarSource(
-        source.base_url, source.archive, md5, source.folder, source.train_members,
-        source.test_members, source.meta_member, source.label_key))
+    monkeypatch.setitem(
+        catalog.CIFAR_SOURCES,
+        "cifar10",
+        catalog.CifarSource(
+            source.base_url,
+            source.archive,
+            md5,
+            source.folder,
+            source.train_members,
+            source.test_members,
+            source.meta_member,
+            source.label_key,
+        ),
+    )
     root = tmp_path / "root"
     exit_code = __import__("reste.data.__main__", fromlist=["main"]).main(
-        ["download", "cifar10", "--root", str(root), "--mirror", url, "--quiet"])
+        ["download", "cifar10", "--root", str(root), "--mirror", url, "--quiet"]
+    )
     assert exit_code == 0
     extracted = root / "cifar10" / "cifar-10-batches-py"
     assert sorted(p.name for p in extracted.iterdir()) == sorted(
-        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
     assert data.locate("cifar10", root) == ("dir", extracted)
     loaded = data.load_arrays("cifar10", root)
     assert np.array_equal(loaded.test_images, arrays["test_images"])
@@ -691,8 +733,12 @@ def test_import_needs_neither_torchvision_nor_pillow():
         "import reste.data, reste.data.imagenet\n"
         "assert reste.data.info('imagenet').image_size == 224\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")])
+        ),
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
@@ -701,8 +747,10 @@ def test_import_needs_neither_torchvision_nor_pillow():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
 def test_real_fashion_mnist_from_system_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "SYSTEM_DIRS", {"fashion_mnist": [REAL_FASHION_MNIST]})
     monkeypatch.setenv("RESTE_DATA", str(tmp_path))  # an empty per-user folder: the system copy is next

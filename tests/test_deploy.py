@@ -87,7 +87,9 @@ CONV_CASES = [
 def test_packed_conv_integer_sums_exact(case, isa):
     cin, cout, k, stride, pad, input_padding, n, h, w = case
     torch.manual_seed(cin * 31 + cout)
-    trained = BinaryConv2d(cin, cout, k, stride, pad, bias=False, weight_scale="none", input_padding=input_padding).eval()
+    trained = BinaryConv2d(
+        cin, cout, k, stride, pad, bias=False, weight_scale="none", input_padding=input_padding
+    ).eval()
     packed = PackedBinaryConv2d.from_binary(trained)
     x = torch.randn(n, cin, h, w)
     x.view(-1)[::5] = 0.0  # sign(0) = +1 on inputs as well
@@ -203,20 +205,27 @@ def test_forcing_by_environment_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = ("import torch, reste.deploy as d\n"
-            "from reste.nn import BinaryConv2d\n"
-            "info = d.kernel_info(); print(info['isa'], '|', info['why'])\n"
-            "layer = d.PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1).eval())\n"
-            "x = torch.randn(2, 16, 6, 5)\n"
-            "with torch.no_grad(): print(torch.equal(layer(x), layer._epilogue_reference(layer.reference_forward(x))))\n")
+    code = (
+        "import torch, reste.deploy as d\n"
+        "from reste.nn import BinaryConv2d\n"
+        "info = d.kernel_info(); print(info['isa'], '|', info['why'])\n"
+        "layer = d.PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1).eval())\n"
+        "x = torch.randn(2, 16, 6, 5)\n"
+        "with torch.no_grad(): print(torch.equal(layer(x), layer._epilogue_reference(layer.reference_forward(x))))\n"
+    )
     env = dict(os.environ, RESTE_DEPLOY_ISA=ISAS[-1])
     env.pop("RESTE_BITOPS_ISA", None)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [ISAS[-1], "|", "forced", "by", f"RESTE_DEPLOY_ISA={ISAS[-1]}", "True"]
     lacking = [n for n in ("neon", "avx2", "avx512") if n not in ISAS][0]
-    run = subprocess.run([sys.executable, "-c", code], env=dict(env, RESTE_DEPLOY_ISA=lacking), capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, RESTE_DEPLOY_ISA=lacking),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and f"KernelPathError: RESTE_DEPLOY_ISA={lacking}: " in run.stderr
     assert "Unset RESTE_DEPLOY_ISA (or set it to auto)" in run.stderr
 
@@ -237,9 +246,19 @@ class TinyResNet(nn.Module):
 
     def __init__(self, in_channels=1, width=16, classes=10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(width))
-        self.conv1, self.relu1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(width)
-        self.conv2, self.relu2, self.bn2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.ReLU(), nn.BatchNorm2d(2 * width)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(width)
+        )
+        self.conv1, self.relu1, self.bn1 = (
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.BatchNorm2d(width),
+        )
+        self.conv2, self.relu2, self.bn2 = (
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False),
+            nn.ReLU(),
+            nn.BatchNorm2d(2 * width),
+        )
         self.down = nn.Conv2d(width, 2 * width, 1, 2, bias=False)
         self.fc1 = nn.Linear(2 * width, 2 * width)
         self.fc = nn.Linear(2 * width, classes)
@@ -316,7 +335,9 @@ def test_exported_file_holds_bits_not_latent_weights(tmp_path):
     assert all(t.dtype in (torch.uint8, torch.float32) for t in tensors.values())
     assert set(graph["binary_layers"]) == set(binary)
     assert graph["architecture"] == arch
-    float_bytes = 4 * sum(t.numel() for k, t in model.state_dict().items() if t.is_floating_point() and "estimator" not in k)
+    float_bytes = 4 * sum(
+        t.numel() for k, t in model.state_dict().items() if t.is_floating_point() and "estimator" not in k
+    )
     assert path.stat().st_size * 15 < float_bytes
 
 
@@ -436,7 +457,14 @@ def test_residual_adds_land_in_the_conv_output_bit_exactly(name, tmp_path, isa):
 
 def test_batchnorm_before_a_binary_conv_is_applied_while_packing(tmp_path, isa):
     torch.manual_seed(14)
-    arch = {"name": "vgg_small", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.375}
+    arch = {
+        "name": "vgg_small",
+        "num_classes": 10,
+        "in_channels": 3,
+        "precision": "1w1a",
+        "image_size": 16,
+        "width": 0.375,
+    }
     model = _perturb_batchnorms(_trained(reste.models.create(**arch), in_channels=3, size=16), seed=15)
     path = export(model, tmp_path / "v.safetensors", architecture=arch)
     plain, fused = load(path, fuse=False), load(path)
@@ -487,7 +515,14 @@ def test_used_deployed_model_can_be_copied_and_pickled(tmp_path):
     import io
 
     torch.manual_seed(5)
-    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16, "width": 0.5}
+    arch = {
+        "name": "resnet20",
+        "num_classes": 10,
+        "in_channels": 3,
+        "precision": "1w1a",
+        "image_size": 16,
+        "width": 0.5,
+    }
     model = _trained(reste.models.create(**arch), in_channels=3, size=16)
     deployed = load(export(model, tmp_path / "r.safetensors", architecture=arch))
     x = torch.randn(3, 3, 16, 16)
@@ -511,10 +546,14 @@ def test_packed_conv_residual_argument_is_the_plain_sum(out_channels, isa):
     special[0, 1, 2, 3], special[1, -1, 4, 4], special[1, 0, 0, 0] = float("nan"), float("-inf"), -0.0
     with torch.no_grad():
         y = layer(x)
-        for residual in (torch.randn(2, out_channels, 5, 5), torch.randn(out_channels, 1, 1),
-                         torch.randn(2, out_channels, 5, 5, dtype=torch.float64),
-                         torch.randn(2, out_channels, 5, 5).contiguous(memory_format=torch.channels_last), special,
-                         torch.randn(1, out_channels, 5, 5).contiguous(memory_format=torch.channels_last)):
+        for residual in (
+            torch.randn(2, out_channels, 5, 5),
+            torch.randn(out_channels, 1, 1),
+            torch.randn(2, out_channels, 5, 5, dtype=torch.float64),
+            torch.randn(2, out_channels, 5, 5).contiguous(memory_format=torch.channels_last),
+            special,
+            torch.randn(1, out_channels, 5, 5).contiguous(memory_format=torch.channels_last),
+        ):
             want = y + residual  # channels-last float32 of the output's shape: added by the kernel itself
             got = layer(x, residual)
             assert got.dtype == want.dtype and got.shape == want.shape
@@ -538,7 +577,7 @@ def test_batchnorm_scale_shift_read_back_exactly():
     twin = nn.BatchNorm2d(6).eval()
     _restore_bn(twin, scale, shift)
     big = torch.finfo(torch.float32).max
-    values = torch.tensor([0.0, -0.0, 1.0, -3.0, 2.0 ** 120, -(2.0 ** 126), big, -big, 1e-40])
+    values = torch.tensor([0.0, -0.0, 1.0, -3.0, 2.0**120, -(2.0**126), big, -big, 1e-40])
     x = torch.cat([values.reshape(-1, 1, 1, 1).expand(-1, 6, 2, 3), torch.randn(4, 6, 2, 3) * 1e30])
     with torch.no_grad():
         assert torch.equal(_bits(twin(x)), _bits(bn(x)))
@@ -553,7 +592,9 @@ def test_batchnorm_that_does_not_fold_exactly_is_stored_as_it_is(tmp_path):
     path = export(model, tmp_path / "t.safetensors")
     assert reste.deploy.read_graph(path)["unfolded_batchnorms"] == ["bn1"]
     keys = set(reste.deploy.read_tensors(path, model=TinyResNet()))
-    assert {k for k in keys if k.startswith("bn1.")} == {f"bn1.{k}" for k in ("weight", "bias", "running_mean", "running_var")}
+    assert {k for k in keys if k.startswith("bn1.")} == {
+        f"bn1.{k}" for k in ("weight", "bias", "running_mean", "running_var")
+    }
     assert {k for k in keys if k.startswith("bn2.")} == {"bn2.scale", "bn2.shift"}
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
@@ -564,7 +605,14 @@ def test_batchnorm_that_does_not_fold_exactly_is_stored_as_it_is(tmp_path):
 
 def test_graph_records_only_non_default_layer_options(tmp_path):
     torch.manual_seed(12)
-    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a", "input_padding": "+1", "width": 0.5}
+    arch = {
+        "name": "resnet20",
+        "num_classes": 10,
+        "in_channels": 1,
+        "precision": "1w1a",
+        "input_padding": "+1",
+        "width": 0.5,
+    }
     model = _trained(reste.models.create(**arch), size=8)
     path = export(model, tmp_path / "p1.safetensors", architecture=arch)
     assert set(map(json.dumps, reste.deploy.read_graph(path)["binary_layers"].values())) == {'{"input_padding": "+1"}'}
@@ -604,8 +652,11 @@ def test_layout_mismatch_is_refused_with_the_reason(tmp_path):
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     for other in ({"num_classes": 100}, {"width": 0.5}, {"in_channels": 1}):
         for call in (load, reste.deploy.read_tensors):
-            with pytest.raises(ExportError, match=r"different architecture / model arguments: layout fingerprint differs"
-                                                  r" \(file [0-9a-f]{16}, this architecture [0-9a-f]{16}.*re-export it, or pass the model"):
+            with pytest.raises(
+                ExportError,
+                match=r"different architecture / model arguments: layout fingerprint differs"
+                r" \(file [0-9a-f]{16}, this architecture [0-9a-f]{16}.*re-export it, or pass the model",
+            ):
                 call(path, model=reste.models.create(**dict(arch, **other)))
     # a graph that claims other model arguments (here edited in the file) is refused the same way
     from safetensors import safe_open
@@ -627,7 +678,11 @@ def test_layout_mismatch_is_refused_with_the_reason(tmp_path):
         load(edited)
     # the right graph with blobs of other sizes
     graph = json.loads(meta["graph"])
-    save_file({"float32": blobs["float32"][:-1], "uint8": blobs["uint8"]}, str(edited), metadata=dict(meta, graph=json.dumps(graph)))
+    save_file(
+        {"float32": blobs["float32"][:-1], "uint8": blobs["uint8"]},
+        str(edited),
+        metadata=dict(meta, graph=json.dumps(graph)),
+    )
     with pytest.raises(ExportError, match="needs 1-D blobs .* the file is damaged"):
         load(edited)
     x = torch.randn(2, 3, 32, 32)
@@ -669,8 +724,10 @@ def test_named_tensors_read_back_equal_the_deploy_state(tmp_path):
     for key, value in expected.items():
         got = tensors[key]
         assert got.dtype == value.dtype and got.shape == value.shape, key
-        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.uint8 else _bits(got), value.view(torch.uint8)
-                           if value.dtype == torch.uint8 else _bits(value)), key
+        assert torch.equal(
+            got.view(torch.uint8) if got.dtype == torch.uint8 else _bits(got),
+            value.view(torch.uint8) if value.dtype == torch.uint8 else _bits(value),
+        ), key
     # the blobs are these tensors concatenated per dtype, in this order
     from safetensors.torch import load_file
 
@@ -685,11 +742,15 @@ def test_resnet20_export_is_25x_smaller_than_float_state_dict(tmp_path):
 
     torch.manual_seed(16)
     arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32}
-    path = export(_trained(reste.models.create(**arch), in_channels=3, size=32), tmp_path / "r20.safetensors", architecture=arch)
+    path = export(
+        _trained(reste.models.create(**arch), in_channels=3, size=32), tmp_path / "r20.safetensors", architecture=arch
+    )
     buf = io.BytesIO()
     torch.save(reste.models.create(**dict(arch, precision="fp")).state_dict(), buf)
     ratio = buf.getbuffer().nbytes / path.stat().st_size
-    assert ratio >= 25, f"{buf.getbuffer().nbytes:,} B float state_dict / {path.stat().st_size:,} B export = {ratio:.2f}x"
+    assert ratio >= 25, (
+        f"{buf.getbuffer().nbytes:,} B float state_dict / {path.stat().st_size:,} B export = {ratio:.2f}x"
+    )
 
 
 def _header(path) -> tuple[int, dict]:
@@ -707,7 +768,8 @@ def test_resnet20_header_is_compact(tmp_path):
     meta = header.pop("__metadata__")
     # one blob per dtype: 1-bit weights; stem conv, alphas, BatchNorm scale/shift, classifier
     assert set(header) == {"float32", "uint8"}
-    # 1-bit weights, rows of ceil(k/8) bytes: 6 convs 16->16 (k=144), 16->32 (144), 5 32->32 (288), 32->64 (288), 5 64->64 (576)
+    # 1-bit weights, rows of ceil(k/8) bytes: 6 convs 16->16 (k=144), 16->32 (144), 5 32->32 (288),
+    # 32->64 (288), 5 64->64 (576)
     assert header["uint8"]["shape"] == [6 * 16 * 18 + 32 * 18 + 5 * 32 * 36 + 64 * 36 + 5 * 64 * 72]
     # stem 3*16*9; 18 alphas; 20 BatchNorms' scale/shift over 16*7 + 32*6 + 64*7 channels; classifier 64*10 + 10
     assert header["float32"]["shape"] == [432 + 18 + 2 * (16 * 7 + 32 * 6 + 64 * 7) + 650]
@@ -725,14 +787,39 @@ def test_version_1_file_is_rejected_with_the_fix(tmp_path, capsys):
 
     from reste.cli import main
 
-    spec = {"type": "conv2d", "in_channels": 16, "out_channels": 16, "kernel_size": [3, 3], "stride": [1, 1],
-            "padding": [1, 1], "dilation": [1, 1], "groups": 1, "bias": False, "binary_inputs": True,
-            "input_padding": "zero", "alpha_size": 1}
-    graph = {"architecture": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a"},
-             "binary_layers": {"stages.0.0.conv1": spec}, "source": None}
+    spec = {
+        "type": "conv2d",
+        "in_channels": 16,
+        "out_channels": 16,
+        "kernel_size": [3, 3],
+        "stride": [1, 1],
+        "padding": [1, 1],
+        "dilation": [1, 1],
+        "groups": 1,
+        "bias": False,
+        "binary_inputs": True,
+        "input_padding": "zero",
+        "alpha_size": 1,
+    }
+    graph = {
+        "architecture": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a"},
+        "binary_layers": {"stages.0.0.conv1": spec},
+        "source": None,
+    }
     old = tmp_path / "v1.safetensors"
-    save_file({"stages.0.0.conv1.weight_bits": torch.zeros(16, 18, dtype=torch.uint8), "stages.0.0.conv1.alpha": torch.ones(1)},
-              str(old), metadata={"format": "reste.packed", "format_version": "1", "reste_version": "0.1.0", "graph": json.dumps(graph)})
+    save_file(
+        {
+            "stages.0.0.conv1.weight_bits": torch.zeros(16, 18, dtype=torch.uint8),
+            "stages.0.0.conv1.alpha": torch.ones(1),
+        },
+        str(old),
+        metadata={
+            "format": "reste.packed",
+            "format_version": "1",
+            "reste_version": "0.1.0",
+            "graph": json.dumps(graph),
+        },
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     for kwargs in ({}, {"model": TinyResNet()}):
         with pytest.raises(ExportError, match=r"format version 1.*re-export it with this reste: `reste export RUN_DIR"):
@@ -761,10 +848,21 @@ def test_summary_numbers_by_hand():
     # BN(8): weight + bias are parameters; deployed as scale + shift (the running statistics fold in)
     assert (bn8.params, bn8.memory_bits, bn8.float32_bits) == (16, 16 * 32, 32 * 32)
     # binary conv: 8*16*9 = 1152 one-bit weights + one float alpha; 4*4*16 outputs x 72 taps, all XNOR
-    assert (bconv.params_1bit, bconv.memory_bits, bconv.macs_1x1, bconv.output_shape) == (1152, 1152 + 32, 16 * 16 * 72, (16, 4, 4))
+    assert (bconv.params_1bit, bconv.memory_bits, bconv.macs_1x1, bconv.output_shape) == (
+        1152,
+        1152 + 32,
+        16 * 16 * 72,
+        (16, 4, 4),
+    )
     assert (bn16.params, bn16.memory_bits) == (32, 32 * 32)
     # binary linear with real inputs: 2560 one-bit weights, 10 real biases, alpha
-    assert (blin.params, blin.params_1bit, blin.params_32bit, blin.memory_bits, blin.macs_1x32) == (2570, 2560, 10, 2560 + 320 + 32, 2560)
+    assert (blin.params, blin.params_1bit, blin.params_32bit, blin.memory_bits, blin.macs_1x32) == (
+        2570,
+        2560,
+        10,
+        2560 + 320 + 32,
+        2560,
+    )
     assert s.memory_bits == 6912 + 512 + 1184 + 1024 + 2912 == 12544 and s.memory_bytes == 1568
     assert s.float32_bits == 32 * (216 + 32 + 1152 + 64 + 2570) == 129088
     assert s.compression == pytest.approx(129088 / 12544)
@@ -786,9 +884,13 @@ def test_summary_of_deployed_model_matches_trained(tmp_path, fuse):
 def _fake_run(tmp_path, precision="1w1a"):
     from reste.train.config import config_from_dict, config_to_dict
 
-    cfg = config_to_dict(config_from_dict({"model": {"name": "resnet20", "precision": precision}, "data": {"name": "fashion_mnist"}}))
+    cfg = config_to_dict(
+        config_from_dict({"model": {"name": "resnet20", "precision": precision}, "data": {"name": "fashion_mnist"}})
+    )
     torch.manual_seed(8)
-    model = _trained(reste.models.create("resnet20", num_classes=10, in_channels=1, precision=precision, image_size=28), size=28)
+    model = _trained(
+        reste.models.create("resnet20", num_classes=10, in_channels=1, precision=precision, image_size=28), size=28
+    )
     run = tmp_path / "run-20250101-000000"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -831,7 +933,9 @@ def test_slow_kernel_note_when_only_the_portable_kernel_runs(monkeypatch):
     assert "only the portable XNOR-popcount kernel" in packed_mod.slow_kernel_note()
     monkeypatch.setattr(packed_mod, "kernel_info", lambda: dict(base, isa="avx2", available=["avx2", "portable"]))
     assert packed_mod.slow_kernel_note() is None
-    monkeypatch.setattr(packed_mod, "kernel_info", lambda: dict(base, extension=False, isa=None, available=[], reason="not built"))
+    monkeypatch.setattr(
+        packed_mod, "kernel_info", lambda: dict(base, extension=False, isa=None, available=[], reason="not built")
+    )
     assert "unavailable here (not built)" in packed_mod.slow_kernel_note()
 
 
@@ -908,11 +1012,26 @@ def test_export_is_atomic_and_honours_the_umask(tmp_path, monkeypatch):
 def test_deployed_binary_vit_is_bit_identical_to_the_trained_one(weight_scale, tmp_path):
     """A 1W/1A ViT: trained binary linears compute integer sums, then alpha, like the packed
     ones, so LayerNorm and attention see exactly the same values and the logits are equal."""
-    arch = {"name": "vit_tiny", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 32,
-            "weight_scale": weight_scale, "kwargs": {"patch_size": 8, "depth": 2}}
+    arch = {
+        "name": "vit_tiny",
+        "num_classes": 10,
+        "in_channels": 3,
+        "precision": "1w1a",
+        "image_size": 32,
+        "weight_scale": weight_scale,
+        "kwargs": {"patch_size": 8, "depth": 2},
+    }
     torch.manual_seed(0)
-    trained = reste.models.create(arch["name"], num_classes=10, in_channels=3, precision="1w1a", image_size=32,
-                                  weight_scale=weight_scale, patch_size=8, depth=2).eval()
+    trained = reste.models.create(
+        arch["name"],
+        num_classes=10,
+        in_channels=3,
+        precision="1w1a",
+        image_size=32,
+        weight_scale=weight_scale,
+        patch_size=8,
+        depth=2,
+    ).eval()
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained(x)
@@ -969,8 +1088,13 @@ def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
     del first
     third = layer(x)
     assert third.data_ptr() == address  # dropped: reused
-    for alias in (lambda t: t.detach(), lambda t: t.numpy(), lambda t: t[0], lambda t: t.permute(0, 2, 3, 1).view(-1),
-                  lambda t: t._base):
+    for alias in (
+        lambda t: t.detach(),
+        lambda t: t.numpy(),
+        lambda t: t[0],
+        lambda t: t.permute(0, 2, 3, 1).view(-1),
+        lambda t: t._base,
+    ):
         held = alias(third)
         value = torch.as_tensor(held).clone()
         address = third.data_ptr()

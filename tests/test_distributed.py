@@ -41,18 +41,29 @@ def torchrun(args, cwd, nproc=2, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian dataset-fashion-mnist package")
+@pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian dataset-fashion-mnist package"
+)
 def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path):
     # The plain ResNet-20: with the Bi-Real variant (the main job's default) the one-step weights
     # of the 2-process and 1-process runs differed by up to 7.3e-5 (measured), above this test's
     # 1e-5 tolerance; the cause (more summation-order-sensitive ReLU kinks) was not isolated.
-    common = ["data.subset=64", "data.batch_size=64", "data.test_batch_size=8", "train.epochs=1", "train.device=cpu",
-              "model.name=resnet20", "optim.name=sgd", "optim.lr=0.1", f"out.dir={tmp_path}"]
+    common = [
+        "data.subset=64",
+        "data.batch_size=64",
+        "data.test_batch_size=8",
+        "train.epochs=1",
+        "train.device=cpu",
+        "model.name=resnet20",
+        "optim.name=sgd",
+        "optim.lr=0.1",
+        f"out.dir={tmp_path}",
+    ]
     # SGD, not Adam: Adam's first step is lr * g / (|g| + eps), which turns the rounding noise of
     # near-zero gradients into +-lr updates
     proc = torchrun(["-m", "reste", "train", *common, "train.sync_bn=true", "out.name=ddp", "--quiet"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = T.train(overrides=[*common, "out.name=single", "train.threads=1"], progress=False)
+    T.train(overrides=[*common, "out.name=single", "train.threads=1"], progress=False)
 
     ddp_state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     one_state = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
@@ -79,7 +90,10 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 def test_global_batch_must_split_evenly_over_ranks(tmp_path):
-    proc = torchrun(["-m", "reste", "train", "data.subset=63", "data.batch_size=63", "train.device=cpu", f"out.dir={tmp_path}"], cwd=tmp_path)
+    proc = torchrun(
+        ["-m", "reste", "train", "data.subset=63", "data.batch_size=63", "train.device=cpu", f"out.dir={tmp_path}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "data.batch_size=63 (the global batch) is not divisible by the 2 ranks" in proc.stderr
     # torchrun's launcher prints its own traceback for a failed worker; reste's workers print none
@@ -87,7 +101,7 @@ def test_global_batch_must_split_evenly_over_ranks(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-SYNC_BN_WORKER = r'''
+SYNC_BN_WORKER = r"""
 import sys, torch, torch.distributed as dist
 from torch import nn
 from reste.train.distributed import convert_sync_batchnorm, setup
@@ -122,7 +136,7 @@ checks["eval_output"] = (synced(full[half]) - reference(full[half])).abs().max()
 print("RESULT", ctx.rank, checks, flush=True)
 assert all(v < 1e-10 for v in checks.values()), checks
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_cpu_sync_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):

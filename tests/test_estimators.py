@@ -24,6 +24,7 @@ def code_path(request):
     yield request.param
     ops.set_kernels_enabled(previous)
 
+
 # ---------------------------------------------------------------- NumPy references
 
 
@@ -78,7 +79,24 @@ def np_dsq(z, alpha=0.2):
 
 # ---------------------------------------------------------------- helpers
 
-BOUNDARIES = [0.0, -0.0, 0.1, -0.1, 0.09999, 0.10001, 1.0, -1.0, 0.99999, 1.00001, 1.5, -1.5, 1.49999, 1.50001, 3.0, -7.0]
+BOUNDARIES = [
+    0.0,
+    -0.0,
+    0.1,
+    -0.1,
+    0.09999,
+    0.10001,
+    1.0,
+    -1.0,
+    0.99999,
+    1.00001,
+    1.5,
+    -1.5,
+    1.49999,
+    1.50001,
+    3.0,
+    -7.0,
+]
 
 
 def points(seed=0):
@@ -273,14 +291,26 @@ def test_dsq_alpha_gradient_matches_finite_difference_of_soft_function():
 
 
 def test_registry_lists_all_names_and_suggests():
-    assert set(reste.estimators()) >= {"reste", "ste", "clipped_ste", "approx_sign", "swish_sign", "ede", "rbnn", "fda", "dsq"}
+    assert set(reste.estimators()) >= {
+        "reste",
+        "ste",
+        "clipped_ste",
+        "approx_sign",
+        "swish_sign",
+        "ede",
+        "rbnn",
+        "fda",
+        "dsq",
+    }
     with pytest.raises(ValueError, match="Did you mean 'reste'"):
         reste.estimator("rest")
     with pytest.raises(TypeError, match="estimator 'reste'"):
         reste.estimator("reste", q=2)
 
 
-@pytest.mark.parametrize("name,key,value", [("reste", "o", 2.5), ("ede", "t", 0.37), ("rbnn", "k", 3.0), ("fda", "n", 14.0)])
+@pytest.mark.parametrize(
+    "name,key,value", [("reste", "o", 2.5), ("ede", "t", 0.37), ("rbnn", "k", 3.0), ("fda", "n", 14.0)]
+)
 def test_scheduled_parameters_live_in_state_dict(name, key, value):
     model = torch.nn.Sequential(reste.estimator(name))
     model[0].set_param(key, value)
@@ -317,7 +347,14 @@ def test_estimator_code_has_no_host_sync_or_mask_indexing():
     import reste.estimators as E
 
     src = inspect.getsource(E)
-    for pattern in (r"\.item\(\)", r"math\.pow\(", r"\.nonzero\(", r"masked_select", r"\.tolist\(\)", r"\[[a-z_]*mask[a-z_]*\]"):
+    for pattern in (
+        r"\.item\(\)",
+        r"math\.pow\(",
+        r"\.nonzero\(",
+        r"masked_select",
+        r"\.tolist\(\)",
+        r"\[[a-z_]*mask[a-z_]*\]",
+    ):
         assert not re.search(pattern, src), pattern
 
 
@@ -376,7 +413,9 @@ def test_compiled_reste_gradient_matches_numpy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,ref", [("clipped_ste", np_clipped), ("approx_sign", np_approx_sign), ("swish_sign", np_swish_sign)])
+@pytest.mark.parametrize(
+    "name,ref", [("clipped_ste", np_clipped), ("approx_sign", np_approx_sign), ("swish_sign", np_swish_sign)]
+)
 def test_compiled_baselines_match_numpy(name, ref):
     z = points(8).astype(np.float32)
     np.testing.assert_allclose(_compiled_grad(name, z), ref(z.astype(np.float64)), rtol=1e-5, atol=1e-5)

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_fixtures import IDX_FILES, write_idx
 
+from data_fixtures import IDX_FILES, write_idx
 from reste import cli
 from reste.data import info
 from reste.deploy import export, load
@@ -32,7 +32,7 @@ def write_banded_mnist(folder, seed=0):
         labels = rng.integers(0, 10, n).astype(np.uint8)
         images = rng.integers(1, 90, (n, 28, 28)).astype(np.uint8)
         for i, k in enumerate(labels):
-            images[i, 2 * k + 4:2 * k + 7] = 255
+            images[i, 2 * k + 4 : 2 * k + 7] = 255
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     for role, name in IDX_FILES.items():
         write_idx(folder / name, arrays[role])
@@ -70,7 +70,9 @@ def test_eval_of_a_run_uses_its_test_subset_and_best_checkpoint(run, capsys):
     # the 32 test images the run reported on, not the 100 on disk
     assert result["count"] == SUBSET // 5 and result["subset"] == SUBSET
     assert result["checkpoint"].endswith("best.pt") and result["epoch"] == summary["best_epoch"]
-    assert result["top1"] == pytest.approx(best["test_top1"]) and result["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert result["top1"] == pytest.approx(best["test_top1"]) and result["loss"] == pytest.approx(
+        best["test_loss"], rel=1e-5
+    )
 
     code, last = eval_json(capsys, run_dir, "--which", "last", "--device", "cpu")
     assert code == 0 and last["epoch"] == 3 and last["top1"] == pytest.approx(rows[-1]["test_top1"])
@@ -114,7 +116,11 @@ def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, c
     code, of_run = eval_json(capsys, run_dir, "--device", "cpu")
     code_file, of_file = eval_json(capsys, out, "--threads", "1")
     assert code == code_file == 0
-    assert (of_file["count"], of_file["epoch"], of_file["checkpoint"]) == (of_run["count"], summary["best_epoch"], "best.pt")
+    assert (of_file["count"], of_file["epoch"], of_file["checkpoint"]) == (
+        of_run["count"],
+        summary["best_epoch"],
+        "best.pt",
+    )
     assert of_file["top1"] == of_run["top1"] and of_file["loss"] == pytest.approx(of_run["loss"], abs=1e-4)
     code, full = eval_json(capsys, out, "--full")
     assert code == 0 and full["count"] == N_TEST
@@ -124,7 +130,11 @@ def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, c
     other.write_bytes(out.read_bytes())
     write_metadata(other, {"data": {**data, "mean": [0.0], "std": [1.0]}})
     code, renormalised = eval_json(capsys, other)
-    assert code == 0 and renormalised["count"] == of_file["count"] and renormalised["loss"] != pytest.approx(of_file["loss"], abs=1e-3)
+    assert (
+        code == 0
+        and renormalised["count"] == of_file["count"]
+        and renormalised["loss"] != pytest.approx(of_file["loss"], abs=1e-3)
+    )
 
     # --no-verify still records the data set, and no check
     bare = base / "unchecked.safetensors"

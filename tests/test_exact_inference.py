@@ -45,7 +45,9 @@ def _stats(model, channels, size):
 def _outputs(model, names):
     seen = {}
     for name in names:
-        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach().clone()))
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o.detach().clone())
+        )
     return seen
 
 

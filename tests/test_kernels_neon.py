@@ -32,7 +32,9 @@ CROSS_PACKAGES = "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 def _build_and_run(compiler, out, runner, cases, extra_flags=()):
     build = subprocess.run(
         [compiler, *FLAGS, *extra_flags, f"-I{CSRC}", str(HARNESS), "-o", str(out), "-lm"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, f"building the harness with {compiler} failed:\n{build.stderr}"
     run = subprocess.run([*runner, str(out), cases, "12345"], capture_output=True, text=True, timeout=300)
@@ -43,7 +45,9 @@ def _build_and_run(compiler, out, runner, cases, extra_flags=()):
 
 
 def test_native_paths_bit_exact(tmp_path):
-    compiler = shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) or shutil.which("gcc") or shutil.which("cc")
+    compiler = (
+        shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) or shutil.which("gcc") or shutil.which("cc")
+    )
     if compiler is None:
         pytest.skip("no C compiler found (install gcc)")
     _build_and_run(compiler, tmp_path / "kernel_harness", [], NATIVE_CASES, ["-O2"])
@@ -54,13 +58,17 @@ def test_neon_bit_exact_under_qemu(tmp_path):
     qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     missing = [name for name, found in (("aarch64-linux-gnu-gcc", cross), ("qemu-aarch64", qemu)) if not found]
     if missing:
-        pytest.skip(f"{' and '.join(missing)} not found: to test the NEON kernel, install the Debian packages "
-                    f"{CROSS_PACKAGES} (apt-get install {CROSS_PACKAGES})")
+        pytest.skip(
+            f"{' and '.join(missing)} not found: to test the NEON kernel, install the Debian packages "
+            f"{CROSS_PACKAGES} (apt-get install {CROSS_PACKAGES})"
+        )
     probe = tmp_path / "probe.c"
     probe.write_text("#include <stdio.h>\nint main(void) { return 0; }\n")
     if subprocess.run([cross, "-static", str(probe), "-o", str(tmp_path / "probe")], capture_output=True).returncode:
-        pytest.skip(f"aarch64-linux-gnu-gcc cannot build a static C program (no aarch64 C library): install the Debian "
-                    f"package libc6-dev-arm64-cross (apt-get install {CROSS_PACKAGES})")
+        pytest.skip(
+            f"aarch64-linux-gnu-gcc cannot build a static C program (no aarch64 C library): install the Debian "
+            f"package libc6-dev-arm64-cross (apt-get install {CROSS_PACKAGES})"
+        )
     # static: qemu then needs no aarch64 libc or loader on this machine
     stdout = _build_and_run(cross, tmp_path / "kernel_harness_aarch64", [qemu], EMULATED_CASES, ["-O3", "-static"])
     assert "paths compared with the portable kernel: neon" in stdout, stdout

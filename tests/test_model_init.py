@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 import reste
+from data_fixtures import make_idx_dataset
 from reste.models import registry
 from reste.nn import BinaryLayer, binarize, binary_layers
 from reste.train import trainer as T
 from reste.train.config import ConfigError, config_from_dict, help_epilog, load_config
-
-from data_fixtures import make_idx_dataset
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +103,7 @@ def test_reference_init_matches_the_reference_codes_call(name):
     for qualname, m in layers:
         std, dist = expected(name, qualname, m)
         check_weight(m.weight, std, dist, f"{name}.{qualname}")
-    for qualname, m in model.named_modules():
+    for _qualname, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
 
@@ -163,8 +162,9 @@ def _old_create(name, precision, seed=0):
     model = builder(num_classes=10, in_channels=3, **kwargs)
     if precision == "fp":
         return model
-    return binarize(model, estimator="reste", activations=precision == "1w1a", keep=model.full_precision,
-                    keep_defaults=False)
+    return binarize(
+        model, estimator="reste", activations=precision == "1w1a", keep=model.full_precision, keep_defaults=False
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ARCH))
@@ -258,8 +258,10 @@ def test_config_rejects_a_misspelt_key_with_the_closest():
 
 
 def test_every_paper_config_uses_the_reference_init():
-    paths = sorted(glob.glob(str(REPO / "configs" / "cifar10" / "**" / "*.yaml"), recursive=True)
-                   + glob.glob(str(REPO / "configs" / "imagenet" / "**" / "*.yaml"), recursive=True))
+    paths = sorted(
+        glob.glob(str(REPO / "configs" / "cifar10" / "**" / "*.yaml"), recursive=True)
+        + glob.glob(str(REPO / "configs" / "imagenet" / "**" / "*.yaml"), recursive=True)
+    )
     assert len(paths) >= 30
     for path in paths:
         assert load_config(path).model.init == "reference", path
@@ -291,13 +293,15 @@ def data_root(tmp_path):
 
 
 def _cfg(tmp_path, data_root, name, **model):
-    return config_from_dict({
-        "model": {"name": "resnet20", "precision": "1w1a", "kwargs": {"width": 0.5}, "init": "reference", **model},
-        "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 32, "test_batch_size": 16},
-        "train": {"epochs": 1, "threads": 1, "device": "cpu"},
-        "analysis": {"indicators": False},
-        "out": {"dir": str(tmp_path), "name": name},
-    })
+    return config_from_dict(
+        {
+            "model": {"name": "resnet20", "precision": "1w1a", "kwargs": {"width": 0.5}, "init": "reference", **model},
+            "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 32, "test_batch_size": 16},
+            "train": {"epochs": 1, "threads": 1, "device": "cpu"},
+            "analysis": {"indicators": False},
+            "out": {"dir": str(tmp_path), "name": name},
+        }
+    )
 
 
 def test_a_run_starts_from_the_reference_init_and_init_from_and_resume_replace_it(tmp_path, data_root):

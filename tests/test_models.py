@@ -129,7 +129,15 @@ FULL_PRECISION = {
     "vgg_small": {"features.conv0", "fc"},
     "vit_tiny": {"patch_embed", "head"},
 }
-BINARY_COUNT = {"resnet20": 18, "resnet20_bireal": 18, "resnet18_cifar": 16, "resnet18": 16, "resnet34": 32, "vgg_small": 5, "vit_tiny": 48}
+BINARY_COUNT = {
+    "resnet20": 18,
+    "resnet20_bireal": 18,
+    "resnet18_cifar": 16,
+    "resnet18": 16,
+    "resnet34": 32,
+    "vgg_small": 5,
+    "vit_tiny": 48,
+}
 
 
 @pytest.mark.parametrize("precision", ["1w1a", "1w32a", "fp"])
@@ -184,9 +192,13 @@ def test_estimator_options_reach_every_binary_layer():
     ste = reste.models.create("resnet20", estimator="ste", precision="1w32a")
     assert {layer.weight_estimator.name for _, layer in reste.nn.binary_layers(ste)} == {"ste"}
 
-    dorefa = reste.models.create("vit_tiny", precision="1w32a", weight_estimator="dorefa", depth=2, image_size=32, patch_size=4)
+    dorefa = reste.models.create(
+        "vit_tiny", precision="1w32a", weight_estimator="dorefa", depth=2, image_size=32, patch_size=4
+    )
     layers = [layer for _, layer in reste.nn.binary_layers(dorefa)]
-    assert len(layers) == 8 and all(layer.weight_estimator.name == "dorefa" and not layer.binary_inputs for layer in layers)
+    assert len(layers) == 8 and all(
+        layer.weight_estimator.name == "dorefa" and not layer.binary_inputs for layer in layers
+    )
 
     scaled = reste.models.create("vgg_small", weight_scale="channel_mean", input_padding="+1")
     layer = scaled.get_submodule("features.conv1")
@@ -317,7 +329,13 @@ def test_register_model_adds_a_model(monkeypatch):
 
     @reste.models.register_model("tiny_mlp")
     def tiny_mlp(num_classes=10, in_channels=1, hidden=32):
-        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.Linear(hidden, num_classes))
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * 28 * 28, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, num_classes),
+        )
 
     assert "tiny_mlp" in reste.models.names()
     model = reste.models.create("tiny_mlp", num_classes=5, in_channels=1, precision="1w1a", hidden=16)

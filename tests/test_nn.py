@@ -5,8 +5,8 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import reste
 from reste.nn import BinaryConv2d, BinaryLayer, BinaryLinear
@@ -15,10 +15,17 @@ from reste.nn import BinaryConv2d, BinaryLayer, BinaryLinear
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(8),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
         nn.Conv2d(8, 16, 1, stride=2, bias=False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16), nn.Linear(16, 10),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 16),
+        nn.Linear(16, 10),
     )
 
 
@@ -89,7 +96,9 @@ def test_binarize_keeps_first_and_last_and_preserves_shapes_and_params():
     weight_ids = [id(p) for p in model.parameters()]
     reste.binarize(model)
     assert type(model[0]) is nn.Conv2d and type(model[10]) is nn.Linear
-    assert isinstance(model[3], BinaryConv2d) and isinstance(model[6], BinaryConv2d) and isinstance(model[9], BinaryLinear)
+    assert (
+        isinstance(model[3], BinaryConv2d) and isinstance(model[6], BinaryConv2d) and isinstance(model[9], BinaryLinear)
+    )
     assert model(x).shape == out_float.shape
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert [id(p) for p in model.parameters()] == weight_ids  # weights shared, optimizers stay valid
@@ -106,7 +115,11 @@ def test_binarize_keep_rules_pointwise_patterns_and_types():
 
 
 def _real(model):
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryLayer)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryLayer)
+    ]
 
 
 def test_binarize_keep_adds_to_the_defaults_and_keep_defaults_false_replaces_them():
@@ -121,7 +134,9 @@ def test_binarize_keep_adds_to_the_defaults_and_keep_defaults_false_replaces_the
     assert reste.nn.full_precision_layers(small_cnn(), "pointwise", keep_defaults=False) == ["6"]
 
 
-@pytest.mark.parametrize("keep,suggestion", [("frist", "'first'"), (["first", "last", "fc_1"], None), ("*.downsampel.*", None)])
+@pytest.mark.parametrize(
+    "keep,suggestion", [("frist", "'first'"), (["first", "last", "fc_1"], None), ("*.downsampel.*", None)]
+)
 def test_binarize_keep_entry_matching_nothing_is_an_error_with_close_names(keep, suggestion):
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(3, 8, 3))
@@ -222,8 +237,18 @@ def _unfused_copy(layer):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_binary_conv_equals_unfused(estimator, padding, input_padding, stride, channels_last):
     torch.manual_seed(0)
-    layer = BinaryConv2d(4, 6, 3, stride=stride, padding=padding, bias=True, weight_estimator=estimator,
-                         input_estimator=estimator, input_padding=input_padding, estimator_params=None)
+    layer = BinaryConv2d(
+        4,
+        6,
+        3,
+        stride=stride,
+        padding=padding,
+        bias=True,
+        weight_estimator=estimator,
+        input_estimator=estimator,
+        input_padding=input_padding,
+        estimator_params=None,
+    )
     reference = _unfused_copy(layer)
     x = torch.randn(3, 4, 7, 7)
     if channels_last:

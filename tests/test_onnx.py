@@ -18,7 +18,9 @@ import reste
 HAS_ORT = find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 HAS_DYNAMO = HAS_ORT and find_spec("onnxscript") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="needs onnx and onnxruntime: pip install 'reste[onnx]'")
-needs_dynamo = pytest.mark.skipif(not HAS_DYNAMO, reason="the dynamo exporter needs onnxscript: pip install 'reste[onnx]'")
+needs_dynamo = pytest.mark.skipif(
+    not HAS_DYNAMO, reason="the dynamo exporter needs onnxscript: pip install 'reste[onnx]'"
+)
 
 
 def _trained(model, shape, passes=3):
@@ -37,8 +39,18 @@ def _tiny_resnet(precision="1w1a"):
 
 def _tiny_vit():
     torch.manual_seed(1)
-    return reste.models.create("vit_tiny", num_classes=10, in_channels=1, precision="1w1a", image_size=12,
-                               patch_size=4, dim=24, depth=2, heads=3, mlp_dim=48).eval()
+    return reste.models.create(
+        "vit_tiny",
+        num_classes=10,
+        in_channels=1,
+        precision="1w1a",
+        image_size=12,
+        patch_size=4,
+        dim=24,
+        depth=2,
+        heads=3,
+        mlp_dim=48,
+    ).eval()
 
 
 class Encoder(nn.Module):
@@ -47,8 +59,9 @@ class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(12, 16)
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2,
-                                         enable_nested_tensor=False)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False
+        )
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):  # x: [N, 1, 12, 12] seen as 12 tokens of 12 features
@@ -62,8 +75,11 @@ def _ort(path, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-MODELS = {"resnet20": _tiny_resnet, "vit": _tiny_vit,
-          "torch_attention": lambda: (torch.manual_seed(2), reste.binarize(Encoder()).eval())[1]}
+MODELS = {
+    "resnet20": _tiny_resnet,
+    "vit": _tiny_vit,
+    "torch_attention": lambda: (torch.manual_seed(2), reste.binarize(Encoder()).eval())[1],
+}
 
 
 @needs_ort
@@ -91,17 +107,27 @@ def test_torch_onnx_export_dynamo_exporter(tmp_path):
 
 def test_jit_script_says_to_trace_or_export_and_trace_works():
     model, x = _tiny_resnet(), torch.randn(2, 1, 12, 12)
-    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile reste's Binary.*torch.jit.trace.*--format onnx"):
+    with pytest.raises(
+        RuntimeError, match=r"torch.jit.script cannot compile reste's Binary.*torch.jit.trace.*--format onnx"
+    ):
         torch.jit.script(model)
-    with torch.no_grad():  # the inference path: plain ops (with autograd on, the fused Functions trace differently per call)
+    with (
+        torch.no_grad()
+    ):  # the inference path: plain ops (with autograd on, the fused Functions trace differently per call)
         traced = torch.jit.trace(model, x)
         assert torch.equal(traced(x), model(x))
 
 
 @needs_ort
-@pytest.mark.parametrize("name, exporter", [  # one model through the slower dynamo exporter is enough
-    ("resnet20", "torchscript"), ("vit", "torchscript"), ("torch_attention", "torchscript"),
-    pytest.param("resnet20", "dynamo", marks=needs_dynamo)])
+@pytest.mark.parametrize(
+    "name, exporter",
+    [  # one model through the slower dynamo exporter is enough
+        ("resnet20", "torchscript"),
+        ("vit", "torchscript"),
+        ("torch_attention", "torchscript"),
+        pytest.param("resnet20", "dynamo", marks=needs_dynamo),
+    ],
+)
 def test_export_onnx_matches_trained_model_at_other_batch_sizes(name, exporter, tmp_path):
     from reste.deploy.onnx import export_onnx
 
@@ -135,11 +161,19 @@ def test_onnx_graph_holds_pm1_constants_and_explicit_sign(tmp_path):
 def _fake_run(tmp_path):
     from reste.train.config import config_from_dict, config_to_dict
 
-    cfg = config_to_dict(config_from_dict({"model": {"name": "resnet20", "precision": "1w1a", "kwargs": {"width": 8}},
-                                           "data": {"name": "fashion_mnist", "root": str(tmp_path / "no-data")}}))
+    cfg = config_to_dict(
+        config_from_dict(
+            {
+                "model": {"name": "resnet20", "precision": "1w1a", "kwargs": {"width": 8}},
+                "data": {"name": "fashion_mnist", "root": str(tmp_path / "no-data")},
+            }
+        )
+    )
     torch.manual_seed(8)
-    model = _trained(reste.models.create("resnet20", num_classes=10, in_channels=1, precision="1w1a", image_size=28, width=8),
-                     (1, 28, 28))
+    model = _trained(
+        reste.models.create("resnet20", num_classes=10, in_channels=1, precision="1w1a", image_size=28, width=8),
+        (1, 28, 28),
+    )
     run = tmp_path / "run-20250101-000000"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -154,8 +188,9 @@ def test_cli_export_onnx_checks_with_onnxruntime(tmp_path, capsys):
 
     run, model = _fake_run(tmp_path)
     out = tmp_path / "m.onnx"
-    code = main(["export", str(run), "--checkpoint", "last", "--format", "onnx", "--exporter", "torchscript",
-                 "--out", str(out)])
+    code = main(
+        ["export", str(run), "--checkpoint", "last", "--format", "onnx", "--exporter", "torchscript", "--out", str(out)]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "onnxruntime on 8 random inputs" in printed.out and "random inputs only" in printed.out  # no data set here
@@ -175,8 +210,23 @@ def test_cli_export_onnx_without_onnxruntime_warns_and_keeps_the_file(tmp_path, 
     run, _ = _fake_run(tmp_path)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     out = tmp_path / "m.onnx"
-    assert main(["export", str(run), "--checkpoint", "last", "--format", "onnx", "--exporter", "torchscript",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--checkpoint",
+                "last",
+                "--format",
+                "onnx",
+                "--exporter",
+                "torchscript",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "onnxruntime is not installed" in capsys.readouterr().err and out.is_file()
 
 

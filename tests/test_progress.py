@@ -18,14 +18,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import data_fixtures as fx  # noqa: E402
-
 import reste  # noqa: E402
 from reste import cli  # noqa: E402
 from reste.train import trainer as T  # noqa: E402
 
 # 64 training images, batch 32: 2 steps per epoch; 64 // 5 = 12 test images
-TINY = ["data.name=fashion_mnist", "data.subset=64", "data.batch_size=32", "data.test_batch_size=64", "train.device=cpu",
-        "train.threads=1", "model.kwargs={width: 0.25}", "train.epochs=2"]
+TINY = [
+    "data.name=fashion_mnist",
+    "data.subset=64",
+    "data.batch_size=32",
+    "data.test_batch_size=64",
+    "train.device=cpu",
+    "train.threads=1",
+    "model.kwargs={width: 0.25}",
+    "train.epochs=2",
+]
 
 
 @pytest.fixture
@@ -64,7 +71,17 @@ def test_a_line_per_epoch_with_test_accuracy_and_the_indicators(tmp_path, data_r
 
 
 def test_quiet_prints_only_the_final_summary_and_the_run_folder(tmp_path, data_root, capsys):
-    code = cli.main(["train", *TINY, "estimator.per=epoch", f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=q", "--quiet"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            "estimator.per=epoch",
+            f"data.root={data_root}",
+            f"out.dir={tmp_path}",
+            "out.name=q",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert not re.search(r"^epoch ", captured.out, re.M) and "%|" not in captured.err  # no epoch lines, no bar
@@ -76,7 +93,10 @@ def test_quiet_prints_only_the_final_summary_and_the_run_folder(tmp_path, data_r
     # per epoch: o = schedule(epoch / epochs), constant within the epoch
     assert [r["o_mean"] for r in rows] == [r["o"] for r in rows] == [schedule(0.0), schedule(0.5)]
     # the library stays silent unless asked
-    T.train(overrides=[*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=lib", "train.epochs=1"], progress=False)
+    T.train(
+        overrides=[*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=lib", "train.epochs=1"],
+        progress=False,
+    )
     assert capsys.readouterr().out == ""
 
 
@@ -108,6 +128,19 @@ def test_tensorboard_gets_the_same_scalars_as_the_epoch_line(tmp_path, data_root
 
 
 def test_epoch_line_leaves_out_what_a_run_does_not_measure():
-    row = {"epoch": 3, "train_loss": 0.5, "train_top1": 80.0, "test_loss": 0.6, "test_top1": 75.5, "o_mean": None,
-           "est_error": None, "est_error_end": None, "grad_instability": None, "epoch_time": 1.25}
-    assert T.epoch_line(row, 10) == "epoch  3/10 | train loss 0.5000 top-1 80.00% | test loss 0.6000 top-1 75.50% | time 1.2 s"
+    row = {
+        "epoch": 3,
+        "train_loss": 0.5,
+        "train_top1": 80.0,
+        "test_loss": 0.6,
+        "test_top1": 75.5,
+        "o_mean": None,
+        "est_error": None,
+        "est_error_end": None,
+        "grad_instability": None,
+        "epoch_time": 1.25,
+    }
+    assert (
+        T.epoch_line(row, 10)
+        == "epoch  3/10 | train loss 0.5000 top-1 80.00% | test loss 0.6000 top-1 75.50% | time 1.2 s"
+    )

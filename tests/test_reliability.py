@@ -31,23 +31,28 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+import data_fixtures as fx
 from reste import cli
 from reste.train import checkpoint as ckpt
 from reste.train import trainer as T
 from reste.train.config import ConfigError, load_config
 
-import data_fixtures as fx
-
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                                   reason="needs the Debian dataset-fashion-mnist package")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian dataset-fashion-mnist package"
+)
 
 #: a tiny real run: 512 images, batch 64 -> 8 steps per epoch (also with 2 ranks x 32)
-TINY = ["data.subset=512", "data.batch_size=64", "data.test_batch_size=256", "train.device=cpu",
-        "model.kwargs={width: 0.25}", "optim.lr=0.02"]
+TINY = [
+    "data.subset=512",
+    "data.batch_size=64",
+    "data.test_batch_size=256",
+    "train.device=cpu",
+    "model.kwargs={width: 0.25}",
+    "optim.lr=0.02",
+]
 STEPS_PER_EPOCH = 8
 #: the runs whose accuracy is checked use twice the data (16 steps per epoch): 512 images
 #: leave too much to chance (measured 16.7% and 38.2% final top-1 for two equally valid runs)
@@ -69,7 +74,17 @@ def reste_cmd(*args) -> list[str]:
 
 def torchrun_cmd(nproc: int, *args) -> list[str]:
     # --standalone: a local rendezvous on a free port, so parallel test runs do not collide
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "reste", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "reste",
+        *args,
+    ]
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -82,9 +97,15 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 def error_lines(stderr: str) -> list[str]:
     """The lines a user reads as the error: without progress bars (tqdm redraws them with \\r),
     Python warnings and the fault hook's announcement."""
-    return [line for line in re.split(r"[\r\n]", stderr)
-            if line.strip() and not re.search(r"\d+%\|", line) and "Warning" not in line and "warnings.warn" not in line
-            and not line.startswith("RESTE_FAULT:")]
+    return [
+        line
+        for line in re.split(r"[\r\n]", stderr)
+        if line.strip()
+        and not re.search(r"\d+%\|", line)
+        and "Warning" not in line
+        and "warnings.warn" not in line
+        and not line.startswith("RESTE_FAULT:")
+    ]
 
 
 def assert_one_clear_error(stderr: str, *fragments: str) -> None:
@@ -111,8 +132,11 @@ def temp_files(run: Path) -> list[str]:
 
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` but the lock file (whose content is the holder's pid)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -158,8 +182,18 @@ class Evil:
 def finished_run(tmp_path_factory):
     """A finished 1-epoch tiny run (in-process) that the bad-file tests copy and damage."""
     tmp = tmp_path_factory.mktemp("finished")
-    summary = T.train(overrides=[*TINY, "data.subset=256", "train.epochs=1", "train.threads=1", "analysis.indicators=false",
-                                 f"out.dir={tmp}", "out.name=run"], progress=False)
+    summary = T.train(
+        overrides=[
+            *TINY,
+            "data.subset=256",
+            "train.epochs=1",
+            "train.threads=1",
+            "analysis.indicators=false",
+            f"out.dir={tmp}",
+            "out.name=run",
+        ],
+        progress=False,
+    )
     return Path(summary["run_dir"])
 
 
@@ -181,12 +215,20 @@ def kill_resume_drill(tmp_path: Path, kills: int, seed: int, epochs: int) -> dic
     """
     rng = random.Random(seed)
     run = tmp_path / "killed"
-    args = [*TINY, f"train.epochs={epochs}", "train.threads=1", "train.checkpoint_every_steps=1",
-            f"out.dir={tmp_path}", "out.name=killed", "--quiet"]
+    args = [
+        *TINY,
+        f"train.epochs={epochs}",
+        "train.threads=1",
+        "train.checkpoint_every_steps=1",
+        f"out.dir={tmp_path}",
+        "out.name=killed",
+        "--quiet",
+    ]
     report = {"steps_at_stop": [], "mid_write_kills": 0}
 
-    proc = subprocess.Popen(reste_cmd("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(), cwd=tmp_path)
+    proc = subprocess.Popen(
+        reste_cmd("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path
+    )
     assert wait_until(lambda: checkpoint_path(run).is_file(), proc), proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -198,16 +240,25 @@ def kill_resume_drill(tmp_path: Path, kills: int, seed: int, epochs: int) -> dic
     for k in range(kills):
         before = inode(checkpoint_path(run))
         stale = set(temp_files(run))  # left by an earlier kill; the resume deletes them
-        proc = subprocess.Popen(reste_cmd("train", "--resume", str(run), "--quiet"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
+        proc = subprocess.Popen(
+            reste_cmd("train", "--resume", str(run), "--quiet"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+            cwd=tmp_path,
+        )
         if k % 2 == 0:
             # wait for one new checkpoint, then kill at a random moment of the following steps
             alive = wait_until(lambda: inode(checkpoint_path(run)) != before, proc)
             time.sleep(rng.uniform(0.0, 0.4))
         else:
             # kill while a checkpoint is being written: the temporary file exists, the rename has not happened
-            alive = wait_until(lambda: any(e.name.endswith(".tmp") and e.name not in stale for e in os.scandir(run / "checkpoints")),
-                               proc, poll=0.0)
+            alive = wait_until(
+                lambda: any(e.name.endswith(".tmp") and e.name not in stale for e in os.scandir(run / "checkpoints")),
+                proc,
+                poll=0.0,
+            )
         assert alive, f"the run ended before kill {k + 1}; give it more steps"
         proc.kill()
         proc.communicate(timeout=60)
@@ -219,16 +270,24 @@ def kill_resume_drill(tmp_path: Path, kills: int, seed: int, epochs: int) -> dic
         done = now
         report["steps_at_stop"].append(now)
 
-    finish = subprocess.run(reste_cmd("train", "--resume", str(run), "--quiet"), capture_output=True, text=True, env=env(),
-                            cwd=tmp_path, timeout=300)
+    finish = subprocess.run(
+        reste_cmd("train", "--resume", str(run), "--quiet"),
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert finish.returncode == 0, finish.stderr
     assert temp_files(run) == []  # the resume removed what the killed writers left
     return report
 
 
 def straight_reference(tmp_path: Path, epochs: int) -> Path:
-    summary = T.train(overrides=[*TINY, f"train.epochs={epochs}", "train.threads=1", f"out.dir={tmp_path}", "out.name=straight"],
-                      progress=False)
+    summary = T.train(
+        overrides=[*TINY, f"train.epochs={epochs}", "train.threads=1", f"out.dir={tmp_path}", "out.name=straight"],
+        progress=False,
+    )
     return Path(summary["run_dir"])
 
 
@@ -239,7 +298,17 @@ def assert_same_as_straight(run: Path, straight: Path) -> None:
     assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
     rows_a = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    for key in ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "lr", "o", "est_error", "grad_instability"):
+    for key in (
+        "epoch",
+        "train_loss",
+        "train_top1",
+        "test_loss",
+        "test_top1",
+        "lr",
+        "o",
+        "est_error",
+        "grad_instability",
+    ):
         assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
     from reste.analysis.indicators import IndicatorTracker
 
@@ -277,8 +346,18 @@ def test_mid_epoch_checkpoints_every_n_steps(tmp_path, monkeypatch):
         return ckpt.save_checkpoint(state, path)
 
     monkeypatch.setattr(T, "save_checkpoint", record)
-    T.train(overrides=[*TINY, "train.epochs=2", "train.threads=1", "train.checkpoint_every_steps=3", "analysis.indicators=false",
-                       f"out.dir={tmp_path}", "out.name=n"], progress=False)
+    T.train(
+        overrides=[
+            *TINY,
+            "train.epochs=2",
+            "train.threads=1",
+            "train.checkpoint_every_steps=3",
+            "analysis.indicators=false",
+            f"out.dir={tmp_path}",
+            "out.name=n",
+        ],
+        progress=False,
+    )
     last = [(epoch, step) for name, epoch, step, _ in saves if name == "last.pt"]
     # every 3rd global step (3, 6 | 9, 12, 15 = steps 1, 4, 7 of epoch 2), plus every epoch's end
     assert last == [(0, 3), (0, 6), (1, 0), (1, 1), (1, 4), (1, 7), (2, 0)]
@@ -299,11 +378,21 @@ def test_binary_sign_hides_a_nan_weight_so_gradients_are_checked_too():
 def test_nan_gradient_with_a_finite_loss_stops_the_run_or_is_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESTE_FAULT", "nan_grad")
     monkeypatch.setenv("RESTE_FAULT_STEP", str(STEPS_PER_EPOCH + 2))  # epoch 2, step 2
-    base = ["train", *TINY, "train.epochs=2", "train.threads=1", "analysis.indicators=false", f"out.dir={tmp_path}", "--quiet"]
+    base = [
+        "train",
+        *TINY,
+        "train.epochs=2",
+        "train.threads=1",
+        "analysis.indicators=false",
+        f"out.dir={tmp_path}",
+        "--quiet",
+    ]
     code, _, err = run_cli([*base, "out.name=stop"], capsys)
     assert code == 1
     last = checkpoint_path(tmp_path / "stop")
-    assert_one_clear_error(err, "non-finite gradient", "epoch 2, step 2", "lr ", "o ", f"the last good checkpoint is {last}")
+    assert_one_clear_error(
+        err, "non-finite gradient", "epoch 2, step 2", "lr ", "o ", f"the last good checkpoint is {last}"
+    )
     assert re.search(r"\(loss \d", err)  # the loss itself was finite
     assert ckpt.load_checkpoint(last)["epoch"] == 1  # the last good checkpoint is kept
 
@@ -316,12 +405,15 @@ def test_nan_gradient_with_a_finite_loss_stops_the_run_or_is_skipped(tmp_path, m
 
 
 def test_nonfinite_config_values_are_refused():
-    for override, message in [("optim.lr=.nan", "optim.lr must be > 0"), ("optim.lr=.inf", "optim.lr must be > 0"),
-                              ("estimator.o_end=.inf", "estimator.o_end must be >= 1"),
-                              ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number"),
-                              ("train.grad_clip=.nan", "train.grad_clip must be a finite number"),
-                              ("estimator.p=.inf", "estimator.p must be a finite number"),
-                              ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps must be >= 0")]:
+    for override, message in [
+        ("optim.lr=.nan", "optim.lr must be > 0"),
+        ("optim.lr=.inf", "optim.lr must be > 0"),
+        ("estimator.o_end=.inf", "estimator.o_end must be >= 1"),
+        ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number"),
+        ("train.grad_clip=.nan", "train.grad_clip must be a finite number"),
+        ("estimator.p=.inf", "estimator.p must be a finite number"),
+        ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps must be >= 0"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, [override])
 
@@ -342,7 +434,11 @@ def test_yaml_python_tags_are_refused_and_never_run(tmp_path, capsys):
     code, _, err = run_cli(["train", str(config), "--print-config"], capsys)
     assert code == 2 and f"config file {config} is not valid YAML" in err
     code, _, err = run_cli(["train", f"name={payload}", "--print-config"], capsys)
-    assert code == 2 and "cannot parse the value of name" in err and "tags that build Python objects are not allowed" in err
+    assert (
+        code == 2
+        and "cannot parse the value of name" in err
+        and "tags that build Python objects are not allowed" in err
+    )
     assert not marker.exists()
 
 
@@ -352,8 +448,11 @@ def test_tampered_config_of_a_run_is_refused_on_resume(run_copy, capsys):
     before = digests(run_copy)
     code, _, err = run_cli(["train", "--resume", str(run_copy), "--quiet"], capsys)
     assert code == 2
-    assert_one_clear_error(err, f"config file {run_copy / 'config.yaml'} is not valid YAML: line 1, column 7",
-                           "tags that build Python objects are not allowed")
+    assert_one_clear_error(
+        err,
+        f"config file {run_copy / 'config.yaml'} is not valid YAML: line 1, column 7",
+        "tags that build Python objects are not allowed",
+    )
     assert not marker.exists() and digests(run_copy) == before
 
 
@@ -365,7 +464,9 @@ def test_a_run_directory_in_use_is_neither_resumed_nor_overwritten(run_copy, cap
         code, _, err = run_cli(["train", "--resume", str(run_copy), "--quiet"], capsys)
         assert code == 2
         assert_one_clear_error(err, f"run directory {run_copy} is in use by another process (pid {os.getpid()})")
-        code, _, err = run_cli(["train", *TINY, f"out.dir={run_copy.parent}", "out.name=run", "--force", "--quiet"], capsys)
+        code, _, err = run_cli(
+            ["train", *TINY, f"out.dir={run_copy.parent}", "out.name=run", "--force", "--quiet"], capsys
+        )
         assert code == 2 and "is in use by another process" in err
         assert digests(run_copy) == before
     finally:
@@ -377,8 +478,16 @@ def test_a_killed_run_does_not_keep_its_directory_locked(finished_run, tmp_path)
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     # a process that took the lock and died without releasing it
-    child = subprocess.run([sys.executable, "-c", f"from reste.train.trainer import RunDirLock; import os; "
-                            f"RunDirLock({str(run)!r}).acquire(); os.kill(os.getpid(), 9)"], env=env(), timeout=60)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from reste.train.trainer import RunDirLock; import os; "
+            f"RunDirLock({str(run)!r}).acquire(); os.kill(os.getpid(), 9)",
+        ],
+        env=env(),
+        timeout=60,
+    )
     assert child.returncode == -signal.SIGKILL
     summary = T.train(resume=run, train={"epochs": 2}, progress=False)  # the kernel released the lock
     assert summary["epochs"] == 2
@@ -447,8 +556,11 @@ def test_malicious_checkpoint_is_refused_by_eval_export_and_resume(run_copy, cap
     for which in ("last", "best"):
         torch.save(state, checkpoint_path(run_copy, which))
     last, best = checkpoint_path(run_copy), checkpoint_path(run_copy, "best")
-    for argv, expected_code, path in ([["eval", str(run_copy), "--which", "best"], 1, best], [["export", str(run_copy)], 1, best],
-                                      [["train", "--resume", str(run_copy), "--quiet"], 1, last]):
+    for argv, expected_code, path in (
+        [["eval", str(run_copy), "--which", "best"], 1, best],
+        [["export", str(run_copy)], 1, best],
+        [["train", "--resume", str(run_copy), "--quiet"], 1, last],
+    ):
         code, _, err = run_cli(argv, capsys)
         assert code == expected_code, argv
         assert_one_clear_error(err, f"refusing to load {path}", "system")  # torch names the global it refused
@@ -464,8 +576,18 @@ def test_malicious_cifar_batch_is_refused_through_train(tmp_path, capsys):
     evil = pickle.dumps({b"data": Evil(marker), b"labels": [0]}, protocol=2)
     for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (folder / member).write_bytes(evil)
-    code, _, err = run_cli(["train", "data.name=cifar10", f"data.root={tmp_path / 'data'}", "data.subset=64",
-                            "data.batch_size=64", f"out.dir={tmp_path / 'runs'}", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "data.name=cifar10",
+            f"data.root={tmp_path / 'data'}",
+            "data.subset=64",
+            "data.batch_size=64",
+            f"out.dir={tmp_path / 'runs'}",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 1
     assert_one_clear_error(err, str(folder / "data_batch_1"), "forbidden global")
     assert not marker.exists()
@@ -507,8 +629,18 @@ def test_corrupt_data_file_through_train(tmp_path, capsys, how, message):
     raw = target.read_bytes()
     target.write_bytes(raw[: len(raw) // 2] if how == "truncated" else b"not gzip at all")
     before = digests(tmp_path / "data")
-    code, _, err = run_cli(["train", "data.name=mnist", f"data.root={tmp_path / 'data'}", "data.subset=64", "data.batch_size=32",
-                            f"out.dir={tmp_path / 'runs'}", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "data.name=mnist",
+            f"data.root={tmp_path / 'data'}",
+            "data.subset=64",
+            "data.batch_size=32",
+            f"out.dir={tmp_path / 'runs'}",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 1
     assert_one_clear_error(err, f"corrupt data file {target}", message)
     assert digests(tmp_path / "data") == before
@@ -543,8 +675,19 @@ def test_download_with_a_wrong_checksum_through_train(tmp_path, monkeypatch, cap
     fx.make_idx_dataset(served, n_train=64, n_test=16)  # real IDX files, but not the official ones: md5 differs
     monkeypatch.setenv("RESTE_MIRROR", url)
     root = tmp_path / "data"
-    code, _, err = run_cli(["train", "data.name=mnist", f"data.root={root}", "data.download=true", "data.subset=64",
-                            "data.batch_size=32", f"out.dir={tmp_path / 'runs'}", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "data.name=mnist",
+            f"data.root={root}",
+            "data.download=true",
+            "data.subset=64",
+            "data.batch_size=32",
+            f"out.dir={tmp_path / 'runs'}",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 1
     announced, _, rest = err.partition("\n")
     assert announced == f"mnist was not found; downloading the official files into {root / 'mnist'} (md5-checked) ..."
@@ -567,8 +710,20 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
         return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    code, _, err = run_cli(["train", *TINY, "data.subset=256", "train.epochs=2", "train.threads=1", "analysis.indicators=false",
-                            f"out.dir={tmp_path}", "out.name=full", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            *TINY,
+            "data.subset=256",
+            "train.epochs=2",
+            "train.threads=1",
+            "analysis.indicators=false",
+            f"out.dir={tmp_path}",
+            "out.name=full",
+            "--quiet",
+        ],
+        capsys,
+    )
     monkeypatch.undo()
     assert code == 1
     assert_one_clear_error(err, "No space left on device", "the files written before it are intact")
@@ -588,8 +743,14 @@ def test_a_dead_rank_stops_the_job_quickly_and_the_run_resumes_with_one_process(
     args = ["train", *DIST, "train.epochs=2", f"out.dir={tmp_path}", "out.name=ddp", "--quiet"]
     start = time.monotonic()
     # rank 1 is SIGKILLed at the 4th step of epoch 2
-    proc = subprocess.run(torchrun_cmd(2, *args), capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env=env(RESTE_FAULT="kill", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=DIST_STEPS + 4))
+    proc = subprocess.run(
+        torchrun_cmd(2, *args),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env(RESTE_FAULT="kill", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=DIST_STEPS + 4),
+    )
     seconds = time.monotonic() - start
     print(f"torchrun with a killed rank returned {proc.returncode} after {seconds:.1f} s")
     assert proc.returncode != 0 and seconds < 60
@@ -598,8 +759,14 @@ def test_a_dead_rank_stops_the_job_quickly_and_the_run_resumes_with_one_process(
     state = ckpt.load_checkpoint(checkpoint_path(run), required=ckpt.REQUIRED_KEYS)
     assert (state["epoch"], state["step_in_epoch"], state["world_size"]) == (1, 0, 2)
 
-    done = subprocess.run(reste_cmd("train", "--resume", str(run), "train.threads=1", "--quiet"), capture_output=True, text=True,
-                          cwd=tmp_path, env=env(), timeout=300)
+    done = subprocess.run(
+        reste_cmd("train", "--resume", str(run), "train.threads=1", "--quiet"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summary = summary_of(run)
     assert (summary["epochs"], summary["complete"], summary["world_size"]) == (2, True, 1)
@@ -614,8 +781,18 @@ def test_mid_epoch_checkpoint_of_another_number_of_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTE_FAULT", "raise")
     monkeypatch.setenv("RESTE_FAULT_STEP", "5")
     with pytest.raises(RuntimeError, match="injected failure at step 5"):
-        T.train(overrides=[*TINY, "train.epochs=1", "train.threads=1", "train.checkpoint_every_steps=3", "analysis.indicators=false",
-                           f"out.dir={tmp_path}", "out.name=a"], progress=False)
+        T.train(
+            overrides=[
+                *TINY,
+                "train.epochs=1",
+                "train.threads=1",
+                "train.checkpoint_every_steps=3",
+                "analysis.indicators=false",
+                f"out.dir={tmp_path}",
+                "out.name=a",
+            ],
+            progress=False,
+        )
     monkeypatch.delenv("RESTE_FAULT_STEP")
     run = tmp_path / "a"
     state = torch.load(checkpoint_path(run), weights_only=True)
@@ -624,7 +801,9 @@ def test_mid_epoch_checkpoint_of_another_number_of_ranks(tmp_path, monkeypatch):
     other = tmp_path / "b"
     shutil.copytree(run, other)
     ckpt.save_checkpoint({**state, "world_size": 2, "steps_per_epoch": 2 * STEPS_PER_EPOCH}, checkpoint_path(other))
-    with pytest.raises(ckpt.CheckpointError, match="stopped at batch 3 of an epoch of 16 steps \\(2 ranks\\).*resume with 2 ranks"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="stopped at batch 3 of an epoch of 16 steps \\(2 ranks\\).*resume with 2 ranks"
+    ):
         T.train(resume=other, progress=False)
 
     ckpt.save_checkpoint({**state, "world_size": 2}, checkpoint_path(run))
@@ -651,12 +830,24 @@ def test_epoch_boundary_checkpoint_with_another_number_of_steps_realigns_the_lr_
 def test_a_one_process_run_resumes_with_two(tmp_path):
     run = tmp_path / "one"
     args = ["train", *DIST, "train.epochs=2", f"out.dir={tmp_path}", "out.name=one", "--quiet"]
-    proc = subprocess.run(reste_cmd(*args, "train.threads=1"), capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env=env(RESTE_FAULT="kill", RESTE_FAULT_STEP=DIST_STEPS + 4))
+    proc = subprocess.run(
+        reste_cmd(*args, "train.threads=1"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env(RESTE_FAULT="kill", RESTE_FAULT_STEP=DIST_STEPS + 4),
+    )
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.load_checkpoint(checkpoint_path(run))["world_size"] == 1
-    done = subprocess.run(torchrun_cmd(2, "train", "--resume", str(run), "--quiet"), capture_output=True, text=True, cwd=tmp_path,
-                          env=env(), timeout=300)
+    done = subprocess.run(
+        torchrun_cmd(2, "train", "--resume", str(run), "--quiet"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = summary_of(run)
     assert (summary["epochs"], summary["complete"], summary["world_size"]) == (2, True, 2)
@@ -667,10 +858,24 @@ def test_a_one_process_run_resumes_with_two(tmp_path):
 @pytest.mark.slow
 @needs_fashion
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
-    args = ["train", *TINY, "train.epochs=2", "train.dist_timeout_s=10", f"out.dir={tmp_path}", "out.name=hung", "--quiet"]
+    args = [
+        "train",
+        *TINY,
+        "train.epochs=2",
+        "train.dist_timeout_s=10",
+        f"out.dir={tmp_path}",
+        "out.name=hung",
+        "--quiet",
+    ]
     start = time.monotonic()
-    proc = subprocess.run(torchrun_cmd(2, *args), capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env=env(RESTE_FAULT="hang", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=STEPS_PER_EPOCH + 2))
+    proc = subprocess.run(
+        torchrun_cmd(2, *args),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env(RESTE_FAULT="hang", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=STEPS_PER_EPOCH + 2),
+    )
     seconds = time.monotonic() - start
     print(f"torchrun with a hung rank returned {proc.returncode} after {seconds:.1f} s")
     assert proc.returncode != 0
@@ -686,8 +891,14 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     args = ["train", *TINY, "train.epochs=1", f"out.dir={tmp_path}", "out.name=nan", "--quiet"]
     start = time.monotonic()
-    proc = subprocess.run(torchrun_cmd(2, *args), capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env=env(RESTE_FAULT="nan_loss", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=3))
+    proc = subprocess.run(
+        torchrun_cmd(2, *args),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env(RESTE_FAULT="nan_loss", RESTE_FAULT_RANK=1, RESTE_FAULT_STEP=3),
+    )
     assert proc.returncode != 0 and time.monotonic() - start < 60
     assert "error: non-finite loss on at least one rank" in proc.stderr and "epoch 1, step 3 " in proc.stderr
     assert "error [rank 1]: non-finite loss on at least one rank" in proc.stderr  # rank 1 stopped at the same step
@@ -699,16 +910,34 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
 def test_distributed_stop_and_resume_mid_epoch_is_exact(tmp_path):
     """Two ranks, killed mid-epoch and resumed with two ranks, end like an uninterrupted two-rank run."""
     common = ["train", *TINY, "train.epochs=2", "train.checkpoint_every_steps=3", f"out.dir={tmp_path}", "--quiet"]
-    straight = subprocess.run(torchrun_cmd(2, *common, "out.name=straight"), capture_output=True, text=True, cwd=tmp_path,
-                              env=env(), timeout=300)
+    straight = subprocess.run(
+        torchrun_cmd(2, *common, "out.name=straight"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = subprocess.run(torchrun_cmd(2, *common, "out.name=killed"), capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env=env(RESTE_FAULT="kill", RESTE_FAULT_RANK=0, RESTE_FAULT_STEP=STEPS_PER_EPOCH + 5))
+    killed = subprocess.run(
+        torchrun_cmd(2, *common, "out.name=killed"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env(RESTE_FAULT="kill", RESTE_FAULT_RANK=0, RESTE_FAULT_STEP=STEPS_PER_EPOCH + 5),
+    )
     assert killed.returncode != 0
     run = tmp_path / "killed"
     state = ckpt.load_checkpoint(checkpoint_path(run))
     assert (state["epoch"], state["step_in_epoch"]) == (1, 4)  # the save at global step 12: 4 steps into epoch 2
-    resumed = subprocess.run(torchrun_cmd(2, "train", "--resume", str(run), "--quiet"), capture_output=True, text=True,
-                             cwd=tmp_path, env=env(), timeout=300)
+    resumed = subprocess.run(
+        torchrun_cmd(2, "train", "--resume", str(run), "--quiet"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(),
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_as_straight(run, tmp_path / "straight")

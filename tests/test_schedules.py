@@ -56,7 +56,9 @@ def _model():
 
 def test_scheduler_per_epoch_sets_o_on_every_estimator():
     model = _model()
-    sched = reste.EstimatorScheduler(model, reste.o_schedule("cosine", o_end=3), epochs=1000, steps_per_epoch=5, per="epoch")
+    sched = reste.EstimatorScheduler(
+        model, reste.o_schedule("cosine", o_end=3), epochs=1000, steps_per_epoch=5, per="epoch"
+    )
     sched.step_epoch(500)
     for _ in range(5):
         sched.step_iter()  # per-epoch: o does not move inside the epoch
@@ -67,14 +69,18 @@ def test_scheduler_per_epoch_sets_o_on_every_estimator():
 
 def test_scheduler_per_step_and_state_dict_round_trip():
     model = _model()
-    sched = reste.EstimatorScheduler(model, reste.o_schedule("linear", o_end=3), epochs=2, steps_per_epoch=10, per="step")
+    sched = reste.EstimatorScheduler(
+        model, reste.o_schedule("linear", o_end=3), epochs=2, steps_per_epoch=10, per="step"
+    )
     sched.step_epoch(0)
     for _ in range(15):
         sched.step_iter()
     assert sched.o == pytest.approx(1 + 2 * 14 / 20)
     state = sched.state_dict()
     other_model = _model()
-    other = reste.EstimatorScheduler(other_model, reste.o_schedule("linear", o_end=3), epochs=2, steps_per_epoch=10, per="step")
+    other = reste.EstimatorScheduler(
+        other_model, reste.o_schedule("linear", o_end=3), epochs=2, steps_per_epoch=10, per="step"
+    )
     other.load_state_dict(state)
     assert float(other_model[1].weight_estimator.o) == pytest.approx(sched.o)
     other.step_iter()
@@ -83,7 +89,9 @@ def test_scheduler_per_step_and_state_dict_round_trip():
 
 
 def test_scheduler_drives_progress_based_estimators():
-    model = reste.binarize(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), estimator="ede")
+    model = reste.binarize(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), estimator="ede"
+    )
     sched = reste.EstimatorScheduler(model, None, epochs=10, steps_per_epoch=1)
     sched.step_epoch(10)
     assert float(model[1].weight_estimator.t) == pytest.approx(10.0, rel=1e-6)

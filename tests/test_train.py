@@ -31,11 +31,43 @@ from reste.train.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-pytestmark = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian dataset-fashion-mnist package")
+pytestmark = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="needs the Debian dataset-fashion-mnist package"
+)
 
-METRIC_KEYS = {"epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "o", "epoch_time", "images_per_s",
-               "est_error", "est_error_end", "grad_instability", "flip_ratio", "skipped_batches"}
-SUMMARY_KEYS = {"final_top1", "best_top1", "best_epoch", "final_top5", "best_top5", "epochs", "seconds", "model", "dataset", "precision", "estimator", "o_end", "seed"}
+METRIC_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "train_top5",
+    "test_loss",
+    "test_top1",
+    "test_top5",
+    "lr",
+    "o",
+    "epoch_time",
+    "images_per_s",
+    "est_error",
+    "est_error_end",
+    "grad_instability",
+    "flip_ratio",
+    "skipped_batches",
+}
+SUMMARY_KEYS = {
+    "final_top1",
+    "best_top1",
+    "best_epoch",
+    "final_top5",
+    "best_top5",
+    "epochs",
+    "seconds",
+    "model",
+    "dataset",
+    "precision",
+    "estimator",
+    "o_end",
+    "seed",
+}
 
 
 def tiny(tmp_path, name, **sections):
@@ -139,10 +171,14 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
 
     # `reste eval` rebuilds the model and test loader and reproduces the final accuracy
     capsys.readouterr()
-    code = cli.main(["eval", str(run), "--which", "last", "--batch-size", "400", "--device", "cpu", "--json"])  # the run's 400 test images by default
+    code = cli.main(
+        ["eval", str(run), "--which", "last", "--batch-size", "400", "--device", "cpu", "--json"]
+    )  # the run's 400 test images by default
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["count"] == 400
-    assert result["top1"] == pytest.approx(rows[-1]["test_top1"]) and result["loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
+    assert result["top1"] == pytest.approx(rows[-1]["test_top1"]) and result["loss"] == pytest.approx(
+        rows[-1]["test_loss"], rel=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- resume
@@ -181,13 +217,27 @@ def test_resume_from_the_middle_of_an_epoch_gives_identical_weights(tmp_path, mo
     a = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
     # the interrupted epoch's training metrics are stitched together from both halves
-    assert a[1]["train_loss"] == pytest.approx(b[1]["train_loss"], rel=1e-12) and a[1]["train_top1"] == b[1]["train_top1"]
+    assert (
+        a[1]["train_loss"] == pytest.approx(b[1]["train_loss"], rel=1e-12) and a[1]["train_top1"] == b[1]["train_top1"]
+    )
 
 
 def test_console_sigint_writes_a_checkpoint_prints_the_resume_command_and_exits_130(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "reste", "train", "data.subset=512", "data.batch_size=64", "train.epochs=2", "train.threads=1",
-            "train.device=cpu", "analysis.indicators=false", f"out.dir={tmp_path}", "out.name=cli"]
+    args = [
+        sys.executable,
+        "-m",
+        "reste",
+        "train",
+        "data.subset=512",
+        "data.batch_size=64",
+        "train.epochs=2",
+        "train.threads=1",
+        "train.device=cpu",
+        "analysis.indicators=false",
+        f"out.dir={tmp_path}",
+        "out.name=cli",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     # wait for the progress bar to show a few steps, then press Ctrl-C
     buffer = ""
@@ -200,8 +250,14 @@ def test_console_sigint_writes_a_checkpoint_prints_the_resume_command_and_exits_
     assert f"reste train --resume {tmp_path / 'cli'}" in err
     state = weights(tmp_path / "cli")
     assert state["epoch"] * 8 + state["step_in_epoch"] >= 3
-    done = subprocess.run([sys.executable, "-m", "reste", "train", "--resume", str(tmp_path / "cli"), "--quiet"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "reste", "train", "--resume", str(tmp_path / "cli"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["epochs"] == 2
 
@@ -322,8 +378,17 @@ def test_nonfinite_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
 
 
 def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, capsys):
-    args = ["train", "data.subset=64", "data.batch_size=64", "train.epochs=1", "train.threads=1", "train.device=cpu",
-            f"out.dir={tmp_path}", "out.name=once", "--quiet"]
+    args = [
+        "train",
+        "data.subset=64",
+        "data.batch_size=64",
+        "train.epochs=1",
+        "train.threads=1",
+        "train.device=cpu",
+        f"out.dir={tmp_path}",
+        "out.name=once",
+        "--quiet",
+    ]
     assert cli.main(args) == 0
     stamp = (tmp_path / "once" / "summary.json").stat().st_mtime_ns
     assert cli.main(args) == 2
@@ -348,8 +413,17 @@ def test_a_failed_setup_leaves_no_empty_run_directory(tmp_path):
 
 
 def test_every_steps_indicators_and_per_epoch_lr(tmp_path):
-    T.train(progress=False, **tiny(tmp_path, "ind", analysis={"every_steps": 3}, optim={"name": "sgd", "lr": 0.1},
-                                    lr_schedule={"per": "epoch", "warmup_epochs": 1}, train={"epochs": 3}))
+    T.train(
+        progress=False,
+        **tiny(
+            tmp_path,
+            "ind",
+            analysis={"every_steps": 3},
+            optim={"name": "sgd", "lr": 0.1},
+            lr_schedule={"per": "epoch", "warmup_epochs": 1},
+            train={"epochs": 3},
+        ),
+    )
     lines = [json.loads(l) for l in (tmp_path / "ind" / "indicators.jsonl").read_text().splitlines()]
     assert [l["global_step"] for l in lines] == [3, 6, 9, 12]  # 12 steps in all
     assert {"est_error", "est_error_end", "grad_instability", "flip_ratio", "layers", "o"} <= set(lines[0])
@@ -371,7 +445,9 @@ def test_lr_factor_warmup_then_cosine():
 def test_weight_decay_spares_norm_bias_and_estimator_parameters_when_asked():
     import reste.data
 
-    cfg = load_config(None, ["optim.name=sgd", "optim.weight_decay=1e-4", "model.estimator=dsq", "optim.decay_all=false"])
+    cfg = load_config(
+        None, ["optim.name=sgd", "optim.weight_decay=1e-4", "model.estimator=dsq", "optim.decay_all=false"]
+    )
     model = T.build_model(cfg, reste.data.info("fashion_mnist"))
     decay, no_decay = T.build_optimizer(model, cfg).param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
@@ -389,8 +465,12 @@ def test_eval_refuses_an_incompatible_data_set(straight_run, capsys):
 
 
 def test_channels_last_and_bf16_autocast_run_on_cpu(tmp_path):
-    summary = T.train(progress=False, **tiny(tmp_path, "bf16", train={"epochs": 1, "channels_last": True, "amp": "bf16"},
-                                              analysis={"indicators": False}))
+    summary = T.train(
+        progress=False,
+        **tiny(
+            tmp_path, "bf16", train={"epochs": 1, "channels_last": True, "amp": "bf16"}, analysis={"indicators": False}
+        ),
+    )
     state = weights(tmp_path / "bf16")
     assert summary["epochs"] == 1 and 0.0 <= summary["final_top1"] <= 100.0
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # autocast keeps float32 weights

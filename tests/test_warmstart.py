@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 import reste
+from data_fixtures import make_idx_dataset
 from reste.nn.weights import load_float_weights
 from reste.train import trainer as T
 from reste.train.checkpoint import CheckpointError
 from reste.train.config import ConfigError, config_from_dict
 from reste.train.distill import distillation_loss
-
-from data_fixtures import make_idx_dataset
 
 
 # ----------------------------------------------------------------------------- loading float weights
@@ -52,7 +51,10 @@ def test_report_names_what_does_not_fit():
 def test_torch_attention_checkpoint_starts_binarized_attention():
     torch.manual_seed(1)
     layer = lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)  # noqa: E731
-    float_model, binary = nn.Sequential(layer(), nn.Linear(16, 3)), reste.binarize(nn.Sequential(layer(), nn.Linear(16, 3)))
+    float_model, binary = (
+        nn.Sequential(layer(), nn.Linear(16, 3)),
+        reste.binarize(nn.Sequential(layer(), nn.Linear(16, 3))),
+    )
     report = load_float_weights(binary, float_model.state_dict())
     assert report.complete, str(report)
     assert torch.equal(binary[0].self_attn.in_proj.weight, float_model[0].self_attn.in_proj_weight)
@@ -68,7 +70,7 @@ def test_distillation_loss_against_the_formula():
             p = [math.exp(v / temp) / sum(math.exp(u / temp) for u in zt) for v in zt]
             q = [math.exp(v / temp) / sum(math.exp(u / temp) for u in zs) for v in zs]
             want += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-        want = want / 2 * temp ** 2
+        want = want / 2 * temp**2
         assert distillation_loss(s, t, temp).item() == pytest.approx(want, rel=1e-6)
     assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
     # ReActNet's soft cross-entropy -sum p log q has the same gradient (they differ by H(p))
@@ -86,13 +88,15 @@ def data_root(tmp_path):
 
 
 def _cfg(tmp_path, data_root, name, precision="1w1a", **train):
-    return config_from_dict({
-        "model": {"name": "resnet20", "precision": precision, "kwargs": {"width": 4}},
-        "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 32, "test_batch_size": 16},
-        "train": {"epochs": 1, "threads": 1, "device": "cpu", **train},
-        "analysis": {"indicators": False},
-        "out": {"dir": str(tmp_path), "name": name},
-    })
+    return config_from_dict(
+        {
+            "model": {"name": "resnet20", "precision": precision, "kwargs": {"width": 4}},
+            "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 32, "test_batch_size": 16},
+            "train": {"epochs": 1, "threads": 1, "device": "cpu", **train},
+            "analysis": {"indicators": False},
+            "out": {"dir": str(tmp_path), "name": name},
+        }
+    )
 
 
 def test_two_step_recipe_and_teacher_end_to_end(tmp_path, data_root, capsys):
@@ -148,8 +152,14 @@ def test_shipped_recipes_chain_their_steps():
     root = Path(__file__).resolve().parents[1] / "configs"
     main = load_config(root / "fashion_mnist/resnet20_reste.yaml")
     pairs = [("fashion_mnist/recipes/two_step_1_1w32a.yaml", "fashion_mnist/recipes/two_step_2_1w1a.yaml")]
-    pairs += [(f"cifar10/two_step/{m}_step1_1w32a.yaml", f"cifar10/two_step/{m}_step2_1w1a.yaml") for m in ("resnet20", "resnet18")]
-    pairs += [(f"imagenet/two_step/{m}_step1_1w32a.yaml", f"imagenet/two_step/{m}_step2_1w1a.yaml") for m in ("resnet18", "resnet34")]
+    pairs += [
+        (f"cifar10/two_step/{m}_step1_1w32a.yaml", f"cifar10/two_step/{m}_step2_1w1a.yaml")
+        for m in ("resnet20", "resnet18")
+    ]
+    pairs += [
+        (f"imagenet/two_step/{m}_step1_1w32a.yaml", f"imagenet/two_step/{m}_step2_1w1a.yaml")
+        for m in ("resnet18", "resnet34")
+    ]
     for first, second in pairs:
         a, b = load_config(root / first), load_config(root / second)
         assert b.model.init_from == f"runs/{a.out.name}", second
@@ -172,15 +182,52 @@ def test_teacher_under_ddp_matches_one_process(tmp_path, data_root):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    common = [f"data.root={data_root}", "data.subset=64", "data.batch_size=64", "data.test_batch_size=8", "train.epochs=1",
-              "train.device=cpu", "model.name=resnet20", "model.kwargs={width: 0.5}", "optim.name=sgd", "optim.lr=0.1",
-              f"out.dir={tmp_path}", "analysis.indicators=false"]
-    teacher = T.train(overrides=[*common, "model.precision=fp", "out.name=teacher", "train.threads=1"], progress=False, summary=False)
-    distil = [*common, f"train.teacher={teacher['run_dir']}", "train.distill_weight=0.5", "train.distill_temperature=2.0"]
+    common = [
+        f"data.root={data_root}",
+        "data.subset=64",
+        "data.batch_size=64",
+        "data.test_batch_size=8",
+        "train.epochs=1",
+        "train.device=cpu",
+        "model.name=resnet20",
+        "model.kwargs={width: 0.5}",
+        "optim.name=sgd",
+        "optim.lr=0.1",
+        f"out.dir={tmp_path}",
+        "analysis.indicators=false",
+    ]
+    teacher = T.train(
+        overrides=[*common, "model.precision=fp", "out.name=teacher", "train.threads=1"], progress=False, summary=False
+    )
+    distil = [
+        *common,
+        f"train.teacher={teacher['run_dir']}",
+        "train.distill_weight=0.5",
+        "train.distill_temperature=2.0",
+    ]
     env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reste",
-                           "train", *distil, "train.sync_bn=true", "out.name=ddp", "--quiet"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "reste",
+            "train",
+            *distil,
+            "train.sync_bn=true",
+            "out.name=ddp",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = T.train(overrides=[*distil, "out.name=single", "train.threads=1"], progress=False, summary=False)
     a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)

@@ -69,7 +69,7 @@ class Extension:
         #: ``"VAR=name: <why the module refused it>"`` when ``select_env`` forced a path it lacks
         self.forced_error: str | None = None
 
-    def fresh(self) -> "Extension":
+    def fresh(self) -> Extension:
         """A record of the same extension as if the process started now (the environment is read again)."""
         return Extension(self.module_name, self.select_env)
 

@@ -38,7 +38,10 @@ COMMANDS = {
     "train": ("reste.train.commands", "train a binary network (default: binary ResNet-20 + ReSTE on Fashion-MNIST)"),
     "eval": ("reste.train.commands", "evaluate a trained run, a checkpoint or an exported 1-bit model on a test set"),
     "sweep": ("reste.analysis.commands", "run a grid of training runs (cartesian product), resumable"),
-    "report": ("reste.analysis.commands", "tables and figures (seed Tables 1-3, Figures 1-3) from run or sweep directories"),
+    "report": (
+        "reste.analysis.commands",
+        "tables and figures (seed Tables 1-3, Figures 1-3) from run or sweep directories",
+    ),
     "summary": ("reste.deploy.commands", "per-layer parameters by bit width, memory and MACs of a model"),
     "export": ("reste.deploy.commands", "write a trained run's model with 1-bit packed weights (safetensors)"),
     "bench-infer": ("reste.deploy.commands", "time packed binary layers and models against float PyTorch on this CPU"),
@@ -56,12 +59,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="reste",
         description="Train, analyse and ship binary neural networks with the Rectified Straight-Through Estimator.",
         epilog="exit codes: 0 success, 1 a missing or unusable input or failed work, 2 a wrong command line or "
-               "configuration, 130 / 143 interrupted",
+        "configuration, 130 / 143 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"reste {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = {module for module, _ in COMMANDS.values()} if command is None else (
-        {COMMANDS[command][0]} if command in COMMANDS else set())
+    wanted = (
+        {module for module, _ in COMMANDS.values()}
+        if command is None
+        else ({COMMANDS[command][0]} if command in COMMANDS else set())
+    )
     registered = set()
     for name, (module, help_text) in COMMANDS.items():
         if module in wanted and module not in registered:

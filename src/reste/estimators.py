@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Dict, Type
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .ops import _param, reste_grad
-from .ops import sign as binary_sign, sign_torch as binary_sign_torch
+from .ops import _param
+from .ops import reste_grad as reste_grad  # re-exported: estimators.reste_grad was public before reste.ops
+from .ops import sign as binary_sign
+from .ops import sign_torch as binary_sign_torch  # noqa: F401 (re-exported for users of the old name)
 
 __all__ = [
     "Estimator",
@@ -59,14 +62,14 @@ __all__ = [
     "weight_binarizers",
 ]
 
-_REGISTRY: Dict[str, Type["Estimator"]] = {}
-_WEIGHT_BINARIZERS: Dict[str, Type["WeightBinarizer"]] = {}
+_REGISTRY: dict[str, type[Estimator]] = {}
+_WEIGHT_BINARIZERS: dict[str, type[WeightBinarizer]] = {}
 
 
-def register(name: str) -> Callable[[Type["Estimator"]], Type["Estimator"]]:
+def register(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
     """Class decorator: make an :class:`Estimator` subclass available by ``name``."""
 
-    def wrap(cls: Type["Estimator"]) -> Type["Estimator"]:
+    def wrap(cls: type[Estimator]) -> type[Estimator]:
         taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
         if taken is not None:
             raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
@@ -77,11 +80,11 @@ def register(name: str) -> Callable[[Type["Estimator"]], Type["Estimator"]]:
     return wrap
 
 
-def register_weight_binarizer(name: str) -> Callable[[Type["WeightBinarizer"]], Type["WeightBinarizer"]]:
+def register_weight_binarizer(name: str) -> Callable[[type[WeightBinarizer]], type[WeightBinarizer]]:
     """Class decorator: make a :class:`WeightBinarizer` subclass available by ``name`` as a layer's
     ``weight_estimator`` (not listed by :func:`estimators`: it cannot binarize inputs)."""
 
-    def wrap(cls: Type["WeightBinarizer"]) -> Type["WeightBinarizer"]:
+    def wrap(cls: type[WeightBinarizer]) -> type[WeightBinarizer]:
         taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
         if taken is not None:
             raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
@@ -97,7 +100,7 @@ def weight_binarizers() -> list[str]:
     return sorted(_WEIGHT_BINARIZERS)
 
 
-def weight_binarizer(name: str) -> "WeightBinarizer":
+def weight_binarizer(name: str) -> WeightBinarizer:
     """Build the weight binarizer registered as ``name`` (they take no parameters)."""
     try:
         return _WEIGHT_BINARIZERS[name]()
@@ -110,7 +113,7 @@ def estimators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def estimator(name: str, **params: Any) -> "Estimator":
+def estimator(name: str, **params: Any) -> Estimator:
     """Build the estimator registered as ``name`` with the given parameters.
 
     >>> est = estimator("reste", o=3.0)
@@ -157,7 +160,7 @@ class Estimator(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Update the parameters that depend on training progress (default: none)."""
 
-    def for_inputs(self) -> "Estimator":
+    def for_inputs(self) -> Estimator:
         """A copy configured for binarizing activations (same rule unless overridden)."""
         return copy.deepcopy(self)
 
@@ -198,7 +201,7 @@ class _SignFn(torch.autograd.Function):
     """Forward: sign in {-1, +1}. Backward: the estimator's :meth:`Estimator.surrogate_grad`."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, est: "Estimator") -> Tensor:
+    def forward(ctx, z: Tensor, est: Estimator) -> Tensor:
         ctx.save_for_backward(z)
         ctx.est = est
         return binary_sign(z)
@@ -418,7 +421,7 @@ class RBNN(Estimator):
         self.set_param("t", t)
         self.set_param("k", k)
 
-    def for_inputs(self) -> "RBNN":
+    def for_inputs(self) -> RBNN:
         return RBNN(self.t_min, self.t_max, activation=True).to(self.t.device)
 
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
@@ -440,7 +443,9 @@ def fda_grad(z: Tensor, n: Tensor, w: float) -> Tensor:
     x = w * z
     s = torch.sin(x)
     small = s.abs() < 1e-6
-    series = torch.where(small, n + 1.0, torch.sin(2.0 * (n + 1.0) * x) / torch.where(small, torch.ones_like(s), 2.0 * s))
+    series = torch.where(
+        small, n + 1.0, torch.sin(2.0 * (n + 1.0) * x) / torch.where(small, torch.ones_like(s), 2.0 * s)
+    )
     inside = (z.abs() <= 1.0).to(z.dtype)
     return (4.0 * w / math.pi) * series * inside
 
@@ -573,12 +578,15 @@ class WeightBinarizer(Estimator):
     def check_weight_scale(self, weight_scale: str) -> None:
         """Refuse a layer ``weight_scale`` other than the scale this binarizer applies itself."""
         if weight_scale != self.weight_scale:
-            raise ValueError(f"the {self.title} weight binarizer always uses {self.scale_text} as its scale; "
-                             f"leave weight_scale={self.weight_scale!r}")
+            raise ValueError(
+                f"the {self.title} weight binarizer always uses {self.scale_text} as its scale; "
+                f"leave weight_scale={self.weight_scale!r}"
+            )
 
-    def for_inputs(self) -> "Estimator":
-        raise ValueError(f"{self.name!r} binarizes weights only; choose an estimator for the inputs "
-                         f"({', '.join(estimators())})")
+    def for_inputs(self) -> Estimator:
+        raise ValueError(
+            f"{self.name!r} binarizes weights only; choose an estimator for the inputs ({', '.join(estimators())})"
+        )
 
 
 @register_weight_binarizer("dorefa")

@@ -24,8 +24,17 @@ from torch import Tensor
 
 from . import _ext
 
-__all__ = ["sign", "sign_torch", "transient_sign", "reste_grad", "reste_backward", "recomputes_sign",
-           "kernels_built", "kernels_enabled", "set_kernels_enabled"]
+__all__ = [
+    "sign",
+    "sign_torch",
+    "transient_sign",
+    "reste_grad",
+    "reste_backward",
+    "recomputes_sign",
+    "kernels_built",
+    "kernels_enabled",
+    "set_kernels_enabled",
+]
 
 _kernels = _ext.KERNELS.built()  # imported whatever RESTE_NO_EXT says, so the kernels can be switched on later
 _ENABLED = _ext.KERNELS.available() is not None
@@ -50,8 +59,11 @@ def set_kernels_enabled(enabled: bool) -> bool:
     previous = _ENABLED
     if enabled and _kernels is None:
         if not _warned:
-            warnings.warn("reste's compiled kernels are not built (no C compiler at install time?); using PyTorch ops",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "reste's compiled kernels are not built (no C compiler at install time?); using PyTorch ops",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             _warned = True
         enabled = False
     _ENABLED = bool(enabled)
@@ -68,8 +80,12 @@ def _applies(*tensors: Tensor) -> bool:
         return False  # a tracer (jit.trace, the TorchScript ONNX exporter) must see torch ops, not pointers
     first = tensors[0]
     return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 and _dense(t)
-        and t.stride() == first.stride() and t.shape == first.shape
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.numel() > 0
+        and _dense(t)
+        and t.stride() == first.stride()
+        and t.shape == first.shape
         for t in tensors
     )
 
@@ -138,8 +154,9 @@ def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
     return coef * power
 
 
-def _reste_backward_kernel(z: Tensor, grad: Tensor, o: Tensor, t: float, m: float,
-                           inplace: bool = False) -> Tensor | None:
+def _reste_backward_kernel(
+    z: Tensor, grad: Tensor, o: Tensor, t: float, m: float, inplace: bool = False
+) -> Tensor | None:
     """``grad * g_o(z)`` in one pass (written over ``grad`` when ``inplace``), or None
     when the kernel does not apply.
 
@@ -148,8 +165,9 @@ def _reste_backward_kernel(z: Tensor, grad: Tensor, o: Tensor, t: float, m: floa
     if _kernels is None or not (_applies(z, grad) and o.device.type == "cpu"):
         return None
     out = grad if inplace else torch.empty_like(z)
-    _kernels.reste_backward(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), float(o), t, m,
-                            torch.get_num_threads())
+    _kernels.reste_backward(
+        z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), float(o), t, m, torch.get_num_threads()
+    )
     return out
 
 

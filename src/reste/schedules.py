@@ -19,14 +19,22 @@ epoch (the reference: ``r = epoch / epochs``) or per step
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from torch import nn
 
 from .estimators import Estimator
 
-__all__ = ["OSchedule", "o_schedule", "o_schedule_ways", "EstimatorScheduler", "set_params", "set_progress", "iter_estimators"]
+__all__ = [
+    "OSchedule",
+    "o_schedule",
+    "o_schedule_ways",
+    "EstimatorScheduler",
+    "set_params",
+    "set_progress",
+    "iter_estimators",
+]
 
 _WAYS: dict[str, Callable[[float, float, float], float]] = {
     "fixed": lambda r, o_end, p: o_end,
@@ -124,8 +132,9 @@ class EstimatorScheduler:
     :meth:`~reste.estimators.Estimator.set_progress`.
     """
 
-    def __init__(self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int,
-                 per: str = "step") -> None:
+    def __init__(
+        self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "step"
+    ) -> None:
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
         if epochs < 1 or steps_per_epoch < 1:

@@ -6,8 +6,8 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .runs import RunRecord
 
@@ -21,7 +21,6 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else None
     return mean, std
-
 
 
 @dataclass
@@ -122,4 +121,3 @@ def _families(cells: Sequence[Cell], free: Sequence[str]) -> list[list[Cell]]:
         context = tuple((k, v) for k, v in cell.first.setting if not is_free(k))
         groups.setdefault(context, []).append(cell)
     return [g for g in groups.values() if len(g) >= 2]
-

@@ -30,21 +30,29 @@ OUT/figures/*.png. Numbers reported by the paper are shown in separate columns h
 def register(subparsers) -> None:
     """Add the ``sweep`` and ``report`` sub-commands."""
     sweep = subparsers.add_parser(
-        "sweep", help="run a grid of training runs (cartesian product), resumable",
+        "sweep",
+        help="run a grid of training runs (cartesian product), resumable",
         description="Run every combination of the listed config values, each run in its own directory.",
-        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sweep.add_argument("items", nargs="+", metavar="ITEM",
-                       help="an optional base config YAML first, then grid items key=v1,v2,... (dotted config keys)")
+    sweep.add_argument(
+        "items",
+        nargs="+",
+        metavar="ITEM",
+        help="an optional base config YAML first, then grid items key=v1,v2,... (dotted config keys)",
+    )
     sweep.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1 (adds seed to the grid)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each is its own process)")
     sweep.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<config name>)")
     sweep.set_defaults(func=run_sweep)
 
     report = subparsers.add_parser(
-        "report", help="tables and figures (seed Tables 1-3, Figures 1-3) from run or sweep directories",
+        "report",
+        help="tables and figures (seed Tables 1-3, Figures 1-3) from run or sweep directories",
         description="Summarise finished runs: mean ± std over seeds, laid out like the paper's tables.",
-        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories and/or sweep directories")
     report.add_argument("--out", required=True, help="output directory for report.md and figures/")
@@ -74,11 +82,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    command = "reste report " + " ".join(shlex.quote(str(d)) for d in args.dirs) + f" --out {shlex.quote(str(args.out))}"
+    command = (
+        "reste report " + " ".join(shlex.quote(str(d)) for d in args.dirs) + f" --out {shlex.quote(str(args.out))}"
+    )
     command += " --no-plots" if args.no_plots else ""
     # a directory that is neither a run nor a sweep: NotARunError, exit 1 (reste.cli reports it)
     report = build_report(args.dirs, args.out, command=command, plots=not args.no_plots)
-    print(f"wrote {report.path}" + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else ""))
+    print(
+        f"wrote {report.path}"
+        + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else "")
+    )
     for line in report.not_drawn:  # the same lines as in report.md: what is missing and why
         print(f"not drawn: {line}")
     return 0

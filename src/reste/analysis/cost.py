@@ -34,8 +34,9 @@ def _median_seconds(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def indicator_cost(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, o_end: float = 3.0,
-                   reps: int = 15) -> dict:
+def indicator_cost(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, o_end: float = 3.0, reps: int = 15
+) -> dict:
     """Median seconds of a train step, ``measure()`` and ``snapshot()`` for ``model`` on one batch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     tracker = IndicatorTracker(model, o_end=o_end)
@@ -82,13 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = data.info(args.data)
-    model = models.create(args.model, num_classes=meta.num_classes, in_channels=meta.in_channels,
-                          precision=args.precision, image_size=meta.image_size)
+    model = models.create(
+        args.model,
+        num_classes=meta.num_classes,
+        in_channels=meta.in_channels,
+        precision=args.precision,
+        image_size=meta.image_size,
+    )
     images = torch.randn(args.batch, meta.in_channels, meta.image_size, meta.image_size)
     labels = torch.randint(0, meta.num_classes, (args.batch,))
     r = indicator_cost(model, images, labels, reps=args.reps)
-    print(f"{args.model} {args.precision}, batch {args.batch} of {meta.in_channels}x{meta.image_size}x{meta.image_size}, "
-          f"{args.threads} thread(s): {r['binary_layers']} binary layers, {r['binary_weights']:,} binary weights")
+    print(
+        f"{args.model} {args.precision}, batch {args.batch} of {meta.in_channels}x{meta.image_size}x{meta.image_size}, "
+        f"{args.threads} thread(s): {r['binary_layers']} binary layers, {r['binary_weights']:,} binary weights"
+    )
     print(f"  train step  {r['step_s'] * 1e3:9.1f} ms")
     print(f"  measure()   {r['measure_s'] * 1e3:9.2f} ms  = {100 * r['measure_per_step']:.2f} % of a step")
     print(f"  snapshot()  {r['snapshot_s'] * 1e3:9.1f} ms  = {100 * r['snapshot_per_step']:.1f} % of a step")

@@ -8,8 +8,8 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,8 +38,10 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
     x = [c.o_end for c in family]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     panels = [
-        ("estimating error e\n(mean over epochs, at o_end)",
-         [c.aggregate_values("est_error_end_mean") for c in family]),
+        (
+            "estimating error e\n(mean over epochs, at o_end)",
+            [c.aggregate_values("est_error_end_mean") for c in family],
+        ),
         ("gradient instability s\n(sum over epochs)", [c.aggregate_values("grad_instability_sum") for c in family]),
     ]
     for ax, (title, values) in zip(axes, panels):
@@ -54,13 +56,25 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
     ax = axes[2]
     for key, label in (("final_top1", "final"), ("best_top1", "best")):
         values = [c.summary_values(key) for c in family]
-        ax.errorbar(x, [_stats(v)[0] for v in values], yerr=[_stats(v)[1] or 0.0 for v in values], marker="o",
-                    capsize=3, label=label)
+        ax.errorbar(
+            x,
+            [_stats(v)[0] for v in values],
+            yerr=[_stats(v)[1] or 0.0 for v in values],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.set_title("test top-1 (%)", fontsize=10)
     ax.set_xlabel("o_end")
     ax.legend()
-    fig.suptitle(textwrap.fill(_context_line(family[0], ["estimator.o_end"], scale=True)
-                               + f"; mean ± std over {min(len(c.runs) for c in family)}+ seeds", 140), fontsize=9)
+    fig.suptitle(
+        textwrap.fill(
+            _context_line(family[0], ["estimator.o_end"], scale=True)
+            + f"; mean ± std over {min(len(c.runs) for c in family)}+ seeds",
+            140,
+        ),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -81,8 +95,15 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
             if snap_path is None:
                 continue
             snap = load_snapshot(snap_path)
-            keys = ("fit_end_counts", "fit_end_under", "fit_end_over", "grad_log10_counts", "grad_zero", "grad_under",
-                    "grad_over")
+            keys = (
+                "fit_end_counts",
+                "fit_end_under",
+                "fit_end_over",
+                "grad_log10_counts",
+                "grad_zero",
+                "grad_under",
+                "grad_over",
+            )
             sums = {k: snap[k].sum(axis=0) for k in keys}
             edges = (snap["fit_edges"], snap["grad_log10_edges"])
             if pooled is None:
@@ -99,13 +120,17 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
         grad_total = c["grad_log10_counts"].sum() + c["grad_zero"] + c["grad_under"] + c["grad_over"]
         # densities relative to every weight, so mass outside the range stays visible as a shortfall
         for ax, counts, edges, total, outside in (
-                (left, c["fit_end_counts"], fe, fit_total, c["fit_end_under"] + c["fit_end_over"]),
-                (right, c["grad_log10_counts"], ge, grad_total, c["grad_over"])):
+            (left, c["fit_end_counts"], fe, fit_total, c["fit_end_under"] + c["fit_end_over"]),
+            (right, c["grad_log10_counts"], ge, grad_total, c["grad_over"]),
+        ):
             centres = (edges[:-1] + edges[1:]) / 2
             density = counts / max(total, 1) / np.diff(edges)
             share = 100.0 * outside / max(total, 1)
-            note = f" ({share:.1f}% above 10^{edges[-1]:g})" if ax is right and share >= 0.05 else \
-                (f" ({share:.1f}% outside)" if ax is left and share >= 0.05 else "")
+            note = (
+                f" ({share:.1f}% above 10^{edges[-1]:g})"
+                if ax is right and share >= 0.05
+                else (f" ({share:.1f}% outside)" if ax is left and share >= 0.05 else "")
+            )
             ax.plot(centres, density, label=f"o_end = {o_end:g}{note}")
     left.set_title("fitting error f_o_end(w) - sign(w), binary layers", fontsize=10)
     left.set_xlabel("fitting error")
@@ -114,9 +139,13 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
     right.set_xlabel("log10 |dL/dw|")
     right.set_ylabel("density")
     left.legend(fontsize=8)
-    fig.suptitle(textwrap.fill("last snapshot of each run, all seeds pooled; "
-                               + _context_line(family[0], ["estimator.o_end"], scale=True), 120),
-                 fontsize=9)
+    fig.suptitle(
+        textwrap.fill(
+            "last snapshot of each run, all seeds pooled; " + _context_line(family[0], ["estimator.o_end"], scale=True),
+            120,
+        ),
+        fontsize=9,
+    )
     right.legend(fontsize=8)
     nonzero = np.nonzero(sum(c["grad_log10_counts"] for _, c, _, _ in curves))[0]
     if nonzero.size:  # zoom on the decades that hold gradients
@@ -200,9 +229,11 @@ def _figure3(plt, ways: dict[str, Cell], path: Path) -> Path:
             ax.plot(*points[-1], "*", color=line.get_color(), ms=11)
     ax.set_xlabel("training progress r")
     ax.set_ylabel("o")
-    ax.set_title("o schedules (lines); o at each epoch's last step (dots);\n"
-                 "the o reached (stars): o_end comes at r = 1, after the last step",
-                 fontsize=8)
+    ax.set_title(
+        "o schedules (lines); o at each epoch's last step (dots);\n"
+        "the o reached (stars): o_end comes at r = 1, after the last step",
+        fontsize=8,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -217,7 +248,9 @@ def _figure3_caption(ways: dict[str, Cell]) -> str:
             parts.append(f"{way} {o_points(ways[way])[-1][1]:.2f} (o_end {ways[way].o_end:g})")
     text = "Lines: the schedules o(r). Dots: the o of each epoch's last step, at the progress it was computed for."
     if parts:
-        text += " The o the runs reached at their last step: " + ", ".join(parts) + \
-                "; a schedule reaches o_end only at r = 1, after the last step."
+        text += (
+            " The o the runs reached at their last step: "
+            + ", ".join(parts)
+            + "; a schedule reaches o_end only at r = 1, after the last step."
+        )
     return text
-

@@ -34,14 +34,21 @@ re-exports them and reads what they wrote.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 # the tracker is measured while training, so it lives in the core (reste.train uses it from there); its
 # names stay importable from here
-from ..nn.indicators import (FIT_RANGE, GRAD_LOG10_RANGE, HIST_BINS, IndicatorTracker, estimating_error,
-                             fitting_error, gradient_instability)
+from ..nn.indicators import (
+    FIT_RANGE,
+    GRAD_LOG10_RANGE,
+    HIST_BINS,
+    IndicatorTracker,
+    estimating_error,
+    fitting_error,
+    gradient_instability,
+)
 
 __all__ = [
     "IndicatorTracker",
@@ -55,6 +62,7 @@ __all__ = [
     "GRAD_LOG10_RANGE",
     "HIST_BINS",
 ]
+
 
 def load_snapshot(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a snapshot written by :meth:`IndicatorTracker.snapshot` (no pickle involved)."""

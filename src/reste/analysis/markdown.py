@@ -6,7 +6,7 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .cells import Cell, _stats
 
@@ -23,7 +23,6 @@ def _pm(values: Sequence[float], mean_format: str = ".2f", std_format: str = ".2
 
 def _sci_pm(values: Sequence[float]) -> str:
     return _pm(values, ".4g", ".2g")
-
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -55,9 +54,11 @@ def _count(x) -> str:
 def _scale_line(cells: Sequence[Cell]) -> str:
     """What the numbers below were measured on: data set, model, images and epochs of the runs."""
     scales = list(dict.fromkeys(c.scale for c in cells))
-    parts = [f"data set {data}, model {model}, {_count(train)} training images, {_count(test)} test images, "
-             f"{_epochs(epochs)}"
-             for data, model, train, test, epochs in scales]
+    parts = [
+        f"data set {data}, model {model}, {_count(train)} training images, {_count(test)} test images, "
+        f"{_epochs(epochs)}"
+        for data, model, train, test, epochs in scales
+    ]
     return ("Scale: " if len(parts) == 1 else "Scale (differs between the runs below): ") + "; ".join(parts) + "."
 
 
@@ -83,4 +84,3 @@ def _context_line(cell: Cell, free: Sequence[str], scale: bool = False) -> str:
         _, _, train, test, epochs = cell.scale
         parts += [f"{_count(train)} training / {_count(test)} test images", _epochs(epochs)]
     return ", ".join(parts)
-

@@ -35,21 +35,60 @@ define that was once defined here is importable from here too.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 # the report's parts, by concern; every name moved from this module stays importable from it
 from .cells import Cell, _differing_keys, _families, _image_counts, _stats, make_cells  # noqa: F401
-from .figures import (_figure1, _figure2, _figure3, _figure3_caption, _figure3_ways, _last_snapshot,  # noqa: F401
-                      _progress_at, _pyplot, _schedule_of, o_points)
-from .markdown import (_context_line, _count, _epochs, _num, _paper, _pm, _scale_line, _sci_pm, _table,  # noqa: F401
-                       _wa)
-from .runs import (IGNORED_PREFIXES, NotARunError, RunRecord, _default_flat, _flatten, _ignored, _is_run,  # noqa: F401
-                   find_runs, load_run)
-from .tables import (ESTIMATOR_KEYS, ESTIMATOR_ORDER, PAPER, PAPER_SOURCE, PROGRESSIVE_WAYS,  # noqa: F401
-                     _estimator_sections, _o_end_families, _o_end_section, _results_section, _table2_sections,
-                     _table3_sections)
+from .figures import (
+    _figure1,
+    _figure2,
+    _figure3,
+    _figure3_caption,
+    _figure3_ways,
+    _last_snapshot,  # noqa: F401
+    _progress_at,
+    _pyplot,
+    _schedule_of,
+    o_points,
+)
+from .markdown import (
+    _context_line,
+    _count,
+    _epochs,
+    _num,
+    _paper,
+    _pm,
+    _scale_line,
+    _sci_pm,
+    _table,  # noqa: F401
+    _wa,
+)
+from .runs import (
+    IGNORED_PREFIXES,
+    NotARunError,
+    RunRecord,
+    _default_flat,
+    _flatten,
+    _ignored,
+    _is_run,  # noqa: F401
+    find_runs,
+    load_run,
+)
+from .tables import (
+    ESTIMATOR_KEYS,
+    ESTIMATOR_ORDER,
+    PAPER,
+    PAPER_SOURCE,
+    PROGRESSIVE_WAYS,  # noqa: F401
+    _estimator_sections,
+    _o_end_families,
+    _o_end_section,
+    _results_section,
+    _table2_sections,
+    _table3_sections,
+)
 
 __all__ = ["NotARunError", "RunRecord", "Cell", "load_run", "find_runs", "build_report", "PAPER"]
 
@@ -80,40 +119,54 @@ def _not_drawn(cells: Sequence[Cell], sections: Sequence[str], figures: Sequence
     schedules = f"found estimator.schedule {_values(cells, 'estimator.schedule')}"
     lines = []
     if "## Table 2" not in text:
-        lines.append("Table 2 (fixed vs progressive o): needs runs that differ only in estimator.schedule and "
-                     "estimator.o_end, with `fixed` and a progressive way at 2 or more o_end values "
-                     f"({schedules}; estimator.o_end {_values(cells, 'estimator.o_end')}).")
+        lines.append(
+            "Table 2 (fixed vs progressive o): needs runs that differ only in estimator.schedule and "
+            "estimator.o_end, with `fixed` and a progressive way at 2 or more o_end values "
+            f"({schedules}; estimator.o_end {_values(cells, 'estimator.o_end')})."
+        )
     if "## Table 3" not in text:
-        lines.append(f"Table 3 (tuning ways): needs 2 or more of {', '.join(PROGRESSIVE_WAYS)} at otherwise equal "
-                     f"settings ({schedules}).")
+        lines.append(
+            f"Table 3 (tuning ways): needs 2 or more of {', '.join(PROGRESSIVE_WAYS)} at otherwise equal "
+            f"settings ({schedules})."
+        )
     if "## Estimator comparison" not in text:
         found = ", ".join(sorted({c.label for c in cnn})) or "no CNN run"
-        lines.append("Estimator comparison: needs 2 or more estimators on a CNN at otherwise equal settings "
-                     f"(found {found}).")
+        lines.append(
+            f"Estimator comparison: needs 2 or more estimators on a CNN at otherwise equal settings (found {found})."
+        )
     if "## Table 1" not in text:
         found = ", ".join(sorted({c.label for c in vit})) or "no ViT run"
-        lines.append("Table 1 (binary ViT): needs vit_tiny runs with 2 or more of FP, DoReFa, ReSTE at otherwise equal "
-                     f"settings (found {found}).")
+        lines.append(
+            "Table 1 (binary ViT): needs vit_tiny runs with 2 or more of FP, DoReFa, ReSTE at otherwise equal "
+            f"settings (found {found})."
+        )
     if "## Equilibrium" not in text:
-        lines.append("Equilibrium table and Figures 1 and 2: need progressive ReSTE runs at 3 or more o_end values at "
-                     "otherwise equal settings (found estimator.o_end "
-                     f"{_values([c for c in cells if c.schedule != 'fixed'], 'estimator.o_end')}).")
+        lines.append(
+            "Equilibrium table and Figures 1 and 2: need progressive ReSTE runs at 3 or more o_end values at "
+            "otherwise equal settings (found estimator.o_end "
+            f"{_values([c for c in cells if c.schedule != 'fixed'], 'estimator.o_end')})."
+        )
     if plt is None:
         why = "--no-plots was given" if not plots else "they need matplotlib (`pip install reste[plot]`)"
         lines.append(f"Figures: not drawn, {why}.")
         return lines
     if "## Equilibrium" in text and not any(t.startswith("Figure 2") for t in figures):
-        lines.append("Figure 2 (distributions): needs the runs' histograms/*.npz snapshots (written at the final epoch "
-                     "and at analysis.histograms_at when analysis.indicators is on); the o_end runs have none.")
+        lines.append(
+            "Figure 2 (distributions): needs the runs' histograms/*.npz snapshots (written at the final epoch "
+            "and at analysis.histograms_at when analysis.indicators is on); the o_end runs have none."
+        )
     if not any(t.startswith("Figure 3") for t in figures):
-        lines.append(f"Figure 3 (tuning ways of o): needs ReSTE runs with 2 or more of {', '.join(PROGRESSIVE_WAYS)} "
-                     f"at otherwise equal settings ({schedules}).")
+        lines.append(
+            f"Figure 3 (tuning ways of o): needs ReSTE runs with 2 or more of {', '.join(PROGRESSIVE_WAYS)} "
+            f"at otherwise equal settings ({schedules})."
+        )
     return lines
 
 
 # --------------------------------------------------------------------------- entry point
-def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, command: str | None = None,
-                 plots: bool = True) -> Report:
+def build_report(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, command: str | None = None, plots: bool = True
+) -> Report:
     """Write ``out/report.md`` (and ``out/figures/*.png``) from run and sweep directories.
 
     Raises :class:`NotARunError` naming the first path that is neither a run nor a sweep,
@@ -127,8 +180,10 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, com
     unfinished = [r for r in runs if not r.finished]
     cells = make_cells(runs)
     if not cells:
-        raise NotARunError(f"no finished run (summary.json marked complete) in {', '.join(map(str, paths))}; "
-                           "finish or resume the runs first (`reste train --resume RUN_DIR` or rerun the sweep)")
+        raise NotARunError(
+            f"no finished run (summary.json marked complete) in {', '.join(map(str, paths))}; "
+            "finish or resume the runs first (`reste train --resume RUN_DIR` or rerun the sweep)"
+        )
     out = Path(out)
     fig_dir = out / "figures"
     sections: list[str] = []
@@ -145,30 +200,46 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, com
         sections.append(_o_end_section(family))
         if plt is not None:
             suffix = "" if i == 0 else f"_{i + 1}"
-            figures.append(("Figure 1: indicators and accuracy against o_end",
-                            _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png"), ""))
+            figures.append(
+                (
+                    "Figure 1: indicators and accuracy against o_end",
+                    _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png"),
+                    "",
+                )
+            )
             fig2 = _figure2(plt, family, fig_dir / f"figure2_distributions{suffix}.png")
             if fig2 is not None:
                 figures.append(("Figure 2: distributions of the fitting error and the gradients per o_end", fig2, ""))
     ways = _figure3_ways(cells)
     if plt is not None and len(ways) >= 2:
-        figures.append(("Figure 3: tuning ways of o", _figure3(plt, ways, fig_dir / "figure3_o_schedules.png"),
-                        _figure3_caption(ways)))
+        figures.append(
+            (
+                "Figure 3: tuning ways of o",
+                _figure3(plt, ways, fig_dir / "figure3_o_schedules.png"),
+                _figure3_caption(ways),
+            )
+        )
 
     head = ["# reste report", ""]
     if command:
         head += [f"Made by `{command}`.", ""]
-    head.append(f"{len(runs) - len(unfinished)} finished runs in {len(cells)} settings, from: "
-                + ", ".join(f"`{p}`" for p in paths) + ".")
+    head.append(
+        f"{len(runs) - len(unfinished)} finished runs in {len(cells)} settings, from: "
+        + ", ".join(f"`{p}`" for p in paths)
+        + "."
+    )
     if unfinished:
-        head.append("Left out, unfinished (no complete summary.json): "
-                    + ", ".join(f"`{r.dir}`" for r in unfinished) + ".")
+        head.append(
+            "Left out, unfinished (no complete summary.json): " + ", ".join(f"`{r.dir}`" for r in unfinished) + "."
+        )
     head.append("")
     missing = _not_drawn(cells, sections, [t for t, _, _ in figures], plt, plots)
     if missing:
         head += ["Not drawn:", ""] + [f"- {line}" for line in missing] + [""]
-    fig_text = "\n\n".join(f"### {title}\n\n![{title}](figures/{p.name})" + (f"\n\n{caption}" if caption else "")
-                            for title, p, caption in figures)
+    fig_text = "\n\n".join(
+        f"### {title}\n\n![{title}](figures/{p.name})" + (f"\n\n{caption}" if caption else "")
+        for title, p, caption in figures
+    )
     body = "\n\n".join(sections) + ("\n\n## Figures\n\n" + _scale_line(cells) + "\n\n" + fig_text if fig_text else "")
     text = "\n".join(head) + "\n" + body + "\n"
     out.mkdir(parents=True, exist_ok=True)

@@ -90,8 +90,14 @@ class RunRecord:
         flat = self.flat
         if key in flat:
             return flat[key]
-        fallback = {"data.name": "dataset", "model.name": "model", "model.precision": "precision",
-                    "model.estimator": "estimator", "estimator.o_end": "o_end", "seed": "seed"}
+        fallback = {
+            "data.name": "dataset",
+            "model.name": "model",
+            "model.precision": "precision",
+            "model.estimator": "estimator",
+            "estimator.o_end": "o_end",
+            "seed": "seed",
+        }
         if self.summary and key in fallback:
             return self.summary.get(fallback[key], default)
         return default
@@ -109,11 +115,15 @@ def load_run(path: str | os.PathLike) -> RunRecord:
     """Read a run directory; raises :class:`NotARunError` naming it when it is not one."""
     path = Path(path)
     if not path.is_dir():
-        raise NotARunError(f"{path} does not exist or is not a directory; give a run directory written by "
-                           "`reste train` or a sweep directory")
+        raise NotARunError(
+            f"{path} does not exist or is not a directory; give a run directory written by "
+            "`reste train` or a sweep directory"
+        )
     if not _is_run(path):
-        raise NotARunError(f"{path} is not a run directory: it has neither summary.json nor metrics.jsonl. "
-                           "Give a directory written by `reste train` (runs/<name>-<time>/) or by `reste sweep`")
+        raise NotARunError(
+            f"{path} is not a run directory: it has neither summary.json nor metrics.jsonl. "
+            "Give a directory written by `reste train` (runs/<name>-<time>/) or by `reste sweep`"
+        )
     try:
         summary = rundir.read_summary(path)
     except ValueError as err:
@@ -137,8 +147,9 @@ def find_runs(path: str | os.PathLike) -> list[RunRecord]:
         listed = []
         if (path / "sweep.json").is_file():
             try:
-                listed = [path / Path(r["dir"]).name
-                          for r in json.loads((path / "sweep.json").read_text()).get("runs", [])]
+                listed = [
+                    path / Path(r["dir"]).name for r in json.loads((path / "sweep.json").read_text()).get("runs", [])
+                ]
             except (json.JSONDecodeError, KeyError, TypeError):
                 listed = []
         # the sweep's listing first, then any other run directories placed there
@@ -147,4 +158,3 @@ def find_runs(path: str | os.PathLike) -> list[RunRecord]:
         if runs or (path / "sweep.json").is_file():
             return runs
     return [load_run(path)]  # raises the clear error
-

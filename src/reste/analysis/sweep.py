@@ -22,17 +22,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import yaml
 
 from ..errors import ReSTEError, UsageError
-
 from ..train import rundir
 
-__all__ = ["Sweep", "SweepRun", "SweepError", "SweepConfigError", "is_complete", "parse_grid", "split_values", "run_name", "launch_subprocess"]
+__all__ = [
+    "Sweep",
+    "SweepRun",
+    "SweepError",
+    "SweepConfigError",
+    "is_complete",
+    "parse_grid",
+    "split_values",
+    "run_name",
+    "launch_subprocess",
+]
 
 #: statuses a run can have in sweep.json
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
@@ -268,7 +277,10 @@ class Sweep:
         todo = [r for r in self.runs if r.status != "done"]
         for run in self.runs:
             run.action = "skip" if run.status == "done" else None
-        say(f"sweep {self.out}: {len(self.runs)} runs, {len(self.runs) - len(todo)} already finished, {len(todo)} to run")
+        say(
+            f"sweep {self.out}: {len(self.runs)} runs, {len(self.runs) - len(todo)} already finished, {len(todo)} "
+            "to run"
+        )
         self.write()
         env = dict(os.environ)
         if self.jobs > 1 and "OMP_NUM_THREADS" not in env:  # runs side by side share the cores
@@ -296,8 +308,14 @@ class Sweep:
                         still.append((run, proc, start))
                         continue
                     self._finish(run, rc, time.monotonic() - start)
-                    say(f"[{run.status}] {run.name}" + (f" (exit {rc}, see {run.log})" if run.status != "done" else
-                                                          f" final top-1 {_fmt(run.final_top1)}, best {_fmt(run.best_top1)}"))
+                    say(
+                        f"[{run.status}] {run.name}"
+                        + (
+                            f" (exit {rc}, see {run.log})"
+                            if run.status != "done"
+                            else f" final top-1 {_fmt(run.final_top1)}, best {_fmt(run.best_top1)}"
+                        )
+                    )
                     self.write()
                 active = still
                 if active:

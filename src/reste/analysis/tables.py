@@ -10,7 +10,7 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .cells import Cell, _differing_keys, _families
 from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _table, _wa
@@ -35,9 +35,16 @@ PAPER = {
         ("imagenet", "vit_tiny", "1w32a"): "56.53 (79.86)",
     },
     # seed Table 2, CIFAR-10 ResNet-20 1W/1A
-    "table2": {("progressive", 1.0): 85.18, ("progressive", 2.0): 86.41, ("progressive", 3.0): 86.75,
-               ("progressive", 4.0): 86.45, ("fixed", 1.0): 85.18, ("fixed", 2.0): 85.80,
-               ("fixed", 3.0): 83.19, ("fixed", 4.0): 82.04},
+    "table2": {
+        ("progressive", 1.0): 85.18,
+        ("progressive", 2.0): 86.41,
+        ("progressive", 3.0): 86.75,
+        ("progressive", 4.0): 86.45,
+        ("fixed", 1.0): 85.18,
+        ("fixed", 2.0): 85.80,
+        ("fixed", 3.0): 83.19,
+        ("fixed", 4.0): 82.04,
+    },
     # seed Table 3, CIFAR-10 ResNet-20 1W/1A, o_end = 3
     "table3": {"linear": 86.80, "cosine": 86.75, "power": 86.59},
     # estimator comparison, CIFAR-10 ResNet-20 1W/1A
@@ -56,36 +63,79 @@ PROGRESSIVE_WAYS = ("linear", "cosine", "power")
 #: row order of the estimator comparison (the paper's, baselines first)
 ESTIMATOR_ORDER = ("ste", "clipped_ste", "approx_sign", "swish_sign", "dsq", "ede", "fda", "rbnn", "reste")
 #: config keys that select the estimator of a cell
-ESTIMATOR_KEYS = ("model.estimator", "model.kwargs.weight_estimator", "model.precision", "model.estimator_params",
-                  "model.kwargs.estimator_params", "estimator.params")
+ESTIMATOR_KEYS = (
+    "model.estimator",
+    "model.kwargs.weight_estimator",
+    "model.precision",
+    "model.estimator_params",
+    "model.kwargs.estimator_params",
+    "estimator.params",
+)
 
 
 def _results_section(cells: Sequence[Cell]) -> str:
     # extra columns only for keys that vary between cells of the same data set and model (a ViT's
     # architecture options are not news next to a ResNet) and that the fixed columns do not show
-    shown = ("data.name", "model.name", "model.precision", "model.estimator", "model.kwargs.weight_estimator",
-             "estimator.schedule", "estimator.o_end", "train.epochs")
+    shown = (
+        "data.name",
+        "model.name",
+        "model.precision",
+        "model.estimator",
+        "model.kwargs.weight_estimator",
+        "estimator.schedule",
+        "estimator.o_end",
+        "train.epochs",
+    )
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.get("data.name"), c.get("model.name")), []).append(c)
     varying = sorted({k for g in groups.values() for k in _differing_keys(g)} - set(shown))
-    header = ["data", "model", "W/A", "estimator", "o schedule", "o_end", *varying, "epochs", "seeds",
-              "final top-1 (%)", "best top-1 (%)", "final top-1 per seed", "final top-5 (%)", PAPER_SOURCE["main"]]
+    header = [
+        "data",
+        "model",
+        "W/A",
+        "estimator",
+        "o schedule",
+        "o_end",
+        *varying,
+        "epochs",
+        "seeds",
+        "final top-1 (%)",
+        "best top-1 (%)",
+        "final top-1 per seed",
+        "final top-5 (%)",
+        PAPER_SOURCE["main"],
+    ]
     rows = []
     for c in cells:
-        paper = PAPER["main"].get((c.get("data.name"), c.get("model.name"), c.get("model.precision"))) \
-            if c.label == "ReSTE" else None
-        rows.append([
-            c.get("data.name", "?"), c.get("model.name", "?"), _wa(c.get("model.precision")), c.label,
-            c.schedule if c.label == "ReSTE" else "—", _num(c.o_end) if c.label == "ReSTE" else "—",
-            *[_num(c.get(k)) for k in varying], _num(c.epochs), ",".join(map(str, c.seeds)),
-            _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
-            " / ".join(f"{v:.2f}" for v in c.summary_values("final_top1")),
-            _pm(c.summary_values("final_top5")), paper or "—",
-        ])
-    return "## Results\n\n" + _scale_line(cells) + "\n\nMean ± sample standard deviation over seeds " \
-           "(`seeds`: their ids). \"final\" is the last epoch, \"best\" the best epoch (what the reference " \
-           "reports).\n\n" + _table(header, rows)
+        paper = (
+            PAPER["main"].get((c.get("data.name"), c.get("model.name"), c.get("model.precision")))
+            if c.label == "ReSTE"
+            else None
+        )
+        rows.append(
+            [
+                c.get("data.name", "?"),
+                c.get("model.name", "?"),
+                _wa(c.get("model.precision")),
+                c.label,
+                c.schedule if c.label == "ReSTE" else "—",
+                _num(c.o_end) if c.label == "ReSTE" else "—",
+                *[_num(c.get(k)) for k in varying],
+                _num(c.epochs),
+                ",".join(map(str, c.seeds)),
+                _pm(c.summary_values("final_top1")),
+                _pm(c.summary_values("best_top1")),
+                " / ".join(f"{v:.2f}" for v in c.summary_values("final_top1")),
+                _pm(c.summary_values("final_top5")),
+                paper or "—",
+            ]
+        )
+    return (
+        "## Results\n\n" + _scale_line(cells) + "\n\nMean ± sample standard deviation over seeds "
+        '(`seeds`: their ids). "final" is the last epoch, "best" the best epoch (what the reference '
+        "reports).\n\n" + _table(header, rows)
+    )
 
 
 def _table2_sections(cells: Sequence[Cell]) -> list[str]:
@@ -93,8 +143,9 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
     for family in _families(cells, ["estimator.schedule", "estimator.o_end"]):
         scheds = {c.schedule for c in family}
         # ways tried at a single o_end belong to Table 3, not here
-        progressive = sorted(s for s in scheds
-                             if s != "fixed" and len({c.o_end for c in family if c.schedule == s}) >= 2)
+        progressive = sorted(
+            s for s in scheds if s != "fixed" and len({c.o_end for c in family if c.schedule == s}) >= 2
+        )
         family = [c for c in family if c.schedule == "fixed" or c.schedule in progressive]
         if "fixed" not in scheds or not progressive or len({c.o_end for c in family}) < 2:
             continue
@@ -110,24 +161,34 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
             row = [_num(o)]
             for way in progressive:
                 c = by.get((way, o))
-                row += [_pm(c.summary_values("final_top1")) if c else "—",
-                        _pm(c.summary_values("best_top1")) if c else "—"]
+                row += [
+                    _pm(c.summary_values("final_top1")) if c else "—",
+                    _pm(c.summary_values("best_top1")) if c else "—",
+                ]
             fixed = by.get(("fixed", o))
             mark = ""
             if fixed is None and o == 1.0:
                 # o = 1 throughout either way: a progressive run with o_end = 1 *is* the fixed o = 1 run
                 fixed = next((by.get((w, 1.0)) for w in progressive if by.get((w, 1.0))), None)
                 mark, note = (" *", True) if fixed else ("", note)
-            row += [(_pm(fixed.summary_values("final_top1")) + mark) if fixed else "—",
-                    (_pm(fixed.summary_values("best_top1")) + mark) if fixed else "—"]
+            row += [
+                (_pm(fixed.summary_values("final_top1")) + mark) if fixed else "—",
+                (_pm(fixed.summary_values("best_top1")) + mark) if fixed else "—",
+            ]
             row += [_paper(PAPER["table2"].get(("progressive", o))), _paper(PAPER["table2"].get(("fixed", o)))]
             rows.append(row)
-        text = "## Table 2: fixed vs progressive o\n\n" + _scale_line(family) + "\n\n" + \
-               _context_line(family[0], ["estimator.schedule", "estimator.o_end"]) + \
-               ". Top-1 %, mean ± std over seeds.\n\n" + _table(header, rows)
+        text = (
+            "## Table 2: fixed vs progressive o\n\n"
+            + _scale_line(family)
+            + "\n\n"
+            + _context_line(family[0], ["estimator.schedule", "estimator.o_end"])
+            + ". Top-1 %, mean ± std over seeds.\n\n"
+            + _table(header, rows)
+        )
         if note:
-            text += "\n\n\\* the progressive run with o_end = 1: o = 1 for the whole run, " \
-                    "the same training as fixed o = 1."
+            text += (
+                "\n\n\\* the progressive run with o_end = 1: o = 1 for the whole run, the same training as fixed o = 1."
+            )
         out.append(text)
     return out
 
@@ -140,10 +201,23 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
             continue
         ways.sort(key=lambda c: PROGRESSIVE_WAYS.index(c.schedule))
         header = ["tuning way", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
-        rows = [[c.schedule, _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
-                 _paper(PAPER["table3"].get(c.schedule))] for c in ways]
-        out.append("## Table 3: tuning ways of the progressive strategy\n\n" + _scale_line(ways) + "\n\n" +
-                   _context_line(ways[0], ["estimator.schedule"]) + ".\n\n" + _table(header, rows))
+        rows = [
+            [
+                c.schedule,
+                _pm(c.summary_values("final_top1")),
+                _pm(c.summary_values("best_top1")),
+                _paper(PAPER["table3"].get(c.schedule)),
+            ]
+            for c in ways
+        ]
+        out.append(
+            "## Table 3: tuning ways of the progressive strategy\n\n"
+            + _scale_line(ways)
+            + "\n\n"
+            + _context_line(ways[0], ["estimator.schedule"])
+            + ".\n\n"
+            + _table(header, rows)
+        )
     return out
 
 
@@ -157,26 +231,67 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
         if vit:
             order = {"FP": 0, "DoReFa": 1, "ReSTE": 2}
             family = sorted(family, key=lambda c: order.get(c.label, 3))
-            header = ["estimator", "W/A", "final top-1 (%)", "best top-1 (%)", "final top-5 (%)",
-                      "top-5 at the best epoch (%)", PAPER_SOURCE["table1"]]
-            rows = [[c.label, _wa(c.get("model.precision")), _pm(c.summary_values("final_top1")),
-                     _pm(c.summary_values("best_top1")), _pm(c.summary_values("final_top5")),
-                     _pm(c.summary_values("best_top5")), PAPER["table1"].get(c.label, "—")]
-                    for c in family]
+            header = [
+                "estimator",
+                "W/A",
+                "final top-1 (%)",
+                "best top-1 (%)",
+                "final top-5 (%)",
+                "top-5 at the best epoch (%)",
+                PAPER_SOURCE["table1"],
+            ]
+            rows = [
+                [
+                    c.label,
+                    _wa(c.get("model.precision")),
+                    _pm(c.summary_values("final_top1")),
+                    _pm(c.summary_values("best_top1")),
+                    _pm(c.summary_values("final_top5")),
+                    _pm(c.summary_values("best_top5")),
+                    PAPER["table1"].get(c.label, "—"),
+                ]
+                for c in family
+            ]
             title = "## Table 1: binary ViT"
         else:
-            family = sorted(family, key=lambda c: (ESTIMATOR_ORDER.index(c.get("model.estimator"))
-                                                   if c.get("model.estimator") in ESTIMATOR_ORDER
-                                                   else len(ESTIMATOR_ORDER), c.label))
-            header = ["estimator", "final top-1 (%)", "best top-1 (%)", "est. error e (mean over epochs, at o_end)",
-                      "grad. instability s (sum over epochs)", PAPER_SOURCE["estimators"]]
-            rows = [[c.label, _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1")),
-                     _sci_pm(c.aggregate_values("est_error_end_mean")),
-                     _sci_pm(c.aggregate_values("grad_instability_sum")),
-                     _paper(PAPER["estimators"].get(c.get("model.estimator")))] for c in family]
+            family = sorted(
+                family,
+                key=lambda c: (
+                    ESTIMATOR_ORDER.index(c.get("model.estimator"))
+                    if c.get("model.estimator") in ESTIMATOR_ORDER
+                    else len(ESTIMATOR_ORDER),
+                    c.label,
+                ),
+            )
+            header = [
+                "estimator",
+                "final top-1 (%)",
+                "best top-1 (%)",
+                "est. error e (mean over epochs, at o_end)",
+                "grad. instability s (sum over epochs)",
+                PAPER_SOURCE["estimators"],
+            ]
+            rows = [
+                [
+                    c.label,
+                    _pm(c.summary_values("final_top1")),
+                    _pm(c.summary_values("best_top1")),
+                    _sci_pm(c.aggregate_values("est_error_end_mean")),
+                    _sci_pm(c.aggregate_values("grad_instability_sum")),
+                    _paper(PAPER["estimators"].get(c.get("model.estimator"))),
+                ]
+                for c in family
+            ]
             title = "## Estimator comparison"
-        out.append(title + "\n\n" + _scale_line(family) + "\n\n" + _context_line(family[0], ESTIMATOR_KEYS) +
-                   ". Mean ± std over seeds.\n\n" + _table(header, rows))
+        out.append(
+            title
+            + "\n\n"
+            + _scale_line(family)
+            + "\n\n"
+            + _context_line(family[0], ESTIMATOR_KEYS)
+            + ". Mean ± std over seeds.\n\n"
+            + _table(header, rows)
+        )
     return out
 
 
@@ -190,15 +305,32 @@ def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
 
 
 def _o_end_section(family: list[Cell]) -> str:
-    header = ["o_end", "seeds", "est. error e (mean over epochs, at o_end)",
-              "est. error at current o (mean over epochs)", "grad. instability s (sum over epochs)", "final top-1 (%)",
-              "best top-1 (%)"]
-    rows = [[_num(c.o_end), ",".join(map(str, c.seeds)), _sci_pm(c.aggregate_values("est_error_end_mean")),
-             _sci_pm(c.aggregate_values("est_error_mean")), _sci_pm(c.aggregate_values("grad_instability_sum")),
-             _pm(c.summary_values("final_top1")), _pm(c.summary_values("best_top1"))]
-            for c in family]
-    return ("## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n\n" + _scale_line(family) + "\n\n" +
-            _context_line(family[0], ["estimator.o_end"]) +
-            ". e and s sampled at the last step of each epoch, aggregated as the reference does.\n\n" +
-            _table(header, rows))
-
+    header = [
+        "o_end",
+        "seeds",
+        "est. error e (mean over epochs, at o_end)",
+        "est. error at current o (mean over epochs)",
+        "grad. instability s (sum over epochs)",
+        "final top-1 (%)",
+        "best top-1 (%)",
+    ]
+    rows = [
+        [
+            _num(c.o_end),
+            ",".join(map(str, c.seeds)),
+            _sci_pm(c.aggregate_values("est_error_end_mean")),
+            _sci_pm(c.aggregate_values("est_error_mean")),
+            _sci_pm(c.aggregate_values("grad_instability_sum")),
+            _pm(c.summary_values("final_top1")),
+            _pm(c.summary_values("best_top1")),
+        ]
+        for c in family
+    ]
+    return (
+        "## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n\n"
+        + _scale_line(family)
+        + "\n\n"
+        + _context_line(family[0], ["estimator.o_end"])
+        + ". e and s sampled at the last step of each epoch, aggregated as the reference does.\n\n"
+        + _table(header, rows)
+    )

@@ -33,6 +33,7 @@ def __getattr__(name: str):
         return InMemoryLoader
     raise AttributeError(f"module 'reste.data' has no attribute {name!r}")
 
+
 __all__ = [
     "names",
     "info",
@@ -111,9 +112,18 @@ def create_loaders(
         if download:
             raise ValueError("ImageNet cannot be downloaded automatically; see reste.data.download('imagenet')")
         return create_imagenet_loaders(
-            root, batch_size=batch_size, test_batch_size=test_batch_size, augment=augment, seed=seed,
-            device=device, num_workers=num_workers, subset=subset, rank=rank, world_size=world_size,
-            drop_last=drop_last, shard_test=shard_test,
+            root,
+            batch_size=batch_size,
+            test_batch_size=test_batch_size,
+            augment=augment,
+            seed=seed,
+            device=device,
+            num_workers=num_workers,
+            subset=subset,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            shard_test=shard_test,
         )
 
     import torch
@@ -129,18 +139,33 @@ def create_loaders(
         test_x, test_y = test_x[:test_count], test_y[:test_count]
 
     common = dict(mean=meta.mean, std=meta.std, seed=seed, device=device)
-    train = None if test_only else InMemoryLoader(
-        torch.from_numpy(train_x), torch.from_numpy(train_y),
-        batch_size=batch_size, shuffle=True,
-        crop_padding=meta.crop_padding if augment else 0,
-        horizontal_flip=meta.horizontal_flip if augment else False,
-        drop_last=drop_last, rank=rank, world_size=world_size, equal_shards=True, **common,
+    train = (
+        None
+        if test_only
+        else InMemoryLoader(
+            torch.from_numpy(train_x),
+            torch.from_numpy(train_y),
+            batch_size=batch_size,
+            shuffle=True,
+            crop_padding=meta.crop_padding if augment else 0,
+            horizontal_flip=meta.horizontal_flip if augment else False,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            equal_shards=True,
+            **common,
+        )
     )
     test = InMemoryLoader(
-        torch.from_numpy(test_x), torch.from_numpy(test_y),
-        batch_size=test_batch_size or batch_size, shuffle=False, drop_last=False,
-        rank=rank if shard_test else 0, world_size=world_size if shard_test else 1,
-        equal_shards=False, **common,
+        torch.from_numpy(test_x),
+        torch.from_numpy(test_y),
+        batch_size=test_batch_size or batch_size,
+        shuffle=False,
+        drop_last=False,
+        rank=rank if shard_test else 0,
+        world_size=world_size if shard_test else 1,
+        equal_shards=False,
+        **common,
     )
     test.source = arrays.source
     if train is not None:

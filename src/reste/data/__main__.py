@@ -15,8 +15,9 @@ from .commands import register
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reste.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m reste.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:

@@ -150,27 +150,31 @@ def find_imagenet_root(root=None) -> Path:
 
 def _check_labels(labels: np.ndarray, num_classes: int, source) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise CorruptDataError(
-            source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}"
-        )
+        raise CorruptDataError(source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
 
 
 def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndarray, np.ndarray]:
     size = meta.image_size
     # the image size is checked on the header, before the images are read
     images = read_idx(images_path, 3, item_shape=(size, size))
-    labels = read_idx(labels_path, 1, max_bytes=len(images),
-                      limit_reason=f"one label per image of {images_path.name}").astype(np.int64)
+    labels = read_idx(
+        labels_path, 1, max_bytes=len(images), limit_reason=f"one label per image of {images_path.name}"
+    ).astype(np.int64)
     if len(images) != len(labels):
-        raise CorruptDataError(
-            labels_path, f"{len(labels)} labels for {len(images)} images in {images_path.name}"
-        )
+        raise CorruptDataError(labels_path, f"{len(labels)} labels for {len(images)} images in {images_path.name}")
     _check_labels(labels, meta.num_classes, labels_path)
     return images[:, None], labels  # add the channel axis: N x 1 x H x W
 
 
-def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: str | None = None,
-                progress: bool = True, test_only: bool = False) -> DatasetArrays:
+def load_arrays(
+    name: str,
+    root=None,
+    *,
+    download: bool | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
+    test_only: bool = False,
+) -> DatasetArrays:
     """Read the whole train and test split of an in-memory data set.
 
     ``download``: ``None`` (the default) downloads a missing data set into the
@@ -190,13 +194,17 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
         if not download:
             raise
         target = resolve_root(root) / name
-        print(f"{name} was not found; downloading the official files into {target} (md5-checked) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name} was not found; downloading the official files into {target} (md5-checked) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             download_dataset(name, root if root is not None else resolve_root(None), mirror=mirror, progress=progress)
         except OSError as exc:  # offline, refused, timed out: keep the full "where we looked" message
-            raise DatasetNotFoundError(name, missing.searched + [f"download into {target} failed: {exc}"],
-                                       missing.how_to_get) from exc
+            raise DatasetNotFoundError(
+                name, missing.searched + [f"download into {target} failed: {exc}"], missing.how_to_get
+            ) from exc
         found = locate(name, target.parent, test_only=test_only)
         print(f"{name} is ready in {target}", file=sys.stderr, flush=True)
 
@@ -214,7 +222,10 @@ def load_arrays(name: str, root=None, *, download: bool | None = None, mirror: s
         train = no_train if test_only else read_cifar_members_from_dir(path, source.train_members, source.label_key)
         test = read_cifar_members_from_dir(path, source.test_members, source.label_key)
     elif test_only:
-        train, (test,) = no_train, read_cifar_members_from_tar(path, source.folder, [source.test_members], source.label_key)
+        train, (test,) = (
+            no_train,
+            read_cifar_members_from_tar(path, source.folder, [source.test_members], source.label_key),
+        )
     else:
         train, test = read_cifar_members_from_tar(
             path, source.folder, [source.train_members, source.test_members], source.label_key

@@ -67,25 +67,53 @@ _INFOS: dict[str, DatasetInfo] = {
     for info_ in (
         # Fashion-MNIST statistics measured on its 60k training images.
         # Flips are label-preserving for clothes, so the recipe uses them.
-        DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), 60000, 10000,
-                    crop_padding=2, horizontal_flip=True),
+        DatasetInfo(
+            "fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), 60000, 10000, crop_padding=2, horizontal_flip=True
+        ),
         # Digits are not flip-invariant (a mirrored 2 is not a 2): crop only.
-        DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), 60000, 10000,
-                    crop_padding=2, horizontal_flip=False),
+        DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), 60000, 10000, crop_padding=2, horizontal_flip=False),
         # The CIFAR-10 std below is the value used by the common BNN recipes
         # (IR-Net / ReSTE code bases); the exact per-pixel std would be
         # (0.2470, 0.2435, 0.2616). Kept for parity with published numbers.
-        DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
-                    (0.2023, 0.1994, 0.2010), 50000, 10000,
-                    crop_padding=4, horizontal_flip=True),
-        DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),
-                    (0.2673, 0.2564, 0.2762), 50000, 10000,
-                    crop_padding=4, horizontal_flip=True),
+        DatasetInfo(
+            "cifar10",
+            10,
+            3,
+            32,
+            (0.4914, 0.4822, 0.4465),
+            (0.2023, 0.1994, 0.2010),
+            50000,
+            10000,
+            crop_padding=4,
+            horizontal_flip=True,
+        ),
+        DatasetInfo(
+            "cifar100",
+            100,
+            3,
+            32,
+            (0.5071, 0.4865, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            50000,
+            10000,
+            crop_padding=4,
+            horizontal_flip=True,
+        ),
         # ImageNet augmentation (RandomResizedCrop + flip) is described in
         # reste.data.imagenet, not by crop_padding.
-        DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406),
-                    (0.229, 0.224, 0.225), 1281167, 50000,
-                    crop_padding=0, horizontal_flip=True, in_memory=False),
+        DatasetInfo(
+            "imagenet",
+            1000,
+            3,
+            224,
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
+            1281167,
+            50000,
+            crop_padding=0,
+            horizontal_flip=True,
+            in_memory=False,
+        ),
     )
 }
 
@@ -220,8 +248,7 @@ def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
     name = canonical_name(name)
     if name == "imagenet":
         return [
-            "ImageNet cannot be downloaded automatically (it needs registration at "
-            "https://image-net.org/).",
+            "ImageNet cannot be downloaded automatically (it needs registration at https://image-net.org/).",
             f"Put ILSVRC-2012 in the class-folder layout {root}/train/<wnid>/*.JPEG and "
             f"{root}/val/<wnid>/*.JPEG (or {root}/imagenet/train/...).",
         ]
@@ -233,6 +260,8 @@ def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
     if name == "fashion_mnist" and system:
         commands.append("or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist")
     elif name in SYSTEM_DIRS and not system:
-        commands.append(f"or leave the data folder unset (data.root) to use {default_root()} and "
-                        f"{', '.join(str(p) for p in SYSTEM_DIRS[name])}")
+        commands.append(
+            f"or leave the data folder unset (data.root) to use {default_root()} and "
+            f"{', '.join(str(p) for p in SYSTEM_DIRS[name])}"
+        )
     return commands

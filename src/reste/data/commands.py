@@ -25,9 +25,11 @@ def register(subparsers) -> None:
     from .catalog import names
 
     download = subparsers.add_parser(
-        "download", help="download and verify a data set into ROOT/NAME",
+        "download",
+        help="download and verify a data set into ROOT/NAME",
         description="Download the official files of a data set, check their md5 and unpack them.",
-        epilog=DOWNLOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=DOWNLOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     download.add_argument("name", choices=names(), metavar="NAME", help=", ".join(names()))
     download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ~/.cache/reste/data)")
@@ -36,9 +38,10 @@ def register(subparsers) -> None:
     download.set_defaults(func=run_download)
 
     datasets = subparsers.add_parser(
-        "datasets", help="list the known data sets, their shapes and which are present here",
+        "datasets",
+        help="list the known data sets, their shapes and which are present here",
         description="List the known data sets and, for each, where it was found (without --root: the per-user "
-                    "data folder, then system folders) or 'not present'.",
+        "data folder, then system folders) or 'not present'.",
     )
     datasets.add_argument("--root", default=None, help="look only in this data folder")
     datasets.set_defaults(func=run_datasets)
@@ -86,6 +89,8 @@ def run_datasets(args) -> int:
     for name in names():
         meta = info(name)
         shape = f"{meta.in_channels}x{meta.image_size}x{meta.image_size}"
-        print(f"{name:14s} {meta.num_classes:5d} classes  {shape:10s} "
-              f"{meta.train_size:>9,d} train / {meta.test_size:>6,d} test   {_where(name, args.root)}")
+        print(
+            f"{name:14s} {meta.num_classes:5d} classes  {shape:10s} "
+            f"{meta.train_size:>9,d} train / {meta.test_size:>6,d} test   {_where(name, args.root)}"
+        )
     return 0

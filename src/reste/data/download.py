@@ -58,8 +58,7 @@ def _progress_bar(total, desc, enabled):
     # Imported lazily: tqdm is a dependency, but only downloads need it.
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
 
 
 def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: float = 60.0) -> Path:
@@ -97,8 +96,7 @@ def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: f
         if actual != md5:
             raise CorruptDataError(
                 url,
-                f"md5 mismatch (expected {md5}, got {actual}); the download was "
-                f"deleted and {dest} was not written",
+                f"md5 mismatch (expected {md5}, got {actual}); the download was deleted and {dest} was not written",
                 hint="Retry; if it persists the server or mirror serves different content.",
             )
         os.replace(tmp, dest)

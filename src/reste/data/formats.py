@@ -75,7 +75,7 @@ def _read_exactly(path: Path, stream, out, what: str) -> int:
     done = 0
     try:
         while done < len(view):
-            n = stream.readinto(view[done:done + _CHUNK])
+            n = stream.readinto(view[done : done + _CHUNK])
             if not n:
                 break
             done += n
@@ -86,8 +86,14 @@ def _read_exactly(path: Path, stream, out, what: str) -> int:
     return done
 
 
-def read_idx(path, expected_ndim: int, *, item_shape: tuple | None = None, max_bytes: int = MAX_IDX_BYTES,
-             limit_reason: str = "the most an IDX file of a data set may hold") -> np.ndarray:
+def read_idx(
+    path,
+    expected_ndim: int,
+    *,
+    item_shape: tuple | None = None,
+    max_bytes: int = MAX_IDX_BYTES,
+    limit_reason: str = "the most an IDX file of a data set may hold",
+) -> np.ndarray:
     """Read an IDX file of unsigned bytes (``.gz`` or raw) into an array.
 
     The IDX header is: two zero bytes, a type code (0x08 = ubyte), the number
@@ -110,9 +116,7 @@ def read_idx(path, expected_ndim: int, *, item_shape: tuple | None = None, max_b
         expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
         magic = int.from_bytes(header[:4], "big")
         if magic != expected_magic:
-            raise CorruptDataError(
-                path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
-            )
+            raise CorruptDataError(path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
         if got < header_len:
             raise CorruptDataError(path, "truncated IDX header")
         shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim))
@@ -120,23 +124,31 @@ def read_idx(path, expected_ndim: int, *, item_shape: tuple | None = None, max_b
             raise CorruptDataError(path, f"expected items of shape {tuple(item_shape)}, the header says {shape[1:]}")
         expected_payload = math.prod(shape)  # a Python int: never overflows
         if expected_payload > max_bytes:
-            raise CorruptDataError(path, f"header says shape {shape} = {expected_payload:,} bytes, more than "
-                                         f"{max_bytes:,} ({limit_reason}); the file is damaged")
+            raise CorruptDataError(
+                path,
+                f"header says shape {shape} = {expected_payload:,} bytes, more than "
+                f"{max_bytes:,} ({limit_reason}); the file is damaged",
+            )
         if not zipped:  # the file's size tells at once
             payload = path.stat().st_size - header_len
             if payload != expected_payload:
                 what = "truncated" if payload < expected_payload else "trailing bytes"
-                raise CorruptDataError(path, f"{what}: header says shape {shape} = {expected_payload} bytes, "
-                                             f"file has {payload} payload bytes")
+                raise CorruptDataError(
+                    path,
+                    f"{what}: header says shape {shape} = {expected_payload} bytes, file has {payload} payload bytes",
+                )
         out = np.empty(expected_payload, dtype=np.uint8)
         payload = _read_exactly(path, stream, out, "data")
         if payload < expected_payload:
-            raise CorruptDataError(path, f"truncated: header says shape {shape} = {expected_payload} bytes, "
-                                         f"file has {payload} payload bytes")
+            raise CorruptDataError(
+                path,
+                f"truncated: header says shape {shape} = {expected_payload} bytes, file has {payload} payload bytes",
+            )
         # one byte more: trailing data, and (gzip) the end of the stream with its CRC check
         if _read_exactly(path, stream, bytearray(1), "end"):
-            raise CorruptDataError(path, f"trailing bytes: header says shape {shape} = {expected_payload} bytes, "
-                                         "the file holds more")
+            raise CorruptDataError(
+                path, f"trailing bytes: header says shape {shape} = {expected_payload} bytes, the file holds more"
+            )
     return out.reshape(shape)
 
 
@@ -218,8 +230,12 @@ def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray
     labels = _lookup(batch, label_key)
     if pixels is None or labels is None:
         raise CorruptDataError(source, f"missing b'data' or {label_key!r} entry")
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 \
-            or pixels.shape[1] != 3 * 32 * 32:
+    if (
+        not isinstance(pixels, np.ndarray)
+        or pixels.dtype != np.uint8
+        or pixels.ndim != 2
+        or pixels.shape[1] != 3 * 32 * 32
+    ):
         shape = getattr(pixels, "shape", None)
         dtype = getattr(pixels, "dtype", type(pixels).__name__)
         raise CorruptDataError(source, f"b'data' must be uint8 N x 3072, got {dtype} {shape}")
@@ -228,9 +244,7 @@ def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray
     except (TypeError, ValueError) as exc:
         raise CorruptDataError(source, f"labels are not integers ({exc})") from exc
     if labels.ndim != 1 or len(labels) != len(pixels):
-        raise CorruptDataError(
-            source, f"{len(pixels)} images but labels of shape {labels.shape}"
-        )
+        raise CorruptDataError(source, f"{len(pixels)} images but labels of shape {labels.shape}")
     # Rows are stored channel-major (1024 R, 1024 G, 1024 B), i.e. CHW.
     return pixels.reshape(-1, 3, 32, 32), labels
 
@@ -242,8 +256,11 @@ MAX_CIFAR_BATCH_BYTES = 256 << 20
 
 def _check_batch_size(source, size: int) -> None:
     if size > MAX_CIFAR_BATCH_BYTES:
-        raise CorruptDataError(source, f"{size:,} bytes, more than a CIFAR batch holds (at most "
-                                       f"{MAX_CIFAR_BATCH_BYTES:,}); the file is damaged or not a CIFAR batch")
+        raise CorruptDataError(
+            source,
+            f"{size:,} bytes, more than a CIFAR batch holds (at most "
+            f"{MAX_CIFAR_BATCH_BYTES:,}); the file is damaged or not a CIFAR batch",
+        )
 
 
 def read_cifar_members_from_dir(folder: Path, members, label_key: bytes):
@@ -287,9 +304,6 @@ def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label
         raise CorruptDataError(archive, f"archive lacks member(s) {', '.join(missing)}")
     results = []
     for group in member_groups:
-        parts = [
-            parse_cifar_batch(found[f"{folder}/{m}"], f"{archive}::{folder}/{m}", label_key)
-            for m in group
-        ]
+        parts = [parse_cifar_batch(found[f"{folder}/{m}"], f"{archive}::{folder}/{m}", label_key) for m in group]
         results.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
     return results

@@ -136,8 +136,8 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         Image = require_pillow()
         # Pillow >= 9.1 has enums; the bare constants are the older spelling.
-        _BILINEAR = getattr(getattr(Image, "Resampling", Image), "BILINEAR")
-        _FLIP_LEFT_RIGHT = getattr(getattr(Image, "Transpose", Image), "FLIP_LEFT_RIGHT")
+        _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
+        _FLIP_LEFT_RIGHT = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
@@ -201,9 +201,23 @@ class ImageFolderLoader:
     with the same ``__len__`` / ``set_epoch`` / ``dataset_size`` /
     ``num_samples`` interface as :class:`~reste.data.loaders.InMemoryLoader`."""
 
-    def __init__(self, dataset: ImageFolderDataset, *, batch_size: int, shuffle: bool, seed: int,
-                 device, num_workers: int, drop_last: bool, rank: int, world_size: int,
-                 equal_shards: bool, mean, std, classes):
+    def __init__(
+        self,
+        dataset: ImageFolderDataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device,
+        num_workers: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        equal_shards: bool,
+        mean,
+        std,
+        classes,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.dataset = dataset
@@ -211,8 +225,9 @@ class ImageFolderLoader:
         self.num_classes = len(self.classes)
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.sampler = EpochShardSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
-                                         world_size=world_size, equal_shards=equal_shards)
+        self.sampler = EpochShardSampler(
+            len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, equal_shards=equal_shards
+        )
         shard_size = len(self.sampler)
         # As for InMemoryLoader: never drop the only (partial) batch.
         self._drop_last = drop_last and shard_size >= batch_size
@@ -263,9 +278,21 @@ def _strided_subset(samples, count: int):
     return [samples[p] for p in positions]
 
 
-def create_imagenet_loaders(root=None, *, batch_size=128, test_batch_size=None, augment=True, seed=0,
-                            device="cpu", num_workers=0, subset=None, rank=0, world_size=1,
-                            drop_last=True, shard_test=False):
+def create_imagenet_loaders(
+    root=None,
+    *,
+    batch_size=128,
+    test_batch_size=None,
+    augment=True,
+    seed=0,
+    device="cpu",
+    num_workers=0,
+    subset=None,
+    rank=0,
+    world_size=1,
+    drop_last=True,
+    shard_test=False,
+):
     """Train and val loaders for a class-folder ImageNet; see the module doc."""
     require_pillow()
     base = find_imagenet_root(root)
@@ -275,18 +302,26 @@ def create_imagenet_loaders(root=None, *, batch_size=128, test_batch_size=None, 
         train_samples = _strided_subset(train_samples, subset)
         val_samples = _strided_subset(val_samples, max(1, subset // 5))
     meta = info("imagenet")
-    common = dict(seed=seed, device=device, num_workers=num_workers, mean=meta.mean, std=meta.std,
-                  classes=classes)
+    common = dict(seed=seed, device=device, num_workers=num_workers, mean=meta.mean, std=meta.std, classes=classes)
     train = ImageFolderLoader(
         ImageFolderDataset(train_samples, train=augment, image_size=meta.image_size),
-        batch_size=batch_size, shuffle=True, drop_last=drop_last, rank=rank, world_size=world_size,
-        equal_shards=True, **common,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        equal_shards=True,
+        **common,
     )
     test = ImageFolderLoader(
         ImageFolderDataset(val_samples, train=False, image_size=meta.image_size),
-        batch_size=test_batch_size or batch_size, shuffle=False, drop_last=False,
-        rank=rank if shard_test else 0, world_size=world_size if shard_test else 1,
-        equal_shards=False, **common,
+        batch_size=test_batch_size or batch_size,
+        shuffle=False,
+        drop_last=False,
+        rank=rank if shard_test else 0,
+        world_size=world_size if shard_test else 1,
+        equal_shards=False,
+        **common,
     )
     train.source = test.source = str(base)
     return train, test

@@ -10,11 +10,27 @@
 Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
 """
 
-from .export import (ExportError, architecture_from_config, export, export_run, load, load_run_model, read_graph,
-                     read_tensors, to_deploy)
+from .export import (
+    ExportError,
+    architecture_from_config,
+    export,
+    export_run,
+    load,
+    load_run_model,
+    read_graph,
+    read_tensors,
+    to_deploy,
+)
 from .onnx import export_onnx, to_onnx_module
-from .packed import (PackedBinaryConv2d, PackedBinaryLinear, kernel_info, pack_signs, packed_layer, set_output_pool,
-                     unpack_signs)
+from .packed import (
+    PackedBinaryConv2d,
+    PackedBinaryLinear,
+    kernel_info,
+    pack_signs,
+    packed_layer,
+    set_output_pool,
+    unpack_signs,
+)
 from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [

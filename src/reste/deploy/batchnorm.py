@@ -22,7 +22,7 @@ from .fileformat import _BN_STATE, ExportError
 #: BatchNorm classes stored as (scale, shift), with the input rank their forward takes for a probe
 _BN_PROBE_RANK: dict[type[nn.Module], int] = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 #: probe magnitudes that read a BatchNorm's scale back exactly, largest first (see _bn_coefficients)
-_PROBE_POWERS = tuple(2.0 ** k for k in range(127, 23, -1))
+_PROBE_POWERS = tuple(2.0**k for k in range(127, 23, -1))
 
 
 def _bn_coefficients(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -115,7 +115,16 @@ def _bn_probes(bn: _BatchNorm, gen: torch.Generator) -> list[torch.Tensor]:
     that take PyTorch's vectorised, per-pixel and tail paths."""
     c, rank = bn.num_features, _BN_PROBE_RANK[type(bn)]
     one = (1, c) + (1,) * (rank - 2)
-    specials = (0.0, -0.0, 1.0, -1.0, 2.0 ** 100, -(2.0 ** 100), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max)
+    specials = (
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        2.0**100,
+        -(2.0**100),
+        torch.finfo(torch.float32).max,
+        -torch.finfo(torch.float32).max,
+    )
     probes = [torch.full(one, v) for v in specials]
     # BatchNorm1d takes [N, C] and [N, C, L]
     spatials: dict[int, list[tuple[int, ...]]] = {2: [(), (5,)], 4: [(9, 7), (1, 1), (3, 5)], 5: [(3, 4, 5), (1, 1, 1)]}
@@ -148,5 +157,9 @@ def _fold_bn(bn: _BatchNorm, seed: int) -> tuple[torch.Tensor, torch.Tensor] | N
 def _foldable(module: nn.Module) -> bool:
     """A BatchNorm that a file stores as ``(scale, shift)`` unless the graph lists it in ``unfolded_batchnorms``:
     exactly ``BatchNorm1d/2d/3d`` (no subclass) with affine parameters and running statistics."""
-    return (type(module) in _BN_PROBE_RANK and bool(module.affine)
-            and module.running_mean is not None and module.running_var is not None)
+    return (
+        type(module) in _BN_PROBE_RANK
+        and bool(module.affine)
+        and module.running_mean is not None
+        and module.running_var is not None
+    )

@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VGG_SMALL_SHAPES", "RESNET20_SHAPES", "run", "run_isas", "format_report", "machine_info", "default_json_path", "main"]
+__all__ = [
+    "VGG_SMALL_SHAPES",
+    "RESNET20_SHAPES",
+    "run",
+    "run_isas",
+    "format_report",
+    "machine_info",
+    "default_json_path",
+    "main",
+]
 
 #: (in_channels, out_channels, input size, stride) of the binary 3x3 convs of VGG-small on 32x32
 VGG_SMALL_SHAPES = ((128, 128, 32, 1), (128, 256, 16, 1), (256, 256, 16, 1), (256, 512, 8, 1), (512, 512, 8, 1))
@@ -48,7 +57,18 @@ RESNET20_SHAPES = ((16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 1
 
 
 #: CPU flags (as /proc/cpuinfo spells them) that decide which kernel path can run
-_ISA_FLAGS = ("popcnt", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vpopcntdq", "asimd", "asimddp")
+_ISA_FLAGS = (
+    "popcnt",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vpopcntdq",
+    "asimd",
+    "asimddp",
+)
 
 
 def _cpu() -> tuple[str, list[str], str | None]:
@@ -81,8 +101,14 @@ def machine_info() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     k = kernel_info()
     return {
-        "cpu": cpu, "cpu_family_model": family, "cpu_flags": flags, "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "reste": __version__, "kernel": k,
+        "cpu": cpu,
+        "cpu_family_model": family,
+        "cpu_flags": flags,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "reste": __version__,
+        "kernel": k,
         "best_isa": k["available"][0] if k["available"] else None,
         "load_average_1min_at_start": round(load[0], 2) if load else None,
     }
@@ -148,17 +174,33 @@ def bench_conv(shapes, batches=(1, 64), repeats=7, min_sample_s=0.05, seed=0) ->
             x_cl = x.contiguous(memory_format=torch.channels_last)
             out = layer(x_cl)
             exact = torch.equal(out, layer.reference_forward(x_cl))
-            layout, run_float = _faster({"nchw": lambda: F.conv2d(x, w, None, stride, 1),
-                                         "channels_last": lambda: F.conv2d(x_cl, w_cl, None, stride, 1)}, min_sample_s)
+            layout, run_float = _faster(
+                {
+                    "nchw": lambda: F.conv2d(x, w, None, stride, 1),
+                    "channels_last": lambda: F.conv2d(x_cl, w_cl, None, stride, 1),
+                },
+                min_sample_s,
+            )
             t_float, t_bin, ratio = _paired(run_float, lambda: layer(x_cl), repeats, min_sample_s)
             out_size = out.shape[-1]
             macs = batch * cout * out_size * out_size * cin * 9
-            rows.append({
-                "shape": f"{cin}->{cout} {size}x{size}" + (f" /{stride}" if stride > 1 else ""), "cin": cin, "cout": cout,
-                "size": size, "stride": stride, "batch": batch, "float_ms": 1e3 * t_float, "float_layout": layout,
-                "binary_ms": 1e3 * t_bin, "speedup": ratio, "exact": exact,
-                "float_gmacs": macs / t_float / 1e9, "binary_gmacs": macs / t_bin / 1e9,
-            })
+            rows.append(
+                {
+                    "shape": f"{cin}->{cout} {size}x{size}" + (f" /{stride}" if stride > 1 else ""),
+                    "cin": cin,
+                    "cout": cout,
+                    "size": size,
+                    "stride": stride,
+                    "batch": batch,
+                    "float_ms": 1e3 * t_float,
+                    "float_layout": layout,
+                    "binary_ms": 1e3 * t_bin,
+                    "speedup": ratio,
+                    "exact": exact,
+                    "float_gmacs": macs / t_float / 1e9,
+                    "binary_gmacs": macs / t_bin / 1e9,
+                }
+            )
     return rows
 
 
@@ -178,8 +220,9 @@ def _file_size(obj) -> int:
 
 
 @torch.no_grad()
-def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sample_s=0.2, seed=0,
-                 batches=None) -> tuple[list[dict], list[dict]]:
+def bench_models(
+    names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sample_s=0.2, seed=0, batches=None
+) -> tuple[list[dict], list[dict]]:
     """End-to-end binary (exported + loaded) vs float models, and file sizes."""
     from .. import models
     from .export import export, load
@@ -202,12 +245,27 @@ def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sampl
             x = torch.randn(b, 3, 32, 32, generator=gen)
             x_cl = x.contiguous(memory_format=torch.channels_last)
             max_diff = (deployed(x) - trained(x)).abs().max().item()
-            layout, run_float = _faster({"nchw": lambda: float_model(x), "channels_last": lambda: float_cl(x_cl)}, min_sample_s)
-            bin_layout, run_bin = _faster({"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s)
+            layout, run_float = _faster(
+                {"nchw": lambda: float_model(x), "channels_last": lambda: float_cl(x_cl)}, min_sample_s
+            )
+            bin_layout, run_bin = _faster(
+                {"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s
+            )
             t_float, t_bin, ratio = _paired(run_float, run_bin, repeats, min_sample_s)
-            e2e.append({"model": name, "batch": b, "float_ms": 1e3 * t_float, "float_layout": layout, "binary_ms": 1e3 * t_bin,
-                        "binary_layout": bin_layout, "speedup": ratio, "max_abs_logit_diff": max_diff,
-                        "float_images_per_s": b / t_float, "binary_images_per_s": b / t_bin})
+            e2e.append(
+                {
+                    "model": name,
+                    "batch": b,
+                    "float_ms": 1e3 * t_float,
+                    "float_layout": layout,
+                    "binary_ms": 1e3 * t_bin,
+                    "binary_layout": bin_layout,
+                    "speedup": ratio,
+                    "max_abs_logit_diff": max_diff,
+                    "float_images_per_s": b / t_float,
+                    "binary_images_per_s": b / t_bin,
+                }
+            )
         sd = float_model.state_dict()
         opt = torch.optim.SGD(float_model.parameters(), lr=0.1, momentum=0.9)
         for p in float_model.parameters():
@@ -215,14 +273,28 @@ def bench_models(names=("vgg_small", "resnet20"), batch=64, repeats=7, min_sampl
         opt.step()  # creates the momentum buffers a training checkpoint carries
         state_bytes = _file_size(sd)
         train_bytes = _file_size({"model": sd, "optimizer": opt.state_dict()})
-        sizes.append({"model": name, "exported_bytes": exported_bytes, "float_state_dict_bytes": state_bytes,
-                      "float_train_checkpoint_bytes": train_bytes, "ratio_state_dict": state_bytes / exported_bytes,
-                      "ratio_train_checkpoint": train_bytes / exported_bytes})
+        sizes.append(
+            {
+                "model": name,
+                "exported_bytes": exported_bytes,
+                "float_state_dict_bytes": state_bytes,
+                "float_train_checkpoint_bytes": train_bytes,
+                "ratio_state_dict": state_bytes / exported_bytes,
+                "ratio_train_checkpoint": train_bytes / exported_bytes,
+            }
+        )
     return e2e, sizes
 
 
-def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batches=(1, 64), quick: bool = False,
-        models=("vgg_small", "resnet20"), isa: str | None = None) -> dict:
+def run(
+    threads: int | None = None,
+    repeats: int = 7,
+    batches=(1, 64),
+    e2e_batches=(1, 64),
+    quick: bool = False,
+    models=("vgg_small", "resnet20"),
+    isa: str | None = None,
+) -> dict:
     """All three parts; ``quick`` measures one shape per family and ResNet-20 only (a smoke test).
     ``isa`` forces a kernel path for the run (the previous one is restored after)."""
     from .packed import _ext
@@ -242,8 +314,12 @@ def run(threads: int | None = None, repeats: int = 7, batches=(1, 64), e2e_batch
         result: dict = {"machine": info, "repeats": repeats}
         result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
         result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
-        result["e2e"], result["sizes"] = bench_models(("resnet20",) if quick else models, repeats=repeats,
-                                                      min_sample_s=0.02 if quick else 0.2, batches=e2e_batches)
+        result["e2e"], result["sizes"] = bench_models(
+            ("resnet20",) if quick else models,
+            repeats=repeats,
+            min_sample_s=0.02 if quick else 0.2,
+            batches=e2e_batches,
+        )
     finally:
         if ext is not None:
             ext.select(before, "restored after reste bench-infer")
@@ -292,32 +368,63 @@ def format_report(result: dict) -> str:
     """Markdown tables of a :func:`run` result."""
     m = result["machine"]
     k = m["kernel"]
-    kernel = f"{k['isa']}{' + OpenMP' if k['openmp'] else ''} ({k.get('why')})" if k["extension"] \
+    kernel = (
+        f"{k['isa']}{' + OpenMP' if k['openmp'] else ''} ({k.get('why')})"
+        if k["extension"]
         else f"PyTorch reference ({k['reason']})"
+    )
     forced = k["extension"] and k["isa"] != m.get("best_isa")
     cpu = m["cpu"] + (f" ({m['cpu_family_model']})" if m.get("cpu_family_model") else "")
-    lines = [f"CPU: {cpu}; flags: {' '.join(m.get('cpu_flags') or []) or 'unknown'}",
-             f"kernel path: {kernel}" + (f"; NOT this CPU's default path ({m['best_isa']}): the numbers show the {k['isa']} "
-                                         "kernel on this CPU, not a CPU that only has it" if forced else ""),
-             f"{m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, load average "
-             f"{m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating float/binary samples "
-             "(speedup = median per-round ratio)", ""]
+    lines = [
+        f"CPU: {cpu}; flags: {' '.join(m.get('cpu_flags') or []) or 'unknown'}",
+        f"kernel path: {kernel}"
+        + (
+            f"; NOT this CPU's default path ({m['best_isa']}): the numbers show the {k['isa']} "
+            "kernel on this CPU, not a CPU that only has it"
+            if forced
+            else ""
+        ),
+        f"{m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, load average "
+        f"{m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating float/binary samples "
+        "(speedup = median per-round ratio)",
+        "",
+    ]
     if k["extension"] and k["isa"] == "portable" and not forced:
-        lines.insert(2, "WARNING: only the portable kernel runs on this CPU (no AVX2, AVX-512 or NEON path): "
-                        "binary models may be slower than float here")
-    lines += ["| family | conv 3x3 | batch | float ms | binary ms | speedup | exact |", "|---|---|---:|---:|---:|---:|---|"]
+        lines.insert(
+            2,
+            "WARNING: only the portable kernel runs on this CPU (no AVX2, AVX-512 or NEON path): "
+            "binary models may be slower than float here",
+        )
+    lines += [
+        "| family | conv 3x3 | batch | float ms | binary ms | speedup | exact |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in result["conv"]:
-        lines.append(f"| {r['family']} | {r['shape']} | {r['batch']} | {r['float_ms']:.3f} ({r['float_layout']}) | "
-                     f"{r['binary_ms']:.3f} | {r['speedup']:.1f}x | {'yes' if r['exact'] else 'NO'} |")
-    lines += ["", "| model (1W/1A) | batch | float ms | binary ms | speedup | max logit diff |", "|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['family']} | {r['shape']} | {r['batch']} | {r['float_ms']:.3f} ({r['float_layout']}) | "
+            f"{r['binary_ms']:.3f} | {r['speedup']:.1f}x | {'yes' if r['exact'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "| model (1W/1A) | batch | float ms | binary ms | speedup | max logit diff |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in result["e2e"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['float_ms']:.1f} ({r['float_layout']}) | "
-                     f"{r['binary_ms']:.1f} ({r['binary_layout']}) | {r['speedup']:.2f}x | {r['max_abs_logit_diff']:.2e} |")
-    lines += ["", "| model | exported | float state_dict | ratio | float training checkpoint (SGD momentum) | ratio |",
-              "|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['float_ms']:.1f} ({r['float_layout']}) | "
+            f"{r['binary_ms']:.1f} ({r['binary_layout']}) | {r['speedup']:.2f}x | {r['max_abs_logit_diff']:.2e} |"
+        )
+    lines += [
+        "",
+        "| model | exported | float state_dict | ratio | float training checkpoint (SGD momentum) | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in result["sizes"]:
-        lines.append(f"| {r['model']} | {r['exported_bytes']:,} B | {r['float_state_dict_bytes']:,} B | {r['ratio_state_dict']:.1f}x | "
-                     f"{r['float_train_checkpoint_bytes']:,} B | {r['ratio_train_checkpoint']:.1f}x |")
+        lines.append(
+            f"| {r['model']} | {r['exported_bytes']:,} B | {r['float_state_dict_bytes']:,} B | "
+            f"{r['ratio_state_dict']:.1f}x | "
+            f"{r['float_train_checkpoint_bytes']:,} B | {r['ratio_train_checkpoint']:.1f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -49,41 +49,72 @@ examples:
 def register(subparsers) -> None:
     """Add the deployment sub-commands."""
     s = subparsers.add_parser(
-        "summary", help="per-layer parameters by bit width, memory and MACs of a model",
+        "summary",
+        help="per-layer parameters by bit width, memory and MACs of a model",
         description="Summarise what a model costs deployed: parameters by bit width, memory (bits and bytes), "
-                    "MACs by precision, and the totals (size, float32 size, compression, binary MAC share).",
-        epilog=SUMMARY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "MACs by precision, and the totals (size, float32 size, compression, binary MAC share).",
+        epilog=SUMMARY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("source", metavar="RUN_OR_CONFIG",
-                   help="a run directory, a config YAML, an exported .safetensors file, or a model name")
-    s.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                   help="input of one image (default: the data set's, for a model name 3 32 32)")
-    s.add_argument("--precision", choices=("1w1a", "1w32a", "fp"), default="1w1a", help="for a model name only (default 1w1a)")
+    s.add_argument(
+        "source",
+        metavar="RUN_OR_CONFIG",
+        help="a run directory, a config YAML, an exported .safetensors file, or a model name",
+    )
+    s.add_argument(
+        "--input-size",
+        nargs=3,
+        type=int,
+        metavar=("C", "H", "W"),
+        help="input of one image (default: the data set's, for a model name 3 32 32)",
+    )
+    s.add_argument(
+        "--precision", choices=("1w1a", "1w32a", "fp"), default="1w1a", help="for a model name only (default 1w1a)"
+    )
     s.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     s.set_defaults(func=run_summary)
 
     e = subparsers.add_parser(
-        "export", help="write a trained run's model with 1-bit packed weights (safetensors)",
+        "export",
+        help="write a trained run's model with 1-bit packed weights (safetensors)",
         description="Export the model of a run directory with every binary layer packed to 1 bit per weight.",
-        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `reste train`")
-    e.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
-                   help="safetensors: 1-bit packed weights for reste.deploy (default); onnx: an ONNX graph for other runtimes")
-    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="with --format onnx: PyTorch's ONNX exporter (default dynamo, PyTorch's default)")
-    e.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors, or RUN_DIR/model.onnx)")
+    e.add_argument(
+        "--format",
+        choices=("safetensors", "onnx"),
+        default="safetensors",
+        help="safetensors: 1-bit packed weights for reste.deploy (default); onnx: an ONNX graph for other runtimes",
+    )
+    e.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="with --format onnx: PyTorch's ONNX exporter (default dynamo, PyTorch's default)",
+    )
+    e.add_argument(
+        "--out", metavar="FILE", help="output file (default RUN_DIR/model-1bit.safetensors, or RUN_DIR/model.onnx)"
+    )
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     e.add_argument("--no-verify", action="store_true", help="skip checking the loaded file against the trained model")
-    e.add_argument("--verify-images", type=_images, default=1000, metavar="N|all",
-                   help="check on the first N of the run's test images (default 1000; all: every one)")
+    e.add_argument(
+        "--verify-images",
+        type=_images,
+        default=1000,
+        metavar="N|all",
+        help="check on the first N of the run's test images (default 1000; all: every one)",
+    )
     e.add_argument("--root", metavar="DIR", help="data folder for the check (default: the run's)")
     e.set_defaults(func=run_export)
 
     b = subparsers.add_parser(
-        "bench-infer", help="time packed binary layers and models against float PyTorch on this CPU",
+        "bench-infer",
+        help="time packed binary layers and models against float PyTorch on this CPU",
         description="Benchmark XNOR-popcount inference against float F.conv2d / float models with the same threads.",
-        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_bench_arguments(b)
     b.set_defaults(func=run_bench)
@@ -92,14 +123,24 @@ def register(subparsers) -> None:
 def add_bench_arguments(parser) -> None:
     """The options of ``reste bench-infer`` and ``benchmarks/bench_infer.py``."""
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=7, help="alternating samples per measurement; medians (default 7)")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="alternating samples per measurement; medians (default 7)"
+    )
     parser.add_argument("--quick", action="store_true", help="one shape per family and ResNet-20 only (a smoke test)")
-    parser.add_argument("--isa", default="auto", metavar="auto|all|NAME[,NAME]",
-                        help="kernel path(s) to measure: auto (this CPU's default), all (every path it supports, one "
-                             "result each), or names among portable, avx2, avx512, neon (default auto)")
-    parser.add_argument("--json", default=None, metavar="FILE|DIR|-",
-                        help="where to write the results: a file, a folder (one file per path, named "
-                             "infer_<cpu>_<isa>_t<threads>_<date>.json; default benchmarks/results), or - for none")
+    parser.add_argument(
+        "--isa",
+        default="auto",
+        metavar="auto|all|NAME[,NAME]",
+        help="kernel path(s) to measure: auto (this CPU's default), all (every path it supports, one "
+        "result each), or names among portable, avx2, avx512, neon (default auto)",
+    )
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE|DIR|-",
+        help="where to write the results: a file, a folder (one file per path, named "
+        "infer_<cpu>_<isa>_t<threads>_<date>.json; default benchmarks/results), or - for none",
+    )
 
 
 def _images(text: str) -> int | None:
@@ -147,14 +188,19 @@ def _model_for_summary(args):
     if args.source in models.names():
         size = tuple(args.input_size or (3, 32, 32))
         with torch.device("meta"):  # shapes only: an absurd --input-size is refused before allocating
-            problem = models.check_size(models.create(args.source, in_channels=size[0], precision=args.precision,
-                                                      image_size=size[1]), copies=1)
+            problem = models.check_size(
+                models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1]), copies=1
+            )
         if problem:
-            raise _UnknownSource(f"{args.source} with --input-size {' '.join(map(str, size))}: {problem}; give a smaller size")
+            raise _UnknownSource(
+                f"{args.source} with --input-size {' '.join(map(str, size))}: {problem}; give a smaller size"
+            )
         model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
         return model, size
-    raise _UnknownSource(f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
-                     f"({', '.join(models.names())})")
+    raise _UnknownSource(
+        f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
+        f"({', '.join(models.names())})"
+    )
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -196,14 +242,18 @@ def run_export(args: argparse.Namespace) -> int:
         raise ReSTEError(str(err)) from None
     except OSError as err:  # e.g. a full disk: export writes atomically, so a previous file is intact
         what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-        raise ReSTEError(f"{what}; nothing was written to {out} (a previous file there is intact); free some space "
-                         "or choose another --out") from None
+        raise ReSTEError(
+            f"{what}; nothing was written to {out} (a previous file there is intact); free some space "
+            "or choose another --out"
+        ) from None
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
     print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
     size_bytes = out.stat().st_size
-    print(f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
-          f"float32 weights ({s.float32_bytes:,} bytes)")
+    print(
+        f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
+        f"float32 weights ({s.float32_bytes:,} bytes)"
+    )
     from .packed import slow_kernel_note
 
     note = slow_kernel_note()
@@ -213,8 +263,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     # records the run's data set in the file, and checks it on real test images (see verify.py)
     try:
-        lines, problem = check_export(run_dir, out, model, args.checkpoint, verify=not args.no_verify,
-                                      images=args.verify_images, root=args.root)
+        lines, problem = check_export(
+            run_dir, out, model, args.checkpoint, verify=not args.no_verify, images=args.verify_images, root=args.root
+        )
     except ReSTEError:
         raise
     except (ValueError, OSError) as err:
@@ -222,8 +273,9 @@ def run_export(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     if problem:  # the export ran but its check did not pass: the work failed
-        raise ReSTEError(f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; "
-                         "please report this")
+        raise ReSTEError(
+            f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this"
+        )
     return 0
 
 
@@ -239,8 +291,13 @@ def _run_export_onnx(args: argparse.Namespace, run_dir: Path) -> int:
         model, arch, source = load_run_model(run_dir, args.checkpoint)
         spec = data_spec(_run_config(run_dir, args.checkpoint))
         shape = tuple(spec["input_shape"])
-        export_onnx(model, out, shape, exporter=args.exporter,
-                    metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec})
+        export_onnx(
+            model,
+            out,
+            shape,
+            exporter=args.exporter,
+            metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec},
+        )
     except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
         raise
     except ValueError as err:
@@ -248,39 +305,53 @@ def _run_export_onnx(args: argparse.Namespace, run_dir: Path) -> int:
     except OSError as err:
         raise ReSTEError(f"{err}; nothing was written to {out} (a previous file there is intact)") from None
     except Exception as err:  # noqa: BLE001 - the exporters raise their own types; name the model and the way out
-        raise ReSTEError(f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
-                         f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})") from None
-    print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out} "
-          f"(ONNX, {args.exporter} exporter, {out.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])")
+        raise ReSTEError(
+            f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
+            f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})"
+        ) from None
+    print(
+        f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out} "
+        f"(ONNX, {args.exporter} exporter, {out.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])"
+    )
     if args.no_verify:
         return 0
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        print(f"warning: onnxruntime is not installed, so {out} is not checked against the trained model ({INSTALL_HINT})",
-              file=sys.stderr)
+        print(
+            f"warning: onnxruntime is not installed, so {out} is not checked against the trained model "
+            f"({INSTALL_HINT})",
+            file=sys.stderr,
+        )
         return 0
     lines, loader = [], None
     try:
         loader = eval_loader(spec, root=args.root, download=False)
     except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
-        lines.append("  warning: could not read the run's test images, so the ONNX file is checked on random inputs only "
-                     f"(give the data folder with --root DIR): {str(err).splitlines()[0]}")
+        lines.append(
+            "  warning: could not read the run's test images, so the ONNX file is checked on random inputs only "
+            f"(give the data folder with --root DIR): {str(err).splitlines()[0]}"
+        )
     result = check_onnx(model, out, shape, loader, args.verify_images)
     problem = result.pop("problem")
     write_onnx_metadata(out, {"reste.verification": result})
     if result["images"]:
-        lines.append(f"  onnxruntime on {result['images']} {spec['name']} test images: predictions agree on "
-                     f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, onnx "
-                     f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}")
-    lines.append(f"  onnxruntime on {result['random_inputs']} random inputs (batch {result['random_inputs']}): "
-                 f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}")
+        lines.append(
+            f"  onnxruntime on {result['images']} {spec['name']} test images: predictions agree on "
+            f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, onnx "
+            f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}"
+        )
+    lines.append(
+        f"  onnxruntime on {result['random_inputs']} random inputs (batch {result['random_inputs']}): "
+        f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}"
+    )
     for line in lines:
         print(line)
     if problem:
-        raise ReSTEError(f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; "
-                         "please report this")
+        raise ReSTEError(
+            f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; please report this"
+        )
     return 0
 
 

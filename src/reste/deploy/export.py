@@ -31,15 +31,48 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..estimators import Estimator
 from ..nn.convert import rebuild_attention
 from ..nn.layers import BinaryLayer
-from .batchnorm import (_BN_PROBE_RANK, _PROBE_POWERS, _bn_coefficients, _bn_probes, _fold_bn,  # noqa: F401
-                        _foldable, _restore_bn, _same_bits, _unit_variance)
-from .fileformat import (_BN_STATE, _TRAINING_COUNTERS, FORMAT, FORMAT_VERSION, MAX_GRAPH_BYTES,  # noqa: F401
-                         ExportError, _blob_sizes, _check_layout, _checksum, _describe, _dtype_name, _fingerprint,
-                         _layout, _stored_sizes, read_graph)
+from .batchnorm import (
+    _BN_PROBE_RANK,
+    _PROBE_POWERS,
+    _bn_coefficients,
+    _bn_probes,
+    _fold_bn,  # noqa: F401
+    _foldable,
+    _restore_bn,
+    _same_bits,
+    _unit_variance,
+)
+from .fileformat import (
+    _BN_STATE,
+    _TRAINING_COUNTERS,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_GRAPH_BYTES,  # noqa: F401
+    ExportError,
+    _blob_sizes,
+    _check_layout,
+    _checksum,
+    _describe,
+    _dtype_name,
+    _fingerprint,
+    _layout,
+    _stored_sizes,
+    read_graph,
+)
 from .packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBinary, packed_layer
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ExportError", "to_deploy", "export", "export_run", "load", "read_graph",
-           "read_tensors", "architecture_from_config"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ExportError",
+    "to_deploy",
+    "export",
+    "export_run",
+    "load",
+    "read_graph",
+    "read_tensors",
+    "architecture_from_config",
+]
 
 #: what building a recorded architecture raises for absurd arguments (width: .inf, image_size: 1e5, ...)
 _BUILD_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError)
@@ -62,17 +95,25 @@ def to_deploy(model: nn.Module) -> nn.Module:
     deploy = copy.deepcopy(model).cpu().eval()
     binary = [(n, m) for n, m in deploy.named_modules() if isinstance(m, BinaryLayer)]
     if not binary:
-        raise ExportError("the model has no binary layers (BinaryConv2d/BinaryLinear); binarize it or create it with precision '1w1a'/'1w32a'")
+        raise ExportError(
+            "the model has no binary layers (BinaryConv2d/BinaryLinear); binarize it or create it with precision "
+            "'1w1a'/'1w32a'"
+        )
     for name, layer in binary:
         if not layer.binary_weights:
-            raise ExportError(f"layer {name!r} binarizes its inputs but keeps real weights; only layers with binary weights can be packed")
+            raise ExportError(
+                f"layer {name!r} binarizes its inputs but keeps real weights; only layers with binary weights can "
+                "be packed"
+            )
         if name == "":
             raise ExportError("the model is a single binary layer; wrap it in an nn.Sequential to export it")
         _set_module(deploy, name, packed_layer(layer))
     leftover = [n for n, m in deploy.named_modules() if isinstance(m, Estimator)]
     if leftover:
-        raise ExportError(f"estimators outside binary layers ({', '.join(leftover[:3])}) cannot be exported; "
-                          "use reste.nn.BinaryConv2d/BinaryLinear for every binarized operation")
+        raise ExportError(
+            f"estimators outside binary layers ({', '.join(leftover[:3])}) cannot be exported; "
+            "use reste.nn.BinaryConv2d/BinaryLinear for every binarized operation"
+        )
     return deploy
 
 
@@ -104,13 +145,19 @@ def _inference_state(deploy: nn.Module) -> tuple[dict, list[str]]:
 def _graph(deploy: nn.Module, architecture: dict | None, source: dict | None, unfolded: list, tensors: dict) -> dict:
     layers = {name: m.options() for name, m in deploy.named_modules() if isinstance(m, _PackedBinary)}
     entries = [(name, _dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
-    return {"architecture": architecture, "binary_layers": layers, "unfolded_batchnorms": unfolded,
-            "layout": {"fingerprint": _fingerprint(entries), "blobs": _blob_sizes(entries)}, "source": source}
+    return {
+        "architecture": architecture,
+        "binary_layers": layers,
+        "unfolded_batchnorms": unfolded,
+        "layout": {"fingerprint": _fingerprint(entries), "blobs": _blob_sizes(entries)},
+        "source": source,
+    }
 
 
 # ----------------------------------------------------------------------------- export
-def export(model: nn.Module, path: str | os.PathLike[str], architecture: dict | None = None,
-           source: dict | None = None) -> Path:
+def export(
+    model: nn.Module, path: str | os.PathLike[str], architecture: dict | None = None, source: dict | None = None
+) -> Path:
     """Write ``model`` with 1-bit packed binary layers to ``path`` (a ``.safetensors`` file).
 
     Args:
@@ -139,12 +186,20 @@ def export(model: nn.Module, path: str | os.PathLike[str], architecture: dict | 
         graph["checksum"] = _checksum(graph, blobs)
         text = json.dumps(graph, sort_keys=True, separators=(",", ":"))
     except TypeError as err:
-        raise ExportError(f"architecture/source must be JSON-serialisable (plain dicts, lists, numbers, strings): {err}") from None
+        raise ExportError(
+            f"architecture/source must be JSON-serialisable (plain dicts, lists, numbers, strings): {err}"
+        ) from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = save(blobs, metadata={
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "reste_version": __version__, "graph": text,
-    })
+    data = save(
+        blobs,
+        metadata={
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "reste_version": __version__,
+            "graph": text,
+        },
+    )
     return atomic_write(path, lambda handle: handle.write(data))  # an older export survives a failed one
 
 
@@ -169,29 +224,52 @@ def _packed_twin(path: Path, name: str, old: nn.Module, options: dict) -> _Packe
     elif isinstance(old, (nn.Linear, PackedBinaryLinear)):
         cls, kind, out = PackedBinaryLinear, "linear", old.out_features
     else:
-        raise ExportError(f"{path}: layer {name!r} is a {type(old).__name__} in this architecture, but a binary conv or "
-                          "linear layer in the file; it is not the architecture the file was exported from")
+        raise ExportError(
+            f"{path}: layer {name!r} is a {type(old).__name__} in this architecture, but a binary conv or "
+            "linear layer in the file; it is not the architecture the file was exported from"
+        )
     if not isinstance(options, dict):
-        raise ExportError(f"{path}: binary layer {name!r} has options {options!r}, not a JSON object; the file is damaged, re-export it")
+        raise ExportError(
+            f"{path}: binary layer {name!r} has options {options!r}, not a JSON object; the file is damaged, "
+            "re-export it"
+        )
     options = dict(options)
     alpha = options.pop("alpha", "layer")
     if alpha not in ("layer", "channel"):
-        raise ExportError(f"{path}: binary layer {name!r} has alpha={alpha!r}; expected 'layer' or 'channel' (re-export the model)")
+        raise ExportError(
+            f"{path}: binary layer {name!r} has alpha={alpha!r}; expected 'layer' or 'channel' (re-export the model)"
+        )
     if isinstance(old, BinaryLayer):
         # the architecture fixes every option that changes the computation: the file must agree
-        implied = {"inputs": "binary" if old.binary_inputs else "real",
-                   "alpha": "channel" if old.weight_scale == "channel_mean" and out > 1 else "layer"}
+        implied = {
+            "inputs": "binary" if old.binary_inputs else "real",
+            "alpha": "channel" if old.weight_scale == "channel_mean" and out > 1 else "layer",
+        }
         if kind == "conv":
             implied["input_padding"] = old.input_padding
-        recorded = {"inputs": options.get("inputs", "binary"), "alpha": alpha, "input_padding": options.get("input_padding", "zero")}
-        differ = [f"{key} {recorded[key]!r} (the architecture has {value!r})" for key, value in implied.items() if recorded[key] != value]
+        recorded = {
+            "inputs": options.get("inputs", "binary"),
+            "alpha": alpha,
+            "input_padding": options.get("input_padding", "zero"),
+        }
+        differ = [
+            f"{key} {recorded[key]!r} (the architecture has {value!r})"
+            for key, value in implied.items()
+            if recorded[key] != value
+        ]
         if differ:
-            raise ExportError(f"{path}: binary layer {name!r} is recorded with {', '.join(differ)}; the file was edited or "
-                              "is of another architecture, re-export it")
+            raise ExportError(
+                f"{path}: binary layer {name!r} is recorded with {', '.join(differ)}; the file was edited or "
+                "is of another architecture, re-export it"
+            )
     try:
-        return cls.like(old, alpha_size=out if alpha == "channel" else 1, bias=getattr(old, "bias", None) is not None, **options)
+        return cls.like(
+            old, alpha_size=out if alpha == "channel" else 1, bias=getattr(old, "bias", None) is not None, **options
+        )
     except (TypeError, ValueError) as err:
-        raise ExportError(f"{path}: cannot rebuild binary {kind} layer {name!r} with options {options}: {err}") from None
+        raise ExportError(
+            f"{path}: cannot rebuild binary {kind} layer {name!r} with options {options}: {err}"
+        ) from None
 
 
 def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set, list]:
@@ -203,12 +281,16 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise ExportError(f"{path}: the architecture has no layer {name!r}; it is not the architecture the file was exported from") from None
+            raise ExportError(
+                f"{path}: the architecture has no layer {name!r}; it is not the architecture the file was exported from"
+            ) from None
         _set_module(model, name, _packed_twin(path, name, old, options))
     leftover = [n for n, m in model.named_modules() if isinstance(m, Estimator)]
     if leftover:
-        raise ExportError(f"{path}: layers {', '.join(leftover[:3])} of the architecture are binary but not in the file; "
-                          "the file was exported from a different precision")
+        raise ExportError(
+            f"{path}: layers {', '.join(leftover[:3])} of the architecture are binary but not in the file; "
+            "the file was exported from a different precision"
+        )
     unfolded = set(graph.get("unfolded_batchnorms", []))
     folded = {n for n, m in model.named_modules() if _foldable(m) and n not in unfolded}
     return model, folded, _layout(model, folded)
@@ -232,8 +314,10 @@ def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module
     if model is None:
         arch = graph.get("architecture")
         if not arch:
-            raise ExportError(f"{path} records no architecture (it was exported from a model outside reste.models); "
-                              "pass the architecture: reste.deploy.load(path, model=MyNet())")
+            raise ExportError(
+                f"{path} records no architecture (it was exported from a model outside reste.models); "
+                "pass the architecture: reste.deploy.load(path, model=MyNet())"
+            )
         label = json.dumps(arch)[:120] if isinstance(arch, dict) else repr(arch)[:120]
         try:
             with torch.device("meta"):
@@ -242,8 +326,10 @@ def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module
         except _BUILD_ERRORS as err:
             raise ExportError(f"{path}: cannot rebuild the recorded architecture {label}: {str(err)[:200]}") from None
         if problem:
-            raise ExportError(f"{path}: the recorded architecture {label} is too big to build: {problem}; "
-                              "the file is damaged, re-export it")
+            raise ExportError(
+                f"{path}: the recorded architecture {label} is too big to build: {problem}; "
+                "the file is damaged, re-export it"
+            )
         with torch.device("meta"):
             _, _, entries = _skeleton(path, graph, shape_only)
         _check_layout(path, graph, entries, stored_sizes)
@@ -260,20 +346,27 @@ def _open(path, model: nn.Module | None, verify: bool = True) -> tuple[nn.Module
         raise ExportError(f"{path} is truncated or corrupt ({err}); re-export the model") from None
     found = {k: (_dtype_name(v.dtype), tuple(v.shape)) for k, v in blobs.items()}
     if found != {dtype: (dtype, (n,)) for dtype, n in want.items()}:
-        raise ExportError(f"{path} holds tensors {found}, but its layout needs 1-D blobs {_describe(want)}; "
-                          "the file is damaged, re-export it")
+        raise ExportError(
+            f"{path} holds tensors {found}, but its layout needs 1-D blobs {_describe(want)}; "
+            "the file is damaged, re-export it"
+        )
     if verify:
         if "checksum" not in graph:
-            warnings.warn(f"{path} has no content checksum (exported by an earlier reste), so its weights cannot be "
-                          "verified; re-export it to add one", stacklevel=3)
+            warnings.warn(
+                f"{path} has no content checksum (exported by an earlier reste), so its weights cannot be "
+                "verified; re-export it to add one",
+                stacklevel=3,
+            )
         elif _checksum(graph, blobs) != graph["checksum"]:
-            raise ExportError(f"{path}: content checksum differs (the weights or the graph description were changed "
-                              "after export, or the file is damaged); re-export the model")
+            raise ExportError(
+                f"{path}: content checksum differs (the weights or the graph description were changed "
+                "after export, or the file is damaged); re-export the model"
+            )
     offsets = {dtype: 0 for dtype in want}
     tensors = {}
     for name, dtype, shape in entries:
         n = math.prod(shape)
-        tensors[name] = blobs[dtype][offsets[dtype]:offsets[dtype] + n].reshape(shape)
+        tensors[name] = blobs[dtype][offsets[dtype] : offsets[dtype] + n].reshape(shape)
         offsets[dtype] += n
     return model, tensors, folded
 
@@ -289,8 +382,9 @@ def read_tensors(path, model: nn.Module | None = None, verify: bool = True) -> d
     return _open(path, copy.deepcopy(model) if model is not None else None, verify)[1]
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None, fuse: bool = True,
-         verify: bool = True) -> nn.Module:
+def load(
+    path: str | os.PathLike[str], model: nn.Module | None = None, fuse: bool = True, verify: bool = True
+) -> nn.Module:
     """Load an exported file as an eval-mode inference model with packed binary layers.
 
     Args:
@@ -325,8 +419,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, fuse: boo
     missing = [k for k in result.missing_keys if k.rpartition(".")[2] not in _TRAINING_COUNTERS and k not in restored]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:  # cannot happen once the fingerprint matched; kept as a last check
-        parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing in file", missing), ("not in architecture", unexpected)) if keys]
+        parts = [
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing in file", missing), ("not in architecture", unexpected))
+            if keys
+        ]
         raise ExportError(f"{path} does not fit the architecture ({'; '.join(parts)})")
     for name, (scale, shift) in coeffs.items():
         _restore_bn(cast(_BatchNorm, model.get_submodule(name)), scale, shift)  # a folded BatchNorm of the file
@@ -367,7 +464,9 @@ def load_run_model(run_dir, checkpoint: str = "best") -> tuple[nn.Module, dict, 
         if not ckpt_path.is_file():
             other = "last" if checkpoint == "best" else "best"
             hint = f"; try --checkpoint {other}" if checkpoint_path(run_dir, other).is_file() else ""
-            raise ExportError(f"{ckpt_path} does not exist{hint} (is {run_dir} a run directory written by `reste train`?)")
+            raise ExportError(
+                f"{ckpt_path} does not exist{hint} (is {run_dir} a run directory written by `reste train`?)"
+            )
     else:
         ckpt_path = Path(checkpoint)
     state = load_checkpoint(ckpt_path, required=("model",))
@@ -375,11 +474,15 @@ def load_run_model(run_dir, checkpoint: str = "best") -> tuple[nn.Module, dict, 
     if not config:
         cfg_file = run_dir / CONFIG
         if not cfg_file.is_file():
-            raise ExportError(f"{ckpt_path} holds no config and {cfg_file} is missing; cannot tell which architecture to build")
+            raise ExportError(
+                f"{ckpt_path} holds no config and {cfg_file} is missing; cannot tell which architecture to build"
+            )
         config = read_config(run_dir)
     architecture = architecture_from_config(config)
     if architecture["precision"] == "fp":
-        raise ExportError(f"{run_dir} trained a full-precision model (model.precision: fp); there are no binary layers to pack")
+        raise ExportError(
+            f"{run_dir} trained a full-precision model (model.precision: fp); there are no binary layers to pack"
+        )
     model = build_architecture(architecture)
     load_model_weights(model, state["model"], ckpt_path)
     source = {"run": run_dir.name, "checkpoint": ckpt_path.name, "epoch": int(state.get("epoch", 0))}

@@ -97,7 +97,10 @@ def _layout(deploy: nn.Module, folded) -> list[tuple[str, str, tuple[int, ...]]]
         if owner in folded and leaf in _BN_STATE:
             if leaf == "weight":
                 prefix = f"{owner}." if owner else ""
-                entries += [(prefix + "scale", "float32", tuple(value.shape)), (prefix + "shift", "float32", tuple(value.shape))]
+                entries += [
+                    (prefix + "scale", "float32", tuple(value.shape)),
+                    (prefix + "shift", "float32", tuple(value.shape)),
+                ]
             continue
         entries.append((key, _dtype_name(value.dtype), tuple(value.shape)))
     return entries
@@ -142,35 +145,54 @@ def read_graph(path) -> dict:
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad headers
         raise ExportError(f"{path} is not a readable safetensors file ({err}); re-export the model") from None
     if meta.get("format") != FORMAT:
-        raise ExportError(f"{path} is not a reste export (metadata format={meta.get('format')!r}); export one with `reste export`")
+        raise ExportError(
+            f"{path} is not a reste export (metadata format={meta.get('format')!r}); export one with `reste export`"
+        )
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:
         version = 0
     if version > FORMAT_VERSION:
-        raise ExportError(f"{path} uses format version {version}, newer than this reste reads ({FORMAT_VERSION}); upgrade reste")
+        raise ExportError(
+            f"{path} uses format version {version}, newer than this reste reads ({FORMAT_VERSION}); upgrade reste"
+        )
     if version < FORMAT_VERSION:
-        raise ExportError(f"{path} uses format version {version}, which this reste no longer reads (it reads version "
-                          f"{FORMAT_VERSION}); re-export it with this reste: `reste export RUN_DIR --out {path.name}`")
+        raise ExportError(
+            f"{path} uses format version {version}, which this reste no longer reads (it reads version "
+            f"{FORMAT_VERSION}); re-export it with this reste: `reste export RUN_DIR --out {path.name}`"
+        )
     if len(meta.get("graph", "")) > MAX_GRAPH_BYTES:
-        raise ExportError(f"{path}: the graph description is longer than {MAX_GRAPH_BYTES >> 20} MiB (an export's is a few KB); "
-                          "the file is damaged, re-export the model")
+        raise ExportError(
+            f"{path}: the graph description is longer than {MAX_GRAPH_BYTES >> 20} MiB (an export's is a few KB); "
+            "the file is damaged, re-export the model"
+        )
     try:
         graph = json.loads(meta["graph"])
     except (KeyError, ValueError, RecursionError) as err:
-        raise ExportError(f"{path} has no readable graph description ({type(err).__name__}: {str(err)[:100]}); "
-                          "re-export the model") from None
+        raise ExportError(
+            f"{path} has no readable graph description ({type(err).__name__}: {str(err)[:100]}); re-export the model"
+        ) from None
     if not isinstance(graph, dict) or not isinstance(graph.get("binary_layers"), dict):
         raise ExportError(f"{path}: the graph description lists no binary layers; re-export the model")
     layout = graph.get("layout")
-    if (not isinstance(layout, dict) or not isinstance(layout.get("fingerprint"), str) or not isinstance(layout.get("blobs"), dict)
-            or not isinstance(graph.get("unfolded_batchnorms", []), list) or not isinstance(graph.get("checksum", ""), str)):
-        raise ExportError(f"{path}: the graph description has no readable tensor layout; the file is damaged, re-export the model")
+    if (
+        not isinstance(layout, dict)
+        or not isinstance(layout.get("fingerprint"), str)
+        or not isinstance(layout.get("blobs"), dict)
+        or not isinstance(graph.get("unfolded_batchnorms", []), list)
+        or not isinstance(graph.get("checksum", ""), str)
+    ):
+        raise ExportError(
+            f"{path}: the graph description has no readable tensor layout; the file is damaged, re-export the model"
+        )
     return graph
 
 
 def _describe(sizes: dict) -> str:
-    return " + ".join(f"{n:,} {dtype}" if isinstance(n, int) else f"{n!r} {dtype}" for dtype, n in sorted(sizes.items())) or "nothing"
+    return (
+        " + ".join(f"{n:,} {dtype}" if isinstance(n, int) else f"{n!r} {dtype}" for dtype, n in sorted(sizes.items()))
+        or "nothing"
+    )
 
 
 def _check_layout(path: Path, graph: dict, entries: list, stored_sizes: dict) -> None:
@@ -181,13 +203,18 @@ def _check_layout(path: Path, graph: dict, entries: list, stored_sizes: dict) ->
             f"{path} was written for a different architecture / model arguments: layout fingerprint differs "
             f"(file {stored['fingerprint']}, this architecture {_fingerprint(entries)}; the file holds "
             f"{_describe(stored_sizes)} values, this architecture stores {_describe(want)}); re-export it, "
-            "or pass the model it came from: reste.deploy.load(path, model=...)")
+            "or pass the model it came from: reste.deploy.load(path, model=...)"
+        )
     if stored["blobs"] != want:
-        raise ExportError(f"{path}: the graph's blob sizes ({_describe(stored['blobs'])}) do not match its layout "
-                          f"({_describe(want)}); the file is damaged, re-export it")
+        raise ExportError(
+            f"{path}: the graph's blob sizes ({_describe(stored['blobs'])}) do not match its layout "
+            f"({_describe(want)}); the file is damaged, re-export it"
+        )
     if stored_sizes != want:
-        raise ExportError(f"{path} holds tensors of {_describe(stored_sizes)} values, but its layout needs 1-D blobs "
-                          f"{_describe(want)}; the file is damaged, re-export it")
+        raise ExportError(
+            f"{path} holds tensors of {_describe(stored_sizes)} values, but its layout needs 1-D blobs "
+            f"{_describe(want)}; the file is damaged, re-export it"
+        )
 
 
 def _stored_sizes(path: Path) -> dict:

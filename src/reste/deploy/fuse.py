@@ -36,6 +36,7 @@ from .packed import PackedBinaryConv2d, _ext
 
 __all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds"]
 
+
 class _OpaqueChildren(fx.Tracer):
     """Trace only the root's own forward; every submodule is a single call node."""
 
@@ -82,7 +83,9 @@ def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d
         if affine is not None:
             wanted = expected([m for m in (relu, bn) if m is not None])
             for fma in (True, False):
-                conv.fuse_epilogue(relu=relu is not None, bn=bn, kernel_scale=affine[0], kernel_shift=affine[1], kernel_fma=fma)
+                conv.fuse_epilogue(
+                    relu=relu is not None, bn=bn, kernel_scale=affine[0], kernel_shift=affine[1], kernel_fma=fma
+                )
                 if matches(wanted):
                     return [m for m in (relu, bn) if m is not None]
                 conv.fuse_epilogue(relu=False, bn=None)
@@ -95,8 +98,9 @@ def _try_fuse(conv: PackedBinaryConv2d, relu: nn.ReLU | None, bn: nn.BatchNorm2d
     return []
 
 
-def _bn_formula(relu: nn.ReLU | None, bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, channels: int,
-                seed: int) -> bool | None:
+def _bn_formula(
+    relu: nn.ReLU | None, bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, channels: int, seed: int
+) -> bool | None:
     """Whether PyTorch computes ``bn(relu(x))`` as ``fma(x, scale, shift)`` (True) or as a multiply, then
     an add (False), judged on float outputs in both memory layouts; None if neither matches bit for bit.
 
@@ -152,7 +156,14 @@ def _traced_parents(model: nn.Module, skip=None):
             graph = _OpaqueChildren().trace(parent)
         except Exception:  # noqa: BLE001 - any untraceable forward: leave this module as it is
             continue
-        yield parent_name, parent, graph, children, Counter(n.target for n in graph.nodes if n.op == "call_module"), shared
+        yield (
+            parent_name,
+            parent,
+            graph,
+            children,
+            Counter(n.target for n in graph.nodes if n.op == "call_module"),
+            shared,
+        )
 
 
 def _single_use_conv(node, children: dict, calls: Counter, shared: Counter):
@@ -202,8 +213,10 @@ def fuse_prologues(model: nn.Module) -> list[str]:
                         y = m(y)
                     wanted.append(conv(y))
                 conv.fuse_prologue(relu is not None, bn, affine[0], affine[1], fma)
-                ok = all(torch.equal(conv(x), want)
-                         for x, want in zip((probe, probe.contiguous(memory_format=torch.channels_last)), wanted))
+                ok = all(
+                    torch.equal(conv(x), want)
+                    for x, want in zip((probe, probe.contiguous(memory_format=torch.channels_last)), wanted)
+                )
             if not ok:
                 conv.unfuse_prologue()
                 continue
@@ -236,8 +249,13 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool
             if step is not None and type(step[1]) is nn.ReLU:
                 tail, relu = step
                 step = _sole_consumer(tail, children, calls, shared)
-            if (step is not None and type(step[1]) is nn.BatchNorm2d and not step[1].training
-                    and step[1].running_mean is not None and step[1].num_features == conv.out_channels):
+            if (
+                step is not None
+                and type(step[1]) is nn.BatchNorm2d
+                and not step[1].training
+                and step[1].running_mean is not None
+                and step[1].num_features == conv.out_channels
+            ):
                 bn = step[1]
             if relu is None and bn is None:
                 continue
@@ -278,8 +296,10 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
     if _ext() is None:
         return []
     done = []
-    blocks = _traced_parents(model, skip=lambda name, module, shared: not name or shared[id(module)] != 1
-                             or isinstance(module, fx.GraphModule))
+    blocks = _traced_parents(
+        model,
+        skip=lambda name, module, shared: not name or shared[id(module)] != 1 or isinstance(module, fx.GraphModule),
+    )
     for parent_name, parent, graph, children, calls, shared in blocks:
         changed = []
         for node in list(graph.nodes):

@@ -37,8 +37,17 @@ from .export import ExportError, _set_module, to_deploy
 from .packed import PackedBinaryConv2d, PackedBinaryLinear
 from .packed import _pm1 as _sign  # Where(x < 0, -1, +1) in the graph: sign(0) = +1, as in training
 
-__all__ = ["EXPORTERS", "SignConv2d", "SignLinear", "to_onnx_module", "export_onnx", "OnnxRuntimeModel", "check_onnx",
-           "write_onnx_metadata", "read_onnx_metadata"]
+__all__ = [
+    "EXPORTERS",
+    "SignConv2d",
+    "SignLinear",
+    "to_onnx_module",
+    "export_onnx",
+    "OnnxRuntimeModel",
+    "check_onnx",
+    "write_onnx_metadata",
+    "read_onnx_metadata",
+]
 
 #: ``dynamo``: torch.export-based (PyTorch's default since 2.9, needs onnxscript);
 #: ``torchscript``: the older tracing exporter (deprecated by PyTorch, faster to run)
@@ -73,7 +82,12 @@ class SignConv2d(_SignLayer):
 
     def __init__(self, packed: PackedBinaryConv2d):
         super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = packed.stride, packed.padding, packed.dilation, packed.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            packed.stride,
+            packed.padding,
+            packed.dilation,
+            packed.groups,
+        )
         self.input_padding = packed.input_padding
         self._init_from(packed)
 
@@ -113,8 +127,15 @@ def to_onnx_module(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-def export_onnx(model: nn.Module, path, input_shape, *, exporter: str = "dynamo", opset: int | None = None,
-                metadata: dict | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path,
+    input_shape,
+    *,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """Write ``model`` (a trained binary model) as an ONNX graph with a dynamic batch dimension.
 
     Args:
@@ -130,6 +151,7 @@ def export_onnx(model: nn.Module, path, input_shape, *, exporter: str = "dynamo"
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     try:
         import onnx  # noqa: F401
+
         if exporter == "dynamo":
             import onnxscript  # noqa: F401
     except ImportError as err:
@@ -222,11 +244,15 @@ def check_onnx(model: nn.Module, path, input_shape, loader=None, images: int | N
     result.update({"runtime": "onnxruntime", "random_inputs": RANDOM_INPUTS, "random_max_abs_logit_diff": random_diff})
     problem = None
     if result["images"] and result["agreement"] < MIN_AGREEMENT:
-        problem = (f"onnxruntime predicts another class than the trained model on {100 * (1 - result['agreement']):.2f}% "
-                   f"of {result['images']} test images (at most {100 * (1 - MIN_AGREEMENT):g}% expected)")
+        problem = (
+            f"onnxruntime predicts another class than the trained model on {100 * (1 - result['agreement']):.2f}% "
+            f"of {result['images']} test images (at most {100 * (1 - MIN_AGREEMENT):g}% expected)"
+        )
     elif random_diff > LOGIT_TOLERANCE:
-        problem = (f"onnxruntime's logits differ from the trained model's by {random_diff:.3g} on random inputs "
-                   f"(at most {LOGIT_TOLERANCE:g} expected)")
+        problem = (
+            f"onnxruntime's logits differ from the trained model's by {random_diff:.3g} on random inputs "
+            f"(at most {LOGIT_TOLERANCE:g} expected)"
+        )
     result["passed"] = problem is None
     result["problem"] = problem
     return result

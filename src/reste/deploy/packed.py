@@ -147,10 +147,22 @@ def kernel_info() -> dict:
     """
     ext = _ext()
     if ext is None:
-        return {"extension": False, "isa": None, "why": None, "available": [], "openmp": False,
-                "reason": _loader.BITOPS.reason}
-    return {"extension": True, "isa": ext.isa(), "why": ext.why(), "available": ext.available().split(", "),
-            "openmp": bool(ext.openmp()), "reason": None}
+        return {
+            "extension": False,
+            "isa": None,
+            "why": None,
+            "available": [],
+            "openmp": False,
+            "reason": _loader.BITOPS.reason,
+        }
+    return {
+        "extension": True,
+        "isa": ext.isa(),
+        "why": ext.why(),
+        "available": ext.available().split(", "),
+        "openmp": bool(ext.openmp()),
+        "reason": None,
+    }
 
 
 def slow_kernel_note() -> str | None:
@@ -162,12 +174,17 @@ def slow_kernel_note() -> str | None:
         return str(err)
     where = "docs/deploy.md, 'Kernel paths and speed'"
     if not info["extension"]:
-        return (f"the compiled XNOR-popcount kernel is unavailable here ({info['reason']}): binary layers run the exact "
-                f"but slow PyTorch reference, slower than the float model. The exported file is the same anywhere; see {where}")
+        return (
+            f"the compiled XNOR-popcount kernel is unavailable here ({info['reason']}): binary layers run the exact "
+            "but slow PyTorch reference, slower than the float model. The exported file is the same anywhere; see "
+            f"{where}"
+        )
     if info["available"] == ["portable"]:
-        return ("this CPU has only the portable XNOR-popcount kernel (no AVX2, AVX-512 or NEON path): the binary model may "
-                "run slower than the float one here. The exported file is the same anywhere and runs fast on CPUs with "
-                f"AVX2, AVX-512 or NEON; see {where}")
+        return (
+            "this CPU has only the portable XNOR-popcount kernel (no AVX2, AVX-512 or NEON path): the binary model may "
+            "run slower than the float one here. The exported file is the same anywhere and runs fast on CPUs with "
+            f"AVX2, AVX-512 or NEON; see {where}"
+        )
     return None
 
 
@@ -238,7 +255,9 @@ class _PackedBinary(nn.Module):
         # the buffers' identity and version: in-place edits invalidate what was derived from them
         bufs = self._buffers
         w, a, b = bufs["weight_bits"], bufs["alpha"], bufs["bias"]
-        return (w.data_ptr(), w._version, a.data_ptr(), a._version) + ((b.data_ptr(), b._version) if b is not None else ())
+        return (w.data_ptr(), w._version, a.data_ptr(), a._version) + (
+            (b.data_ptr(), b._version) if b is not None else ()
+        )
 
     def _cached(self, key, build):
         stamp = (key,) + self._stamp()
@@ -360,8 +379,13 @@ def _bn_state(bn: nn.BatchNorm2d) -> dict:
     """A copy of what ``F.batch_norm`` needs to apply an eval-mode ``bn`` (the reference path of a
     fused ReLU/BatchNorm)."""
     copy = lambda t: t.detach().clone() if t is not None else None  # noqa: E731
-    return {"mean": copy(bn.running_mean), "var": copy(bn.running_var), "weight": copy(bn.weight),
-            "bias": copy(bn.bias), "eps": float(bn.eps)}
+    return {
+        "mean": copy(bn.running_mean),
+        "var": copy(bn.running_var),
+        "weight": copy(bn.weight),
+        "bias": copy(bn.bias),
+        "eps": float(bn.eps),
+    }
 
 
 class PackedBinaryConv2d(_PackedBinary):
@@ -375,8 +399,20 @@ class PackedBinaryConv2d(_PackedBinary):
         alpha_size: 1 (one scale for the layer) or ``out_channels`` (one per channel).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, binary_inputs=True, input_padding="zero", alpha_size=1):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        binary_inputs=True,
+        input_padding="zero",
+        alpha_size=1,
+    ):
         super().__init__()
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
@@ -397,30 +433,57 @@ class PackedBinaryConv2d(_PackedBinary):
         return self.groups == 1 and self.dilation == (1, 1)
 
     @classmethod
-    def from_binary(cls, layer: BinaryConv2d) -> "PackedBinaryConv2d":
+    def from_binary(cls, layer: BinaryConv2d) -> PackedBinaryConv2d:
         """Pack a trained binary conv (its eval-mode forward is reproduced exactly)."""
         if not isinstance(layer, BinaryConv2d) or not layer.binary_weights:
             raise TypeError(f"expected a BinaryConv2d with binary weights, got {type(layer).__name__}")
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError("only padding_mode='zeros' with integer padding can be packed; rebuild the layer with padding=(ph, pw)")
+            raise ValueError(
+                "only padding_mode='zeros' with integer padding can be packed; rebuild the layer with padding=(ph, pw)"
+            )
         with torch.no_grad():
             alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                  layer.groups, layer.bias is not None, layer.binary_inputs, layer.input_padding, alpha.numel())
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.binary_inputs,
+            layer.input_padding,
+            alpha.numel(),
+        )
         return _fill_packed(new, layer, alpha)
 
     @classmethod
-    def like(cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary",
-             input_padding: str = "zero") -> "PackedBinaryConv2d":
+    def like(
+        cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary", input_padding: str = "zero"
+    ) -> PackedBinaryConv2d:
         """An empty packed conv with the geometry of ``module`` (an ``nn.Conv2d``, a ``BinaryConv2d`` or a
         packed conv of the architecture) and the given options (:meth:`options`); ``load_state_dict`` fills it."""
         if not isinstance(module, (PackedBinaryConv2d, nn.Conv2d)):
             raise TypeError(f"expected a conv layer, got {type(module).__name__}")
         if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            raise ValueError(f"the architecture's conv has padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
-                             "a packed conv needs integer zero padding")
-        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                   module.dilation, module.groups, bias, _binary_inputs(inputs), input_padding, alpha_size)
+            raise ValueError(
+                f"the architecture's conv has padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
+                "a packed conv needs integer zero padding"
+            )
+        return cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            bias,
+            _binary_inputs(inputs),
+            input_padding,
+            alpha_size,
+        )
 
     def options(self) -> dict:
         opts = super().options()
@@ -441,14 +504,24 @@ class PackedBinaryConv2d(_PackedBinary):
         elif getattr(self, "pre_bn", None) is not None and not self._use_kernel(x):
             y = self._epilogue_reference(self.reference_forward(self._prologue_reference(x)))
         elif self._use_kernel(x):
-            if residual is not None and x.dtype == residual.dtype == torch.float32 and residual.device == x.device \
-                    and not residual.requires_grad and residual.is_contiguous(memory_format=torch.channels_last):
+            if (
+                residual is not None
+                and x.dtype == residual.dtype == torch.float32
+                and residual.device == x.device
+                and not residual.requires_grad
+                and residual.is_contiguous(memory_format=torch.channels_last)
+            ):
                 # the kernel adds it as it writes each output (no second pass over the output);
                 # the shape is checked against the plan's output there
                 return self._kernel_forward(x, residual)
             y = self._kernel_forward(x)
-            if residual is not None and residual.shape == y.shape and residual.dtype == y.dtype == torch.float32 \
-                    and residual.device == y.device and not residual.requires_grad:
+            if (
+                residual is not None
+                and residual.shape == y.shape
+                and residual.dtype == y.dtype == torch.float32
+                and residual.device == y.device
+                and not residual.requires_grad
+            ):
                 # y is a fresh view of a pooled buffer nobody else holds: add in place, no new
                 # tensor (a new 4 MB one costs its page faults, more than the add itself)
                 return y.add_(residual)
@@ -457,8 +530,14 @@ class PackedBinaryConv2d(_PackedBinary):
         return y if residual is None else y + residual
 
     # -- fused epilogue: ReLU and/or an eval-mode BatchNorm applied by the kernel as it writes the output
-    def fuse_epilogue(self, relu: bool, bn: nn.BatchNorm2d | None, kernel_scale: Tensor | None = None,
-                      kernel_shift: Tensor | None = None, kernel_fma: bool = True) -> None:
+    def fuse_epilogue(
+        self,
+        relu: bool,
+        bn: nn.BatchNorm2d | None,
+        kernel_scale: Tensor | None = None,
+        kernel_shift: Tensor | None = None,
+        kernel_fma: bool = True,
+    ) -> None:
         """Absorb a following ``ReLU`` and/or eval-mode ``BatchNorm2d`` (see :mod:`reste.deploy.fuse`).
 
         ``bn``'s statistics are kept to apply it with ``F.batch_norm`` on the reference path;
@@ -475,8 +554,9 @@ class PackedBinaryConv2d(_PackedBinary):
             self.post_fma = bool(kernel_fma)
 
     # -- fused prologue: a ReLU and an eval-mode BatchNorm before the conv, applied while packing the signs
-    def fuse_prologue(self, relu: bool, bn: nn.BatchNorm2d, kernel_scale: Tensor, kernel_shift: Tensor,
-                      kernel_fma: bool) -> None:
+    def fuse_prologue(
+        self, relu: bool, bn: nn.BatchNorm2d, kernel_scale: Tensor, kernel_shift: Tensor, kernel_fma: bool
+    ) -> None:
         """Absorb a preceding ``[ReLU ->] BatchNorm2d`` whose output only this conv reads (see
         :mod:`reste.deploy.fuse`): the kernel maps each input value with ``max(x, 0)`` and
         ``x * kernel_scale + kernel_shift`` (one fused multiply-add when ``kernel_fma``) before
@@ -498,7 +578,9 @@ class PackedBinaryConv2d(_PackedBinary):
         bn = self.pre_bn
         dev = x.device
         opt = lambda t: t.to(dev) if t is not None else None  # noqa: E731
-        return F.batch_norm(x, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"])
+        return F.batch_norm(
+            x, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"]
+        )
 
     def _prologue_args(self) -> tuple:
         if getattr(self, "pre_bn", None) is None:
@@ -512,7 +594,9 @@ class PackedBinaryConv2d(_PackedBinary):
         if bn is not None:
             dev = y.device
             opt = lambda t: t.to(dev) if t is not None else None  # noqa: E731
-            y = F.batch_norm(y, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"])
+            y = F.batch_norm(
+                y, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"]
+            )
         return y
 
     def reference_forward(self, x: Tensor) -> Tensor:
@@ -527,7 +611,9 @@ class PackedBinaryConv2d(_PackedBinary):
                 ph, pw = padding
                 xs = F.pad(xs, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
                 padding = (0, 0)
-            dot = F.conv2d(xs, self.sign_weight(torch.float32, x.device), None, self.stride, padding, self.dilation, self.groups)
+            dot = F.conv2d(
+                xs, self.sign_weight(torch.float32, x.device), None, self.stride, padding, self.dilation, self.groups
+            )
             out = dot * self._alpha_view(2).to(x.device)
             if self.bias is not None:
                 out = out + self.bias.float().to(x.device).reshape(-1, 1, 1)
@@ -535,8 +621,12 @@ class PackedBinaryConv2d(_PackedBinary):
 
     def _epilogue_args(self) -> tuple:
         bn = getattr(self, "post_bn", None) is not None
-        return (int(getattr(self, "post_relu", False)), self.post_scale.data_ptr() if bn else 0,
-                self.post_shift.data_ptr() if bn else 0, int(bn and self.post_fma))
+        return (
+            int(getattr(self, "post_relu", False)),
+            self.post_scale.data_ptr() if bn else 0,
+            self.post_shift.data_ptr() if bn else 0,
+            int(bn and self.post_fma),
+        )
 
     def _build_plan(self, shape: tuple) -> dict:
         N, C, H, W = shape
@@ -555,13 +645,35 @@ class PackedBinaryConv2d(_PackedBinary):
         return {
             "keep": (words, wsum, alpha, bias, nibbles),  # the tensors the addresses below point into
             "nibbles": nibbles.data_ptr(),
-            "xbits": N * hp * row_bytes, "out": (N, OH, OW, self.out_channels),
+            "xbits": N * hp * row_bytes,
+            "out": (N, OH, OW, self.out_channels),
             "pack": (N, H, W, C, ph, pw, pix_bytes, row_bytes, int(self.input_padding == "+1")),
-            "conv": (N, H, W, hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW,
-                     words.data_ptr(), self.out_channels, words.shape[0], kw_words,
-                     (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
-                     wsum.data_ptr() if zero_fix else 0, C * kh * kw, alpha.data_ptr(), int(alpha.numel() > 1),
-                     bias.data_ptr() if bias is not None else 0),
+            "conv": (
+                N,
+                H,
+                W,
+                hp,
+                row_bytes,
+                pix_bytes,
+                kh,
+                kw,
+                sh,
+                sw,
+                ph,
+                pw,
+                OH,
+                OW,
+                words.data_ptr(),
+                self.out_channels,
+                words.shape[0],
+                kw_words,
+                (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
+                wsum.data_ptr() if zero_fix else 0,
+                C * kh * kw,
+                alpha.data_ptr(),
+                int(alpha.numel() > 1),
+                bias.data_ptr() if bias is not None else 0,
+            ),
         }
 
     def _kernel_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -574,8 +686,11 @@ class PackedBinaryConv2d(_PackedBinary):
             N, OH, OW, O = plan["out"]
             if tuple(residual.shape) != (N, O, OH, OW):
                 return self._kernel_forward(x) + residual  # broadcasting or an error, as torch decides
-        xin = x if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) \
-            else x.detach().float().contiguous(memory_format=torch.channels_last)  # NHWC in memory
+        xin = (
+            x
+            if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+            else x.detach().float().contiguous(memory_format=torch.channels_last)
+        )  # NHWC in memory
         threads = torch.get_num_threads()
         if "maps" not in plan:  # addresses of the fused maps' buffers (a new fusion or _apply clears the plans)
             plan["maps"] = (self._prologue_args(), self._epilogue_args())
@@ -583,22 +698,52 @@ class PackedBinaryConv2d(_PackedBinary):
         out = _pool.empty(plan["out"])
         with _scratch(plan) as xbits:
             ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
-            ext.conv(xbits.data_ptr(), *plan["conv"], *post, out.data_ptr(), threads,
-                     residual.data_ptr() if residual is not None else 0, plan["nibbles"])
+            ext.conv(
+                xbits.data_ptr(),
+                *plan["conv"],
+                *post,
+                out.data_ptr(),
+                threads,
+                residual.data_ptr() if residual is not None else 0,
+                plan["nibbles"],
+            )
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        s += f", bias={self.bias is not None}, inputs={'binary' if self.binary_inputs else 'real'}, " \
-             f"input_padding={self.input_padding}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}"
-        fused = [name for name, on in (("ReLU", getattr(self, "post_relu", False)), ("BatchNorm2d", getattr(self, "post_bn", None) is not None)) if on]
-        before = [name for name, on in (("ReLU", getattr(self, "pre_relu", False)), ("BatchNorm2d", getattr(self, "pre_bn", None) is not None)) if on]
-        return s + (f", fused_before={'+'.join(before)}" if before else "") + (f", fused={'+'.join(fused)}" if fused else "")
+        s += (
+            f", bias={self.bias is not None}, inputs={'binary' if self.binary_inputs else 'real'}, "
+            f"input_padding={self.input_padding}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}"
+        )
+        fused = [
+            name
+            for name, on in (
+                ("ReLU", getattr(self, "post_relu", False)),
+                ("BatchNorm2d", getattr(self, "post_bn", None) is not None),
+            )
+            if on
+        ]
+        before = [
+            name
+            for name, on in (
+                ("ReLU", getattr(self, "pre_relu", False)),
+                ("BatchNorm2d", getattr(self, "pre_bn", None) is not None),
+            )
+            if on
+        ]
+        return (
+            s
+            + (f", fused_before={'+'.join(before)}" if before else "")
+            + (f", fused={'+'.join(fused)}" if fused else "")
+        )
 
 
 # ----------------------------------------------------------------------------- linear
@@ -614,7 +759,7 @@ class PackedBinaryLinear(_PackedBinary):
         return (self.out_features, self.in_features)
 
     @classmethod
-    def from_binary(cls, layer: BinaryLinear) -> "PackedBinaryLinear":
+    def from_binary(cls, layer: BinaryLinear) -> PackedBinaryLinear:
         """Pack a trained binary linear layer (its eval-mode forward is reproduced exactly)."""
         if not isinstance(layer, BinaryLinear) or not layer.binary_weights:
             raise TypeError(f"expected a BinaryLinear with binary weights, got {type(layer).__name__}")
@@ -624,7 +769,7 @@ class PackedBinaryLinear(_PackedBinary):
         return _fill_packed(new, layer, alpha)
 
     @classmethod
-    def like(cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary") -> "PackedBinaryLinear":
+    def like(cls, module: nn.Module, alpha_size: int, bias: bool, inputs: str = "binary") -> PackedBinaryLinear:
         """An empty packed linear layer with the geometry of ``module`` (``nn.Linear``, ``BinaryLinear`` or packed)."""
         if isinstance(module, (PackedBinaryLinear, nn.Linear)):
             return cls(module.in_features, module.out_features, bias, _binary_inputs(inputs), alpha_size)
@@ -658,12 +803,36 @@ class PackedBinaryLinear(_PackedBinary):
         row_bytes = -(-(M * pix_bytes + 8) // 8) * 8
         tail_bits = (pix_bytes * 8) % 64
         return {
-            "keep": (words, alpha, bias), "xbits": row_bytes, "out": (M, self.out_features),
+            "keep": (words, alpha, bias),
+            "xbits": row_bytes,
+            "out": (M, self.out_features),
             "pack": (1, 1, M, C, 0, 0, pix_bytes, row_bytes, 0),
-            "conv": (1, 1, M, 1, row_bytes, pix_bytes, 1, 1, 1, 1, 0, 0, 1, M,
-                     words.data_ptr(), self.out_features, words.shape[0], kw_words,
-                     (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
-                     0, C, alpha.data_ptr(), int(alpha.numel() > 1), bias.data_ptr() if bias is not None else 0),
+            "conv": (
+                1,
+                1,
+                M,
+                1,
+                row_bytes,
+                pix_bytes,
+                1,
+                1,
+                1,
+                1,
+                0,
+                0,
+                1,
+                M,
+                words.data_ptr(),
+                self.out_features,
+                words.shape[0],
+                kw_words,
+                (1 << tail_bits) - 1 if tail_bits else (1 << 64) - 1,
+                0,
+                C,
+                alpha.data_ptr(),
+                int(alpha.numel() > 1),
+                bias.data_ptr() if bias is not None else 0,
+            ),
         }
 
     def _kernel_forward(self, x: Tensor) -> Tensor:
@@ -679,8 +848,11 @@ class PackedBinaryLinear(_PackedBinary):
         return out.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"inputs={'binary' if self.binary_inputs else 'real'}, alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"inputs={'binary' if self.binary_inputs else 'real'}, "
+            f"alpha={'per channel' if self.alpha.numel() > 1 else 'per layer'}"
+        )
 
 
 def packed_layer(layer: BinaryLayer) -> _PackedBinary:

@@ -132,26 +132,86 @@ class ModelSummary:
     def to_dict(self) -> dict:
         """Plain data: the rows and the totals (JSON-serialisable)."""
         rows = [dict(asdict(layer), memory_bytes=layer.memory_bytes, macs=layer.macs) for layer in self.layers]
-        totals = {key: getattr(self, key) for key in (
-            "params", "params_1bit", "params_32bit", "memory_bits", "memory_bytes", "float32_bits", "float32_bytes",
-            "compression", "macs", "macs_1x1", "macs_1x32", "macs_32x32", "binary_mac_share")}
+        totals = {
+            key: getattr(self, key)
+            for key in (
+                "params",
+                "params_1bit",
+                "params_32bit",
+                "memory_bits",
+                "memory_bytes",
+                "float32_bits",
+                "float32_bytes",
+                "compression",
+                "macs",
+                "macs_1x1",
+                "macs_1x32",
+                "macs_32x32",
+                "binary_mac_share",
+            )
+        }
         return {"input_size": list(self.input_size), "layers": rows, "totals": totals}
 
     def __str__(self) -> str:
         def bits(b):
             return "-" if b is None else str(b)
 
-        head = ("layer", "kind", "output", "A bits", "W bits", "params", "1-bit", "32-bit", "memory B", "MACs 1x1", "MACs 1x32", "MACs 32x32")
+        head = (
+            "layer",
+            "kind",
+            "output",
+            "A bits",
+            "W bits",
+            "params",
+            "1-bit",
+            "32-bit",
+            "memory B",
+            "MACs 1x1",
+            "MACs 1x32",
+            "MACs 32x32",
+        )
         rows = [head]
         for l in self.layers:
-            rows.append((l.name, l.kind, "x".join(map(str, l.output_shape)), bits(l.input_bits), bits(l.weight_bits),
-                         f"{l.params:,}", f"{l.params_1bit:,}", f"{l.params_32bit:,}", f"{l.memory_bytes:,}",
-                         f"{l.macs_1x1:,}", f"{l.macs_1x32:,}", f"{l.macs_32x32:,}"))
-        rows.append(("total", "", "", "", "", f"{self.params:,}", f"{self.params_1bit:,}", f"{self.params_32bit:,}",
-                     f"{self.memory_bytes:,}", f"{self.macs_1x1:,}", f"{self.macs_1x32:,}", f"{self.macs_32x32:,}"))
+            rows.append(
+                (
+                    l.name,
+                    l.kind,
+                    "x".join(map(str, l.output_shape)),
+                    bits(l.input_bits),
+                    bits(l.weight_bits),
+                    f"{l.params:,}",
+                    f"{l.params_1bit:,}",
+                    f"{l.params_32bit:,}",
+                    f"{l.memory_bytes:,}",
+                    f"{l.macs_1x1:,}",
+                    f"{l.macs_1x32:,}",
+                    f"{l.macs_32x32:,}",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                "",
+                "",
+                "",
+                f"{self.params:,}",
+                f"{self.params_1bit:,}",
+                f"{self.params_32bit:,}",
+                f"{self.memory_bytes:,}",
+                f"{self.macs_1x1:,}",
+                f"{self.macs_1x32:,}",
+                f"{self.macs_32x32:,}",
+            )
+        )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         right = set(range(3, len(head)))
-        fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+        def fmt(r):
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
+
         rule = "  ".join("-" * w for w in widths)
         lines = [fmt(rows[0]), rule] + [fmt(r) for r in rows[1:-1]] + [rule, fmt(rows[-1])]
         lines += [
@@ -160,7 +220,8 @@ class ModelSummary:
             f"model size            {self.memory_bytes:,} bytes ({self.memory_bits:,} bits)",
             f"float32-equivalent    {self.float32_bytes:,} bytes",
             f"memory compression    {self.compression:.2f}x",
-            f"MACs                  {self.macs:,} ({self.macs_1x1:,} binary 1x1, {self.macs_1x32:,} 1-bit weight x real input, {self.macs_32x32:,} real)",
+            f"MACs                  {self.macs:,} ({self.macs_1x1:,} binary 1x1, {self.macs_1x32:,} 1-bit weight x "
+            f"real input, {self.macs_32x32:,} real)",
             f"binary MAC share      {100 * self.binary_mac_share:.2f}%",
         ]
         return "\n".join(lines)
@@ -177,8 +238,12 @@ def _state_tensors(module: nn.Module):
 
 def _stored_as_scale_shift(module: nn.Module) -> bool:
     """A BatchNorm that an export stores as two floats per channel (its running statistics fold in)."""
-    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
-            and module.running_mean is not None and module.running_var is not None)
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.affine
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
 
 
 def _is_row(module: nn.Module) -> bool:
@@ -246,10 +311,16 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
                     mem += t.numel() * t.element_size() * 8
                 f32 += 32 * t.numel()
     row = LayerSummary(
-        name=name or "(model)", kind=type(module).__name__, output_shape=tuple(output.shape[1:]),
+        name=name or "(model)",
+        kind=type(module).__name__,
+        output_shape=tuple(output.shape[1:]),
         input_bits=(1 if binary_a else 32) if _taps_per_output(module) else None,
         weight_bits=(1 if binary_w else 32) if _taps_per_output(module) else None,
-        params=params, params_1bit=p1, params_32bit=p32, memory_bits=mem, float32_bits=f32,
+        params=params,
+        params_1bit=p1,
+        params_32bit=p32,
+        memory_bits=mem,
+        float32_bits=f32,
     )
     macs = output[0].numel() * _taps_per_output(module)
     if binary_w and binary_a:
@@ -278,7 +349,9 @@ def summary(model: nn.Module, input_size: Sequence[int], device: str | torch.dev
     first: torch.Tensor | None = next(iter(model.parameters()), None)
     if first is None:
         first = next(iter(model.buffers()), None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    device = (
+        torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    )
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     rows: dict[str, LayerSummary] = {}
     order: list[str] = []
@@ -288,6 +361,7 @@ def summary(model: nn.Module, input_size: Sequence[int], device: str | torch.dev
         def hook(module, inputs, output):
             if name not in rows and isinstance(output, torch.Tensor):
                 rows[name] = _row(name, module, output)
+
         return hook
 
     def visit(module: nn.Module, prefix: str):

@@ -29,8 +29,19 @@ from torch import nn
 
 from .export import ExportError, read_graph
 
-__all__ = ["DATA_KEY", "VERIFY_KEY", "LOGIT_TOLERANCE", "MIN_AGREEMENT", "data_spec", "read_metadata", "write_metadata", "eval_loader",
-           "compare", "check_export", "evaluate_export"]
+__all__ = [
+    "DATA_KEY",
+    "VERIFY_KEY",
+    "LOGIT_TOLERANCE",
+    "MIN_AGREEMENT",
+    "data_spec",
+    "read_metadata",
+    "write_metadata",
+    "eval_loader",
+    "compare",
+    "check_export",
+    "evaluate_export",
+]
 
 DATA_KEY = "data"
 VERIFY_KEY = "verification"
@@ -58,10 +69,15 @@ def data_spec(config) -> dict:
     cfg = config_from_dict(config) if isinstance(config, dict) else config
     meta = rdata.info(cfg.data.name)
     return {
-        "name": rdata.canonical_name(cfg.data.name), "split": "test", "subset": cfg.data.subset, "seed": cfg.seed,
-        "root": cfg.data.root, "test_batch_size": cfg.data.test_batch_size or cfg.data.batch_size,
+        "name": rdata.canonical_name(cfg.data.name),
+        "split": "test",
+        "subset": cfg.data.subset,
+        "seed": cfg.seed,
+        "root": cfg.data.root,
+        "test_batch_size": cfg.data.test_batch_size or cfg.data.batch_size,
         "input_shape": [meta.in_channels, meta.image_size, meta.image_size],
-        "mean": list(meta.mean), "std": list(meta.std),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
     }
 
 
@@ -78,7 +94,9 @@ def read_metadata(path) -> dict:
             try:
                 found[key] = json.loads(meta[key])
             except ValueError:
-                raise ExportError(f"{path}: metadata entry {key!r} is not valid JSON; the file is damaged, re-export it") from None
+                raise ExportError(
+                    f"{path}: metadata entry {key!r} is not valid JSON; the file is damaged, re-export it"
+                ) from None
     return found
 
 
@@ -98,8 +116,16 @@ def write_metadata(path, entries: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- test images
-def eval_loader(spec: dict, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device="cpu",
-                download: bool | None = None):
+def eval_loader(
+    spec: dict,
+    *,
+    data: str | None = None,
+    root=None,
+    batch_size: int | None = None,
+    subset="run",
+    device="cpu",
+    download: bool | None = None,
+):
     """The test loader a ``data`` spec describes: the run's test images by default.
 
     ``data``/``root`` replace the data set / folder; ``subset="run"`` keeps the run's test
@@ -116,16 +142,27 @@ def eval_loader(spec: dict, *, data: str | None = None, root=None, batch_size: i
     if root is None and same:
         root = spec.get("root")
     batch = batch_size or spec.get("test_batch_size") or 256
-    _, loader = rdata.create_loaders(name, root=root, batch_size=batch, test_batch_size=batch, augment=False,
-                                     seed=spec.get("seed", 0), device=device, subset=subset,
-                                     download=download, test_only=True)
+    _, loader = rdata.create_loaders(
+        name,
+        root=root,
+        batch_size=batch,
+        test_batch_size=batch,
+        augment=False,
+        seed=spec.get("seed", 0),
+        device=device,
+        subset=subset,
+        download=download,
+        test_only=True,
+    )
     meta = rdata.info(name)
     mean, std = spec.get("mean"), spec.get("std")
     if same and mean is not None and (tuple(mean), tuple(cast(list, std))) != (tuple(meta.mean), tuple(meta.std)):
         # the file says how its model was fed; that wins over this reste's catalog
         if not hasattr(loader, "normalize"):
-            raise ExportError(f"the export was made with normalisation mean={mean} std={std}, but this reste normalises {name} "
-                              f"with mean={list(meta.mean)} std={list(meta.std)} and cannot change it for this loader")
+            raise ExportError(
+                f"the export was made with normalisation mean={mean} std={std}, but this reste normalises {name} "
+                f"with mean={list(meta.mean)} std={list(meta.std)} and cannot change it for this loader"
+            )
         from ..data.augment import Normalizer
 
         loader.normalize = Normalizer(mean, std, loader.device)
@@ -141,7 +178,7 @@ def compare(trained: nn.Module, exported: nn.Module, loader, limit: int | None =
     worst = 0.0
     for images, labels in loader:
         if limit is not None:
-            images, labels = images[:limit - count], labels[:limit - count]
+            images, labels = images[: limit - count], labels[: limit - count]
         a, b = trained(images).float(), exported(images).float()
         diff = (a - b).abs().amax(1)
         worst = max(worst, diff.max().item())
@@ -154,10 +191,14 @@ def compare(trained: nn.Module, exported: nn.Module, loader, limit: int | None =
         if limit is not None and count >= limit:
             break
     share = lambda n: n / count if count else None  # noqa: E731
-    return {"images": count, "max_abs_logit_diff": worst if count else None, "images_over_tolerance": over,
-            "agreement": share(agree),
-            "trained_top1": 100.0 * (right_trained / count) if count else None,
-            "exported_top1": 100.0 * (right_exported / count) if count else None}
+    return {
+        "images": count,
+        "max_abs_logit_diff": worst if count else None,
+        "images_over_tolerance": over,
+        "agreement": share(agree),
+        "trained_top1": 100.0 * (right_trained / count) if count else None,
+        "exported_top1": 100.0 * (right_exported / count) if count else None,
+    }
 
 
 def _run_config(run_dir: Path, checkpoint: str) -> dict:
@@ -170,8 +211,16 @@ def _run_config(run_dir: Path, checkpoint: str) -> dict:
     return config or read_config(run_dir)
 
 
-def check_export(run_dir, out, model: nn.Module, checkpoint: str = "best", *, verify: bool = True,
-                 images: int | None = 1000, root=None) -> tuple[list[str], str | None]:
+def check_export(
+    run_dir,
+    out,
+    model: nn.Module,
+    checkpoint: str = "best",
+    *,
+    verify: bool = True,
+    images: int | None = 1000,
+    root=None,
+) -> tuple[list[str], str | None]:
     """Record the run's data set in an export and check the file against the trained model.
 
     Loads ``out`` back and compares its logits with ``model``'s on the first ``images`` (None:
@@ -201,31 +250,46 @@ def check_export(run_dir, out, model: nn.Module, checkpoint: str = "best", *, ve
         result["inputs"] = f"{spec['name']} test images"
     except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
         result = {"images": 0, "reason": str(err)}
-        lines.append("  warning: could not read the run's test images, so the export is checked on random inputs only "
-                     "(give the data folder with --root DIR):")
+        lines.append(
+            "  warning: could not read the run's test images, so the export is checked on random inputs only "
+            "(give the data folder with --root DIR):"
+        )
         lines += [f"    {line}" for line in str(err).splitlines()]
     result.update({"random_inputs": RANDOM_INPUTS, "random_max_abs_logit_diff": random_diff})
     problem = None
     if result["images"] and result["agreement"] < MIN_AGREEMENT:
-        problem = (f"the exported model predicts another class than the trained model on {100 * (1 - result['agreement']):.2f}% "
-                   f"of {result['images']} test images (at most {100 * (1 - MIN_AGREEMENT):g}% expected)")
+        problem = (
+            "the exported model predicts another class than the trained model on "
+            f"{100 * (1 - result['agreement']):.2f}% "
+            f"of {result['images']} test images (at most {100 * (1 - MIN_AGREEMENT):g}% expected)"
+        )
     elif random_diff > LOGIT_TOLERANCE:
-        problem = f"the exported model's logits differ from the trained model's by {random_diff:.3g} on random inputs (at most {LOGIT_TOLERANCE:g} expected)"
+        problem = (
+            f"the exported model's logits differ from the trained model's by {random_diff:.3g} on random "
+            f"inputs (at most {LOGIT_TOLERANCE:g} expected)"
+        )
     result["passed"] = problem is None
     write_metadata(out, {DATA_KEY: spec, VERIFY_KEY: result})
     if result["images"]:
-        lines.append(f"  verified on {result['images']} {spec['name']} test images: predictions agree on "
-                     f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, exported "
-                     f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}"
-                     + (f" ({_images(result['images_over_tolerance'])} above {LOGIT_TOLERANCE:g}, where an activation within "
-                        "float rounding of 0 took the other sign; see docs/deploy.md)" if result["images_over_tolerance"] else ""))
+        lines.append(
+            f"  verified on {result['images']} {spec['name']} test images: predictions agree on "
+            f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, exported "
+            f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}"
+            + (
+                f" ({_images(result['images_over_tolerance'])} above {LOGIT_TOLERANCE:g}, where an activation within "
+                "float rounding of 0 took the other sign; see docs/deploy.md)"
+                if result["images_over_tolerance"]
+                else ""
+            )
+        )
     lines.append(f"  verified on {RANDOM_INPUTS} random inputs: max |logit difference| = {random_diff:.2e}")
     return lines, problem
 
 
 # ----------------------------------------------------------------------------- reste eval FILE
-def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run",
-                    device: str = "cpu") -> dict:
+def evaluate_export(
+    path, *, data: str | None = None, root=None, batch_size: int | None = None, subset="run", device: str = "cpu"
+) -> dict:
     """Test accuracy of an exported file, by default on the test images of the run it came from.
 
     Arguments as for :func:`reste.train.evaluate` (``subset``: see :func:`eval_loader`); the
@@ -244,8 +308,10 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
     arch = graph.get("architecture") or {}
     if spec is None:
         if data is None:
-            raise ConfigError(f"{path} does not record the data set it was trained on (it was exported from Python or by an "
-                              "older reste); give it with --data NAME, or re-export the run with `reste export`")
+            raise ConfigError(
+                f"{path} does not record the data set it was trained on (it was exported from Python or by an "
+                "older reste); give it with --data NAME, or re-export the run with `reste export`"
+            )
         spec = {"name": rdata.canonical_name(data), "subset": None, "seed": 0, "root": None}
     try:
         meta = rdata.info(data or spec["name"])
@@ -253,8 +319,10 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
         raise ConfigError(f"--data: {err}") from None
     want = (arch.get("num_classes"), arch.get("in_channels"))
     if arch and want != (meta.num_classes, meta.in_channels):
-        raise ConfigError(f"{path} holds a model for {want[0]} classes and {want[1]} channels and cannot be evaluated on "
-                          f"{meta.name} ({meta.num_classes} classes, {meta.in_channels} channels)")
+        raise ConfigError(
+            f"{path} holds a model for {want[0]} classes and {want[1]} channels and cannot be evaluated on "
+            f"{meta.name} ({meta.num_classes} classes, {meta.in_channels} channels)"
+        )
     dev = torch.device(device)
     model = load(path).to(dev)
     if subset == "run":
@@ -262,6 +330,14 @@ def evaluate_export(path, *, data: str | None = None, root=None, batch_size: int
     loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=dev)
     result = evaluate_model(model, loader, dev, num_classes=meta.num_classes)
     source = graph.get("source") or {}
-    result.update({"checkpoint": source.get("checkpoint"), "epoch": source.get("epoch"), "run": source.get("run"),
-                   "data": meta.name, "subset": subset, "file": str(path)})
+    result.update(
+        {
+            "checkpoint": source.get("checkpoint"),
+            "epoch": source.get("epoch"),
+            "run": source.get("run"),
+            "data": meta.name,
+            "subset": subset,
+            "file": str(path),
+        }
+    )
     return result

@@ -21,7 +21,7 @@ from .registry import (
 )
 
 # importing the architecture modules registers their models
-from .resnet import ResNet, ResidualBlock, ZeroPadShortcut  # noqa: E402
+from .resnet import ResidualBlock, ResNet, ZeroPadShortcut  # noqa: E402
 from .vgg import VGGSmall  # noqa: E402
 from .vit import VisionTransformer  # noqa: E402
 

@@ -33,16 +33,22 @@ def model_arguments(cfg, meta) -> dict:
     if cfg.estimator.params:
         kwargs["estimator_params"] = dict(cfg.estimator.params)
     return {
-        "name": cfg.model.name, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
-        "precision": cfg.model.precision, "estimator": cfg.model.estimator, "image_size": meta.image_size,
+        "name": cfg.model.name,
+        "num_classes": meta.num_classes,
+        "in_channels": meta.in_channels,
+        "precision": cfg.model.precision,
+        "estimator": cfg.model.estimator,
+        "image_size": meta.image_size,
         "kwargs": kwargs,
         "init": cfg.model.init,
     }
 
 
 def _model_label(cfg) -> str:
-    return (f"model {cfg.model.name!r} from model.kwargs={short_repr(cfg.model.kwargs)} "
-            f"estimator.params={short_repr(cfg.estimator.params)}")
+    return (
+        f"model {cfg.model.name!r} from model.kwargs={short_repr(cfg.model.kwargs)} "
+        f"estimator.params={short_repr(cfg.estimator.params)}"
+    )
 
 
 def check_model(cfg, meta) -> None:

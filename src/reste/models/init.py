@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ INITS = ("reference", "pytorch")
 #: reste's default until measured (issue 18); the paper configs set ``reference``
 DEFAULT_INIT = "pytorch"
 
-_REFERENCE: Dict[str, Callable[[nn.Module], None]] = {}
+_REFERENCE: dict[str, Callable[[nn.Module], None]] = {}
 
 
 def register_reference_init(*names: str) -> Callable[[Callable[[nn.Module], None]], Callable[[nn.Module], None]]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -44,7 +45,7 @@ PRECISIONS = ("1w1a", "1w32a", "fp")
 DEFAULT_FULL_PRECISION = ("first", "last")
 
 ModelBuilder = Callable[..., nn.Module]
-_REGISTRY: Dict[str, ModelBuilder] = {}
+_REGISTRY: dict[str, ModelBuilder] = {}
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -66,11 +67,16 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
     def wrap(builder: ModelBuilder) -> ModelBuilder:
         if name in _REGISTRY:
-            raise ValueError(f"model name {name!r} is already registered (by {_REGISTRY[name].__qualname__}); pick another name")
+            raise ValueError(
+                f"model name {name!r} is already registered (by {_REGISTRY[name].__qualname__}); pick another name"
+            )
         params = inspect.signature(builder).parameters
         missing = [arg for arg in ("num_classes", "in_channels") if arg not in params]
         if missing:
-            raise TypeError(f"model builder {builder.__qualname__} must accept {missing}; create() always passes num_classes and in_channels")
+            raise TypeError(
+                f"model builder {builder.__qualname__} must accept {missing}; create() always passes num_classes "
+                "and in_channels"
+            )
         _REGISTRY[name] = builder
         return builder
 
@@ -93,7 +99,11 @@ def _builder(name: str) -> ModelBuilder:
 
 def _architecture_kwargs(builder: ModelBuilder) -> set[str]:
     params = inspect.signature(builder).parameters
-    return {n for n, p in params.items() if n not in ("num_classes", "in_channels") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {
+        n
+        for n, p in params.items()
+        if n not in ("num_classes", "in_channels") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def create(
@@ -140,7 +150,10 @@ def create(
     builder = _builder(name)
     check_init(init)
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (W = weight bits, A = activation bits)")
+        raise ValueError(
+            f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (W = weight bits, A = activation "
+            "bits)"
+        )
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
@@ -204,13 +217,16 @@ class ModelDescription:
 
     def __str__(self) -> str:
         rows = [("layer", "kind", "weight shape", "weights", "inputs", "params")]
-        rows += [(l.name, l.kind, "x".join(map(str, l.shape)), l.weights, l.inputs, f"{l.params:,}") for l in self.layers]
+        rows += [
+            (l.name, l.kind, "x".join(map(str, l.shape)), l.weights, l.inputs, f"{l.params:,}") for l in self.layers
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_binary = sum(l.binary_weights for l in self.layers)
         lines.append(
-            f"{len(self.layers)} conv/linear layers ({n_binary} with binary weights, {len(self.layers) - n_binary} real), "
+            f"{len(self.layers)} conv/linear layers ({n_binary} with binary weights, {len(self.layers) - n_binary} "
+            "real), "
             f"{self.norm_layers} normalization layers (real); parameters: {self.total_params:,} total, "
             f"{self.binary_params:,} binary, {self.real_params:,} real"
         )
@@ -290,6 +306,8 @@ def check_size(model: nn.Module, copies: int = TRAINING_COPIES) -> str | None:
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     limit = memory_limit()
     if total * copies > limit:
-        return (f"it has {total / 2**30:.3g} GiB of parameters and buffers, and training needs about {copies}x that; "
-                f"this process may use {limit / 2**30:.3g} GiB")
+        return (
+            f"it has {total / 2**30:.3g} GiB of parameters and buffers, and training needs about {copies}x that; "
+            f"this process may use {limit / 2**30:.3g} GiB"
+        )
     return None

@@ -15,14 +15,23 @@ adds a shortcut around each conv, so the real-valued signal bypasses every sign.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register_model
 
-__all__ = ["ResNet", "ResidualBlock", "ZeroPadShortcut", "resnet20", "resnet20_bireal", "resnet18_cifar", "resnet18", "resnet34"]
+__all__ = [
+    "ResNet",
+    "ResidualBlock",
+    "ZeroPadShortcut",
+    "resnet20",
+    "resnet20_bireal",
+    "resnet18_cifar",
+    "resnet18",
+    "resnet34",
+]
 
 ShortcutFactory = Callable[[int, int, int], nn.Module]
 
@@ -97,7 +106,9 @@ class ResidualBlock(nn.Module):
     ``True`` (Bi-Real): ``h = unit1(x) + shortcut(x); out = unit2(h) + h``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, make_shortcut: ShortcutFactory, shortcut_each_conv: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, make_shortcut: ShortcutFactory, shortcut_each_conv: bool
+    ):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.relu1 = nn.ReLU(inplace=True)
@@ -184,7 +195,15 @@ def _imagenet_stem(in_channels: int, out_channels: int) -> nn.Sequential:
 
 def _resnet20(num_classes: int, in_channels: int, width: float, shortcut_each_conv: bool) -> ResNet:
     widths = [scaled_width(c, width) for c in (16, 32, 64)]
-    return ResNet(_cifar_stem(in_channels, widths[0]), widths[0], widths, (3, 3, 3), ZeroPadShortcut, shortcut_each_conv, num_classes)
+    return ResNet(
+        _cifar_stem(in_channels, widths[0]),
+        widths[0],
+        widths,
+        (3, 3, 3),
+        ZeroPadShortcut,
+        shortcut_each_conv,
+        num_classes,
+    )
 
 
 @register_model("resnet20")
@@ -203,12 +222,16 @@ def resnet20_bireal(num_classes: int = 10, in_channels: int = 3, width: float = 
 def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
     """CIFAR ResNet-18: 3x3 stem, 64/128/256/512 channels, 2 blocks per stage, 1x1 conv + BN shortcuts."""
     widths = [scaled_width(c, width) for c in (64, 128, 256, 512)]
-    return ResNet(_cifar_stem(in_channels, widths[0]), widths[0], widths, (2, 2, 2, 2), conv_shortcut, False, num_classes)
+    return ResNet(
+        _cifar_stem(in_channels, widths[0]), widths[0], widths, (2, 2, 2, 2), conv_shortcut, False, num_classes
+    )
 
 
 def _imagenet_resnet(num_classes: int, in_channels: int, width: float, blocks: Sequence[int]) -> ResNet:
     widths = [scaled_width(c, width) for c in (64, 128, 256, 512)]
-    return ResNet(_imagenet_stem(in_channels, widths[0]), widths[0], widths, blocks, pool_conv_shortcut, True, num_classes)
+    return ResNet(
+        _imagenet_stem(in_channels, widths[0]), widths[0], widths, blocks, pool_conv_shortcut, True, num_classes
+    )
 
 
 @register_model("resnet18")

@@ -2,8 +2,8 @@
 
 from .attention import MultiheadAttention
 from .convert import DEFAULT_KEEP, KEEP_TOKENS, binarize, full_precision_layers, rebuild_attention
+from .layers import INPUT_PADDINGS, WEIGHT_SCALES, BinaryConv2d, BinaryLayer, BinaryLinear, binary_layers
 from .weights import WeightLoadReport, load_float_weights
-from .layers import BinaryConv2d, BinaryLayer, BinaryLinear, INPUT_PADDINGS, WEIGHT_SCALES, binary_layers
 
 __all__ = [
     "BinaryConv2d",

@@ -51,9 +51,20 @@ class MultiheadAttention(nn.Module):
     bias_k: Tensor | None  # Parameters, or None without add_bias_kv
     bias_v: Tensor | None
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
@@ -91,11 +102,22 @@ class MultiheadAttention(nn.Module):
         return self.in_proj.bias if self.packed else None
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
         """The same attention as ``mha``, sharing its parameters (q/k/v biases are views)."""
         # built on the meta device: every tensor is replaced by one of mha's below, so nothing is allocated
-        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
-                  mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=mha.out_proj.weight.dtype)
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            mha.dropout,
+            mha.in_proj_bias is not None,
+            mha.bias_k is not None,
+            mha.add_zero_attn,
+            mha.kdim,
+            mha.vdim,
+            mha.batch_first,
+            device="meta",
+            dtype=mha.out_proj.weight.dtype,
+        )
         if new.packed:
             new.in_proj.weight, new.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
         else:
@@ -133,12 +155,20 @@ class MultiheadAttention(nn.Module):
         if key is value:
             k, v = self.in_proj(key)[..., e:].chunk(2, dim=-1)
         else:
-            k, v = self.in_proj(key)[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
+            k, v = self.in_proj(key)[..., e : 2 * e], self.in_proj(value)[..., 2 * e :]
         return q, k, v
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         batched = query.dim() == 3
         if self.batch_first and batched:  # transposed together, so that `is` still tells self-attention
             if key is value:
@@ -149,12 +179,14 @@ class MultiheadAttention(nn.Module):
                     value = key
             else:
                 query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                    average_attn_weights, is_causal, batched)
+        out, weights = self._attend(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched
+        )
         return (out.transpose(0, 1) if self.batch_first and batched else out), weights
 
-    def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                is_causal, batched):
+    def _attend(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched
+    ):
         """PyTorch's computation on sequence-first ``[L, N, E]`` inputs."""
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -164,8 +196,10 @@ class MultiheadAttention(nn.Module):
         heads, d = self.num_heads, self.head_dim
         key_padding_mask = _float_mask(key_padding_mask, query.dtype)
         if is_causal and attn_mask is None:
-            raise RuntimeError("is_causal=True needs attn_mask too (nn.Transformer.generate_square_subsequent_mask), "
-                               "as for torch.nn.MultiheadAttention")
+            raise RuntimeError(
+                "is_causal=True needs attn_mask too (nn.Transformer.generate_square_subsequent_mask), "
+                "as for torch.nn.MultiheadAttention"
+            )
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # SDPA applies the causal mask itself
         else:
@@ -190,7 +224,9 @@ class MultiheadAttention(nn.Module):
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         src_len = k.shape[1]
         if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+            key_padding_mask = (
+                key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
+            )
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
@@ -210,9 +246,17 @@ class MultiheadAttention(nn.Module):
                 weights = weights.squeeze(0)
         else:
             if attn_mask is not None:
-                attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(bsz, heads, -1, src_len)
-            out = F.scaled_dot_product_attention(q.view(bsz, heads, tgt_len, d), k.view(bsz, heads, src_len, d),
-                                                 v.view(bsz, heads, src_len, d), attn_mask, dropout_p, is_causal)
+                attn_mask = (
+                    attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(bsz, heads, -1, src_len)
+                )
+            out = F.scaled_dot_product_attention(
+                q.view(bsz, heads, tgt_len, d),
+                k.view(bsz, heads, src_len, d),
+                v.view(bsz, heads, src_len, d),
+                attn_mask,
+                dropout_p,
+                is_causal,
+            )
             out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
             weights = None
         out = self.out_proj(out).view(tgt_len, bsz, self.embed_dim)

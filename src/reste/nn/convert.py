@@ -22,7 +22,8 @@ import difflib
 import fnmatch
 import logging
 import warnings
-from typing import Iterable, Sequence, cast
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 from torch import nn
 
@@ -42,7 +43,9 @@ KEEP_TOKENS = ("first", "last", "pointwise")
 DEFAULT_KEEP = ("first", "last")
 
 _SWAPS: dict[type[nn.Module], type[BinaryConv2d] | type[BinaryLinear]] = {
-    nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
+    nn.Conv2d: BinaryConv2d,
+    nn.Linear: BinaryLinear,
+}
 
 
 def _walk(module: nn.Module, prefix: str, replacements: dict, seen: set):
@@ -64,10 +67,13 @@ def _candidates(model: nn.Module, replacements: dict | None = None) -> list[tupl
 def _attention_rebuilds(model: nn.Module) -> dict:
     """{name: reste MultiheadAttention sharing the parameters} for every ``nn.MultiheadAttention``."""
     if type(model) is nn.MultiheadAttention:
-        raise ValueError("the model itself is an nn.MultiheadAttention; wrap it in a container, or binarize "
-                         "reste.nn.MultiheadAttention.from_torch(model)")
-    return {n: MultiheadAttention.from_torch(m) for n, m in model.named_modules()
-            if type(m) is nn.MultiheadAttention}  # a subclass may change forward: left alone, and named
+        raise ValueError(
+            "the model itself is an nn.MultiheadAttention; wrap it in a container, or binarize "
+            "reste.nn.MultiheadAttention.from_torch(model)"
+        )
+    return {
+        n: MultiheadAttention.from_torch(m) for n, m in model.named_modules() if type(m) is nn.MultiheadAttention
+    }  # a subclass may change forward: left alone, and named
 
 
 def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> list[str]:
@@ -97,8 +103,11 @@ def _unconvertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
             attention.append(name)
             if type(m) is not nn.MultiheadAttention:
                 out.append((name, m))
-        elif isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.conv._ConvNd, nn.Bilinear)) \
-                and type(m) not in _SWAPS and not isinstance(m, BinaryLayer):
+        elif (
+            isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.conv._ConvNd, nn.Bilinear))
+            and type(m) not in _SWAPS
+            and not isinstance(m, BinaryLayer)
+        ):
             out.append((name, m))
     return out
 
@@ -127,8 +136,10 @@ def _keep_rules(keep, keep_defaults: bool, cands: list[tuple[str, nn.Module]], e
 
     ``extra_names`` (attention modules, unconvertible layers) may be named too."""
     if keep is None:
-        raise TypeError("keep=None is ambiguous: omit keep to keep only the defaults "
-                        f"{DEFAULT_KEEP}, or pass keep_defaults=False to binarize every layer")
+        raise TypeError(
+            "keep=None is ambiguous: omit keep to keep only the defaults "
+            f"{DEFAULT_KEEP}, or pass keep_defaults=False to binarize every layer"
+        )
     if isinstance(keep, (str, type)):
         keep = (keep,)
     keep = tuple(keep)
@@ -147,15 +158,21 @@ def _no_match_message(rule: str, names: list[str]) -> str:
     close = difflib.get_close_matches(rule, [*KEEP_TOKENS, *names], n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-    return (f"keep entry {rule!r} matches no Conv2d/Linear layer (or attention module) of the model.{hint} keep takes the tokens "
-            f"{', '.join(KEEP_TOKENS)}, module types, or fnmatch patterns on the layer names: {shown or 'none'}")
+    return (
+        f"keep entry {rule!r} matches no Conv2d/Linear layer (or attention module) of the model.{hint} keep takes "
+        "the tokens "
+        f"{', '.join(KEEP_TOKENS)}, module types, or fnmatch patterns on the layer names: {shown or 'none'}"
+    )
 
 
 def full_precision_layers(model: nn.Module, keep: Iterable = (), *, keep_defaults: bool = True) -> list[str]:
     """Names of the conv/linear layers that ``binarize(model, keep=keep, keep_defaults=...)`` leaves real."""
     cands, rules, kept_attention = _plan(model, keep, keep_defaults, _attention_rebuilds(model))
-    return [n for i, (n, m) in enumerate(cands) if _is_kept(n, m, i, len(cands), rules)
-            or any(n.startswith(a + ".") for a in kept_attention)]
+    return [
+        n
+        for i, (n, m) in enumerate(cands)
+        if _is_kept(n, m, i, len(cands), rules) or any(n.startswith(a + ".") for a in kept_attention)
+    ]
 
 
 def _plan(model: nn.Module, keep, keep_defaults: bool, rebuilds: dict):
@@ -231,18 +248,38 @@ def binarize(
             estimator_params=estimator_params,
         )
         if name == "":
-            raise ValueError("the model itself is a single Conv2d/Linear; wrap it in a container or build a BinaryConv2d directly")
+            raise ValueError(
+                "the model itself is a single Conv2d/Linear; wrap it in a container or build a BinaryConv2d directly"
+            )
         _install(model, name, new)
         swapped.append(name)
     _no_fused_encoders(model)
-    logger.info("binarize: %d layer(s) made binary: %s; kept real: %s", len(swapped), ", ".join(swapped) or "none", ", ".join(kept) or "none")
-    left = [(n, m) for n, m in _unconvertible(model) if not any(fnmatch.fnmatchcase(n, r) or isinstance(r, type) and isinstance(m, r)
-                                                               for r in rules if not isinstance(r, str) or r not in KEEP_TOKENS)]
+    logger.info(
+        "binarize: %d layer(s) made binary: %s; kept real: %s",
+        len(swapped),
+        ", ".join(swapped) or "none",
+        ", ".join(kept) or "none",
+    )
+    left = [
+        (n, m)
+        for n, m in _unconvertible(model)
+        if not any(
+            fnmatch.fnmatchcase(n, r) or isinstance(r, type) and isinstance(m, r)
+            for r in rules
+            if not isinstance(r, str) or r not in KEEP_TOKENS
+        )
+    ]
     if left:
-        shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in left[:8]) + (f", ... ({len(left)} in all)" if len(left) > 8 else "")
-        warnings.warn(f"binarize cannot convert {len(left)} layer(s), which stay real: {shown}. Only nn.Conv2d, nn.Linear and "
-                      "nn.MultiheadAttention (exact types) are binarized; rebuild these from those, or name them in keep= "
-                      "to say they stay real on purpose", UserWarning, stacklevel=2)
+        shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in left[:8]) + (
+            f", ... ({len(left)} in all)" if len(left) > 8 else ""
+        )
+        warnings.warn(
+            f"binarize cannot convert {len(left)} layer(s), which stay real: {shown}. Only nn.Conv2d, nn.Linear and "
+            "nn.MultiheadAttention (exact types) are binarized; rebuild these from those, or name them in keep= "
+            "to say they stay real on purpose",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -260,6 +297,7 @@ def _no_fused_encoders(model: nn.Module) -> None:
     read only to choose that path, so clearing it keeps the module's own forward. The nested
     tensor path of ``nn.TransformerEncoder`` would feed our attention nested tensors: off too.
     """
+
     def touched(m):
         return any(isinstance(a, (MultiheadAttention, BinaryLayer)) for a in m.modules())
 

@@ -82,7 +82,7 @@ def gradient_instability(grad: Tensor) -> Tensor:
 def _clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
@@ -133,7 +133,9 @@ class IndicatorTracker:
 
     def load_state_dict(self, state: dict) -> None:
         signs = state.get("previous_signs")
-        self._previous_signs = None if signs is None else [s.to(layer.weight.device) for s, (_, layer) in zip(signs, self.layers)]
+        self._previous_signs = (
+            None if signs is None else [s.to(layer.weight.device) for s, (_, layer) in zip(signs, self.layers)]
+        )
 
     def measure(self) -> dict:
         """The indicators now, summed over layers, with per-layer values under ``"layers"``.
@@ -143,7 +145,13 @@ class IndicatorTracker:
         "grad_instability", "flip_ratio", "flips", "numel"}``. Missing values are None.
         """
         if not self.layers:
-            return {"est_error": None, "est_error_end": None, "grad_instability": None, "flip_ratio": None, "layers": {}}
+            return {
+                "est_error": None,
+                "est_error_end": None,
+                "grad_instability": None,
+                "flip_ratio": None,
+                "layers": {},
+            }
         nan = float("nan")
         rows = []
         signs = []
@@ -224,10 +232,26 @@ class IndicatorTracker:
         if not self.layers:
             raise ValueError("the model has no binary-weight layers; there is nothing to snapshot")
         bins = HIST_BINS
-        out: dict[str, list] = {k: [] for k in (
-            "fit_counts", "fit_under", "fit_over", "fit_end_counts", "fit_end_under", "fit_end_over",
-            "grad_log10_counts", "grad_zero", "grad_under", "grad_over", "grad_edges", "grad_counts",
-            "o", "numel", "has_grad")}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "fit_counts",
+                "fit_under",
+                "fit_over",
+                "fit_end_counts",
+                "fit_end_under",
+                "fit_end_over",
+                "grad_log10_counts",
+                "grad_zero",
+                "grad_under",
+                "grad_over",
+                "grad_edges",
+                "grad_counts",
+                "o",
+                "numel",
+                "has_grad",
+            )
+        }
         lo, hi = FIT_RANGE
         glo, ghi = GRAD_LOG10_RANGE
         with torch.no_grad():

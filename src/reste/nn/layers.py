@@ -9,22 +9,22 @@ binarization options, so they drop into any model and load float checkpoints.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..estimators import Estimator, WeightBinarizer, binary_sign, estimator as make_estimator
-from ..estimators import weight_binarizer, weight_binarizers
+from ..estimators import Estimator, WeightBinarizer, binary_sign, weight_binarizer, weight_binarizers
+from ..estimators import estimator as make_estimator
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "WEIGHT_SCALES", "INPUT_PADDINGS", "binary_layers"]
 
 WEIGHT_SCALES = ("layer_mean", "channel_mean", "none")
 INPUT_PADDINGS = {"zero": 0.0, "+1": 1.0, "-1": -1.0}
 
-EstimatorSpec = Union[str, Estimator, None]
+EstimatorSpec = str | Estimator | None
 
 
 def _build(spec: EstimatorSpec, params: dict | None, for_inputs: bool) -> Estimator | None:
@@ -50,7 +50,16 @@ class _BinaryInputConvFn(torch.autograd.Function):
         xb = _pad_binary(ops.transient_sign(x), padding, pad_value)
         conv_padding = padding if pad_value is None else (0, 0)
         ctx.save_for_backward(x, weight)
-        ctx.conf = (est, stride, padding, dilation, groups, pad_value, conv_padding, None if bias is None else tuple(bias.shape))
+        ctx.conf = (
+            est,
+            stride,
+            padding,
+            dilation,
+            groups,
+            pad_value,
+            conv_padding,
+            None if bias is None else tuple(bias.shape),
+        )
         return F.conv2d(xb, weight, bias, stride, conv_padding, dilation, groups)
 
     @staticmethod
@@ -61,14 +70,23 @@ class _BinaryInputConvFn(torch.autograd.Function):
         xb = _pad_binary(ops.transient_sign(x), padding, pad_value).to(dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
         grad_xb, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, xb, weight.to(dtype), list(bias_shape) if bias_shape else None,
-            list(stride), list(conv_padding), list(dilation), False, [0, 0], groups, mask,
+            grad_out,
+            xb,
+            weight.to(dtype),
+            list(bias_shape) if bias_shape else None,
+            list(stride),
+            list(conv_padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            mask,
         )
         grad_x = None
         if mask[0]:
             if pad_value is not None and any(padding):
                 ph, pw = padding
-                grad_xb = grad_xb[:, :, ph: grad_xb.shape[2] - ph, pw: grad_xb.shape[3] - pw]
+                grad_xb = grad_xb[:, :, ph : grad_xb.shape[2] - ph, pw : grad_xb.shape[3] - pw]
             # grad_xb is ours (fresh from convolution_backward): the rule may overwrite it
             grad_x = est.surrogate_grad_(x, grad_xb.to(x.dtype).contiguous(memory_format=_layout(x)))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
@@ -116,7 +134,11 @@ class _BinaryInputLinearFn(torch.autograd.Function):
 
 
 def _layout(x: Tensor):
-    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 def _pad_binary(xb: Tensor, padding, pad_value):
@@ -183,7 +205,8 @@ class BinaryLayer:
             "its training forward a custom autograd function). Use torch.jit.trace(model.eval(), example) under "
             "torch.no_grad(), "
             "torch.onnx.export(model.eval(), (example,)) or `reste export RUN_DIR --format onnx` "
-            "(reste.deploy.export_onnx); see docs/deploy.md, Interoperability")
+            "(reste.deploy.export_onnx); see docs/deploy.md, Interoperability"
+        )
 
     def _binary_repr(self) -> str:
         w = self.weight_estimator.name if self.weight_estimator is not None else "real"
@@ -228,9 +251,13 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         input_padding: str = "zero",
         estimator_params: dict | None = None,
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         if isinstance(self.padding, str) and input_padding != "zero":
-            raise ValueError("input_padding other than 'zero' needs explicit integer padding, not padding='same'/'valid'")
+            raise ValueError(
+                "input_padding other than 'zero' needs explicit integer padding, not padding='same'/'valid'"
+            )
         if padding_mode != "zeros" and input_padding != "zero":
             raise ValueError(f"input_padding={input_padding!r} replaces padding_mode; leave padding_mode='zeros'")
         self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
@@ -242,11 +269,17 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         est = self.input_estimator
         if ops.recomputes_sign(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
-            return _BinaryInputConvFn.apply(x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value)
+            return _BinaryInputConvFn.apply(
+                x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value
+            )
         x = self.quantized_input(x)
         padding = self.padding
-        if self.input_estimator is not None and self.input_padding != "zero" and not isinstance(padding, str) \
-                and any(padding):  # (a str padding, "same"/"valid", was refused with input_padding in __init__)
+        if (
+            self.input_estimator is not None
+            and self.input_padding != "zero"
+            and not isinstance(padding, str)
+            and any(padding)
+        ):  # (a str padding, "same"/"valid", was refused with input_padding in __init__)
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -285,11 +318,21 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         return super().extra_repr() + ", " + self._binary_repr()
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **binary_kwargs) -> "BinaryConv2d":
+    def from_float(cls, conv: nn.Conv2d, **binary_kwargs) -> BinaryConv2d:
         """A binary twin of ``conv`` that shares its weight and bias parameters."""
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, **binary_kwargs,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **binary_kwargs,
         )
         new.weight = conv.weight
         new.bias = conv.bias
@@ -330,10 +373,16 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         return super().extra_repr() + ", " + self._binary_repr()
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, **binary_kwargs) -> "BinaryLinear":
+    def from_float(cls, linear: nn.Linear, **binary_kwargs) -> BinaryLinear:
         """A binary twin of ``linear`` that shares its weight and bias parameters."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype, **binary_kwargs)
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **binary_kwargs,
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)

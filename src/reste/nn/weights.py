@@ -50,15 +50,23 @@ class WeightLoadReport:
             shown = ", ".join(keys[:limit])
             return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
-        out = [f"copied {len(self.copied)} tensors" + (f"; estimator state left fresh ({len(self.estimator_state_skipped)} "
-                                                        "tensors of the source skipped)" if self.estimator_state_skipped else "")]
+        out = [
+            f"copied {len(self.copied)} tensors"
+            + (
+                f"; estimator state left fresh ({len(self.estimator_state_skipped)} tensors of the source skipped)"
+                if self.estimator_state_skipped
+                else ""
+            )
+        ]
         if self.missing:
             out.append(f"missing in the source, kept as initialised: {names(self.missing)}")
         if self.unexpected:
             out.append(f"not in this model, ignored: {names(self.unexpected)}")
         if self.mismatched:
-            out.append("different shapes, kept as initialised: "
-                       + names([f"{k} (source {list(a)}, model {list(b)})" for k, a, b in self.mismatched]))
+            out.append(
+                "different shapes, kept as initialised: "
+                + names([f"{k} (source {list(a)}, model {list(b)})" for k, a, b in self.mismatched])
+            )
         return out
 
     def __str__(self) -> str:

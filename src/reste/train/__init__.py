@@ -17,8 +17,16 @@ See ``docs/training.md`` for every option.
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+from .trainer import (
+    DistributedFailure,
+    NonFiniteLossError,
+    Trainer,
+    TrainingInterrupted,
+    evaluate,
+    evaluate_model,
+    train,
+)
 from .warmstart import init_from
-from .trainer import DistributedFailure, NonFiniteLossError, Trainer, TrainingInterrupted, evaluate, evaluate_model, train
 
 __all__ = [
     "Config",

@@ -66,6 +66,7 @@ def save_checkpoint(state: dict, path) -> Path:
 
     Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
     RuntimeError without the cause, a plain file write keeps the OSError and its errno."""
+
     def write(handle):
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -112,17 +113,23 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; check the path (a run directory has checkpoints/last.pt and best.pt)")
+        raise CheckpointError(
+            f"no checkpoint at {path}; check the path (a run directory has checkpoints/last.pt and best.pt)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         # torch's message is long; its line naming the offending global or opcode is the useful one
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else type(err).__name__)
+        reason = next(
+            (line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+            lines[-1] if lines else type(err).__name__,
+        )
         if "global" not in reason.lower():
             # e.g. "Unsupported operand 205": bytes that are no pickle stream at all (nothing was run)
             raise CheckpointError(
-                f"checkpoint {path} is corrupt or not a PyTorch checkpoint (the weights-only loader stopped at: {reason[:200]}); "
+                f"checkpoint {path} is corrupt or not a PyTorch checkpoint (the weights-only loader stopped at: "
+                f"{reason[:200]}); "
                 "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
             ) from None
         # weights_only refuses any global it does not know: arbitrary classes, functions, os.system ...
@@ -137,17 +144,24 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
             "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of training state; was it written by reste?")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict of training state; was it written by reste?"
+        )
     missing = [key for key in required if key not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by `reste train` (a plain state_dict?)")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}; it was not written by `reste train` (a plain state_dict?)"
+        )
     return state
 
 
 def nonfinite_entries(state_dict: dict) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
-    return [k for k, v in state_dict.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, path) -> None:
@@ -164,7 +178,11 @@ def load_model_weights(model: nn.Module, state_dict: dict, path) -> None:
     ]
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", wrong_shape)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch (file vs model)", wrong_shape),
+        ):
             if items:
                 more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
                 parts.append(f"{label}: {', '.join(items[:5])}{more}")
@@ -175,8 +193,11 @@ def load_model_weights(model: nn.Module, state_dict: dict, path) -> None:
     bad = nonfinite_entries(state_dict)
     if bad:  # a diverged model: its outputs (and an eval "loss nan") would mean nothing
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights or statistics (NaN/inf in {', '.join(bad[:3])}{more}); "
-                              "the run had diverged when it was written: use an earlier checkpoint (e.g. best.pt) or train again with a lower optim.lr")
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite weights or statistics (NaN/inf in {', '.join(bad[:3])}{more}); "
+            "the run had diverged when it was written: use an earlier checkpoint (e.g. best.pt) or train again "
+            "with a lower optim.lr"
+        )
     model.load_state_dict(state_dict)
 
 
@@ -206,7 +227,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]

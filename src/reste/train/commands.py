@@ -35,11 +35,23 @@ def register(subparsers) -> None:
         epilog=help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config file and/or dotted overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt (only a few options may change, e.g. train.epochs)")
+    p.add_argument(
+        "items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config file and/or dotted overrides"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from checkpoints/last.pt (only a few options may change, e.g. train.epochs)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite the run directory named by out.name if it exists")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit (no training)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines; the final summary and the run directory are still printed")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration as YAML and exit (no training)"
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or per-epoch lines; the final summary and the run directory are still printed",
+    )
     p.set_defaults(func=run_train)
     _allow_options_anywhere(p, takes_value=("--resume",))
 
@@ -47,22 +59,36 @@ def register(subparsers) -> None:
         "eval",
         help="evaluate a trained run, a checkpoint or an exported 1-bit model on a test set",
         description="Load a checkpoint and its config (or an exported .safetensors file), rebuild the model and\n"
-                    "the test loader, print top-1, top-5, loss and the number of test images. By default the test\n"
-                    "images are the ones the run reported on (its data.subset), so the numbers match the run's.",
+        "the test loader, print top-1, top-5, loss and the number of test images. By default the test\n"
+        "images are the ones the run reported on (its data.subset), so the numbers match the run's.",
         epilog="examples:\n  reste eval runs/my-run\n  reste eval runs/my-run --which last --full --threads 2\n"
-               "  reste eval runs/my-run/model-1bit.safetensors",
+        "  reste eval runs/my-run/model-1bit.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("source", metavar="RUN_DIR_OR_FILE",
-                   help="a run directory (uses checkpoints/<which>.pt), a .pt checkpoint, or a .safetensors file from `reste export`")
-    e.add_argument("--which", choices=("last", "best"), help="checkpoint of a run directory (default: best, as `reste export`)")
-    e.add_argument("--data", metavar="NAME", help="evaluate on this data set instead of the one trained on (same classes and channels)")
+    e.add_argument(
+        "source",
+        metavar="RUN_DIR_OR_FILE",
+        help="a run directory (uses checkpoints/<which>.pt), a .pt checkpoint, "
+        "or a .safetensors file from `reste export`",
+    )
+    e.add_argument(
+        "--which", choices=("last", "best"), help="checkpoint of a run directory (default: best, as `reste export`)"
+    )
+    e.add_argument(
+        "--data",
+        metavar="NAME",
+        help="evaluate on this data set instead of the one trained on (same classes and channels)",
+    )
     e.add_argument("--root", metavar="DIR", help="data folder (default: the run's data.root)")
     e.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
     images = e.add_mutually_exclusive_group()
-    images.add_argument("--subset", type=int, metavar="N", help="only the first N // 5 test images (default: the run's test images)")
+    images.add_argument(
+        "--subset", type=int, metavar="N", help="only the first N // 5 test images (default: the run's test images)"
+    )
     images.add_argument("--full", action="store_true", help="the whole test set, also for a run trained on a subset")
-    e.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and the 1-bit kernel (default: torch's)")
+    e.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for torch and the 1-bit kernel (default: torch's)"
+    )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto; an export: cpu)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=run_eval)
@@ -84,7 +110,7 @@ def _allow_options_anywhere(parser: argparse.ArgumentParser, takes_value: tuple[
         while i < len(args):
             word = args[i]
             if word == "--":
-                positionals += args[i + 1:]
+                positionals += args[i + 1 :]
                 break
             if word.startswith("-") and len(word) > 1:
                 options.append(word)
@@ -107,7 +133,9 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
         elif config is None:
             config = item
         else:
-            raise ConfigError(f"two config files given ({config!r} and {item!r}); give one YAML file, then key=value overrides")
+            raise ConfigError(
+                f"two config files given ({config!r} and {item!r}); give one YAML file, then key=value overrides"
+            )
     return config, overrides
 
 
@@ -139,8 +167,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if export and args.which:
-        raise UsageError(f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was "
-                         "exported from")
+        raise UsageError(
+            f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from"
+        )
     if args.threads:
         import torch
 
@@ -149,16 +178,33 @@ def run_eval(args: argparse.Namespace) -> int:
     if export:  # not a reste export, damaged, ...: an ExportError, exit 1 like a bad checkpoint
         from reste.deploy.verify import evaluate_export
 
-        result = evaluate_export(args.source, data=args.data, root=args.root, batch_size=args.batch_size,
-                                 subset=subset, device="cpu" if args.device == "auto" else args.device)
+        result = evaluate_export(
+            args.source,
+            data=args.data,
+            root=args.root,
+            batch_size=args.batch_size,
+            subset=subset,
+            device="cpu" if args.device == "auto" else args.device,
+        )
     else:
-        result = evaluate(args.source, data=args.data, root=args.root, batch_size=args.batch_size, subset=subset,
-                          device=args.device, which=args.which or "best")
+        result = evaluate(
+            args.source,
+            data=args.data,
+            root=args.root,
+            batch_size=args.batch_size,
+            subset=subset,
+            device=args.device,
+            which=args.which or "best",
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"
-        which = "the whole test set" if result.get("subset") is None else f"the first ones, as data.subset={result['subset']}; --full for all"
+        which = (
+            "the whole test set"
+            if result.get("subset") is None
+            else f"the first ones, as data.subset={result['subset']}; --full for all"
+        )
         label = f"{result['file']} ({result['checkpoint']}, " if export else f"{result['checkpoint']} ("
         print(f"{label}epoch {result['epoch']}) on the {result['data']} test set: {result['count']:,} images ({which})")
         print(f"  top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}")

@@ -30,9 +30,10 @@ import os
 import types
 import typing
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -90,13 +91,22 @@ class ModelConfig:
     """Which network is trained (see ``reste.models.names()``)."""
 
     name: str = _opt("resnet20_bireal", "architecture, one of reste.models.names()")
-    precision: str = _opt("1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp"))
+    precision: str = _opt(
+        "1w1a", "1w1a (binary weights and activations), 1w32a (binary weights) or fp", ("1w1a", "1w32a", "fp")
+    )
     estimator: str = _opt("reste", "gradient estimator of the binary layers, one of reste.estimators()")
     kwargs: dict = _opt({}, "extra keyword arguments for reste.models.create (architecture options)")
-    init: str = _opt("pytorch", "initial weights: pytorch (PyTorch's layer defaults, as built) or reference (what the "
-                     "paper's code does for this model, see docs/models.md); model.init_from and resume replace them",
-                     ("pytorch", "reference"))
-    init_from: Optional[str] = _opt(None, "start from a trained run's weights (RUN_DIR: best.pt, else last.pt; or a .pt file): matching tensors copied, estimators and optimizer fresh, the rest reported")
+    init: str = _opt(
+        "pytorch",
+        "initial weights: pytorch (PyTorch's layer defaults, as built) or reference (what the "
+        "paper's code does for this model, see docs/models.md); model.init_from and resume replace them",
+        ("pytorch", "reference"),
+    )
+    init_from: str | None = _opt(
+        None,
+        "start from a trained run's weights (RUN_DIR: best.pt, else last.pt; or a .pt file): matching tensors "
+        "copied, estimators and optimizer fresh, the rest reported",
+    )
 
 
 @dataclass
@@ -104,7 +114,9 @@ class EstimatorConfig:
     """How the estimator's parameters evolve (ReSTE's power o)."""
 
     o_end: float = _opt(3.0, "ReSTE's final power o (>= 1; o = 1 is the clipped identity)")
-    schedule: str = _opt("cosine", "how o rises from 1 to o_end (fixed keeps o = o_end)", ("fixed", "linear", "cosine", "power"))
+    schedule: str = _opt(
+        "cosine", "how o rises from 1 to o_end (fixed keeps o = o_end)", ("fixed", "linear", "cosine", "power")
+    )
     per: str = _opt("step", "update o once per epoch (the reference) or every step", ("epoch", "step"))
     p: float = _opt(2.0, "exponent of the 'power' schedule, o = 1 + (o_end - 1) * r^p")
     params: dict = _opt({}, "extra estimator parameters, e.g. {t: 1.5, m: 0.1} for reste")
@@ -115,13 +127,25 @@ class DataConfig:
     """The data set and its loaders (see ``reste.data.names()``)."""
 
     name: str = _opt("fashion_mnist", "data set, one of reste.data.names()")
-    root: Optional[str] = _opt(None, "data folder, the only place looked at when set (default: $RESTE_DATA or ~/.cache/reste/data, then system folders)")
+    root: str | None = _opt(
+        None,
+        "data folder, the only place looked at when set (default: $RESTE_DATA or ~/.cache/reste/data, then system "
+        "folders)",
+    )
     batch_size: int = _opt(128, "GLOBAL training batch (split evenly across distributed ranks)")
-    test_batch_size: Optional[int] = _opt(512, "evaluation batch per rank (null = batch_size)")
-    augment: bool = _opt(False, "training augmentation of the data set's recipe (random crop, flips); off in the short main job, on in the paper configs")
-    subset: Optional[int] = _opt(None, "use only the first N training images (and N // 5 test images)")
+    test_batch_size: int | None = _opt(512, "evaluation batch per rank (null = batch_size)")
+    augment: bool = _opt(
+        False,
+        "training augmentation of the data set's recipe (random crop, flips); off in the short main job, on in the "
+        "paper configs",
+    )
+    subset: int | None = _opt(None, "use only the first N training images (and N // 5 test images)")
     num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
-    download: Optional[bool] = _opt(None, "download a missing data set: null = into the per-user folder when data.root is unset; true = into data.root too; false = never")
+    download: bool | None = _opt(
+        None,
+        "download a missing data set: null = into the per-user folder when data.root is unset; true = into "
+        "data.root too; false = never",
+    )
 
 
 @dataclass
@@ -134,16 +158,24 @@ class OptimConfig:
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas [beta1, beta2]")
-    decay_all: bool = _opt(True, "decay every parameter, as the reference; false exempts BatchNorm, biases and estimator parameters")
+    decay_all: bool = _opt(
+        True, "decay every parameter, as the reference; false exempts BatchNorm, biases and estimator parameters"
+    )
 
 
 @dataclass
 class LRScheduleConfig:
     """The learning-rate schedule: linear warm-up, then the decay."""
 
-    name: str = _opt("cosine", "decay after warm-up: cosine to final_lr_ratio * lr, linear, or constant", ("cosine", "linear", "constant"))
+    name: str = _opt(
+        "cosine",
+        "decay after warm-up: cosine to final_lr_ratio * lr, linear, or constant",
+        ("cosine", "linear", "constant"),
+    )
     warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (fractions allowed with per: step)")
-    per: str = _opt("step", "update the lr every epoch (the reference: constant within an epoch) or every step", ("epoch", "step"))
+    per: str = _opt(
+        "step", "update the lr every epoch (the reference: constant within an epoch) or every step", ("epoch", "step")
+    )
     final_lr_ratio: float = _opt(0.0, "lr at the end of the decay, as a fraction of optim.lr")
 
 
@@ -160,11 +192,25 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing in [0, 1)")
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across ranks (distributed only)")
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off)")
-    nonfinite: str = _opt("stop", "on a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the batch", ("stop", "skip"))
+    nonfinite: str = _opt(
+        "stop",
+        "on a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the batch",
+        ("stop", "skip"),
+    )
     checkpoint_every: int = _opt(1, "write checkpoints/last.pt every N epochs (always at the end)")
-    checkpoint_every_steps: int = _opt(0, "also write checkpoints/last.pt every N training steps, mid-epoch (0 = off); a killed run loses at most N steps")
-    teacher: Optional[str] = _opt(None, "distil from a trained run (RUN_DIR or its checkpoint file): adds w * T^2 * KL(teacher || student) of the softened logits")
-    distill_weight: float = _opt(1.0, "w: loss = (1 - w) * cross-entropy + w * T^2 * KL; 1 is ReActNet's distributional loss alone")
+    checkpoint_every_steps: int = _opt(
+        0,
+        "also write checkpoints/last.pt every N training steps, mid-epoch (0 = off); a killed run loses at most N "
+        "steps",
+    )
+    teacher: str | None = _opt(
+        None,
+        "distil from a trained run (RUN_DIR or its checkpoint file): adds w * T^2 * KL(teacher || student) of the "
+        "softened logits",
+    )
+    distill_weight: float = _opt(
+        1.0, "w: loss = (1 - w) * cross-entropy + w * T^2 * KL; 1 is ReActNet's distributional loss alone"
+    )
     distill_temperature: float = _opt(1.0, "T: softmax temperature of teacher and student logits in the KL term")
     dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
 
@@ -175,7 +221,9 @@ class AnalysisConfig:
 
     indicators: bool = _opt(True, "measure est_error, est_error_end, grad_instability, flip_ratio each epoch")
     every_steps: int = _opt(0, "also measure every N steps into indicators.jsonl (0 = per epoch only)")
-    histograms_at: list = _opt([], "epochs whose fitting-error / gradient histograms are saved (the final epoch always is)")
+    histograms_at: list = _opt(
+        [], "epochs whose fitting-error / gradient histograms are saved (the final epoch always is)"
+    )
 
 
 @dataclass
@@ -183,14 +231,14 @@ class OutConfig:
     """Where the run directory goes."""
 
     dir: str = _opt("runs", "parent folder of run directories")
-    name: Optional[str] = _opt(None, "run directory name (default <name>-<YYYYmmdd-HHMMSS>)")
+    name: str | None = _opt(None, "run directory name (default <name>-<YYYYmmdd-HHMMSS>)")
 
 
 @dataclass
 class Config:
     """A whole training configuration."""
 
-    name: Optional[str] = _opt(None, "run name (default <data>-<model>-<precision>-<estimator>)")
+    name: str | None = _opt(None, "run name (default <data>-<model>-<precision>-<estimator>)")
     seed: int = _opt(0, "seed of Python, NumPy, torch and the data order")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig, metadata={"help": EstimatorConfig.__doc__})
@@ -283,7 +331,10 @@ def _coerce(key: str, value, tp):
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{key} must be of type {_type_name(tp)}, got null; set a value or remove the key to use the default")
+        raise ConfigError(
+            f"{key} must be of type {_type_name(tp)}, got null; set a value or remove the key to use the default"
+        )
+
     # built only on error, and cut short: a valid value may be large, and never needs formatting
     def expected() -> str:
         return f"{key} must be of type {_type_name(tp)}, got {_short(value)} ({type(value).__name__})"
@@ -301,7 +352,9 @@ def _coerce(key: str, value, tp):
         if number is None:
             raise ConfigError(f"{expected()}; write a whole number, e.g. {key}=10")
         if abs(number) > _MAX_INT:  # e.g. seed=1e21: torch and numpy take 64-bit integers
-            raise ConfigError(f"{key}={_short(value)} is out of range: whole-number options must lie within +-(2**63 - 1)")
+            raise ConfigError(
+                f"{key}={_short(value)} is out of range: whole-number options must lie within +-(2**63 - 1)"
+            )
         return number
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -369,7 +422,9 @@ class _Dumper(yaml.SafeDumper):
     """Block style for sections, flow style for lists (``betas: [0.9, 0.999]``)."""
 
 
-_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -390,11 +445,15 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         if key not in valid:
             raise _unknown_key_error(key, valid)
         if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"the value of {key} is longer than {MAX_CONFIG_BYTES >> 20} MiB; give a config file instead")
+            raise ConfigError(
+                f"the value of {key} is longer than {MAX_CONFIG_BYTES >> 20} MiB; give a config file instead"
+            )
         try:
             value = _load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of {key}: {_short(raw)} ({_yaml_problem(err)}); quote it or fix the syntax") from None
+            raise ConfigError(
+                f"cannot parse the value of {key}: {_short(raw)} ({_yaml_problem(err)}); quote it or fix the syntax"
+            ) from None
         except ConfigError as err:
             raise ConfigError(f"the value of {key}: {err}") from None
         node = nested
@@ -428,7 +487,11 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
         try:
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {first_line[key] + 1}); keep one", key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first_line[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
         except TypeError:  # an unhashable key: PyYAML's own constructor reports it
             break
         first_line[key] = key_node.start_mark.line
@@ -450,8 +513,10 @@ def _expanded_values(node, seen: dict, open_nodes: set, depth: int = 0) -> int:
     if key in seen:
         return seen[key]
     if key in open_nodes:
-        raise ConfigError(f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains it (endless); "
-                          "write the value out")
+        raise ConfigError(
+            f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains it (endless); "
+            "write the value out"
+        )
     open_nodes.add(key)
     if isinstance(node, yaml.SequenceNode):
         children = node.value
@@ -463,8 +528,10 @@ def _expanded_values(node, seen: dict, open_nodes: set, depth: int = 0) -> int:
     for child in children:
         total += _expanded_values(child, seen, open_nodes, depth + 1)
         if total > MAX_CONFIG_VALUES:
-            raise ConfigError(f"the YAML expands to more than {MAX_CONFIG_VALUES:,} values (aliases '*name' repeat "
-                              f"whole values; the one at line {node.start_mark.line + 1} multiplies them); write the values out")
+            raise ConfigError(
+                f"the YAML expands to more than {MAX_CONFIG_VALUES:,} values (aliases '*name' repeat "
+                f"whole values; the one at line {node.start_mark.line + 1} multiplies them); write the values out"
+            )
     open_nodes.discard(key)
     seen[key] = total
     return total
@@ -478,7 +545,9 @@ def _load_yaml(text: str):
         try:
             node = loader.get_single_node()  # the node graph: each aliased value once
         except RecursionError:  # PyYAML's composer recurses once per nesting level
-            raise ConfigError(f"values nested more than {MAX_CONFIG_DEPTH} levels deep (a config needs 3); flatten it") from None
+            raise ConfigError(
+                f"values nested more than {MAX_CONFIG_DEPTH} levels deep (a config needs 3); flatten it"
+            ) from None
         if node is None:
             return None
         _expanded_values(node, {}, set())
@@ -502,8 +571,10 @@ def read_yaml(path, *, allow_empty: bool = False) -> dict:
     above; an empty file is refused unless ``allow_empty``."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file (see configs/), "
-                          "or --resume for a run directory")
+        raise ConfigError(
+            f"config file {path} is a directory; give the path of a YAML file (see configs/), "
+            "or --resume for a run directory"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
@@ -512,13 +583,17 @@ def read_yaml(path, *, allow_empty: bool = False) -> dict:
     except OSError as err:
         raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); check its permissions") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML, is it the right file?")
+        raise ConfigError(
+            f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB of YAML, is it "
+            "the right file?"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
     try:
         data = _load_yaml(text)
     except yaml.YAMLError as err:
@@ -528,10 +603,14 @@ def read_yaml(path, *, allow_empty: bool = False) -> dict:
     if data is None:
         if allow_empty:
             return {}
-        raise ConfigError(f"config file {path} is empty (no settings); add settings (see configs/), "
-                          "or leave the file out to train the defaults")
+        raise ConfigError(
+            f"config file {path} is empty (no settings); add settings (see configs/), "
+            "or leave the file out to train the defaults"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}"
+        )
     return data
 
 
@@ -554,7 +633,9 @@ def read_config_file(path, _chain: tuple = ()) -> dict:
         raise ConfigError(f"config file {path}: 'base' must be the path of another YAML file, got {_short(base)}")
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
     if not base_path.is_file():
-        raise ConfigError(f"config file {path}: its base {base_path} does not exist; fix the 'base:' path (relative to the file)")
+        raise ConfigError(
+            f"config file {path}: its base {base_path} does not exist; fix the 'base:' path (relative to the file)"
+        )
     return _deep_merge(read_config_file(base_path, (*_chain, path)), data)
 
 
@@ -641,29 +722,54 @@ def validate(cfg: Config) -> Config:
     _check(0 <= cfg.seed <= _MAX_INT, f"seed must be a whole number in [0, 2**63 - 1], got {cfg.seed}")
 
     e = cfg.estimator
-    _check(math.isfinite(e.o_end) and e.o_end >= 1.0, f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3")
+    _check(
+        math.isfinite(e.o_end) and e.o_end >= 1.0,
+        f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3",
+    )
     _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
 
     d = cfg.data
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    _check(d.test_batch_size is None or d.test_batch_size >= 1, f"data.test_batch_size must be >= 1 or null, got {d.test_batch_size}")
-    _check(d.subset is None or d.subset >= 1, f"data.subset must be a positive number of images or null (all), got {d.subset}")
+    _check(
+        d.test_batch_size is None or d.test_batch_size >= 1,
+        f"data.test_batch_size must be >= 1 or null, got {d.test_batch_size}",
+    )
+    _check(
+        d.subset is None or d.subset >= 1,
+        f"data.subset must be a positive number of images or null (all), got {d.subset}",
+    )
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(d.num_workers <= MAX_THREADS, f"data.num_workers must be <= {MAX_THREADS} (processes), got {d.num_workers}")
     if d.subset is not None:
         train_size = data.info(cfg.data.name).train_size
-        _check(train_size is None or d.subset <= train_size,
-               f"data.subset={d.subset} is larger than the {data.canonical_name(d.name)} training set ({train_size:,} images); "
-               "use data.subset=null for all of it")
-        _check(d.subset >= d.batch_size, f"data.batch_size ({d.batch_size}) is larger than the training set (data.subset={d.subset}); lower data.batch_size or raise data.subset")
+        _check(
+            train_size is None or d.subset <= train_size,
+            f"data.subset={d.subset} is larger than the {data.canonical_name(d.name)} training set ({train_size:,} "
+            "images); "
+            "use data.subset=null for all of it",
+        )
+        _check(
+            d.subset >= d.batch_size,
+            f"data.batch_size ({d.batch_size}) is larger than the training set (data.subset={d.subset}); lower "
+            "data.batch_size or raise data.subset",
+        )
 
     o = cfg.optim
-    _check(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}; e.g. optim.lr=0.1 for sgd, 0.002 for adam")
-    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}")
-    _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
     _check(
-        len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
+        math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}; e.g. optim.lr=0.1 for sgd, 0.002 for adam"
+    )
+    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _check(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}",
+    )
+    _check(
+        not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+        "optim.nesterov needs optim.name=sgd and optim.momentum > 0",
+    )
+    _check(
+        len(o.betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
         f"optim.betas must be two numbers in [0, 1), got {_short(o.betas)}; e.g. optim.betas=[0.9,0.999]",
     )
     o.betas = [float(b) for b in o.betas]
@@ -671,21 +777,44 @@ def validate(cfg: Config) -> Config:
     s = cfg.lr_schedule
     t = cfg.train
     _check(s.warmup_epochs >= 0, f"lr_schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
-    _check(s.warmup_epochs < t.epochs or s.warmup_epochs == 0, f"lr_schedule.warmup_epochs ({s.warmup_epochs}) must be shorter than train.epochs ({t.epochs})")
-    _check(s.per == "step" or float(s.warmup_epochs).is_integer(), f"lr_schedule.warmup_epochs={s.warmup_epochs} is fractional: use a whole number or lr_schedule.per=step")
+    _check(
+        s.warmup_epochs < t.epochs or s.warmup_epochs == 0,
+        f"lr_schedule.warmup_epochs ({s.warmup_epochs}) must be shorter than train.epochs ({t.epochs})",
+    )
+    _check(
+        s.per == "step" or float(s.warmup_epochs).is_integer(),
+        f"lr_schedule.warmup_epochs={s.warmup_epochs} is fractional: use a whole number or lr_schedule.per=step",
+    )
     _check(0 <= s.final_lr_ratio <= 1, f"lr_schedule.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
 
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _check(0 <= t.threads <= MAX_THREADS, f"train.threads must be in 0..{MAX_THREADS} (0 = torch's default), got {t.threads}; "
-           f"this machine has {os.cpu_count()} CPUs")
+    _check(
+        0 <= t.threads <= MAX_THREADS,
+        f"train.threads must be in 0..{MAX_THREADS} (0 = torch's default), got {t.threads}; "
+        f"this machine has {os.cpu_count()} CPUs",
+    )
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    _check(0 <= t.distill_weight <= 1, f"train.distill_weight must be in [0, 1] (the KL term's share of the loss), got {t.distill_weight}")
-    _check(math.isfinite(t.distill_temperature) and t.distill_temperature > 0,
-           f"train.distill_temperature must be a finite number > 0 (1 = plain softmax), got {t.distill_temperature}")
-    _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, f"train.grad_clip must be a finite number >= 0 (0 = off), got {t.grad_clip}")
+    _check(
+        0 <= t.distill_weight <= 1,
+        f"train.distill_weight must be in [0, 1] (the KL term's share of the loss), got {t.distill_weight}",
+    )
+    _check(
+        math.isfinite(t.distill_temperature) and t.distill_temperature > 0,
+        f"train.distill_temperature must be a finite number > 0 (1 = plain softmax), got {t.distill_temperature}",
+    )
+    _check(
+        math.isfinite(t.grad_clip) and t.grad_clip >= 0,
+        f"train.grad_clip must be a finite number >= 0 (0 = off), got {t.grad_clip}",
+    )
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
-    _check(t.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every_steps}")
-    _check(1 <= t.dist_timeout_s <= 7 * 86400, f"train.dist_timeout_s must be 1 second to 7 days (604800), got {t.dist_timeout_s}")
+    _check(
+        t.checkpoint_every_steps >= 0,
+        f"train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every_steps}",
+    )
+    _check(
+        1 <= t.dist_timeout_s <= 7 * 86400,
+        f"train.dist_timeout_s must be 1 second to 7 days (604800), got {t.dist_timeout_s}",
+    )
     device = t.device
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
@@ -702,9 +831,15 @@ def validate(cfg: Config) -> Config:
 
     _check(bool(cfg.out.dir), "out.dir must not be empty; use '.' for the current folder")
     if cfg.out.name is not None:
-        _check(bool(cfg.out.name) and "/" not in cfg.out.name and cfg.out.name not in (".", ".."), f"out.name must be a plain folder name, got {_short(cfg.out.name)}")
+        _check(
+            bool(cfg.out.name) and "/" not in cfg.out.name and cfg.out.name not in (".", ".."),
+            f"out.name must be a plain folder name, got {_short(cfg.out.name)}",
+        )
     if cfg.name is not None:
-        _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got {_short(cfg.name)}")
+        _check(
+            bool(cfg.name) and "/" not in cfg.name,
+            f"name must be a non-empty string without '/', got {_short(cfg.name)}",
+        )
     return cfg
 
 
@@ -733,7 +868,11 @@ def _show(value) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() if isinstance(value, (list, dict)) else str(value)
+    return (
+        yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
 
 
 def help_epilog() -> str:
@@ -759,6 +898,9 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
     if cfg.train.sync_bn and world_size == 1:
         warnings.warn("train.sync_bn=true has no effect in a single-process run (ignored)", stacklevel=2)
     if cfg.train.teacher is None and (cfg.train.distill_weight != 1.0 or cfg.train.distill_temperature != 1.0):
-        warnings.warn("train.distill_weight / train.distill_temperature have no effect without train.teacher=RUN_DIR (ignored)", stacklevel=2)
+        warnings.warn(
+            "train.distill_weight / train.distill_temperature have no effect without train.teacher=RUN_DIR (ignored)",
+            stacklevel=2,
+        )
     if cfg.model.precision == "fp" and cfg.estimator.params:
         warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)

@@ -54,23 +54,27 @@ class Teacher:
         self.seconds, self.steps = 0.0, 0
 
     @classmethod
-    def from_source(cls, source, cfg, meta, device, channels_last: bool = False) -> "Teacher":
+    def from_source(cls, source, cfg, meta, device, channels_last: bool = False) -> Teacher:
         """The teacher of ``train.teacher=source`` for a run of ``cfg`` on the data set ``meta``."""
-        from .config import config_from_dict
         from ..models.build import build_model
+        from .config import config_from_dict
 
         path = checkpoint_of(source, "train.teacher")
         state = load_checkpoint(path, map_location="cpu", required=("model",))
         config = source_config(Path(path), state)
         if config is None:
-            raise CheckpointError(f"train.teacher={str(source)!r}: {path} holds no config and no config.yaml is beside it; "
-                                  "the teacher's architecture is unknown (give its run directory)")
+            raise CheckpointError(
+                f"train.teacher={str(source)!r}: {path} holds no config and no config.yaml is beside it; "
+                "the teacher's architecture is unknown (give its run directory)"
+            )
         tcfg = config_from_dict(config)
         from reste import data as rdata
 
         if rdata.canonical_name(tcfg.data.name) != rdata.canonical_name(cfg.data.name):
-            raise CheckpointError(f"train.teacher={str(source)!r} was trained on {tcfg.data.name}, this run uses {cfg.data.name}; "
-                                  "a teacher must see the same images, normalised the same way")
+            raise CheckpointError(
+                f"train.teacher={str(source)!r} was trained on {tcfg.data.name}, this run uses {cfg.data.name}; "
+                "a teacher must see the same images, normalised the same way"
+            )
         model = build_model(tcfg, meta)
         load_model_weights(model, state["model"], path)
         model = model.to(device)
@@ -85,7 +89,7 @@ class Teacher:
         if sync:
             torch.cuda.synchronize(images.device)
         start = time.perf_counter()
-        with torch.no_grad(), (autocast or nullcontext()):
+        with torch.no_grad(), autocast or nullcontext():
             teacher_logits = self.model(images)
         if sync:
             torch.cuda.synchronize(images.device)

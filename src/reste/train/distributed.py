@@ -24,7 +24,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "setup", "cleanup", "all_reduce_sum", "all_reduce_max", "broadcast_object", "convert_sync_batchnorm", "CPUSyncBatchNorm"]
+__all__ = [
+    "DistContext",
+    "setup",
+    "cleanup",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "broadcast_object",
+    "convert_sync_batchnorm",
+    "CPUSyncBatchNorm",
+]
 
 
 @dataclass
@@ -178,13 +187,21 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (CPUSyncBatchNorm, nn.SyncBatchNorm)):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (CPUSyncBatchNorm, nn.SyncBatchNorm)
+    ):
         like: torch.Tensor | None = next(iter(module.parameters()), None)
         if like is None:
             like = module.running_mean
-        sync = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, device=like.device if like is not None else None,
-                                dtype=like.dtype if like is not None else None)
+        sync = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=like.device if like is not None else None,
+            dtype=like.dtype if like is not None else None,
+        )
         sync.load_state_dict(module.state_dict())
         sync.train(module.training)
         return sync

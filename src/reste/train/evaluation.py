@@ -33,8 +33,16 @@ def _accuracy(correct: float, count: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: str = "none",
-                   channels_last: bool = False, ctx: D.DistContext | None = None) -> dict:
+def evaluate_model(
+    model: nn.Module,
+    loader,
+    device,
+    *,
+    num_classes: int,
+    amp: str = "none",
+    channels_last: bool = False,
+    ctx: D.DistContext | None = None,
+) -> dict:
     """Loss, top-1 and top-5 (percent) of ``model`` over ``loader``.
 
     In a distributed run every rank evaluates its shard of the test set and the sums are
@@ -68,10 +76,17 @@ def evaluate_model(model: nn.Module, loader, device, *, num_classes: int, amp: s
     }
 
 
-def evaluate(source: str | os.PathLike[str], *, data: str | None = None, root: str | None = None,
-             batch_size: int | None = None,
-             subset: int | str | None = "run", device: str = "auto", which: str = "best",
-             amp: str | None = None) -> dict:
+def evaluate(
+    source: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    root: str | None = None,
+    batch_size: int | None = None,
+    subset: int | str | None = "run",
+    device: str = "auto",
+    which: str = "best",
+    amp: str | None = None,
+) -> dict:
     """Evaluate a run directory or checkpoint on its test set (or another data set's).
 
     Args:
@@ -114,11 +129,23 @@ def evaluate(source: str | os.PathLike[str], *, data: str | None = None, root: s
     if subset == "run":  # the same create_loaders call as training: the same test images
         subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
     _, test_loader = rdata.create_loaders(
-        name, root=root if root is not None else (cfg.data.root if data is None else None), batch_size=batch,
-        test_batch_size=batch, augment=False, seed=cfg.seed, device=dev, subset=cast("int | None", subset),  # not "run"
+        name,
+        root=root if root is not None else (cfg.data.root if data is None else None),
+        batch_size=batch,
+        test_batch_size=batch,
+        augment=False,
+        seed=cfg.seed,
+        device=dev,
+        subset=cast("int | None", subset),  # not "run"
         test_only=True,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
-    result.update({"checkpoint": str(path), "epoch": int(state.get("epoch", 0)), "data": rdata.canonical_name(name),
-                   "subset": subset})
+    result.update(
+        {
+            "checkpoint": str(path),
+            "epoch": int(state.get("epoch", 0)),
+            "data": rdata.canonical_name(name),
+            "subset": subset,
+        }
+    )
     return result

@@ -28,8 +28,15 @@ class DistributedFailure(ReSTEError, RuntimeError):
 
 
 # substrings of the errors gloo and NCCL raise when a peer is gone or too slow
-_COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out",
-                               "timed out", "NCCL", "gloo")
+_COLLECTIVE_FAILURE_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "pair closure",
+    "Timed out",
+    "timed out",
+    "NCCL",
+    "gloo",
+)
 
 _ADVICE = "Lower optim.lr, add lr_schedule.warmup_epochs or train.grad_clip"
 
@@ -51,8 +58,11 @@ def distributed_failure(err: BaseException, run_dir: Path, rank: int, timeout_s)
     """The error that replaces a failed collective: what probably happened and how to resume."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     last = checkpoint_path(run_dir, "last")
-    kept = (f"the last good checkpoint is {last}; resume with `{resume_command(run_dir)}`" if last.is_file()
-            else "no checkpoint was written yet")
+    kept = (
+        f"the last good checkpoint is {last}; resume with `{resume_command(run_dir)}`"
+        if last.is_file()
+        else "no checkpoint was written yet"
+    )
     return DistributedFailure(
         f"a collective operation failed on rank {rank} ({first[:300]}): another rank probably died, hung for "
         f"longer than train.dist_timeout_s={timeout_s} s, or lost its network (see the other ranks' "
@@ -68,8 +78,18 @@ def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx: D.DistContext) -
     return bool(bad_loss), bool(bad_grad)
 
 
-def nonfinite_step_error(run_dir: Path, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
-                         bad_loss: bool, *, lr: float, o: float | None, world_size: int) -> NonFiniteLossError:
+def nonfinite_step_error(
+    run_dir: Path,
+    epoch: int,
+    step: int,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    bad_loss: bool,
+    *,
+    lr: float,
+    o: float | None,
+    world_size: int,
+) -> NonFiniteLossError:
     """The error of a step whose loss or gradient was not finite with ``train.nonfinite=stop``."""
     o_text = f"{o:.4g}" if o is not None else "n/a"
     loss_value, norm_value = float(loss.detach()), float(grad_norm)
@@ -83,19 +103,22 @@ def nonfinite_step_error(run_dir: Path, epoch: int, step: int, loss: torch.Tenso
     )
 
 
-def nonfinite_weights_error(run_dir: Path, bad: list[str], which: str, epoch: int,
-                            step_in_epoch: int) -> NonFiniteLossError:
+def nonfinite_weights_error(
+    run_dir: Path, bad: list[str], which: str, epoch: int, step_in_epoch: int
+) -> NonFiniteLossError:
     """The error of a checkpoint refused because the model's weights or statistics are not finite."""
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
     return NonFiniteLossError(
         f"the model's weights or statistics became non-finite (NaN/inf in {', '.join(bad[:3])}{more}) at epoch "
         f"{epoch + 1 if step_in_epoch else epoch}{f', step {step_in_epoch}' if step_in_epoch else ''}; "
         "training stopped "
-        f"without writing checkpoints/{which}.pt, {_kept(run_dir)}. {_ADVICE}")
+        f"without writing checkpoints/{which}.pt, {_kept(run_dir)}. {_ADVICE}"
+    )
 
 
-def check_divergence(run_dir: Path, epoch: int, row: dict, *, steps_per_epoch: int, num_classes: int, lr: float,
-                     warn: bool) -> None:
+def check_divergence(
+    run_dir: Path, epoch: int, row: dict, *, steps_per_epoch: int, num_classes: int, lr: float, warn: bool
+) -> None:
     """Fail a run that skipped most of an epoch; warn (``warn``: rank 0) about one whose loss ran far above chance."""
     skipped = row.get("skipped_batches", 0)
     if skipped * 2 > steps_per_epoch:
@@ -103,9 +126,12 @@ def check_divergence(run_dir: Path, epoch: int, row: dict, *, steps_per_epoch: i
             f"epoch {epoch + 1} skipped {skipped} of {steps_per_epoch} batches for a non-finite loss or gradient "
             f"(train.nonfinite=skip): the run is diverging, not training; stopped before writing this epoch's "
             "checkpoint, "
-            f"{_kept(run_dir)}. {_ADVICE}")
+            f"{_kept(run_dir)}. {_ADVICE}"
+        )
     loss, chance = row.get("train_loss"), math.log(max(num_classes, 2))
     if isinstance(loss, float) and math.isfinite(loss) and loss > 100 * chance and warn:
-        warnings.warn(f"epoch {epoch + 1}: train loss {loss:.3g} is {loss / chance:.3g} times that of guessing "
-                      f"(ln {num_classes} = {chance:.2f}): the run has diverged; lower optim.lr (now {lr:g})",
-                      stacklevel=2)
+        warnings.warn(
+            f"epoch {epoch + 1}: train loss {loss:.3g} is {loss / chance:.3g} times that of guessing "
+            f"(ln {num_classes} = {chance:.2f}): the run has diverged; lower optim.lr (now {lr:g})",
+            stacklevel=2,
+        )

@@ -53,15 +53,17 @@ class FaultInjection(NoFaults):
         self.kind, self.step, self.rank = kind, step, rank
 
     @classmethod
-    def from_env(cls, rank: int) -> "FaultInjection | None":
+    def from_env(cls, rank: int) -> FaultInjection | None:
         step = os.environ.get("RESTE_FAULT_STEP")
         if not step:
             return None
         kind = os.environ.get("RESTE_FAULT", "kill")
         if kind not in FAULT_KINDS or not step.isdigit():
-            raise ConfigError(f"RESTE_FAULT={kind!r} RESTE_FAULT_STEP={step!r}: the fault kind must be one of "
-                              f"{', '.join(FAULT_KINDS)} and the step a positive whole number (this is a testing hook; "
-                              "unset RESTE_FAULT_STEP to train normally)")
+            raise ConfigError(
+                f"RESTE_FAULT={kind!r} RESTE_FAULT_STEP={step!r}: the fault kind must be one of "
+                f"{', '.join(FAULT_KINDS)} and the step a positive whole number (this is a testing hook; "
+                "unset RESTE_FAULT_STEP to train normally)"
+            )
         fault_rank = int(os.environ.get("RESTE_FAULT_RANK", "0"))
         return cls(kind, int(step), fault_rank) if fault_rank == rank else None
 

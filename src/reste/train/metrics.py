@@ -10,8 +10,16 @@ from .state import TrainState
 __all__ = ["train_row", "epoch_mean_o", "run_summary"]
 
 
-def train_row(epoch: int, totals: list[float], *, num_classes: int, lr: float, o: float | None, o_mean: float | None,
-              train_seconds: float) -> dict:
+def train_row(
+    epoch: int,
+    totals: list[float],
+    *,
+    num_classes: int,
+    lr: float,
+    o: float | None,
+    o_mean: float | None,
+    train_seconds: float,
+) -> dict:
     """The epoch's row from its sums over all ranks (loss, top-1, top-5, count, skipped batches)."""
     loss_sum, c1, c5, count, skipped = totals
     return {
@@ -40,8 +48,17 @@ def epoch_mean_o(sched, epoch: int) -> float | None:
     return sum(sched.schedule((first + k) / total) for k in range(sched.steps_per_epoch)) / sched.steps_per_epoch
 
 
-def run_summary(cfg: Config, state: TrainState, *, complete: bool, train_loader, test_loader, steps_per_epoch: int,
-                world_size: int, run_dir) -> dict:
+def run_summary(
+    cfg: Config,
+    state: TrainState,
+    *,
+    complete: bool,
+    train_loader,
+    test_loader,
+    steps_per_epoch: int,
+    world_size: int,
+    run_dir,
+) -> dict:
     """The summary of a run: final and best accuracy, time, scale and what was trained; ``complete``
     only when it has all ``train.epochs`` rows."""
     rows = state.history
@@ -76,6 +93,9 @@ def run_summary(cfg: Config, state: TrainState, *, complete: bool, train_loader,
         "init_from": cfg.model.init_from,
         "teacher": cfg.train.teacher,
         # the teacher's forward time over the epochs run, per step (rank 0's)
-        "teacher_ms_per_step": (sum(r["teacher_ms_per_step"] for r in rows) / len(rows)
-                                if rows and all(r.get("teacher_ms_per_step") is not None for r in rows) else None),
+        "teacher_ms_per_step": (
+            sum(r["teacher_ms_per_step"] for r in rows) / len(rows)
+            if rows and all(r.get("teacher_ms_per_step") is not None for r in rows)
+            else None
+        ),
     }

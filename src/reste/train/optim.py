@@ -59,11 +59,13 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_
     else:
         total, warmup = epochs, int(s.warmup_epochs)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda unit: lr_factor(unit, total, warmup, s.name, s.final_lr_ratio))
+        optimizer, lambda unit: lr_factor(unit, total, warmup, s.name, s.final_lr_ratio)
+    )
 
 
-def realign_step_schedule(sched, optimizer: torch.optim.Optimizer, cfg: Config, epoch: int,
-                          steps_per_epoch: int) -> None:
+def realign_step_schedule(
+    sched, optimizer: torch.optim.Optimizer, cfg: Config, epoch: int, steps_per_epoch: int
+) -> None:
     """At an epoch boundary with a different number of steps per epoch (another number of
     ranks or data size): put a per-step lr schedule at ``epoch``'s first step."""
     if cfg.lr_schedule.per != "step":

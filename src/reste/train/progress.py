@@ -20,15 +20,21 @@ def epoch_line(row: dict, epochs: int) -> str:
         value = row.get(key)
         return f"{label} {value:{fmt}}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
 
-    indicators = (num("o_mean", ".3f", "mean o"), num("est_error", ".4g", "e"), num("est_error_end", ".4g", "e@o_end"),
-                  num("grad_instability", ".3g", "s"))
-    parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}",
-             f"train loss {row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%",
-             f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%",
-             "  ".join(filter(None, indicators)),
-             num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else ""),
-             num("teacher_ms_per_step", ".1f", "teacher")
-             + (" ms/step" if row.get("teacher_ms_per_step") is not None else "")]
+    indicators = (
+        num("o_mean", ".3f", "mean o"),
+        num("est_error", ".4g", "e"),
+        num("est_error_end", ".4g", "e@o_end"),
+        num("grad_instability", ".3g", "s"),
+    )
+    parts = [
+        f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}",
+        f"train loss {row['train_loss']:.4f} top-1 {row['train_top1']:5.2f}%",
+        f"test loss {row['test_loss']:.4f} top-1 {row['test_top1']:5.2f}%",
+        "  ".join(filter(None, indicators)),
+        num("epoch_time", ".1f", "time") + (" s" if row.get("epoch_time") is not None else ""),
+        num("teacher_ms_per_step", ".1f", "teacher")
+        + (" ms/step" if row.get("teacher_ms_per_step") is not None else ""),
+    ]
     return " | ".join(p for p in parts if p)
 
 

@@ -38,11 +38,16 @@ def resume_config(run_dir, overrides=None) -> Config:
     has_last = checkpoint_path(run_dir, "last").is_file()
     restart = not has_last and abandoned_setup(run_dir)
     if restart and not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the "
-                              "command that started it again (it reuses the folder), or add --force to it")
+        raise CheckpointError(
+            f"cannot resume {run_dir}: its set-up was stopped before it wrote anything; run the "
+            "command that started it again (it reuses the folder), or add --force to it"
+        )
     if not restart and not has_last:
-        hint = ("it has no checkpoint yet; start it again with its command and --force" if looks_like_run(run_dir)
-                else "is it a run directory written by `reste train`?")
+        hint = (
+            "it has no checkpoint yet; start it again with its command and --force"
+            if looks_like_run(run_dir)
+            else "is it a run directory written by `reste train`?"
+        )
         raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there ({hint})")
     cfg = load_config(read_config(run_dir), check=False)
     if restart:  # nothing was trained: start the run over in the same folder
@@ -83,8 +88,9 @@ def restore(run_dir: Path, trainer) -> dict:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path}: optimizer or lr-scheduler state does not fit this configuration "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: optimizer or lr-scheduler state does not fit this configuration ({err})"
+        ) from None
     trainer.est_scheduler.load_state_dict(state["estimator_scheduler"])
     ts: TrainState = trainer.state
     ts.load_state_dict(state)

@@ -40,10 +40,28 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_to_yaml, read_yaml
 
 __all__ = [
-    "CONFIG", "SUMMARY", "METRICS", "METRICS_CSV", "INDICATORS", "CHECKPOINTS", "HISTOGRAMS", "LOCK",
-    "checkpoint_path", "locate_checkpoint", "read_config", "read_summary", "read_metrics",
-    "has_results", "looks_like_run", "is_complete", "abandoned_setup",
-    "RunDirLock", "RunWriter", "claim_run_dir", "new_run_dir", "open_run_dir",
+    "CONFIG",
+    "SUMMARY",
+    "METRICS",
+    "METRICS_CSV",
+    "INDICATORS",
+    "CHECKPOINTS",
+    "HISTOGRAMS",
+    "LOCK",
+    "checkpoint_path",
+    "locate_checkpoint",
+    "read_config",
+    "read_summary",
+    "read_metrics",
+    "has_results",
+    "looks_like_run",
+    "is_complete",
+    "abandoned_setup",
+    "RunDirLock",
+    "RunWriter",
+    "claim_run_dir",
+    "new_run_dir",
+    "open_run_dir",
 ]
 
 CONFIG = "config.yaml"
@@ -69,8 +87,9 @@ def locate_checkpoint(source, which: str) -> Path:
     if path.is_dir():
         candidate = checkpoint_path(path, which)
         if not candidate.is_file():
-            raise CheckpointError(f"{path} has no checkpoints/{which}.pt; is it a run directory written by "
-                                  "`reste train`?")
+            raise CheckpointError(
+                f"{path} has no checkpoints/{which}.pt; is it a run directory written by `reste train`?"
+            )
         return candidate
     return path
 
@@ -155,8 +174,12 @@ def abandoned_setup(path: Path) -> bool:
         return False
     for item in path.rglob("*"):
         rel = item.relative_to(path)
-        if (item.is_dir() or str(rel) in _SETUP_FILES or rel.parts[0] == "tb"
-                or (item.name.startswith(".") and item.name.endswith(".tmp"))):
+        if (
+            item.is_dir()
+            or str(rel) in _SETUP_FILES
+            or rel.parts[0] == "tb"
+            or (item.name.startswith(".") and item.name.endswith(".tmp"))
+        ):
             continue
         return False
     return True
@@ -358,23 +381,31 @@ def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
     parent = Path(cfg.out.dir)
     if cfg.out.name:
         path = parent / cfg.out.name
-        exists = (f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, "
-                  "or choose another out.name")
+        exists = (
+            f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, "
+            "or choose another out.name"
+        )
         if path.exists():
             if abandoned_setup(path):
                 _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
-                print(f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no "
-                      "results",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"note: reusing {path}: its set-up was stopped before the first checkpoint, so it held no results",
+                    file=sys.stderr,
+                    flush=True,
+                )
             elif not force:
                 raise ConfigError(exists)
             elif not path.is_dir() or (not looks_like_run(path) and any(path.iterdir())):
-                raise ConfigError(f"refusing to --force overwrite {path}: it is not empty and does not look like a "
-                                  "run directory")
+                raise ConfigError(
+                    f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory"
+                )
             else:
                 _discard(path)
-        lock = _claim(path, f"run directory {path} was just created by another run started at the same time; "
-                            "wait for it, or choose another out.name")
+        lock = _claim(
+            path,
+            f"run directory {path} was just created by another run started at the same time; "
+            "wait for it, or choose another out.name",
+        )
         return path, lock
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = parent / f"{cfg.run_name}-{stamp}"
@@ -398,8 +429,9 @@ def new_run_dir(cfg: Config, force: bool) -> Path:
     return path
 
 
-def open_run_dir(cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None,
-                 force: bool) -> tuple[Path, RunDirLock | None, bool]:
+def open_run_dir(
+    cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None, force: bool
+) -> tuple[Path, RunDirLock | None, bool]:
     """The run folder of a training process: ``(path, lock, created)``.
 
     Rank 0 locks ``resume_dir`` (and removes the temp files a killed writer left there), or claims

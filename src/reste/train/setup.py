@@ -17,8 +17,15 @@ from ..schedules import EstimatorScheduler, o_schedule
 from . import distributed as D
 from .config import Config, ConfigError
 
-__all__ = ["seed_everything", "create_loaders", "create_model", "create_teacher", "create_estimator_scheduler",
-           "wrap_model", "create_tracker"]
+__all__ = [
+    "seed_everything",
+    "create_loaders",
+    "create_model",
+    "create_teacher",
+    "create_estimator_scheduler",
+    "wrap_model",
+    "create_tracker",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -35,17 +42,32 @@ def create_loaders(cfg: Config, meta, ctx: D.DistContext):
 
     d = cfg.data
     if d.subset is None and meta.train_size < d.batch_size:
-        raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the {d.name} training set "
-                          f"({meta.train_size} images); lower data.batch_size")
+        raise ConfigError(
+            f"data.batch_size ({d.batch_size}) is larger than the {d.name} training set "
+            f"({meta.train_size} images); lower data.batch_size"
+        )
     train_loader, test_loader = rdata.create_loaders(
-        d.name, root=d.root, batch_size=d.batch_size // ctx.world_size, test_batch_size=d.test_batch_size,
-        augment=d.augment, download=d.download, seed=cfg.seed, device=ctx.device, num_workers=d.num_workers,
-        subset=d.subset, rank=ctx.rank, world_size=ctx.world_size, drop_last=True, shard_test=True,
+        d.name,
+        root=d.root,
+        batch_size=d.batch_size // ctx.world_size,
+        test_batch_size=d.test_batch_size,
+        augment=d.augment,
+        download=d.download,
+        seed=cfg.seed,
+        device=ctx.device,
+        num_workers=d.num_workers,
+        subset=d.subset,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        drop_last=True,
+        shard_test=True,
     )
     dataset_size = getattr(train_loader, "dataset_size", None)
     if dataset_size is not None and dataset_size < d.batch_size:
-        raise ConfigError(f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); "
-                          "lower data.batch_size or raise data.subset")
+        raise ConfigError(
+            f"data.batch_size ({d.batch_size}) is larger than the training set ({dataset_size} images); "
+            "lower data.batch_size or raise data.subset"
+        )
     return train_loader, test_loader
 
 
@@ -78,8 +100,11 @@ def create_teacher(cfg: Config, meta, ctx: D.DistContext, *, tell: bool):
 
     teacher = Teacher.from_source(t.teacher, cfg, meta, ctx.device, t.channels_last)
     if tell:
-        print(f"train.teacher: {teacher.source}; loss = {1 - teacher.weight:g} * CE + "
-              f"{teacher.weight:g} * T^2 * KL, T = {teacher.temperature:g}", flush=True)
+        print(
+            f"train.teacher: {teacher.source}; loss = {1 - teacher.weight:g} * CE + "
+            f"{teacher.weight:g} * T^2 * KL, T = {teacher.temperature:g}",
+            flush=True,
+        )
     return teacher
 
 

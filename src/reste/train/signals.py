@@ -27,8 +27,10 @@ class TrainingInterrupted(ReSTEError):
         self.run_dir = run_dir
         self.resume_command = resume_command
         name = signal.Signals(signum).name
-        super().__init__(f"training stopped by {name}; checkpoint written to {checkpoint_path(run_dir, 'last')}. "
-                         f"Resume with:\n  {resume_command}")
+        super().__init__(
+            f"training stopped by {name}; checkpoint written to {checkpoint_path(run_dir, 'last')}. "
+            f"Resume with:\n  {resume_command}"
+        )
 
     def cli_message(self, rank: str = "0") -> str | None:
         return str(self) if rank in ("0", "") else None
@@ -55,8 +57,12 @@ class _StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
-              "(press Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
+            "(press Ctrl-C again to abort without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers only work there

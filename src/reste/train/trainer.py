@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +36,58 @@ from torch import nn
 
 from ..models.build import _create_model, _model_label, build_model, check_model, model_arguments  # noqa: F401
 from . import distributed as D
-from .checkpoint import (CheckpointError, load_checkpoint, nonfinite_entries, rng_state, save_checkpoint,  # noqa: F401
-                         set_rng_state)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    nonfinite_entries,
+    rng_state,
+    save_checkpoint,  # noqa: F401
+    set_rng_state,
+)
 from .config import Config, ConfigError, config_to_dict, load_config, warn_conflicts
 from .evaluation import _accuracy, evaluate, evaluate_model, topk_correct  # noqa: F401
-from .failures import (DistributedFailure, NonFiniteLossError, _is_collective_failure, check_divergence,  # noqa: F401
-                       distributed_failure, nonfinite, nonfinite_step_error, nonfinite_weights_error)
+from .failures import (
+    DistributedFailure,
+    NonFiniteLossError,
+    _is_collective_failure,
+    check_divergence,  # noqa: F401
+    distributed_failure,
+    nonfinite,
+    nonfinite_step_error,
+    nonfinite_weights_error,
+)
 from .faults import FAULT_KINDS, FaultInjection, NoFaults, fault_from_env  # noqa: F401
 from .metrics import epoch_mean_o, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
 from .progress import ProgressBar, epoch_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
-from .rundir import HISTOGRAMS, RunDirLock, RunWriter, checkpoint_path, open_run_dir, remove_if_empty
-from .rundir import (_clean, _json_default, _looks_like_run, _write_json, _write_text, abandoned_setup,  # noqa: F401
-                     claim_run_dir, new_run_dir)
+from .rundir import (
+    HISTOGRAMS,
+    RunDirLock,
+    RunWriter,
+    _clean,
+    _json_default,
+    _looks_like_run,
+    _write_json,
+    _write_text,
+    abandoned_setup,  # noqa: F401
+    checkpoint_path,
+    claim_run_dir,
+    new_run_dir,
+    open_run_dir,
+    remove_if_empty,
+)
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
-from .setup import (create_estimator_scheduler, create_loaders, create_model, create_teacher, create_tracker,
-                    seed_everything, wrap_model)
+from .setup import (
+    create_estimator_scheduler,
+    create_loaders,
+    create_model,
+    create_teacher,
+    create_tracker,
+    seed_everything,
+    wrap_model,
+)
 from .signals import TrainingInterrupted, _StopRequest
 from .signals import resume_command as _resume_command
 from .state import TrainState
@@ -90,8 +125,16 @@ class Trainer:
             run at a chosen step); it must not change what is trained.
     """
 
-    def __init__(self, cfg: Config, *, resume: str | os.PathLike | None = None, force: bool = False,
-                 progress: bool = True, summary: bool | None = None, on_step: StepHook | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: str | os.PathLike | None = None,
+        force: bool = False,
+        progress: bool = True,
+        summary: bool | None = None,
+        on_step: StepHook | None = None,
+    ):
         self.cfg = cfg
         self.resume_dir = Path(resume) if resume is not None else None
         self.force = force
@@ -215,8 +258,13 @@ class Trainer:
         start_epoch, start_step, partial = self.state.epoch, self.state.step_in_epoch, self.state.partial
         show = self.progress and ctx.is_main
         tell = self.print_summary and ctx.is_main
-        self.bar = ProgressBar(epochs * self.steps_per_epoch, start_epoch * self.steps_per_epoch + start_step, show,
-                               self.steps_per_epoch, ctx.world_size)
+        self.bar = ProgressBar(
+            epochs * self.steps_per_epoch,
+            start_epoch * self.steps_per_epoch + start_step,
+            show,
+            self.steps_per_epoch,
+            ctx.world_size,
+        )
         self.state.session_start = time.perf_counter()
         if start_epoch >= epochs:
             self.bar.close()
@@ -227,12 +275,26 @@ class Trainer:
             for epoch in range(start_epoch, epochs):
                 resumed = epoch == start_epoch and start_step > 0
                 row, epoch_start = self._train_epoch(epoch, start_step if resumed else 0, partial if resumed else None)
-                check_divergence(self.run_dir, epoch, row, steps_per_epoch=self.steps_per_epoch,
-                                 num_classes=self.num_classes, lr=cfg.optim.lr, warn=ctx.is_main)
+                check_divergence(
+                    self.run_dir,
+                    epoch,
+                    row,
+                    steps_per_epoch=self.steps_per_epoch,
+                    num_classes=self.num_classes,
+                    lr=cfg.optim.lr,
+                    warn=ctx.is_main,
+                )
                 # the plain module, not the DDP wrapper: ranks may hold different numbers of test
                 # batches, and DDP's per-forward buffer broadcast would then wait forever
-                test = evaluate_model(self.model, self.test_loader, self.device, num_classes=self.num_classes,
-                                      amp=cfg.train.amp, channels_last=cfg.train.channels_last, ctx=ctx)
+                test = evaluate_model(
+                    self.model,
+                    self.test_loader,
+                    self.device,
+                    num_classes=self.num_classes,
+                    amp=cfg.train.amp,
+                    channels_last=cfg.train.channels_last,
+                    ctx=ctx,
+                )
                 row.update({"test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]})
                 row["epoch_time"] = time.perf_counter() - epoch_start
                 self._end_epoch(epoch, row)
@@ -309,9 +371,17 @@ class Trainer:
         measured = None
         if bad_loss or bad_grad:
             if t.nonfinite == "stop":
-                raise nonfinite_step_error(self.run_dir, epoch, step, loss, grad_norm, bad_loss,
-                                           lr=optimizer.param_groups[0]["lr"], o=self.est_scheduler.o,
-                                           world_size=self.ctx.world_size)
+                raise nonfinite_step_error(
+                    self.run_dir,
+                    epoch,
+                    step,
+                    loss,
+                    grad_norm,
+                    bad_loss,
+                    lr=optimizer.param_groups[0]["lr"],
+                    o=self.est_scheduler.o,
+                    world_size=self.ctx.world_size,
+                )
             if self.ctx.is_main:
                 sums[4] += 1  # skip: no update; the schedules still advance
             optimizer.zero_grad(set_to_none=True)
@@ -327,8 +397,14 @@ class Trainer:
             with torch.no_grad():
                 c1, c5 = topk_correct(logits.detach(), labels, self.num_classes)
                 n = labels.numel()
-                sums[:4] += torch.stack([loss.detach().double() * n, c1.double(), c5.double(),
-                                         torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                sums[:4] += torch.stack(
+                    [
+                        loss.detach().double() * n,
+                        c1.double(),
+                        c5.double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=self.device),
+                    ]
+                )
         lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.cfg.lr_schedule.per == "step":
             self.lr_scheduler.step()
@@ -345,8 +421,9 @@ class Trainer:
             return None
         values = self.tracker.measure()
         if sampled:
-            self.writer.append_indicators({"epoch": epoch + 1, "step": step + 1, "global_step": global_step,
-                                           "o": self.est_scheduler.o, **values})
+            self.writer.append_indicators(
+                {"epoch": epoch + 1, "step": step + 1, "global_step": global_step, "o": self.est_scheduler.o, **values}
+            )
         if not last_step:
             return None
         if (epoch + 1) in self.cfg.analysis.histograms_at or epoch + 1 == self.cfg.train.epochs:
@@ -368,8 +445,15 @@ class Trainer:
     def _epoch_row(self, epoch: int, sums: torch.Tensor, train_seconds: float, lr: float, indicators: dict) -> dict:
         """The epoch's metrics row (its training half; ``_run`` adds the test results)."""
         totals = D.all_reduce_sum(sums.clone(), self.ctx).tolist()
-        row = train_row(epoch, totals, num_classes=self.num_classes, lr=lr, o=self.est_scheduler.o,
-                        o_mean=epoch_mean_o(self.est_scheduler, epoch), train_seconds=train_seconds)
+        row = train_row(
+            epoch,
+            totals,
+            num_classes=self.num_classes,
+            lr=lr,
+            o=self.est_scheduler.o,
+            o_mean=epoch_mean_o(self.est_scheduler, epoch),
+            train_seconds=train_seconds,
+        )
         self.state.skipped_total += row["skipped_batches"]
         if self.teacher is not None:
             row.update(self.teacher.pop_epoch_stats())
@@ -437,16 +521,30 @@ class Trainer:
         save_checkpoint(state, checkpoint_path(self.run_dir, which))
 
     def _summary(self, complete: bool) -> dict:
-        return run_summary(self.cfg, self.state, complete=complete, train_loader=self.train_loader,
-                           test_loader=self.test_loader, steps_per_epoch=self.steps_per_epoch,
-                           world_size=self.ctx.world_size, run_dir=self.run_dir)
+        return run_summary(
+            self.cfg,
+            self.state,
+            complete=complete,
+            train_loader=self.train_loader,
+            test_loader=self.test_loader,
+            steps_per_epoch=self.steps_per_epoch,
+            world_size=self.ctx.world_size,
+            run_dir=self.run_dir,
+        )
 
 
 # ----------------------------------------------------------------------------- public entry point
-def train(config: str | os.PathLike[str] | dict | Config | None = None, *, resume: str | os.PathLike[str] | None = None,
-          force: bool = False, progress: bool = True, summary: bool | None = None,
-          overrides: list[str] | tuple[str, ...] | dict | None = None, on_step: StepHook | None = None,
-          **sections: Any) -> dict:
+def train(
+    config: str | os.PathLike[str] | dict | Config | None = None,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    summary: bool | None = None,
+    overrides: list[str] | tuple[str, ...] | dict | None = None,
+    on_step: StepHook | None = None,
+    **sections: Any,
+) -> dict:
     """Train a model; returns the summary dict (also written to ``summary.json``).
 
     Args:
@@ -470,13 +568,17 @@ def train(config: str | os.PathLike[str] | dict | Config | None = None, *, resum
         extra = _merge(extra, nested)
     if resume is not None:
         if config is not None:
-            raise ConfigError("pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its "
-                              "run directory)")
+            raise ConfigError(
+                "pass either a config or resume=RUN_DIR (a resumed run uses the config saved in its run directory)"
+            )
         cfg = resume_config(resume, extra or None)
         if not checkpoint_path(resume, "last").is_file():  # resume_config checked it is a stopped set-up
-            print(f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
-                  "config.yaml",
-                  file=sys.stderr, flush=True)
+            print(
+                f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
+                "config.yaml",
+                file=sys.stderr,
+                flush=True,
+            )
             resume = None
     else:
         cfg = load_config(config, extra or None)

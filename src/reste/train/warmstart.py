@@ -26,11 +26,15 @@ def checkpoint_of(source, key: str) -> Path:
             candidate = checkpoint_path(path, which)
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{key}={str(source)!r}: no checkpoints/best.pt or last.pt there; give a run directory "
-                              "written by `reste train` or a checkpoint file")
+        raise CheckpointError(
+            f"{key}={str(source)!r}: no checkpoints/best.pt or last.pt there; give a run directory "
+            "written by `reste train` or a checkpoint file"
+        )
     if not path.is_file():
-        raise CheckpointError(f"{key}={str(source)!r} does not exist; give a run directory of `reste train` or a .pt file "
-                              "(run the first step of a two-step recipe before the second)")
+        raise CheckpointError(
+            f"{key}={str(source)!r} does not exist; give a run directory of `reste train` or a .pt file "
+            "(run the first step of a two-step recipe before the second)"
+        )
     return path
 
 
@@ -60,7 +64,9 @@ def init_from(model: nn.Module, source, key: str = "model.init_from"):
     if not report.copied:
         config = source_config(path, state) or {}
         arch = (config.get("model") or {}).get("name", "an unknown architecture")
-        raise CheckpointError(f"{key}={str(source)!r}: none of its {len(weights)} tensors fits this model ({path} holds "
-                              f"{arch}); start from a run of the same model.name and model.kwargs")
+        raise CheckpointError(
+            f"{key}={str(source)!r}: none of its {len(weights)} tensors fits this model ({path} holds "
+            f"{arch}); start from a run of the same model.name and model.kwargs"
+        )
     report.source = str(path)
     return report
