@@ -18,6 +18,10 @@ The pieces live beside this file: :mod:`.optim` (optimizer, lr schedule), :mod:`
 :mod:`.setup` (what is built before the first step), :mod:`.metrics` (the epoch row, the summary),
 :mod:`.progress` (the terminal) and :mod:`.rundir`; model building is :mod:`reste.models.build`.
 Their public names are importable from here too, as before.
+
+About 600 lines, over the 500 the project aims for: the one ``Trainer`` class (its loop, set-up,
+saving and resuming read best together) is ~480 of them, and the imports that keep every moved name
+importable from here take ~70 more in the formatter's one-name-per-line layout.
 """
 
 from __future__ import annotations
