@@ -639,11 +639,13 @@ def read_config_file(path, _chain: tuple = ()) -> dict:
     return _deep_merge(read_config_file(base_path, (*_chain, path)), data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def _deep_merge(base: dict, top: dict, replace: tuple[str, ...] = ()) -> dict:
+    """``top`` over ``base``, nested dicts merged key by key, except under the keys in ``replace``,
+    whose dicts ``top`` replaces whole (a resumed run's ``model.kwargs`` is the new one, not a mix)."""
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in replace:
+            merged[key] = _deep_merge(merged[key], value, replace)
         else:
             merged[key] = value
     return merged

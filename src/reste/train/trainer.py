@@ -48,7 +48,7 @@ from .checkpoint import (
     save_checkpoint,  # noqa: F401
     set_rng_state,
 )
-from .config import Config, ConfigError, config_to_dict, load_config, warn_conflicts
+from .config import Config, ConfigError, _deep_merge, config_to_dict, load_config, warn_conflicts
 from .evaluation import _accuracy, evaluate, evaluate_model, topk_correct  # noqa: F401
 from .failures import (
     DistributedFailure,
@@ -569,7 +569,7 @@ def train(
         from .config import parse_overrides
 
         nested = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides)
-        extra = _merge(extra, nested)
+        extra = _deep_merge(extra, nested, replace=("kwargs", "params"))
     if resume is not None:
         if config is not None:
             raise ConfigError(
@@ -587,13 +587,3 @@ def train(
     else:
         cfg = load_config(config, extra or None)
     return Trainer(cfg, resume=resume, force=force, progress=progress, summary=summary, on_step=on_step).fit()
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("kwargs", "params"):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
