@@ -6,27 +6,21 @@ Run: python benchmarks/checksum_cost.py  (one thread; ResNet-20 and VGG-small, C
 import importlib
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reste import models
+from reste.analysis.cost import median_seconds
 from reste.deploy import load
 
 E = importlib.import_module("reste.deploy.export")  # the module (reste.deploy.export is also the function's name)
 
 
 def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def main() -> None:

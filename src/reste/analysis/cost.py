@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from .indicators import IndicatorTracker
 
-__all__ = ["indicator_cost"]
+__all__ = ["indicator_cost", "median_seconds"]
 
 
-def _median_seconds(fn, reps: int) -> float:
+def median_seconds(fn, reps: int) -> float:
+    """The median wall time of ``reps`` calls of ``fn()``, in seconds (the benchmarks use it too)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -52,11 +53,11 @@ def indicator_cost(
     for _ in range(2):  # warm-up: allocator, first-call overheads
         train_step()
         tracker.measure()
-    step = _median_seconds(train_step, reps)
+    step = median_seconds(train_step, reps)
     backward()  # measure() reads the gradients
-    measure = _median_seconds(tracker.measure, 2 * reps)
+    measure = median_seconds(tracker.measure, 2 * reps)
     with tempfile.TemporaryDirectory() as tmp:
-        snapshot = _median_seconds(lambda: tracker.snapshot(f"{tmp}/snapshot.npz"), max(3, reps // 2))
+        snapshot = median_seconds(lambda: tracker.snapshot(f"{tmp}/snapshot.npz"), max(3, reps // 2))
     return {
         "binary_layers": len(tracker),
         "binary_weights": sum(layer.weight.numel() for _, layer in tracker.layers),
