@@ -117,7 +117,7 @@ class _scratch:
 def set_output_pool(max_bytes: int) -> int:
     """Cap (in bytes) the memory the packed layers keep for reusing their outputs; 0 turns
     reuse off. Returns the previous cap. Default 1 GiB (``RESTE_OUTPUT_POOL_MB``)."""
-    previous = _pool.max_bytes
+    previous = int(_pool.max_bytes)
     with _pool.lock:
         _pool.max_bytes = int(max_bytes)
         if _pool.max_bytes <= 0:
@@ -255,6 +255,7 @@ class _PackedBinary(nn.Module):
         # the buffers' identity and version: in-place edits invalidate what was derived from them
         bufs = self._buffers
         w, a, b = bufs["weight_bits"], bufs["alpha"], bufs["bias"]
+        assert w is not None and a is not None  # registered in _init_packed, never None
         return (w.data_ptr(), w._version, a.data_ptr(), a._version) + (
             (b.data_ptr(), b._version) if b is not None else ()
         )
@@ -398,6 +399,14 @@ class PackedBinaryConv2d(_PackedBinary):
         input_padding: the border value of the binarized input, ``"zero"``, ``"+1"`` or ``"-1"``.
         alpha_size: 1 (one scale for the layer) or ``out_channels`` (one per channel).
     """
+
+    # the fused maps (fuse_epilogue, fuse_prologue): their state and the kernel's per-channel buffers
+    post_bn: dict | None
+    pre_bn: dict | None
+    post_scale: Tensor
+    post_shift: Tensor
+    pre_scale: Tensor
+    pre_shift: Tensor
 
     def __init__(
         self,
@@ -548,6 +557,9 @@ class PackedBinaryConv2d(_PackedBinary):
         self.post_relu = bool(relu)
         self.post_bn = None
         if bn is not None:
+            assert kernel_scale is not None and kernel_shift is not None, (
+                "a fused BatchNorm needs its kernel scale and shift"
+            )
             self.post_bn = _bn_state(bn)
             self.register_buffer("post_scale", kernel_scale.detach().float().contiguous().clone(), persistent=False)
             self.register_buffer("post_shift", kernel_shift.detach().float().contiguous().clone(), persistent=False)
@@ -576,6 +588,7 @@ class PackedBinaryConv2d(_PackedBinary):
         if getattr(self, "pre_relu", False):
             x = torch.relu(x)
         bn = self.pre_bn
+        assert bn is not None  # called only with a fused prologue
         dev = x.device
         opt = lambda t: t.to(dev) if t is not None else None  # noqa: E731
         return F.batch_norm(
