@@ -1,34 +1,13 @@
-"""The equilibrium indicators of ReSTE: estimating error, gradient instability, flip ratio.
+"""Reading the equilibrium indicators a run wrote (estimating error, gradient instability, flip ratio).
 
-For every layer with binary weights (:func:`reste.nn.binary_layers`):
-
-- **estimating error** ``e = || f_o(w) - sign(w) ||_2`` of the latent weights ``w``, with the
-  rectified power function ``f_o(z) = sign(z) |z|^(1/o)``. It says how far the function
-  whose derivative ReSTE uses is from the sign actually applied in the forward pass;
-  it falls as ``o`` grows. Reported twice:
-
-  * ``est_error`` at the layer's *current* ``o`` (its ReSTE weight estimator's ``o``
-    buffer). Layers binarized by another estimator (STE, EDE, DoReFa, ...) have no
-    ``o``: for them the current value is ``None``;
-  * ``est_error_end`` at ``o_end``, for every estimator. This is what the reference
-    implementation computes (it evaluates ``f_{o_end}`` whatever the current ``o``).
-
-- **gradient instability** ``s = Var(|dL/dw|)``, the unbiased variance of the magnitude
-  of the weight gradient (``None`` while a layer has no gradient);
-- **flip ratio**: the share of binary weights whose sign changed since the previous
-  :meth:`IndicatorTracker.measure` (``None`` at the first measurement).
-
-Model-level values sum ``e`` and ``s`` over the layers (as the reference does); the model
-flip ratio is flipped weights over all binary weights. ``sign`` here is this project's
-binary sign (``sign(0) = +1``), the one the forward pass uses.
+What they are and how they are measured is in :mod:`reste.nn.indicators`, where
+:class:`IndicatorTracker` and the formulas live (the trainer measures with them, and
+``reste.train`` imports nothing of ``reste.analysis``); this module re-exports them and reads
+what they wrote: :func:`load_snapshot`, :func:`read_metrics`.
 
 The reference samples ``e`` and ``s`` at the last iteration of every epoch and summarises a
 run by the mean of ``e`` over epochs and the sum of ``s`` over epochs:
 :func:`reference_aggregates` computes both from a run's ``metrics.jsonl``.
-
-:class:`IndicatorTracker` and the formulas live in :mod:`reste.nn.indicators` (the trainer
-measures with them, and ``reste.train`` imports nothing of ``reste.analysis``); this module
-re-exports them and reads what they wrote.
 """
 
 from __future__ import annotations
