@@ -66,33 +66,30 @@ _REGISTRY: dict[str, type[Estimator]] = {}
 _WEIGHT_BINARIZERS: dict[str, type[WeightBinarizer]] = {}
 
 
-def register(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
-    """Class decorator: make an :class:`Estimator` subclass available by ``name``."""
+def _registrar(registry: dict, name: str) -> Callable:
+    """The class decorator of :func:`register` and :func:`register_weight_binarizer`: one name space
+    for both registries, so a name means one class whichever list it is in."""
 
-    def wrap(cls: type[Estimator]) -> type[Estimator]:
+    def wrap(cls):
         taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
         if taken is not None:
             raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
         cls.name = name
-        _REGISTRY[name] = cls
+        registry[name] = cls
         return cls
 
     return wrap
+
+
+def register(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
+    """Class decorator: make an :class:`Estimator` subclass available by ``name``."""
+    return _registrar(_REGISTRY, name)
 
 
 def register_weight_binarizer(name: str) -> Callable[[type[WeightBinarizer]], type[WeightBinarizer]]:
     """Class decorator: make a :class:`WeightBinarizer` subclass available by ``name`` as a layer's
     ``weight_estimator`` (not listed by :func:`estimators`: it cannot binarize inputs)."""
-
-    def wrap(cls: type[WeightBinarizer]) -> type[WeightBinarizer]:
-        taken = _REGISTRY.get(name) or _WEIGHT_BINARIZERS.get(name)
-        if taken is not None:
-            raise ValueError(f"estimator name {name!r} is already registered by {taken.__name__}")
-        cls.name = name
-        _WEIGHT_BINARIZERS[name] = cls
-        return cls
-
-    return wrap
+    return _registrar(_WEIGHT_BINARIZERS, name)
 
 
 def weight_binarizers() -> list[str]:
