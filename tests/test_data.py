@@ -150,6 +150,26 @@ def test_subset_is_first_images_and_deterministic(tmp_path):
     assert len(got) == 24 and set(got) <= set(want)  # drop_last: 3 batches of 8
 
 
+def test_test_subset_sets_the_number_of_test_images_with_or_without_a_training_subset(tmp_path):
+    arrays = fx.make_idx_dataset(tmp_path / "fashion_mnist", n_train=64, n_test=20)
+    want = torch.from_numpy(arrays["test_labels"].astype(np.int64))
+    for subset, test_subset, counts in (
+        (30, 15, (30, 15)),
+        (None, 7, (64, 7)),
+        (30, None, (30, 6)),
+        (None, None, (64, 20)),
+    ):
+        train, test = data.create_loaders(
+            "fashion_mnist", root=tmp_path, batch_size=8, subset=subset, test_subset=test_subset, augment=False
+        )
+        assert (train.dataset_size, test.dataset_size) == counts
+        assert torch.equal(test.labels, want[: counts[1]])  # always the first ones
+    with pytest.raises(ValueError, match="test_subset must be a positive number"):
+        data.create_loaders("fashion_mnist", root=tmp_path, test_subset=0)
+    assert data.test_image_count(10, None) == 2 and data.test_image_count(3, None) == 1
+    assert data.test_image_count(None, None) is None and data.test_image_count(3, 9) == 9
+
+
 def test_drop_last_never_drops_the_only_batch(tmp_path):
     fx.make_idx_dataset(tmp_path, n_train=20, n_test=5)
     train, _ = data.create_loaders("fashion_mnist", root=tmp_path, batch_size=128)
@@ -707,6 +727,8 @@ def test_imagenet_folder_loader(tmp_path):
     assert val_images.shape == (6, 3, 224, 224)
     assert val_labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert -2.2 < val_images.min() and val_images.max() < 2.7  # normalised range
+    _, some = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, test_subset=3)
+    assert some.dataset_size == 3 and collect(some)[1].tolist() == [0, 1, 2]  # evenly spaced: classes mixed
 
     # Deterministic: same epoch -> same batches, whatever the worker count.
     train.set_epoch(3)

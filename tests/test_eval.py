@@ -153,6 +153,44 @@ def test_export_is_checked_on_real_test_images_and_evaluates_like_the_run(run, c
             assert torch.equal(model.eval()(images).argmax(1), deployed(images).argmax(1))
 
 
+def test_a_run_with_data_test_subset_reports_evaluates_and_exports_on_those_test_images(tmp_path, capsys):
+    # a training subset with its own number of test images (here 60 of the 100, not 160 // 5 = 32)
+    write_banded_mnist(tmp_path / "data")
+    summary = T.train(
+        progress=False,
+        model={"name": "resnet20", "kwargs": {"width": 0.25}},
+        data={"name": "mnist", "root": str(tmp_path / "data"), "subset": SUBSET, "test_subset": 60, "batch_size": 32},
+        train={"epochs": 1, "threads": 1, "device": "cpu"},
+        analysis={"indicators": False},
+        out={"dir": str(tmp_path), "name": "run"},
+    )
+    run_dir = tmp_path / "run"
+    assert (summary["train_images"], summary["test_images"]) == (SUBSET, 60)
+    code, result = eval_json(capsys, run_dir, "--device", "cpu")
+    assert code == 0 and (result["count"], result["subset"], result["test_subset"]) == (60, SUBSET, 60)
+    assert result["top1"] == pytest.approx(summary["final_top1"])
+    assert cli.main(["eval", str(run_dir), "--device", "cpu"]) == 0
+    assert "60 images (the first ones, as data.subset=160 and data.test_subset=60; --full for all)" in (
+        capsys.readouterr().out
+    )
+
+    out = tmp_path / "model.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "verified on 60 mnist test images" in capsys.readouterr().out
+    assert read_metadata(out)["data"]["test_subset"] == 60
+    code, of_file = eval_json(capsys, out, "--threads", "1")
+    assert code == 0 and of_file["count"] == 60 and of_file["top1"] == result["top1"]
+
+
+def test_data_test_subset_larger_than_the_test_set_is_a_config_error_naming_the_key():
+    from reste.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.test_subset=20000 is larger than the fashion_mnist test set"):
+        load_config(overrides=["data.test_subset=20000"])
+    with pytest.raises(ConfigError, match=r"data.test_subset must be a positive number"):
+        load_config(overrides=["data.test_subset=0"])
+
+
 def test_export_without_its_data_set_is_checked_on_random_inputs_and_says_so(run, capsys, tmp_path):
     base, run_dir, _, _ = run
     moved = tmp_path / "elsewhere"

@@ -78,21 +78,21 @@ class Cell:
 
 def _image_counts(run: RunRecord) -> tuple[int | None, int | None]:
     """Training and test images of a run: as its summary.json records them, else derived from
-    ``data.subset`` the way the loaders apply it (first N training, N // 5 test images), else
+    ``data.subset`` and ``data.test_subset`` the way the loaders apply them, else
     the data set's full sizes."""
     summary = run.summary or {}
     if summary.get("train_images") is not None and summary.get("test_images") is not None:
         return int(summary["train_images"]), int(summary["test_images"])
-    subset = run.get("data.subset")
-    if subset is not None:
-        return int(subset), max(1, int(subset) // 5)
-    try:
-        from ..data import info
+    from ..data import info, test_image_count
 
+    subset = run.get("data.subset")
+    test = test_image_count(subset, run.get("data.test_subset"))
+    try:
         meta = info(str(run.get("data.name")))
-    except (ImportError, ValueError):
-        return None, None
-    return meta.train_size, meta.test_size
+    except ValueError:
+        meta = None
+    train = int(subset) if subset is not None else (meta.train_size if meta else None)
+    return train, (test if test is not None or meta is None else meta.test_size)
 
 
 def make_cells(runs: Iterable[RunRecord]) -> list[Cell]:

@@ -21,7 +21,7 @@ starts fast). See ``docs/data.md``.
 from __future__ import annotations
 
 from .arrays import DatasetArrays, load_arrays, locate
-from .catalog import DatasetInfo, canonical_name, default_root, info, names
+from .catalog import DatasetInfo, canonical_name, default_root, info, names, test_image_count
 from .download import download, download_file
 from .errors import CorruptDataError, DatasetNotFoundError
 
@@ -38,6 +38,7 @@ __all__ = [
     "names",
     "info",
     "create_loaders",
+    "test_image_count",
     "download",
     "download_file",
     "load_arrays",
@@ -69,6 +70,7 @@ def create_loaders(
     shard_test: bool = False,
     mirror: str | None = None,
     test_only: bool = False,
+    test_subset: int | None = None,
 ):
     """Return ``(train_loader, test_loader)`` for data set ``name``.
 
@@ -92,6 +94,8 @@ def create_loaders(
         subset: keep only the first ``subset`` training and the first
             ``max(1, subset // 5)`` test images (ImageNet: evenly spaced ones,
             so that classes stay mixed).
+        test_subset: keep only the first ``test_subset`` test images instead (ImageNet:
+            evenly spaced ones); None: as ``subset`` says (all of them without a subset).
         rank, world_size: training data is sharded into equal disjoint slices
             of the epoch's permutation (leftover ``< world_size`` samples are
             skipped that epoch). The test set is *not* sharded: every rank
@@ -106,6 +110,8 @@ def create_loaders(
     meta = info(name)
     if subset is not None and int(subset) < 1:
         raise ValueError(f"subset must be a positive number of images, got {subset}")
+    if test_subset is not None and int(test_subset) < 1:
+        raise ValueError(f"test_subset must be a positive number of images, got {test_subset}")
     if name == "imagenet":
         from .imagenet import create_imagenet_loaders  # lazily: optional extra
 
@@ -124,6 +130,7 @@ def create_loaders(
             world_size=world_size,
             drop_last=drop_last,
             shard_test=shard_test,
+            test_subset=test_subset,
         )
 
     import torch
@@ -135,7 +142,8 @@ def create_loaders(
     test_x, test_y = arrays.test_images, arrays.test_labels
     if subset is not None:
         train_x, train_y = train_x[:subset], train_y[:subset]
-        test_count = max(1, int(subset) // 5)
+    test_count = test_image_count(subset, test_subset)
+    if test_count is not None:
         test_x, test_y = test_x[:test_count], test_y[:test_count]
 
     common = dict(mean=meta.mean, std=meta.std, seed=seed, device=device)

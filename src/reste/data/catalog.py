@@ -265,3 +265,13 @@ def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
             f"{', '.join(str(p) for p in SYSTEM_DIRS[name])}"
         )
     return commands
+
+
+def test_image_count(subset: int | None, test_subset: int | None) -> int | None:
+    """How many test images a run evaluates on: ``test_subset`` when set, else ``subset // 5``
+    (at least 1) with a training subset, else None (all of them)."""
+    if test_subset is not None:
+        return int(test_subset)
+    if subset is not None:
+        return max(1, int(subset) // 5)
+    return None

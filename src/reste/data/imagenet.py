@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .arrays import find_imagenet_root  # noqa: F401 - part of this module's API
 from .augment import Normalizer
-from .catalog import how_to_get, info
+from .catalog import how_to_get, info, test_image_count
 from .errors import CorruptDataError, DatasetNotFoundError
 from .loaders import epoch_seed, shard_range
 
@@ -292,6 +292,7 @@ def create_imagenet_loaders(
     world_size=1,
     drop_last=True,
     shard_test=False,
+    test_subset=None,
 ):
     """Train and val loaders for a class-folder ImageNet; see the module doc."""
     require_pillow()
@@ -300,7 +301,9 @@ def create_imagenet_loaders(
     val_samples, _ = scan_class_folders(base / "val", {name: i for i, name in enumerate(classes)})
     if subset is not None:
         train_samples = _strided_subset(train_samples, subset)
-        val_samples = _strided_subset(val_samples, max(1, subset // 5))
+    val_count = test_image_count(subset, test_subset)
+    if val_count is not None:
+        val_samples = _strided_subset(val_samples, val_count)
     meta = info("imagenet")
     common = dict(seed=seed, device=device, num_workers=num_workers, mean=meta.mean, std=meta.std, classes=classes)
     train = ImageFolderLoader(

@@ -72,6 +72,7 @@ def data_spec(config) -> dict:
         "name": rdata.canonical_name(cfg.data.name),
         "split": "test",
         "subset": cfg.data.subset,
+        "test_subset": cfg.data.test_subset,
         "seed": cfg.seed,
         "root": cfg.data.root,
         "test_batch_size": cfg.data.test_batch_size or cfg.data.batch_size,
@@ -129,7 +130,7 @@ def eval_loader(
     """The test loader a ``data`` spec describes: the run's test images by default.
 
     ``data``/``root`` replace the data set / folder; ``subset="run"`` keeps the run's test
-    subset (on the run's data set; another data set is used whole), None takes the whole
+    subset and ``test_subset`` (on the run's data set; another data set is used whole), None takes the whole
     test set, a number N its first N // 5 images (as ``data.subset`` does). ``download`` as for
     :func:`reste.data.create_loaders`.
     """
@@ -137,8 +138,9 @@ def eval_loader(
 
     name = rdata.canonical_name(data or spec["name"])
     same = name == spec["name"]
+    test_subset = None
     if subset == "run":
-        subset = spec.get("subset") if same else None
+        subset, test_subset = (spec.get("subset"), spec.get("test_subset")) if same else (None, None)
     if root is None and same:
         root = spec.get("root")
     batch = batch_size or spec.get("test_batch_size") or 256
@@ -151,6 +153,7 @@ def eval_loader(
         seed=spec.get("seed", 0),
         device=device,
         subset=subset,
+        test_subset=test_subset,
         download=download,
         test_only=True,
     )
@@ -325,9 +328,11 @@ def evaluate_export(
         )
     dev = torch.device(device)
     model = load(path).to(dev)
-    if subset == "run":
-        subset = spec.get("subset") if meta.name == spec["name"] else None
     loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=dev)
+    test_subset = None
+    if subset == "run":
+        same = meta.name == spec["name"]
+        subset, test_subset = (spec.get("subset"), spec.get("test_subset")) if same else (None, None)
     result = evaluate_model(model, loader, dev, num_classes=meta.num_classes)
     source = graph.get("source") or {}
     result.update(
@@ -337,6 +342,7 @@ def evaluate_export(
             "run": source.get("run"),
             "data": meta.name,
             "subset": subset,
+            "test_subset": test_subset,
             "file": str(path),
         }
     )

@@ -200,11 +200,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"
-        which = (
-            "the whole test set"
-            if result.get("subset") is None
-            else f"the first ones, as data.subset={result['subset']}; --full for all"
-        )
+        picked = [f"data.{key}={result[key]}" for key in ("subset", "test_subset") if result.get(key) is not None]
+        which = "the whole test set" if not picked else f"the first ones, as {' and '.join(picked)}; --full for all"
         label = f"{result['file']} ({result['checkpoint']}, " if export else f"{result['checkpoint']} ("
         print(f"{label}epoch {result['epoch']}) on the {result['data']} test set: {result['count']:,} images ({which})")
         print(f"  top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}")

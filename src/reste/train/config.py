@@ -140,6 +140,9 @@ class DataConfig:
         "paper configs",
     )
     subset: int | None = _opt(None, "use only the first N training images (and N // 5 test images)")
+    test_subset: int | None = _opt(
+        None, "evaluate on the first N test images (null = as data.subset says: N // 5 of them, or all without one)"
+    )
     num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
     download: bool | None = _opt(
         None,
@@ -740,6 +743,17 @@ def validate(cfg: Config) -> Config:
         d.subset is None or d.subset >= 1,
         f"data.subset must be a positive number of images or null (all), got {d.subset}",
     )
+    _check(
+        d.test_subset is None or d.test_subset >= 1,
+        f"data.test_subset must be a positive number of images or null, got {d.test_subset}",
+    )
+    if d.test_subset is not None:
+        test_size = data.info(cfg.data.name).test_size
+        _check(
+            test_size is None or d.test_subset <= test_size,
+            f"data.test_subset={d.test_subset} is larger than the {data.canonical_name(d.name)} test set "
+            f"({test_size:,} images); use data.test_subset=null for all of it",
+        )
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(d.num_workers <= MAX_THREADS, f"data.num_workers must be <= {MAX_THREADS} (processes), got {d.num_workers}")
     if d.subset is not None:

@@ -93,14 +93,14 @@ def evaluate(
         source: a run directory (uses ``checkpoints/<which>.pt``) or a ``.pt`` file.
         data, root: evaluate on this data set / data folder instead of the run's.
         batch_size: evaluation batch (default: the run's ``data.test_batch_size``).
-        subset: ``"run"``: the test images the run reported on (its ``data.subset``; another
-            data set is used whole); None: the whole test set; N: the first ``N // 5`` test
-            images (as ``data.subset`` does).
+        subset: ``"run"``: the test images the run reported on (its ``data.subset`` and
+            ``data.test_subset``; another data set is used whole); None: the whole test set;
+            N: the first ``N // 5`` test images (as ``data.subset`` does).
         device: ``auto``, ``cpu``, ``cuda`` ...
         which: ``best`` or ``last`` when ``source`` is a run directory (best, as ``reste export``).
         amp: ``bf16`` or ``none`` (default: the run's ``train.amp``).
 
-    Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data", "subset"}``.
+    Returns ``{"top1", "top5", "loss", "count", "checkpoint", "epoch", "data", "subset", "test_subset"}``.
     """
     from reste import data as rdata
 
@@ -126,8 +126,12 @@ def evaluate(
     model = build_model(cfg, trained_on).to(dev)
     load_model_weights(model, state["model"], path)
     batch = batch_size or cfg.data.test_batch_size or cfg.data.batch_size
+    test_subset = None
     if subset == "run":  # the same create_loaders call as training: the same test images
-        subset = cfg.data.subset if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name) else None
+        if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name):
+            subset, test_subset = cfg.data.subset, cfg.data.test_subset
+        else:
+            subset = None
     _, test_loader = rdata.create_loaders(
         name,
         root=root if root is not None else (cfg.data.root if data is None else None),
@@ -137,6 +141,7 @@ def evaluate(
         seed=cfg.seed,
         device=dev,
         subset=cast("int | None", subset),  # not "run"
+        test_subset=test_subset,
         test_only=True,
     )
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
@@ -146,6 +151,7 @@ def evaluate(
             "epoch": int(state.get("epoch", 0)),
             "data": rdata.canonical_name(name),
             "subset": subset,
+            "test_subset": test_subset,
         }
     )
     return result

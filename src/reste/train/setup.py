@@ -57,6 +57,7 @@ def create_loaders(cfg: Config, meta, ctx: D.DistContext):
         device=ctx.device,
         num_workers=d.num_workers,
         subset=d.subset,
+        test_subset=d.test_subset,
         rank=ctx.rank,
         world_size=ctx.world_size,
         drop_last=True,
