@@ -502,10 +502,17 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     assert "73.50 ± 0.71" in t2 and "66.00 ± 1.41" in t2 and "86.75" in t2 and "83.19" in t2
     # o = 1: only the progressive run exists; it doubles as fixed o = 1, marked
     assert "71.50 ± 0.71 *" in row("## Table 2", "1")
+    # progressive minus fixed, paired by seed: (73 - 65, 74 - 67) = (8, 7): mean 7.5, t = 7.5 / (0.7071 / sqrt 2) = 15
+    assert "+7.50 (t = 15.00, 2 seeds, p < 0.05)" in t2
+    assert "+6.50 (t = 13.00, 2 seeds, p < 0.05)" in row("## Table 2", "2")  # (72 - 65, 73 - 67)
+    assert "seeds" not in row("## Table 2", "1")  # o = 1 is one training, nothing to pair
     # Table 3 holds the cosine cell of the o_end sweep too
     assert "73.50 ± 0.71" in row("## Table 3", "cosine") and "86.59" in row("## Table 3", "power")
     # estimator comparison: mean(68, 72) ± sd(68, 72) = 70.00 ± 2.83, and the paper's STE number
     assert "70.00 ± 2.83" in row("## Estimator comparison", "ste") and "84.44" in row("## Estimator comparison", "ste")
+    # ReSTE (73, 74) minus STE (68, 72): (5, 2), mean 3.5, t = 3.5 / (2.1213 / sqrt 2) = 2.33 < 12.71: not significant
+    assert "+3.50 (t = 2.33, 2 seeds) |" in row("## Estimator comparison", "ste")
+    assert "seeds" not in row("## Estimator comparison", "ReSTE")
     assert "—" in row("## Table 1", "FP") or "64.50 (85.14)" in row("## Table 1", "FP")
     assert "53.05 (76.83)" in row("## Table 1", "DoReFa")
     # Figure 1 table: e = mean over epochs of est_error_end (6/o_end + seed), s = sum over epochs
@@ -517,6 +524,37 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     assert names == ["figure1_o_end.png", "figure2_distributions.png", "figure3_o_schedules.png"]
     for p in report.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_paired_difference_and_t_against_numpy(tmp_path):
+    from reste.analysis.cells import Cell, paired
+    from reste.analysis.runs import load_run
+
+    a_top1, b_top1 = [66.6, 63.9, 68.9, 68.1, 66.1], [65.0, 65.0, 67.9, 64.6, 65.8]
+    a = Cell(
+        [load_run(fixture_run(tmp_path, f"a{k}", [50.0, v], seed=k, snapshot=False)) for k, v in enumerate(a_top1)]
+    )
+    # b ran seeds 0-4 in another order, plus seed 7 that a lacks: pairing is by seed, not position
+    b_runs = [fixture_run(tmp_path, f"b{k}", [50.0, b_top1[k]], seed=k, snapshot=False) for k in (3, 1, 4, 0, 2)]
+    b = Cell(
+        [load_run(r) for r in b_runs] + [load_run(fixture_run(tmp_path, "b7", [50.0, 10.0], seed=7, snapshot=False))]
+    )
+    d = np.array(a_top1) - np.array(b_top1)
+    result = paired(a, b)
+    assert result is not None and result.n == 5
+    assert result.mean == pytest.approx(d.mean()) and result.t == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(5)))
+    assert 1.3 < result.t < 1.5 and not result.significant  # 4 d.o.f.: needs |t| > 2.776
+    same = paired(
+        a,
+        Cell(
+            [
+                load_run(fixture_run(tmp_path, f"c{k}", [50.0, v - 3.0], seed=k, snapshot=False))
+                for k, v in enumerate(a_top1)
+            ]
+        ),
+    )
+    assert same is not None and same.t is None and same.significant and "all seeds equal" in str(same)
+    assert paired(a, Cell([load_run(b_runs[0])])) is None  # one shared seed: no statistic
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -5,13 +5,21 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .runs import RunRecord
 
-__all__ = ["Cell", "make_cells"]
+__all__ = ["Cell", "make_cells", "Paired", "paired", "T_CRITICAL_95"]
+
+#: two-sided 5% critical values of Student's t, by degrees of freedom (1-30); beyond 30, 2.0
+T_CRITICAL_95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
 def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -21,6 +29,42 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else None
     return mean, std
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``a - b`` over the seeds two cells share: the mean difference, its paired t statistic
+    ``mean / (sd / sqrt(n))`` (None when every difference is the same) and the seed count ``n``."""
+
+    mean: float
+    t: float | None
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """|t| above the two-sided 5% critical value for ``n - 1`` degrees of freedom."""
+        if self.t is None:
+            return self.mean != 0.0
+        critical = T_CRITICAL_95[self.n - 2] if self.n - 1 <= len(T_CRITICAL_95) else 2.0
+        return abs(self.t) > critical
+
+    def __str__(self) -> str:
+        t = "all seeds equal" if self.t is None else f"t = {self.t:.2f}"
+        return f"{self.mean:+.2f} ({t}, {self.n} seeds{', p < 0.05' if self.significant else ''})"
+
+
+def paired(a: Cell, b: Cell, key: str = "final_top1") -> Paired | None:
+    """``a - b`` of a summary value over the seeds both cells ran (None with fewer than 2)."""
+    of_b = {r.get("seed"): float(r.summary[key]) for r in b.runs if r.summary and r.summary.get(key) is not None}
+    diffs = [
+        float(r.summary[key]) - of_b[r.get("seed")]
+        for r in a.runs
+        if r.summary and r.summary.get(key) is not None and r.get("seed") in of_b
+    ]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    return Paired(mean, None if sd == 0.0 else mean / (sd / math.sqrt(len(diffs))), len(diffs))
 
 
 @dataclass
@@ -37,10 +81,10 @@ class Cell:
         return self.first.get(key, default)
 
     def summary_values(self, key: str) -> list[float]:
-        return [r.summary.get(key) for r in self.runs if r.summary and r.summary.get(key) is not None]
+        return [float(r.summary[key]) for r in self.runs if r.summary and r.summary.get(key) is not None]
 
     def aggregate_values(self, key: str) -> list[float]:
-        return [r.aggregates[key] for r in self.runs if r.aggregates[key] is not None]
+        return [float(r.aggregates[key]) for r in self.runs if r.aggregates[key] is not None]
 
     @property
     def seeds(self) -> list:

@@ -45,7 +45,7 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
         ("gradient instability s\n(sum over epochs)", [c.aggregate_values("grad_instability_sum") for c in family]),
     ]
     for ax, (title, values) in zip(axes, panels):
-        means = [(_stats(v)[0] if v else np.nan) for v in values]
+        means = [_mean_or_nan(v) for v in values]
         stds = [(_stats(v)[1] or 0.0) if v else 0.0 for v in values]
         ax.errorbar(x, means, yerr=stds, marker="o", capsize=3)
         ax.set_title(title, fontsize=10)
@@ -86,6 +86,11 @@ def _last_snapshot(run: RunRecord) -> Path | None:
     return snaps[-1] if snaps else None
 
 
+def _mean_or_nan(values) -> float:
+    mean = _stats(values)[0] if values else None
+    return float("nan") if mean is None else mean
+
+
 def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
     curves = []
     for cell in family:
@@ -105,10 +110,10 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
                 "grad_over",
             )
             sums = {k: snap[k].sum(axis=0) for k in keys}
-            edges = (snap["fit_edges"], snap["grad_log10_edges"])
+            snap_edges = (snap["fit_edges"], snap["grad_log10_edges"])
             if pooled is None:
-                pooled, pooled_edges = sums, edges
-            elif all(np.array_equal(a, b) for a, b in zip(edges, pooled_edges)):
+                pooled, pooled_edges = sums, snap_edges
+            elif all(np.array_equal(a, b) for a, b in zip(snap_edges, pooled_edges)):
                 pooled = {k: pooled[k] + sums[k] for k in keys}
         if pooled is not None:
             curves.append((cell.o_end, pooled, *pooled_edges))
@@ -171,7 +176,7 @@ def _schedule_of(cell: Cell):
     from ..schedules import o_schedule
 
     p = cell.get("estimator.p", 2.0)
-    return o_schedule(cell.schedule, o_end=cell.o_end, p=float(p) if p is not None else 2.0)
+    return o_schedule(str(cell.schedule), o_end=float(cell.o_end or 1.0), p=float(p) if p is not None else 2.0)
 
 
 def o_points(cell: Cell) -> list[tuple[float, float]]:

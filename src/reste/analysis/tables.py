@@ -11,8 +11,9 @@ Part of ``reste report`` (:mod:`reste.analysis.report` has the whole picture and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from .cells import Cell, _differing_keys, _families
+from .cells import Cell, _differing_keys, _families, paired
 from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _table, _wa
 
 __all__ = ["PAPER", "PAPER_SOURCE"]
@@ -21,7 +22,7 @@ __all__ = ["PAPER", "PAPER_SOURCE"]
 # --------------------------------------------------------------------------- the paper's numbers
 #: Numbers reported by the paper and its appendix (top-1 %, top-5 in brackets), from
 #: docs' facts sheet. CIFAR-10 / ImageNet: never to be read as this project's measurements.
-PAPER = {
+PAPER: dict[str, dict[Any, Any]] = {
     "main": {  # (dataset, model, precision) -> ReSTE
         ("cifar10", "resnet20", "1w1a"): "86.75",
         ("cifar10", "resnet20", "1w32a"): "91.32",
@@ -144,18 +145,21 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         scheds = {c.schedule for c in family}
         # ways tried at a single o_end belong to Table 3, not here
         progressive = sorted(
-            s for s in scheds if s != "fixed" and len({c.o_end for c in family if c.schedule == s}) >= 2
+            s
+            for s in scheds
+            if s is not None and s != "fixed" and len({c.o_end for c in family if c.schedule == s}) >= 2
         )
         family = [c for c in family if c.schedule == "fixed" or c.schedule in progressive]
         if "fixed" not in scheds or not progressive or len({c.o_end for c in family}) < 2:
             continue
         by = {(c.schedule, c.o_end): c for c in family}
-        o_values = sorted({c.o_end for c in family})
+        o_values = sorted({c.o_end for c in family}, key=_o_key)
         note = False
         header = ["o_end (progressive) / o (fixed)"]
         for way in progressive:
             header += [f"progressive ({way}) final", f"progressive ({way}) best"]
-        header += ["fixed final", "fixed best", f"{PAPER_SOURCE['table2']}: progressive", "paper: fixed"]
+        header += ["fixed final", "fixed best", f"progressive ({progressive[0]}) minus fixed, same seeds"]
+        header += [f"{PAPER_SOURCE['table2']}: progressive", "paper: fixed"]
         rows = []
         for o in o_values:
             row = [_num(o)]
@@ -175,6 +179,9 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
                 (_pm(fixed.summary_values("final_top1")) + mark) if fixed else "—",
                 (_pm(fixed.summary_values("best_top1")) + mark) if fixed else "—",
             ]
+            first = by.get((progressive[0], o))
+            difference = paired(first, fixed) if first is not None and fixed is not None and not mark else None
+            row.append(str(difference) if difference is not None else "—")
             row += [_paper(PAPER["table2"].get(("progressive", o))), _paper(PAPER["table2"].get(("fixed", o)))]
             rows.append(row)
         text = (
@@ -182,8 +189,8 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
             + _scale_line(family)
             + "\n\n"
             + _context_line(family[0], ["estimator.schedule", "estimator.o_end"])
-            + ". Top-1 %, mean ± std over seeds.\n\n"
-            + _table(header, rows)
+            + ". Top-1 %, mean ± std over seeds; the difference is final top-1, paired by seed (t: paired t "
+            "statistic; p < 0.05: two-sided).\n\n" + _table(header, rows)
         )
         if note:
             text += (
@@ -203,7 +210,7 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         header = ["tuning way", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
         rows = [
             [
-                c.schedule,
+                str(c.schedule),
                 _pm(c.summary_values("final_top1")),
                 _pm(c.summary_values("best_top1")),
                 _paper(PAPER["table3"].get(c.schedule)),
@@ -253,6 +260,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 for c in family
             ]
             title = "## Table 1: binary ViT"
+            note = ". Mean ± std over seeds.\n\n"
         else:
             family = sorted(
                 family,
@@ -263,10 +271,12 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                     c.label,
                 ),
             )
+            reste = next((c for c in family if c.label == "ReSTE"), None)
             header = [
                 "estimator",
                 "final top-1 (%)",
                 "best top-1 (%)",
+                "ReSTE minus it, same seeds",
                 "est. error e (mean over epochs, at o_end)",
                 "grad. instability s (sum over epochs)",
                 PAPER_SOURCE["estimators"],
@@ -276,6 +286,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                     c.label,
                     _pm(c.summary_values("final_top1")),
                     _pm(c.summary_values("best_top1")),
+                    _paired_text(reste, c),
                     _sci_pm(c.aggregate_values("est_error_end_mean")),
                     _sci_pm(c.aggregate_values("grad_instability_sum")),
                     _paper(PAPER["estimators"].get(c.get("model.estimator"))),
@@ -283,16 +294,33 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 for c in family
             ]
             title = "## Estimator comparison"
+            note = (
+                ". Mean ± std over seeds; ReSTE minus each estimator is final top-1, paired by seed (t: paired t "
+                "statistic; p < 0.05: two-sided).\n\n"
+            )
         out.append(
             title
             + "\n\n"
             + _scale_line(family)
             + "\n\n"
             + _context_line(family[0], ESTIMATOR_KEYS)
-            + ". Mean ± std over seeds.\n\n"
+            + note
             + _table(header, rows)
         )
     return out
+
+
+def _o_key(o_end: float | None) -> tuple[bool, float]:
+    """Sort key of ``o_end`` values: numbers in order, a missing one last."""
+    return (o_end is None, 0.0 if o_end is None else o_end)
+
+
+def _paired_text(reference: Cell | None, cell: Cell) -> str:
+    """``reference - cell`` paired by seed, or a dash (no reference, the reference itself, < 2 shared seeds)."""
+    if reference is None or cell is reference:
+        return "—"
+    difference = paired(reference, cell)
+    return "—" if difference is None else str(difference)
 
 
 def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
@@ -300,7 +328,7 @@ def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
     for family in _families(cells, ["estimator.o_end"]):
         family = [c for c in family if c.schedule != "fixed" and c.label == "ReSTE"]
         if len({c.o_end for c in family}) >= 3:
-            fams.append(sorted(family, key=lambda c: c.o_end))
+            fams.append(sorted(family, key=lambda c: _o_key(c.o_end)))
     return fams
 
 
