@@ -1,7 +1,7 @@
 """The package's layers (docs/architecture.md): a module imports only its own layer and the ones below.
 
     errors, _ext                     (no torch-level dependencies on the rest)
-    ops, estimators, schedules       the estimator maths
+    ops, _triton, estimators, ...    the estimator maths
     nn                               binary layers, conversion, the indicator tracker
     models, data                     architectures; data sets and loaders
     train                            config, run folder, the loop
@@ -27,6 +27,7 @@ LAYERS = {
     "errors": 0,
     "_ext": 0,
     "ops": 1,
+    "_triton": 1,
     "estimators": 1,
     "schedules": 1,
     "nn": 2,

@@ -171,6 +171,15 @@ class Estimator(nn.Module):
         """The backward rule: ``dL/dz = g(z) * dL/dy`` (what this estimator's backward returns)."""
         raise NotImplementedError
 
+    def kernel_rule(self) -> ops.KernelRule | None:
+        """This rule as the fused CUDA kernels take it (:class:`reste.ops.KernelRule`), or None
+        when they have none for it (the PyTorch formula is then used everywhere)."""
+        return None
+
+    def _fused(self, z: Tensor, grad_out: Tensor) -> Tensor | None:
+        """:meth:`surrogate_grad` in one Triton kernel where it applies (CUDA), else None."""
+        return ops.rule_backward(self.kernel_rule(), z, grad_out)
+
     def surrogate_grad_(self, z: Tensor, grad_out: Tensor) -> Tensor:
         """:meth:`surrogate_grad`, allowed to overwrite ``grad_out`` (for callers that own it)."""
         return self.surrogate_grad(z, grad_out)
@@ -255,8 +264,11 @@ class ReSTE(Estimator):
             raise ValueError(f"ReSTE needs o >= 1, got o={value}")
         super().set_param(name, value)
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("reste", self.o, None, self.t, self.m)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
-        """``g_o(z) * grad_out`` (:func:`reste.ops.reste_grad`; the compiled kernel where it applies)."""
+        """``g_o(z) * grad_out`` (:func:`reste.ops.reste_grad`; the compiled or Triton kernel where it applies)."""
         return ops.reste_backward(z, grad_out, self.o, self.t, self.m)
 
     def surrogate_grad_(self, z: Tensor, grad_out: Tensor) -> Tensor:
@@ -281,6 +293,9 @@ class _STEFn(torch.autograd.Function):
 class STE(Estimator):
     r"""Straight-through estimator. Forward :math:`\mathrm{sign}(z)`; backward :math:`g(z) = 1`."""
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("ste")
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
         return grad_out
 
@@ -302,7 +317,13 @@ class ClippedSTE(Estimator):
             raise ValueError(f"clip must be > 0, got {clip}")
         self.clip = float(clip)
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("clipped_ste", c0=self.clip)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         return grad_out * (z.abs() <= self.clip).to(grad_out.dtype)
 
     def extra_repr(self) -> str:
@@ -314,7 +335,13 @@ class ApproxSign(Estimator):
     r"""ApproxSign (Bi-Real Net). Forward :math:`\mathrm{sign}(z)`;
     backward :math:`g(z) = \max(0, 2 - 2|z|)` (that is ``2 - 2|z|`` on ``|z| <= 1``, else 0)."""
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("approx_sign")
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         return grad_out * (2.0 - 2.0 * z.abs()).clamp(min=0.0)
 
 
@@ -333,7 +360,13 @@ class SwishSign(Estimator):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta = float(beta)
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("swish_sign", c0=self.beta)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         b = self.beta
         # cosh overflows to inf for |bz| > ~89 in float32; the fraction then tends to 0,
         # so guard the numerator's inf * 0 by clamping the argument.
@@ -379,7 +412,13 @@ class EDE(Estimator):
         self.set_param("t", t)
         self.set_param("k", max(1.0 / t, 1.0))
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("ede", self.t, self.k)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         t, k = _param(self.t, z), _param(self.k, z)
         th = torch.tanh(t * z)
         return grad_out * (k * t) * (1.0 - th * th)
@@ -421,7 +460,13 @@ class RBNN(Estimator):
     def for_inputs(self) -> RBNN:
         return RBNN(self.t_min, self.t_max, activation=True).to(self.t.device)
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("rbnn", self.t, self.k)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         t, k = _param(self.t, z), _param(self.k, z)
         return grad_out * (k * (math.sqrt(2.0) * t - t * t * z.abs()).clamp(min=0.0))
 
@@ -476,7 +521,13 @@ class FDA(Estimator):
         progress = min(max(float(progress), 0.0), 1.0)
         self.set_param("n", self.n_start + math.floor((self.n_end - self.n_start) * progress))
 
+    def kernel_rule(self) -> ops.KernelRule:
+        return ops.KernelRule("fda", self.n, None, self.w, 4.0 * self.w / math.pi)
+
     def surrogate_grad(self, z: Tensor, grad_out: Tensor) -> Tensor:
+        fused = self._fused(z, grad_out)
+        if fused is not None:
+            return fused
         return grad_out * fda_grad(z, self.n, self.w)
 
     def extra_repr(self) -> str:

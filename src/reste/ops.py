@@ -12,12 +12,25 @@ an elementwise chain in one pass. They apply to dense float32 CPU tensors outsid
 (CUDA, bf16, float64, compiled graphs, where inductor fuses the torch formula itself) takes
 the PyTorch formula, which computes the same values. ``RESTE_NO_EXT=1`` turns the kernels off
 (to compare or debug); :func:`set_kernels_enabled` switches them at run time.
+
+On CUDA the same chains run as Triton kernels (:mod:`reste._triton`, registered with
+``torch.library``): :func:`sign`, the estimators' backward rules (:func:`rule_backward`, for
+the estimators whose :meth:`~reste.estimators.Estimator.kernel_rule` names one) and the weight
+binarization ``mean|W| * sign(W)`` with its backward (:func:`binarize_weight`). They apply to
+dense CUDA tensors (float32 for the rules and weights, any float dtype for the sign) outside
+``torch.jit.trace``, when ``triton`` is importable (it is imported on the first CUDA tensor, so a
+CPU run never imports it). Inside ``torch.compile`` the PyTorch formula is traced, which inductor
+fuses into the neighbouring kernels; ``RESTE_TRITON=compile`` traces the Triton ops instead (to
+compare). ``RESTE_TRITON=0`` or ``RESTE_NO_EXT=1`` turn them off; :func:`set_triton_enabled`
+switches them at run time; :func:`kernel_info` says which path each device takes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,11 +47,29 @@ __all__ = [
     "kernels_built",
     "kernels_enabled",
     "set_kernels_enabled",
+    "KernelRule",
+    "rule_backward",
+    "binarize_weight",
+    "triton_enabled",
+    "set_triton_enabled",
+    "kernel_info",
+    "TRITON_ENV",
 ]
 
 _kernels = _ext.KERNELS.built()  # imported whatever RESTE_NO_EXT says, so the kernels can be switched on later
 _ENABLED = _ext.KERNELS.available() is not None
 _warned = False
+#: RESTE_TRITON: 0 turns the Triton kernels off, ``compile`` also traces them inside torch.compile
+TRITON_ENV = "RESTE_TRITON"
+_TRITON_SETTING = os.environ.get(TRITON_ENV, "").strip().lower()
+_TRITON_OFF_BY_ENV = _ext.disabled_by_env() or (
+    f"disabled by {TRITON_ENV}={_TRITON_SETTING}" if _TRITON_SETTING in ("0", "off", "false") else None
+)
+_TRITON_ENABLED = _TRITON_OFF_BY_ENV is None
+_TRITON_IN_COMPILE = _TRITON_SETTING == "compile"
+#: the devices whose tensors the Triton kernels take (the tests add "cpu" under Triton's interpreter)
+_TRITON_DEVICES: tuple[str, ...] = ("cuda",)
+_triton_module = None  # reste._triton once imported (on the first tensor of a Triton device)
 #: buffers for :func:`transient_sign`: one per shape in use, kept (training reuses the same few shapes)
 _scratch = _ext.BufferPool(math.inf)
 
@@ -90,6 +121,152 @@ def _applies(*tensors: Tensor) -> bool:
     )
 
 
+# ----------------------------------------------------------------------------- Triton (CUDA)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT32 = (torch.float32,)
+
+
+def _triton():
+    """:mod:`reste._triton`, imported on first use (importing triton takes a while); None without triton."""
+    global _triton_module, _TRITON_ENABLED
+    if _triton_module is None:
+        from . import _triton as module
+
+        _triton_module = module
+        if not module.AVAILABLE:
+            _TRITON_ENABLED = False
+    return _triton_module if _triton_module.AVAILABLE else None
+
+
+def _triton_applies(*tensors: Tensor, dtypes: tuple = _FLOAT32) -> bool:
+    """The Triton kernels walk memory linearly: every tensor dense on a Triton device (CUDA), of
+    ``dtypes``, all with the same shape and strides; not under ``torch.jit.trace``, and inside
+    ``torch.compile`` only with ``RESTE_TRITON=compile``."""
+    first = tensors[0]
+    if first.device.type not in _TRITON_DEVICES or not _TRITON_ENABLED or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_compiling() and not _TRITON_IN_COMPILE:
+        return False
+    if not all(
+        t.device == first.device
+        and t.dtype in dtypes
+        and t.numel() > 0
+        and _dense(t)
+        and t.stride() == first.stride()
+        and t.shape == first.shape
+        for t in tensors
+    ):
+        return False
+    return _triton() is not None
+
+
+class KernelRule(NamedTuple):
+    """An estimator's backward rule as the Triton kernels take it (:data:`reste._triton.RULES`):
+    its name, up to two scalar tensors read on the device (``p0``, ``p1``: parameters a schedule
+    changes) and two constants (``c0``, ``c1``)."""
+
+    name: str
+    p0: Tensor | None = None
+    p1: Tensor | None = None
+    c0: float = 0.0
+    c1: float = 0.0
+
+
+#: a scalar 1 per device and dtype, for a rule's unused parameters (no launch to make one per call)
+_ones: dict = {}
+
+
+def _one(like: Tensor, which: int) -> Tensor:
+    if torch.compiler.is_compiling():  # a constant of the graph (a traced function may not fill a global dict)
+        return torch.ones((), device=like.device, dtype=like.dtype)
+    key = (like.device, like.dtype, which)
+    if key not in _ones:
+        _ones[key] = torch.ones((), device=like.device, dtype=like.dtype)
+    return _ones[key]
+
+
+def _rule_args(rule: KernelRule, like: Tensor) -> tuple:
+    module = _triton()
+    assert module is not None  # (checked by _triton_applies)
+    # two distinct tensors: an autograd.Function traced by torch.compile refuses one tensor passed twice
+    p0 = _param(rule.p0, like) if rule.p0 is not None else _one(like, 0)
+    p1 = _param(rule.p1, like) if rule.p1 is not None else _one(like, 1)
+    return module.RULES[rule.name], p0, p1, float(rule.c0), float(rule.c1)
+
+
+def rule_backward(rule: KernelRule | None, z: Tensor, grad: Tensor) -> Tensor | None:
+    """``g(z) * grad`` of ``rule`` in one Triton kernel where it applies (CUDA float32, ``z`` and
+    ``grad`` alike), else None (the caller applies its PyTorch formula)."""
+    if rule is None or not _triton_applies(z, grad):
+        return None
+    module = _triton()
+    assert module is not None
+    return module.rule_backward(z, grad, *_rule_args(rule, z))
+
+
+def binarize_weight(w: Tensor, rule: KernelRule | None, per_channel: bool) -> Tensor | None:
+    """``alpha * sign(W)`` with ``alpha = mean|W|`` (per output channel, else for the layer),
+    differentiable in ``W`` through ``rule`` (weights and scale, as autograd differentiates
+    ``mean|W| * estimator(W)``): one Triton kernel forward, one backward, where they apply (CUDA
+    float32, ``W`` whose output channels are contiguous blocks: contiguous or channels-last);
+    else None (the caller computes the PyTorch formula)."""
+    if rule is None or w.dim() < 1 or not _triton_applies(w) or (w.stride(0) * w.shape[0] != w.numel()):
+        return None
+    module = _triton()
+    assert module is not None
+    rule_id, p0, p1, c0, c1 = _rule_args(rule, w)
+    wq, _ = module.binarize_weight(w, w.shape[0] if per_channel else 1, rule_id, p0, p1, c0, c1)
+    return wq
+
+
+def triton_enabled() -> bool:
+    """Whether the Triton kernels are switched on (they still need triton and a CUDA tensor)."""
+    return _TRITON_ENABLED
+
+
+def set_triton_enabled(enabled: bool) -> bool:
+    """Switch the Triton kernels (CUDA) on or off; returns the previous setting. Switching them on
+    without triton warns and leaves them off."""
+    global _TRITON_ENABLED
+    previous = _TRITON_ENABLED
+    if enabled and _triton() is None:
+        warnings.warn(
+            f"reste's Triton kernels need triton ({_triton_module.REASON if _triton_module else ''}); "
+            "using PyTorch ops on CUDA",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        enabled = False
+    _TRITON_ENABLED = bool(enabled)
+    return previous
+
+
+def kernel_info(device: str | torch.device = "cpu") -> dict:
+    """Which path the estimators' elementwise chains take on ``device``, and why.
+
+    ``{"device", "path", "why", "c_kernels": {...}, "triton": {...}}`` with ``path`` one of
+    ``"c"`` (the compiled CPU kernels, float32), ``"triton"`` (CUDA) or ``"torch"`` (the PyTorch
+    formulas). Inside ``torch.compile`` the formulas are traced unless ``RESTE_TRITON=compile``.
+    Asking about a CUDA device imports triton."""
+    kind = torch.device(device).type
+    c = {"built": kernels_built(), "enabled": kernels_enabled(), "reason": _ext.KERNELS.reason}
+    tri: dict = {"enabled": _TRITON_ENABLED, "in_compile": _TRITON_IN_COMPILE, "reason": _TRITON_OFF_BY_ENV}
+    if kind in _TRITON_DEVICES:
+        module = _triton() if _TRITON_OFF_BY_ENV is None else None
+        tri["available"] = module is not None
+        if module is None and _triton_module is not None:
+            tri["reason"] = _triton_module.REASON
+        tri["enabled"] = _TRITON_ENABLED
+    if kind == "cpu" and c["enabled"]:
+        path, why = "c", "compiled C kernels (float32; other dtypes take the formulas)"
+    elif kind in _TRITON_DEVICES and tri["enabled"] and tri.get("available"):
+        path, why = "triton", "Triton kernels (float32 rules and weights; the sign in any float dtype)"
+    else:
+        reason = c["reason"] if kind == "cpu" else (tri["reason"] or "switched off by set_triton_enabled(False)")
+        path, why = "torch", f"PyTorch formulas ({reason or 'kernels switched off'})"
+    return {"device": kind, "path": path, "why": why, "c_kernels": c, "triton": tri}
+
+
 # ----------------------------------------------------------------------------- sign
 def sign_torch(z: Tensor) -> Tensor:
     """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
@@ -114,11 +291,15 @@ def _sign_kernel(z: Tensor, out: Tensor | None = None) -> Tensor | None:
 def sign(z: Tensor) -> Tensor:
     """``sign`` with ``sign(0) = +1``: every output is exactly -1 or +1.
 
-    One fused pass with the compiled kernel where it applies (CPU float32),
-    else :func:`sign_torch`.
+    One fused pass with the compiled kernel where it applies (CPU float32) or the Triton
+    kernel (CUDA), else :func:`sign_torch`.
     """
     out = _sign_kernel(z)
-    return sign_torch(z) if out is None else out
+    if out is not None:
+        return out
+    if _triton_applies(z, dtypes=_FLOATS):
+        return _triton().sign(z)
+    return sign_torch(z)
 
 
 def transient_sign(x: Tensor) -> Tensor:
@@ -128,7 +309,7 @@ def transient_sign(x: Tensor) -> Tensor:
         out = _sign_kernel(x, out=_scratch.empty(tuple(x.shape), x.dtype, x.stride()))
         if out is not None:  # always, as the buffer has x's shape and strides
             return out
-    return sign_torch(x)
+    return sign(x)
 
 
 # ----------------------------------------------------------------------------- ReSTE
@@ -177,6 +358,9 @@ def reste_backward(z: Tensor, grad: Tensor, o: Tensor, t: float, m: float, inpla
     out = _reste_backward_kernel(z, grad, o, t, m, inplace)
     if out is not None:
         return out
+    out = rule_backward(KernelRule("reste", o, None, t, m), z, grad)
+    if out is not None:
+        return out  # a new tensor even when inplace: allowed to overwrite is not obliged to
     return grad.mul_(reste_grad(z, o, t, m)) if inplace else reste_grad(z, o, t, m) * grad
 
 

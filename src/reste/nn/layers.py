@@ -193,6 +193,10 @@ class BinaryLayer:
             return w
         if isinstance(self.weight_estimator, WeightBinarizer):
             return self.weight_estimator(w)  # alpha * sign(W) already (e.g. DoReFa's E|W| sign(W))
+        if self.weight_scale != "none":  # scale, sign and their backward in one Triton kernel each (CUDA)
+            fused = ops.binarize_weight(w, self.weight_estimator.kernel_rule(), self.weight_scale == "channel_mean")
+            if fused is not None:
+                return fused
         return self.weight_alpha(w) * self.weight_estimator(w)
 
     def quantized_input(self, x: Tensor) -> Tensor:
