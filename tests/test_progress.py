@@ -144,3 +144,37 @@ def test_epoch_line_leaves_out_what_a_run_does_not_measure():
         T.epoch_line(row, 10)
         == "epoch  3/10 | train loss 0.5000 top-1 80.00% | test loss 0.6000 top-1 75.50% | time 1.2 s"
     )
+
+
+def test_a_compiled_run_shows_its_first_step_time_labelled(tmp_path, data_root, capsys, monkeypatch):
+    """train.compile=true: the first step's time (compilation included) is shown once, above the bar;
+    torch.compile is replaced by a wrapper whose first call takes 0.3 s, as a compilation would."""
+    import time
+
+    from reste.train import setup
+
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        calls = []
+
+        def forward(x):
+            if not calls:
+                time.sleep(0.3)
+            calls.append(1)
+            return model(x)
+
+        return forward
+
+    monkeypatch.setattr(setup.torch, "compile", fake_compile)
+    base = [*TINY, f"data.root={data_root}", f"out.dir={tmp_path}"]
+    assert cli.main(["train", *base, "train.compile=true", "out.name=compiled"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("first step ")]
+    assert len(lines) == 1 and modes == ["default"]
+    seconds = float(re.match(r"first step (\d+\.\d) s \(torch.compile, mode default: compilation", lines[0]).group(1))
+    assert seconds >= 0.3
+    # auto on the CPU: eager, no compilation, no line
+    assert cli.main(["train", *base, "out.name=auto"]) == 0
+    assert "first step" not in capsys.readouterr().out and modes == ["default"]

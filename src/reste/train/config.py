@@ -85,6 +85,12 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+#: ``train.compile``'s values (:func:`reste.train.setup.compile_mode` resolves them on a device)
+COMPILE_MODES = ("auto", "true", "false", "reduce-overhead")
+#: string options that also take a YAML boolean, kept as "true"/"false" (train.compile was a bool)
+_BOOL_AS_STRING = ("train.compile",)
+
+
 # ----------------------------------------------------------------------------- schema
 @dataclass
 class ModelConfig:
@@ -189,7 +195,12 @@ class TrainConfig:
     epochs: int = _opt(4, "number of epochs")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     threads: int = _opt(0, "CPU threads for torch (0 = torch's default)")
-    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPU)")
+    compile: str = _opt(
+        "auto",
+        "torch.compile the model: auto (on CUDA; CPU stays eager), true, false, or reduce-overhead (CUDA graphs "
+        "as well: static shapes, more memory); true/false from older configs are read as such",
+        COMPILE_MODES,
+    )
     channels_last: bool = _opt(False, "channels-last memory format for model and images")
     amp: str = _opt("none", "autocast precision: bf16 (recommended on CUDA) or none", ("none", "bf16"))
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing in [0, 1)")
@@ -370,6 +381,8 @@ def _coerce(key: str, value, tp):
                 pass
         raise ConfigError(f"{expected()}; write a number, e.g. {key}=0.1")
     if inner is str:
+        if isinstance(value, bool) and key in _BOOL_AS_STRING:
+            return "true" if value else "false"
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("train.device",):

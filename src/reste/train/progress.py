@@ -9,7 +9,7 @@ import torch
 
 from .evaluation import _accuracy
 
-__all__ = ["ProgressBar", "epoch_line", "print_summary"]
+__all__ = ["ProgressBar", "epoch_line", "first_step_line", "print_summary"]
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -36,6 +36,15 @@ def epoch_line(row: dict, epochs: int) -> str:
         + (" ms/step" if row.get("teacher_ms_per_step") is not None else ""),
     ]
     return " | ".join(p for p in parts if p)
+
+
+def first_step_line(seconds: float, mode: str) -> str:
+    """The line shown after a compiled run's first step, whose time is mostly ``torch.compile``'s."""
+    graphs = " and CUDA graph capture" if mode == "reduce-overhead" else ""
+    return (
+        f"first step {seconds:.1f} s (torch.compile, mode {mode}: compilation{graphs} included; "
+        "the next steps reuse it)"
+    )
 
 
 class ProgressBar:

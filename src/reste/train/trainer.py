@@ -63,7 +63,7 @@ from .failures import (
 from .faults import FAULT_KINDS, FaultInjection, NoFaults, fault_from_env  # noqa: F401
 from .metrics import epoch_mean_o, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
-from .progress import ProgressBar, epoch_line, print_summary
+from .progress import ProgressBar, epoch_line, first_step_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
 from .rundir import (
     HISTOGRAMS,
@@ -84,6 +84,7 @@ from .rundir import (
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
 from .setup import (
+    compile_mode,
     create_estimator_scheduler,
     create_loaders,
     create_model,
@@ -174,6 +175,8 @@ class Trainer:
         self._stop: _StopRequest = None  # type: ignore[assignment]
         self.bar: ProgressBar = None  # type: ignore[assignment]
         self._params: list[torch.Tensor] = []  # the trained parameters, for the gradient norm
+        self._compile_mode: str | None = None  # torch.compile's mode (train.compile on this device), None: eager
+        self._first_step_timed = False  # the session's first step (compilation included) was timed and shown
 
     # -- set-up ----------------------------------------------------------------
     def _setup(self) -> None:
@@ -209,6 +212,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.est_scheduler = create_estimator_scheduler(self.model, cfg, self.steps_per_epoch)
         saved = restore(self.resume_dir, self) if self.resume_dir is not None else None
+        self._compile_mode = compile_mode(t.compile, ctx.device)
         self.forward_model = wrap_model(self.model, ctx, t.compile)
         self.tracker = create_tracker(self.model, cfg, ctx, saved)
 
@@ -337,7 +341,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         for step, (images, labels) in enumerate(self.train_loader, start_step):
+            first = not self._first_step_timed
+            started = time.perf_counter()
             lr, measured = self._step(epoch, step, images, labels, sums, autocast)
+            if first:
+                self._show_first_step(started)
             if measured is not None:
                 indicators = measured
             self._after_step(epoch, step + 1, sums, epoch_start)
@@ -351,6 +359,8 @@ class Trainer:
         t, model, optimizer = self.cfg.train, self.model, self.optimizer
         global_step = epoch * self.steps_per_epoch + step + 1  # 1-based over the run
         self.fault.before_step(global_step)
+        if self._compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         self.est_scheduler.step_iter()
         if t.nonfinite == "skip":  # a skipped batch must not leave its BatchNorm statistics behind
             buffers = [b for b in model.buffers()]
@@ -413,6 +423,16 @@ class Trainer:
         if self.cfg.lr_schedule.per == "step":
             self.lr_scheduler.step()
         return lr, measured
+
+    def _show_first_step(self, started: float) -> None:
+        """Show how long the session's first step took when the model is compiled (it includes the
+        compilation), above the progress bar."""
+        self._first_step_timed = True
+        if self._compile_mode is None or not (self.progress and self.ctx.is_main):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.bar.write(first_step_line(time.perf_counter() - started, self._compile_mode))
 
     def _sample_indicators(self, epoch: int, step: int, global_step: int) -> dict | None:
         """Measure the indicators (after the backward, before the update) every ``analysis.every_steps``
