@@ -50,6 +50,7 @@ WEIGHT_CASES = [
     ("linear", "channel_mean", "ede"),
     ("linear", "layer_mean", "clipped_ste"),
     ("conv", "channel_mean", "ste"),
+    ("linear1", "channel_mean", "rbnn"),  # rows of one weight (on a GPU Triton makes K = 1 a constant)
 ]
 
 
@@ -65,6 +66,8 @@ def make_layer(kind: str, scale: str, est: str):
     torch.manual_seed(3)
     if kind == "conv":
         layer = BinaryConv2d(5, 7, 3, padding=1, weight_estimator=est, input_estimator=None, weight_scale=scale)
+    elif kind == "linear1":
+        layer = BinaryLinear(1, 4, weight_estimator=est, input_estimator=None, weight_scale=scale)
     else:
         layer = BinaryLinear(2500, 3, weight_estimator=est, input_estimator=None, weight_scale=scale)
     with torch.no_grad():

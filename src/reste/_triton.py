@@ -64,10 +64,24 @@ else:
     AVAILABLE = True
     REASON = None
 
+try:  # whether wrap_triton traces (torch.compile) or launches (eager): a private torch function
+    from torch._library.triton import is_wrap_triton_enabled as _is_wrap_triton_enabled
+except ImportError:
+    _is_wrap_triton_enabled = None  # type: ignore[assignment]
+
 #: elements per program of the elementwise kernels, and of one pass over a weight row
 BLOCK = 1024
 #: launch option: no fused multiply-add, so ``a - b * c`` rounds twice, as PyTorch's two kernels do
-_LAUNCH = {"enable_fp_fusion": False}
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+def _launch() -> dict:
+    """The launch options: no FMA when the kernel is launched directly (eager mode, where ``triton_op``
+    turns ``wrap_triton`` off, and the interpreter); none when it is traced (``torch.compile`` passes
+    only its own options to a user kernel, and inductor compiles it with its settings)."""
+    if _is_wrap_triton_enabled is None:  # another torch: launch with Triton's defaults
+        return {}
+    return {} if _is_wrap_triton_enabled() and not INTERPRETED else _NO_FMA
 
 
 if triton is not None:
@@ -134,14 +148,14 @@ if triton is not None:
         tl.store(out_ptr + offs, _rule(z, g, p0, p1, c0, c1, RULE), mask=mask)
 
     @triton.jit
-    def _weight_forward_kernel(w_ptr, wq_ptr, alpha_ptr, K, BLOCK: tl.constexpr):
+    def _weight_forward_kernel(w_ptr, wq_ptr, alpha_ptr, K, k_float, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = row.to(tl.int64) * K
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             acc += tl.abs(tl.load(w_ptr + base + offs, mask=offs < K, other=0.0))
-        alpha = tl.math.div_rn(tl.sum(acc, axis=0), K.to(tl.float32))
+        alpha = tl.math.div_rn(tl.sum(acc, axis=0), k_float)  # (K may arrive as a constant 1: not .to())
         tl.store(alpha_ptr + row, alpha)
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -151,7 +165,7 @@ if triton is not None:
 
     @triton.jit
     def _weight_backward_kernel(
-        w_ptr, g_ptr, alpha_ptr, dw_ptr, p0_ptr, p1_ptr, c0, c1, K, RULE: tl.constexpr, BLOCK: tl.constexpr
+        w_ptr, g_ptr, alpha_ptr, dw_ptr, p0_ptr, p1_ptr, c0, c1, K, k_float, RULE: tl.constexpr, BLOCK: tl.constexpr
     ):
         row = tl.program_id(0)
         base = row.to(tl.int64) * K
@@ -165,7 +179,7 @@ if triton is not None:
             w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
             g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
             acc += g * tl.where(w < 0, -1.0, 1.0)
-        grad_mean = tl.math.div_rn(tl.sum(acc, axis=0), K.to(tl.float32))  # d alpha, through the mean
+        grad_mean = tl.math.div_rn(tl.sum(acc, axis=0), k_float)  # d alpha, through the mean
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < K
@@ -189,21 +203,22 @@ if triton is not None:
     def _sign_op(z: Tensor) -> Tensor:
         out = torch.empty_like(z)
         n = z.numel()
-        wrap_triton(_sign_kernel)[_grid(n)](z, out, n, BLOCK=BLOCK, **_LAUNCH)
+        wrap_triton(_sign_kernel)[_grid(n)](z, out, n, BLOCK=BLOCK, **_launch())
         return out
 
     @_register("reste::rule_backward", mutates_args=())
     def _rule_op(z: Tensor, grad: Tensor, p0: Tensor, p1: Tensor, c0: float, c1: float, rule: int) -> Tensor:
         out = torch.empty_like(grad)
         n = z.numel()
-        wrap_triton(_rule_kernel)[_grid(n)](z, grad, out, p0, p1, c0, c1, n, RULE=rule, BLOCK=BLOCK, **_LAUNCH)
+        wrap_triton(_rule_kernel)[_grid(n)](z, grad, out, p0, p1, c0, c1, n, RULE=rule, BLOCK=BLOCK, **_launch())
         return out
 
     @_register("reste::binarize_weight", mutates_args=())
     def _weight_op(w: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         wq = torch.empty_like(w)
         alpha = torch.empty(rows, dtype=w.dtype, device=w.device)
-        wrap_triton(_weight_forward_kernel)[(rows,)](w, wq, alpha, w.numel() // rows, BLOCK=BLOCK, **_LAUNCH)
+        k = w.numel() // rows
+        wrap_triton(_weight_forward_kernel)[(rows,)](w, wq, alpha, k, float(k), BLOCK=BLOCK, **_launch())
         return wq, alpha
 
     @_register("reste::binarize_weight_backward", mutates_args=())
@@ -212,8 +227,9 @@ if triton is not None:
     ) -> Tensor:
         dw = torch.empty_like(w)
         rows = alpha.numel()
+        k = w.numel() // rows
         wrap_triton(_weight_backward_kernel)[(rows,)](
-            w, grad, alpha, dw, p0, p1, c0, c1, w.numel() // rows, RULE=rule, BLOCK=BLOCK, **_LAUNCH
+            w, grad, alpha, dw, p0, p1, c0, c1, k, float(k), RULE=rule, BLOCK=BLOCK, **_launch()
         )
         return dw
 
