@@ -519,6 +519,9 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     eq = row("## Equilibrium", "2")
     assert "3.5 ± 0.71" in eq  # seeds 0, 1: 3.0 and 4.0
     assert "0.6 ± 0" in eq  # 0.2 * (1 + 2) = 0.6 for both seeds
+    # o_end = 3 has the best mean (73.5); o_end = 2 (72, 73) against it: (1, 1), all seeds equal
+    assert "o_end = 3 (best mean) minus it" in text and "+1.00 (all seeds equal, 2 seeds, p < 0.05)" in eq
+    assert "seeds" not in row("## Equilibrium", "3").split("|")[-2]
     assert "paper (reported" in text
     names = sorted(p.name for p in report.figures)
     assert names == ["figure1_o_end.png", "figure2_distributions.png", "figure3_o_schedules.png"]
