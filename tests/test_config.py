@@ -45,9 +45,6 @@ def test_defaults_are_the_main_job():
 
 def test_example_config_is_identical_to_the_defaults():
     example = load_config(EXAMPLE)
-    # train.compile's default became auto (issue 17) after the example was written with false, which
-    # trains the same on the CPU; configs/ is edited apart: drop this line once the example says auto
-    example.train.compile = "auto" if example.train.compile == "false" else example.train.compile
     assert example == Config()
 
 
