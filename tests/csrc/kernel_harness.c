@@ -7,7 +7,10 @@
    extreme cases: counts at the 16-bit accumulator limit, inf/NaN in the epilogue) go through
    run_pack_rows + run_conv once per kernel path this CPU supports. Every path's packed input and
    float output must equal the portable kernel's byte for byte (memcmp), and the portable output
-   must equal a direct per-tap computation here (which checks the harness's own layouts).
+   must equal a direct per-tap computation here (which checks the harness's own layouts). Each
+   case also runs chained (conv_args.next_x: the epilogue writes the next conv's packed input, with
+   a random padding, "+1" border and prologue map, with and without the float output), and that
+   buffer must equal run_pack_rows_map of the path's float output byte for byte.
 
    usage: kernel_harness [random_cases [seed]]; exit status 0 only if everything matched. */
 #include <stdio.h>
@@ -45,7 +48,7 @@ typedef struct {
 } conv_case;
 
 typedef struct {
-    long cases, conv_bytes, pack_bytes, mismatches;
+    long cases, conv_bytes, pack_bytes, chain_bytes, mismatches;
 } tally;
 
 static int verbose_failures = 5;
@@ -144,6 +147,21 @@ static void run_case(const conv_case *c, const char **paths, int n_paths, tally 
     }
     a.residual = c->residual ? res : NULL;
 
+    /* a chained next conv (conv_args.next_x): its padding, "+1" border or not, and its prologue map,
+       with zero scales (0 * inf = NaN, 0 * x + 0 = +-0) among them */
+    const int64_t nph = (int64_t)(rnd() % 3), npw = (int64_t)(rnd() % 3), npix = (O + 7) / 8;
+    const int64_t nrow_bytes = (OW + 2 * npw) * npix + 8 + 8 * (int64_t)(rnd() % 2);
+    const int nplus_one = (int)(rnd() % 2), nmapped = (int)(rnd() % 2);
+    float *nscale = xcalloc((size_t)O, sizeof(float)), *nshift = xcalloc((size_t)O, sizeof(float));
+    for (int64_t o = 0; o < O; o++) {
+        nscale[o] = rnd() % 8 == 0 ? 0.0f : rnd_float() * 2.0f;
+        nshift[o] = rnd() % 8 == 0 ? (rnd() % 2 ? 0.0f : -0.0f) : rnd_float();
+    }
+    pre_map nmap = {(int)(rnd() % 2), (int)(rnd() % 2), nscale, nshift};
+    const size_t next_size = (size_t)(N * (OH + 2 * nph) * nrow_bytes);
+    uint8_t *next_ref = xcalloc(next_size, 1), *next = xcalloc(next_size, 1);
+    float *out2 = xcalloc((size_t)(N * OH * OW * O) + 1, sizeof(float));
+
     const size_t pack_size = (size_t)(N * Hp * row_bytes), out_count = (size_t)(N * OH * OW * O);
     uint8_t *packed_ref = NULL, *packed = xcalloc(pack_size, 1);
     uint8_t *out_ref = NULL, *out = xcalloc(out_count * sizeof(float) + GUARD, 1);
@@ -171,6 +189,37 @@ static void run_case(const conv_case *c, const char **paths, int n_paths, tally 
                 t->mismatches++;
                 break;
             }
+        /* chained: the next conv's packed input written by the epilogue must equal run_pack_rows_map
+           of this path's float output, byte for byte; with the floats (out2) written too, or not */
+        memset(next_ref, 0x3c, next_size);
+        err = run_pack_rows_map((const float *)out, N, OH, OW, O, nph, npw, npix, nrow_bytes, nplus_one,
+                                nmapped ? &nmap : NULL, next_ref, 1);
+        if (!err) {
+            conv_args chained = a;
+            const int with_floats = (int)(rnd() % 2);
+            chained.next_x = next;
+            chained.next_ph = nph; chained.next_pw = npw; chained.next_row_bytes = nrow_bytes;
+            chained.next_plus_one = nplus_one;
+            if (nmapped) chained.next_map = nmap;
+            chained.out = with_floats ? out2 : NULL;
+            memset(next, 0xa5, next_size); /* the chain must write every byte */
+            err = run_conv(&chained, 1);
+            if (!err && memcmp(next, next_ref, next_size) != 0) {
+                char what[64];
+                snprintf(what, sizeof what, "chained packing, %s vs pack_rows", paths[p]);
+                describe(c, what);
+                t->mismatches++;
+            }
+            if (!err && with_floats && memcmp(out2, out, out_count * sizeof(float)) != 0) {
+                describe(c, "chained conv's float output");
+                t->mismatches++;
+            }
+            t->chain_bytes += (long)next_size;
+        }
+        if (err) {
+            fprintf(stderr, "kernel_harness: %s (path %s, chained)\n", err, paths[p]);
+            exit(2);
+        }
         if (p == 0) { /* the portable path: keep its results */
             packed_ref = packed;
             out_ref = out;
@@ -226,6 +275,7 @@ done:
     t->cases++;
     free(x); free(wbit); free(w); free(wsum); free(alpha); free(bias); free(scale); free(shift); free(res);
     free(packed_ref); free(packed); free(out_ref); free(out);
+    free(nscale); free(nshift); free(next_ref); free(next); free(out2);
 #undef WBIT
 }
 
@@ -275,7 +325,7 @@ int main(int argc, char **argv) {
     for (int p = 1; p < n_paths; p++) printf(" %s", paths[p]);
     printf(n_paths > 1 ? "\n" : " none (only the portable kernel runs here; checked against direct sums)\n");
 
-    tally t = {0, 0, 0, 0};
+    tally t = {0, 0, 0, 0, 0};
     long fixed = 0;
     /* extremes: the 16-bit accumulators at their limit (every tap differs: kh * Kw = 4095 words
        adds 16 * 4095 to a lane), one word past it (the 32-bit path), and a wide 3x3 with borders */
@@ -309,9 +359,10 @@ int main(int argc, char **argv) {
         run_case(&c, paths, n_paths, &t);
     }
     printf("%ld cases (%ld fixed, %ld random, seed %llu): %ld packed bytes and %ld output bytes compared per path, "
-           "%ld mismatches\n",
+           "%ld chained packed bytes compared with pack_rows on all paths, %ld mismatches\n",
            t.cases, fixed, random_cases, (unsigned long long)(argc > 2 ? strtoull(argv[2], NULL, 10) : 12345),
-           t.pack_bytes / (n_paths > 1 ? n_paths - 1 : 1), t.conv_bytes / (n_paths > 1 ? n_paths - 1 : 1), t.mismatches);
+           t.pack_bytes / (n_paths > 1 ? n_paths - 1 : 1), t.conv_bytes / (n_paths > 1 ? n_paths - 1 : 1), t.chain_bytes,
+           t.mismatches);
     if (t.mismatches) {
         printf("FAILED\n");
         return 1;

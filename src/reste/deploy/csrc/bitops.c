@@ -82,13 +82,19 @@ static PyObject *py_pack_rows(PyObject *self, PyObject *args) {
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     conv_args a;
     unsigned long long x_addr, w_addr, wsum_addr, alpha_addr, bias_addr, out_addr, last_mask, scale_addr, shift_addr;
-    unsigned long long residual_addr = 0, nibbles_addr = 0;
+    unsigned long long residual_addr = 0, nibbles_addr = 0, next_addr = 0, next_scale = 0, next_shift = 0;
     long long N, H, W, Hp, row_bytes, pix_bytes, kh, kw, sh, sw, ph, pw, OH, OW, O, OB, Kw, K, alpha_pc, threads, relu, post_fma;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLLLLLLLLKLLLKKLKLKLKKLKL|KK", &x_addr, &N, &H, &W, &Hp, &row_bytes, &pix_bytes, &kh,
-                          &kw, &sh, &sw, &ph, &pw, &OH, &OW, &w_addr, &O, &OB, &Kw, &last_mask, &wsum_addr, &K,
+    long long next_ph = 0, next_pw = 0, next_row_bytes = 0, next_plus_one = 0, next_relu = 0, next_fma = 0;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLLLLLLLKLLLKKLKLKLKKLKL|KKKLLLLLKKL", &x_addr, &N, &H, &W, &Hp, &row_bytes, &pix_bytes,
+                          &kh, &kw, &sh, &sw, &ph, &pw, &OH, &OW, &w_addr, &O, &OB, &Kw, &last_mask, &wsum_addr, &K,
                           &alpha_addr, &alpha_pc, &bias_addr, &relu, &scale_addr, &shift_addr, &post_fma, &out_addr, &threads,
-                          &residual_addr, &nibbles_addr))
+                          &residual_addr, &nibbles_addr, &next_addr, &next_ph, &next_pw, &next_row_bytes, &next_plus_one,
+                          &next_relu, &next_scale, &next_shift, &next_fma))
         return NULL;
+    if (next_addr && next_relu && !(next_scale && next_shift)) {
+        PyErr_SetString(PyExc_ValueError, "conv: give the next conv's map scale and shift (a ReLU alone is not supported)");
+        return NULL;
+    }
     a.x = (const uint8_t *)(uintptr_t)x_addr;
     a.N = N; a.H = H; a.W = W; a.Hp = Hp; a.row_bytes = row_bytes; a.pix_bytes = pix_bytes;
     a.kh = kh; a.kw = kw; a.sh = sh; a.sw = sw; a.ph = ph; a.pw = pw; a.OH = OH; a.OW = OW;
@@ -106,6 +112,12 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     a.residual = (const float *)(uintptr_t)residual_addr;
     a.w_nibbles = (const uint64_t *)(uintptr_t)nibbles_addr;
     a.out = (float *)(uintptr_t)out_addr;
+    a.next_x = (uint8_t *)(uintptr_t)next_addr;
+    a.next_ph = next_ph; a.next_pw = next_pw; a.next_row_bytes = next_row_bytes; a.next_plus_one = next_plus_one != 0;
+    a.next_map.relu = next_relu != 0;
+    a.next_map.fma = next_fma != 0;
+    a.next_map.scale = (const float *)(uintptr_t)next_scale;
+    a.next_map.shift = (const float *)(uintptr_t)next_shift;
     const char *err;
     Py_BEGIN_ALLOW_THREADS
     err = run_conv(&a, threads);
@@ -152,7 +164,9 @@ static PyMethodDef methods[] = {
      "wsum, K, alpha, alpha_per_channel, bias, relu, post_scale, post_shift, post_fma, out, threads[, residual, "
      "w_nibbles]): XNOR-popcount convolution into float32 NHWC out, with the fused epilogue (residual: a float32 "
      "NHWC tensor of out's shape added last, or 0; w_nibbles: the weights split by split_nibbles, kept by the "
-     "caller for the AVX2 path, or 0 to split them per call)."},
+     "caller for the AVX2 path, or 0 to split them per call). With next_x (after w_nibbles: next_x, next_ph, next_pw, "
+     "next_row_bytes, next_plus_one[, next_relu, next_scale, next_shift, next_fma]) it also writes the next binary "
+     "conv's packed input, as pack_rows would from out with that conv's padding and map; out may then be 0."},
     {"isa", py_isa, METH_NOARGS, "Name of the kernel path in use (portable, avx2, avx512, neon)."},
     {"why", py_why, METH_NOARGS, "Why that path runs: 'auto: ...' or 'forced by ...'."},
     {"available", py_available, METH_NOARGS, "The paths this CPU supports, best first, comma-separated."},

@@ -27,6 +27,15 @@
 #define PIX_BLOCK 8 /* output pixels per register block */
 #define L1_WEIGHT_BYTES (32 * 1024) /* weights of the channel blocks one work item cycles through */
 
+/* An optional per-channel map of the input before its signs are packed: the eval-mode
+   BatchNorm (and a ReLU before it) that fed a binary conv, applied on the fly so that
+   tensor is never written: y = max(x, 0) if relu (NaN stays NaN, as torch.relu), then
+   y * scale + shift, as one fused multiply-add if fma (else two roundings, like PyTorch). */
+typedef struct {
+    int relu, fma;
+    const float *scale, *shift; /* [C] */
+} pre_map;
+
 typedef struct {
     const uint8_t *x; /* packed input [N][Hp][row_bytes] */
     int64_t N, H, W, Hp, row_bytes, pix_bytes;
@@ -46,17 +55,18 @@ typedef struct {
     const float *post_scale, *post_shift; /* [O] affine after ReLU, or NULL */
     int64_t post_fma;  /* the affine map as one fused multiply-add (else multiply, then add) */
     const float *residual; /* [N][OH][OW][O] added last (a ResNet shortcut), or NULL; never aliases out */
-    float *out;        /* [N][OH][OW][O] */
+    float *out;        /* [N][OH][OW][O], or NULL when only next_x is written */
+    /* The next binary conv's packed input, written from the epilogue when that conv is the only
+       consumer of this output (reste.deploy.fuse.fuse_chains), or NULL. Its layout is pack_rows'
+       for an input of OH x OW pixels of O channels: [N][OH + 2 next_ph][next_row_bytes], pixel
+       (oh, ow) at byte offset (ow + next_pw) * next_pix of row oh + next_ph, next_pix = (O + 7) / 8.
+       Channel block ob owns bytes 2 ob, 2 ob + 1 of each pixel (16 channels = 2 bytes), so the
+       threads, which split blocks x rows, write different bytes; run_conv writes the border. */
+    uint8_t *next_x;
+    int64_t next_ph, next_pw, next_row_bytes, next_plus_one;
+    pre_map next_map; /* the next conv's prologue, applied before the sign (scale NULL: none) */
 } conv_args;
 
-/* An optional per-channel map of the input before its signs are packed: the eval-mode
-   BatchNorm (and a ReLU before it) that fed a binary conv, applied on the fly so that
-   tensor is never written: y = max(x, 0) if relu (NaN stays NaN, as torch.relu), then
-   y * scale + shift, as one fused multiply-add if fma (else two roundings, like PyTorch). */
-typedef struct {
-    int relu, fma;
-    const float *scale, *shift; /* [C] */
-} pre_map;
 
 /* The map over `pixels` pixels of C channels; the body is built once per instruction set
    (plain C that the compiler vectorises for each target). */
@@ -161,8 +171,36 @@ static inline const int32_t *tap_prefix(const conv_args *a, int64_t i, int64_t j
     return a->wsum + (i * (a->kw + 1) + j) * a->OB * LANES + ob * LANES;
 }
 
+/* Where pixel (n, oh, ow) of this conv's output starts in the next conv's packed input. */
+static inline uint8_t *next_pixel(const conv_args *a, int64_t n, int64_t oh, int64_t ow) {
+    return a->next_x + (n * (a->OH + 2 * a->next_ph) + oh + a->next_ph) * a->next_row_bytes + (ow + a->next_pw) * ((a->O + 7) / 8);
+}
+
+/* The next conv's input bits of channels ob * LANES + v, v < nv, from this conv's final values y[v]:
+   the next conv's prologue map exactly as pre_map_body computes it, then bit = !(z < 0) (0, -0 and
+   NaN give +1), as pack_rows decides; bits from nv on are 0 (the pixel's unused channel bits).
+   Writes byte 2 ob and, when nv > 8, 2 ob + 1 of the pixel: this channel block's own bytes. */
+static inline void next_bits_scalar(const conv_args *a, int64_t n, int64_t oh, int64_t ow, int64_t ob, const float *y,
+                                    int64_t nv) {
+    const pre_map *m = &a->next_map;
+    const int64_t o0 = ob * LANES;
+    unsigned bits = 0;
+    for (int64_t v = 0; v < nv; v++) {
+        float z = y[v];
+        if (m->scale) {
+            float x = m->relu && z < 0.0f ? 0.0f : z;
+            z = m->fma ? fmaf(x, m->scale[o0 + v], m->shift[o0 + v]) : x * m->scale[o0 + v] + m->shift[o0 + v];
+        }
+        bits |= (unsigned)!(z < 0.0f) << v;
+    }
+    uint8_t *dst = next_pixel(a, n, oh, ow) + 2 * ob;
+    dst[0] = (uint8_t)bits;
+    if (nv > 8) dst[1] = (uint8_t)(bits >> 8);
+}
+
 /* out = alpha * (K - 2 * popcount + zero-padding correction) + bias for LANES channels, then the
-   optional ReLU, affine map and residual, each rounded on its own like the PyTorch ops they replace. */
+   optional ReLU, affine map and residual, each rounded on its own like the PyTorch ops they replace;
+   written to out and/or, as signs, to the next conv's packed input (next_bits_scalar). */
 static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t ow, int64_t ob, const int64_t *pc) {
     int32_t dot[LANES];
     for (int v = 0; v < LANES; v++) dot[v] = (int32_t)(a->K - 2 * pc[v]);
@@ -175,7 +213,7 @@ static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t o
     }
     int64_t o0 = ob * LANES, nv = a->O - o0 < LANES ? a->O - o0 : LANES;
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + o0;
-    float *dst = a->out + at;
+    float ys[LANES];
     for (int64_t v = 0; v < nv; v++) {
         float al = a->alpha[a->alpha_per_channel ? o0 + v : 0];
         float b = a->bias ? a->bias[o0 + v] : 0.0f;
@@ -186,8 +224,10 @@ static inline void epilogue(const conv_args *a, int64_t n, int64_t oh, int64_t o
             y = a->post_fma ? fmaf(y, sc, sh) : y * sc + sh;
         }
         if (a->residual) y += a->residual[at + v];
-        dst[v] = y;
+        ys[v] = y;
     }
+    if (a->out) memcpy(a->out + at, ys, (size_t)nv * sizeof(float));
+    if (a->next_x) next_bits_scalar(a, n, oh, ow, ob, ys, nv);
 }
 
 

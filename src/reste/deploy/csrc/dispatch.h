@@ -184,6 +184,29 @@ static const char *run_pack_rows(const float *x, int64_t N, int64_t H, int64_t W
     return run_pack_rows_map(x, N, H, W, C, ph, pw, pix_bytes, row_bytes, plus_one_pad, NULL, out, threads);
 }
 
+/* The bytes of the next conv's packed input that the kernels do not write (a conv_args.next_x
+   chain): the padding rows and columns and each row's spare bytes, exactly as run_pack_rows_map
+   leaves them (0, and the "+1" pixel's C ones where next_plus_one). The kernels write every
+   interior pixel byte; unused channel bits come from their masks. */
+static void fill_next_border(const conv_args *a, const uint8_t *pad_pixel) {
+    const int64_t pix = (a->O + 7) / 8, ph = a->next_ph, pw = a->next_pw, H = a->OH, W = a->OW;
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, row_bytes = a->next_row_bytes;
+    for (int64_t r = 0; r < a->N * Hp; r++) {
+        int64_t hp = r % Hp;
+        uint8_t *row = a->next_x + r * row_bytes;
+        int border_row = hp < ph || hp >= ph + H;
+        if (border_row) {
+            memset(row, 0, (size_t)row_bytes);
+        } else {
+            memset(row, 0, (size_t)(pw * pix));
+            memset(row + (pw + W) * pix, 0, (size_t)(row_bytes - (pw + W) * pix));
+        }
+        if (a->next_plus_one)
+            for (int64_t wp = 0; wp < Wp; wp++)
+                if (border_row || wp < pw || wp >= pw + W) memcpy(row + wp * pix, pad_pixel, (size_t)pix);
+    }
+}
+
 /* The whole convolution of `a`. Returns NULL, or a message naming what is inconsistent. */
 static const char *run_conv(const conv_args *a, int64_t threads) {
     if (a->N < 0 || a->OH < 0 || a->OW < 0 || a->kh < 1 || a->kw < 1 || a->sh < 1 || a->sw < 1 || a->Kw < 1 || a->O < 1 ||
@@ -191,6 +214,20 @@ static const char *run_conv(const conv_args *a, int64_t threads) {
         (a->OW - 1) * a->sw * a->pix_bytes + a->Kw * 8 > a->row_bytes || a->K < 0 || a->K >= (1LL << 24))
         return "conv: inconsistent sizes";
     if ((a->post_scale == NULL) != (a->post_shift == NULL)) return "conv: give both post_scale and post_shift, or neither";
+    if (a->next_x) {
+        const int64_t pix = (a->O + 7) / 8;
+        uint8_t pad_pixel[4096];
+        if (a->next_ph < 0 || a->next_pw < 0 || a->next_row_bytes < (a->OW + 2 * a->next_pw) * pix + 8)
+            return "conv: inconsistent sizes of the next conv's packed input";
+        if ((a->next_map.scale == NULL) != (a->next_map.shift == NULL))
+            return "conv: give the next conv's map both scale and shift, or neither";
+        if (a->next_plus_one && pix > (int64_t)sizeof pad_pixel) return "conv: '+1' padding supports at most 32768 channels";
+        memset(pad_pixel, 0, sizeof pad_pixel);
+        for (int64_t c = 0; a->next_plus_one && c < a->O; c++) pad_pixel[c / 8] |= (uint8_t)(1u << (c % 8));
+        fill_next_border(a, pad_pixel); /* before the kernels: they write only interior pixels, in parallel */
+    } else if (!a->out) {
+        return "conv: no output: give out, the next conv's packed input, or both";
+    }
     conv_args split;
     uint64_t *nibbles = NULL;
     if (path_nibbles && a->w_nibbles == NULL) { /* the caller did not keep them: split them for this call */

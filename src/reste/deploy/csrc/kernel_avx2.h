@@ -17,9 +17,10 @@
 
 /* Per (row, channel block) constants of the epilogue, loaded once into registers. */
 typedef struct {
-    __m256 alpha[2], bias[2], scale[2], shift[2];
+    __m256 alpha[2], bias[2], scale[2], shift[2], next_scale[2], next_shift[2];
     __m256i K, store_mask[2];
-    int relu, post, fma, partial;
+    int relu, post, fma, partial, next_map, next_relu, next_fma;
+    int64_t nv;
 } epi_avx2;
 
 TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_lane_mask(int64_t count) {
@@ -39,7 +40,14 @@ TARGET_AVX2 __attribute__((always_inline)) static inline epi_avx2 epi_load_avx2(
         e.bias[h] = a->bias ? _mm256_maskload_ps(a->bias + c, m) : _mm256_setzero_ps();
         e.scale[h] = a->post_scale ? _mm256_maskload_ps(a->post_scale + c, m) : _mm256_setzero_ps();
         e.shift[h] = a->post_scale ? _mm256_maskload_ps(a->post_shift + c, m) : _mm256_setzero_ps();
+        const int next_map = a->next_x && a->next_map.scale;
+        e.next_scale[h] = next_map ? _mm256_maskload_ps(a->next_map.scale + c, m) : _mm256_setzero_ps();
+        e.next_shift[h] = next_map ? _mm256_maskload_ps(a->next_map.shift + c, m) : _mm256_setzero_ps();
     }
+    e.nv = nv;
+    e.next_map = a->next_x && a->next_map.scale;
+    e.next_relu = a->next_map.relu;
+    e.next_fma = a->next_map.fma;
     e.relu = a->relu != 0;
     e.post = a->post_scale != NULL;
     e.fma = a->post_fma != 0;
@@ -60,7 +68,8 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
     int64_t i0, i1, j0, j1;
     int fix = border && !inside(a, oh, ow, &i0, &i1, &j0, &j1);
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
-    float *dst = a->out + at;
+    float *dst = a->out ? a->out + at : NULL;
+    unsigned bits = 0; /* the next conv's input bits (next_bits_scalar on vectors) */
     for (int h = 0; h < 2; h++) {
         __m256i c = avx2_low_halves(pc[2 * h], pc[2 * h + 1]);
         __m256i dot = _mm256_sub_epi32(e->K, _mm256_add_epi32(c, c)); /* K - 2 * popcount */
@@ -78,10 +87,28 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
         if (a->residual) /* the shortcut of a ResNet block, added as the last op like PyTorch's x + y */
             y = _mm256_add_ps(y, e->partial ? _mm256_maskload_ps(a->residual + at + 8 * h, e->store_mask[h])
                                             : _mm256_loadu_ps(a->residual + at + 8 * h));
-        if (e->partial)
+        if (!a->out)
+            ;
+        else if (e->partial)
             _mm256_maskstore_ps(dst + 8 * h, e->store_mask[h], y);
         else
             _mm256_storeu_ps(dst + 8 * h, y);
+        if (a->next_x) {
+            const __m256 zero = _mm256_setzero_ps();
+            if (e->next_map) {
+                if (e->next_relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ)); /* NaN, -0 stay */
+                y = e->next_fma ? _mm256_fmadd_ps(y, e->next_scale[h], e->next_shift[h])
+                                : _mm256_add_ps(_mm256_mul_ps(y, e->next_scale[h]), e->next_shift[h]);
+            }
+            /* !(y < 0) per lane; lanes past O cleared by the store mask's sign bits */
+            __m256 ge = _mm256_and_ps(_mm256_cmp_ps(y, zero, _CMP_NLT_UQ), _mm256_castsi256_ps(e->store_mask[h]));
+            bits |= (unsigned)_mm256_movemask_ps(ge) << (8 * h);
+        }
+    }
+    if (a->next_x) {
+        uint8_t *next = next_pixel(a, n, oh, ow) + 2 * ob;
+        next[0] = (uint8_t)bits;
+        if (e->nv > 8) next[1] = (uint8_t)(bits >> 8);
     }
 }
 

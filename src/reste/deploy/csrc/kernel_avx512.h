@@ -5,10 +5,10 @@
 /* Per (row, channel block) constants of the epilogue, loaded once into registers
    (through `a` the compiler would reload them after every store to the output). */
 typedef struct {
-    __m512 alpha, bias, scale, shift;
+    __m512 alpha, bias, scale, shift, next_scale, next_shift;
     __m512i K;
     __mmask16 store_mask;
-    int relu, post, fma;
+    int relu, post, fma, next_map, next_relu, next_fma;
 } epi_avx512;
 
 TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load_avx512(const conv_args *a, int64_t ob) {
@@ -24,6 +24,11 @@ TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load_a
     e.scale = e.post ? _mm512_maskz_loadu_ps(m, a->post_scale + o0) : _mm512_setzero_ps();
     e.shift = e.post ? _mm512_maskz_loadu_ps(m, a->post_shift + o0) : _mm512_setzero_ps();
     e.K = _mm512_set1_epi32((int)a->K);
+    e.next_map = a->next_x && a->next_map.scale;
+    e.next_relu = a->next_map.relu;
+    e.next_fma = a->next_map.fma;
+    e.next_scale = e.next_map ? _mm512_maskz_loadu_ps(m, a->next_map.scale + o0) : _mm512_setzero_ps();
+    e.next_shift = e.next_map ? _mm512_maskz_loadu_ps(m, a->next_map.shift + o0) : _mm512_setzero_ps();
     return e;
 }
 
@@ -48,7 +53,19 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     if (e->post) y = e->fma ? _mm512_fmadd_ps(y, e->scale, e->shift) : _mm512_add_ps(_mm512_mul_ps(y, e->scale), e->shift);
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
     if (a->residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(e->store_mask, a->residual + at));
-    _mm512_mask_storeu_ps(a->out + at, e->store_mask, y);
+    if (a->out) _mm512_mask_storeu_ps(a->out + at, e->store_mask, y);
+    if (a->next_x) { /* next_bits_scalar on vectors: the next conv's prologue, then the sign bits */
+        const __m512 zero = _mm512_setzero_ps();
+        if (e->next_map) {
+            if (e->next_relu) y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), y, zero); /* NaN, -0 stay */
+            y = e->next_fma ? _mm512_fmadd_ps(y, e->next_scale, e->next_shift)
+                            : _mm512_add_ps(_mm512_mul_ps(y, e->next_scale), e->next_shift);
+        }
+        unsigned bits = (unsigned)_mm512_mask_cmp_ps_mask(e->store_mask, y, zero, _CMP_NLT_UQ); /* channels past O: 0 */
+        uint8_t *dst = next_pixel(a, n, oh, ow) + 2 * ob;
+        dst[0] = (uint8_t)bits;
+        if (e->store_mask >> 8) dst[1] = (uint8_t)(bits >> 8);
+    }
 }
 
 /* P output pixels x LANES channels: 2P accumulators stay in registers. KW: the words per

@@ -85,7 +85,8 @@ __attribute__((always_inline)) static inline void epilogue_neon(const conv_args 
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
     if (a->residual)
         for (int v = 0; v < e->nv; v++) y[v] += a->residual[at + v]; /* one rounding each, like PyTorch's add */
-    memcpy(a->out + at, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
+    if (a->out) memcpy(a->out + at, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
+    if (a->next_x) next_bits_scalar(a, n, oh, ow, ob, y, e->nv); /* the next conv's packed input */
 }
 
 /* P output pixels x LANES channels with 16-bit accumulators (kh * Kw <= NEON_U16_WORDS), in two
