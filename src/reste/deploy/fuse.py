@@ -1,5 +1,9 @@
 """Fuse ``packed conv -> ReLU -> BatchNorm2d`` into the conv's kernel epilogue, bit-exactly.
 
+Also: a BatchNorm before a binary conv into its packing (:func:`fuse_prologues`), a residual add
+into the conv's output (:func:`fuse_residual_adds`), and a binary conv whose only consumer is the
+next binary conv into writing that conv's packed input (:func:`fuse_chains`).
+
 The binary networks here compute ``conv -> ReLU -> BN`` per unit. In inference the
 ReLU and the eval-mode BatchNorm are per-element maps the XNOR-popcount kernel can
 apply while it writes the conv output, saving two passes over memory per layer (on
@@ -32,9 +36,9 @@ import torch
 from torch import fx, nn
 
 from .batchnorm import _bn_coefficients
-from .packed import PackedBinaryConv2d, _ext
+from .packed import PackedBinaryConv2d, _ChainLink, _ext
 
-__all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds"]
+__all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds", "fuse_chains"]
 
 
 class _OpaqueChildren(fx.Tracer):
@@ -227,12 +231,14 @@ def fuse_prologues(model: nn.Module) -> list[str]:
     return fused
 
 
-def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool = True) -> list[str]:
+def fuse_epilogues(
+    model: nn.Module, residual_adds: bool = True, prologues: bool = True, chains: bool = True
+) -> list[str]:
     """Fuse every safe ``packed conv -> [ReLU] -> [BatchNorm2d]`` chain of an eval-mode ``model``.
 
     The absorbed ReLU and BN modules are replaced by ``nn.Identity`` in their parent.
-    Then :func:`fuse_prologues` and :func:`fuse_residual_adds` run (unless ``prologues`` or
-    ``residual_adds`` is False). Returns the names of
+    Then :func:`fuse_prologues`, :func:`fuse_residual_adds` and :func:`fuse_chains` run (unless
+    ``prologues``, ``residual_adds`` or ``chains`` is False). Returns the names of
     the convs that absorbed a ReLU or BN. Needs the compiled kernel (without it there is
     nothing to gain, and nothing is changed).
     """
@@ -269,6 +275,8 @@ def fuse_epilogues(model: nn.Module, residual_adds: bool = True, prologues: bool
         fuse_prologues(model)
     if residual_adds:
         fuse_residual_adds(model)
+    if chains:
+        fuse_chains(model)
     return fused
 
 
@@ -338,4 +346,79 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
         owner_name, _, attr = parent_name.rpartition(".")
         setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
         done += changed
+    return done
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def fuse_chains(model: nn.Module) -> list[str]:
+    """Let each packed conv whose output only the next binary conv reads write that conv's packed input.
+
+    ``A -> [absorbed ReLU/BN, now nn.Identity] -> B`` with A's value used nowhere else (VGG-small's
+    conv2 -> conv3 and conv4 -> conv5, each ResNet basic block's conv1 -> conv2): A's kernel then
+    applies B's prologue map and the sign as it computes each output and writes B's padded bit rows
+    directly, and B skips its packing; A's float output is never written. Conservative like the
+    other fusions: A and B are packed convs the kernel runs, each called once and not shared, A's
+    value (through Identity modules, each called once) has B as its only user, as B's input and not
+    also its residual, no module on the way has hooks, and A and B are children of the same parent
+    (a child of ``model``, not ``model`` itself), which is replaced by an ``fx.GraphModule`` of its
+    traced forward in which A is called with ``chained=True`` (as :func:`fuse_residual_adds` does;
+    a block it already rewrote is traced again). Run last (the ReLU/BN between must have been
+    absorbed). Anything else, and every call of A without ``chained=True``, keeps the float output.
+    Returns ``"parent.A -> parent.B"`` per chain.
+    """
+    if _ext() is None:
+        return []
+    done = []
+    parents = _traced_parents(model, skip=lambda name, module, shared: not name or shared[id(module)] != 1)
+    for parent_name, parent, graph, children, calls, shared in parents:
+        links = []
+        for node in list(graph.nodes):
+            first = _single_use_conv(node, children, calls, shared)
+            if first is None or set(node.kwargs) - {"chained"} or len(node.args) not in (1, 2) or not _unhooked(first):
+                continue
+            between, tail = [], node
+            while len(tail.users) == 1:
+                user = next(iter(tail.users))
+                module = children.get(user.target) if user.op == "call_module" else None
+                if type(module) is not nn.Identity or user.args != (tail,) or user.kwargs:
+                    break
+                if calls[user.target] != 1 or shared[id(module)] != 1 or not _unhooked(module):
+                    break
+                between.append(module)
+                tail = user
+            if len(tail.users) != 1:
+                continue
+            user = next(iter(tail.users))
+            second = _single_use_conv(user, children, calls, shared)
+            if (
+                second is None
+                or second is first
+                or not user.args
+                or user.args[0] is not tail
+                or tail in user.args[1:]
+                or set(user.kwargs) - {"chained"}
+                or second.in_channels != first.out_channels
+                or not _unhooked(second)
+            ):
+                continue
+            node.kwargs = {"chained": True}
+            links.append((first, _ChainLink(second, tuple(between))))
+            prefix = f"{parent_name}." if parent_name else ""
+            done.append(f"{prefix}{node.target} -> {prefix}{user.target}")
+        if not links:
+            continue
+        graph.lint()
+        for node in graph.nodes:  # postponed annotations are strings, which torch.save of a GraphModule cannot name
+            node.type = None
+        module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+        for name, child in children.items():  # keep every child reachable under its name, used or not
+            if not hasattr(module, name):
+                module.add_module(name, child)
+        for first, link in links:
+            first._chain = link
+        owner_name, _, attr = parent_name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
     return done

@@ -91,6 +91,51 @@ class KernelPathError(UsageError, RuntimeError):
 _pool = BufferPool(int(os.environ.get("RESTE_OUTPUT_POOL_MB", "1024")) << 20)
 
 
+class _ChainLink:
+    """A packed conv's link to the binary conv that alone consumes its output (set by
+    :func:`reste.deploy.fuse.fuse_chains`): ``target`` that conv, ``between`` the ``nn.Identity``
+    modules (absorbed ReLU/BatchNorm) the value passes on the way. A plain object, not a module,
+    so the target is not registered as a child."""
+
+    __slots__ = ("target", "between")
+
+    def __init__(self, target: PackedBinaryConv2d, between: tuple):
+        self.target, self.between = target, between
+
+    def usable(self, source: nn.Module) -> bool:
+        """Whether the packed input may replace the float tensor on this call: no hook could see
+        the value on its way (a hook would get the placeholder), and the target runs the kernel."""
+        from torch.nn.modules import module as _mod
+
+        if _mod._global_forward_hooks or _mod._global_forward_pre_hooks:
+            return False
+        for m in (source, self.target, *self.between):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+        t = self.target
+        return t.binary_inputs and t._kernel_supported() and t.weight_bits.device.type == "cpu"
+
+
+class _PackedInput:
+    """The packed input a chained conv wrote for ``target`` (its ``xbits`` layout, see ``_build_plan``),
+    riding on the placeholder tensor that stands where the float output would be."""
+
+    __slots__ = ("target", "bits")
+
+    def __init__(self, target: PackedBinaryConv2d, bits: Tensor):
+        self.target, self.bits = target, bits
+
+
+#: attribute of a placeholder tensor that carries a _PackedInput
+_PACKED_ATTR = "_reste_packed_input"
+#: the placeholder's value: expanded to the output's shape (no memory); NaN, should anything read it
+_NAN = torch.tensor(float("nan"))
+
+
+def _packed_input(x: Tensor) -> _PackedInput | None:
+    return getattr(x, _PACKED_ATTR, None)
+
+
 class _scratch:
     """The packed-input buffer of a plan, reused from call to call (no allocation per call);
     a call that finds it in use by another thread packs into a fresh one instead."""
@@ -245,6 +290,9 @@ class _PackedBinary(nn.Module):
         # layer's tensors and a lock, none of which belongs to a copy
         state = dict(super().__getstate__())
         state["_cache"], state["_plans"] = {}, {}
+        # nor the chain link: a copy of one conv must not write packed inputs for the original's
+        # next conv; a copied model runs its convs unchained (fuse_chains links them again)
+        state.pop("_chain", None)
         return state
 
     def _apply(self, fn, *args, **kwargs):
@@ -500,11 +548,44 @@ class PackedBinaryConv2d(_PackedBinary):
             opts["input_padding"] = self.input_padding
         return opts
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    #: the chained next conv (fuse_chains), or None
+    _chain: _ChainLink | None = None
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, chained: bool = False) -> Tensor:
         """The layer's output, plus ``residual`` if given: ``layer(x) + residual`` as one call, so
-        the sum can land in the layer's own output buffer (see :mod:`reste.deploy.fuse`)."""
+        the sum can land in the layer's own output buffer (see :mod:`reste.deploy.fuse`).
+
+        ``chained`` (passed only by a graph :func:`reste.deploy.fuse.fuse_chains` rewrote, where the
+        next binary conv is this output's only consumer): the kernel writes that conv's packed input
+        instead of the float output, and the result is a placeholder carrying it (NaN if read),
+        which only that conv accepts. Whenever that cannot be done (no kernel, no link, a hook, a
+        residual the kernel cannot add) the float output is returned as without ``chained``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        link = self._chain if chained else None
+        packed = _packed_input(x)
+        if packed is not None:
+            if packed.target is not self or not self._use_kernel(x):
+                raise RuntimeError(
+                    f"{type(self).__name__} got the packed input a chained conv wrote for another layer (or cannot run "
+                    "the kernel); only the conv that reste.deploy.fuse.fuse_chains linked may consume it. Call the "
+                    "chained conv without chained=True to get its float output"
+                )
+        if link is not None and not (
+            link.usable(self) and (packed is not None or (x.dtype == torch.float32 and self._use_kernel(x)))
+        ):
+            link = None
+        if packed is not None or link is not None:
+            kernel_residual = residual is None or (
+                residual.dtype == torch.float32
+                and residual.device == x.device
+                and not residual.requires_grad
+                and residual.is_contiguous(memory_format=torch.channels_last)
+            )
+            if kernel_residual:
+                return self._kernel_forward(x, residual, into=link.target if link is not None else None)
+            y = self._kernel_forward(x)
+            return y + residual if residual is not None else y
         if not self.binary_inputs:
             # 1W/32A: the trained layer's own operation on the unpacked alpha * sign(W)
             w = self.scaled_weight(x.dtype, x.device)
@@ -689,37 +770,67 @@ class PackedBinaryConv2d(_PackedBinary):
             ),
         }
 
-    def _kernel_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _kernel_forward(
+        self, x: Tensor, residual: Tensor | None = None, into: PackedBinaryConv2d | None = None
+    ) -> Tensor:
         """The kernel's output, plus ``residual`` if given: one of the output's shape (float32,
         channels-last, as ``forward`` checks) is added by the kernel as it writes each output
-        value; any other shape is added afterwards (``layer(x) + residual``, torch's broadcasting)."""
+        value; any other shape is added afterwards (``layer(x) + residual``, torch's broadcasting).
+
+        ``x`` may be a placeholder carrying this conv's packed input (then nothing is packed).
+        With ``into`` (the chained next conv) the kernel writes ``into``'s packed input instead of
+        the float output: ``into``'s prologue map, then the sign, in its padded row layout, border
+        included, byte for byte what its own ``pack_rows`` would make of the float output; the
+        result is then a placeholder of the output's shape carrying those bits."""
         ext = _ext()
+        packed = _packed_input(x)
         plan = self._plan(tuple(x.shape), self._build_plan)
-        if residual is not None:
-            N, OH, OW, O = plan["out"]
-            if tuple(residual.shape) != (N, O, OH, OW):
-                return self._kernel_forward(x) + residual  # broadcasting or an error, as torch decides
-        xin = (
-            x
-            if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            else x.detach().float().contiguous(memory_format=torch.channels_last)
-        )  # NHWC in memory
+        N, OH, OW, O = plan["out"]
+        if residual is not None and tuple(residual.shape) != (N, O, OH, OW):
+            return self._kernel_forward(x) + residual  # broadcasting or an error, as torch decides (floats)
         threads = torch.get_num_threads()
         if "maps" not in plan:  # addresses of the fused maps' buffers (a new fusion or _apply clears the plans)
             plan["maps"] = (self._prologue_args(), self._epilogue_args())
         pre, post = plan["maps"]
-        out = _pool.empty(plan["out"])
-        with _scratch(plan) as xbits:
-            ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
+        nxt: tuple = ()
+        if into is not None:  # the next conv's layout, from its own plan: pack_rows' arguments for this output
+            into_plan = into._plan((N, O, OH, OW), into._build_plan)
+            _, _, _, _, nph, npw, npix, nrow_bytes, nplus_one = into_plan["pack"]
+            assert npix == (O + 7) // 8, "the next conv's pixels hold this conv's channels"
+            next_bits = _pool.empty((into_plan["xbits"],), dtype=torch.uint8)
+            nxt = (next_bits.data_ptr(), nph, npw, nrow_bytes, nplus_one, *into._prologue_args())
+            out = None
+        else:
+            out = _pool.empty(plan["out"])
+
+        def conv(xbits: Tensor) -> None:
             ext.conv(
                 xbits.data_ptr(),
                 *plan["conv"],
                 *post,
-                out.data_ptr(),
+                out.data_ptr() if out is not None else 0,
                 threads,
                 residual.data_ptr() if residual is not None else 0,
                 plan["nibbles"],
+                *nxt,
             )
+
+        if packed is not None:  # packed by the previous conv's epilogue
+            conv(packed.bits)
+        else:
+            xin = (
+                x
+                if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                else x.detach().float().contiguous(memory_format=torch.channels_last)
+            )  # NHWC in memory
+            with _scratch(plan) as xbits:
+                ext.pack_rows(xin.data_ptr(), *plan["pack"], xbits.data_ptr(), threads, *pre)
+                conv(xbits)
+        if into is not None:
+            placeholder = _NAN.expand(N, O, OH, OW)
+            setattr(placeholder, _PACKED_ATTR, _PackedInput(into, next_bits))
+            return placeholder
+        assert out is not None
         out = out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 

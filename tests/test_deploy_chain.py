@@ -1,0 +1,423 @@
+"""Chained packing (reste.deploy.fuse.fuse_chains): a binary conv whose output only the next binary
+conv reads writes that conv's packed input from its epilogue; no float tensor in between.
+
+Exactness is checked at two levels, on every kernel path this CPU has: the packed bytes the
+epilogue writes equal, byte for byte, what the next conv's own pack_rows makes of the float output
+(borders, "+1" padding, unused channel bits, its prologue map with NaN and zeros included), and
+whole models give the same outputs chained, unchained and on the PyTorch reference path. The NEON
+path runs the same byte comparison in tests/csrc/kernel_harness.c under qemu (test_kernels_neon.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import reste
+from reste.deploy import export, load
+from reste.deploy import packed as packed_mod
+from reste.deploy.fuse import fuse_chains, fuse_epilogues
+from reste.deploy.packed import PackedBinaryConv2d, _ChainLink
+from reste.nn import BinaryConv2d
+
+HAS_EXT = packed_mod._ext() is not None
+ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else []
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="chaining belongs to the compiled kernel (not built here)")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each kernel path this machine can run, forced for the test."""
+    ext = packed_mod._ext()
+    before = ext.isa()
+    assert ext.select(request.param, "the test") == request.param
+    yield request.param
+    ext.select(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def count_chained(monkeypatch):
+    """How many packed inputs the epilogues wrote (the placeholders' payloads made)."""
+    made = []
+
+    class Counting(packed_mod._PackedInput):
+        __slots__ = ()
+
+        def __init__(self, target, bits):
+            made.append(target)
+            super().__init__(target, bits)
+
+    monkeypatch.setattr(packed_mod, "_PackedInput", Counting)
+    return made
+
+
+def _random_conv(cin, cout, stride, padding, input_padding, gen, bias=True) -> PackedBinaryConv2d:
+    conv = PackedBinaryConv2d(cin, cout, 3, stride, padding, bias=bias, input_padding=input_padding, alpha_size=cout)
+    conv.weight_bits.copy_(torch.randint(0, 256, conv.weight_bits.shape, generator=gen, dtype=torch.uint8))
+    conv.alpha.copy_(torch.rand(cout, generator=gen) * 0.2 + 0.01)
+    if bias:
+        conv.bias.copy_(torch.randn(cout, generator=gen))
+    return conv
+
+
+def _packed_by_pack_rows(conv: PackedBinaryConv2d, floats: torch.Tensor) -> torch.Tensor:
+    """``conv``'s own packing of ``floats`` (with its prologue map): what a chain must reproduce."""
+    ext = packed_mod._ext()
+    plan = conv._plan(tuple(floats.shape), conv._build_plan)
+    xin = floats.contiguous(memory_format=torch.channels_last)
+    bits = torch.full((plan["xbits"],), 0xA5, dtype=torch.uint8)
+    ext.pack_rows(xin.data_ptr(), *plan["pack"], bits.data_ptr(), torch.get_num_threads(), *conv._prologue_args())
+    return bits
+
+
+# ----------------------------------------------------------------------------- the packed bytes
+@needs_ext
+@pytest.mark.parametrize(
+    "cin, cmid, cout, stride", [(16, 24, 16, 1), (24, 40, 24, 2), (40, 13, 8, 1), (8, 17, 33, 2), (3, 128, 16, 1)]
+)
+@pytest.mark.parametrize("next_padding", ["zero", "+1", "-1", "none"])
+@pytest.mark.parametrize("prologue", [None, "fma", "mul_add"])
+def test_chained_bytes_equal_the_next_convs_own_packing(cin, cmid, cout, stride, next_padding, prologue, isa, threads):
+    gen = torch.Generator().manual_seed(cin * 1000 + cmid + stride)
+    first = _random_conv(cin, cmid, stride, 1, "zero", gen)
+    # the first conv's epilogue: ReLU, then an affine map with an inf scale (0 * inf = NaN) and zeros
+    scale, shift = torch.randn(cmid, generator=gen), torch.randn(cmid, generator=gen)
+    scale[0], shift[1], scale[2], shift[2] = float("inf"), 0.0, 0.0, -0.0
+    first.fuse_epilogue(True, nn.BatchNorm2d(cmid).eval(), scale, shift, kernel_fma=True)
+    second = _random_conv(
+        cmid, cout, 1, 0 if next_padding == "none" else 1, "zero" if next_padding == "none" else next_padding, gen
+    )
+    if prologue is not None:
+        pre_scale, pre_shift = torch.randn(cmid, generator=gen), torch.randn(cmid, generator=gen)
+        pre_scale[3 % cmid], pre_shift[4 % cmid] = 0.0, -0.0
+        second.fuse_prologue(True, nn.BatchNorm2d(cmid).eval(), pre_scale, pre_shift, prologue == "fma")
+    first._chain = _ChainLink(second, ())
+    for batch in (1, 3):
+        x = torch.randn(batch, cin, 7, 9, generator=gen)
+        x[0, :, 2] = 0.0  # exact zeros in, so ReLU(0) and the maps' shifts decide some signs
+        with torch.no_grad():
+            floats = first(x)
+            token = first(x, chained=True)
+            payload = getattr(token, packed_mod._PACKED_ATTR)
+            assert payload.target is second and token.shape == floats.shape and token.isnan().all()
+            assert torch.equal(payload.bits, _packed_by_pack_rows(second, floats))
+            assert torch.equal(second(token), second(floats))
+
+
+@needs_ext
+def test_chained_bytes_with_a_residual_added_in_the_epilogue(isa, threads):
+    gen = torch.Generator().manual_seed(5)
+    first, second = _random_conv(24, 40, 1, 1, "zero", gen), _random_conv(40, 24, 1, 1, "+1", gen)
+    first._chain = _ChainLink(second, ())
+    x = torch.randn(2, 24, 6, 5, generator=gen)
+    residual = torch.randn(2, 40, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        floats = first(x, residual)
+        token = first(x, residual, chained=True)
+        assert torch.equal(getattr(token, packed_mod._PACKED_ATTR).bits, _packed_by_pack_rows(second, floats))
+        # a residual the kernel cannot add (NCHW, broadcast): floats, as without chained
+        nchw = residual.contiguous()
+        assert torch.equal(first(x, nchw, chained=True), floats)
+        assert torch.equal(first(x, residual[:1], chained=True), first(x) + residual[:1])
+
+
+@needs_ext
+def test_a_placeholder_is_refused_by_any_other_conv():
+    gen = torch.Generator().manual_seed(6)
+    first, second, other = (_random_conv(16, 16, 1, 1, "zero", gen) for _ in range(3))
+    first._chain = _ChainLink(second, ())
+    with torch.no_grad():
+        token = first(torch.randn(1, 16, 5, 5, generator=gen), chained=True)
+        with pytest.raises(RuntimeError, match="only the conv that reste.deploy.fuse.fuse_chains linked"):
+            other(token)
+        # without the flag (a direct call) and without a link, floats as always
+        x = torch.randn(1, 16, 5, 5, generator=gen)
+        assert not hasattr(first(x), packed_mod._PACKED_ATTR)
+        assert not hasattr(other(x, chained=True), packed_mod._PACKED_ATTR)
+
+
+# ----------------------------------------------------------------------------- whole models
+class Chain(nn.Module):
+    """Binary units conv -> ReLU -> BN with no pooling between (each conv's output only feeds the
+    next), then a pool, one more unit and a real head."""
+
+    def __init__(self, widths=(24, 40, 24), stride=2, input_padding="zero"):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        units = []
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            s = stride if i == 0 else 1
+            units += [nn.Conv2d(cin, cout, 3, s, 1, bias=False), nn.ReLU(), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*units)
+        self.pool = nn.MaxPool2d(2)
+        self.last = nn.Sequential(nn.Conv2d(widths[-1], 16, 3, padding=1, bias=False), nn.ReLU(), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+        self.input_padding = input_padding
+
+    def forward(self, x):
+        return self.head(self.last(self.pool(self.body(self.stem(x)))).mean((2, 3)))
+
+
+def _binarized(
+    model: nn.Module, input_padding: str = "zero", seed: int = 0, size: int = 12, binarize: bool = True
+) -> nn.Module:
+    """Binary layers (unless already), BatchNorm statistics from a few train-mode passes, eval mode."""
+    torch.manual_seed(seed)
+    if binarize:
+        model = reste.binarize(model, keep=("first", "last"))
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            m.input_padding = input_padding
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, size, size))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # BatchNorms far from fresh ones, so the signs depend on their arithmetic
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(torch.randn(m.num_features, generator=gen) * 2)
+                m.bias.add_(torch.randn(m.num_features, generator=gen))
+    return model.eval()
+
+
+def _three_ways(path, arch=None, model=None):
+    """(chained, unchained, unfused) deployed models of one file."""
+
+    def fresh():
+        return copy.deepcopy(model) if model is not None else None
+
+    chained = load(path, model=fresh())
+    unchained = load(path, model=fresh(), fuse=False)
+    fuse_epilogues(unchained, chains=False)
+    return chained, unchained, load(path, model=fresh(), fuse=False)
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The PyTorch reference path of every packed layer (inputs that need grad keep the kernel out)."""
+    with torch.enable_grad():
+        return model(x.clone().requires_grad_(True)).detach()
+
+
+@needs_ext
+@pytest.mark.parametrize("input_padding", ["zero", "+1", "-1"])
+def test_chain_model_is_bit_identical_chained_unchained_and_reference(
+    input_padding, isa, threads, tmp_path, count_chained
+):
+    trained = _binarized(Chain(), input_padding, seed=3)
+    path = export(trained, tmp_path / "chain.safetensors")
+    chained, unchained, plain = _three_ways(path, model=Chain())
+    assert [c._chain is not None for c in chained.body.children() if isinstance(c, PackedBinaryConv2d)] == [True, False]
+    assert "chained=True" in chained.body.code.replace(" ", "")
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 12, 12)
+        x[0, :, :3] = 0.0
+        with torch.no_grad():
+            before = len(count_chained)
+            want = unchained(x)
+            assert len(count_chained) == before  # nothing chained without fuse_chains
+            got = chained(x)
+            assert len(count_chained) == before + 1  # body.0 wrote body.3's packed input
+            assert torch.equal(got, want)
+            assert torch.equal(chained(x.contiguous(memory_format=torch.channels_last)), want)
+            assert torch.equal(plain(x), want)
+        assert torch.equal(_reference(chained, x), want)
+
+
+@needs_ext
+@pytest.mark.parametrize("width", [0.1875, 0.3125])  # 24-24-48-48-96-96 and 40-40-80-80-160-160 channels
+def test_vgg_small_chains_its_unpooled_pairs_bit_exactly(width, isa, tmp_path, count_chained):
+    arch = {"name": "vgg_small", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16}
+    arch["width"] = width
+    trained = _binarized(reste.models.create(**arch), seed=4, size=16, binarize=False)
+    path = export(trained, tmp_path / "vgg.safetensors", architecture=arch)
+    chained, unchained, _ = _three_ways(path)
+    assert chained.features.conv2._chain.target is chained.features.conv3
+    assert chained.features.conv4._chain.target is chained.features.conv5
+    # before a pool (conv1, conv3, conv5) nothing is chained
+    assert all(getattr(chained.features, f"conv{i}")._chain is None for i in (1, 3, 5))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = unchained(x)
+        before = len(count_chained)
+        assert torch.equal(chained(x), want)
+        assert len(count_chained) == before + 2
+    assert torch.equal(_reference(chained, x), want)
+
+
+@needs_ext
+def test_resnet_blocks_chain_conv1_to_conv2_but_not_bireal_ones(tmp_path):
+    for name, chains in (("resnet20", 9), ("resnet20_bireal", 0)):
+        arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 8, "width": 0.5}
+        trained = _binarized(reste.models.create(**arch), seed=5, size=8, binarize=False)
+        path = export(trained, tmp_path / f"{name}.safetensors", architecture=arch)
+        chained, unchained, _ = _three_ways(path)
+        links = [m for m in chained.modules() if isinstance(m, PackedBinaryConv2d) and m._chain is not None]
+        assert len(links) == chains
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(chained(x), unchained(x))
+
+
+# ----------------------------------------------------------------------------- what must not chain
+class Refused(nn.Module):
+    """Binary convs whose outputs are needed as floats, each in its own way."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.a1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.a2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.a3, self.b3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.a4, self.b4 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.a1(x)
+        x = self.b1(y) + y  # two consumers: the next conv and an add
+        x = self.b2(self.pool(self.a2(x)))  # a pool between
+        y = self.a3(x)
+        x = self.b3(y + y)  # an add between
+        y = self.a4(x)
+        x = self.b4(y) * y.mean()  # the value also feeds a function
+        return self.head(x.mean((2, 3)))
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Refused()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@needs_ext
+def test_unsafe_pairs_are_not_chained(tmp_path):
+    trained = _binarized(Wrapped(), seed=6, size=8)
+    path = export(trained, tmp_path / "refused.safetensors")
+    chained, unchained, _ = _three_ways(path, model=Wrapped())
+    inner = chained.inner
+    # every a -> b pair is refused; the chains there are: b1 (its "+ y" fused as a residual) -> a2,
+    # b2 -> a3 and b3 -> a4, each the sole consumer
+    assert [n for n in ("a1", "a2", "a3", "a4", "b4") if getattr(inner, n)._chain is not None] == []
+    assert [getattr(inner, b)._chain.target is getattr(inner, a) for b, a in (("b1", "a2"), ("b2", "a3"), ("b3", "a4"))]
+    assert fuse_chains(chained) == ["inner.b1 -> inner.a2", "inner.b2 -> inner.a3", "inner.b3 -> inner.a4"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(chained(x), unchained(x))
+
+
+@needs_ext
+def test_a_conv_called_twice_or_a_root_level_pair_is_not_chained():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = PackedBinaryConv2d(8, 8, 3, padding=1), PackedBinaryConv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + self.b(x)  # b is called twice
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.twice = Twice()
+            self.a, self.b = PackedBinaryConv2d(8, 8, 3, padding=1), PackedBinaryConv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(self.twice(x)))  # the root's own children: the root is never replaced
+
+    model = Outer().eval()
+    assert fuse_chains(model) == []
+    assert model.twice.a._chain is None and model.a._chain is None
+
+
+@needs_ext
+def test_a_hook_on_the_way_sees_floats(tmp_path, count_chained):
+    trained = _binarized(Chain(), seed=7)
+    path = export(trained, tmp_path / "hook.safetensors")
+    chained, unchained, _ = _three_ways(path, model=Chain())
+    seen = []
+    handle = getattr(chained.body, "1").register_forward_hook(lambda m, i, o: seen.append(o))  # the absorbed ReLU
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        before = len(count_chained)
+        assert torch.equal(chained(x), unchained(x))
+        assert len(count_chained) == before and not seen[0].isnan().any()
+        handle.remove()
+        assert torch.equal(chained(x), unchained(x)) and len(count_chained) == before + 1
+
+
+@needs_ext
+def test_copies_run_unchained_and_can_be_chained_again(tmp_path, count_chained):
+    trained = _binarized(Chain(), seed=8)
+    path = export(trained, tmp_path / "copy.safetensors")
+    chained, unchained, _ = _three_ways(path, model=Chain())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want = unchained(x)
+        assert torch.equal(chained(x), want)
+        for other in (copy.deepcopy(chained), pickle.loads(pickle.dumps(chained))):
+            assert getattr(other.body, "0")._chain is None
+            before = len(count_chained)
+            assert torch.equal(other(x), want) and len(count_chained) == before
+            assert fuse_chains(other) == ["body.0 -> body.3"]
+            assert torch.equal(other(x), want) and len(count_chained) == before + 1
+
+
+@needs_ext
+def test_chained_model_is_race_free_across_python_threads(tmp_path):
+    import threading
+
+    trained = _binarized(Chain(), seed=9)
+    path = export(trained, tmp_path / "threads.safetensors")
+    chained, unchained, _ = _three_ways(path, model=Chain())
+    xs = [torch.randn(2, 3, 12, 12) for _ in range(4)]
+    with torch.no_grad():
+        want = [unchained(x) for x in xs]
+    bad = []
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(chained(xs[i]), want[i]):
+                    bad.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not bad
+
+
+def test_without_the_extension_nothing_is_chained_and_outputs_stay_exact(monkeypatch, tmp_path):
+    from reste import _ext as _loader
+
+    trained = _binarized(Chain(), seed=10)
+    path = export(trained, tmp_path / "noext.safetensors")
+    x = torch.randn(2, 3, 12, 12)
+    # the same unfused model on the reference path, in this process with the extension
+    want = _reference(load(path, model=Chain(), fuse=False), x)
+    monkeypatch.setenv(packed_mod.NO_EXTENSION_ENV, "1")
+    monkeypatch.setattr(_loader, "BITOPS", _loader.BITOPS.fresh())
+    monkeypatch.setattr(packed_mod, "_warned", True)
+    model = load(path, model=Chain())
+    assert fuse_chains(model) == [] and getattr(model.body, "0")._chain is None
+    assert torch.equal(_reference(model, x), want)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5, rtol=0)  # memory layouts differ: float sums may round apart
