@@ -24,6 +24,10 @@
  *                  optionally ReLU, a per-channel affine map (an eval-mode BatchNorm
  *                  that followed the layer) and a residual tensor of the output's
  *                  layout (a ResNet shortcut), fused so the output is written once.
+ *   chained        instead of (or beside) the output: the next binary conv's packed
+ *                  input (conv_args.next_x), its prologue map and sign applied to each
+ *                  final value, in its padded row layout, byte for byte as pack_rows
+ *                  would pack the float output (reste.deploy.fuse.fuse_chains).
  *
  * Padding. The padded border is packed as bit 0 (-1) or, for input padding
  * "+1", as bit 1; for both the popcount is then exact. With zero padding (the
