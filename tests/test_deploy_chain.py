@@ -109,7 +109,19 @@ def test_chained_bytes_equal_the_next_convs_own_packing(cin, cmid, cout, stride,
         _check_chained_bytes(cin, cmid, cout, stride, next_padding, prologue)
 
 
-def _check_chained_bytes(cin, cmid, cout, stride, next_padding, prologue):
+@needs_ext
+def test_chained_bytes_with_two_openmp_threads_at_work(isa):
+    """Big enough that the kernel really splits the work over 2 threads (below ~100k units per
+    thread it stays on one): the threads write different bytes of the same rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_chained_bytes(64, 40, 24, 1, "+1", "fma", size=(32, 32), batches=(2,))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_chained_bytes(cin, cmid, cout, stride, next_padding, prologue, size=(7, 9), batches=(1, 3)):
     gen = torch.Generator().manual_seed(cin * 1000 + cmid + stride)
     first = _random_conv(cin, cmid, stride, 1, "zero", gen)
     # the first conv's epilogue: ReLU, then an affine map with an inf scale (0 * inf = NaN) and zeros
@@ -124,8 +136,8 @@ def _check_chained_bytes(cin, cmid, cout, stride, next_padding, prologue):
         pre_scale[3 % cmid], pre_shift[4 % cmid] = 0.0, -0.0
         second.fuse_prologue(True, nn.BatchNorm2d(cmid).eval(), pre_scale, pre_shift, prologue == "fma")
     first._chain = _ChainLink(second, ())
-    for batch in (1, 3):
-        x = torch.randn(batch, cin, 7, 9, generator=gen)
+    for batch in batches:
+        x = torch.randn(batch, cin, *size, generator=gen)
         x[0, :, 2] = 0.0  # exact zeros in, so ReLU(0) and the maps' shifts decide some signs
         with torch.no_grad():
             floats = first(x)
