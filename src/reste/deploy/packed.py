@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
 from .. import _ext as _loader
 from .._ext import BufferPool
@@ -105,9 +106,7 @@ class _ChainLink:
     def usable(self, source: nn.Module) -> bool:
         """Whether the packed input may replace the float tensor on this call: no hook could see
         the value on its way (a hook would get the placeholder), and the target runs the kernel."""
-        from torch.nn.modules import module as _mod
-
-        if _mod._global_forward_hooks or _mod._global_forward_pre_hooks:
+        if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
             return False
         for m in (source, self.target, *self.between):
             if m._forward_hooks or m._forward_pre_hooks:
