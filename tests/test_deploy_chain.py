@@ -166,6 +166,22 @@ def test_chained_bytes_with_a_residual_added_in_the_epilogue(isa, threads):
 
 
 @needs_ext
+def test_three_convs_in_a_row_pass_packed_inputs_twice(isa):
+    gen = torch.Generator().manual_seed(7)
+    a, b, c = (
+        _random_conv(16, 24, 1, 1, "zero", gen),
+        _random_conv(24, 40, 2, 1, "-1", gen),
+        _random_conv(40, 8, 1, 1, "+1", gen),
+    )
+    a._chain, b._chain = _ChainLink(b, ()), _ChainLink(c, ())
+    x = torch.randn(2, 16, 9, 8, generator=gen)
+    with torch.no_grad():
+        middle = b(a(x, chained=True), chained=True)  # b reads a's bits and writes c's
+        assert getattr(middle, packed_mod._PACKED_ATTR).target is c
+        assert torch.equal(c(middle), c(b(a(x))))
+
+
+@needs_ext
 def test_a_placeholder_is_refused_by_any_other_conv():
     gen = torch.Generator().manual_seed(6)
     first, second, other = (_random_conv(16, 16, 1, 1, "zero", gen) for _ in range(3))
