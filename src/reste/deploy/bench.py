@@ -226,6 +226,7 @@ def bench_models(
     """End-to-end binary (exported + loaded) vs float models, and file sizes."""
     from .. import models
     from .export import export, load
+    from .fuse import fuse_chains
 
     gen = torch.Generator().manual_seed(seed)
     e2e, sizes = [], []
@@ -241,6 +242,7 @@ def bench_models(
         # (Module.to's memory_format is missing from torch's stubs)
         float_cl = copy.deepcopy(float_model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         deployed_cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        fuse_chains(deployed_cl)  # a copy drops the chain links (see fuse_chains): the same model as `deployed`
         for b in batches or (batch,):
             x = torch.randn(b, 3, 32, 32, generator=gen)
             x_cl = x.contiguous(memory_format=torch.channels_last)
