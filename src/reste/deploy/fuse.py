@@ -336,15 +336,7 @@ def fuse_residual_adds(model: nn.Module) -> list[str]:
             changed.append(f"{parent_name}.{node.target}")
         if not changed:
             continue
-        graph.lint()
-        for node in graph.nodes:  # postponed annotations are strings, which torch.save of a GraphModule cannot name
-            node.type = None
-        module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
-        for name, child in children.items():  # keep every child reachable under its name, used or not
-            if not hasattr(module, name):
-                module.add_module(name, child)
-        owner_name, _, attr = parent_name.rpartition(".")
-        setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
+        _replace_with_graph(model, parent_name, parent, graph, children)
         done += changed
     return done
 
@@ -410,15 +402,20 @@ def fuse_chains(model: nn.Module) -> list[str]:
             done.append(f"{prefix}{node.target} -> {prefix}{user.target}")
         if not links:
             continue
-        graph.lint()
-        for node in graph.nodes:  # postponed annotations are strings, which torch.save of a GraphModule cannot name
-            node.type = None
-        module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
-        for name, child in children.items():  # keep every child reachable under its name, used or not
-            if not hasattr(module, name):
-                module.add_module(name, child)
+        _replace_with_graph(model, parent_name, parent, graph, children)
         for first, link in links:
             first._chain = link
-        owner_name, _, attr = parent_name.rpartition(".")
-        setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
     return done
+
+
+def _replace_with_graph(model: nn.Module, parent_name: str, parent: nn.Module, graph: fx.Graph, children: dict) -> None:
+    """Put an ``fx.GraphModule`` of ``parent``'s rewritten ``graph`` where ``parent`` was in ``model``."""
+    graph.lint()
+    for node in graph.nodes:  # postponed annotations are strings, which torch.save of a GraphModule cannot name
+        node.type = None
+    module = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+    for name, child in children.items():  # keep every child reachable under its name, used or not
+        if not hasattr(module, name):
+            module.add_module(name, child)
+    owner_name, _, attr = parent_name.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
