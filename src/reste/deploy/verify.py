@@ -117,6 +117,14 @@ def write_metadata(path, entries: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- test images
+def _test_images(spec: dict, same: bool, subset) -> tuple:
+    """``(subset, test_subset)`` for the loaders: ``subset="run"`` is the run's own two on its data
+    set (``same``) and the whole test set on another; a number or None is taken as given."""
+    if subset != "run":
+        return subset, None
+    return (spec.get("subset"), spec.get("test_subset")) if same else (None, None)
+
+
 def eval_loader(
     spec: dict,
     *,
@@ -138,9 +146,7 @@ def eval_loader(
 
     name = rdata.canonical_name(data or spec["name"])
     same = name == spec["name"]
-    test_subset = None
-    if subset == "run":
-        subset, test_subset = (spec.get("subset"), spec.get("test_subset")) if same else (None, None)
+    subset, test_subset = _test_images(spec, same, subset)
     if root is None and same:
         root = spec.get("root")
     batch = batch_size or spec.get("test_batch_size") or 256
@@ -329,10 +335,7 @@ def evaluate_export(
     dev = torch.device(device)
     model = load(path).to(dev)
     loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=dev)
-    test_subset = None
-    if subset == "run":
-        same = meta.name == spec["name"]
-        subset, test_subset = (spec.get("subset"), spec.get("test_subset")) if same else (None, None)
+    subset, test_subset = _test_images(spec, meta.name == spec["name"], subset)
     result = evaluate_model(model, loader, dev, num_classes=meta.num_classes)
     source = graph.get("source") or {}
     result.update(
