@@ -131,6 +131,17 @@ _PACKED_ATTR = "_reste_packed_input"
 _NAN = torch.tensor(float("nan"))
 
 
+def _kernel_adds(residual: Tensor, x: Tensor) -> bool:
+    """Whether the kernel can add ``residual`` as it writes the output of input ``x``: float32 both,
+    on x's device, no autograd, channels-last memory (its shape is checked against the plan's output)."""
+    return (
+        x.dtype == residual.dtype == torch.float32
+        and residual.device == x.device
+        and not residual.requires_grad
+        and residual.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _packed_input(x: Tensor) -> _PackedInput | None:
     return getattr(x, _PACKED_ATTR, None)
 
@@ -575,13 +586,7 @@ class PackedBinaryConv2d(_PackedBinary):
         ):
             link = None
         if packed is not None or link is not None:
-            kernel_residual = residual is None or (
-                residual.dtype == torch.float32
-                and residual.device == x.device
-                and not residual.requires_grad
-                and residual.is_contiguous(memory_format=torch.channels_last)
-            )
-            if kernel_residual:
+            if residual is None or _kernel_adds(residual, x):
                 return self._kernel_forward(x, residual, into=link.target if link is not None else None)
             y = self._kernel_forward(x)
             return y + residual if residual is not None else y
@@ -593,13 +598,7 @@ class PackedBinaryConv2d(_PackedBinary):
         elif getattr(self, "pre_bn", None) is not None and not self._use_kernel(x):
             y = self._epilogue_reference(self.reference_forward(self._prologue_reference(x)))
         elif self._use_kernel(x):
-            if (
-                residual is not None
-                and x.dtype == residual.dtype == torch.float32
-                and residual.device == x.device
-                and not residual.requires_grad
-                and residual.is_contiguous(memory_format=torch.channels_last)
-            ):
+            if residual is not None and _kernel_adds(residual, x):
                 # the kernel adds it as it writes each output (no second pass over the output);
                 # the shape is checked against the plan's output there
                 return self._kernel_forward(x, residual)
