@@ -103,6 +103,28 @@ def test_packed_conv_integer_sums_exact(case, isa):
     assert torch.equal(fast, expected) and torch.equal(fast_cl, expected)
 
 
+# Layers big enough for two threads whose channel blocks (16 each) do not fit L1 in one group:
+# 144 outputs over 128 inputs make 9 blocks in 2 groups on avx2 (nibble weights), 80 outputs
+# over 512 inputs 5 blocks in 2 groups on avx512 and 5 on avx2; the groups are of unequal size.
+@pytest.mark.parametrize("cin,cout,size", [(128, 144, 16), (512, 80, 8)])
+def test_packed_conv_exact_when_channel_groups_are_split_across_threads(cin, cout, size, isa):
+    torch.manual_seed(cin + cout)
+    trained = BinaryConv2d(cin, cout, 3, 1, 1, bias=False, weight_scale="none").eval()
+    packed = PackedBinaryConv2d.from_binary(trained)
+    x = torch.randn(3, cin, size, size)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                results.append(packed(x))
+        finally:
+            torch.set_num_threads(2)
+    with torch.no_grad():
+        expected = trained(x)
+    assert torch.equal(results[0], expected) and torch.equal(results[1], expected)
+
+
 @pytest.mark.parametrize("scale", ["layer_mean", "channel_mean"])
 def test_packed_conv_scaled_with_bias_matches_trained_layer(scale, isa):
     torch.manual_seed(1)
