@@ -11,8 +11,11 @@ process (medians of ``--repeats`` rounds, so load from other processes hits all 
 
 - ``epilogues``: what ``reste.deploy.load`` did before this profile was written (ReLU and
   BatchNorm fused into the conv that precedes them, nothing else);
-- ``all``: everything ``reste.deploy.load`` fuses now (also a BatchNorm into the packing
-  of the binary conv that follows it, and residual adds into the conv's output).
+- ``unchained``: also a BatchNorm into the packing of the binary conv that follows it, and
+  residual adds into the conv's output;
+- ``all``: everything ``reste.deploy.load`` fuses now: also chains, where a binary conv's
+  kernel writes the next binary conv's packed input bits instead of a float output
+  (:func:`reste.deploy.fuse.fuse_chains`).
 
 Then hooked passes per fusion level (``--repeats`` of them, the median per row) attribute
 the time to module types (the packed convs, split into packing the input and the kernel)
@@ -47,8 +50,10 @@ def _deployed(name: str, gen) -> tuple[dict, torch.nn.Module]:
     with tempfile.TemporaryDirectory() as tmp:
         path = export(trained, Path(tmp) / f"{name}.safetensors", architecture=arch)
         epilogues = load(path, fuse=False)
-        fuse_epilogues(epilogues, residual_adds=False, prologues=False)
-        variants = {"epilogues": epilogues, "all": load(path)}
+        fuse_epilogues(epilogues, residual_adds=False, prologues=False, chains=False)
+        unchained = load(path, fuse=False)
+        fuse_epilogues(unchained, chains=False)
+        variants = {"epilogues": epilogues, "unchained": unchained, "all": load(path)}
     cl = torch.channels_last
     return {k: v.to(memory_format=cl) for k, v in variants.items()}, float_model.to(memory_format=cl)
 

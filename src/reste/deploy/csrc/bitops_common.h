@@ -126,31 +126,34 @@ static inline int interior_columns(const conv_args *a, int64_t oh, int64_t *c0, 
 /* Each kernel's per-(row, channel block) entry point, the same for every instruction set: the
    output columns that read left or right padding take the border path, the interior ones skip
    the test; the words per kernel row of 16, 32 and 64 channels (Kw 1-3) become compile-time
-   constants so the inner loops unroll. ISA names the kernel's functions: it provides
-   epi_load_ISA(a, ob) -> epi_ISA and conv_columns_ISA(a, &e, rowbase, wb, n, oh, ob, from, to,
-   border, KW); TARGET is its target attribute (empty where none is needed). */
+   constants so the inner loops unroll, and so does NEXT (whether the epilogue writes the next
+   conv's packed input, a->next_x), so a conv that is not chained runs no chaining code in its
+   pixel loop (on 16-channel layers the epilogue is a large part of the work). ISA names the kernel's functions: it provides epi_load_ISA(a, ob) -> epi_ISA and
+   conv_columns_ISA(a, &e, rowbase, wb, n, oh, ob, from, to, border, KW, NEXT); TARGET is its
+   target attribute (empty where none is needed). */
 #define DEFINE_CONV_BLOCK(ISA, TARGET)                                                                     \
     TARGET __attribute__((always_inline)) static inline void conv_block_##ISA##_kw(                         \
-        const conv_args *a, int64_t r, int64_t ob, const int KW) {                                          \
+        const conv_args *a, int64_t r, int64_t ob, const int KW, const int NEXT) {                          \
         int64_t n = r / a->OH, oh = r % a->OH;                                                              \
         const uint64_t *wb = a->w + ob * a->kh * a->Kw * LANES;                                            \
         const uint8_t *rowbase = a->x + (n * a->Hp + oh * a->sh) * a->row_bytes;                           \
         const epi_##ISA e = epi_load_##ISA(a, ob);                                                         \
         int64_t c0, c1;                                                                                     \
         if (!interior_columns(a, oh, &c0, &c1)) { /* the whole row reads padding, or no zero-padding fix */ \
-            conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW);               \
+            conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, a->OW, a->wsum != NULL, KW, NEXT);         \
             return;                                                                                         \
         }                                                                                                   \
-        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW);                                    \
-        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW);                                   \
-        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW);                                \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, 0, c0, 1, KW, NEXT);                              \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c0, c1, 0, KW, NEXT);                             \
+        conv_columns_##ISA(a, &e, rowbase, wb, n, oh, ob, c1, a->OW, 1, KW, NEXT);                          \
     }                                                                                                       \
     TARGET static void conv_block_##ISA(const conv_args *a, int64_t r, int64_t ob) {                        \
+        const int next = a->next_x != NULL;                                                                 \
         switch (a->Kw) {                                                                                    \
-        case 1: conv_block_##ISA##_kw(a, r, ob, 1); break;                                                  \
-        case 2: conv_block_##ISA##_kw(a, r, ob, 2); break;                                                  \
-        case 3: conv_block_##ISA##_kw(a, r, ob, 3); break;                                                  \
-        default: conv_block_##ISA##_kw(a, r, ob, 0); break;                                                 \
+        case 1: next ? conv_block_##ISA##_kw(a, r, ob, 1, 1) : conv_block_##ISA##_kw(a, r, ob, 1, 0); break; \
+        case 2: next ? conv_block_##ISA##_kw(a, r, ob, 2, 1) : conv_block_##ISA##_kw(a, r, ob, 2, 0); break; \
+        case 3: next ? conv_block_##ISA##_kw(a, r, ob, 3, 1) : conv_block_##ISA##_kw(a, r, ob, 3, 0); break; \
+        default: next ? conv_block_##ISA##_kw(a, r, ob, 0, 1) : conv_block_##ISA##_kw(a, r, ob, 0, 0); break; \
         }                                                                                                   \
     }
 

@@ -64,7 +64,8 @@ TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_low_halves
 
 /* `epilogue` on vectors: 16 channels of one output pixel from 4 vectors of 64-bit counts. */
 TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
-    const conv_args *a, const epi_avx2 *e, int64_t n, int64_t oh, int64_t ow, int64_t ob, const __m256i *pc, int border) {
+    const conv_args *a, const epi_avx2 *e, int64_t n, int64_t oh, int64_t ow, int64_t ob, const __m256i *pc, int border,
+    const int NEXT) {
     int64_t i0, i1, j0, j1;
     int fix = border && !inside(a, oh, ow, &i0, &i1, &j0, &j1);
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
@@ -87,13 +88,13 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
         if (a->residual) /* the shortcut of a ResNet block, added as the last op like PyTorch's x + y */
             y = _mm256_add_ps(y, e->partial ? _mm256_maskload_ps(a->residual + at + 8 * h, e->store_mask[h])
                                             : _mm256_loadu_ps(a->residual + at + 8 * h));
-        if (!a->out)
+        if (NEXT && !a->out)
             ;
         else if (e->partial)
             _mm256_maskstore_ps(dst + 8 * h, e->store_mask[h], y);
         else
             _mm256_storeu_ps(dst + 8 * h, y);
-        if (a->next_x) {
+        if (NEXT) {
             const __m256 zero = _mm256_setzero_ps();
             if (e->next_map) {
                 if (e->next_relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ)); /* NaN, -0 stay */
@@ -105,7 +106,7 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void epilogue_avx2(
             bits |= (unsigned)_mm256_movemask_ps(ge) << (8 * h);
         }
     }
-    if (a->next_x) {
+    if (NEXT) {
         uint8_t *next = next_pixel(a, n, oh, ow) + 2 * ob;
         next[0] = (uint8_t)bits;
         if (e->nv > 8) next[1] = (uint8_t)(bits >> 8);
@@ -130,7 +131,7 @@ TARGET_AVX2 __attribute__((always_inline)) static inline __m256i avx2_add_popcou
    more than 31 words (over 661 channels) are cut into pieces. */
 TARGET_AVX2 __attribute__((always_inline)) static inline void conv_pixels_avx2(
     const conv_args *a, const epi_avx2 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
-    int64_t ow, int64_t ob, int border, const int P, const int KW) {
+    int64_t ow, int64_t ob, int border, const int P, const int KW, const int NEXT) {
     const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
     const int64_t rows_per_flush = Kw <= AVX2_BYTE_WORDS ? AVX2_BYTE_WORDS / Kw : 1;
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -170,16 +171,16 @@ TARGET_AVX2 __attribute__((always_inline)) static inline void conv_pixels_avx2(
                 for (int v = 0; v < 4; v++) total[p][v] = _mm256_add_epi64(total[p][v], _mm256_sad_epu8(acc[p][v], zero));
         }
     }
-    for (int p = 0; p < P; p++) epilogue_avx2(a, e, n, oh, ow + p, ob, total[p], border);
+    for (int p = 0; p < P; p++) epilogue_avx2(a, e, n, oh, ow + p, ob, total[p], border, NEXT);
 }
 
 /* Output columns [from, to) of one row in blocks of AVX2_PIX pixels, then single ones. */
 TARGET_AVX2 __attribute__((always_inline)) static inline void conv_columns_avx2(
     const conv_args *a, const epi_avx2 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
-    int64_t ob, int64_t from, int64_t to, int border, const int KW) {
+    int64_t ob, int64_t from, int64_t to, int border, const int KW, const int NEXT) {
     int64_t ow = from;
-    for (; ow + AVX2_PIX <= to; ow += AVX2_PIX) conv_pixels_avx2(a, e, rowbase, wb, n, oh, ow, ob, border, AVX2_PIX, KW);
-    for (; ow < to; ow++) conv_pixels_avx2(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
+    for (; ow + AVX2_PIX <= to; ow += AVX2_PIX) conv_pixels_avx2(a, e, rowbase, wb, n, oh, ow, ob, border, AVX2_PIX, KW, NEXT);
+    for (; ow < to; ow++) conv_pixels_avx2(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW, NEXT);
 }
 
 DEFINE_CONV_BLOCK(avx2, TARGET_AVX2)

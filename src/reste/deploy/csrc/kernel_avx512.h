@@ -35,7 +35,7 @@ TARGET_AVX512 __attribute__((always_inline)) static inline epi_avx512 epi_load_a
 /* `epilogue` on vectors, 16 channels of one output pixel; `border` asks for the zero-padding fix. */
 TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     const conv_args *a, const epi_avx512 *e, int64_t n, int64_t oh, int64_t ow, int64_t ob, __m512i pc0, __m512i pc1,
-    int border) {
+    int border, const int NEXT) {
     /* popcounts (< 2^31) to 16 x int32 (the low halves of both vectors' 64-bit lanes, one
        permute), then K - 2 * popcount (exact in float: |dot| < 2^24) */
     const __m512i low_halves = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -53,8 +53,8 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
     if (e->post) y = e->fma ? _mm512_fmadd_ps(y, e->scale, e->shift) : _mm512_add_ps(_mm512_mul_ps(y, e->scale), e->shift);
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
     if (a->residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(e->store_mask, a->residual + at));
-    if (a->out) _mm512_mask_storeu_ps(a->out + at, e->store_mask, y);
-    if (a->next_x) { /* next_bits_scalar on vectors: the next conv's prologue, then the sign bits */
+    if (!NEXT || a->out) _mm512_mask_storeu_ps(a->out + at, e->store_mask, y);
+    if (NEXT) { /* next_bits_scalar on vectors: the next conv's prologue, then the sign bits */
         const __m512 zero = _mm512_setzero_ps();
         if (e->next_map) {
             if (e->next_relu) y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), y, zero); /* NaN, -0 stay */
@@ -73,7 +73,7 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void epilogue_avx512(
    read it from `a`. */
 TARGET_AVX512 __attribute__((always_inline)) static inline void conv_pixels_avx512(
     const conv_args *a, const epi_avx512 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
-    int64_t ow, int64_t ob, int border, const int P, const int KW) {
+    int64_t ow, int64_t ob, int border, const int P, const int KW, const int NEXT) {
     const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
     const __m512i mask = _mm512_set1_epi64((long long)a->last_mask);
     __m512i acc0[PIX_BLOCK], acc1[PIX_BLOCK];
@@ -98,18 +98,18 @@ TARGET_AVX512 __attribute__((always_inline)) static inline void conv_pixels_avx5
             acc1[p] = _mm512_add_epi64(acc1[p], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(xv, w1, mask, 0x28)));
         }
     }
-    for (int p = 0; p < P; p++) epilogue_avx512(a, e, n, oh, ow + p, ob, acc0[p], acc1[p], border);
+    for (int p = 0; p < P; p++) epilogue_avx512(a, e, n, oh, ow + p, ob, acc0[p], acc1[p], border, NEXT);
 }
 
 /* Output columns [from, to) of one row in blocks of 8, 4, 2 and 1 pixels. */
 TARGET_AVX512 __attribute__((always_inline)) static inline void conv_columns_avx512(
     const conv_args *a, const epi_avx512 *e, const uint8_t *rowbase, const uint64_t *wb, int64_t n, int64_t oh,
-    int64_t ob, int64_t from, int64_t to, int border, const int KW) {
+    int64_t ob, int64_t from, int64_t to, int border, const int KW, const int NEXT) {
     int64_t ow = from;
-    for (; ow + PIX_BLOCK <= to; ow += PIX_BLOCK) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, PIX_BLOCK, KW);
-    if (ow + 4 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 4, KW); ow += 4; }
-    if (ow + 2 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 2, KW); ow += 2; }
-    if (ow < to) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
+    for (; ow + PIX_BLOCK <= to; ow += PIX_BLOCK) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, PIX_BLOCK, KW, NEXT);
+    if (ow + 4 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 4, KW, NEXT); ow += 4; }
+    if (ow + 2 <= to) { conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 2, KW, NEXT); ow += 2; }
+    if (ow < to) conv_pixels_avx512(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW, NEXT);
 }
 
 DEFINE_CONV_BLOCK(avx512, TARGET_AVX512)

@@ -58,7 +58,7 @@ static inline float32x4_t mul_rounded(float32x4_t a, float32x4_t b) {
 /* `epilogue` on vectors: pc[q] holds the popcounts of channels 4q..4q+3 of one output pixel;
    `border` asks for the zero-padding correction. Rounds exactly like the scalar epilogue. */
 __attribute__((always_inline)) static inline void epilogue_neon(const conv_args *a, const epi_neon *e, int64_t n, int64_t oh, int64_t ow, int64_t ob,
-                                 const uint32x4_t pc[4], int border) {
+                                 const uint32x4_t pc[4], int border, const int NEXT) {
     int32x4_t dot[4];
     for (int q = 0; q < 4; q++) dot[q] = vsubq_s32(e->K, vreinterpretq_s32_u32(vshlq_n_u32(pc[q], 1)));
     int64_t i0, i1, j0, j1;
@@ -85,8 +85,8 @@ __attribute__((always_inline)) static inline void epilogue_neon(const conv_args 
     const int64_t at = ((n * a->OH + oh) * a->OW + ow) * a->O + ob * LANES;
     if (a->residual)
         for (int v = 0; v < e->nv; v++) y[v] += a->residual[at + v]; /* one rounding each, like PyTorch's add */
-    if (a->out) memcpy(a->out + at, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
-    if (a->next_x) next_bits_scalar(a, n, oh, ow, ob, y, e->nv); /* the next conv's packed input */
+    if (!NEXT || a->out) memcpy(a->out + at, y, (size_t)e->nv * sizeof(float)); /* the last block may hold fewer than LANES channels */
+    if (NEXT) next_bits_scalar(a, n, oh, ow, ob, y, e->nv); /* the next conv's packed input */
 }
 
 /* P output pixels x LANES channels with 16-bit accumulators (kh * Kw <= NEON_U16_WORDS), in two
@@ -98,7 +98,7 @@ __attribute__((always_inline)) static inline void epilogue_neon(const conv_args 
 __attribute__((always_inline)) static inline void conv_pixels_neon(const conv_args *a, const epi_neon *e,
                                                                    const uint8_t *rowbase, const uint64_t *wb, int64_t n,
                                                                    int64_t oh, int64_t ow, int64_t ob, int border,
-                                                                   const int P, const int KW) {
+                                                                   const int P, const int KW, const int NEXT) {
     const int64_t step = a->sw * a->pix_bytes, Kw = KW ? KW : a->Kw;
     uint32x4_t pc[NEON_PIX][4];
     for (int half = 0; half < 2; half++) {
@@ -127,7 +127,7 @@ __attribute__((always_inline)) static inline void conv_pixels_neon(const conv_ar
             for (int q = 0; q < 2; q++)
                 pc[p][2 * half + q] = vpaddq_u32(vpaddlq_u16(acc[p][2 * q]), vpaddlq_u16(acc[p][2 * q + 1]));
     }
-    for (int p = 0; p < P; p++) epilogue_neon(a, e, n, oh, ow + p, ob, pc[p], border);
+    for (int p = 0; p < P; p++) epilogue_neon(a, e, n, oh, ow + p, ob, pc[p], border, NEXT);
 }
 
 /* One output pixel with 32-bit accumulators, for pixels of more than NEON_U16_WORDS words (rare:
@@ -153,21 +153,21 @@ static void conv_pixel_neon_wide(const conv_args *a, const epi_neon *e, const ui
     /* acc[j]: lanes 0-1 channel 2j, lanes 2-3 channel 2j + 1 */
     uint32x4_t pc[4];
     for (int q = 0; q < 4; q++) pc[q] = vpaddq_u32(acc[2 * q], acc[2 * q + 1]);
-    epilogue_neon(a, e, n, oh, ow, ob, pc, border);
+    epilogue_neon(a, e, n, oh, ow, ob, pc, border, a->next_x != NULL); /* rare: no compile-time copy */
 }
 
 /* Output columns [from, to) of one row, NEON_PIX pixels at a time, then the odd one. */
 __attribute__((always_inline)) static inline void conv_columns_neon(const conv_args *a, const epi_neon *e,
                                                                     const uint8_t *rowbase, const uint64_t *wb, int64_t n,
                                                                     int64_t oh, int64_t ob, int64_t from, int64_t to,
-                                                                    int border, const int KW) {
+                                                                    int border, const int KW, const int NEXT) {
     int64_t ow = from;
     if (a->kh * a->Kw > NEON_U16_WORDS) {
         for (; ow < to; ow++) conv_pixel_neon_wide(a, e, rowbase, wb, n, oh, ow, ob, border);
         return;
     }
-    for (; ow + NEON_PIX <= to; ow += NEON_PIX) conv_pixels_neon(a, e, rowbase, wb, n, oh, ow, ob, border, NEON_PIX, KW);
-    if (ow < to) conv_pixels_neon(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW);
+    for (; ow + NEON_PIX <= to; ow += NEON_PIX) conv_pixels_neon(a, e, rowbase, wb, n, oh, ow, ob, border, NEON_PIX, KW, NEXT);
+    if (ow < to) conv_pixels_neon(a, e, rowbase, wb, n, oh, ow, ob, border, 1, KW, NEXT);
 }
 
 DEFINE_CONV_BLOCK(neon, )
