@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -968,6 +969,8 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
     result = {"machine": bench.machine_info(), "repeats": 1, "conv": [], "e2e": [], "sizes": []}
     assert result["machine"]["cpu"] in bench.format_report(result)
     assert ISAS[0] in bench.default_json_path(result).name and bench.default_json_path(result).name.startswith("infer_")
+    capped = dict(result["machine"], float_isa={"aten": "AVX2", "onednn_max": "AVX2"})
+    assert f"_{ISAS[0]}_floatavx2_t" in bench.default_json_path(dict(result, machine=capped)).name
     if len(ISAS) > 1:  # force the second-best path: the report says it is not this CPU's default
         ext = packed_mod._ext()
         ext.select(ISAS[1], "the test")
@@ -976,6 +979,10 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
         finally:
             ext.select(ISAS[0])
         assert f"kernel path: {ISAS[1]}" in text and f"NOT this CPU's default path ({ISAS[0]})" in text
+        aten = torch.backends.cpu.get_cpu_capability()
+        assert f"float side: ATen {aten}, oneDNN " in text
+        if ISAS[1] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in os.environ:  # says how to lower the float side too
+            assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" in text
     from reste.cli import main
 
     assert main(["bench-infer", "--isa", "no-such-path", "--repeats", "1", "--quick", "--json", "-"]) == 1

@@ -110,6 +110,12 @@ def machine_info() -> dict:
         "reste": __version__,
         "kernel": k,
         "best_isa": k["available"][0] if k["available"] else None,
+        # the float side's vector code: ATen's (ATEN_CPU_CAPABILITY can lower it) and oneDNN's
+        # convolutions (ONEDNN_MAX_CPU_ISA can cap them), to emulate a CPU with less
+        "float_isa": {
+            "aten": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA") or "unrestricted",
+        },
         "load_average_1min_at_start": round(load[0], 2) if load else None,
     }
 
@@ -340,12 +346,16 @@ def run_isas(isas: str = "auto", **kwargs) -> list[dict]:
 
 
 def default_json_path(result: dict, folder="benchmarks/results") -> Path:
-    """``folder/infer_<cpu>_<isa>_t<threads>_<date>.json``: the file names the CPU and the kernel path."""
+    """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>_<date>.json``: the file names the CPU, the
+    kernel path and, where ``ONEDNN_MAX_CPU_ISA`` capped the float side, that cap."""
     m = result["machine"]
     cpu = "".join(c if c.isalnum() else "-" for c in m["cpu"].lower()).strip("-")
     while "--" in cpu:
         cpu = cpu.replace("--", "-")
     isa = m["kernel"]["isa"] or "reference"
+    capped = (m.get("float_isa") or {}).get("onednn_max", "unrestricted")
+    if capped != "unrestricted":
+        isa += "_float" + "".join(c for c in capped.lower() if c.isalnum())
     return Path(folder) / f"infer_{cpu}_{isa}_t{m['torch_threads']}_{time.strftime('%Y-%m-%d')}.json"
 
 
@@ -364,6 +374,18 @@ def main(args) -> int:
                 path = path.with_name(f"{path.stem}_{result['machine']['kernel']['isa']}{path.suffix}")
         print(f"\nwrote {save(result, path)}")
     return 0
+
+
+def _float_side(machine: dict, forced: bool) -> str:
+    """Which vector code the float side ran; for a forced lower kernel path, how to lower it too."""
+    fi = machine.get("float_isa") or {}
+    line = f"float side: ATen {fi.get('aten', '?')}, oneDNN {fi.get('onednn_max', '?')}"
+    if forced and machine["kernel"]["isa"] == "avx2" and fi.get("onednn_max") == "unrestricted":
+        line += (
+            " (this CPU's best float code; to compare as on a CPU with only AVX2, run with "
+            "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2)"
+        )
+    return line
 
 
 def format_report(result: dict) -> str:
@@ -386,6 +408,7 @@ def format_report(result: dict) -> str:
             if forced
             else ""
         ),
+        _float_side(m, forced),
         f"{m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, load average "
         f"{m['load_average_1min_at_start']} at start; medians of {result['repeats']} alternating float/binary samples "
         "(speedup = median per-round ratio)",
