@@ -6,8 +6,9 @@ Command (the profiles in docs/deploy.md come from it)::
 
 For each model (ResNet-20, VGG-small; random weights, calibrated BatchNorms, exported and
 loaded like ``reste bench-infer``) and batch (64, 1), in channels-last: the float model's
-time, then the deployed model's time with two fusion levels, run alternately in one
-process (medians of ``--repeats`` rounds, so load from other processes hits all alike):
+time, then the deployed model's time at three fusion levels, run alternately in one
+process (medians of ``--repeats`` rounds, the order reversed every other round, so load
+from other processes hits all alike):
 
 - ``epilogues``: what ``reste.deploy.load`` did before this profile was written (ReLU and
   BatchNorm fused into the conv that precedes them, nothing else);
@@ -17,10 +18,16 @@ process (medians of ``--repeats`` rounds, so load from other processes hits all 
   kernel writes the next binary conv's packed input bits instead of a float output
   (:func:`reste.deploy.fuse.fuse_chains`).
 
-Then hooked passes per fusion level (``--repeats`` of them, the median per row) attribute
-the time to module types (the packed convs, split into packing the input and the kernel)
-and to "outside modules": the arithmetic in the models' own ``forward`` (the residual
-adds). Hooks add a little time of their own; the unhooked totals are the ones to compare.
+``unchained`` and ``all`` are the same model instance, its chain links removed and put back
+between calls: two instances of one model differ by up to ~9% per layer on a shared VM
+(where their buffers land), more than chaining changes.
+
+Then hooked passes (``--repeats`` of them, the median per row) attribute the time of
+``epilogues`` and ``unchained`` to module types (the packed convs, split into packing the
+input and the kernel) and to "outside modules": the arithmetic in the models' own
+``forward`` (the residual adds). A hook on a chained conv turns its chain off, so ``all``
+has no breakdown. Hooks add a little time of their own; the unhooked totals are the ones
+to compare.
 """
 
 from __future__ import annotations
@@ -51,11 +58,25 @@ def _deployed(name: str, gen) -> tuple[dict, torch.nn.Module]:
         path = export(trained, Path(tmp) / f"{name}.safetensors", architecture=arch)
         epilogues = load(path, fuse=False)
         fuse_epilogues(epilogues, residual_adds=False, prologues=False, chains=False)
-        unchained = load(path, fuse=False)
-        fuse_epilogues(unchained, chains=False)
-        variants = {"epilogues": epilogues, "unchained": unchained, "all": load(path)}
+        fused = load(path)
     cl = torch.channels_last
-    return {k: v.to(memory_format=cl) for k, v in variants.items()}, float_model.to(memory_format=cl)
+    epilogues, fused = epilogues.to(memory_format=cl), fused.to(memory_format=cl)
+    variants = {"epilogues": epilogues, "unchained": _Chains(fused, False), "all": _Chains(fused, True)}
+    return variants, float_model.to(memory_format=cl)
+
+
+class _Chains(torch.nn.Module):
+    """A deployed model run with its chains (fuse_chains' links) on or off."""
+
+    def __init__(self, model: torch.nn.Module, on: bool):
+        super().__init__()
+        self.model, self.on = model, on
+        self.links = {m: m._chain for m in model.modules() if getattr(m, "_chain", None) is not None}
+
+    def forward(self, x):
+        for m, link in self.links.items():
+            m._chain = link if self.on else None
+        return self.model(x)
 
 
 def _split_kernel_calls():
@@ -81,7 +102,7 @@ def _split_kernel_calls():
 
 def _hooked_pass(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
     """Milliseconds per forward by leaf-module type, the kernel parts, and outside modules."""
-    per_type = collections.Counter()
+    per_type: collections.Counter[str] = collections.Counter()
     starts = []
     hooks = []
     for _, module in model.named_modules():
@@ -136,13 +157,13 @@ def profile(names=("resnet20", "vgg_small"), batches=(64, 1), repeats=7) -> dict
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
             runs = {"float": float_model, **variants}
-            times = {k: [] for k in runs}
+            times: dict[str, list[float]] = {k: [] for k in runs}
             n = 1 if batch > 1 else 20
             with torch.no_grad():
                 for fn in runs.values():
                     fn(x)
-                for _ in range(repeats):
-                    for k, fn in runs.items():
+                for r in range(repeats):
+                    for k, fn in list(runs.items())[:: 1 if r % 2 == 0 else -1]:
                         start = time.perf_counter()
                         for _ in range(n):
                             fn(x)
@@ -154,7 +175,7 @@ def profile(names=("resnet20", "vgg_small"), batches=(64, 1), repeats=7) -> dict
                     "batch": batch,
                     "median_ms": med,
                     "speedup": {k: med["float"] / med[k] for k in variants},
-                    "breakdown_ms": {k: _hooked(v, x, repeats, n) for k, v in variants.items()},
+                    "breakdown_ms": {k: _hooked(variants[k], x, repeats, n) for k in ("epilogues", "unchained")},
                 }
             )
     return result
