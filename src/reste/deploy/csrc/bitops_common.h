@@ -128,9 +128,10 @@ static inline int interior_columns(const conv_args *a, int64_t oh, int64_t *c0, 
    the test; the words per kernel row of 16, 32 and 64 channels (Kw 1-3) become compile-time
    constants so the inner loops unroll, and so does NEXT (whether the epilogue writes the next
    conv's packed input, a->next_x), so a conv that is not chained runs no chaining code in its
-   pixel loop (on 16-channel layers the epilogue is a large part of the work). ISA names the kernel's functions: it provides epi_load_ISA(a, ob) -> epi_ISA and
-   conv_columns_ISA(a, &e, rowbase, wb, n, oh, ob, from, to, border, KW, NEXT); TARGET is its
-   target attribute (empty where none is needed). */
+   pixel loop (on 16-channel layers the epilogue is a large part of the work). ISA names the
+   kernel's functions: it provides epi_load_ISA(a, ob) -> epi_ISA and conv_columns_ISA(a, &e,
+   rowbase, wb, n, oh, ob, from, to, border, KW, NEXT); TARGET is its target attribute (empty
+   where none is needed). */
 #define DEFINE_CONV_BLOCK(ISA, TARGET)                                                                     \
     TARGET __attribute__((always_inline)) static inline void conv_block_##ISA##_kw(                         \
         const conv_args *a, int64_t r, int64_t ob, const int KW, const int NEXT) {                          \

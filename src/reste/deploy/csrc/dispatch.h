@@ -242,7 +242,7 @@ static const char *run_conv(const conv_args *a, int64_t threads) {
        output row for one group, so the weights stay hot over many rows and the row's
        input bits stay hot over the group's blocks. The groups are of equal size (to one
        block): the static split below gives each thread the same number of items, so items
-       must cost the same (8 blocks in groups of 7 and 1 left one of two threads idle 3/4
+       must cost the same (8 blocks in groups of 7 and 1 left one of two threads idle most
        of the time). */
     int64_t OB = a->OB, block_bytes = a->kh * a->Kw * LANES * 8 * (path_nibbles ? 2 : 1);
     int64_t most = block_bytes >= L1_WEIGHT_BYTES ? 1 : L1_WEIGHT_BYTES / block_bytes;
