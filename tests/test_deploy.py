@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 import reste
+from deploy_helpers import disagreements_across_threads, forced_kernel_path
 from reste import _ext as _loader
 from reste.deploy import ExportError, export, load, pack_signs, summary, unpack_signs
 from reste.deploy import packed as packed_mod
@@ -29,12 +30,8 @@ ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else ["reference"]
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Run a test once per kernel path this machine can run (or on the reference without the extension)."""
-    if request.param != "reference":
-        before = packed_mod._ext().isa()
-        assert packed_mod._ext().select(request.param, "the test") == request.param
-    yield request.param
-    if request.param != "reference":
-        packed_mod._ext().select(before)
+    with forced_kernel_path(request.param) as name:
+        yield name
 
 
 # ----------------------------------------------------------------------------- packing
@@ -506,8 +503,6 @@ def test_batchnorm_before_a_binary_conv_is_applied_while_packing(tmp_path, isa):
 
 @pytest.mark.skipif(not HAS_EXT, reason="the packed-input buffer belongs to the compiled kernel's path")
 def test_packed_input_buffer_is_reused_and_safe_across_threads():
-    import threading
-
     torch.manual_seed(3)
     layer = PackedBinaryConv2d.from_binary(BinaryConv2d(24, 16, 3, 1, 1).eval())
     xs = [torch.randn(2, 24, 9, 7) for _ in range(4)]
@@ -517,20 +512,7 @@ def test_packed_input_buffer_is_reused_and_safe_across_threads():
         plan = layer._plans[tuple(xs[0].shape)]
         buf = plan["xbits_buf"].data_ptr()
         assert torch.equal(layer(xs[1]), want[1]) and plan["xbits_buf"].data_ptr() == buf  # no new buffer per call
-    bad = []
-
-    def work(i):
-        with torch.no_grad():
-            for _ in range(30):
-                if not torch.equal(layer(xs[i]), want[i]):
-                    bad.append(i)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not bad
+    assert not disagreements_across_threads(layer, xs, want, rounds=30)
 
 
 def test_used_deployed_model_can_be_copied_and_pickled(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import reste
+from deploy_helpers import disagreements_across_threads, forced_kernel_path
 from reste.deploy import export, load
 from reste.deploy import packed as packed_mod
 from reste.deploy.fuse import fuse_chains, fuse_epilogues
@@ -33,11 +34,8 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason="chaining belongs to the comp
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Each kernel path this machine can run, forced for the test."""
-    ext = packed_mod._ext()
-    before = ext.isa()
-    assert ext.select(request.param, "the test") == request.param
-    yield request.param
-    ext.select(before)
+    with forced_kernel_path(request.param) as name:
+        yield name
 
 
 @pytest.fixture(params=[1, 2])
@@ -432,28 +430,13 @@ def test_copies_run_unchained_and_can_be_chained_again(tmp_path, count_chained):
 
 @needs_ext
 def test_chained_model_is_race_free_across_python_threads(tmp_path):
-    import threading
-
     trained = _binarized(Chain(), seed=9)
     path = export(trained, tmp_path / "threads.safetensors")
     chained, unchained, _ = _three_ways(path, model=Chain(), unfused=False)
     xs = [torch.randn(2, 3, 12, 12) for _ in range(4)]
     with torch.no_grad():
         want = [unchained(x) for x in xs]
-    bad = []
-
-    def work(i):
-        with torch.no_grad():
-            for _ in range(20):
-                if not torch.equal(chained(xs[i]), want[i]):
-                    bad.append(i)
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    assert not bad
+    assert not disagreements_across_threads(chained, xs, want, rounds=20)
 
 
 def test_without_the_extension_nothing_is_chained_and_outputs_stay_exact(monkeypatch, tmp_path):
