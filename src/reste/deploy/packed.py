@@ -588,8 +588,7 @@ class PackedBinaryConv2d(_PackedBinary):
         if packed is not None or link is not None:
             if residual is None or _kernel_adds(residual, x):
                 return self._kernel_forward(x, residual, into=link.target if link is not None else None)
-            y = self._kernel_forward(x)
-            return y + residual if residual is not None else y
+            return self._kernel_forward(x) + residual
         if not self.binary_inputs:
             # 1W/32A: the trained layer's own operation on the unpacked alpha * sign(W)
             w = self.scaled_weight(x.dtype, x.device)
