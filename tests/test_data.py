@@ -93,6 +93,8 @@ def test_names_and_info():
     assert data.info("Fashion-MNIST").name == "fashion_mnist"
     with pytest.raises(ValueError, match="unknown data set"):
         data.info("svhn")
+    with pytest.raises(ValueError, match="Did you mean 'fashion_mnist'"):
+        data.info("fashon_mnist")
 
 
 # --------------------------------------------------------------------------
@@ -248,6 +250,13 @@ def test_resume_mid_epoch_matches_full_epoch(tmp_path):
 def _identity_loader(images, **kwargs):
     """Labels are image indices, so outputs can be matched to their source."""
     return InMemoryLoader(images, torch.arange(len(images)), mean=(0.0,), std=(1 / 255.0,), **kwargs)
+
+
+def test_a_cuda_loader_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="device='cuda' but CUDA is not available.*use device='cpu'"):
+        _identity_loader(images, batch_size=2, device="cuda")
 
 
 def test_random_crop_is_a_real_padded_crop():

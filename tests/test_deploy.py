@@ -663,6 +663,11 @@ def test_layout_mismatch_is_refused_with_the_reason(tmp_path):
                 r" \(file [0-9a-f]{16}, this architecture [0-9a-f]{16}.*re-export it, or pass the model",
             ):
                 call(path, model=reste.models.create(**dict(arch, **other)))
+    # the same architecture in another float dtype: the message names the dtypes and the cast
+    with pytest.raises(
+        ExportError, match=r"holds float32 values, but the model given has float64 tensors.*model.float\(\)"
+    ):
+        load(path, model=reste.models.create(**arch).double())
     # a graph that claims other model arguments (here edited in the file) is refused the same way
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -874,6 +879,27 @@ def test_summary_numbers_by_hand():
     assert s.macs == 13824 + 18432 + 2560 and s.binary_mac_share == pytest.approx(18432 / 34816)
     text = str(s)
     assert "binary MAC share" in text and "1,568 bytes" in text
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_summary_counts_attention_macs_per_sample_whatever_the_layout(batch_first):
+    # the attention projections see [L, N, E] or [L*N, E], the feed-forward [N, L, E] or [L, N, E]:
+    # each layer's MACs are L tokens x outputs x inputs for one sample, whichever dimension is the batch
+    tokens, width, hidden = 4, 16, 32
+    layer = reste.binarize(
+        nn.TransformerEncoderLayer(width, 2, hidden, batch_first=batch_first), activations=False, keep_defaults=False
+    )
+    rows = {r.name: r for r in summary(layer, (tokens, width), batch_dim=0 if batch_first else 1).layers}
+    expected = {
+        "self_attn.in_proj": tokens * 3 * width * width,
+        "self_attn.out_proj": tokens * width * width,
+        "linear1": tokens * hidden * width,
+        "linear2": tokens * width * hidden,
+    }
+    assert {name: rows[name].macs_1x32 for name in expected} == expected
+    assert rows["linear1"].output_shape == ((tokens, hidden) if batch_first else (tokens, 1, hidden))
+    with pytest.raises(ValueError, match="batch_dim must be between 0 and 2"):
+        summary(layer, (tokens, width), batch_dim=3)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

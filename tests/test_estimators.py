@@ -185,6 +185,13 @@ def test_reste_rejects_bad_parameters():
     est = reste.estimator("reste")
     with pytest.raises(ValueError, match="o >= 1"):
         reste.set_params(torch.nn.Sequential(est), o=0.9)
+    # NaN fails every comparison, so `o < 1` alone let it through and every gradient became NaN
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite o >= 1"):
+            reste.estimator("reste", o=bad)
+        with pytest.raises(ValueError, match="finite o >= 1"):
+            reste.set_params(torch.nn.Sequential(est), o=bad)
+    assert float(est.o) == 1.0  # refused values leave the buffer as it was
 
 
 # ---------------------------------------------------------------- baselines
@@ -241,6 +248,25 @@ def test_rbnn_for_inputs_switches_to_activation_rule():
     est = reste.estimator("rbnn").for_inputs()
     assert est.activation
     assert float(est.k) == 1.0 and float(est.t) == 1.0  # t = max(0.01, 1)
+
+
+def test_rbnn_activation_rule_holds_when_set_params_sets_t_or_k():
+    model = reste.binarize(torch.nn.Sequential(torch.nn.Linear(4, 4)), estimator="rbnn", keep_defaults=False)
+    weights, inputs = model[0].weight_estimator, model[0].input_estimator
+    reste.set_params(model, t=0.5, k=3.0)
+    assert (float(weights.t), float(weights.k)) == (0.5, 3.0)
+    assert (float(inputs.t), float(inputs.k)) == (1.0, 1.0)  # k = 1, t = max(t, 1)
+    reste.set_params(model, t=4.0)
+    assert float(inputs.t) == 4.0
+
+
+@pytest.mark.parametrize("name", reste.estimators())
+def test_gradient_at_infinite_inputs_is_the_rule_s_limit_not_nan(name, code_path):
+    est = reste.estimator(name).double()
+    _, g = torch_grad(est, np.array([-np.inf, np.inf, 0.5]))
+    # STE passes every gradient; every other rule vanishes far from 0 (SwishSign's to ~1e-32)
+    np.testing.assert_allclose(g[:2], [1.0, 1.0] if name == "ste" else [0.0, 0.0], rtol=0, atol=1e-30)
+    assert np.isfinite(g[2])
 
 
 @pytest.mark.parametrize("n", [0, 9, 13, 18])
@@ -304,6 +330,10 @@ def test_registry_lists_all_names_and_suggests():
     }
     with pytest.raises(ValueError, match="Did you mean 'reste'"):
         reste.estimator("rest")
+    with pytest.raises(ValueError, match="Did you mean 'reste'"):
+        reste.estimator("ReSTE")  # case-insensitive suggestions
+    with pytest.raises(ValueError, match="Did you mean 'ste'"):
+        reste.estimator("STE")
     with pytest.raises(TypeError, match="estimator 'reste'"):
         reste.estimator("reste", q=2)
 

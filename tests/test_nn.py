@@ -174,11 +174,13 @@ def test_binarize_logs_the_layers_made_binary_and_those_kept(caplog):
     assert [n for n, _ in reste.nn.binary_layers(model)] == ["3", "9"]
 
 
-def test_binarize_twice_is_a_no_op():
-    model = reste.binarize(small_cnn())
+@pytest.mark.parametrize("again", [{}, {"keep_defaults": False}, {"estimator": "ste"}, {"activations": False}], ids=str)
+def test_binarize_twice_is_a_no_op_and_says_so(again):
+    model = reste.binarize(small_cnn(), keep="pointwise")  # layers 6 and 10 kept real on purpose
     before = copy.deepcopy(model.state_dict())
     reprs = repr(model)
-    reste.binarize(model)
+    with pytest.warns(UserWarning, match="already binarized .2 binary layer.s., e.g. 3.; it is left unchanged"):
+        assert reste.binarize(model, **again) is model
     assert repr(model) == reprs
     assert before.keys() == model.state_dict().keys()
 
@@ -212,6 +214,8 @@ def test_binarize_rejects_non_modules_and_bad_keep():
         reste.binarize("resnet")
     with pytest.raises(TypeError, match="keep entries"):
         reste.binarize(small_cnn(), keep=(3,))
+    with pytest.raises(TypeError, match="keep entries .* got 3"):
+        reste.binarize(small_cnn(), keep=3)  # not iterable: the same message, not "int is not iterable"
 
 
 def _assert_same_outputs_and_gradients(layer, reference, x):

@@ -48,6 +48,21 @@ def test_bad_schedules_are_rejected():
         reste.o_schedule("cosine", o_end=0.5)
     with pytest.raises(TypeError, match="unexpected"):
         reste.o_schedule("linear", q=1)
+    with pytest.raises(ValueError, match="Did you mean 'cosine'"):
+        reste.o_schedule("Cosin")
+
+
+def test_scheduler_refuses_a_name_for_the_schedule_and_fractional_counts():
+    model = _model()
+    with pytest.raises(TypeError, match=r"reste.o_schedule\('cosine', o_end=3\)"):
+        reste.EstimatorScheduler(model, "cosine", 2, 2)
+    for epochs, steps in ((2.5, 2), (2, 0), (True, 2)):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            reste.EstimatorScheduler(model, None, epochs, steps)
+    # any callable progress -> o is a schedule
+    sched = reste.EstimatorScheduler(model, lambda r: 1.0 + 2.0 * r, 4, 1, per="epoch")
+    sched.step_epoch(2)
+    assert float(model[1].weight_estimator.o) == 2.0 and sched.o == 2.0
 
 
 def _model():

@@ -9,9 +9,7 @@ Binarize a model in three lines::
 See the README for the command-line tool (``reste train``, ``reste eval``, ...).
 """
 
-import importlib
-import sys
-import types
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -27,7 +25,7 @@ _LAZY = {
     "summary": (".deploy", "summary"),
     "Estimator": (".estimators", "Estimator"),
     "estimator": (".estimators", "estimator"),
-    "estimators": (".estimators", "estimators"),
+    "estimators": (".estimators", None),  # a module that is also the function: reste.estimators() lists names
     "register": (".estimators", "register"),
     "binarize": (".nn", "binarize"),
     "EstimatorScheduler": (".schedules", "EstimatorScheduler"),
@@ -42,34 +40,23 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'reste' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name, __name__)
+    module = _importlib.import_module(module_name, __name__)
     value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets it as an attribute of its package; for ``reste.estimators``
-    (a module and, as part of the API, a function) the function must win, as it did when this
-    file imported everything eagerly, so that attribute is not replaced by the module."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] is not None:
-            return  # sys.modules still has the submodule; __getattr__ serves the function
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    return sorted({n for n in globals() if not n.startswith("_") or n == "__version__"} | set(_LAZY))
 
 
 __all__ = [
     "Estimator",
     "EstimatorScheduler",
+    "analysis",
     "binarize",
+    "data",
+    "deploy",
     "estimator",
     "estimators",
     "models",
@@ -80,6 +67,6 @@ __all__ = [
     "set_params",
     "set_progress",
     "summary",
-    "deploy",
+    "train",
     "__version__",
 ]

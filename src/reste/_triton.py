@@ -43,7 +43,7 @@ __all__ = ["RULES", "AVAILABLE", "REASON", "sign", "rule_backward", "binarize_we
 #: compile-time ``RULE``; ``p0``, ``p1`` are scalar tensors read on the device, ``c0``, ``c1`` floats
 #:
 #: - ``ste`` (0): ``grad``
-#: - ``reste`` (1): ``c(|z|) * max(|z|, m)^((1-o)/o) * grad``; p0 = o, c0 = t, c1 = m
+#: - ``reste`` (1): ``c(|z|) * clamp(|z|, m, t)^((1-o)/o) * grad``; p0 = o, c0 = t, c1 = m
 #: - ``clipped_ste`` (2): ``grad * (|z| <= clip)``; c0 = clip
 #: - ``approx_sign`` (3): ``grad * max(2 - 2|z|, 0)``
 #: - ``swish_sign`` (4): ``grad * b (2 - bz tanh(bz/2)) / (1 + cosh(bz))``, bz clamped to +-80; c0 = beta
@@ -98,10 +98,10 @@ if triton is not None:
         """The backward rule ``RULE`` (:data:`RULES`) applied to the incoming gradient ``g``."""
         if RULE == 0:
             out = g
-        elif RULE == 1:  # ReSTE: coef(|z|) * exp((1-o)/o * log(max(|z|, m))) * grad
+        elif RULE == 1:  # ReSTE: coef(|z|) * exp((1-o)/o * log(clamp(|z|, m, t))) * grad
             a = tl.abs(z)
             e = tl.math.div_rn(1.0 - p0, p0)
-            power = tl.exp(e * tl.log(tl.where(a < c1, c1, a)))  # clamp(min=m): NaN stays NaN
+            power = tl.exp(e * tl.log(tl.where(a < c1, c1, tl.where(a > c0, c0, a))))  # NaN stays NaN
             coef = tl.where(a <= c1, 1.0, tl.where(a <= c0, tl.math.div_rn(1.0, p0), 0.0))
             out = coef * power * g
         elif RULE == 2:  # clipped STE
@@ -127,7 +127,7 @@ if triton is not None:
             series = tl.where(
                 small, p0 + 1.0, tl.math.div_rn(tl.sin(2.0 * (p0 + 1.0) * x), tl.where(small, 1.0, 2.0 * s))
             )
-            out = g * (c1 * series * tl.where(tl.abs(z) <= 1.0, 1.0, 0.0))
+            out = g * tl.where(tl.abs(z) <= 1.0, c1 * series, 0.0)  # where: the series is NaN at +-inf
         return out
 
     @triton.jit

@@ -7,7 +7,7 @@ prints the message and returns ``exit_code`` (see its docstring for the conventi
 
 from __future__ import annotations
 
-__all__ = ["ReSTEError", "UsageError", "ConfigError", "short_repr"]
+__all__ = ["ReSTEError", "UsageError", "ConfigError", "short_repr", "did_you_mean"]
 
 
 class ReSTEError(Exception):
@@ -48,3 +48,19 @@ def short_repr(value: object, limit: int = 80) -> str:
     r.maxstring, r.maxother, r.maxlong = limit, limit, 40
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(name: object, known, cutoff: float = 0.6) -> str:
+    """`` Did you mean 'x'?`` for the known name closest to ``name``, or ``""`` when none is close.
+
+    Case-insensitive (``"ReSTE"`` finds ``"reste"``, ``"STE"`` finds ``"ste"``); a value that is
+    not a short string gets no suggestion rather than a slow comparison."""
+    import difflib
+
+    if not isinstance(name, str) or len(name) > 100:
+        return ""
+    by_lower: dict[str, str] = {}
+    for k in known:
+        by_lower.setdefault(str(k).lower(), str(k))
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return f" Did you mean {by_lower[close[0]]!r}?" if close else ""

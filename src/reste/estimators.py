@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .errors import did_you_mean
 from .ops import _param
 from .ops import reste_grad as reste_grad  # re-exported: estimators.reste_grad was public before reste.ops
 from .ops import sign as binary_sign
@@ -124,11 +127,9 @@ def estimator(name: str, **params: Any) -> Estimator:
     try:
         cls = _REGISTRY[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(estimators())}.{hint}") from None
+        raise ValueError(
+            f"unknown estimator {name!r}; known: {', '.join(estimators())}.{did_you_mean(name, _REGISTRY)}"
+        ) from None
     try:
         return cls(**params)
     except TypeError as err:
@@ -185,6 +186,8 @@ class Estimator(nn.Module):
         return self.surrogate_grad(z, grad_out)
 
     def forward(self, z: Tensor) -> Tensor:
+        """``sign(z)`` in {-1, +1} (``sign(0) = +1``); its backward is this estimator's
+        :meth:`surrogate_grad`."""
         return _SignFn.apply(z, self)
 
     def set_param(self, name: str, value) -> None:
@@ -219,6 +222,12 @@ class _SignFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- ReSTE
+def _check_o(o) -> None:
+    # not `o < 1` alone: NaN compares false and would pass, then turn every gradient into NaN
+    if not (math.isfinite(float(o)) and float(o) >= 1.0):
+        raise ValueError(f"ReSTE needs a finite o >= 1, got o={float(o)}")
+
+
 @register("reste")
 class ReSTE(Estimator):
     r"""Rectified Straight-Through Estimator.
@@ -251,8 +260,7 @@ class ReSTE(Estimator):
 
     def __init__(self, o: float = 1.0, t: float = 1.5, m: float = 0.1):
         super().__init__()
-        if float(o) < 1.0:
-            raise ValueError(f"ReSTE needs o >= 1, got o={o}")
+        _check_o(o)
         if not 0.0 < float(m) < float(t):
             raise ValueError(f"ReSTE needs 0 < m < t, got m={m}, t={t}")
         self._scalar_buffer("o", o)
@@ -260,8 +268,8 @@ class ReSTE(Estimator):
         self.m = float(m)
 
     def set_param(self, name: str, value) -> None:
-        if name == "o" and float(value) < 1.0:
-            raise ValueError(f"ReSTE needs o >= 1, got o={value}")
+        if name == "o":
+            _check_o(value)
         super().set_param(name, value)
 
     def kernel_rule(self) -> ops.KernelRule:
@@ -450,12 +458,13 @@ class RBNN(Estimator):
 
     def set_progress(self, progress: float) -> None:
         t = _log_interp(self.t_min, self.t_max, progress)
-        if self.activation:
-            t, k = max(t, 1.0), 1.0
-        else:
-            k = max(1.0 / t, 1.0)
         self.set_param("t", t)
-        self.set_param("k", k)
+        self.set_param("k", max(1.0 / t, 1.0))  # set_param makes both the activation rule's
+
+    def set_param(self, name: str, value) -> None:
+        if self.activation:  # the activation rule whatever sets it: k = 1, t = max(t, 1)
+            value = 1.0 if name == "k" else max(float(value), 1.0) if name == "t" else value
+        super().set_param(name, value)
 
     def for_inputs(self) -> RBNN:
         return RBNN(self.t_min, self.t_max, activation=True).to(self.t.device)
@@ -488,8 +497,8 @@ def fda_grad(z: Tensor, n: Tensor, w: float) -> Tensor:
     series = torch.where(
         small, n + 1.0, torch.sin(2.0 * (n + 1.0) * x) / torch.where(small, torch.ones_like(s), 2.0 * s)
     )
-    inside = (z.abs() <= 1.0).to(z.dtype)
-    return (4.0 * w / math.pi) * series * inside
+    # where, not a 0/1 mask: the series is NaN at z = +-inf, and NaN * 0 is NaN
+    return torch.where(z.abs() <= 1.0, (4.0 * w / math.pi) * series, 0.0)
 
 
 @register("fda")
@@ -601,7 +610,7 @@ class DSQ(Estimator):
         return _DSQFn.apply(z, self.alpha.clamp(1e-4, 1.0 - 1e-4))
 
     def extra_repr(self) -> str:
-        return f"alpha={float(self.alpha):.4g}"
+        return f"alpha={float(self.alpha.detach()):.4g}"
 
 
 # --------------------------------------------------------------------------- weight binarizers
@@ -658,3 +667,15 @@ class DoReFa(WeightBinarizer):
     def forward(self, w: Tensor) -> Tensor:
         # forward E|W| sign(W); backward identity (scale under stop-gradient)
         return w + (w.abs().mean() * binary_sign(w) - w).detach()
+
+
+class _CallableModule(types.ModuleType):
+    """This module is also the function ``reste.estimators()`` of the API: calling it lists the
+    names. So ``reste.estimators`` is one object whichever was reached first, and
+    ``import reste.estimators as E; E.ReSTE`` works as well as ``reste.estimators()``."""
+
+    def __call__(self) -> list[str]:
+        return estimators()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -323,14 +323,15 @@ def reste_grad(z: Tensor, o: Tensor, t: float, m: float) -> Tensor:
 
     ``g = (1/o) |z|^((1-o)/o)`` on ``m < |z| <= t``, the secant slope
     ``m^(1/o) / m`` on ``|z| <= m`` and 0 beyond ``t``. Written as
-    ``c(|z|) * max(|z|, m)^((1-o)/o)`` where ``c`` is ``1`` inside ``[0, m]``
-    (``m^((1-o)/o) = m^(1/o)/m``), ``1/o`` on ``(m, t]`` and ``0`` beyond.
+    ``c(|z|) * clamp(|z|, m, t)^((1-o)/o)`` where ``c`` is ``1`` inside ``[0, m]``
+    (``m^((1-o)/o) = m^(1/o)/m``), ``1/o`` on ``(m, t]`` and ``0`` beyond (the clamp at
+    ``t`` keeps the power finite there, so ``|z| = inf`` gives 0, not ``0 * inf``).
     """
     o = _param(o, z)
     a = z.abs()
     # exp(e log a) rather than pow(a, e): with a tensor exponent, inductor vectorises exp and
     # log but not pow, which made the compiled backward 3x slower
-    power = torch.exp((1.0 - o) / o * torch.log(a.clamp(min=m)))
+    power = torch.exp((1.0 - o) / o * torch.log(a.clamp(min=m, max=t)))
     coef = torch.where(a <= m, torch.ones_like(o), torch.where(a <= t, 1.0 / o, torch.zeros_like(o)))
     return coef * power
 

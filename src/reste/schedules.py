@@ -19,11 +19,13 @@ epoch (the reference: ``r = epoch / epochs``) or per step
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import did_you_mean
 from .estimators import Estimator
 
 __all__ = [
@@ -59,7 +61,9 @@ class OSchedule:
 
     def __post_init__(self):
         if self.way not in _WAYS:
-            raise ValueError(f"unknown o schedule way {self.way!r}; choose one of {', '.join(_WAYS)}")
+            raise ValueError(
+                f"unknown o schedule way {self.way!r}; choose one of {', '.join(_WAYS)}.{did_you_mean(self.way, _WAYS)}"
+            )
         if not self.o_end >= 1.0:
             raise ValueError(f"o_end must be >= 1 (o = 1 is the clipped identity), got {self.o_end}")
         if not self.p > 0:
@@ -133,12 +137,26 @@ class EstimatorScheduler:
     """
 
     def __init__(
-        self, model: nn.Module, o_schedule: OSchedule | None, epochs: int, steps_per_epoch: int, per: str = "step"
+        self,
+        model: nn.Module,
+        o_schedule: Callable[[float], float] | None,
+        epochs: int,
+        steps_per_epoch: int,
+        per: str = "step",
     ) -> None:
+        if o_schedule is not None and not callable(o_schedule):
+            raise TypeError(
+                f"o_schedule must be reste.o_schedule(...) (e.g. reste.o_schedule({o_schedule!r}, o_end=3)), a "
+                f"callable progress -> o, or None; got {type(o_schedule).__name__} {o_schedule!r}"
+                if isinstance(o_schedule, str)
+                else f"o_schedule must be reste.o_schedule(...), a callable progress -> o, or None; got "
+                f"{type(o_schedule).__name__}"
+            )
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
-        if epochs < 1 or steps_per_epoch < 1:
-            raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {epochs}, {steps_per_epoch}")
+        for arg, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{arg} must be a whole number >= 1, got {value!r}")
         self.model = model
         self.schedule = o_schedule
         self.epochs = int(epochs)

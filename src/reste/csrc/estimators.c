@@ -10,7 +10,7 @@
  * extension is missing or the tensors are not contiguous float32 on the CPU.
  *
  * sign:            y = (z < 0) ? -1 : +1           (sign(0) = +1, NaN -> +1)
- * reste_backward:  dz = dy * c(|z|) * max(|z|, m)^((1-o)/o),
+ * reste_backward:  dz = dy * c(|z|) * min(max(|z|, m), t)^((1-o)/o),
  *                  c = 1 on |z| <= m, 1/o on (m, t], 0 beyond t
  */
 #define PY_SSIZE_T_CLEAN
@@ -55,9 +55,10 @@ static void reste_range(const float *restrict z, const float *g, float *out, int
     for (int64_t i = begin; i < end; i++) {
         float a = fabsf(z[i]);
         float c = a <= m ? 1.0f : (a <= t ? inv_o : 0.0f);
-        /* max(a, m)^e = 2^(e * log2(max(a, m))); e = 0 (o = 1) gives exactly 1. The libm
-           calls stay outside branches so gcc can vectorise them (glibc libmvec). */
-        out[i] = g[i] * c * exp2f(e * log2f(fmaxf(a, m)));
+        /* min(max(a, m), t)^e = 2^(e * log2(...)); e = 0 (o = 1) gives exactly 1. Clamped at t
+           too, where c = 0 anyway, so an infinite z meets no 0 * inf. The libm calls stay
+           outside branches so gcc can vectorise them (glibc libmvec). */
+        out[i] = g[i] * c * exp2f(e * log2f(fminf(fmaxf(a, m), t)));
     }
 }
 

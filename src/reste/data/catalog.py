@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import did_you_mean
+
 __all__ = [
     "DatasetInfo",
     "IdxSource",
@@ -128,7 +130,9 @@ def info(name: str) -> DatasetInfo:
     try:
         return _INFOS[canonical_name(name)]
     except KeyError:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(_INFOS)}") from None
+        raise ValueError(
+            f"unknown data set {name!r}; known: {', '.join(_INFOS)}.{did_you_mean(name, _INFOS)}"
+        ) from None
 
 
 def canonical_name(name: str) -> str:

@@ -102,6 +102,11 @@ class InMemoryLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={device!r} but CUDA is not available to this PyTorch ({torch.__version__}); use device='cpu', "
+                "or install a CUDA build of torch on a machine with a GPU"
+            )
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(device=self.device, dtype=torch.int64)
         self.batch_size = int(batch_size)

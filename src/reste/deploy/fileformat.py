@@ -195,10 +195,32 @@ def _describe(sizes: dict) -> str:
     )
 
 
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_CAST = {"float16": "half", "bfloat16": "bfloat16", "float32": "float", "float64": "double"}
+
+
+def _float_dtype_only_difference(entries: list, stored: dict) -> str | None:
+    """The file's float dtype when the layouts differ only in it (a model cast to another float
+    dtype than the one exported), else None."""
+    for candidate in (d for d in stored.get("blobs", {}) if d in _FLOAT_NAMES):
+        recast = [(n, candidate if d in _FLOAT_NAMES else d, s) for n, d, s in entries]
+        if _fingerprint(recast) == stored["fingerprint"]:
+            return candidate
+    return None
+
+
 def _check_layout(path: Path, graph: dict, entries: list, stored_sizes: dict) -> None:
     """The layout rebuilt from the architecture against the file's fingerprint and its blobs' real sizes."""
     want, stored = _blob_sizes(entries), graph["layout"]
     if _fingerprint(entries) != stored["fingerprint"]:
+        file_dtype = _float_dtype_only_difference(entries, stored)
+        if file_dtype is not None:
+            here = sorted({d for _, d, _ in entries if d in _FLOAT_NAMES and d != file_dtype})
+            raise ExportError(
+                f"{path} holds {file_dtype} values, but the model given has {', '.join(here)} tensors; the "
+                f"architecture is the same: load into a {file_dtype} model (reste.deploy.load(path, model="
+                f"model.{_CAST[file_dtype]}())), then convert the loaded model if you need another dtype"
+            )
         raise ExportError(
             f"{path} was written for a different architecture / model arguments: layout fingerprint differs "
             f"(file {stored['fingerprint']}, this architecture {_fingerprint(entries)}; the file holds "

@@ -276,7 +276,10 @@ def _taps_per_output(module: nn.Module) -> int:
     return 0
 
 
-def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
+def _row(name: str, module: nn.Module, output: torch.Tensor, images: int) -> LayerSummary:
+    """One layer's row from its output on a batch of ``images`` inputs. Not every layer sees the
+    batch first (attention projections run on ``[L, N, E]`` or ``[L*N, E]``), so the per-image
+    count divides the whole output by the batch instead of dropping a leading dimension."""
     binary_w, binary_a, bin_count, alpha_count = _binary_info(module)
     params = p1 = p32 = mem = f32 = 0
     for tname, t, is_param in _state_tensors(module):
@@ -313,7 +316,7 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
     row = LayerSummary(
         name=name or "(model)",
         kind=type(module).__name__,
-        output_shape=tuple(output.shape[1:]),
+        output_shape=tuple(output.shape[1:]) if output.dim() and output.shape[0] == images else tuple(output.shape),
         input_bits=(1 if binary_a else 32) if _taps_per_output(module) else None,
         weight_bits=(1 if binary_w else 32) if _taps_per_output(module) else None,
         params=params,
@@ -322,7 +325,7 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
         memory_bits=mem,
         float32_bits=f32,
     )
-    macs = output[0].numel() * _taps_per_output(module)
+    macs = output.numel() // images * _taps_per_output(module)
     if binary_w and binary_a:
         row.macs_1x1 = macs
     elif binary_w:
@@ -332,20 +335,28 @@ def _row(name: str, module: nn.Module, output: torch.Tensor) -> LayerSummary:
     return row
 
 
-def summary(model: nn.Module, input_size: Sequence[int], device: str | torch.device | None = None) -> ModelSummary:
+def summary(
+    model: nn.Module, input_size: Sequence[int], device: str | torch.device | None = None, *, batch_dim: int = 0
+) -> ModelSummary:
     """Per-layer parameters, memory and MACs of ``model`` for one input of ``input_size``.
 
     Args:
         model: any model; binary layers (training or packed) are counted at 1 bit per weight.
-        input_size: ``(C, H, W)`` of one image (or ``(N, C, H, W)``; MACs are per image).
+        input_size: ``(C, H, W)`` of one image (or ``(N, C, H, W)``; MACs are per image), or one
+            sample's size for other inputs, e.g. ``(L, E)`` for a sequence of ``L`` tokens.
         device: where to run the measuring forward pass (default: the model's device).
+        batch_dim: where the model wants the batch dimension in its input: 0 (the default) or,
+            for sequence-first models (``nn.Transformer*`` with ``batch_first=False``), 1.
 
     The model runs once in eval mode on zeros under ``torch.no_grad()``; its mode is restored.
     """
     size = tuple(int(s) for s in input_size)
     if len(size) < 1 or any(s < 1 for s in size):
         raise ValueError(f"input_size must be positive sizes like (3, 32, 32), got {input_size!r}")
-    batch = size if len(size) == 4 else (1,) + size
+    if batch_dim not in range(len(size) + 1):
+        raise ValueError(f"batch_dim must be between 0 and {len(size)} for input_size {size}, got {batch_dim!r}")
+    batch = size if len(size) == 4 and batch_dim == 0 else size[:batch_dim] + (1,) + size[batch_dim:]
+    images = batch[batch_dim]
     first: torch.Tensor | None = next(iter(model.parameters()), None)
     if first is None:
         first = next(iter(model.buffers()), None)
@@ -360,7 +371,7 @@ def summary(model: nn.Module, input_size: Sequence[int], device: str | torch.dev
     def hook_for(name):
         def hook(module, inputs, output):
             if name not in rows and isinstance(output, torch.Tensor):
-                rows[name] = _row(name, module, output)
+                rows[name] = _row(name, module, output, images)
 
         return hook
 

@@ -43,12 +43,13 @@ kept to mirror the reference. A model registered by a user has no reference init
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ..errors import did_you_mean
 
 __all__ = ["INITS", "DEFAULT_INIT", "register_reference_init", "has_reference_init", "apply_init", "check_init"]
 
@@ -79,9 +80,9 @@ def check_init(init) -> str:
     """``init`` if it is one of :data:`INITS`, else a ValueError listing them (with the closest)."""
     if isinstance(init, str) and init in INITS:
         return init
-    close = difflib.get_close_matches(init, INITS, n=1) if isinstance(init, str) and len(init) < 100 else []
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown init {init!r}; use one of {', '.join(INITS)} (see docs/models.md).{hint}")
+    raise ValueError(
+        f"unknown init {init!r}; use one of {', '.join(INITS)} (see docs/models.md).{did_you_mean(init, INITS)}"
+    )
 
 
 def apply_init(model: nn.Module, name: str, init: str) -> nn.Module:

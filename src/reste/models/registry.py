@@ -11,7 +11,6 @@ activations, a like-for-like baseline.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from torch import nn
 if TYPE_CHECKING:
     from ..estimators import Estimator
 
+from ..errors import did_you_mean
 from ..nn import BinaryLayer, binarize
 from .init import DEFAULT_INIT, apply_init, check_init
 
@@ -92,9 +92,9 @@ def _builder(name: str) -> ModelBuilder:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}.{hint}") from None
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(names())}.{did_you_mean(name, _REGISTRY)}"
+        ) from None
 
 
 def _architecture_kwargs(builder: ModelBuilder) -> set[str]:

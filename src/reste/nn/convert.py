@@ -142,6 +142,8 @@ def _keep_rules(keep, keep_defaults: bool, cands: list[tuple[str, nn.Module]], e
         )
     if isinstance(keep, (str, type)):
         keep = (keep,)
+    elif not isinstance(keep, Iterable):
+        keep = (keep,)  # a lone bad value gets the per-entry message below
     keep = tuple(keep)
     names = list(dict.fromkeys([n for n, _ in cands] + list(extra_names)))  # each name once
     for rule in keep:
@@ -219,10 +221,22 @@ def binarize(
     The layers made binary and those kept real are logged (logger ``reste.nn.convert``,
     level INFO); afterwards ``reste.nn.binary_layers(model)`` or
     ``reste.models.describe(model)`` list them. Converting an already converted model
-    changes nothing.
+    changes nothing (a warning says so): the layers kept real stay real, and the estimators
+    stay as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"binarize expects an nn.Module, got {type(model).__name__}")
+    done = [n for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
+    if done:
+        # converting again would re-apply the default keep list and binarize layers kept real on purpose
+        warnings.warn(
+            f"binarize: the model is already binarized ({len(done)} binary layer(s), e.g. {done[0] or '(model)'}); "
+            "it is left unchanged. To convert it with other options, start again from the float model; to change "
+            "estimator parameters, use reste.set_params",
+            UserWarning,
+            stacklevel=2,
+        )
+        return model
     wspec = estimator if weight_estimator == "same" else weight_estimator
     rebuilds = _attention_rebuilds(model)
     cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)

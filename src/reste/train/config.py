@@ -38,7 +38,7 @@ from typing import Any, Union
 import yaml
 
 # defined below every layer so that reste.models can raise it too (see reste.errors)
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..errors import short_repr as _short
 
 __all__ = [
@@ -706,9 +706,9 @@ def _check(ok: bool, message: str) -> None:
 def _name_in(key: str, value: str, known: list[str]) -> None:
     if value in known:
         return
-    close = difflib.get_close_matches(value, known, n=1) if len(value) < 100 else []
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{key}: unknown value {_short(value)}; choose one of {', '.join(known)}.{hint}")
+    raise ConfigError(
+        f"{key}: unknown value {_short(value)}; choose one of {', '.join(known)}.{did_you_mean(value, known)}"
+    )
 
 
 def validate(cfg: Config) -> Config:
@@ -724,8 +724,6 @@ def validate(cfg: Config) -> Config:
         if choices:
             _name_in(key, _get(cfg, key), list(choices))
 
-    # the function itself: once the submodule reste.estimators is imported, the package
-    # attribute of that name is the module, not the lazily exported function
     from reste.estimators import estimators as estimator_names
 
     _name_in("model.estimator", cfg.model.estimator, estimator_names())
