@@ -376,7 +376,8 @@ def test_estimator_code_has_no_host_sync_or_mask_indexing():
 
     import reste.estimators as E
 
-    src = inspect.getsource(E)
+    assert inspect.ismodule(E)  # (until reste.estimators became a callable module, this read the function alone)
+    src = inspect.getsource(E).replace(E.__doc__ or "", "")  # the module docstring names what is banned
     for pattern in (
         r"\.item\(\)",
         r"math\.pow\(",
