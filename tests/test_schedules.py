@@ -44,8 +44,9 @@ def test_progress_is_clamped():
 def test_bad_schedules_are_rejected():
     with pytest.raises(ValueError, match="unknown o schedule way 'cos'"):
         reste.o_schedule("cos")
-    with pytest.raises(ValueError, match="o_end must be >= 1"):
-        reste.o_schedule("cosine", o_end=0.5)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="o_end must be a finite number >= 1"):
+            reste.o_schedule("cosine", o_end=bad)
     with pytest.raises(TypeError, match="unexpected"):
         reste.o_schedule("linear", q=1)
     with pytest.raises(ValueError, match="Did you mean 'cosine'"):

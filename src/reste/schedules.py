@@ -64,8 +64,8 @@ class OSchedule:
             raise ValueError(
                 f"unknown o schedule way {self.way!r}; choose one of {', '.join(_WAYS)}.{did_you_mean(self.way, _WAYS)}"
             )
-        if not self.o_end >= 1.0:
-            raise ValueError(f"o_end must be >= 1 (o = 1 is the clipped identity), got {self.o_end}")
+        if not (math.isfinite(self.o_end) and self.o_end >= 1.0):
+            raise ValueError(f"o_end must be a finite number >= 1 (o = 1 is the clipped identity), got {self.o_end}")
         if not self.p > 0:
             raise ValueError(f"power exponent p must be > 0, got {self.p}")
 
