@@ -90,8 +90,60 @@ def test_datasets_marks_what_is_present(tmp_path, monkeypatch, capsys):
     assert cli.main(["datasets", "--root", str(tmp_path)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert lines["mnist"].endswith(str(tmp_path / "mnist"))
-    assert lines["fashion_mnist"].endswith("not present (reste download fashion_mnist)")
+    # the hint downloads to where this command looked: the --root given (was: without --root)
+    assert lines["fashion_mnist"].endswith(f"not present (reste download fashion_mnist --root {tmp_path})")
     assert "not present" in lines["imagenet"]
+    assert cli.main(["datasets", "--root", str(tmp_path / "my data")]) == 0
+    hint = f"not present (reste download mnist --root '{tmp_path / 'my data'}')"  # quoted for the shell
+    assert any(line.endswith(hint) for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_sub_commands_unknown_option_shows_its_usage_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", "--reusme", "runs/x"])
+    err = capsys.readouterr().err
+    # was: the top-level usage (`usage: reste [-h] [--version] COMMAND ...`) and no suggestion
+    assert caught.value.code == 2 and err.startswith("usage: reste train ") and "--resume RUN_DIR" in err
+    assert "reste train: error: unrecognized arguments: --reusme. Did you mean '--resume'?" in err
+    with pytest.raises(SystemExit):
+        cli.main(["datasets", "--frob", "x"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: reste datasets ") and "Did you mean" not in err  # nothing close: no guess
+    with pytest.raises(SystemExit):
+        cli.main(["--verison"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: reste [-h]") and "Did you mean '--version'?" in err
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: `reste datasets | head -0`
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "reste", "datasets", "--root", str(tmp_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    # was: a BrokenPipeError traceback (and a second one from the interpreter's last flush), exit 1
+    assert out.stderr == "" and out.returncode == 141
+
+
+def test_a_closed_output_pipe_is_caught_for_every_command(monkeypatch, capsys):
+    import argparse
+
+    def write(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=write)
+    monkeypatch.setattr(cli, "build_parser", lambda command=None: parser)
+    assert cli.main([]) == 141 and capsys.readouterr().err == ""
 
 
 def test_optional_extras_never_replace_torch():

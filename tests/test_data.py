@@ -796,3 +796,30 @@ def test_real_fashion_mnist_from_system_folder(tmp_path, monkeypatch):
     assert abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
     x, y = next(iter(train))
     assert x.shape == (256, 1, 28, 28) and y.max() < 10
+
+
+def test_a_mirror_that_is_not_a_url_is_a_usage_error_naming_the_option(tmp_path, monkeypatch, capsys):
+    from reste.cli import main
+    from reste.errors import UsageError
+
+    root = tmp_path / "root"
+    # was: `error: unknown url type: 'notaurl/train-images-idx3-ubyte.gz'`, exit 1
+    assert main(["download", "mnist", "--mirror", "notaurl", "--root", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --mirror 'notaurl' is not a base URL") and "http://" in err and "file:///" in err
+    assert len(err.strip().splitlines()) == 1 and not root.exists()
+    # a local folder given as a path: the message spells its file:// URL
+    assert main(["download", "mnist", "--mirror", str(tmp_path), "--root", str(root), "--quiet"]) == 2
+    assert f"{tmp_path.resolve().as_uri()}/" in capsys.readouterr().err
+    monkeypatch.setenv("RESTE_MIRROR", "ftp:/nowhere")
+    with pytest.raises(UsageError, match=r"\$RESTE_MIRROR 'ftp:/nowhere' is not a base URL"):
+        data.download("mnist", root, progress=False)
+    assert not root.exists()
+
+
+def test_a_file_url_mirror_downloads_from_a_local_folder(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    arrays = fx.make_idx_dataset(served, n_train=24, n_test=6)
+    _pin_md5s(monkeypatch, "mnist", served)
+    folder = data.download("mnist", tmp_path / "root", mirror=served.resolve().as_uri(), progress=False)
+    assert np.array_equal(data.load_arrays("mnist", folder.parent).train_images[:, 0], arrays["train_images"])

@@ -9,7 +9,11 @@ Exit codes, the same for every command: 0 success; 1 an input that is missing or
 unusable (a checkpoint, run directory, exported file or data set) or work that failed
 (a run diverged, a download or a check failed, the disk is full); 2 a command line or
 configuration that is wrong (an unknown option or key, an invalid value); 130 / 143
-interrupted by SIGINT / SIGTERM.
+interrupted by SIGINT / SIGTERM; 141 (128 + SIGPIPE) the reader of the output went away
+(``reste datasets | head -1``): the command stops quietly, as a Unix tool killed by SIGPIPE.
+
+An unknown option or extra word is reported with the usage of the sub-command it was given
+to (``reste train --reusme`` shows ``reste train``'s usage and suggests ``--resume``).
 
 One convention gives these codes: every error the library raises for a user's input or failed
 work derives from ``reste.errors.ReSTEError`` (exit 1) or ``reste.errors.UsageError`` (exit 2; a
@@ -59,7 +63,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="reste",
         description="Train, analyse and ship binary neural networks with the Rectified Straight-Through Estimator.",
         epilog="exit codes: 0 success, 1 a missing or unusable input or failed work, 2 a wrong command line or "
-        "configuration, 130 / 143 interrupted",
+        "configuration, 130 / 143 interrupted, 141 the output pipe was closed",
     )
     parser.add_argument("--version", action="version", version=f"reste {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -84,6 +88,46 @@ def _command_of(argv: list[str]) -> str | None:
         if not arg.startswith("-"):
             return arg
     return None
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    """The parser of sub-command ``name`` (None when there is none by that name)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name) if name else None
+    return None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that words the sub-command does not know are reported
+    by that sub-command's parser (its usage, not the top-level one) with the closest option."""
+    import difflib
+
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    target = _subparser(parser, getattr(args, "command", None)) or parser
+    message = f"unrecognized arguments: {' '.join(extras)}."
+    known = [o[2:] for o in target._option_string_actions if o.startswith("--")]
+    for word in extras:
+        if word.startswith("--"):  # compared without the dashes, which every option shares
+            close = difflib.get_close_matches(word[2:].partition("=")[0].lower(), known, n=1, cutoff=0.6)
+            if close:
+                message += f" Did you mean '--{close[0]}'?"
+                break
+    target.error(message)  # prints the usage and the message, exits 2
+    raise AssertionError("argparse.error returned")  # pragma: no cover
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away: send the rest to /dev/null, so that the interpreter's
+    final flush does not print a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a replaced sys.stdout (tests) has no real descriptor
+        pass
 
 
 def _short_warning(message, category, filename, lineno, line=None) -> str:
@@ -126,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         parser = build_parser(_command_of(argv) or "")  # "": no command module imported
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
@@ -136,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if message is not None:
             print(message, file=sys.stderr, flush=True)
         return err.exit_code
+    except BrokenPipeError:  # `reste datasets | head -1`: the reader has all it wanted; no traceback
+        _quiet_stdout()
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
     except KeyboardInterrupt as err:
         if main_thread:  # we are leaving: a second Ctrl-C must not turn the exit into a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,7 +33,11 @@ def register(subparsers) -> None:
     )
     download.add_argument("name", choices=names(), metavar="NAME", help=", ".join(names()))
     download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ~/.cache/reste/data)")
-    download.add_argument("--mirror", default=None, help="base URL replacing the official one ($RESTE_MIRROR)")
+    download.add_argument(
+        "--mirror",
+        default=None,
+        help="base URL replacing the official one: http(s)://HOST/PATH/ or file:///FOLDER/ ($RESTE_MIRROR)",
+    )
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(func=run_download)
 
@@ -49,8 +53,9 @@ def register(subparsers) -> None:
 
 def run_download(args) -> int:
     from ..errors import ReSTEError
-    from .download import download
+    from .download import check_mirror, download
 
+    check_mirror(args.mirror, "--mirror")  # before anything is created; exit 2 naming the option
     try:
         folder = download(args.name, args.root, mirror=args.mirror, progress=not args.quiet)
     except ReSTEError:  # DatasetNotFoundError / CorruptDataError (exit 1), ImageNet's NotDownloadableError (exit 2)
@@ -59,6 +64,13 @@ def run_download(args) -> int:
         raise ReSTEError(str(exc)) from None
     print(f"{args.name} is ready in {folder}")
     return 0
+
+
+def download_command(name: str, root) -> str:
+    """The command that downloads ``name`` to where ``reste datasets --root ROOT`` looks (quoted for a shell)."""
+    import shlex
+
+    return f"reste download {name}" + (f" --root {shlex.quote(str(root))}" if root is not None else "")
 
 
 def _where(name: str, root) -> str:
@@ -76,7 +88,7 @@ def _where(name: str, root) -> str:
     try:
         hit = locate(name, root)
     except DatasetNotFoundError:
-        return "not present (reste download " + name + ")"
+        return f"not present ({download_command(name, root)})"
     except CorruptDataError as exc:
         return f"damaged: {exc}"
     path = hit[1] if isinstance(hit, tuple) else hit["train_images"].parent

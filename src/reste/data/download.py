@@ -41,7 +41,7 @@ from .catalog import (
 )
 from .errors import CorruptDataError
 
-__all__ = ["download", "download_file", "safe_extract", "md5_of_file"]
+__all__ = ["download", "download_file", "safe_extract", "md5_of_file", "check_mirror"]
 
 _CHUNK = 1 << 20
 
@@ -159,6 +159,31 @@ def _base_url(default: str, mirror: str | None) -> str:
     return base if base.endswith("/") else base + "/"
 
 
+def check_mirror(mirror: str | None, what: str = "mirror") -> None:
+    """Refuse a mirror that is not a base URL (:class:`reste.errors.UsageError`, exit code 2), naming
+    ``what`` (``--mirror``, ``$RESTE_MIRROR``) and the accepted forms; ``None`` or empty: nothing to check."""
+    if not mirror:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(mirror)
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        parts = None
+    ok = parts is not None and (
+        (parts.scheme in ("http", "https") and bool(parts.netloc)) or (parts.scheme == "file" and bool(parts.path))
+    )
+    if ok:
+        return
+    hint = ""
+    if Path(mirror).expanduser().is_dir():
+        hint = f" (for this local folder: {Path(mirror).expanduser().resolve().as_uri()}/)"
+    raise UsageError(
+        f"{what} {mirror!r} is not a base URL; give http://HOST/PATH/, https://HOST/PATH/ or "
+        f"file:///ABSOLUTE/FOLDER/{hint} (the official file names are appended to it)"
+    )
+
+
 class NotDownloadableError(UsageError, ValueError):
     """A data set that cannot be downloaded (ImageNet: registration needed); the message says how to
     get it. A usage error (exit code 2)."""
@@ -167,17 +192,21 @@ class NotDownloadableError(UsageError, ValueError):
 def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
 
-    * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
-    * ``cifar10`` / ``cifar100``: the official python-version tarball, which
-      is kept (so a re-run is a no-op) and safely extracted next to it.
-    * ``imagenet``: cannot be downloaded (registration needed): ValueError.
+        * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
+        * ``cifar10`` / ``cifar100``: the official python-version tarball, which
+          is kept (so a re-run is a no-op) and safely extracted next to it.
+        * ``imagenet``: cannot be downloaded (registration needed): ValueError.
 
-    ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
-    ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
-    official base URL. Every file is md5 checked; see :func:`download_file` for
-    what happens on a mismatch. A failed download leaves no folder it created.
+        ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
+        ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
+        official base URL: ``http(s)://HOST/PATH/`` or ``file:///FOLDER/`` (anything else:
+    :class:`reste.errors.UsageError`). Every file is md5 checked; see :func:`download_file` for
+        what happens on a mismatch. A failed download leaves no folder it created.
     """
     name = canonical_name(name)
+    check_mirror(mirror, "mirror")
+    if not mirror:
+        check_mirror(os.environ.get(MIRROR_ENV_VAR), f"${MIRROR_ENV_VAR}")
     root = resolve_root(root)
     target = root / name
     if name == "imagenet":
