@@ -513,7 +513,12 @@ def damage(path: Path, how: str, finished_run: Path) -> None:
 
         state["model"] = T.build_model(cfg, reste.data.info("fashion_mnist")).state_dict()
         torch.save(state, path)
+    elif how in LEGACY_READER_CRASHES:  # bytes that torch's legacy (non-zip) reader fails on with odd errors
+        path.write_bytes(LEGACY_READER_CRASHES[how])
 
+
+#: were tracebacks (IndexError: pop from empty list, struct.error: unpack requires a buffer of 8 bytes)
+LEGACY_READER_CRASHES = {"starts with t": b"tood: yes\n", "starts with (": b"(tt", "starts with G": b"G" + bytes(7)}
 
 BAD_CHECKPOINTS = [
     ("truncated", "is truncated or corrupt"),
@@ -522,6 +527,9 @@ BAD_CHECKPOINTS = [
     ("not a dict", "holds a list, not a dict"),
     ("plain state_dict", "lacks"),
     ("another model", "does not fit this model"),
+    ("starts with t", "is truncated or corrupt (IndexError: pop from empty list)"),
+    ("starts with (", "is truncated or corrupt (IndexError: pop from empty list)"),
+    ("starts with G", "is truncated or corrupt (error: unpack requires a buffer"),
 ]
 
 
@@ -545,6 +553,34 @@ def test_bad_checkpoint_through_eval_export_and_resume(how, message, run_copy, f
     assert code == 1
     assert_one_clear_error(err, str(last))
     assert digests(run_copy) == before  # nothing was overwritten, no export was written
+
+
+def test_a_file_with_any_first_byte_is_a_clear_checkpoint_error(tmp_path, capsys):
+    """Every possible first byte, alone and followed by a few bytes: torch's readers fail on them with
+    many exception types (IndexError, struct.error, AssertionError, ...); each is one error line, exit 1,
+    through the library, `reste eval` and `model.init_from`."""
+    rng = random.Random(0)
+    for first in range(256):
+        for tail in (b"", b"ood: yes\n", rng.randbytes(24)):
+            path = tmp_path / f"{first:02x}-{len(tail)}.pt"
+            path.write_bytes(bytes([first]) + tail)
+            with pytest.raises(ckpt.CheckpointError, match=re.escape(str(path))):
+                ckpt.load_checkpoint(path)
+            if tail == b"ood: yes\n":
+                code, out, err = run_cli(["eval", str(path), "--device", "cpu"], capsys)
+                assert code == 1 and out == "", (first, err)
+                assert_one_clear_error(err, str(path))
+    data = tmp_path / "data"
+    fx.make_idx_dataset(data / "fashion_mnist", n_train=64, n_test=16)
+    bad = tmp_path / "74-9.pt"  # b"tood: yes\n"
+    code, _, err = run_cli(
+        ["train", "data.subset=64", "data.batch_size=32", "train.epochs=1", "train.threads=1",
+         f"data.root={data}", f"model.init_from={bad}", f"out.dir={tmp_path / 'runs'}", "--quiet"],
+        capsys,
+    )  # fmt: skip
+    assert code == 1
+    assert_one_clear_error(err, f"checkpoint {bad} is truncated or corrupt")
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
 # ============================================================================ malicious files

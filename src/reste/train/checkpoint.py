@@ -20,7 +20,7 @@ import os
 import pickle
 import random
 import secrets
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,10 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
             f"no checkpoint at {path}; check the path (a run directory has checkpoints/last.pt and best.pt)"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # bytes that are no checkpoint can name any pickle protocol; torch warns about it before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         # torch's message is long; its line naming the offending global or opcode is the useful one
@@ -138,7 +141,13 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
             f"({reason[:200]}). It was not written by reste and could run code if unpickled "
             "without weights_only; only use checkpoints you created or trust."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as err:
+    except PermissionError as err:  # the file cannot be read, whatever it holds
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({err.strerror or err}); check the file's permissions"
+        ) from None
+    except Exception as err:  # whatever torch's readers raise on bytes that are no checkpoint
+        # RuntimeError, EOFError, BadZipFile, ValueError, KeyError; the legacy (non-zip) reader
+        # also fails with IndexError (b"t...", b"(..."), struct.error (b"G..."), AssertionError, ...
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).strip()[:200]}); "
             "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
