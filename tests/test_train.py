@@ -398,6 +398,53 @@ def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, cap
     assert (tmp_path / "once" / "summary.json").stat().st_mtime_ns != stamp
 
 
+def test_a_failed_force_start_keeps_the_run_it_was_to_replace(tmp_path, capsys, monkeypatch):
+    """--force moves the old run aside and deletes it only once the new run's set-up succeeded: a
+    start that fails (data not found, a bad model.init_from, Ctrl-C during set-up) puts it back."""
+    import hashlib
+
+    def files(folder):
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"
+        }
+
+    args = ["train", "data.subset=64", "data.batch_size=64", "train.epochs=1", "train.threads=1"]
+    args += ["train.device=cpu", f"out.dir={tmp_path}", "out.name=old", "--quiet"]
+    assert cli.main(args) == 0
+    old = tmp_path / "old"
+    before = files(old)
+    assert "checkpoints/last.pt" in before and "summary.json" in before
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"tood: yes\n")
+    failures = [
+        (["data.root=" + str(tmp_path / "nodata"), "--force"], 1, "not found"),
+        ([f"model.init_from={bad}", "--force"], 1, f"checkpoint {bad} is truncated or corrupt"),
+    ]
+    for extra, code, message in failures:
+        assert cli.main(args + extra) == code
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert files(old) == before, extra  # the old run is back, byte for byte
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "old"]  # nothing left aside
+    # Ctrl-C during set-up unwinds the same way
+    import reste.train.setup as setup
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "create_loaders", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(overrides=args[1:-1], force=True, progress=False)
+    monkeypatch.undo()
+    assert files(old) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "old"]
+    assert setup.create_loaders is T.create_loaders
+    # a start that succeeds replaces it
+    assert cli.main(args + ["--force"]) == 0
+    assert files(old) != before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "old"]
+
+
 def test_default_run_directories_get_a_timestamp_and_never_collide(tmp_path):
     cfg = load_config(None, [f"out.dir={tmp_path}"])
     first = T.new_run_dir(cfg, force=False)

@@ -60,6 +60,8 @@ __all__ = [
     "RunDirLock",
     "RunWriter",
     "claim_run_dir",
+    "discard_replaced",
+    "restore_replaced",
     "new_run_dir",
     "open_run_dir",
 ]
@@ -375,10 +377,58 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
+def _set_aside(path: Path) -> Path:
+    """Move the run folder ``path`` out of the way for ``--force`` (after checking that no process
+    uses it) and return where it went: ``.<name>.replaced-<pid>-<token>`` beside it. The new run's
+    set-up then either succeeds (:func:`discard_replaced` deletes it) or fails
+    (:func:`restore_replaced` puts it back as it was)."""
+    probe = RunDirLock(path)
+    probe.acquire()  # refuses to replace a run that another process is training right now
+    aside = path.parent / f".{path.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, aside)
+    finally:
+        probe.release()
+    return aside
+
+
+def discard_replaced(aside: Path | None) -> None:
+    """The new run's set-up succeeded: delete the run folder ``--force`` replaced."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_replaced(path: Path, aside: Path | None, lock: RunDirLock | None) -> None:
+    """The new run's set-up failed (or was interrupted): remove the folder it claimed at ``path``
+    (nothing was trained into it) and put the replaced run folder ``aside`` back, unchanged."""
+    if aside is None or not aside.is_dir():  # nothing replaced, or already put back
+        return
+    if lock is not None:
+        lock.release()
+    if path.is_dir():
+        trash = path.parent / f".{path.name}.failed-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(aside, path)
+    except OSError as err:  # another run took the name meanwhile: say where the old run is
+        print(
+            f"warning: could not put the replaced run back at {path} ({err.strerror}); it is kept at {aside}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock, Path | None]:
     """Create a fresh run directory and lock it; an existing one is replaced only with ``force``,
-    or when it is a set-up that was stopped before its first checkpoint (:func:`abandoned_setup`)."""
+    or when it is a set-up that was stopped before its first checkpoint (:func:`abandoned_setup`).
+
+    Returns ``(path, lock, replaced)``: ``replaced`` is where the run folder that ``force``
+    replaces was moved (None if none): the caller deletes it once its set-up succeeded
+    (:func:`discard_replaced`), or puts it back if set-up failed (:func:`restore_replaced`), so a
+    failed ``--force`` start loses nothing."""
     parent = Path(cfg.out.dir)
+    replaced: Path | None = None
     if cfg.out.name:
         path = parent / cfg.out.name
         exists = (
@@ -400,13 +450,17 @@ def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
                     f"refusing to --force overwrite {path}: it is not empty and does not look like a run directory"
                 )
             else:
-                _discard(path)
-        lock = _claim(
-            path,
-            f"run directory {path} was just created by another run started at the same time; "
-            "wait for it, or choose another out.name",
-        )
-        return path, lock
+                replaced = _set_aside(path)
+        try:
+            lock = _claim(
+                path,
+                f"run directory {path} was just created by another run started at the same time; "
+                "wait for it, or choose another out.name",
+            )
+        except BaseException:
+            restore_replaced(path, replaced, None)
+            raise
+        return path, lock, replaced
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = parent / f"{cfg.run_name}-{stamp}"
     suffix = 2
@@ -419,27 +473,30 @@ def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock]:
             suffix += 1
     lock = RunDirLock(path)
     lock.acquire()
-    return path, lock
+    return path, lock, None
 
 
 def new_run_dir(cfg: Config, force: bool) -> Path:
-    """Create and return a fresh run directory (see :func:`claim_run_dir`; the lock is released)."""
-    path, lock = claim_run_dir(cfg, force)
+    """Create and return a fresh run directory (see :func:`claim_run_dir`; the lock is released,
+    a run folder ``force`` replaced is deleted)."""
+    path, lock, replaced = claim_run_dir(cfg, force)
     lock.release()
+    discard_replaced(replaced)
     return path
 
 
 def open_run_dir(
     cfg: Config, ctx: D.DistContext, *, resume_dir: Path | None, force: bool
-) -> tuple[Path, RunDirLock | None, bool]:
-    """The run folder of a training process: ``(path, lock, created)``.
+) -> tuple[Path, RunDirLock | None, bool, Path | None]:
+    """The run folder of a training process: ``(path, lock, created, replaced)``.
 
     Rank 0 locks ``resume_dir`` (and removes the temp files a killed writer left there), or claims
-    a new folder (:func:`claim_run_dir`; ``created``); every rank learns the path, or the
-    ConfigError, so all fail alike. Other ranks hold no lock.
+    a new folder (:func:`claim_run_dir`; ``created``, and ``replaced``: where the run folder that
+    ``force`` replaces waits until set-up is done); every rank learns the path, or the ConfigError,
+    so all fail alike. Other ranks hold no lock.
     """
     result: tuple[str, str] = ("ok", "")
-    lock, created = None, False
+    lock, created, replaced = None, False, None
     if ctx.is_main:
         try:
             if resume_dir is not None:
@@ -448,7 +505,7 @@ def open_run_dir(
                 lock.acquire()
                 remove_stale_temp_files(path / CHECKPOINTS)  # left by a writer that was killed mid-write
             else:
-                path, lock = claim_run_dir(cfg, force)
+                path, lock, replaced = claim_run_dir(cfg, force)
                 created = True
             result = ("ok", str(path))
         except ConfigError as err:
@@ -457,10 +514,15 @@ def open_run_dir(
             if lock is not None:
                 lock.release()
             raise
-    result = D.broadcast_object(result, ctx)
+    try:
+        result = D.broadcast_object(result, ctx)
+    except BaseException:
+        if created:
+            restore_replaced(Path(result[1]), replaced, lock)
+        raise
     if result[0] == "error":
         raise ConfigError(result[1])
-    return Path(result[1]), lock, created
+    return Path(result[1]), lock, created, replaced
 
 
 def remove_if_empty(path: Path | None, lock: RunDirLock | None) -> None:

@@ -77,9 +77,11 @@ from .rundir import (
     abandoned_setup,  # noqa: F401
     checkpoint_path,
     claim_run_dir,
+    discard_replaced,
     new_run_dir,
     open_run_dir,
     remove_if_empty,
+    restore_replaced,
 )
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
@@ -156,6 +158,7 @@ class Trainer:
         self.run_dir: Path = None  # type: ignore[assignment]
         self._lock: RunDirLock | None = None
         self._created_run_dir: Path | None = None  # a folder this trainer made: removed if set-up fails
+        self._replaced: Path | None = None  # the run folder --force replaces: deleted once set-up succeeded
         self.fault: NoFaults = NoFaults()
         self.train_loader: Any = None
         self.test_loader: Any = None
@@ -225,12 +228,19 @@ class Trainer:
 
     def _prepare_run_dir(self) -> Path:
         """Rank 0 picks (or checks and locks) the folder; every rank learns the result, errors included."""
-        path, self._lock, created = open_run_dir(self.cfg, self.ctx, resume_dir=self.resume_dir, force=self.force)
+        path, self._lock, created, self._replaced = open_run_dir(
+            self.cfg, self.ctx, resume_dir=self.resume_dir, force=self.force
+        )
         self._created_run_dir = path if created else None
         return path
 
     def _remove_empty_run_dir(self) -> None:
-        """Set-up failed (e.g. data not found): do not leave the empty folder it claimed."""
+        """Set-up failed (e.g. data not found): do not leave the empty folder it claimed; with
+        ``--force``, put the run it was to replace back where it was, unchanged."""
+        if self._replaced is not None and self._created_run_dir is not None:
+            restore_replaced(self._created_run_dir, self._replaced, self._lock)
+            self._replaced = None
+            return
         remove_if_empty(self._created_run_dir, self._lock)
 
     # -- the loop --------------------------------------------------------------
@@ -242,6 +252,8 @@ class Trainer:
             except BaseException:
                 self._remove_empty_run_dir()
                 raise
+            discard_replaced(self._replaced)  # set-up succeeded: the run --force replaces goes now
+            self._replaced = None
             with _StopRequest() as stop:
                 self._stop = stop
                 try:
