@@ -22,7 +22,7 @@ from reste.analysis.indicators import (
     reference_aggregates,
 )
 from reste.analysis.report import NotARunError, build_report
-from reste.analysis.sweep import Sweep, SweepError, launch_subprocess, parse_grid, split_values
+from reste.analysis.sweep import Sweep, SweepConfigError, SweepError, launch_subprocess, parse_grid, split_values
 from reste.nn import BinaryConv2d, BinaryLinear
 
 
@@ -253,6 +253,12 @@ def test_grid_values_are_yaml_and_brackets_do_not_split():
             parse_grid([bad])
 
 
+def write_config_as_trained(run_dir, config, items):
+    from reste.train.config import config_to_yaml, load_config
+
+    (Path(run_dir) / "config.yaml").write_text(config_to_yaml(load_config(config, items)))
+
+
 class FakeRun:
     """Stands in for a `reste train` subprocess: writes what a finished run writes."""
 
@@ -265,6 +271,10 @@ class FakeRun:
             opts = dict(a.split("=", 1) for a in argv if "=" in a)
             run_dir = Path(opts["out.dir"]) / opts["out.name"]
             overrides = {k: yaml.safe_load(v) for k, v in opts.items() if not k.startswith("out.")}
+            config = next((a for a in argv[4:] if a.endswith(".yaml") and "=" not in a), None)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # the resolved config, as the trainer saves it at set-up
+            write_config_as_trained(run_dir, config, [a for a in argv if "=" in a])
         run_dir.mkdir(parents=True, exist_ok=True)
         top1 = 50.0 + 10 * float(overrides.get("estimator.o_end", 0)) + overrides.get("seed", 0)
         (run_dir / "summary.json").write_text(json.dumps({"final_top1": top1, "best_top1": top1 + 1}))
@@ -321,6 +331,7 @@ def test_interrupted_sweep_restarts_without_redoing_finished_runs(tmp_path):
     # a run that died after a checkpoint is resumed, not restarted
     (out / "estimator.o_end=2" / "checkpoints").mkdir(parents=True)
     (out / "estimator.o_end=2" / "checkpoints" / "last.pt").write_bytes(b"x")
+    write_config_as_trained(out / "estimator.o_end=2", None, ["estimator.o_end=2", f"out.dir={out}"])
     calls.clear()
     second = Sweep(None, ["estimator.o_end=1,2,3"], out, launch=fake_launcher(calls), poll_s=0)
     assert second.run(progress=None) == 0
@@ -385,14 +396,72 @@ def test_sweep_checks_every_run_before_starting_any_with_trains_message(tmp_path
     assert "train.epochs" in capsys.readouterr().err and not out.exists()
 
 
-def test_sweep_check_skips_finished_and_resumed_runs(tmp_path):
-    # a run with a checkpoint trains on the config saved in its folder, not on the grid's values
+def test_sweep_resumes_a_run_with_its_new_neutral_options_and_checks_its_config(tmp_path):
+    # a run with a checkpoint trains on the config saved in its folder: the sweep resumes it only if that
+    # config is the one the sweep gives it; options that cannot change results go to --resume
     out = tmp_path / "sw"
-    (out / "estimator.o_end=0.5" / "checkpoints").mkdir(parents=True)
-    (out / "estimator.o_end=0.5" / "checkpoints" / "last.pt").write_bytes(b"x")
+    run = out / "estimator.o_end=2"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    write_config_as_trained(run, None, ["estimator.o_end=2", "train.threads=2", "out.dir=elsewhere"])
     calls = []
-    sweep = Sweep(None, ["estimator.o_end=0.5,2"], out, launch=fake_launcher(calls), poll_s=0)
-    assert sweep.run(progress=None) == 0 and len(calls) == 2 and "--resume" in calls[0]
+    sweep = Sweep(None, ["estimator.o_end=2,3", "train.threads=1"], out, launch=fake_launcher(calls), poll_s=0)
+    assert sweep.run(progress=None) == 0 and len(calls) == 2
+    assert calls[0][-3:] == ["--resume", str(run), "train.threads=1"]
+    # an invalid value is refused for a run that would be resumed too (its saved config could not match)
+    with pytest.raises(SweepConfigError) as info:
+        Sweep(None, ["estimator.o_end=0.5,2"], out, launch=fake_launcher(calls), poll_s=0)
+    assert info.value.run == "estimator.o_end=0.5"
+
+
+def test_a_sweep_rerun_with_other_options_refuses_to_reuse_its_runs(tmp_path, capsys):
+    from reste.analysis.sweep import SweepMismatchError
+    from reste.cli import main
+
+    out = tmp_path / "sw1"
+    calls = []
+    assert Sweep(None, ["estimator.o_end=2,3"], out, launch=fake_launcher(calls), poll_s=0).run(progress=None) == 0
+    doc = (out / "sweep.json").read_text()
+    # the QA case: the same grid with another lr was "2 runs, 2 already finished, 0 to run", exit 0,
+    # and sweep.json then recorded optim.lr 0.01 for runs trained at 0.002
+    assert main(["sweep", "estimator.o_end=2,3", "optim.lr=0.01", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reste sweep: ") and len(err.strip().splitlines()) == 1
+    assert (
+        "run 'estimator.o_end=2' (and 1 more of its runs: estimator.o_end=3) differs in optim.lr: 0.002 -> 0.01" in err
+    )
+    assert "another --out" in err and "sweep.json is unchanged" in err
+    assert (out / "sweep.json").read_text() == doc
+    # a run with a checkpoint is checked too (it would be resumed with its old config), from Python as well
+    run = out / "estimator.o_end=3"
+    (run / "summary.json").unlink()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    with pytest.raises(SweepMismatchError) as info:
+        Sweep(None, ["estimator.o_end=2,3", "train.epochs=2"], out, launch=fake_launcher(calls), poll_s=0)
+    assert info.value.runs == {n: {"train.epochs": (4, 2)} for n in ("estimator.o_end=2", "estimator.o_end=3")}
+    # a key only one side has (a model.kwargs entry) and a changed base config are differences too
+    base = tmp_path / "base.yaml"
+    base.write_text("optim:\n  lr: 0.002\n")
+    with pytest.raises(SweepMismatchError) as info:
+        Sweep(str(base), ["estimator.o_end=2,3", "model.kwargs={width: 2}"], out, launch=fake_launcher(calls))
+    assert info.value.runs["estimator.o_end=2"] == {"model.kwargs.width": ("(unset)", 2)}
+    # options that cannot change results do not block reuse: the runs are skipped or resumed
+    calls.clear()
+    same = Sweep(
+        None,
+        ["estimator.o_end=2,3", "train.threads=1", "data.test_batch_size=64"],
+        out,
+        launch=fake_launcher(calls),
+        poll_s=0,
+    )
+    assert same.run(progress=None) == 0
+    assert [r.action for r in same.runs] == ["skip", "resume"]
+    assert calls[0][-2:] == ["data.test_batch_size=64", "train.threads=1"]
+    # a run whose config.yaml is gone cannot be checked: exit 1, named
+    (out / "estimator.o_end=2" / "config.yaml").unlink()
+    assert main(["sweep", "estimator.o_end=2,3", "--out", str(out)]) == 1
+    assert "sweep run 'estimator.o_end=2'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- report

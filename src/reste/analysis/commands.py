@@ -13,7 +13,9 @@ examples:
 Values are read as YAML (3 is a number, cosine a string, [1,2] a list; commas inside
 brackets do not split). A key with one value is applied to every run and left out of
 the run names. Run the same command again to continue an interrupted sweep: finished
-runs (summary.json marked complete) are skipped, runs with a checkpoint are resumed.
+runs (summary.json marked complete) are skipped, runs with a checkpoint are resumed. A run
+is reused only if it was made with the options this command gives it (up to device,
+threads, checkpoint frequency and the like); otherwise nothing starts (exit 2).
 """
 
 REPORT_EPILOG = """\

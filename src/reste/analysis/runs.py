@@ -17,7 +17,7 @@ from ..train import rundir
 from ..train.config import ConfigError
 from .indicators import reference_aggregates
 
-__all__ = ["NotARunError", "RunRecord", "load_run", "find_runs"]
+__all__ = ["NotARunError", "RunRecord", "load_run", "find_runs", "NEUTRAL_KEYS", "neutral"]
 
 
 class NotARunError(ReSTEError, ValueError):
@@ -26,8 +26,27 @@ class NotARunError(ReSTEError, ValueError):
     Also a :class:`ValueError`, as it always was."""
 
 
+def _neutral_keys() -> tuple[str, ...]:
+    from ..train.resume import RESUME_OVERRIDABLE
+
+    # the options a resume may change are those that do not change what is computed, except
+    # train.epochs (it extends the run)
+    return tuple(k for k in RESUME_OVERRIDABLE if k != "train.epochs")
+
+
+#: options that cannot change a run's results (device, threads, compilation, checkpoint frequency,
+#: collective timeout, where the data is read from, the test batch size): runs that differ only in
+#: these are the same setting in a report, and a sweep reuses a run whatever they were
+NEUTRAL_KEYS = _neutral_keys()
+
 #: config keys that never distinguish cells
 IGNORED_PREFIXES = ("seed", "name", "out.")
+
+
+def neutral(key: str) -> bool:
+    """Whether dotted config ``key`` cannot change a run's results (:data:`NEUTRAL_KEYS`), or only
+    names it or its output folder (``name``, ``out.*``)."""
+    return key in ("name", *NEUTRAL_KEYS) or key.startswith("out.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

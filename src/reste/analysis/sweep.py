@@ -9,6 +9,11 @@ the names.
 Restarting the same command continues the sweep: finished runs (``summary.json``
 marked complete) are skipped; runs with a checkpoint but no summary are resumed through
 ``reste train --resume``; runs without a checkpoint start again from scratch.
+A run on disk is reused (skipped or resumed) only if its saved ``config.yaml`` is the config
+this command gives it, up to the options that cannot change results
+(:data:`reste.analysis.runs.NEUTRAL_KEYS`, names, output paths); otherwise the sweep
+stops before anything runs (:class:`SweepMismatchError`, exit code 2), naming the run and the
+keys that differ, and leaves ``sweep.json`` as it was.
 ``sweep.json`` in the sweep directory lists every run and its status and is rewritten
 after each change, so it can be watched while the sweep runs.
 """
@@ -36,6 +41,7 @@ __all__ = [
     "SweepRun",
     "SweepError",
     "SweepConfigError",
+    "SweepMismatchError",
     "is_complete",
     "parse_grid",
     "split_values",
@@ -69,6 +75,22 @@ class SweepConfigError(SweepError):
         self.run = run
         self.message = message
         super().__init__(f"{message}\n  (run {run!r} of the grid; no run was started)")
+
+
+class SweepMismatchError(SweepError):
+    """Runs already in the sweep directory were made with other options than this command gives
+    them (exit code 2; nothing was started, ``sweep.json`` is unchanged).
+
+    ``runs`` maps each such run's name to its differing keys, ``{key: (old, new)}``.
+    """
+
+    def __init__(self, message: str, runs: dict[str, dict[str, tuple]]):
+        self.runs = runs
+        super().__init__(message)
+
+
+#: a key the saved config or the new one does not have (a model.kwargs entry, say)
+_UNSET = "(unset)"
 
 
 def split_values(text: str) -> list[str]:
@@ -209,6 +231,7 @@ class Sweep:
         self.fixed = {k: v[0][1] for k, v in self.parsed.items() if len(v) == 1}
         self.varying = {k: v for k, v in self.parsed.items() if len(v) > 1}
         self.runs = self._plan()
+        self._resume_items: dict[str, list[str]] = {}  # a resumed run's new neutral options (check())
         self.check()
 
     # ------------------------------------------------------------------ planning
@@ -233,26 +256,83 @@ class Sweep:
             run.final_top1, run.best_top1 = data.get("final_top1"), data.get("best_top1")
 
     def check(self) -> None:
-        """Validate, before anything runs, the config of every run this sweep would start.
+        """Validate, before anything runs, the config of every run of this sweep, and check that
+        the runs it would reuse were made with it.
 
-        Each one is built from the same ``key=value`` items its ``reste train`` command gets,
+        Each config is built from the same ``key=value`` items its ``reste train`` command gets,
         through the same loader, so the first invalid run raises :class:`SweepConfigError`
-        with ``reste train``'s own message. Finished runs are skipped, and so are runs that
-        will be resumed: they train on the config saved in their run directory.
+        with ``reste train``'s own message. A run that would be reused (finished: skipped; with a
+        checkpoint: resumed, which trains on the config saved in its folder) must have been made
+        with that config, up to the options that cannot change results (:func:`.runs.neutral`):
+        otherwise :class:`SweepMismatchError` names the runs and the keys that differ (old -> new).
+        A resumed run gets the new values of those neutral options (``train.threads``, ...) as
+        ``--resume`` overrides.
         """
         import warnings
 
         from ..train.config import ConfigError, load_config
 
+        mismatched: dict[str, dict[str, tuple]] = {}
         for run in self.runs:
-            if run.status == "done" or rundir.checkpoint_path(run.path, "last").is_file():
-                continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # harmless conflicts: each run's log reports them
-                    load_config(self.config, self._train_items(run))
+                    cfg = load_config(self.config, self._train_items(run))
             except ConfigError as err:
                 raise SweepConfigError(run.name, str(err)) from None
+            if run.status == "done" or rundir.checkpoint_path(run.path, "last").is_file():
+                differ, neutral_changes = self._compare(run, cfg)
+                if differ:
+                    mismatched[run.name] = differ
+                self._resume_items[run.name] = [f"{k}={_override_text(new)}" for k, new in neutral_changes.items()]
+        if mismatched:
+            raise SweepMismatchError(self._mismatch_message(mismatched), mismatched)
+
+    def _compare(self, run: SweepRun, cfg) -> tuple[dict[str, tuple], dict[str, object]]:
+        """``run``'s saved config against ``cfg`` (what this sweep gives it): the keys that differ
+        and can change results, ``{key: (old, new)}``, and the neutral ones that differ, ``{key: new}``."""
+        from ..train.config import ConfigError, config_to_dict, load_config
+        from .runs import _flatten, neutral
+
+        what = "finished" if run.status == "done" else "has a checkpoint"
+        if not (run.path / rundir.CONFIG).is_file():
+            raise ReSTEError(
+                f"sweep run {run.name!r} ({run.path}) {what} but no {rundir.CONFIG}, so whether it was made with "
+                "this command's options cannot be checked; move it away or give the sweep another --out"
+            )
+        try:
+            saved = load_config(rundir.read_config(run.path), check=False)
+        except ConfigError as err:
+            raise ReSTEError(
+                f"sweep run {run.name!r} ({run.path}) {what} but its {rundir.CONFIG} cannot be read ({err}); "
+                "move it away or give the sweep another --out"
+            ) from None
+        old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(cfg))
+        differ, neutral_changes = {}, {}
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+            if a == b and type(a) is type(b):
+                continue
+            if not neutral(key):
+                differ[key] = (a, b)
+            elif not key.startswith("out.") and key != "name" and b is not _UNSET:
+                neutral_changes[key] = list(b) if isinstance(b, tuple) else b
+        return differ, neutral_changes
+
+    def _mismatch_message(self, mismatched: dict[str, dict[str, tuple]]) -> str:
+        def show(value) -> str:
+            return value if value is _UNSET else _override_text(list(value) if isinstance(value, tuple) else value)
+
+        name, keys = next(iter(mismatched.items()))
+        changes = ", ".join(f"{k}: {show(a)} -> {show(b)}" for k, (a, b) in keys.items())
+        others = len(mismatched) - 1
+        also = f" (and {others} more of its runs: {', '.join(list(mismatched)[1:4])}{', ...' if others > 3 else ''})"
+        return (
+            f"{self.folder} holds runs made with other options than this command gives them, so their results "
+            f"would be reused under the new options: run {name!r}{also if others else ''} differs in {changes}. "
+            f"Nothing was started and sweep.json is unchanged. Give this sweep another --out, or run it with the "
+            f"options those runs were made with (each run's {rundir.CONFIG})."
+        )
 
     def _train_items(self, run: SweepRun) -> list[str]:
         items = [f"{k}={_override_text(v)}" for k, v in run.overrides.items()]
@@ -261,8 +341,8 @@ class Sweep:
     def command(self, run: SweepRun) -> tuple[list[str], str]:
         """The ``reste train`` command line for ``run`` and the action it takes."""
         base = [sys.executable, "-m", "reste", "train"]
-        if rundir.checkpoint_path(run.path, "last").is_file():
-            return base + ["--resume", str(run.path)], "resume"
+        if rundir.checkpoint_path(run.path, "last").is_file():  # check() found it made with this sweep's config
+            return base + ["--resume", str(run.path)] + self._resume_items.get(run.name, []), "resume"
         argv = base + ([str(self.config)] if self.config is not None else [])
         argv += self._train_items(run)
         if run.path.exists():  # a run that died before its first checkpoint: start over
