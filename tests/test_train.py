@@ -274,13 +274,56 @@ def test_resume_allows_only_harmless_overrides(tmp_path, straight_run):
         T.train({"seed": 1}, resume=straight, progress=False)
 
 
-def test_resuming_a_finished_run_does_nothing(straight_run, capsys):
+def test_resuming_a_finished_run_does_nothing(straight_run, tmp_path, capsys, monkeypatch):
+    """A finished run's files stay byte for byte (config.yaml was rewritten with the overrides); a
+    train.epochs below the epochs done is refused; the message counts the real epochs; no bar."""
+    import shutil
+
     straight, summary = straight_run
-    before = (straight / "checkpoints" / "last.pt").read_bytes()
-    again = T.train(resume=straight, progress=True)
-    assert "already complete" in capsys.readouterr().out
-    assert again["final_top1"] == summary["final_top1"]
-    assert (straight / "checkpoints" / "last.pt").read_bytes() == before
+    run = tmp_path / "runs" / "done"
+    shutil.copytree(straight, run)
+
+    def files():
+        return {
+            str(p.relative_to(run)): p.read_bytes() if p.is_file() else "folder"
+            for p in sorted(run.rglob("*"))
+            if p.name != ".lock"
+        }
+
+    before = files()
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["data.test_batch_size=128"], ["train.epochs=2", "train.threads=1"]):
+        code = cli.main(["train", "--resume", "runs/done", *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f"{run} is already complete (2 epochs); raise train.epochs to continue it" in captured.out
+        assert "step" not in captured.err  # no progress bar
+        assert files() == before, extra
+    code = cli.main(["train", "--resume", "runs/done", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        f"error: cannot resume {run} with train.epochs=1: it has already trained 2 epochs; "
+        "give train.epochs=2 or more, or leave train.epochs out"
+    )
+    assert files() == before
+    again = T.train(resume="runs/done", progress=False)
+    assert again["final_top1"] == summary["final_top1"] and again["run_dir"] == str(run)  # absolute
+
+
+def test_a_resumed_run_records_its_absolute_run_directory(straight_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    straight, _ = straight_run
+    shutil.copytree(straight, tmp_path / "runs" / "more")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", "runs/more", "train.epochs=3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "more"
+    assert f"run directory: {run}\n" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run_dir"] == str(run) and summary["epochs"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3  # an extension is written
 
 
 # ----------------------------------------------------------------------------- checkpoints

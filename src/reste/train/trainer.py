@@ -215,6 +215,8 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.est_scheduler = create_estimator_scheduler(self.model, cfg, self.steps_per_epoch)
         saved = restore(self.resume_dir, self) if self.resume_dir is not None else None
+        if saved is not None and self._nothing_to_train():
+            return  # a finished run: its files stay as they are (no config, metrics or TensorBoard writes)
         self._compile_mode = compile_mode(t.compile, ctx.device)
         self.forward_model = wrap_model(self.model, ctx, t.compile)
         self.tracker = create_tracker(self.model, cfg, ctx, saved)
@@ -226,11 +228,26 @@ class Trainer:
             self.writer.truncate_indicators(self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch)
             set_rng_state(saved["rng"])  # last: building the model above drew random numbers
 
+    def _nothing_to_train(self) -> bool:
+        """After a resume's checkpoint is restored: whether it has every epoch of ``train.epochs``
+        already (then nothing is trained or written). A ``train.epochs`` below what the checkpoint
+        has trained is refused (it cannot be undone)."""
+        epochs, done, step = self.cfg.train.epochs, self.state.epoch, self.state.step_in_epoch
+        if done > epochs or (done == epochs and step > 0):
+            trained = _count(done, "epoch") + (f" and {step} steps of epoch {done + 1}" if step else "")
+            raise ConfigError(
+                f"cannot resume {self.run_dir} with train.epochs={epochs}: it has already trained {trained}; "
+                f"give train.epochs={done + (1 if step else 0)} or more, or leave train.epochs out"
+            )
+        return done == epochs
+
     def _prepare_run_dir(self) -> Path:
-        """Rank 0 picks (or checks and locks) the folder; every rank learns the result, errors included."""
+        """Rank 0 picks (or checks and locks) the folder; every rank learns the result, errors included.
+        The path is made absolute, so summary.json and the messages name it wherever they are read."""
         path, self._lock, created, self._replaced = open_run_dir(
             self.cfg, self.ctx, resume_dir=self.resume_dir, force=self.force
         )
+        path = Path(os.path.abspath(path))
         self._created_run_dir = path if created else None
         return path
 
@@ -278,6 +295,14 @@ class Trainer:
         start_epoch, start_step, partial = self.state.epoch, self.state.step_in_epoch, self.state.partial
         show = self.progress and ctx.is_main
         tell = self.print_summary and ctx.is_main
+        self.state.session_start = time.perf_counter()
+        if start_epoch >= epochs:  # a finished run (_nothing_to_train): no bar, no files written
+            if tell:
+                print(
+                    f"{self.run_dir} is already complete ({_count(start_epoch, 'epoch')}); "
+                    "raise train.epochs to continue it"
+                )
+            return self._summary(complete=True)
         self.bar = ProgressBar(
             epochs * self.steps_per_epoch,
             start_epoch * self.steps_per_epoch + start_step,
@@ -285,12 +310,6 @@ class Trainer:
             self.steps_per_epoch,
             ctx.world_size,
         )
-        self.state.session_start = time.perf_counter()
-        if start_epoch >= epochs:
-            self.bar.close()
-            if tell:
-                print(f"{self.run_dir} is already complete ({epochs} epochs); raise train.epochs to continue it")
-            return self._summary(complete=True)
         try:
             for epoch in range(start_epoch, epochs):
                 resumed = epoch == start_epoch and start_step > 0
@@ -567,6 +586,11 @@ class Trainer:
             world_size=self.ctx.world_size,
             run_dir=self.run_dir,
         )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- public entry point
