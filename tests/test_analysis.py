@@ -854,3 +854,69 @@ def test_report_treats_an_option_a_run_predates_as_its_default(tmp_path):
     (new / "config.yaml").write_text(yaml.safe_dump(cfg))
     report = build_report([old, new], tmp_path / "out", plots=False)
     assert "61.00 ± 1.41" in report.markdown  # one cell, two seeds
+
+
+def test_report_counts_a_copied_run_once_and_ignores_options_that_cannot_change_results(tmp_path, capsys):
+    import shutil
+
+    from reste.cli import main
+
+    runs = tmp_path / "runs"
+    one = fixture_run(runs, "one", [40.0, 49.39], seed=0, snapshot=False)
+    shutil.copytree(one, runs / "one-copy")  # the QA case: two copies of one run
+    fixture_run(runs, "seed1", [40.0, 51.0], seed=1, snapshot=False)
+    # the same setting, checkpointed more often and tested in other batches: one more seed of the same cell
+    _edit_run(
+        fixture_run(runs, "seed2", [40.0, 53.0], seed=2, snapshot=False),
+        config={"train": {"checkpoint_every_steps": 5, "threads": 1}, "data": {"test_batch_size": 100}},
+    )
+    assert main(["report", str(runs), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert f"duplicate: {runs / 'one-copy'} has the same setting and seed (0) as {one}; only {one} is counted" in out
+    text = (tmp_path / "rep" / "report.md").read_text()
+    results = report_section(text, "Results")
+    # was: seeds "0,0" and 49.39 ± 0.00 for the copies, and a separate row for the checkpoint_every_steps run
+    rows = [line for line in results.splitlines() if line.startswith("| fashion_mnist")]
+    assert len(rows) == 1 and "| 0,1,2 | 51.13 ± 1.81 |" in rows[0]  # mean and sd of 49.39, 51, 53
+    assert "3 finished runs in 1 settings" in text and "Counted once" in text
+    # a copy whose numbers differ (another machine) says so; the folder given twice is not a duplicate
+    _edit_run(runs / "one-copy", summary={"final_top1": 48.0})
+    report = build_report([runs, one], tmp_path / "rep2", plots=False)
+    assert len(report.duplicates) == 1 and "the copy left out has 48.00" in report.duplicates[0]
+
+
+def test_report_errors_name_the_output_the_damaged_file_and_an_unfinished_run(tmp_path, capsys):
+    from reste.cli import main
+
+    run = fixture_run(tmp_path / "runs", "r", [40.0, 50.0], snapshot=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    # was: a NotADirectoryError traceback
+    for out in (afile, afile / "sub"):
+        assert main(["report", str(run), "--out", str(out), "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} ") and "an existing file, not a directory" in err
+    assert afile.read_text() == "x"
+
+    # a damaged metrics.jsonl and no summary.json: was a ValueError traceback from rundir.read_metrics
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "test_top1": 40.0}\n{"epoch": 2, "test_')
+    assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'metrics.jsonl'}, line 2: not valid JSON") and len(err.splitlines()) == 1
+    (run / "metrics.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(NotARunError, match="row 1: not a JSON object"):
+        build_report([run], tmp_path / "rep")
+
+    # a run stopped before its first epoch ended: only checkpoints/last.pt (was: "not a run directory")
+    early = tmp_path / "early5"
+    (early / "checkpoints").mkdir(parents=True)
+    (early / "checkpoints" / "last.pt").write_bytes(b"x")
+    (early / "config.yaml").write_text("seed: 0\n")
+    assert main(["report", str(early), "--out", str(tmp_path / "rep"), "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert f"{early} is an unfinished run" in err and f"`reste train --resume {early}`" in err
+    (early / "checkpoints" / "last.pt").unlink()  # killed during set-up: nothing to resume
+    with pytest.raises(NotARunError, match="stopped before its first checkpoint"):
+        build_report([early], tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()

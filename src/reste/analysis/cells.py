@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .runs import RunRecord
 
-__all__ = ["Cell", "make_cells", "Paired", "paired", "T_CRITICAL_95"]
+__all__ = ["Cell", "Duplicate", "make_cells", "Paired", "paired", "T_CRITICAL_95"]
 
 #: two-sided 5% critical values of Student's t, by degrees of freedom (1-30); beyond 30, 2.0
 T_CRITICAL_95 = (
@@ -139,12 +139,44 @@ def _image_counts(run: RunRecord) -> tuple[int | None, int | None]:
     return train, (test if test is not None or meta is None else meta.test_size)
 
 
-def make_cells(runs: Iterable[RunRecord]) -> list[Cell]:
-    """Group finished runs by setting, keeping first-seen order."""
+@dataclass(frozen=True)
+class Duplicate:
+    """A finished run with the same setting and seed as one already in its cell: counted once."""
+
+    run: RunRecord  # left out
+    kept: RunRecord  # the one counted (the first given)
+
+    def __str__(self) -> str:
+        def top1(r: RunRecord) -> str:
+            value = (r.summary or {}).get("final_top1")
+            return "?" if value is None else f"{float(value):.2f}"
+
+        same = top1(self.run) == top1(self.kept)
+        return (
+            f"`{self.run.dir}` has the same setting and seed ({self.run.get('seed')}) as `{self.kept.dir}`; "
+            f"only `{self.kept.dir}` is counted"
+            + ("" if same else f" (final top-1 {top1(self.kept)}; the copy left out has {top1(self.run)})")
+        )
+
+
+def make_cells(runs: Iterable[RunRecord], duplicates: list[Duplicate] | None = None) -> list[Cell]:
+    """Group finished runs by setting, keeping first-seen order.
+
+    A run with the same setting and seed as one already in its cell (a run copied, or given twice
+    through two sweep directories) is not a second seed: only the first is kept, and the others are
+    appended to ``duplicates`` when a list is given."""
     cells: dict[tuple, Cell] = {}
     for run in runs:
-        if run.finished:
-            cells.setdefault(run.setting, Cell([])).runs.append(run)
+        if not run.finished:
+            continue
+        cell = cells.setdefault(run.setting, Cell([]))
+        seed = run.get("seed")
+        kept = next((r for r in cell.runs if r.get("seed") == seed), None)
+        if kept is not None:
+            if duplicates is not None and kept.dir.resolve() != run.dir.resolve():  # not the same folder given twice
+                duplicates.append(Duplicate(run, kept))
+            continue
+        cell.runs.append(run)
     return list(cells.values())
 
 

@@ -94,6 +94,8 @@ def run_report(args: argparse.Namespace) -> int:
         f"wrote {report.path}"
         + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else "")
     )
+    for line in report.duplicates:  # as in report.md: copies of one (setting, seed) are one seed
+        print(f"duplicate: {line.replace('`', '')}")
     for line in report.not_drawn:  # the same lines as in report.md: what is missing and why
         print(f"not drawn: {line}")
     return 0

@@ -39,8 +39,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ReSTEError, UsageError
+
 # the report's parts, by concern; every name moved from this module stays importable from it
-from .cells import Cell, _differing_keys, _families, _image_counts, _stats, make_cells  # noqa: F401
+from .cells import Cell, Duplicate, _differing_keys, _families, _image_counts, _stats, make_cells  # noqa: F401
 from .figures import (
     _figure1,
     _figure2,
@@ -103,6 +105,7 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
     not_drawn: list[str] = field(default_factory=list)  # a line per table or figure left out, with the reason
+    duplicates: list[str] = field(default_factory=list)  # a line per run counted once: same setting and seed
 
 
 def _values(cells: Sequence[Cell], key: str) -> str:
@@ -163,6 +166,26 @@ def _not_drawn(cells: Sequence[Cell], sections: Sequence[str], figures: Sequence
     return lines
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output directory that is, or lies under, an existing file (exit code 2, naming --out)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == out else f"lies under {existing}, which is"
+        raise UsageError(
+            f"--out {out} {where} an existing file, not a directory; give a directory for report.md and "
+            "figures/ (it is created if missing)"
+        )
+
+
+def _make_dir(folder: Path, out: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # no permission, a read-only or full disk, a file created meanwhile
+        raise ReSTEError(f"cannot create {folder} for --out {out}: {err.strerror or err}") from None
+
+
 # --------------------------------------------------------------------------- entry point
 def build_report(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, command: str | None = None, plots: bool = True
@@ -174,11 +197,13 @@ def build_report(
     """
     if not paths:
         raise NotARunError("no run or sweep directory given")
+    _check_out(Path(out))  # before reading anything
     runs: list[RunRecord] = []
     for p in paths:
         runs.extend(find_runs(p))
     unfinished = [r for r in runs if not r.finished]
-    cells = make_cells(runs)
+    duplicates: list[Duplicate] = []
+    cells = make_cells(runs, duplicates)
     if not cells:
         raise NotARunError(
             f"no finished run (summary.json marked complete) in {', '.join(map(str, paths))}; "
@@ -190,7 +215,7 @@ def build_report(
     figures: list[tuple[str, Path, str]] = []  # title, file, caption
     plt = _pyplot() if plots else None
     if plt is not None:
-        fig_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(fig_dir, out)
 
     sections.append(_results_section(cells))
     sections += _table2_sections(cells)
@@ -223,11 +248,14 @@ def build_report(
     head = ["# reste report", ""]
     if command:
         head += [f"Made by `{command}`.", ""]
-    head.append(
-        f"{len(runs) - len(unfinished)} finished runs in {len(cells)} settings, from: "
-        + ", ".join(f"`{p}`" for p in paths)
-        + "."
-    )
+    counted = sum(len(c.runs) for c in cells)
+    head.append(f"{counted} finished runs in {len(cells)} settings, from: " + ", ".join(f"`{p}`" for p in paths) + ".")
+    if duplicates:
+        head.append(
+            "Counted once (a copy of a run, same setting and seed, is not a second seed): "
+            + "; ".join(str(d) for d in duplicates)
+            + "."
+        )
     if unfinished:
         head.append(
             "Left out, unfinished (no complete summary.json): " + ", ".join(f"`{r.dir}`" for r in unfinished) + "."
@@ -242,7 +270,17 @@ def build_report(
     )
     body = "\n\n".join(sections) + ("\n\n## Figures\n\n" + _scale_line(cells) + "\n\n" + fig_text if fig_text else "")
     text = "\n".join(head) + "\n" + body + "\n"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out, out)
     path = out / "report.md"
-    path.write_text(text, encoding="utf-8")
-    return Report(markdown=text, path=path, figures=[p for _, p, _ in figures], sections=sections, not_drawn=missing)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise ReSTEError(f"cannot write {path}: {err.strerror or err}") from None
+    return Report(
+        markdown=text,
+        path=path,
+        figures=[p for _, p, _ in figures],
+        sections=sections,
+        not_drawn=missing,
+        duplicates=[str(d) for d in duplicates],
+    )

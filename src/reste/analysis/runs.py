@@ -39,8 +39,9 @@ def _neutral_keys() -> tuple[str, ...]:
 #: these are the same setting in a report, and a sweep reuses a run whatever they were
 NEUTRAL_KEYS = _neutral_keys()
 
-#: config keys that never distinguish cells
-IGNORED_PREFIXES = ("seed", "name", "out.")
+#: config keys that never distinguish cells: the seed (a cell is over seeds), names and output paths,
+#: and the options that cannot change the results (a run checkpointed more often is the same run)
+IGNORED_PREFIXES = ("seed", "name", "out.", *NEUTRAL_KEYS)
 
 
 def neutral(key: str) -> bool:
@@ -101,7 +102,8 @@ class RunRecord:
 
     @property
     def setting(self) -> tuple:
-        """The resolved config without seed, name and output paths: equal settings form a cell."""
+        """The resolved config without seed, name, output paths and the options that cannot change
+        results (:data:`NEUTRAL_KEYS`): equal settings form a cell."""
         return tuple(sorted((k, repr(v)) for k, v in self.flat.items() if not _ignored(k)))
 
     def get(self, key: str, default=None):
@@ -138,6 +140,17 @@ def load_run(path: str | os.PathLike) -> RunRecord:
             f"{path} does not exist or is not a directory; give a run directory written by "
             "`reste train` or a sweep directory"
         )
+    if not _is_run(path) and rundir.checkpoint_path(path, "last").is_file():
+        raise NotARunError(
+            f"{path} is an unfinished run: it has checkpoints/last.pt but no results yet (no summary.json or "
+            f"metrics.jsonl: it stopped before the end of its first epoch). Finish it with "
+            f"`reste train --resume {path}`, then report it"
+        )
+    if not _is_run(path) and rundir.looks_like_run(path):
+        raise NotARunError(
+            f"{path} is a run that stopped before its first checkpoint (no results, nothing to resume); "
+            "start it again with the command that made it (add --force to reuse the folder)"
+        )
     if not _is_run(path):
         raise NotARunError(
             f"{path} is not a run directory: it has neither summary.json nor metrics.jsonl. "
@@ -153,7 +166,17 @@ def load_run(path: str | os.PathLike) -> RunRecord:
             config = rundir.read_config(path, allow_empty=True)
         except ConfigError as err:
             raise NotARunError(f"{err}; the run's files are damaged") from None
-    metrics = rundir.read_metrics(path) if (path / rundir.METRICS).is_file() else []
+    try:
+        metrics = rundir.read_metrics(path) if (path / rundir.METRICS).is_file() else []
+    except (ValueError, OSError) as err:  # a line that is not JSON names the file and line; unreadable
+        if isinstance(err, ValueError):
+            raise NotARunError(str(err)) from None
+        raise NotARunError(f"cannot read {path / rundir.METRICS}: {err.strerror or err}") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise NotARunError(f"{path / rundir.SUMMARY} is not a JSON object; the run's files are damaged")
+    bad = next((i for i, row in enumerate(metrics, 1) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise NotARunError(f"{path / rundir.METRICS}, row {bad}: not a JSON object; the file is damaged")
     return RunRecord(dir=path, config=config, summary=summary, metrics=metrics)
 
 
