@@ -139,6 +139,8 @@ def test_wrong_types_name_the_key_and_expected_type(override, expected):
     [
         ("optim.lr=0", "optim.lr must be > 0"),
         ("optim.lr=-0.1", "optim.lr must be > 0"),
+        ("optim.lr=.inf", "optim.lr must be a finite number > 0, got inf"),  # was: "must be > 0, got inf"
+        ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
         ("estimator.o_end=0.5", "estimator.o_end must be >= 1"),
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
@@ -262,6 +264,10 @@ def test_options_may_come_after_overrides(capsys):
         (["train", "optim.lrr=0.1"], "Did you mean 'optim.lr'"),
         (["train", "train.epochs=two"], "train.epochs must be of type int"),
         (["train", "a.yaml", "b.yaml"], "two config files given"),
+        # a space instead of '=': was "two config files given ('train.epochs' and '1')"
+        (["train", "train.epochs", "1"], "'train.epochs' is a config key without a value; write train.epochs=1 "),
+        (["train", "optim.lr"], "write optim.lr=VALUE (key=value, no spaces around '=')"),
+        (["train", "optim.lrr", "0.1"], "(if 'optim.lrr' is a setting, write optim.lrr=0.1)"),
         (["train", "missing.yaml"], "does not exist"),
     ],
 )
@@ -367,3 +373,18 @@ def test_wrap_model_compiles_as_train_compile_resolves_on_a_mocked_cuda_device(m
     setup.wrap_model(model, DistContext(), "true")
     setup.wrap_model(model, cuda, "false")
     assert calls == ["default", "reduce-overhead", "default"]
+
+
+def test_a_gpu_index_this_machine_lacks_is_a_config_error(monkeypatch):
+    """train.device=cuda:3 on a one-GPU machine (and eval's device): was torch's 'invalid device ordinal'."""
+    import torch
+
+    from reste.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 GPU \(cuda:0 to cuda:0\)"):
+        D.resolve_device("cuda:3")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'foo'"):
+        D.resolve_device("foo", key="device")
+    assert D.resolve_device("cuda:0") == torch.device("cuda:0")

@@ -261,3 +261,48 @@ def test_export_check_fails_when_the_file_predicts_other_classes(run, capsys, tm
     check = read_metadata(out)["verification"]
     assert not check["passed"] and check["images"] == 20 and check["agreement"] < 0.99
     assert check["images_over_tolerance"] == 20 and check["random_max_abs_logit_diff"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--subset", "0"], "--subset must be a positive number of training images"),
+        (["--subset", "-5"], "--subset must be a positive number of training images"),
+        (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+        (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ],
+)
+def test_eval_options_out_of_range_are_usage_errors_naming_the_option(run, capsys, option, expected):
+    """Were a ValueError / RuntimeError traceback with exit 1 (--batch-size 0: silently the run's batch)."""
+    _, run_dir, _, _ = run
+    for source in (run_dir, run_dir / "model.safetensors"):  # a run and an export are checked alike
+        capsys.readouterr()
+        code = cli.main(["eval", str(source), *option])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == ""
+        assert captured.err.startswith("error: ") and captured.err.count("\n") == 1  # one line
+        assert expected in captured.err and "Traceback" not in captured.err
+
+
+def test_eval_on_cuda_without_cuda_names_the_option(run, capsys, monkeypatch):
+    _, run_dir, _, _ = run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        code = cli.main(["eval", str(run_dir), "--device", device])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err == f"error: --device {device}: CUDA is not available here; use --device cpu (or auto)\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["eval", str(run_dir), "--device", "cuda:3"]) == 2
+    assert "--device cuda:3: this machine has 1 GPU (cuda:0 to cuda:0)" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # the library names its argument the same way
+    with pytest.raises(T.ConfigError, match="device=cuda but CUDA is not available here; use device=cpu"):
+        T.evaluate(run_dir, device="cuda")
+    with pytest.raises(T.ConfigError, match="batch_size must be a whole number >= 1"):
+        T.evaluate(run_dir, batch_size=0, device="cpu")
+    with pytest.raises(T.ConfigError, match="subset must be 'run', None"):
+        T.evaluate(run_dir, subset=0, device="cpu")

@@ -126,15 +126,31 @@ def _allow_options_anywhere(parser: argparse.ArgumentParser, takes_value: tuple[
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """The config file and the ``key=value`` overrides of ``reste train``'s words. A word that is a
+    config key (not a file) lacks its ``=VALUE``: an error that shows the override it meant."""
+    import os
+
+    from .config import _all_keys
+
     config, overrides = None, []
-    for item in items:
+    keys = set(_all_keys())
+    for i, item in enumerate(items):
         if "=" in item:
             overrides.append(item)
-        elif config is None:
+            continue
+        if item in keys and not os.path.exists(item):
+            value = items[i + 1] if i + 1 < len(items) and "=" not in items[i + 1] else "VALUE"
+            raise ConfigError(
+                f"{item!r} is a config key without a value; write {item}={value} (key=value, no spaces around '=')"
+            )
+        if config is None:
             config = item
         else:
+            hint = ""
+            if not config.endswith((".yaml", ".yml")) and not os.path.exists(config):
+                hint = f" (if {config!r} is a setting, write {config}={item})"
             raise ConfigError(
-                f"two config files given ({config!r} and {item!r}); give one YAML file, then key=value overrides"
+                f"two config files given ({config!r} and {item!r}); give one YAML file, then key=value overrides" + hint
             )
     return config, overrides
 
@@ -166,6 +182,14 @@ def run_eval(args: argparse.Namespace) -> int:
     export = str(args.source).endswith(".safetensors")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.subset is not None and args.subset < 1:
+        raise UsageError(
+            f"--subset must be a positive number of training images (the first N // 5 test images are "
+            f"evaluated, at least 1), got {args.subset}; or --full for the whole test set"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}; e.g. --batch-size 512")
+    _check_device(args.device)
     if export and args.which:
         raise UsageError(
             f"--which chooses a checkpoint of a run directory; {args.source} holds the one it was exported from"
@@ -203,6 +227,26 @@ def run_eval(args: argparse.Namespace) -> int:
         picked = [f"data.{key}={result[key]}" for key in ("subset", "test_subset") if result.get(key) is not None]
         which = "the whole test set" if not picked else f"the first ones, as {' and '.join(picked)}; --full for all"
         label = f"{result['file']} ({result['checkpoint']}, " if export else f"{result['checkpoint']} ("
-        print(f"{label}epoch {result['epoch']}) on the {result['data']} test set: {result['count']:,} images ({which})")
+        images = f"{result['count']:,} image{'' if result['count'] == 1 else 's'}"
+        print(f"{label}epoch {result['epoch']}) on the {result['data']} test set: {images} ({which})")
         print(f"  top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}")
     return 0
+
+
+def _check_device(device: str) -> None:
+    """``--device``: auto, cpu, cuda or cuda:N, and CUDA only where there is a GPU (UsageError, exit 2)."""
+    from ..errors import short_repr
+
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {short_repr(device)}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device != "cuda" and int(device[5:]) >= count:
+            raise UsageError(
+                f"--device {device}: this machine has {count} GPU{'' if count == 1 else 's'} "
+                f"(cuda:0 to cuda:{count - 1}); use one of them, or --device cuda"
+            )

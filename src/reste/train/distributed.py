@@ -65,17 +65,27 @@ def _env_int(name: str, default: int) -> int:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``."""
+def resolve_device(setting: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``. A setting that is not
+    auto, cpu, cuda or cuda:N, or names a GPU this machine lacks, is a ConfigError naming ``key``."""
+    from ..errors import short_repr
+    from .config import ConfigError
+
+    if not (setting in ("auto", "cpu", "cuda") or (setting.startswith("cuda:") and setting[5:].isdigit())):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {short_repr(setting)}")
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            from .config import ConfigError
-
-            raise ConfigError(f"train.device={setting} but CUDA is not available here; use train.device=cpu (or auto)")
+            raise ConfigError(f"{key}={setting} but CUDA is not available here; use {key}=cpu (or auto)")
         if setting == "cuda":
             setting = f"cuda:{local_rank}"
+        count = torch.cuda.device_count()
+        if int(setting[5:]) >= count:
+            raise ConfigError(
+                f"{key}={setting} but this machine has {count} GPU{'' if count == 1 else 's'} "
+                f"(cuda:0 to cuda:{count - 1}); use one of them, or {key}=cuda"
+            )
     return torch.device(setting)
 
 

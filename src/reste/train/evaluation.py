@@ -104,6 +104,14 @@ def evaluate(
     """
     from reste import data as rdata
 
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a whole number >= 1 or None (the run's), got {batch_size!r}")
+    if subset not in ("run", None) and (not isinstance(subset, int) or isinstance(subset, bool) or subset < 1):
+        raise ConfigError(
+            f"subset must be 'run', None (the whole test set) or a number of training images >= 1 (the first "
+            f"N // 5 test images), got {subset!r}"
+        )
+    dev = D.resolve_device(device, key="device")
     path = locate_checkpoint(source, which)
     state = load_checkpoint(path, required=("model", "config"))
     try:
@@ -122,7 +130,6 @@ def evaluate(
             f"{trained_on.in_channels} channels) "
             f"and cannot be evaluated on {name} ({meta.num_classes} classes, {meta.in_channels} channels)"
         )
-    dev = D.resolve_device(device)
     model = build_model(cfg, trained_on).to(dev)
     load_model_weights(model, state["model"], path)
     batch = batch_size or cfg.data.test_batch_size or cfg.data.batch_size
