@@ -784,7 +784,9 @@ def validate(cfg: Config) -> Config:
 
     o = cfg.optim
     _check(
-        math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}; e.g. optim.lr=0.1 for sgd, 0.002 for adam"
+        math.isfinite(o.lr) and o.lr > 0,
+        f"optim.lr must be {'> 0' if math.isfinite(o.lr) else 'a finite number > 0'}, got {o.lr}; "
+        "e.g. optim.lr=0.1 for sgd, 0.002 for adam",
     )
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
     _check(
