@@ -213,7 +213,7 @@ class Sweep:
     poll_s: float = 0.5
     runs: list[SweepRun] = field(default_factory=list, init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.jobs < 1:
             raise SweepError(f"--jobs must be >= 1, got {self.jobs}")
         if self.config is not None and not Path(self.config).is_file():
