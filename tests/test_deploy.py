@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -950,6 +951,101 @@ def test_cli_export_and_summary(tmp_path, capsys):
     assert "memory compression" in capsys.readouterr().out
 
 
+def _one_error(err: str, *parts: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_export_interrupted_or_failing_leaves_out_as_it_was(tmp_path, capsys, monkeypatch):
+    """The file is written beside --out under a temporary name, checked, then renamed: an interrupt or
+    an error before that leaves --out absent (or the old file), and no temporary file."""
+    from reste.cli import main
+    from reste.deploy import verify
+
+    run, _ = _fake_run(tmp_path)
+    folder = tmp_path / "out"
+    out = folder / "m.safetensors"
+    argv = ["export", str(run), "--checkpoint", "last", "--out", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(verify, "check_export", interrupted)
+        assert main(argv) == 130  # Ctrl-C during the check: no file at all
+        assert list(folder.iterdir()) == []
+        out.write_bytes(b"a previous export")
+        assert main(argv) == 130  # the previous file is not replaced before the check
+        assert out.read_bytes() == b"a previous export" and [p.name for p in folder.iterdir()] == ["m.safetensors"]
+    capsys.readouterr()
+    # a check that ran and failed never replaces a previous file: the new one goes beside it
+    with monkeypatch.context() as m:
+        m.setattr(verify, "check_export", lambda *a, **k: ([], "the exported model is wrong"))
+        assert main(argv) == 1
+    failed = folder / "m.failed.safetensors"
+    _one_error(capsys.readouterr().err, "the exported model is wrong", f"{out} is unchanged", str(failed))
+    assert out.read_bytes() == b"a previous export" and failed.is_file()
+    failed.unlink()
+    # success: the checked file, with its data and verification entries, replaces the old one, and the
+    # size printed is the final file's (it was read before the verification entry was added)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert verify.read_metadata(out)["verification"]["passed"]
+    assert f"file {out.stat().st_size:,} bytes" in printed
+    assert [p.name for p in folder.iterdir()] == ["m.safetensors"]
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="RESTE_DEPLOY_ISA applies to the compiled extension")
+def test_export_with_a_bad_kernel_setting_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from reste.cli import main
+
+    export_mod = importlib.import_module("reste.deploy.export")  # the module; reste.deploy.export is the function
+    run, _ = _fake_run(tmp_path)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old")
+    monkeypatch.setattr(export_mod, "load_run_model", lambda *a: pytest.fail("the run was read"))
+    _reload_with_env(monkeypatch, "RESTE_DEPLOY_ISA", "bogus")
+    for fmt in ("safetensors", "onnx"):
+        target = out if fmt == "safetensors" else tmp_path / "m.onnx"
+        assert main(["export", str(run), "--checkpoint", "last", "--out", str(target)]) == 2
+        _one_error(capsys.readouterr().err, "RESTE_DEPLOY_ISA=bogus", "Unset RESTE_DEPLOY_ISA")
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", run.name]
+
+
+def test_export_out_and_format_are_checked(tmp_path, capsys):
+    import argparse
+
+    from reste.cli import main
+    from reste.deploy.commands import _export_target
+
+    run, _ = _fake_run(tmp_path)
+    folder = tmp_path / "somedir"
+    folder.mkdir()
+    assert main(["export", str(run), "--checkpoint", "last", "--out", str(folder)]) == 2
+    _one_error(capsys.readouterr().err, f"--out {folder} is a directory", f"{folder / 'model-1bit.safetensors'}")
+    for fmt, name in (("safetensors", "x.onnx"), ("onnx", "x.safetensors")):
+        argv = ["export", str(run), "--checkpoint", "last", "--format", fmt, "--out", str(tmp_path / name)]
+        assert main(argv) == 2
+        _one_error(capsys.readouterr().err, f"--format is {fmt}", "give --format")
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [run.name, "somedir"]
+
+    def target(out=None, format=None):
+        return _export_target(argparse.Namespace(out=out, format=format), run)
+
+    # without --format, the extension decides
+    assert target("x.onnx") == ("onnx", Path("x.onnx"))
+    assert target("x.ONNX") == ("onnx", Path("x.ONNX"))
+    assert target("x.safetensors") == ("safetensors", Path("x.safetensors"))
+    assert target("x.bin") == ("safetensors", Path("x.bin"))
+    assert target("x.bin", "onnx") == ("onnx", Path("x.bin"))
+    assert target() == ("safetensors", run / "model-1bit.safetensors")
+    assert target(None, "onnx") == ("onnx", run / "model.onnx")
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="times the compiled kernel; the reference path is covered above")
 def test_bench_conv_smoke():
     from reste.deploy.bench import bench_conv
@@ -991,6 +1087,7 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
         assert f"float side: ATen {aten}, oneDNN " in text
         if ISAS[1] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in os.environ:  # says how to lower the float side too
             assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" in text
+
     from reste.cli import main
 
     assert main(["bench-infer", "--isa", "no-such-path", "--repeats", "1", "--quick", "--json", "-"]) == 1

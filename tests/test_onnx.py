@@ -236,3 +236,32 @@ def test_export_onnx_without_onnx_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(reste.deploy.ExportError, match=r"reste\[onnx\]"):
         export_onnx(copy.deepcopy(_tiny_resnet()), tmp_path / "m.onnx", (1, 12, 12))
+
+
+@needs_ort
+def test_cli_export_onnx_is_renamed_into_place_only_after_its_check(tmp_path, capsys, monkeypatch):
+    """An interrupt during the onnxruntime check leaves a previous file as it was and no temporary file;
+    --out ending in .onnx selects the format; the size printed is the final file's (metadata included)."""
+    from reste.cli import main
+    from reste.deploy import onnx as onnx_mod
+
+    run, _ = _fake_run(tmp_path)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "m.onnx"
+    out.write_bytes(b"a previous export")
+    argv = ["export", str(run), "--checkpoint", "last", "--exporter", "torchscript", "--out", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx_mod, "check_onnx", interrupted)
+        assert main(argv) == 130
+    assert out.read_bytes() == b"a previous export" and [p.name for p in folder.iterdir()] == ["m.onnx"]
+    capsys.readouterr()
+    assert main(argv) == 0  # no --format: the extension says onnx
+    printed = capsys.readouterr().out
+    assert f"(ONNX, torchscript exporter, {out.stat().st_size:,} bytes;" in printed
+    assert onnx_mod.read_onnx_metadata(out)["reste.verification"]["passed"]
+    assert [p.name for p in folder.iterdir()] == ["m.onnx"]

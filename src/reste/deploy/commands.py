@@ -9,7 +9,10 @@ errors) are turned into ``ReSTEError`` here, with the message the command always
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ReSTEError, UsageError
@@ -33,9 +36,13 @@ norms and real layers as float32, and the architecture; load it with
 reste.deploy.load(FILE). Training state (optimizer, latent float weights, estimator
 parameters) is left out.
 
---format onnx writes an ONNX graph instead (binary weights as +-1 float constants times
-alpha, sign(0) = +1 explicit, dynamic batch size), checked against the trained model
-with onnxruntime when it is installed. See docs/deploy.md, Interoperability.
+--format onnx (or an --out ending in .onnx) writes an ONNX graph instead (binary
+weights as +-1 float constants times alpha, sign(0) = +1 explicit, dynamic batch size),
+checked against the trained model with onnxruntime when it is installed. See
+docs/deploy.md, Interoperability.
+
+The file is written beside --out under a temporary name, checked, and only then renamed
+over --out: an export stopped by an error or an interrupt leaves --out as it was.
 """
 
 BENCH_EPILOG = """\
@@ -85,8 +92,9 @@ def register(subparsers) -> None:
     e.add_argument(
         "--format",
         choices=("safetensors", "onnx"),
-        default="safetensors",
-        help="safetensors: 1-bit packed weights for reste.deploy (default); onnx: an ONNX graph for other runtimes",
+        default=None,
+        help="safetensors: 1-bit packed weights for reste.deploy; onnx: an ONNX graph for other runtimes "
+        "(default: from --out's extension, .onnx for onnx, else safetensors)",
     )
     e.add_argument(
         "--exporter",
@@ -223,6 +231,84 @@ def run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the file name extensions of the export formats; an --out with one of them implies its format
+_FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx"}
+_DEFAULT_NAME = {"safetensors": "model-1bit.safetensors", "onnx": "model.onnx"}
+
+
+def _export_target(args: argparse.Namespace, run_dir: Path) -> tuple[str, Path]:
+    """(format, --out) of ``reste export``: the format from --format, else from --out's extension
+    (``.onnx``: onnx, anything else: safetensors); a --format that contradicts the extension, or an
+    --out that is a folder, is a usage error."""
+    fmt = getattr(args, "format", None)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        implied = _FORMAT_OF_SUFFIX.get(out.suffix.lower())
+        if fmt is None:
+            fmt = implied or "safetensors"
+        elif implied is not None and implied != fmt:
+            raise UsageError(
+                f"--out {out} is a {out.suffix} file but --format is {fmt}; give --format {implied}, or an --out "
+                f"ending in .{fmt} (without --format the extension decides)"
+            )
+    fmt = fmt or "safetensors"
+    out = out if out is not None else run_dir / _DEFAULT_NAME[fmt]
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name such as {out / _DEFAULT_NAME[fmt]}")
+    return fmt, out
+
+
+def _check_kernel_setting() -> None:
+    """Refuse a ``RESTE_DEPLOY_ISA`` this CPU cannot run (KernelPathError, exit 2) before any work."""
+    from .packed import _ext
+
+    _ext()
+
+
+@contextmanager
+def _staged(out: Path):
+    """A temporary file name beside ``out`` (same folder, so the final rename is atomic), removed
+    on any error or interrupt: what is not renamed over ``out`` leaves no trace."""
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+    finally:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _publish(tmp: Path, out: Path, passed: bool) -> Path:
+    """Rename the checked ``tmp`` over ``out`` (and fsync the folder); returns where it went.
+
+    A file whose check ran and failed never replaces a previous file: then it goes beside it,
+    to ``<stem>.failed<suffix>``, so the report has it and the old file stays."""
+    from ..train.checkpoint import _fsync_dir
+
+    dest = out if passed or not out.exists() else out.with_name(f"{out.stem}.failed{out.suffix}")
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _write_error(err: OSError, tmp: Path, out: Path) -> ReSTEError:
+    """An OS error while writing the export, naming ``out`` (not the temporary file)."""
+    name = err.filename
+    if name is not None and Path(name).name.startswith(f".{out.name}."):
+        name = out
+    what = f"cannot write {name}: {err.strerror}" if name and err.strerror else str(err).replace(str(tmp), str(out))
+    return ReSTEError(
+        f"{what}; nothing was written to {out} (a previous file there is intact); free some space "
+        "or choose another --out"
+    )
+
+
+def _failed_check(problem: str, dest: Path, out: Path, entry: str) -> ReSTEError:
+    where = f"the file is kept at {dest}" if dest == out else f"{out} is unchanged, the new file is kept at {dest}"
+    return ReSTEError(f"{problem}; {where}, its metadata entry {entry!r} has the numbers; please report this")
+
+
 def run_export(args: argparse.Namespace) -> int:
     from .export import export, load_run_model
     from .summary import summary
@@ -230,26 +316,41 @@ def run_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ReSTEError(f"{run_dir} is not a directory; give a run directory written by `reste train`")
-    if getattr(args, "format", "safetensors") == "onnx":
-        return _run_export_onnx(args, run_dir)
-    out = Path(args.out) if args.out else run_dir / "model-1bit.safetensors"
+    fmt, out = _export_target(args, run_dir)
+    _check_kernel_setting()
+    if fmt == "onnx":
+        return _run_export_onnx(args, run_dir, out)
+    from .verify import check_export
+
     try:
-        model, arch, source = load_run_model(run_dir, args.checkpoint)
-        export(model, out, architecture=arch, source=source)
-    except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
-        raise
-    except ValueError as err:
-        raise ReSTEError(str(err)) from None
-    except OSError as err:  # e.g. a full disk: export writes atomically, so a previous file is intact
-        what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-        raise ReSTEError(
-            f"{what}; nothing was written to {out} (a previous file there is intact); free some space "
-            "or choose another --out"
-        ) from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(err, out, out) from None
+    with _staged(out) as tmp:
+        try:
+            model, arch, source = load_run_model(run_dir, args.checkpoint)
+            export(model, tmp, architecture=arch, source=source)
+            # records the run's data set in the file, and checks it on real test images (see verify.py)
+            lines, problem = check_export(
+                run_dir,
+                tmp,
+                model,
+                args.checkpoint,
+                verify=not args.no_verify,
+                images=args.verify_images,
+                root=args.root,
+            )
+            dest = _publish(tmp, out, problem is None)
+        except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
+            raise
+        except OSError as err:  # e.g. a full disk: the temporary file is removed, --out untouched
+            raise _write_error(err, tmp, out) from None
+        except ValueError as err:
+            raise ReSTEError(str(err).replace(str(tmp), str(out))) from None
     size = (arch["in_channels"], arch["image_size"], arch["image_size"])
     s = summary(model, size)
-    print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out}")
-    size_bytes = out.stat().st_size
+    print(f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {dest}")
+    size_bytes = dest.stat().st_size  # the final file, its data and verification entries included
     print(
         f"  file {size_bytes:,} bytes: {s.float32_bytes / size_bytes:.1f}x smaller than the model's "
         f"float32 weights ({s.float32_bytes:,} bytes)"
@@ -259,99 +360,103 @@ def run_export(args: argparse.Namespace) -> int:
     note = slow_kernel_note()
     if note:  # the file is fine; this machine would run it slowly
         print(f"warning: {note}", file=sys.stderr)
-    from .verify import check_export
-
-    # records the run's data set in the file, and checks it on real test images (see verify.py)
-    try:
-        lines, problem = check_export(
-            run_dir, out, model, args.checkpoint, verify=not args.no_verify, images=args.verify_images, root=args.root
-        )
-    except ReSTEError:
-        raise
-    except (ValueError, OSError) as err:
-        raise ReSTEError(str(err)) from None
     for line in lines:
         print(line)
     if problem:  # the export ran but its check did not pass: the work failed
-        raise ReSTEError(
-            f"{problem}; the file is kept, its metadata entry 'verification' has the numbers; please report this"
-        )
+        raise _failed_check(problem, dest, out, "verification")
     return 0
 
 
-def _run_export_onnx(args: argparse.Namespace, run_dir: Path) -> int:
-    """``reste export RUN_DIR --format onnx``: write the graph, then check it with onnxruntime if installed."""
+def _run_export_onnx(args: argparse.Namespace, run_dir: Path, out: Path) -> int:
+    """``reste export RUN_DIR --format onnx``: write the graph, check it with onnxruntime if installed,
+    then rename it over ``out``."""
     from .. import data as rdata
     from .export import load_run_model
     from .onnx import INSTALL_HINT, check_onnx, export_onnx, write_onnx_metadata
     from .verify import _run_config, data_spec, eval_loader
 
-    out = Path(args.out) if args.out else run_dir / "model.onnx"
     try:
-        model, arch, source = load_run_model(run_dir, args.checkpoint)
-        spec = data_spec(_run_config(run_dir, args.checkpoint))
-        shape = tuple(spec["input_shape"])
-        export_onnx(
-            model,
-            out,
-            shape,
-            exporter=args.exporter,
-            metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec},
-        )
-    except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
-        raise
-    except ValueError as err:
-        raise ReSTEError(str(err)) from None
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ReSTEError(f"{err}; nothing was written to {out} (a previous file there is intact)") from None
-    except Exception as err:  # noqa: BLE001 - the exporters raise their own types; name the model and the way out
-        raise ReSTEError(
-            f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
-            f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})"
-        ) from None
+        raise _write_error(err, out, out) from None
+    lines: list[str] = []
+    warning = problem = None
+    with _staged(out) as tmp:
+        try:
+            model, arch, source = load_run_model(run_dir, args.checkpoint)
+            spec = data_spec(_run_config(run_dir, args.checkpoint))
+            shape = tuple(spec["input_shape"])
+        except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
+            raise
+        except (ValueError, OSError) as err:
+            raise ReSTEError(str(err)) from None
+        try:
+            export_onnx(
+                model,
+                tmp,
+                shape,
+                exporter=args.exporter,
+                metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec},
+            )
+        except ReSTEError:  # ExportError (no onnx packages, a model that cannot be packed)
+            raise
+        except OSError as err:
+            raise _write_error(err, tmp, out) from None
+        except Exception as err:  # noqa: BLE001 - the exporters raise their own types; name the model and the way out
+            raise ReSTEError(
+                f"PyTorch's {args.exporter} ONNX exporter failed on {run_dir.name}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''} (try --exporter "
+                f"{'torchscript' if args.exporter == 'dynamo' else 'dynamo'})"
+            ) from None
+        ort = False
+        if not args.no_verify:
+            try:
+                import onnxruntime  # noqa: F401
+
+                ort = True
+            except ImportError:
+                warning = (
+                    f"warning: onnxruntime is not installed, so {out} is not checked against the trained model "
+                    f"({INSTALL_HINT})"
+                )
+        try:
+            if ort:
+                loader = None
+                try:
+                    loader = eval_loader(spec, root=args.root, download=False)
+                except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
+                    lines.append(
+                        "  warning: could not read the run's test images, so the ONNX file is checked on random "
+                        f"inputs only (give the data folder with --root DIR): {str(err).splitlines()[0]}"
+                    )
+                result = check_onnx(model, tmp, shape, loader, args.verify_images)
+                problem = result.pop("problem")
+                write_onnx_metadata(tmp, {"reste.verification": result})
+                if result["images"]:
+                    lines.append(
+                        f"  onnxruntime on {result['images']} {spec['name']} test images: predictions agree on "
+                        f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, onnx "
+                        f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}"
+                    )
+                lines.append(
+                    f"  onnxruntime on {result['random_inputs']} random inputs (batch {result['random_inputs']}): "
+                    f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}"
+                )
+            dest = _publish(tmp, out, problem is None)
+        except ReSTEError:
+            raise
+        except OSError as err:
+            raise _write_error(err, tmp, out) from None
     print(
-        f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {out} "
-        f"(ONNX, {args.exporter} exporter, {out.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])"
+        f"exported {run_dir.name} ({source['checkpoint']}, epoch {source['epoch']}) to {dest} "
+        f"(ONNX, {args.exporter} exporter, {dest.stat().st_size:,} bytes; input [N, {', '.join(map(str, shape))}])"
     )
-    if args.no_verify:
-        return 0
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        print(
-            f"warning: onnxruntime is not installed, so {out} is not checked against the trained model "
-            f"({INSTALL_HINT})",
-            file=sys.stderr,
-        )
-        return 0
-    lines, loader = [], None
-    try:
-        loader = eval_loader(spec, root=args.root, download=False)
-    except (rdata.DatasetNotFoundError, rdata.CorruptDataError, ValueError, OSError) as err:
-        lines.append(
-            "  warning: could not read the run's test images, so the ONNX file is checked on random inputs only "
-            f"(give the data folder with --root DIR): {str(err).splitlines()[0]}"
-        )
-    result = check_onnx(model, out, shape, loader, args.verify_images)
-    problem = result.pop("problem")
-    write_onnx_metadata(out, {"reste.verification": result})
-    if result["images"]:
-        lines.append(
-            f"  onnxruntime on {result['images']} {spec['name']} test images: predictions agree on "
-            f"{100 * result['agreement']:.2f}% (top-1 trained {result['trained_top1']:.2f}%, onnx "
-            f"{result['exported_top1']:.2f}%), max |logit difference| = {result['max_abs_logit_diff']:.2e}"
-        )
-    lines.append(
-        f"  onnxruntime on {result['random_inputs']} random inputs (batch {result['random_inputs']}): "
-        f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}"
-    )
+    if warning:
+        print(warning, file=sys.stderr)
     for line in lines:
         print(line)
     if problem:
-        raise ReSTEError(
-            f"{problem}; the file is kept, its metadata entry 'reste.verification' has the numbers; please report this"
-        )
+        raise _failed_check(problem, dest, out, "reste.verification")
     return 0
 
 
