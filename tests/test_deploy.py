@@ -1046,6 +1046,51 @@ def test_export_out_and_format_are_checked(tmp_path, capsys):
     assert target(None, "onnx") == ("onnx", run / "model.onnx")
 
 
+def test_summary_refuses_an_input_size_it_cannot_run_naming_it(tmp_path, capsys):
+    """Sizes below 1, the wrong channels for the model, an input whose activations would not fit memory
+    (checked on the meta device, before anything is allocated): exit 2, one line naming --input-size."""
+    from reste.cli import main
+
+    run, model = _fake_run(tmp_path)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 1, "precision": "1w1a", "image_size": 28}
+    exported = export(model, tmp_path / "m.safetensors", architecture=arch)
+    cases = [
+        (["resnet20", "--input-size", "3", "0", "32"], ["--input-size 3 0 32: every size must be >= 1"]),
+        ([str(exported), "--input-size", "3", "32", "32"], ["takes 1-channel images, not 3", "--input-size 1 H W"]),
+        ([str(run), "--input-size", "3", "28", "28"], ["takes 1-channel images, not 3", "--input-size 1 H W"]),
+        (["vgg_small", "--input-size", "3", "64", "48"], ["--input-size 3 64 48: vgg_small cannot run on this input"]),
+        (
+            ["resnet20", "--input-size", "3", "100000", "100000"],
+            ["--input-size 3 100000 100000", "GiB of activations", "give a smaller size"],
+        ),
+    ]
+    for argv, parts in cases:
+        assert main(["summary", *argv]) == 2, argv
+        _one_error(capsys.readouterr().err, *parts)
+    assert main(["summary", str(exported), "--input-size", "1", "32", "32"]) == 0  # another size, right channels
+    assert "input 1x32x32" in capsys.readouterr().out
+
+
+def test_summary_json_creates_its_folder_and_refuses_a_folder(tmp_path, capsys):
+    from reste.cli import main
+
+    target = tmp_path / "new" / "deeper" / "s.json"
+    assert main(["summary", "resnet20", "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["totals"]["params_1bit"] > 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert main(["summary", "resnet20", "--json", str(tmp_path)]) == 2
+    _one_error(capsys.readouterr().err, f"--json {tmp_path} is a directory", str(tmp_path / "summary.json"))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny"])
+def test_summary_of_a_model_on_the_meta_device_is_the_real_ones(name):
+    torch.manual_seed(0)
+    real = reste.models.create(name, precision="1w1a", image_size=32)
+    with torch.device("meta"):
+        shape_only = reste.models.create(name, precision="1w1a", image_size=32)
+    assert summary(shape_only, (3, 32, 32)).to_dict() == summary(real, (3, 32, 32)).to_dict()
+
+
 @pytest.mark.skipif(not HAS_EXT, reason="times the compiled kernel; the reference path is covered above")
 def test_bench_conv_smoke():
     from reste.deploy.bench import bench_conv

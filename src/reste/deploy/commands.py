@@ -164,21 +164,92 @@ class _UnknownSource(UsageError, ValueError):
     --input-size is absurd): a usage error (exit code 2)."""
 
 
+#: what a forward pass holds at once, in multiples of its largest layer output (that output, its
+#: input, a residual, a temporary); the bound ``reste summary`` checks before it runs the model
+ACTIVATION_COPIES = 4
+
+
+def _sizes(size) -> str:
+    return " ".join(map(str, size))
+
+
+def _input_size(args) -> tuple | None:
+    """--input-size, refused (exit 2) unless every size is at least 1."""
+    if args.input_size is None:
+        return None
+    size = tuple(args.input_size)
+    if any(s < 1 for s in size):
+        raise _UnknownSource(f"--input-size {_sizes(size)}: every size must be >= 1 (C H W of one image, e.g. 3 32 32)")
+    return size
+
+
+def _check_input(shape_only, size: tuple, label: str, expected: tuple | None = None) -> None:
+    """Refuse (exit 2, naming --input-size) an input the model cannot take, or whose activations would not
+    fit this process's memory, by running ``shape_only`` (built on the meta device) on it: shapes only,
+    nothing is allocated. ``expected``: the (C, H, W) the model was built for, where known."""
+    import torch
+
+    from ..models.registry import memory_limit
+
+    if expected is not None and size[0] != expected[0]:
+        raise _UnknownSource(
+            f"--input-size {_sizes(size)}: {label} takes {expected[0]}-channel images, not {size[0]}; "
+            f"give --input-size {expected[0]} H W (it was built for {_sizes(expected)})"
+        )
+    largest = 0
+
+    def hook(module, inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in shape_only.modules()]
+    x = torch.zeros((1, *size), device="meta")
+    try:
+        shape_only.eval()
+        with torch.enable_grad():  # on the meta device autograd records shapes only
+            shape_only(x)
+    except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError) as err:
+        built = f" (it was built for {_sizes(expected)})" if expected is not None else ""
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _UnknownSource(
+            f"--input-size {_sizes(size)}: {label} cannot run on this input ({first}); give an input size the "
+            f"model takes{built}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    need = x.numel() * x.element_size() + ACTIVATION_COPIES * largest
+    limit = memory_limit()
+    if need > limit:
+        raise _UnknownSource(
+            f"--input-size {_sizes(size)}: running {label} on it needs about {need / 2**30:.3g} GiB of activations "
+            f"(its largest layer output alone is {largest / 2**30:.3g} GiB); this process may use "
+            f"{limit / 2**30:.3g} GiB; give a smaller size"
+        )
+
+
 def _model_for_summary(args):
-    """(model, input_size) described by the summary source."""
+    """(model, input_size) described by the summary source; the input is first checked on a twin of the
+    model built on the meta device (:func:`_check_input`), so a bad or absurd --input-size allocates nothing."""
     import torch
 
     from .. import data, models
     from .export import architecture_from_config, build_architecture, load, read_graph
 
+    given = _input_size(args)
     src = Path(args.source)
     if src.suffix == ".safetensors":
         arch = read_graph(src).get("architecture") or {}
-        model = load(src)
-        if args.input_size is None and not arch.get("name"):
+        model = load(src)  # its architecture is checked against the file's bytes before it is built
+        if given is None and not arch.get("name"):
             raise ValueError(f"{src} records no architecture; give --input-size C H W")
         default = (arch.get("in_channels", 3), arch.get("image_size") or 32, arch.get("image_size") or 32)
-        return model, tuple(args.input_size or default)
+        if arch.get("name"):
+            with torch.device("meta"):
+                shape_only = build_architecture(arch)
+            _check_input(shape_only, given or default, f"{src.name} ({arch['name']})", default)
+        return model, given or default
     if src.is_dir() or src.suffix in (".yaml", ".yml"):
         from ..train.config import load_config
         from ..train.rundir import CONFIG
@@ -191,18 +262,20 @@ def _model_for_summary(args):
         from ..models.build import check_model
 
         check_model(cfg, meta)  # model.kwargs={width: 300}: refused on the meta device, before allocating
-        model = build_architecture(architecture_from_config(cfg))
-        return model, tuple(args.input_size or (meta.in_channels, meta.image_size, meta.image_size))
+        arch = architecture_from_config(cfg)
+        default = (meta.in_channels, meta.image_size, meta.image_size)
+        with torch.device("meta"):
+            shape_only = build_architecture(arch)
+        _check_input(shape_only, given or default, f"{arch['name']} for {meta.name}", default)
+        return build_architecture(arch), given or default
     if args.source in models.names():
-        size = tuple(args.input_size or (3, 32, 32))
+        size = given or (3, 32, 32)
         with torch.device("meta"):  # shapes only: an absurd --input-size is refused before allocating
-            problem = models.check_size(
-                models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1]), copies=1
-            )
+            shape_only = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
+            problem = models.check_size(shape_only, copies=1)
         if problem:
-            raise _UnknownSource(
-                f"{args.source} with --input-size {' '.join(map(str, size))}: {problem}; give a smaller size"
-            )
+            raise _UnknownSource(f"{args.source} with --input-size {_sizes(size)}: {problem}; give a smaller size")
+        _check_input(shape_only, size, args.source)
         model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
         return model, size
     raise _UnknownSource(
@@ -211,11 +284,23 @@ def _model_for_summary(args):
     )
 
 
+def _json_target(args) -> Path | None:
+    """--json of ``reste summary``: a file (its folder is created when missing); a folder is a usage error."""
+    if not args.json:
+        return None
+    path = Path(args.json)
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a directory; give a file name such as {path / 'summary.json'}")
+    return path
+
+
 def run_summary(args: argparse.Namespace) -> int:
     import json
 
+    from ..train.checkpoint import atomic_write
     from .summary import summary
 
+    json_path = _json_target(args)
     try:
         model, size = _model_for_summary(args)
     except ReSTEError:  # _UnknownSource, ConfigError (exit 2), ExportError, a data set's error (exit 1)
@@ -224,10 +309,13 @@ def run_summary(args: argparse.Namespace) -> int:
         raise ReSTEError(str(err)) from None
     result = summary(model, size)
     print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-        print(f"\nwrote {args.json}")
+    if json_path is not None:
+        text = json.dumps(result.to_dict(), indent=2)
+        try:
+            atomic_write(json_path, lambda handle: handle.write(text.encode()))  # creates a missing folder
+        except OSError as err:
+            raise ReSTEError(f"cannot write --json {json_path}: {err.strerror or err}; choose another --json") from None
+        print(f"\nwrote {json_path}")
     return 0
 
 

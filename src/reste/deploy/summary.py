@@ -348,7 +348,9 @@ def summary(
         batch_dim: where the model wants the batch dimension in its input: 0 (the default) or,
             for sequence-first models (``nn.Transformer*`` with ``batch_first=False``), 1.
 
-    The model runs once in eval mode on zeros under ``torch.no_grad()``; its mode is restored.
+    The model runs once in eval mode on zeros under ``torch.no_grad()``; its mode is restored. A model
+    built on the meta device (``with torch.device("meta"): ...``) gives the same numbers without
+    allocating its weights or activations: a way to size a model or an input before building it.
     """
     size = tuple(int(s) for s in input_size)
     if len(size) < 1 or any(s < 1 for s in size):
@@ -387,8 +389,12 @@ def summary(
     visit(model, "")
     was_training = model.training
     model.eval()
+    # on the meta device (a model built under ``torch.device("meta")``) nothing is allocated and autograd
+    # records shapes only, so grad mode stays on there: the no-grad path of binary layers asks autocast
+    # about the input's device, which the meta device is not
+    grad = torch.enable_grad() if device.type == "meta" else torch.no_grad()
     try:
-        with torch.no_grad():
+        with grad:
             model(torch.zeros(batch, device=device, dtype=dtype))
     finally:
         for h in handles:
