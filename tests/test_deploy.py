@@ -1133,10 +1133,31 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
         if ISAS[1] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in os.environ:  # says how to lower the float side too
             assert "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" in text
 
-    from reste.cli import main
 
-    assert main(["bench-infer", "--isa", "no-such-path", "--repeats", "1", "--quick", "--json", "-"]) == 1
-    assert "known names: auto, portable, avx2, avx512, neon" in capsys.readouterr().err
+@pytest.mark.skipif(not HAS_EXT, reason="--isa chooses among the compiled kernel paths")
+def test_bench_infer_refuses_bad_options_naming_them_before_running(capsys, monkeypatch):
+    """--isa naming a path this CPU lacks or no path at all, and --repeats/--threads below 1, are usage
+    errors (exit 2) that name the option, not RESTE_DEPLOY_ISA; nothing is measured."""
+    from reste.cli import main
+    from reste.deploy import bench
+
+    monkeypatch.setattr(bench, "run", lambda **kwargs: pytest.fail("the benchmark ran"))
+    lacking = [n for n in ("neon", "avx2", "avx512") if n not in ISAS][0]  # x86 never has neon, ARM never avx*
+    supported = ", ".join(ISAS)
+    cases = [
+        (["--isa", lacking], [f"--isa {lacking}: this CPU cannot run", f"paths it supports are {supported}"]),
+        (["--isa", "foo"], ["--isa foo: no kernel path of that name", f"This CPU supports {supported}"]),
+        (["--isa", f"{ISAS[0]},avx3"], ["--isa avx3: no kernel path", "Did you mean 'avx2'?"]),
+        (["--isa", ","], ["--isa is empty"]),
+        (["--repeats", "0"], ["--repeats must be >= 1, got 0"]),
+        (["--threads", "0"], ["--threads must be >= 1, got 0"]),
+        (["--threads", "-2"], ["--threads must be >= 1, got -2"]),
+    ]
+    for extra, parts in cases:
+        assert main(["bench-infer", "--quick", "--json", "-", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        _one_error(err, *parts)
+        assert "RESTE_DEPLOY_ISA" not in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

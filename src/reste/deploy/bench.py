@@ -47,6 +47,8 @@ __all__ = [
     "format_report",
     "machine_info",
     "default_json_path",
+    "isa_names",
+    "check_arguments",
     "main",
 ]
 
@@ -307,6 +309,8 @@ def run(
     ``isa`` forces a kernel path for the run (the previous one is restored after)."""
     from .packed import _ext
 
+    if repeats < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"repeats and threads must be >= 1, got repeats={repeats}, threads={threads}")
     if threads:
         torch.set_num_threads(threads)
     ext = _ext() if isa else None
@@ -336,13 +340,10 @@ def run(
 
 def run_isas(isas: str = "auto", **kwargs) -> list[dict]:
     """:func:`run` once per kernel path: ``"auto"`` (what this CPU runs by default), one name,
-    a comma-separated list, or ``"all"`` (every path this CPU supports, best first)."""
-    from .packed import kernel_info
-
-    if isas == "auto":
-        return [run(**kwargs)]
-    names = kernel_info()["available"] if isas == "all" else [n.strip() for n in isas.split(",") if n.strip()]
-    return [run(isa=name, **kwargs) for name in names]
+    a comma-separated list, or ``"all"`` (every path this CPU supports, best first); a path this CPU
+    cannot run is refused before anything runs (:func:`isa_names`)."""
+    names = isa_names(isas)
+    return [run(**kwargs)] if names is None else [run(isa=name, **kwargs) for name in names]
 
 
 def default_json_path(result: dict, folder="benchmarks/results") -> Path:
@@ -359,8 +360,59 @@ def default_json_path(result: dict, folder="benchmarks/results") -> Path:
     return Path(folder) / f"infer_{cpu}_{isa}_t{m['torch_threads']}_{time.strftime('%Y-%m-%d')}.json"
 
 
+#: the kernel path names ``--isa`` takes besides auto and all (``generic``: the portable path's former name)
+KNOWN_ISAS = ("portable", "avx2", "avx512", "neon")
+
+
+def isa_names(isas: str) -> list[str] | None:
+    """The kernel paths ``--isa`` asks for (None: auto, this CPU's default), checked against the ones
+    this CPU supports before anything runs; a name it cannot run is a usage error naming --isa."""
+    from ..errors import UsageError, did_you_mean
+    from .packed import kernel_info
+
+    text = (isas or "").strip()
+    if text == "auto":
+        return None
+    info = kernel_info()  # a RESTE_DEPLOY_ISA this CPU lacks: KernelPathError, which names the variable
+    supported = info["available"]
+    if not info["extension"]:
+        raise UsageError(
+            f"--isa {text}: no kernel path can be chosen here, the compiled XNOR-popcount extension is not "
+            f"available ({info['reason']}); use --isa auto (the PyTorch reference)"
+        )
+    if text == "all":
+        return list(supported)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--isa is empty; give auto, all or names among {', '.join(KNOWN_ISAS)}")
+    for name in names:
+        path = "portable" if name == "generic" else name
+        if name == "auto" or path in supported:
+            continue
+        if path in KNOWN_ISAS:
+            raise UsageError(
+                f"--isa {name}: this CPU cannot run the {name} kernel path; the paths it supports are "
+                f"{', '.join(supported)} (or give --isa auto or all)"
+            )
+        raise UsageError(
+            f"--isa {name}: no kernel path of that name (known names: auto, all, {', '.join(KNOWN_ISAS)})."
+            f"{did_you_mean(name, KNOWN_ISAS)} This CPU supports {', '.join(supported)}"
+        )
+    return names
+
+
+def check_arguments(args) -> None:
+    """Refuse numeric options that cannot be right before anything runs (a usage error, exit 2)."""
+    from ..errors import UsageError
+
+    for option, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+
+
 def main(args) -> int:
     """``reste bench-infer`` and ``benchmarks/bench_infer.py``: run, print, write one JSON per path."""
+    check_arguments(args)
     results = run_isas(args.isa, threads=args.threads, repeats=args.repeats, quick=args.quick)
     for i, result in enumerate(results):
         print(("\n" if i else "") + format_report(result))
