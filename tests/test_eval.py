@@ -306,3 +306,21 @@ def test_eval_on_cuda_without_cuda_names_the_option(run, capsys, monkeypatch):
         T.evaluate(run_dir, batch_size=0, device="cpu")
     with pytest.raises(T.ConfigError, match="subset must be 'run', None"):
         T.evaluate(run_dir, subset=0, device="cpu")
+
+
+def test_eval_of_a_run_without_best_pt_suggests_which_last(run, capsys, tmp_path):
+    """A run stopped in its first epoch has only last.pt: was 'has no checkpoints/best.pt; is it a run directory'."""
+    import shutil
+
+    _, run_dir, _, _ = run
+    early = tmp_path / "early"
+    shutil.copytree(run_dir, early)
+    (early / "checkpoints" / "best.pt").unlink()
+    code = cli.main(["eval", str(early)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"error: {early} has no checkpoints/best.pt, only checkpoints/last.pt (it was stopped before its first "
+        "epoch ended); use that one with --which last\n"
+    )
+    code, result = eval_json(capsys, early, "--which", "last", "--device", "cpu")
+    assert code == 0 and result["checkpoint"] == str(early / "checkpoints" / "last.pt")

@@ -270,6 +270,12 @@ def test_resume_allows_only_harmless_overrides(tmp_path, straight_run):
     assert (cfg.train.epochs, cfg.train.threads) == (5, 2)
     with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
         T.train(resume=tmp_path, progress=False)
+    # was "no checkpoints/last.pt there" for a path that does not exist at all
+    with pytest.raises(CheckpointError, match=f"cannot resume {tmp_path / 'nonexist'}: it does not exist; give"):
+        T.train(resume=tmp_path / "nonexist", progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="it is a file, not a run directory"):
+        T.resume_config(tmp_path / "file")
     with pytest.raises(ConfigError, match="either a config or resume"):
         T.train({"seed": 1}, resume=straight, progress=False)
 

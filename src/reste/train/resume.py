@@ -35,6 +35,13 @@ RESUME_OVERRIDABLE = (
 def resume_config(run_dir, overrides=None) -> Config:
     """The configuration of ``run_dir`` with the few overrides a resume allows (:data:`RESUME_OVERRIDABLE`)."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it does not exist; give the run directory that `reste train` printed "
+            "(runs are folders under out.dir, default runs/)"
+        )
+    if not run_dir.is_dir():
+        raise CheckpointError(f"cannot resume {run_dir}: it is a file, not a run directory written by `reste train`")
     has_last = checkpoint_path(run_dir, "last").is_file()
     restart = not has_last and abandoned_setup(run_dir)
     if restart and not (run_dir / CONFIG).is_file():

@@ -82,13 +82,21 @@ def checkpoint_path(run_dir, which: str) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"{which}.pt"
 
 
-def locate_checkpoint(source, which: str) -> Path:
+def locate_checkpoint(source, which: str, option: str = "--which") -> Path:
     """The checkpoint a source names: a run directory's ``checkpoints/<which>.pt`` (CheckpointError
-    if it has none), or ``source`` itself (a file)."""
+    if it has none, suggesting ``option`` with the other checkpoint when the run has that one), or
+    ``source`` itself (a file)."""
     path = Path(source)
     if path.is_dir():
         candidate = checkpoint_path(path, which)
         if not candidate.is_file():
+            other = "last" if which == "best" else "best"
+            if checkpoint_path(path, other).is_file():
+                why = " (it was stopped before its first epoch ended)" if which == "best" else ""
+                raise CheckpointError(
+                    f"{path} has no checkpoints/{which}.pt, only checkpoints/{other}.pt{why}; "
+                    f"use that one with {option} {other}"
+                )
             raise CheckpointError(
                 f"{path} has no checkpoints/{which}.pt; is it a run directory written by `reste train`?"
             )
