@@ -178,3 +178,37 @@ def test_a_compiled_run_shows_its_first_step_time_labelled(tmp_path, data_root, 
     # auto on the CPU: eager, no compilation, no line
     assert cli.main(["train", *base, "out.name=auto"]) == 0
     assert "first step" not in capsys.readouterr().out and modes == ["default"]
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, data_root, capsys):
+    """A second Ctrl-C aborts without a new checkpoint; when the run has one, the resume command is
+    printed (was: nothing but `interrupted by SIGINT`). Real SIGINTs, delivered after a step."""
+    import signal
+
+    def double_ctrl_c_at(epoch_wanted, step_wanted):
+        def on_step(epoch, step):
+            if (epoch, step) == (epoch_wanted, step_wanted):
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+
+        return on_step
+
+    base = [*TINY, f"data.root={data_root}", f"out.dir={tmp_path}"]
+    # epoch 2, step 1: the epoch-1 checkpoint and a step checkpoint exist
+    with pytest.raises(KeyboardInterrupt):
+        T.train(
+            overrides=[*base, "out.name=ck", "train.checkpoint_every_steps=1"],
+            progress=False,
+            on_step=double_ctrl_c_at(1, 1),
+        )
+    err = capsys.readouterr().err
+    last = tmp_path / "ck" / "checkpoints" / "last.pt"
+    assert last.is_file()
+    assert f"aborted without a new checkpoint; the last one written, {last}, continues the run with:" in err
+    assert f"\n  reste train --resume {tmp_path / 'ck'}\n" in err
+    assert T.train(resume=tmp_path / "ck", progress=False)["epochs"] == 2  # and it does
+    # epoch 1, step 1 without step checkpoints: nothing to resume from, nothing promised
+    with pytest.raises(KeyboardInterrupt):
+        T.train(overrides=[*base, "out.name=none"], progress=False, on_step=double_ctrl_c_at(0, 1))
+    err = capsys.readouterr().err
+    assert "SIGINT received" in err and "--resume" not in err

@@ -275,6 +275,9 @@ class Trainer:
                 self._stop = stop
                 try:
                     return self._run()
+                except KeyboardInterrupt:  # a second Ctrl-C: aborted at once, without a new checkpoint
+                    self._tell_how_to_resume_after_abort()
+                    raise
                 except RuntimeError as err:
                     if self.ctx.distributed and _is_collective_failure(err):
                         timeout = self.cfg.train.dist_timeout_s
@@ -287,6 +290,17 @@ class Trainer:
                 self._lock.release()
             if self.ctx is not None:
                 D.cleanup(self.ctx)
+
+    def _tell_how_to_resume_after_abort(self) -> None:
+        """After an abort (a second Ctrl-C): the resume command, when a checkpoint of this run exists."""
+        last = checkpoint_path(self.run_dir, "last")
+        if self.ctx.is_main and last.is_file():
+            print(
+                f"\naborted without a new checkpoint; the last one written, {last}, continues the run with:\n"
+                f"  {_resume_command(self.run_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _run(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
