@@ -212,3 +212,29 @@ def test_a_second_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, data_root
         T.train(overrides=[*base, "out.name=none"], progress=False, on_step=double_ctrl_c_at(0, 1))
     err = capsys.readouterr().err
     assert "SIGINT received" in err and "--resume" not in err
+
+
+def test_the_bar_starts_each_epoch_without_old_numbers_and_shows_the_lr_each_step_used(
+    tmp_path, data_root, capsys, monkeypatch
+):
+    """Were: the previous epoch's loss/acc/o on show for the first steps of the next epoch, and the
+    final bar's lr=0.00e+00 (the scheduler's next value) where metrics record the last step's lr."""
+    from reste.train.progress import ProgressBar
+
+    seen = []  # (postfix before the update, lr given, postfix after)
+
+    class Recording(ProgressBar):
+        def update(self, sums, epoch_start, step, o, lr):
+            before = self.bar.postfix
+            super().update(sums, epoch_start, step, o, lr)
+            seen.append((before, lr, self.bar.postfix))
+
+    monkeypatch.setattr(T, "ProgressBar", Recording)
+    T.train(overrides=[*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=bar"], progress=True)
+    rows = rows_of(tmp_path / "bar")
+    assert len(seen) == 4  # 2 epochs of 2 steps; the numbers refresh at each epoch's last step
+    assert "loss=" in seen[1][2] and seen[2][0] == ""  # epoch 2's first step: epoch 1's numbers are gone
+    for epoch, row in enumerate(rows):
+        _, lr, postfix = seen[2 * epoch + 1]
+        assert lr == row["lr"] and f"lr={row['lr']:.2e}" in postfix
+    assert rows[-1]["lr"] > 0 and "lr=0.00e+00" not in seen[-1][2]

@@ -59,10 +59,14 @@ class ProgressBar:
         self.steps_per_epoch, self.world_size = steps_per_epoch, world_size
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        self.bar.set_description(f"epoch {epoch + 1}/{epochs}")
+        """A new epoch: its label, and no numbers until its first refresh (the previous epoch's
+        loss, accuracy and o would otherwise stay on show for its first steps)."""
+        self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        self.bar.set_postfix_str("", refresh=False)
 
     def update(self, sums: torch.Tensor, epoch_start: float, step: int, o: float | None, lr: float) -> None:
-        """One step done (``step``: steps done in the epoch); ``sums`` are the epoch's running sums."""
+        """One step done (``step``: steps done in the epoch); ``sums`` are the epoch's running sums,
+        ``o`` and ``lr`` the values that step used."""
         self.bar.update(1)
         # reading the sums synchronises with the GPU: refresh the numbers every few steps only
         if self.bar.disable or (step % 10 and step != self.steps_per_epoch):

@@ -393,7 +393,7 @@ class Trainer:
                 self._show_first_step(started)
             if measured is not None:
                 indicators = measured
-            self._after_step(epoch, step + 1, sums, epoch_start)
+            self._after_step(epoch, step + 1, sums, epoch_start, lr)
         if self.cfg.lr_schedule.per == "epoch":
             self.lr_scheduler.step()
         return self._epoch_row(epoch, sums, time.perf_counter() - epoch_start, lr, indicators), epoch_start
@@ -499,9 +499,11 @@ class Trainer:
             self.tracker.snapshot(self.run_dir / HISTOGRAMS / f"epoch{epoch + 1:04d}.npz")
         return {k: v for k, v in values.items() if k != "layers"}
 
-    def _after_step(self, epoch: int, step: int, sums: torch.Tensor, epoch_start: float) -> None:
-        """After ``step`` steps of ``epoch``: the bar, the :data:`StepHook`, a stop request, a mid-epoch checkpoint."""
-        self.bar.update(sums, epoch_start, step, self.est_scheduler.o, self.optimizer.param_groups[0]["lr"])
+    def _after_step(self, epoch: int, step: int, sums: torch.Tensor, epoch_start: float, lr: float) -> None:
+        """After ``step`` steps of ``epoch`` (the last one used ``lr``): the bar, the :data:`StepHook`,
+        a stop request, a mid-epoch checkpoint."""
+        # the lr the step used, as the metrics row records it (the optimizer holds the next step's already)
+        self.bar.update(sums, epoch_start, step, self.est_scheduler.o, lr)
         if self.on_step is not None:
             self.on_step(epoch, step)
         self._check_stop(epoch, step, sums=sums, seconds=time.perf_counter() - epoch_start)
