@@ -406,9 +406,9 @@ def test_nan_gradient_with_a_finite_loss_stops_the_run_or_is_skipped(tmp_path, m
 
 def test_nonfinite_config_values_are_refused():
     for override, message in [
-        ("optim.lr=.nan", "optim.lr must be > 0"),
-        ("optim.lr=.inf", "optim.lr must be > 0"),
-        ("estimator.o_end=.inf", "estimator.o_end must be >= 1"),
+        ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+        ("optim.lr=.inf", "optim.lr must be a finite number > 0, got inf"),  # was: "must be > 0, got inf"
+        ("estimator.o_end=.inf", "estimator.o_end must be a finite number >= 1"),
         ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number"),
         ("train.grad_clip=.nan", "train.grad_clip must be a finite number"),
         ("estimator.p=.inf", "estimator.p must be a finite number"),

@@ -741,7 +741,8 @@ def validate(cfg: Config) -> Config:
     e = cfg.estimator
     _check(
         math.isfinite(e.o_end) and e.o_end >= 1.0,
-        f"estimator.o_end must be >= 1 (o = 1 is the clipped identity), got {e.o_end}; e.g. estimator.o_end=3",
+        f"estimator.o_end must be {'>= 1' if math.isfinite(e.o_end) else 'a finite number >= 1'} (o = 1 is the "
+        f"clipped identity), got {e.o_end}; e.g. estimator.o_end=3",
     )
     _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
 
