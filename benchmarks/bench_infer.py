@@ -24,15 +24,21 @@ processes on a shared machine hits both alike. Prints markdown tables, writes JS
 from __future__ import annotations
 
 import argparse
+import sys
 
 from reste.deploy import bench
 from reste.deploy.commands import add_bench_arguments
+from reste.errors import ReSTEError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
-    return bench.main(parser.parse_args(argv))
+    try:
+        return bench.main(parser.parse_args(argv))
+    except ReSTEError as err:  # one line and the exit code, as `reste bench-infer` gives
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

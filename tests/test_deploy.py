@@ -1158,6 +1158,12 @@ def test_bench_infer_refuses_bad_options_naming_them_before_running(capsys, monk
         err = capsys.readouterr().err
         _one_error(err, *parts)
         assert "RESTE_DEPLOY_ISA" not in err
+    # the benchmark script says it the same way (one line, exit 2), not with a traceback
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_infer
+
+    assert bench_infer.main(["--quick", "--json", "-", "--repeats", "0"]) == 2
+    _one_error(capsys.readouterr().err, "--repeats must be >= 1, got 0")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -389,12 +389,8 @@ def summary(
     visit(model, "")
     was_training = model.training
     model.eval()
-    # on the meta device (a model built under ``torch.device("meta")``) nothing is allocated and autograd
-    # records shapes only, so grad mode stays on there: the no-grad path of binary layers asks autocast
-    # about the input's device, which the meta device is not
-    grad = torch.enable_grad() if device.type == "meta" else torch.no_grad()
     try:
-        with grad:
+        with torch.no_grad():  # on the meta device (a model built under torch.device("meta")) shapes only
             model(torch.zeros(batch, device=device, dtype=dtype))
     finally:
         for h in handles:

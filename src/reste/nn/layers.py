@@ -294,6 +294,8 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
             return False
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or torch.compiler.is_compiling():
             return False
+        if x.device.type == "meta":  # shapes only (reste summary's check): autocast knows no meta device
+            return False
         try:
             return not torch.is_autocast_enabled(x.device.type)  # bf16 would round the integer sums
         except TypeError:  # torch < 2.4 takes no device type
