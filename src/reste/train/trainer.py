@@ -216,7 +216,9 @@ class Trainer:
         self.est_scheduler = create_estimator_scheduler(self.model, cfg, self.steps_per_epoch)
         saved = restore(self.resume_dir, self) if self.resume_dir is not None else None
         if saved is not None and self._nothing_to_train():
-            return  # a finished run: its files stay as they are (no config, metrics or TensorBoard writes)
+            # a finished run: its files stay as they are (no config, metrics or TensorBoard writes)
+            self.writer = RunWriter(self.run_dir, cfg, enabled=False)
+            return
         self._compile_mode = compile_mode(t.compile, ctx.device)
         self.forward_model = wrap_model(self.model, ctx, t.compile)
         self.tracker = create_tracker(self.model, cfg, ctx, saved)
