@@ -453,10 +453,9 @@ def test_a_failed_force_start_keeps_the_run_it_was_to_replace(tmp_path, capsys, 
     import hashlib
 
     def files(folder):
-        return {
-            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        return {  # the lock file too: its content (the last holder's pid) is left as it was
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"
         }
 
     args = ["train", "data.subset=64", "data.batch_size=64", "train.epochs=1", "train.threads=1"]
@@ -477,6 +476,10 @@ def test_a_failed_force_start_keeps_the_run_it_was_to_replace(tmp_path, capsys, 
         assert message in err and "Traceback" not in err
         assert files(old) == before, extra  # the old run is back, byte for byte
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "old"]  # nothing left aside
+    (old / ".lock").unlink()  # a run copied without its lock file gets none either
+    before = files(old)
+    assert cli.main(args + failures[0][0]) == 1 and files(old) == before
+    capsys.readouterr()
     # Ctrl-C during set-up unwinds the same way
     import reste.train.setup as setup
 

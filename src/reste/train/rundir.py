@@ -323,7 +323,9 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK
         self._fh: IO[str] | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, record_pid: bool = True) -> None:
+        """Take the lock (ConfigError naming the holder's pid if another process has it) and write
+        this process's pid into the file (``record_pid``; a probe that only checks leaves it as it was)."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -339,10 +341,11 @@ class RunDirLock:
                 f"run directory {self.path.parent} is in use by another process (pid {holder}); "
                 "wait for it to finish or stop it, or start a new run"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        if record_pid:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
         self._fh = fh
 
     def release(self) -> None:
@@ -391,12 +394,15 @@ def _set_aside(path: Path) -> Path:
     set-up then either succeeds (:func:`discard_replaced` deletes it) or fails
     (:func:`restore_replaced` puts it back as it was)."""
     probe = RunDirLock(path)
-    probe.acquire()  # refuses to replace a run that another process is training right now
+    had_lock_file = probe.path.is_file()
+    probe.acquire(record_pid=False)  # refuses to replace a run that another process is training right now
     aside = path.parent / f".{path.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         os.rename(path, aside)
     finally:
         probe.release()
+    if not had_lock_file:  # the probe created it: leave the folder exactly as it was
+        (aside / LOCK).unlink(missing_ok=True)
     return aside
 
 
