@@ -16,7 +16,10 @@ from .state import TrainState
 __all__ = ["RESUME_OVERRIDABLE", "resume_config", "restore"]
 
 #: options that may change when resuming (they do not change what is computed,
-#: except train.epochs, which extends the run and stretches the lr and o schedules)
+#: except train.epochs, which extends the run and stretches the lr and o schedules). All but
+#: train.epochs are also what ``reste sweep`` ignores when it decides whether a run can be reused,
+#: and what ``reste report`` ignores when it groups runs into cells (reste.analysis.runs.NEUTRAL_KEYS):
+#: only a key that cannot change a run's results belongs here
 RESUME_OVERRIDABLE = (
     "train.epochs",
     "train.device",
