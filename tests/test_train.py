@@ -315,6 +315,19 @@ def test_resuming_a_finished_run_does_nothing(straight_run, tmp_path, capsys, mo
     assert files() == before
     again = T.train(resume="runs/done", progress=False)
     assert again["final_top1"] == summary["final_top1"] and again["run_dir"] == str(run)  # absolute
+    # a kill between the last checkpoint and the summary leaves summary.json stale or missing: a resume
+    # writes it (and only it), so the run, and a sweep waiting on it, is complete
+    path = run / "summary.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), complete=False)))
+    for damage in (lambda: None, path.unlink):
+        damage()
+        assert cli.main(["train", "--resume", "runs/done"]) == 0
+        assert "its summary.json was missing or incomplete and is written now" in capsys.readouterr().out
+        assert json.loads(path.read_text())["complete"] is True
+        assert json.loads(path.read_text())["final_top1"] == summary["final_top1"]
+        assert {k: v for k, v in files().items() if k != "summary.json"} == {
+            k: v for k, v in before.items() if k != "summary.json"
+        }
 
 
 def test_a_resumed_run_records_its_absolute_run_directory(straight_run, tmp_path, capsys, monkeypatch):

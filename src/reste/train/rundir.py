@@ -303,6 +303,15 @@ class RunWriter:
         if self.enabled:
             _write_json(self.run_dir / SUMMARY, summary)
 
+    def finish_summary(self, summary: dict) -> bool:
+        """For a run found finished on resume (its writer disabled: nothing else is written): write
+        ``summary`` only if summary.json is missing, unreadable or not marked complete, which a
+        process killed between its last checkpoint and its summary leaves. Returns whether it wrote."""
+        if is_complete(self.run_dir):
+            return False
+        _write_json(self.run_dir / SUMMARY, summary)
+        return True
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -313,12 +313,16 @@ class Trainer:
         tell = self.print_summary and ctx.is_main
         self.state.session_start = time.perf_counter()
         if start_epoch >= epochs:  # a finished run (_nothing_to_train): no bar, no files written
+            summary = self._summary(complete=True)
+            # but the summary, where a kill between the last checkpoint and it left none (or a stale one)
+            wrote = ctx.is_main and self.writer.finish_summary(summary)
             if tell:
                 print(
                     f"{self.run_dir} is already complete ({_count(start_epoch, 'epoch')}); "
-                    "raise train.epochs to continue it"
+                    + ("its summary.json was missing or incomplete and is written now; " if wrote else "")
+                    + "raise train.epochs to continue it"
                 )
-            return self._summary(complete=True)
+            return summary
         self.bar = ProgressBar(
             epochs * self.steps_per_epoch,
             start_epoch * self.steps_per_epoch + start_step,
