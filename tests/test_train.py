@@ -510,6 +510,58 @@ def test_a_failed_force_start_keeps_the_run_it_was_to_replace(tmp_path, capsys, 
     assert files(old) != before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "old"]
 
 
+def _fake_run(folder, marker: bytes):
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\n")
+    (folder / "checkpoints" / "last.pt").write_bytes(marker)  # a checkpoint: results, not an abandoned set-up
+
+
+def test_a_force_start_that_loses_the_name_to_another_run_deletes_neither(tmp_path, capsys, monkeypatch):
+    """The old run is set aside, then another run claims the name before this one: the other run's
+    folder stays as it is (it was deleted, and the old run renamed into the live run's place)."""
+    from reste.train import rundir
+
+    _fake_run(tmp_path / "old", b"OLD RUN")
+    set_aside = rundir._set_aside
+
+    def and_another_run_starts(path):
+        aside = set_aside(path)
+        _fake_run(path, b"OTHER RUN")
+        return aside
+
+    monkeypatch.setattr(rundir, "_set_aside", and_another_run_starts)
+    args = ["train", "train.epochs=1", f"out.dir={tmp_path}", "out.name=old", "--force", "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "was just created by another run started at the same time" in err
+    assert (tmp_path / "old" / "checkpoints" / "last.pt").read_bytes() == b"OTHER RUN"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".old.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "checkpoints" / "last.pt").read_bytes() == b"OLD RUN"
+    assert f"it is kept at {kept[0]}" in err
+
+
+def test_a_run_set_aside_by_a_killed_force_start_is_put_back(tmp_path, capsys):
+    """SIGKILL during a --force set-up leaves the old run as .NAME.replaced-PID-TOKEN: the next start
+    under that name puts it back (the start then finds it, as if the killed one had never run)."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    aside = tmp_path / f".old.replaced-{dead.pid}-0a1b2c3d"
+    _fake_run(aside, b"OLD RUN")
+    busy = tmp_path / f".old.replaced-{os.getpid()}-4e5f6a7b"  # a live process's own: left alone
+    _fake_run(busy, b"BUSY")
+    (tmp_path / "old").mkdir()  # what the killed start had claimed: a set-up with nothing in it
+    (tmp_path / "old" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "old" / ".lock").write_text("")
+    args = ["train", "train.epochs=1", f"out.dir={tmp_path}", "out.name=old", "--quiet"]
+    assert cli.main(args) == 2  # no --force: the old run is back, so the name is taken
+    err = capsys.readouterr().err
+    assert f"note: put back {tmp_path / 'old'}" in err and "already exists" in err
+    assert (tmp_path / "old" / "checkpoints" / "last.pt").read_bytes() == b"OLD RUN"
+    assert not aside.exists() and (busy / "checkpoints" / "last.pt").read_bytes() == b"BUSY"
+
+
 def test_default_run_directories_get_a_timestamp_and_never_collide(tmp_path):
     cfg = load_config(None, [f"out.dir={tmp_path}"])
     first = T.new_run_dir(cfg, force=False)

@@ -21,6 +21,7 @@ It imports nothing above ``reste.train`` (analysis and deploy import it).
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
@@ -423,23 +424,57 @@ def discard_replaced(aside: Path | None) -> None:
 
 def restore_replaced(path: Path, aside: Path | None, lock: RunDirLock | None) -> None:
     """The new run's set-up failed (or was interrupted): remove the folder it claimed at ``path``
-    (nothing was trained into it) and put the replaced run folder ``aside`` back, unchanged."""
+    (nothing was trained into it) and put the replaced run folder ``aside`` back, unchanged.
+
+    ``lock`` is this process's lock on ``path``; without one (the claim itself failed: another run
+    started under the same name meanwhile), whatever is at ``path`` is that run's and stays."""
     if aside is None or not aside.is_dir():  # nothing replaced, or already put back
         return
     if lock is not None:
         lock.release()
-    if path.is_dir():
-        trash = path.parent / f".{path.name}.failed-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        if path.is_dir():
+            trash = path.parent / f".{path.name}.failed-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    problem = "another run has taken the name" if path.exists() else None
+    if problem is None:
+        try:
+            os.rename(aside, path)
+            return
+        except OSError as err:
+            problem = err.strerror
+    print(
+        f"warning: could not put the replaced run back at {path} ({problem}); it is kept at {aside}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _process_gone(pid: str) -> bool:
     try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # alive under another user, or not a pid at all
+        return False
+    return False
+
+
+def _recover_replaced(path: Path) -> None:
+    """Put back a run that a ``--force`` start set aside and could not restore because it was killed
+    (SIGKILL, power loss) during its set-up: ``.NAME.replaced-PID-TOKEN`` whose process is gone.
+    It goes back when the name holds nothing of value (absent, or a set-up stopped before its first
+    checkpoint); otherwise a note says where it is."""
+    for aside in sorted(path.parent.glob(f".{glob.escape(path.name)}.replaced-*-*")):
+        if not aside.is_dir() or not _process_gone(aside.name.rsplit("-", 2)[-2]):
+            continue  # a --force start still setting up holds its own
+        if path.exists() and abandoned_setup(path):
+            _discard(path)  # refuses if a live run holds it
+        if path.exists():
+            print(f"note: {aside} holds a run that an interrupted --force start set aside", file=sys.stderr)
+            continue
         os.rename(aside, path)
-    except OSError as err:  # another run took the name meanwhile: say where the old run is
-        print(
-            f"warning: could not put the replaced run back at {path} ({err.strerror}); it is kept at {aside}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"note: put back {path}, which a --force start killed during its set-up had set aside", file=sys.stderr)
 
 
 def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock, Path | None]:
@@ -458,6 +493,7 @@ def claim_run_dir(cfg: Config, force: bool) -> tuple[Path, RunDirLock, Path | No
             f"run directory {path} already exists; pass --resume {path} to continue it, --force to overwrite it, "
             "or choose another out.name"
         )
+        _recover_replaced(path)
         if path.exists():
             if abandoned_setup(path):
                 _discard(path)  # refuses if a live run holds it (a set-up in progress looks the same)
