@@ -414,6 +414,20 @@ def test_sweep_resumes_a_run_with_its_new_neutral_options_and_checks_its_config(
     assert info.value.run == "estimator.o_end=0.5"
 
 
+def test_a_sweep_rerun_with_equal_values_of_another_type_reuses_its_runs(tmp_path):
+    # model.kwargs keeps 1 and 1.0 apart, but they build the same model: not a difference (True and 1 are)
+    out, calls = tmp_path / "sw", []
+    grid = ["estimator.o_end=2,3", "model.kwargs={width: 1}"]
+    assert Sweep(None, grid, out, launch=fake_launcher(calls), poll_s=0).run(progress=None) == 0
+    calls.clear()
+    again = Sweep(None, [grid[0], "model.kwargs={width: 1.0}"], out, launch=fake_launcher(calls), poll_s=0)
+    assert again.run(progress=None) == 0 and calls == []  # both runs reused, none trained again
+    from reste.analysis.sweep import SweepMismatchError
+
+    with pytest.raises(SweepMismatchError):
+        Sweep(None, [grid[0], "model.kwargs={width: true}"], out, launch=fake_launcher(calls), poll_s=0)
+
+
 def test_a_sweep_rerun_with_other_options_refuses_to_reuse_its_runs(tmp_path, capsys):
     from reste.analysis.sweep import SweepMismatchError
     from reste.cli import main

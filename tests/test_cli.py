@@ -143,7 +143,37 @@ def test_a_closed_output_pipe_is_caught_for_every_command(monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     parser.set_defaults(func=write)
     monkeypatch.setattr(cli, "build_parser", lambda command=None: parser)
+    monkeypatch.setattr(cli, "_output_closed", lambda: True)
     assert cli.main([]) == 141 and capsys.readouterr().err == ""
+    # a pipe to something else (a subprocess, a socket) is a failure of the work, said in one line
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "build_parser", lambda command=None: parser)
+    assert cli.main([]) == 1
+    assert (
+        capsys.readouterr().err
+        == "error: a pipe closed while writing to it ([Errno 32] Broken pipe); the command stopped\n"
+    )
+
+
+def test_output_closed_sees_a_pipe_without_its_reader_only():
+    import os
+
+    read_end, write_end = os.pipe()
+    try:
+        with open(write_end, "w", closefd=False) as stream:  # stands in for stdout and stderr
+            saved = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = stream
+            try:
+                assert cli._output_closed() is False  # a pipe with its reader
+                os.close(read_end)
+                read_end = -1
+                assert cli._output_closed() is True  # the reader went away
+            finally:
+                sys.stdout, sys.stderr = saved
+    finally:
+        os.close(write_end)
+        if read_end >= 0:
+            os.close(read_end)
 
 
 def test_optional_extras_never_replace_torch():

@@ -974,8 +974,12 @@ def test_export_interrupted_or_failing_leaves_out_as_it_was(tmp_path, capsys, mo
 
     with monkeypatch.context() as m:
         m.setattr(verify, "check_export", interrupted)
-        assert main(argv) == 130  # Ctrl-C during the check: no file at all
-        assert list(folder.iterdir()) == []
+        nested = tmp_path / "new" / "deeper" / "m.safetensors"
+        assert main([*argv[:-1], str(nested)]) == 130  # Ctrl-C during the check: no file, nor the folders made for it
+        assert not (tmp_path / "new").exists()
+        folder.mkdir()
+        assert main(argv) == 130
+        assert list(folder.iterdir()) == []  # a folder that was there stays
         out.write_bytes(b"a previous export")
         assert main(argv) == 130  # the previous file is not replaced before the check
         assert out.read_bytes() == b"a previous export" and [p.name for p in folder.iterdir()] == ["m.safetensors"]

@@ -545,9 +545,14 @@ def test_bad_checkpoint_through_eval_export_and_resume(how, message, run_copy, f
     assert code == 1 and out == ""
     assert_one_clear_error(err, str(last), message)
 
+    if "corrupt" in message:  # the fix names the run's other checkpoint, not the damaged one
+        assert "use the run's other checkpoint (checkpoints/best.pt: --which best" in err
+
     code, _, err = run_cli(["export", str(run_copy)], capsys)  # uses best.pt
     assert code == 1  # the same exit code as eval and resume for the same bad file
     assert_one_clear_error(err, str(best), message)
+    if "corrupt" in message:
+        assert "(checkpoints/last.pt: --which last for eval, --checkpoint last for export)" in err
 
     code, _, err = run_cli(["train", "--resume", str(run_copy), "train.epochs=2", "--quiet"], capsys)
     assert code == 1

@@ -130,6 +130,24 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _output_closed() -> bool:
+    """Whether the reader of stdout or stderr went away: a pipe whose read end is closed polls
+    POLLERR on its write end. A broken pipe elsewhere (a subprocess, a socket) is not that."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: no poll; take the pipe to be the output
+        return True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+                return True
+        except (OSError, ValueError, AttributeError):  # a replaced stream (tests) has no real descriptor
+            continue
+    return False
+
+
 def _short_warning(message, category, filename, lineno, line=None) -> str:
     # users see "Warning: ...", not the library's source file and line
     return f"{category.__name__}: {message}\n"
@@ -180,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         if message is not None:
             print(message, file=sys.stderr, flush=True)
         return err.exit_code
-    except BrokenPipeError:  # `reste datasets | head -1`: the reader has all it wanted; no traceback
-        _quiet_stdout()
+    except BrokenPipeError as err:
+        if not _output_closed():  # a pipe to something else broke: work that failed
+            print(f"error: a pipe closed while writing to it ({err}); the command stopped", file=sys.stderr, flush=True)
+            return 1
+        _quiet_stdout()  # `reste datasets | head -1`: the reader has all it wanted; no traceback
         return 128 + int(getattr(signal, "SIGPIPE", 13))
     except KeyboardInterrupt as err:
         if main_thread:  # we are leaving: a second Ctrl-C must not turn the exit into a traceback

@@ -459,7 +459,7 @@ class RBNN(Estimator):
     def set_progress(self, progress: float) -> None:
         t = _log_interp(self.t_min, self.t_max, progress)
         self.set_param("t", t)
-        self.set_param("k", max(1.0 / t, 1.0))  # set_param makes both the activation rule's
+        self.set_param("k", max(1.0 / t, 1.0))  # for activations set_param makes them k = 1, t = max(t, 1)
 
     def set_param(self, name: str, value) -> None:
         if self.activation:  # the activation rule whatever sets it: k = 1, t = max(t, 1)

@@ -311,7 +311,7 @@ class Sweep:
         differ, neutral_changes = {}, {}
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key, _UNSET), new.get(key, _UNSET)
-            if a == b and type(a) is type(b):
+            if a == b and isinstance(a, bool) == isinstance(b, bool):  # 1 == 1.0 (same model); True is not 1
                 continue
             if not neutral(key):
                 differ[key] = (a, b)

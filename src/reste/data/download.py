@@ -192,16 +192,16 @@ class NotDownloadableError(UsageError, ValueError):
 def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
 
-        * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
-        * ``cifar10`` / ``cifar100``: the official python-version tarball, which
-          is kept (so a re-run is a no-op) and safely extracted next to it.
-        * ``imagenet``: cannot be downloaded (registration needed): ValueError.
+    * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
+    * ``cifar10`` / ``cifar100``: the official python-version tarball, which
+      is kept (so a re-run is a no-op) and safely extracted next to it.
+    * ``imagenet``: cannot be downloaded (registration needed): :class:`NotDownloadableError`.
 
-        ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
-        ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
-        official base URL: ``http(s)://HOST/PATH/`` or ``file:///FOLDER/`` (anything else:
+    ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
+    ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
+    official base URL: ``http(s)://HOST/PATH/`` or ``file:///FOLDER/`` (anything else:
     :class:`reste.errors.UsageError`). Every file is md5 checked; see :func:`download_file` for
-        what happens on a mismatch. A failed download leaves no folder it created.
+    what happens on a mismatch. A failed download leaves no folder it created.
     """
     name = canonical_name(name)
     check_mirror(mirror, "mirror")

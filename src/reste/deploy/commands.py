@@ -207,7 +207,7 @@ def _check_input(shape_only, size: tuple, label: str, expected: tuple | None = N
     x = torch.zeros((1, *size), device="meta")
     try:
         shape_only.eval()
-        with torch.enable_grad():  # on the meta device autograd records shapes only
+        with torch.no_grad():  # as summary() runs it; on the meta device, shapes only
             shape_only(x)
     except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError) as err:
         built = f" (it was built for {_sizes(expected)})" if expected is not None else ""
@@ -356,15 +356,24 @@ def _check_kernel_setting() -> None:
 @contextmanager
 def _staged(out: Path):
     """A temporary file name beside ``out`` (same folder, so the final rename is atomic), removed
-    on any error or interrupt: what is not renamed over ``out`` leaves no trace."""
+    on any error or interrupt: what is not renamed over ``out`` leaves no trace, not even the
+    folders made for it."""
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    done = False
     try:
         yield tmp
+        done = True
     finally:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        for folder in missing if not done else ():
+            try:
+                folder.rmdir()  # only if still empty: a file that went there (a failed check's) stays
+            except OSError:
+                break
 
 
 def _publish(tmp: Path, out: Path, passed: bool) -> Path:
@@ -410,10 +419,6 @@ def run_export(args: argparse.Namespace) -> int:
         return _run_export_onnx(args, run_dir, out)
     from .verify import check_export
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _write_error(err, out, out) from None
     with _staged(out) as tmp:
         try:
             model, arch, source = load_run_model(run_dir, args.checkpoint)

@@ -133,7 +133,7 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or not a PyTorch checkpoint (the weights-only loader stopped at: "
                 f"{reason[:200]}); "
-                "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
+                f"{_another(path)} or re-run training"
             ) from None
         # weights_only refuses any global it does not know: arbitrary classes, functions, os.system ...
         raise CheckpointError(
@@ -150,7 +150,7 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
         # also fails with IndexError (b"t...", b"(..."), struct.error (b"G..."), AssertionError, ...
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).strip()[:200]}); "
-            "use another checkpoint (e.g. checkpoints/best.pt) or re-run training"
+            f"{_another(path)} or re-run training"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(
@@ -162,6 +162,18 @@ def load_checkpoint(path, map_location="cpu", required: tuple[str, ...] = ()) ->
             f"checkpoint {path} lacks {', '.join(missing)}; it was not written by `reste train` (a plain state_dict?)"
         )
     return state
+
+
+def _another(path) -> str:
+    """The fix that names a checkpoint other than the damaged one."""
+    name = Path(path).name
+    if name in ("best.pt", "last.pt"):
+        other = "last" if name == "best.pt" else "best"
+        return (
+            f"use the run's other checkpoint (checkpoints/{other}.pt: --which {other} for eval, "
+            f"--checkpoint {other} for export)"
+        )
+    return "use another checkpoint (e.g. a run's checkpoints/best.pt)"
 
 
 def nonfinite_entries(state_dict: dict) -> list[str]:
