@@ -935,7 +935,10 @@ def test_cli_export_and_summary(tmp_path, capsys):
 
     run, model = _fake_run(tmp_path)
     assert main(["export", str(run)]) == 1  # no best.pt: the error says to use last
-    assert "--checkpoint last" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "has no checkpoints/best.pt, only checkpoints/last.pt" in err and "use that one with --checkpoint last" in err
+    )
     out = tmp_path / "m.safetensors"
     assert main(["export", str(run), "--checkpoint", "last", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

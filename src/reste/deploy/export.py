@@ -456,19 +456,15 @@ def load_run_model(run_dir, checkpoint: str = "best") -> tuple[nn.Module, dict, 
     ``checkpoint`` is ``"best"`` or ``"last"`` (``checkpoints/<checkpoint>.pt``) or a path to a ``.pt`` file.
     """
     from ..train.checkpoint import load_checkpoint, load_model_weights
-    from ..train.rundir import CONFIG, checkpoint_path, read_config
+    from ..train.rundir import CONFIG, locate_checkpoint, read_config
 
     run_dir = Path(run_dir)
-    if checkpoint in ("best", "last"):
-        ckpt_path = checkpoint_path(run_dir, checkpoint)
-        if not ckpt_path.is_file():
-            other = "last" if checkpoint == "best" else "best"
-            hint = f"; try --checkpoint {other}" if checkpoint_path(run_dir, other).is_file() else ""
-            raise ExportError(
-                f"{ckpt_path} does not exist{hint} (is {run_dir} a run directory written by `reste train`?)"
-            )
-    else:
-        ckpt_path = Path(checkpoint)
+    # a run without that checkpoint: CheckpointError (exit 1) naming the other one, if the run has it
+    ckpt_path = (
+        locate_checkpoint(run_dir, checkpoint, option="--checkpoint")
+        if checkpoint in ("best", "last")
+        else Path(checkpoint)
+    )
     state = load_checkpoint(ckpt_path, required=("model",))
     config = state.get("config")
     if not config:
