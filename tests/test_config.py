@@ -383,7 +383,7 @@ def test_a_gpu_index_this_machine_lacks_is_a_config_error(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ConfigError, match=r"train.device=cuda:3 but this machine has 1 GPU \(cuda:0 to cuda:0\)"):
+    with pytest.raises(ConfigError, match=r"train.device=cuda:3: this machine has 1 GPU \(cuda:0 to cuda:0\)"):
         D.resolve_device("cuda:3")
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'foo'"):
         D.resolve_device("foo", key="device")

@@ -300,7 +300,7 @@ def test_eval_on_cuda_without_cuda_names_the_option(run, capsys, monkeypatch):
     assert "--device cuda:3: this machine has 1 GPU (cuda:0 to cuda:0)" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # the library names its argument the same way
-    with pytest.raises(T.ConfigError, match="device=cuda but CUDA is not available here; use device=cpu"):
+    with pytest.raises(T.ConfigError, match="device=cuda: CUDA is not available here; use device=cpu"):
         T.evaluate(run_dir, device="cuda")
     with pytest.raises(T.ConfigError, match="batch_size must be a whole number >= 1"):
         T.evaluate(run_dir, batch_size=0, device="cpu")

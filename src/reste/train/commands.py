@@ -234,19 +234,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _check_device(device: str) -> None:
-    """``--device``: auto, cpu, cuda or cuda:N, and CUDA only where there is a GPU (UsageError, exit 2)."""
-    from ..errors import short_repr
+    """``--device``: auto, cpu, cuda or cuda:N, and CUDA only where there is a GPU (exit 2)."""
+    from .distributed import resolve_device
 
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {short_repr(device)}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device != "cuda" and int(device[5:]) >= count:
-            raise UsageError(
-                f"--device {device}: this machine has {count} GPU{'' if count == 1 else 's'} "
-                f"(cuda:0 to cuda:{count - 1}); use one of them, or --device cuda"
-            )
+    resolve_device(device, key="--device")

@@ -711,6 +711,13 @@ def _name_in(key: str, value: str, known: list[str]) -> None:
     )
 
 
+def is_device_setting(setting) -> bool:
+    """Whether ``setting`` is one a device option takes: auto, cpu, cuda or cuda:N."""
+    return isinstance(setting, str) and (
+        setting in ("auto", "cpu", "cuda") or (setting.startswith("cuda:") and setting[5:].isdigit())
+    )
+
+
 def validate(cfg: Config) -> Config:
     """Check names, ranges and combinations; raise :class:`ConfigError` on the first problem.
 
@@ -846,11 +853,7 @@ def validate(cfg: Config) -> Config:
         1 <= t.dist_timeout_s <= 7 * 86400,
         f"train.dist_timeout_s must be 1 second to 7 days (604800), got {t.dist_timeout_s}",
     )
-    device = t.device
-    _check(
-        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
-        f"train.device must be auto, cpu, cuda or cuda:N, got {_short(device)}",
-    )
+    _check(is_device_setting(t.device), f"train.device must be auto, cpu, cuda or cuda:N, got {_short(t.device)}")
 
     a = cfg.analysis
     _check(a.every_steps >= 0, f"analysis.every_steps must be >= 0 (0 = per epoch only), got {a.every_steps}")

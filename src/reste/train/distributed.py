@@ -67,24 +67,29 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(setting: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``. A setting that is not
-    auto, cpu, cuda or cuda:N, or names a GPU this machine lacks, is a ConfigError naming ``key``."""
+    auto, cpu, cuda or cuda:N, or names a GPU this machine lacks, is a ConfigError (exit 2) naming
+    ``key``: a config key (``train.device=cpu``) or a command-line option (``--device cpu``)."""
     from ..errors import short_repr
-    from .config import ConfigError
+    from .config import ConfigError, is_device_setting
 
-    if not (setting in ("auto", "cpu", "cuda") or (setting.startswith("cuda:") and setting[5:].isdigit())):
+    def given(value: str) -> str:
+        return f"{key} {value}" if key.startswith("--") else f"{key}={value}"
+
+    if not is_device_setting(setting):
         raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {short_repr(setting)}")
+    asked = setting
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"{key}={setting} but CUDA is not available here; use {key}=cpu (or auto)")
+            raise ConfigError(f"{given(asked)}: CUDA is not available here; use {given('cpu')} (or auto)")
         if setting == "cuda":
             setting = f"cuda:{local_rank}"
         count = torch.cuda.device_count()
         if int(setting[5:]) >= count:
             raise ConfigError(
-                f"{key}={setting} but this machine has {count} GPU{'' if count == 1 else 's'} "
-                f"(cuda:0 to cuda:{count - 1}); use one of them, or {key}=cuda"
+                f"{given(asked)}: this machine has {count} GPU{'' if count == 1 else 's'} "
+                f"(cuda:0 to cuda:{count - 1}); use one of them, or {given('cuda')}"
             )
     return torch.device(setting)
 
