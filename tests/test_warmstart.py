@@ -133,7 +133,17 @@ def test_init_from_and_teacher_errors_name_the_key(tmp_path, data_root):
     vit = T.train(vit, progress=False, summary=False)
     cfg = _cfg(tmp_path, data_root, "b")
     cfg.model.init_from = vit["run_dir"]
-    with pytest.raises(CheckpointError, match=r"none of its .* tensors fits this model .*vit_tiny"):
+    with pytest.raises(CheckpointError, match=r"none of its .* tensors' weights fits this model; .*vit_tiny"):
+        T.Trainer(cfg, progress=False, summary=False).fit()
+    # the same model at another width: only the BatchNorm step counters and the head's bias fit, which
+    # started a "two-step" run from scratch with exit 0
+    narrow = T.train(_cfg(tmp_path, data_root, "narrow", "fp"), progress=False, summary=False)
+    cfg = _cfg(tmp_path, data_root, "wide")
+    cfg.model.kwargs, cfg.model.init_from = {"width": 8}, narrow["run_dir"]
+    with pytest.raises(
+        CheckpointError,
+        match=r"weights fits this model \(only \d+ counters or biases do\); .*resnet20 with model.kwargs",
+    ):
         T.Trainer(cfg, progress=False, summary=False).fit()
     with pytest.raises(ConfigError, match="train.distill_weight must be in"):
         reste.train.load_config(None, ["train.distill_weight=1.5"])

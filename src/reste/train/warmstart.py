@@ -52,8 +52,9 @@ def init_from(model: nn.Module, source, key: str = "model.init_from"):
     """Load the weights of ``source`` (a run directory or ``.pt`` file) into ``model``.
 
     Matching tensors are copied; estimator state stays fresh; what did not fit is reported by
-    name (:class:`reste.nn.weights.WeightLoadReport`). Nothing copied at all is an error (the
-    wrong architecture). The optimizer is the caller's, built afterwards: it starts fresh.
+    name (:class:`reste.nn.weights.WeightLoadReport`). No weight copied at all is an error (the
+    wrong architecture, or another width: BatchNorm step counters and a bias alone may still fit).
+    The optimizer is the caller's, built afterwards: it starts fresh.
     """
     from ..nn.weights import load_float_weights
 
@@ -61,12 +62,15 @@ def init_from(model: nn.Module, source, key: str = "model.init_from"):
     state = load_checkpoint(path)
     weights = state["model"] if isinstance(state.get("model"), dict) else state
     report = load_float_weights(model, weights)
-    if not report.copied:
+    if not any(name.rpartition(".")[2] == "weight" for name in report.copied):
         config = source_config(path, state) or {}
-        arch = (config.get("model") or {}).get("name", "an unknown architecture")
+        model_cfg = config.get("model") or {}
+        arch = model_cfg.get("name", "an unknown architecture")
+        kwargs = f" with model.kwargs={model_cfg['kwargs']}" if model_cfg.get("kwargs") else ""
+        fits = f" (only {len(report.copied)} counters or biases do)" if report.copied else ""
         raise CheckpointError(
-            f"{key}={str(source)!r}: none of its {len(weights)} tensors fits this model ({path} holds "
-            f"{arch}); start from a run of the same model.name and model.kwargs"
+            f"{key}={str(source)!r}: none of its {len(weights)} tensors' weights fits this model{fits}; {path} "
+            f"holds {arch}{kwargs}; start from a run of the same model.name and model.kwargs"
         )
     report.source = str(path)
     return report
