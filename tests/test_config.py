@@ -74,6 +74,22 @@ def test_dict_and_config_sources_and_dict_overrides():
     assert again.seed == 3 and cfg.seed == 0  # the source is not modified
 
 
+def test_one_entry_of_a_mapping_option_keeps_the_others(tmp_path):
+    # the QA case: shrinking a config's ViT with model.kwargs={dim: 24, depth: 1} silently dropped its
+    # weight_estimator: dorefa and patch_size; model.kwargs.dim=24 sets one entry and keeps the rest
+    base = tmp_path / "vit.yaml"
+    base.write_text("model:\n  name: vit_tiny\n  kwargs: {patch_size: 16, weight_estimator: dorefa}\n")
+    cfg = C.load_config(str(base), ["model.kwargs.dim=24", "model.kwargs.depth=1", "estimator.params.m=0.2"])
+    assert cfg.model.kwargs == {"patch_size": 16, "weight_estimator": "dorefa", "dim": 24, "depth": 1}
+    assert cfg.estimator.params == {"m": 0.2}
+    whole = C.load_config(str(base), ["model.kwargs={dim: 24}", "model.kwargs.depth=1"])
+    assert whole.model.kwargs == {"dim": 24, "depth": 1}  # the whole mapping replaces, then the entry adds
+    with pytest.raises(C.ConfigError, match="unknown config key 'model.kwarg.dim'"):
+        C.load_config(None, ["model.kwarg.dim=24"])
+    with pytest.raises(C.ConfigError, match="unknown config key 'optim.lr.x'"):
+        C.load_config(None, ["optim.lr.x=1"])  # only mapping options take entries
+
+
 def test_overrides_are_yaml_values_not_code():
     cfg = load_config(
         None, ["name=__import__('os').system('echo hacked')", "train.device=cpu", "data.subset=null"], check=False

@@ -415,6 +415,8 @@ def _set_section(obj, data: dict, prefix: str) -> None:
             if value is None:
                 continue
             _set_section(getattr(obj, name), value, key + ".")
+        elif isinstance(value, _Entries):  # model.kwargs.dim=24: one entry, the others kept
+            setattr(obj, name, _coerce(key, {**getattr(obj, name), **value}, tp))
         else:
             setattr(obj, name, _coerce(key, value, tp))
 
@@ -450,8 +452,26 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- overrides
+class _Entries(dict):
+    """Entries of a mapping option given one at a time (``model.kwargs.dim=24``): merged into the
+    option's value, where ``model.kwargs={dim: 24}`` replaces it whole."""
+
+
+def _mapping_option(key: str) -> str | None:
+    """The mapping option (``model.kwargs``, ``estimator.params``) whose entry ``key`` names, if any."""
+    for option, _, tp in _leaves():
+        if (
+            key.startswith(option + ".")
+            and len(key) > len(option) + 1
+            and (tp is dict or typing.get_origin(tp) is dict)
+        ):
+            return option
+    return None
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
-    """``["optim.lr=0.05", "train.epochs=2"]`` -> nested dict; values parsed with ``yaml.safe_load``."""
+    """``["optim.lr=0.05", "train.epochs=2"]`` -> nested dict; values parsed with ``yaml.safe_load``.
+    ``model.kwargs.dim=24`` sets one entry of a mapping option and keeps its others."""
     nested: dict = {}
     valid = _all_keys()
     for item in items:
@@ -459,7 +479,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key not in valid:
+        mapping = _mapping_option(key) if key not in valid else None
+        if key not in valid and mapping is None:
             raise _unknown_key_error(key, valid)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(
@@ -473,11 +494,26 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
             ) from None
         except ConfigError as err:
             raise ConfigError(f"the value of {key}: {err}") from None
-        node = nested
         parts = key.split(".")
+        if mapping is not None:
+            parts, entry = mapping.split("."), key[len(mapping) + 1 :]
+            current = _dig(nested, parts)
+            if isinstance(current, dict):  # the option was given earlier in the same list: add to it
+                current[entry] = value
+                continue
+            value = _Entries({entry: value})
+        node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
+    return nested
+
+
+def _dig(nested: dict, parts: list[str]):
+    for part in parts:
+        if not isinstance(nested, dict) or part not in nested:
+            return None
+        nested = nested[part]
     return nested
 
 
