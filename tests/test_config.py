@@ -90,6 +90,24 @@ def test_one_entry_of_a_mapping_option_keeps_the_others(tmp_path):
         C.load_config(None, ["optim.lr.x=1"])  # only mapping options take entries
 
 
+def test_model_kwargs_naming_what_the_data_set_or_a_model_key_sets():
+    # docs/models.md's "image_size=28 for (Fashion-)MNIST" in model.kwargs was an internal TypeError
+    # ("create() got multiple values for keyword argument 'image_size'")
+    from reste import data
+    from reste.models.build import model_arguments
+
+    meta = data.info("fashion_mnist")
+    agreeing = C.load_config(None, ["model.kwargs.image_size=28", "model.kwargs.width=0.25"])
+    assert model_arguments(agreeing, meta)["kwargs"] == {"width": 0.25}  # the same value: harmless
+    for item, message in (
+        ("model.kwargs.image_size=32", r"image_size is set from the data set \(fashion_mnist: 28\); leave it out"),
+        ("model.kwargs.num_classes=100", r"num_classes is set from the data set \(fashion_mnist: 10\)"),
+        ("model.kwargs.precision=fp", "precision is set from model.precision; leave it out"),
+    ):
+        with pytest.raises(C.ConfigError, match=message):
+            model_arguments(C.load_config(None, [item]), meta)
+
+
 def test_overrides_are_yaml_values_not_code():
     cfg = load_config(
         None, ["name=__import__('os').system('echo hacked')", "train.device=cpu", "data.subset=null"], check=False

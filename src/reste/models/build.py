@@ -32,16 +32,22 @@ def model_arguments(cfg, meta) -> dict:
     kwargs = dict(cfg.model.kwargs)
     if cfg.estimator.params:
         kwargs["estimator_params"] = dict(cfg.estimator.params)
-    return {
+    args = {
         "name": cfg.model.name,
         "num_classes": meta.num_classes,
         "in_channels": meta.in_channels,
         "precision": cfg.model.precision,
         "estimator": cfg.model.estimator,
         "image_size": meta.image_size,
-        "kwargs": kwargs,
         "init": cfg.model.init,
     }
+    for key in [k for k in kwargs if k in args]:  # set by the data set or by a model.* key
+        given = {"num_classes", "in_channels", "image_size"}
+        source = f"the data set ({meta.name}: {args[key]})" if key in given else f"model.{key}"
+        if key not in given or kwargs[key] != args[key]:
+            raise ConfigError(f"model.kwargs.{key}={short_repr(kwargs[key])}: {key} is set from {source}; leave it out")
+        del kwargs[key]  # the same value: harmless
+    return {**args, "kwargs": kwargs}
 
 
 def _model_label(cfg) -> str:
