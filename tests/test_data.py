@@ -723,10 +723,12 @@ def test_safe_extract_refuses_path_traversal(tmp_path, member):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*class folders, not ImageNet's 1000")  # said once, checked below
 def test_imagenet_folder_loader(tmp_path):
     pytest.importorskip("PIL")
     classes = fx.write_image_folders(tmp_path / "imagenet", per_class=3, val_per_class=2)
-    train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, seed=1)
+    with pytest.warns(UserWarning, match="has 3 class folders, not ImageNet's 1000: the model gets a 1000-way head"):
+        train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, seed=1)
     assert (train.dataset_size, val.dataset_size) == (9, 6)
     assert (len(train), len(val)) == (2, 2) and train.classes == classes
     images, labels = next(iter(train))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,11 @@ def scan_class_folders(split_dir: Path, class_to_index: dict[str, int] | None = 
     samples = []
     for name in classes:
         if name not in class_to_index:
-            raise CorruptDataError(split_dir / name, "class folder not present in train/")
+            raise CorruptDataError(
+                split_dir / name,
+                "class folder not present in train/",
+                "Every val/ class needs its train/ folder of the same name: add it, or move this one out of val/.",
+            )
         label = class_to_index[name]
         for path in sorted((split_dir / name).iterdir()):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
@@ -142,7 +147,11 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:  # PIL's decode errors
-            raise CorruptDataError(path, f"cannot decode image ({exc})") from exc
+            raise CorruptDataError(
+                path,
+                f"cannot decode image ({exc})",
+                "Replace it with a good copy from your ImageNet archive, or delete it (ImageNet cannot be downloaded).",
+            ) from exc
         size = self.image_size
         if self.train:
             rng = random.Random(sample_seed)
@@ -305,6 +314,14 @@ def create_imagenet_loaders(
     if val_count is not None:
         val_samples = _strided_subset(val_samples, val_count)
     meta = info("imagenet")
+    if len(classes) != meta.num_classes:  # e.g. an ImageNet-100 tree: the model is still built for 1000
+        warnings.warn(
+            f"{base / 'train'} has {len(classes)} class folders, not ImageNet's {meta.num_classes}: the model "
+            f"gets a {meta.num_classes}-way head, {meta.num_classes - len(classes)} of whose outputs no image "
+            "trains, and top-5 is taken over all of them",
+            UserWarning,
+            stacklevel=2,
+        )
     common = dict(seed=seed, device=device, num_workers=num_workers, mean=meta.mean, std=meta.std, classes=classes)
     train = ImageFolderLoader(
         ImageFolderDataset(train_samples, train=augment, image_size=meta.image_size),
