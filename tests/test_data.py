@@ -548,6 +548,24 @@ def test_label_count_mismatch_and_bad_labels(tmp_path):
         data.load_arrays("mnist", tmp_path)
 
 
+def test_a_cifar_label_out_of_range_names_its_batch_file(tmp_path):
+    # was: the folder or archive alone ("cifar-10-batches-py: labels outside [0, 10)")
+    members, _ = fx.cifar_members("cifar10")
+    x = np.zeros((8, 3, 32, 32), dtype=np.uint8)
+    members["data_batch_2"] = fx.cifar_batch(x, np.full(8, 10), b"labels", b"data_batch_2")
+    folder = tmp_path / "dir" / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for member, content in members.items():
+        (folder / member).write_bytes(content)
+    with pytest.raises(data.CorruptDataError, match=r"data_batch_2: labels outside \[0, 10\): min 10, max 10"):
+        data.load_arrays("cifar10", tmp_path / "dir")
+    archive = tmp_path / "tar" / "cifar10" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(fx.tar_gz_bytes({f"cifar-10-batches-py/{m}": b for m, b in members.items()}))
+    with pytest.raises(data.CorruptDataError, match=r"::cifar-10-batches-py/data_batch_2: labels outside"):
+        data.load_arrays("cifar10", tmp_path / "tar")
+
+
 def test_truncated_cifar_pickle_and_tarball(tmp_path):
     fx.write_cifar_folder(tmp_path / "a", "cifar10")
     batch = tmp_path / "a" / "cifar-10-batches-py" / "data_batch_3"

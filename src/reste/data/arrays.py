@@ -219,17 +219,16 @@ def load_arrays(
     source = CIFAR_SOURCES[name]
     kind, path = found
     if kind == "dir":
-        train = no_train if test_only else read_cifar_members_from_dir(path, source.train_members, source.label_key)
-        test = read_cifar_members_from_dir(path, source.test_members, source.label_key)
+        label_key, classes = source.label_key, meta.num_classes
+        train = no_train if test_only else read_cifar_members_from_dir(path, source.train_members, label_key, classes)
+        test = read_cifar_members_from_dir(path, source.test_members, label_key, classes)
     elif test_only:
         train, (test,) = (
             no_train,
-            read_cifar_members_from_tar(path, source.folder, [source.test_members], source.label_key),
+            read_cifar_members_from_tar(path, source.folder, [source.test_members], source.label_key, meta.num_classes),
         )
     else:
         train, test = read_cifar_members_from_tar(
-            path, source.folder, [source.train_members, source.test_members], source.label_key
+            path, source.folder, [source.train_members, source.test_members], source.label_key, meta.num_classes
         )
-    _check_labels(train[1], meta.num_classes, path)
-    _check_labels(test[1], meta.num_classes, path)
     return DatasetArrays(train[0], train[1], test[0], test[1], source=str(path))

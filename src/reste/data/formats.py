@@ -220,9 +220,12 @@ def _lookup(batch: dict, key: bytes):
     return batch.get(key.decode())
 
 
-def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def parse_cifar_batch(
+    data: bytes, source, label_key: bytes, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode one CIFAR batch pickle into ``(images uint8 N x 3 x 32 x 32,
-    labels int64 N)``, validating the structure."""
+    labels int64 N)``, validating the structure (and, given ``num_classes``, the labels' range,
+    so an error names this batch, not only its folder or archive)."""
     batch = restricted_loads(data, source)
     if not isinstance(batch, dict):
         raise CorruptDataError(source, f"expected a pickled dict, got {type(batch).__name__}")
@@ -245,6 +248,8 @@ def parse_cifar_batch(data: bytes, source, label_key: bytes) -> tuple[np.ndarray
         raise CorruptDataError(source, f"labels are not integers ({exc})") from exc
     if labels.ndim != 1 or len(labels) != len(pixels):
         raise CorruptDataError(source, f"{len(pixels)} images but labels of shape {labels.shape}")
+    if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CorruptDataError(source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
     # Rows are stored channel-major (1024 R, 1024 G, 1024 B), i.e. CHW.
     return pixels.reshape(-1, 3, 32, 32), labels
 
@@ -263,7 +268,7 @@ def _check_batch_size(source, size: int) -> None:
         )
 
 
-def read_cifar_members_from_dir(folder: Path, members, label_key: bytes):
+def read_cifar_members_from_dir(folder: Path, members, label_key: bytes, num_classes: int | None = None):
     """Read and concatenate the named batch files from an extracted folder."""
     images, labels = [], []
     for member in members:
@@ -273,13 +278,15 @@ def read_cifar_members_from_dir(folder: Path, members, label_key: bytes):
             data = path.read_bytes()
         except OSError as exc:
             raise CorruptDataError(path, f"cannot read file ({exc})") from exc
-        x, y = parse_cifar_batch(data, path, label_key)
+        x, y = parse_cifar_batch(data, path, label_key, num_classes)
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
 
 
-def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label_key: bytes):
+def read_cifar_members_from_tar(
+    archive: Path, folder: str, member_groups, label_key: bytes, num_classes: int | None = None
+):
     """Read batches straight out of the official tarball, without extracting.
 
     ``member_groups`` is a list of lists of member names (e.g. [train, test]);
@@ -304,6 +311,8 @@ def read_cifar_members_from_tar(archive: Path, folder: str, member_groups, label
         raise CorruptDataError(archive, f"archive lacks member(s) {', '.join(missing)}")
     results = []
     for group in member_groups:
-        parts = [parse_cifar_batch(found[f"{folder}/{m}"], f"{archive}::{folder}/{m}", label_key) for m in group]
+        parts = [
+            parse_cifar_batch(found[f"{folder}/{m}"], f"{archive}::{folder}/{m}", label_key, num_classes) for m in group
+        ]
         results.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
     return results
