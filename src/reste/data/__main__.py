@@ -1,5 +1,5 @@
-"""Stand-alone data command line (same commands as ``reste download`` /
-``reste datasets``)::
+"""Stand-alone data command line: the same commands as ``reste download`` / ``reste datasets``,
+run by the same entry point (one error line, exit codes, a closed pipe, Ctrl-C)::
 
     python -m reste.data download cifar10 --root ./data
     python -m reste.data datasets
@@ -7,24 +7,27 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ..errors import ReSTEError
-from .commands import register
+COMMANDS = ("download", "datasets")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m reste.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ReSTEError as err:  # as reste.cli.main: one line, the documented exit code
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    from ..cli import main as cli_main
+
+    words = sys.argv[1:] if argv is None else list(argv)
+    if not words or words[0] not in COMMANDS:
+        if words and words[0] in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        got = words[0] if words else "none"
+        print(
+            f"usage: python -m reste.data {{{','.join(COMMANDS)}}} ...\n"
+            f"python -m reste.data: error: give a command, one of {', '.join(COMMANDS)} (got {got})",
+            file=sys.stderr,
+        )
+        return 2
+    return cli_main(words if argv is not None else None)
 
 
 if __name__ == "__main__":
