@@ -115,14 +115,15 @@ def test_a_sub_commands_unknown_option_shows_its_usage_and_the_closest_option(ca
     assert err.startswith("usage: reste [-h]") and "Did you mean '--version'?" in err
 
 
-def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+@pytest.mark.parametrize("module", ["reste", "reste.data"])  # python -m reste.data runs through reste.cli.main
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path, module):
     import os
 
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line: `reste datasets | head -0`
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "reste", "datasets", "--root", str(tmp_path)],
+            [sys.executable, "-m", module, "datasets", "--root", str(tmp_path)],
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
