@@ -258,6 +258,9 @@ def test_cli_export_onnx_is_renamed_into_place_only_after_its_check(tmp_path, ca
     with monkeypatch.context() as m:
         m.setattr(onnx_mod, "check_onnx", interrupted)
         assert main(argv) == 130
+        nested = tmp_path / "new" / "deeper" / "m.onnx"
+        assert main([*argv[:-1], str(nested)]) == 130
+        assert not (tmp_path / "new").exists()  # nor the folders made for it
     assert out.read_bytes() == b"a previous export" and [p.name for p in folder.iterdir()] == ["m.onnx"]
     capsys.readouterr()
     assert main(argv) == 0  # no --format: the extension says onnx

@@ -359,6 +359,10 @@ def _staged(out: Path):
     on any error or interrupt: what is not renamed over ``out`` leaves no trace, not even the
     folders made for it."""
     missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(err, out, out) from None
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     done = False
     try:
@@ -468,10 +472,6 @@ def _run_export_onnx(args: argparse.Namespace, run_dir: Path, out: Path) -> int:
     from .onnx import INSTALL_HINT, check_onnx, export_onnx, write_onnx_metadata
     from .verify import _run_config, data_spec, eval_loader
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _write_error(err, out, out) from None
     lines: list[str] = []
     warning = problem = None
     with _staged(out) as tmp:
