@@ -292,7 +292,7 @@ class Sweep:
         """``run``'s saved config against ``cfg`` (what this sweep gives it): the keys that differ
         and can change results, ``{key: (old, new)}``, and the neutral ones that differ, ``{key: new}``."""
         from ..train.config import ConfigError, config_to_dict, load_config
-        from .runs import _flatten, neutral
+        from .runs import NEUTRAL_KEYS, _flatten, neutral
 
         what = "finished" if run.status == "done" else "has a checkpoint"
         if not (run.path / rundir.CONFIG).is_file():
@@ -315,7 +315,7 @@ class Sweep:
                 continue
             if not neutral(key):
                 differ[key] = (a, b)
-            elif not key.startswith("out.") and key != "name" and b is not _UNSET:
+            elif key in NEUTRAL_KEYS and b is not _UNSET:  # not a name or an output path: passed on to --resume
                 neutral_changes[key] = list(b) if isinstance(b, tuple) else b
         return differ, neutral_changes
 
