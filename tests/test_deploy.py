@@ -147,6 +147,32 @@ def test_packed_linear_integer_sums_exact(features, out, rows, isa):
         assert torch.equal(packed(x), expected)
 
 
+@pytest.mark.parametrize("scale", ["layer_mean", "channel_mean", "none"])
+@pytest.mark.parametrize("estimator", ["reste", "dsq", "swish_sign", "ste"])
+def test_every_estimator_and_scale_with_a_bias_packs_bit_identically(estimator, scale):
+    # DSQ does not recompute sign(x) in backward, so its layers took another forward; weight_scale="none"
+    # added the bias inside the matrix product: both rounded differently from the packed layer
+    torch.manual_seed(3)
+    lin = BinaryLinear(300, 70, weight_estimator=estimator, input_estimator=estimator, weight_scale=scale).eval()
+    conv = BinaryConv2d(24, 40, 3, 1, 1, weight_estimator=estimator, input_estimator=estimator, weight_scale=scale)
+    conv.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(lin.bias)
+        torch.nn.init.normal_(conv.bias)
+        x = torch.randn(64, 300)
+        assert torch.equal(PackedBinaryLinear.from_binary(lin)(x), lin(x))
+        x = torch.randn(3, 24, 7, 7)
+        assert torch.equal(PackedBinaryConv2d.from_binary(conv)(x), conv(x))
+
+
+def test_packed_layers_give_an_empty_batch_an_empty_output(isa):
+    conv = PackedBinaryConv2d.from_binary(BinaryConv2d(8, 16, 3, 1, 1).eval())
+    lin = PackedBinaryLinear.from_binary(BinaryLinear(8, 4).eval())
+    with torch.no_grad():
+        assert conv(torch.randn(0, 8, 6, 6)).shape == (0, 16, 6, 6)
+        assert lin(torch.randn(0, 8)).shape == (0, 4)
+
+
 def test_real_input_layers_use_unpacked_weights_exactly():
     torch.manual_seed(2)
     conv = BinaryConv2d(8, 8, 3, 1, 1, bias=False, input_estimator=None).eval()
@@ -305,6 +331,45 @@ def _tiny(precision: str) -> nn.Module:
     torch.manual_seed(4)
     model = reste.binarize(TinyResNet(), activations=precision == "1w1a", keep=("first", "last", "pointwise"))
     return _trained(model)
+
+
+class _SharedLayer(nn.Module):
+    """One binary layer registered under two names and called twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.inp, self.a, self.out = nn.Linear(8, 16), BinaryLinear(16, 16), nn.Linear(16, 3)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.out(self.b(self.a(self.inp(x))))
+
+
+def test_a_shared_binary_layer_is_packed_once_under_every_name(tmp_path):
+    model = _SharedLayer().eval()
+    path = export(model, tmp_path / "shared.safetensors")
+    deployed = load(path, model=_SharedLayer())
+    assert deployed.a is deployed.b and isinstance(deployed.a, PackedBinaryLinear)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), model(x))
+
+
+def test_a_layer_that_cannot_be_packed_is_named_with_the_fix(tmp_path):
+    model = reste.binarize(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+            nn.Conv2d(8, 2, 1),
+        )
+    ).eval()
+    with pytest.raises(
+        ExportError, match=r"layer '2' \(BinaryConv2d\) cannot be packed: padding_mode='reflect'.*keep="
+    ):
+        export(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("precision", ["1w1a", "1w32a"])
@@ -880,6 +945,32 @@ def test_summary_numbers_by_hand():
     assert s.macs == 13824 + 18432 + 2560 and s.binary_mac_share == pytest.approx(18432 / 34816)
     text = str(s)
     assert "binary MAC share" in text and "1,568 bytes" in text
+
+
+def test_summary_counts_every_conv_kind_and_the_bytes_rows_are_padded_to(tmp_path):
+    model = reste.binarize(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False),  # 4 * 9 = 36 taps: 5 bytes per row
+            nn.ConvTranspose2d(8, 8, 2, stride=2),  # binarize cannot convert it: kept real
+            nn.Conv2d(8, 2, 1),
+        ),
+        keep=["2"],
+    ).eval()
+    s = summary(model, (3, 8, 8))
+    grouped, transposed = s.layers[1], s.layers[2]
+    assert grouped.macs_1x1 == 64 * 8 * 36 and grouped.params_1bit == 8 * 36
+    assert grouped.memory_bits == 8 * 5 * 8 + 32  # whole bytes per output channel, then alpha
+    # a transposed conv: every input element meets out/groups * kh * kw weights
+    assert (transposed.macs_32x32, transposed.weight_bits) == (64 * 8 * 8 * 2 * 2, 32)
+    assert s.binary_mac_share == pytest.approx(18432 / (13824 + 18432 + 16384 + 2 * 8 * 256))
+    conv1d = summary(nn.Sequential(nn.Conv1d(3, 8, 3, padding=1)), (3, 16)).layers[0]
+    assert conv1d.macs_32x32 == 16 * 8 * 3 * 3
+    export(model, tmp_path / "m.safetensors")
+    from reste.deploy import read_tensors
+
+    stored = read_tensors(tmp_path / "m.safetensors", model=model)
+    assert s.memory_bytes == sum(t.numel() * t.element_size() for t in stored.values())
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

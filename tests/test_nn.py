@@ -185,6 +185,76 @@ def test_binarize_twice_is_a_no_op_and_says_so(again):
     assert before.keys() == model.state_dict().keys()
 
 
+def test_binarize_swaps_a_shared_layer_under_every_name_and_keeps_it_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(nn.Linear(8, 16), shared, shared, shared, nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    reste.binarize(model)
+    assert [type(m).__name__ for m in model] == ["Linear", "BinaryLinear", "BinaryLinear", "BinaryLinear", "Linear"]
+    assert model[1] is model[2] is model[3] and model[1].weight is shared.weight
+    # every use computes with sign(W): three binary layers in a row, not one
+    h = model[0](x)
+    for _ in range(3):
+        h = F.linear(
+            torch.where(h < 0, -1.0, 1.0),
+            shared.weight.abs().mean() * torch.where(shared.weight < 0, -1.0, 1.0),
+            shared.bias,
+        )
+    torch.testing.assert_close(model(x), model[4](h))
+    # a keep pattern on any of its names keeps it real under all of them
+    again = nn.Sequential(nn.Linear(8, 16), shared, shared, nn.Linear(16, 2))
+    assert reste.nn.full_precision_layers(again, keep=["2"]) == ["0", "1", "3"]
+    with pytest.warns(UserWarning, match="no layer binary"):
+        assert [type(m).__name__ for m in reste.binarize(again, keep=["2"])] == ["Linear"] * 4
+
+
+def test_binarize_rebuilds_a_shared_attention_module_once():
+    mha = nn.MultiheadAttention(16, 2)
+
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.b, self.out = nn.Linear(4, 16), mha, mha, nn.Linear(16, 2)
+
+        def forward(self, x):
+            x = self.inp(x)
+            x = self.a(x, x, x)[0]
+            return self.out(self.b(x, x, x)[0])
+
+    model = reste.binarize(TwoUses())
+    assert model.a is model.b and isinstance(model.a.in_proj, BinaryLinear)
+    model(torch.randn(3, 2, 4)).sum().backward()
+
+
+def test_binarize_that_fails_on_a_layer_names_it_and_changes_nothing():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(8, 2, 1),
+    )
+    with pytest.raises(ValueError, match=r"layer '2' .*padding_mode.*The model is unchanged.*keep=\['2'\]"):
+        reste.binarize(model, input_padding="+1")
+    assert [type(m) for m in model] == [nn.Conv2d] * 4  # layer 1 was not swapped before layer 2 failed
+    assert _real(reste.binarize(model, input_padding="+1", keep=["2"])) == ["0", "2", "3"]
+
+
+def test_binarize_that_makes_nothing_binary_warns_why():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w)
+
+    with pytest.warns(UserWarning, match="no layer binary: it has no nn.Conv2d or nn.Linear module .*F.conv2d"):
+        reste.binarize(Functional())
+    with pytest.warns(UserWarning, match=r"none of its 2 Conv2d/Linear layer\(s\) was converted \(kept real: 0, 1;"):
+        reste.binarize(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+
+
 def test_binarize_1w32a_and_estimator_choice():
     model = reste.binarize(small_cnn(), estimator="ede", activations=False)
     assert model[3].input_estimator is None and model[3].weight_estimator.name == "ede"

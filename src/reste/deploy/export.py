@@ -93,12 +93,14 @@ def to_deploy(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_deploy expects an nn.Module, got {type(model).__name__}")
     deploy = copy.deepcopy(model).cpu().eval()
-    binary = [(n, m) for n, m in deploy.named_modules() if isinstance(m, BinaryLayer)]
+    # every name: a layer registered twice (``self.b = self.a``) is packed once and installed under both
+    binary = [(n, m) for n, m in deploy.named_modules(remove_duplicate=False) if isinstance(m, BinaryLayer)]
     if not binary:
         raise ExportError(
             "the model has no binary layers (BinaryConv2d/BinaryLinear); binarize it or create it with precision "
             "'1w1a'/'1w32a'"
         )
+    packed: dict[int, nn.Module] = {}
     for name, layer in binary:
         if not layer.binary_weights:
             raise ExportError(
@@ -107,7 +109,15 @@ def to_deploy(model: nn.Module) -> nn.Module:
             )
         if name == "":
             raise ExportError("the model is a single binary layer; wrap it in an nn.Sequential to export it")
-        _set_module(deploy, name, packed_layer(layer))
+        if id(layer) not in packed:
+            try:
+                packed[id(layer)] = packed_layer(layer)
+            except (TypeError, ValueError) as err:
+                raise ExportError(
+                    f"layer {name!r} ({type(layer).__name__}) cannot be packed: {err}. Keep it real when binarizing "
+                    f"(reste.binarize(..., keep=[{name!r}])) or change it, then train again"
+                ) from err
+        _set_module(deploy, name, packed[id(layer)])
     leftover = [n for n, m in deploy.named_modules() if isinstance(m, Estimator)]
     if leftover:
         raise ExportError(
@@ -277,6 +287,9 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
     ``(scale, shift)``, and the layout it stores; ExportError where the file does not fit it."""
     # a float architecture's nn.MultiheadAttention holds raw projections; binarize rebuilt those it converted
     rebuild_attention(model, inside=graph["binary_layers"])
+    names_of: dict[int, list[str]] = {}  # a layer registered under several names gets its twin under each
+    for alias, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(alias)
     for name, options in graph["binary_layers"].items():
         try:
             old = model.get_submodule(name)
@@ -284,7 +297,9 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
             raise ExportError(
                 f"{path}: the architecture has no layer {name!r}; it is not the architecture the file was exported from"
             ) from None
-        _set_module(model, name, _packed_twin(path, name, old, options))
+        twin = _packed_twin(path, name, old, options)
+        for alias in names_of.get(id(old), [name]):
+            _set_module(model, alias, twin)
     leftover = [n for n, m in model.named_modules() if isinstance(m, Estimator)]
     if leftover:
         raise ExportError(

@@ -359,6 +359,8 @@ class _PackedBinary(nn.Module):
     def _use_kernel(self, x: Tensor) -> bool:
         if not self.binary_inputs or x.device.type != "cpu" or not self._kernel_supported():
             return False
+        if x.numel() == 0:  # an empty batch: PyTorch's path gives the empty output
+            return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False  # inference kernel: no autograd through it
         if _ext() is None:
@@ -504,9 +506,11 @@ class PackedBinaryConv2d(_PackedBinary):
         """Pack a trained binary conv (its eval-mode forward is reproduced exactly)."""
         if not isinstance(layer, BinaryConv2d) or not layer.binary_weights:
             raise TypeError(f"expected a BinaryConv2d with binary weights, got {type(layer).__name__}")
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r}: only padding_mode='zeros' can be packed")
+        if isinstance(layer.padding, str):
             raise ValueError(
-                "only padding_mode='zeros' with integer padding can be packed; rebuild the layer with padding=(ph, pw)"
+                f"padding={layer.padding!r}: only integer padding can be packed; build the layer with padding=(ph, pw)"
             )
         with torch.no_grad():
             alpha = layer.weight_alpha().detach().float().reshape(-1).cpu()

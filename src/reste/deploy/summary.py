@@ -8,13 +8,15 @@ Accounting (one image; the numbers of the deployed, bit-packed model):
 - rows are the modules that hold state or compute: conv/linear layers (binary, packed
   or real) and any other module with its own parameters or buffers (batch norms);
   estimators are training-only and not counted;
-- memory: a binary weight is 1 bit; its layer also stores ``alpha`` (one float per
+- memory: a binary weight is 1 bit, each output channel's (row's) bits padded to whole
+  bytes as the export stores them; its layer also stores ``alpha`` (one float per
   layer or per output channel) and its bias; an eval-mode BatchNorm is stored as
   ``reste export`` writes it, two floats per channel (``scale``, ``shift``); every other
   parameter and buffer (``num_batches_tracked`` excluded) is stored at its dtype's width
   (32 bits for float32);
 - float32-equivalent: every parameter and buffer at 32 bits (the float model, no alpha);
-- MACs: conv ``out_elements * in_channels/groups * kh * kw``, linear
+- MACs: conv (any dimension) ``out_elements * in_channels/groups * prod(kernel)``, transposed
+  conv ``in_elements * out_channels/groups * prod(kernel)``, linear
   ``out_elements * in_features``, split into ``1x1`` (binary weights and binary
   inputs: XNOR-popcount), ``1x32`` (binary weights, real inputs: additions) and
   ``32x32`` (real). Operations outside modules (attention products, residual adds)
@@ -246,8 +248,12 @@ def _stored_as_scale_shift(module: nn.Module) -> bool:
     )
 
 
+#: the layers counted with MACs (``nn.Conv1d``/``Conv3d``/``ConvTranspose*d`` too: binarize keeps them real)
+_LAYERS = (BinaryLayer, _PackedBinary, nn.modules.conv._ConvNd, nn.Linear)
+
+
 def _is_row(module: nn.Module) -> bool:
-    if isinstance(module, (BinaryLayer, _PackedBinary, nn.Conv2d, nn.Linear)):
+    if isinstance(module, _LAYERS):
         return True
     if isinstance(module, Estimator):
         return False
@@ -255,20 +261,26 @@ def _is_row(module: nn.Module) -> bool:
 
 
 def _binary_info(module: nn.Module):
-    """(binary_weights, binary_inputs, weight_count, alpha_count) of a conv/linear row."""
+    """(binary_weights, binary_inputs, weight_count, stored_bits, alpha_count) of a conv/linear row; the
+    stored bits pad each output channel's row of weights to whole bytes, as ``pack_signs`` does."""
     if isinstance(module, _PackedBinary):
-        return True, module.binary_inputs, module.taps * module.weight_bits.shape[0], module.alpha.numel()
+        rows = module.weight_bits.shape[0]
+        return True, module.binary_inputs, module.taps * rows, module.weight_bits.numel() * 8, module.alpha.numel()
     if isinstance(module, BinaryLayer) and module.binary_weights:
         with torch.no_grad():
             alpha = module.weight_alpha().numel()
-        return True, module.binary_inputs, module.weight.numel(), alpha
-    return False, False, 0, 0
+        rows = module.weight.shape[0]
+        taps = module.weight.numel() // rows
+        return True, module.binary_inputs, module.weight.numel(), rows * 8 * math.ceil(taps / 8), alpha
+    return False, False, 0, 0, 0
 
 
 def _taps_per_output(module: nn.Module) -> int:
-    if isinstance(module, (nn.Conv2d, PackedBinaryConv2d)):
-        kh, kw = module.kernel_size
-        return module.in_channels // module.groups * kh * kw
+    """Multiply-accumulates per output element (per *input* element for a transposed conv)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return module.out_channels // module.groups * math.prod(module.kernel_size)
+    if isinstance(module, (nn.modules.conv._ConvNd, PackedBinaryConv2d)):
+        return module.in_channels // module.groups * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return module.in_features
     if isinstance(module, _PackedBinary):
@@ -276,11 +288,11 @@ def _taps_per_output(module: nn.Module) -> int:
     return 0
 
 
-def _row(name: str, module: nn.Module, output: torch.Tensor, images: int) -> LayerSummary:
+def _row(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor, images: int) -> LayerSummary:
     """One layer's row from its output on a batch of ``images`` inputs. Not every layer sees the
     batch first (attention projections run on ``[L, N, E]`` or ``[L*N, E]``), so the per-image
     count divides the whole output by the batch instead of dropping a leading dimension."""
-    binary_w, binary_a, bin_count, alpha_count = _binary_info(module)
+    binary_w, binary_a, bin_count, bin_stored, alpha_count = _binary_info(module)
     params = p1 = p32 = mem = f32 = 0
     for tname, t, is_param in _state_tensors(module):
         n = t.numel()
@@ -288,7 +300,7 @@ def _row(name: str, module: nn.Module, output: torch.Tensor, images: int) -> Lay
             # the latent float weight (training) or the packed bits (deployed): 1 bit per weight
             params += bin_count
             p1 += bin_count
-            mem += bin_count
+            mem += bin_stored
             f32 += 32 * bin_count
             continue
         if isinstance(module, _PackedBinary):
@@ -325,7 +337,9 @@ def _row(name: str, module: nn.Module, output: torch.Tensor, images: int) -> Lay
         memory_bits=mem,
         float32_bits=f32,
     )
-    macs = output.numel() // images * _taps_per_output(module)
+    transposed = isinstance(module, nn.modules.conv._ConvNd) and module.transposed
+    counted = inputs[0] if transposed and inputs and isinstance(inputs[0], torch.Tensor) else output
+    macs = counted.numel() // images * _taps_per_output(module)
     if binary_w and binary_a:
         row.macs_1x1 = macs
     elif binary_w:
@@ -373,7 +387,7 @@ def summary(
     def hook_for(name):
         def hook(module, inputs, output):
             if name not in rows and isinstance(output, torch.Tensor):
-                rows[name] = _row(name, module, output, images)
+                rows[name] = _row(name, module, inputs, output, images)
 
         return hook
 
@@ -381,7 +395,7 @@ def summary(
         if _is_row(module):
             order.append(prefix)
             handles.append(module.register_forward_hook(hook_for(prefix)))
-            if isinstance(module, (BinaryLayer, _PackedBinary, nn.Conv2d, nn.Linear)):
+            if isinstance(module, _LAYERS):
                 return  # a layer's estimators are not separate rows
         for child_name, child in module.named_children():
             visit(child, f"{prefix}.{child_name}" if prefix else child_name)

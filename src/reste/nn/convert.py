@@ -23,7 +23,6 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import cast
 
 from torch import nn
 
@@ -64,6 +63,27 @@ def _candidates(model: nn.Module, replacements: dict | None = None) -> list[tupl
     return [(n, m) for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def _aliases(model: nn.Module, replacements: dict | None = None) -> dict[int, list[str]]:
+    """{id(module): every name it is reachable under}, as the model will be once ``replacements``
+    are in place: a module registered twice (``self.b = self.a``, ``nn.ModuleList([block] * 3)``)
+    has several, and is swapped under all of them."""
+    out: dict[int, list[str]] = {}
+    replacements = replacements or {}
+
+    def visit(module: nn.Module, prefix: str, ancestors: tuple) -> None:
+        out.setdefault(id(module), []).append(prefix)
+        for name, child in module._modules.items():  # named_children() would skip a second name of a module
+            if child is None:
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            child = replacements.get(full, child)
+            if id(child) not in ancestors:  # a module inside itself would never end
+                visit(child, full, (*ancestors, id(child)))
+
+    visit(model, "", (id(model),))
+    return out
+
+
 def _attention_rebuilds(model: nn.Module) -> dict:
     """{name: reste MultiheadAttention sharing the parameters} for every ``nn.MultiheadAttention``."""
     if type(model) is nn.MultiheadAttention:
@@ -71,9 +91,14 @@ def _attention_rebuilds(model: nn.Module) -> dict:
             "the model itself is an nn.MultiheadAttention; wrap it in a container, or binarize "
             "reste.nn.MultiheadAttention.from_torch(model)"
         )
-    return {
-        n: MultiheadAttention.from_torch(m) for n, m in model.named_modules() if type(m) is nn.MultiheadAttention
-    }  # a subclass may change forward: left alone, and named
+    built: dict[int, MultiheadAttention] = {}  # one rebuild per module, under each of its names
+    out = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if type(m) is nn.MultiheadAttention:  # a subclass may change forward: left alone, and named
+            if id(m) not in built:
+                built[id(m)] = MultiheadAttention.from_torch(m)
+            out[n] = built[id(m)]
+    return out
 
 
 def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> list[str]:
@@ -81,13 +106,13 @@ def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> 
     function, shared parameters), all of them or those containing a name of ``inside``; returns
     their names. ``binarize`` does this itself; loading an exported binary model into a float
     architecture needs it (``reste.deploy.load(path, model=float_model)``)."""
-    names = list(_attention_rebuilds(model))
+    rebuilds = _attention_rebuilds(model)
+    names = list(rebuilds)
     if inside is not None:
         inside = list(inside)
         names = [n for n in names if any(i.startswith(n + ".") for i in inside)]
     for name in names:
-        mha = cast(nn.MultiheadAttention, model.get_submodule(name))  # _attention_rebuilds names only those
-        _install(model, name, MultiheadAttention.from_torch(mha))
+        _install(model, name, rebuilds[name])
     _no_fused_encoders(model)
     return names
 
@@ -112,7 +137,9 @@ def _unconvertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _is_kept(name: str, module: nn.Module, index: int, count: int, keep: Sequence) -> bool:
+def _is_kept(name: str | Sequence[str], module: nn.Module, index: int, count: int, keep: Sequence) -> bool:
+    """Whether a rule of ``keep`` keeps the layer real; ``name`` may be all of its names (a shared layer)."""
+    names = [name] if isinstance(name, str) else list(name)
     for rule in keep:
         if isinstance(rule, type):
             if isinstance(module, rule):
@@ -126,7 +153,7 @@ def _is_kept(name: str, module: nn.Module, index: int, count: int, keep: Sequenc
         elif rule == "pointwise":
             if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
                 return True
-        elif fnmatch.fnmatchcase(name, rule):
+        elif any(fnmatch.fnmatchcase(n, rule) for n in names):
             return True
     return False
 
@@ -169,11 +196,13 @@ def _no_match_message(rule: str, names: list[str]) -> str:
 
 def full_precision_layers(model: nn.Module, keep: Iterable = (), *, keep_defaults: bool = True) -> list[str]:
     """Names of the conv/linear layers that ``binarize(model, keep=keep, keep_defaults=...)`` leaves real."""
-    cands, rules, kept_attention = _plan(model, keep, keep_defaults, _attention_rebuilds(model))
+    rebuilds = _attention_rebuilds(model)
+    cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)
+    aliases = _aliases(model, rebuilds)
     return [
         n
         for i, (n, m) in enumerate(cands)
-        if _is_kept(n, m, i, len(cands), rules) or any(n.startswith(a + ".") for a in kept_attention)
+        if _is_kept(aliases[id(m)], m, i, len(cands), rules) or any(n.startswith(a + ".") for a in kept_attention)
     ]
 
 
@@ -181,9 +210,11 @@ def _plan(model: nn.Module, keep, keep_defaults: bool, rebuilds: dict):
     """Candidates in module order (attention rebuilt), checked keep rules, and the attention
     modules a rule keeps whole (by type, e.g. ``nn.MultiheadAttention``, or by name)."""
     cands = _candidates(model, rebuilds)
-    extra = list(rebuilds) + [n for n, _ in _unconvertible(model)]
+    aliases = _aliases(model, rebuilds)
+    extra = [a for _, m in cands for a in aliases[id(m)]] + list(rebuilds) + [n for n, _ in _unconvertible(model)]
     rules = _keep_rules(keep, keep_defaults, cands, extra)
-    kept_attention = [n for n in rebuilds if _is_kept(n, model.get_submodule(n), -1, len(cands), rules)]
+    kept_ids = {id(m) for n, m in rebuilds.items() if _is_kept(n, model.get_submodule(n), -1, len(cands), rules)}
+    kept_attention = [n for n, m in rebuilds.items() if id(m) in kept_ids]  # a shared module: all its names
     return cands, rules, kept_attention
 
 
@@ -242,31 +273,40 @@ def binarize(
     cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)
     for name in kept_attention:
         del rebuilds[name]
-    for name, attention in rebuilds.items():
-        _install(model, name, attention)
+    aliases = _aliases(model, rebuilds)
+    # every replacement is built before any is installed: an error leaves the model as it was
+    installs: list[tuple[str, nn.Module]] = list(rebuilds.items())
     swapped, kept = [], list(kept_attention)
     for index, (name, module) in enumerate(cands):
         if any(name.startswith(a + ".") for a in kept_attention):
             continue
         if isinstance(module, BinaryLayer) or type(module) not in _SWAPS:
             continue  # already binary, or a subclass we do not know how to rebuild
-        if _is_kept(name, module, index, len(cands), rules):
+        if _is_kept(aliases[id(module)], module, index, len(cands), rules):
             kept.append(name)
             continue
-        new = _SWAPS[type(module)].from_float(
-            module,
-            weight_estimator=_fresh(wspec),
-            input_estimator=_fresh(estimator) if activations else None,
-            weight_scale=weight_scale,
-            input_padding=input_padding,
-            estimator_params=estimator_params,
-        )
         if name == "":
             raise ValueError(
                 "the model itself is a single Conv2d/Linear; wrap it in a container or build a BinaryConv2d directly"
             )
-        _install(model, name, new)
+        try:
+            new = _SWAPS[type(module)].from_float(
+                module,
+                weight_estimator=_fresh(wspec),
+                input_estimator=_fresh(estimator) if activations else None,
+                weight_scale=weight_scale,
+                input_padding=input_padding,
+                estimator_params=estimator_params,
+            )
+        except (ValueError, TypeError) as err:  # name the layer; nothing was changed yet
+            raise type(err)(
+                f"binarize: layer {name!r} ({module}): {err}. The model is unchanged; keep the layer real with "
+                f"keep=[{name!r}], or change it"
+            ) from err
+        installs += [(n, new) for n in aliases[id(module)]]
         swapped.append(name)
+    for name, new in installs:  # outer modules first, so an attention's projections land in the new one
+        _install(model, name, new)
     _no_fused_encoders(model)
     logger.info(
         "binarize: %d layer(s) made binary: %s; kept real: %s",
@@ -274,6 +314,15 @@ def binarize(
         ", ".join(swapped) or "none",
         ", ".join(kept) or "none",
     )
+    if not swapped:
+        reason = (
+            f"none of its {len(cands)} Conv2d/Linear layer(s) was converted (kept real: {', '.join(kept) or 'none'}; "
+            f"the defaults {DEFAULT_KEEP} keep the first and last layer, keep_defaults=False binarizes them too)"
+            if cands
+            else "it has no nn.Conv2d or nn.Linear module (a forward that calls F.conv2d / F.linear on its own "
+            "parameters is not seen; build it from nn.Conv2d / nn.Linear, or use reste.nn.BinaryConv2d directly)"
+        )
+        warnings.warn(f"binarize made no layer binary: {reason}", UserWarning, stacklevel=2)
     left = [
         (n, m)
         for n, m in _unconvertible(model)

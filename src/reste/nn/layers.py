@@ -167,6 +167,21 @@ class BinaryLayer:
         self.weight_scale = weight_scale
         self.input_padding = str(input_padding)
 
+    def _exact_inference_possible(self, x: Tensor) -> bool:
+        """Whether the forward may compute ``op(sign(x), sign(W)) * alpha + bias`` (integer sums exact,
+        one rounding by alpha, as packed inference does): binary weights and inputs, float32, no
+        autocast, eager mode."""
+        if not (self.binary_weights and self.binary_inputs and x.dtype == torch.float32):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        if x.device.type == "meta":  # shapes only (reste summary's check): autocast knows no meta device
+            return False
+        try:
+            return not torch.is_autocast_enabled(x.device.type)  # bf16 would round the integer sums
+        except TypeError:  # torch < 2.4 takes no device type
+            return not torch.is_autocast_enabled()
+
     @property
     def binary_weights(self) -> bool:
         return self.weight_estimator is not None
@@ -290,16 +305,9 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
     def _exact_inference(self, x: Tensor) -> bool:
-        if not (self.binary_weights and self.binary_inputs and x.dtype == torch.float32):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return False
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or torch.compiler.is_compiling():
-            return False
-        if x.device.type == "meta":  # shapes only (reste summary's check): autocast knows no meta device
-            return False
-        try:
-            return not torch.is_autocast_enabled(x.device.type)  # bf16 would round the integer sums
-        except TypeError:  # torch < 2.4 takes no device type
-            return not torch.is_autocast_enabled()
+        return self._exact_inference_possible(x)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Without autograd: ``conv(sign(x), sign(W)) * alpha + bias``. The same value as the
@@ -371,9 +379,21 @@ class BinaryLinear(BinaryLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if ops.recomputes_sign(self.input_estimator):
-            scaled_signs = self.binary_weights and self.weight_scale != "none"
+            scaled_signs = (
+                self.binary_weights
+            )  # weight_scale="none" too: alpha is then 1, the bias added after the sums
             return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
+        if not torch.is_grad_enabled() and self._exact_inference_possible(x):  # e.g. DSQ inputs
+            return self._inference_forward(x)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def _inference_forward(self, x: Tensor) -> Tensor:
+        """Without autograd: ``linear(sign(x), sign(W)) * alpha + bias``, the training forward's value
+        with the integer sums exact before one rounding by alpha, as packed inference computes."""
+        dot = F.linear(binary_sign(x), binary_sign(self.weight))
+        alpha = self.weight_alpha().reshape(-1)
+        out = dot * (alpha if alpha.numel() > 1 else alpha.reshape(()))
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._binary_repr()
