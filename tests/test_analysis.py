@@ -882,7 +882,11 @@ def test_report_counts_a_copied_run_once_and_ignores_options_that_cannot_change_
     # the same setting, checkpointed more often and tested in other batches: one more seed of the same cell
     _edit_run(
         fixture_run(runs, "seed2", [40.0, 53.0], seed=2, snapshot=False),
-        config={"train": {"checkpoint_every_steps": 5, "threads": 1}, "data": {"test_batch_size": 100}},
+        config={
+            "train": {"checkpoint_every_steps": 5, "threads": 1},
+            "data": {"test_batch_size": 100},
+            "analysis": {"every_steps": 1, "histograms_at": [1]},  # measuring more often trains the same
+        },
     )
     assert main(["report", str(runs), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
     out = capsys.readouterr().out

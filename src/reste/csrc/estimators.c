@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 #include <stdint.h>
+#include <string.h>
 
 #define MIN_PER_THREAD (1 << 16)
 
@@ -58,7 +59,14 @@ static void reste_range(const float *restrict z, const float *g, float *out, int
         /* min(max(a, m), t)^e = 2^(e * log2(...)); e = 0 (o = 1) gives exactly 1. Clamped at t
            too, where c = 0 anyway, so an infinite z meets no 0 * inf. The libm calls stay
            outside branches so gcc can vectorise them (glibc libmvec). */
-        out[i] = g[i] * c * exp2f(e * log2f(fminf(fmaxf(a, m), t)));
+        float r = g[i] * c * exp2f(e * log2f(fminf(fmaxf(a, m), t)));
+        /* A NaN z gives a NaN gradient, as the PyTorch formula does (a NaN weight must not train on
+           as if it were small). Tested on the bits: fast-math assumes no NaN and would fold a float test. */
+        uint32_t zb, rb;
+        memcpy(&zb, &z[i], sizeof zb);
+        memcpy(&rb, &r, sizeof rb);
+        rb = (zb & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rb;
+        memcpy(&out[i], &rb, sizeof rb);
     }
 }
 

@@ -32,6 +32,8 @@ RESUME_OVERRIDABLE = (
     "data.num_workers",
     "data.download",
     "data.test_batch_size",
+    "analysis.every_steps",  # the indicators are read from weights and gradients, under no_grad: no RNG
+    "analysis.histograms_at",
 )
 
 
