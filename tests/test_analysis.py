@@ -394,6 +394,13 @@ def test_sweep_checks_every_run_before_starting_any_with_trains_message(tmp_path
     # a value of the wrong type, caught by the same loader `reste train` uses
     assert main(["sweep", "train.epochs=1,two", "--out", str(out)]) == 2
     assert "train.epochs" in capsys.readouterr().err and not out.exists()
+    # a model.kwargs the model does not take (YAML read {width:0.25} as the key "width:0.25"): was caught
+    # only when each run built its model, so every run started and failed
+    with pytest.raises(SweepConfigError) as info:
+        Sweep(None, ["estimator.o_end=2,3", "model.kwargs={width:0.25}"], out, launch=fake_launcher(calls), poll_s=0)
+    assert "does not take width:0.25" in info.value.message
+    assert "YAML needs a space after the colon: model.kwargs={width: 0.25}" in info.value.message
+    assert calls == [] and not out.exists()
 
 
 def test_sweep_resumes_a_run_with_its_new_neutral_options_and_checks_its_config(tmp_path):

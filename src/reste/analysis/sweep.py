@@ -260,16 +260,18 @@ class Sweep:
         the runs it would reuse were made with it.
 
         Each config is built from the same ``key=value`` items its ``reste train`` command gets,
-        through the same loader, so the first invalid run raises :class:`SweepConfigError`
-        with ``reste train``'s own message. A run that would be reused (finished: skipped; with a
-        checkpoint: resumed, which trains on the config saved in its folder) must have been made
-        with that config, up to the options that cannot change results (:func:`.runs.neutral`):
-        otherwise :class:`SweepMismatchError` names the runs and the keys that differ (old -> new).
-        A resumed run gets the new values of those neutral options (``train.threads``, ...) as
-        ``--resume`` overrides.
+        through the same loader, and its model on the meta device (``model.kwargs``), so the first
+        invalid run raises :class:`SweepConfigError` with ``reste train``'s own message. A run
+        that would be reused (finished: skipped; with a checkpoint: resumed, which trains on the
+        config saved in its folder) must have been made with that config, up to the options that
+        cannot change results (:func:`.runs.neutral`): otherwise :class:`SweepMismatchError` names
+        the runs and the keys that differ (old -> new). A resumed run gets the new values of those
+        neutral options (``train.threads``, ...) as ``--resume`` overrides.
         """
         import warnings
 
+        from ..data import info as data_info
+        from ..models.build import check_model
         from ..train.config import ConfigError, load_config
 
         mismatched: dict[str, dict[str, tuple]] = {}
@@ -278,6 +280,7 @@ class Sweep:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # harmless conflicts: each run's log reports them
                     cfg = load_config(self.config, self._train_items(run))
+                    check_model(cfg, data_info(cfg.data.name))  # a bad model.kwargs, as reste train would
             except ConfigError as err:
                 raise SweepConfigError(run.name, str(err)) from None
             if run.status == "done" or rundir.checkpoint_path(run.path, "last").is_file():

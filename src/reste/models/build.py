@@ -57,6 +57,15 @@ def _model_label(cfg) -> str:
     )
 
 
+def _yaml_hint(cfg) -> str:
+    """``{width:0.25}`` is YAML for the key ``"width:0.25"`` with no value: say so."""
+    glued = [k for k, v in dict(cfg.model.kwargs).items() if v is None and isinstance(k, str) and ":" in k]
+    if not glued:
+        return ""
+    key, _, value = glued[0].partition(":")
+    return f" (YAML needs a space after the colon: model.kwargs={{{key}: {value}}}, or model.kwargs.{key}={value})"
+
+
 def check_model(cfg, meta) -> None:
     """Build the model on the meta device (shapes only, no memory) and check that training it
     fits this process's memory; ConfigError otherwise, so ``model.kwargs={width: 300}`` is
@@ -67,7 +76,7 @@ def check_model(cfg, meta) -> None:
         with torch.device("meta"):
             problem = check_size(create(args.pop("name"), **args, **kwargs))
     except _BUILD_ERRORS as err:
-        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}") from None
+        raise ConfigError(f"cannot build {_model_label(cfg)}: {str(err)[:200]}{_yaml_hint(cfg)}") from None
     if problem:
         raise ConfigError(f"{_model_label(cfg)}: {problem}; lower the width or size in model.kwargs")
 
