@@ -95,7 +95,8 @@ def apply_init(model: nn.Module, name: str, init: str) -> nn.Module:
         known = ", ".join(sorted(_REFERENCE))
         raise ValueError(
             f"model {name!r} has no reference initialisation (the paper's code does not have it; models with one: "
-            f"{known}); use init='pytorch', or register one with reste.models.init.register_reference_init"
+            f"{known}); use init='pytorch', or register one with the decorator "
+            f"@reste.models.init.register_reference_init({name!r})"
         ) from None
     with torch.no_grad():
         fn(model)
