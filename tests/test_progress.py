@@ -238,3 +238,23 @@ def test_the_bar_starts_each_epoch_without_old_numbers_and_shows_the_lr_each_ste
         _, lr, postfix = seen[2 * epoch + 1]
         assert lr == row["lr"] and f"lr={row['lr']:.2e}" in postfix
     assert rows[-1]["lr"] > 0 and "lr=0.00e+00" not in seen[-1][2]
+
+
+def test_a_warning_during_training_gets_its_own_line_above_the_bar(tmp_path, data_root):
+    """Was: the divergence warning printed onto the bar's line (`...2.95step/s]UserWarning: epoch 1: ...`).
+    A real process with a real stderr: pytest records warnings in-process, so the terminal is not seen there."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    args = [*TINY, f"data.root={data_root}", f"out.dir={tmp_path}", "out.name=div", "optim.lr=1e6"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "reste", "train", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # text mode reads the bar's carriage returns as line ends: each redraw is a line of its own
+    lines = proc.stderr.splitlines()
+    at = [i for i, line in enumerate(lines) if "UserWarning: epoch 1: train loss" in line]
+    assert len(at) == 1, proc.stderr[-3000:]
+    assert lines[at[0]].startswith("UserWarning: epoch 1: train loss") and "lower optim.lr" in lines[at[0]]
+    assert any(re.match(r"epoch [12]/2: .*step", line) for line in lines[at[0] + 1 :])  # the bar, drawn below it

@@ -668,3 +668,20 @@ def test_tensorboard_scalars_are_written_when_tensorboard_is_importable(tmp_path
     scalars = {tag: (value, step) for tag, value, step in (c for c in calls if len(c) == 3)}
     row = json.loads((tmp_path / "tb" / "metrics.jsonl").read_text())
     assert scalars["test_top1"] == (row["test_top1"], 1) and scalars["train_loss"] == (row["train_loss"], 1)
+
+
+@pytest.mark.parametrize("rank, shown", [("1", False), ("0", True), (None, True)])
+def test_the_stop_message_is_printed_by_rank_0_only(monkeypatch, capsys, rank, shown):
+    """torchrun sends SIGTERM to every rank: the "finishing the current step" line was printed once per
+    rank; rank 0 (or a single process, RANK unset) says it for the job, and every rank still stops."""
+    from reste.train.signals import _StopRequest
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    with _StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)  # a real signal, to the real handler
+    assert stop.signum == signal.SIGTERM
+    err = capsys.readouterr().err
+    assert ("SIGTERM received: finishing the current step and writing a checkpoint" in err) is shown

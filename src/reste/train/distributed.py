@@ -31,6 +31,7 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_max",
     "broadcast_object",
+    "broadcast_state",
     "convert_sync_batchnorm",
     "CPUSyncBatchNorm",
 ]
@@ -138,6 +139,22 @@ def broadcast_object(obj, ctx: DistContext):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def broadcast_state(module: nn.Module, ctx: DistContext) -> None:
+    """Rank 0's parameters and buffers copied into ``module`` on every rank (no-op for one process).
+
+    After an epoch's last step each rank's BatchNorm running statistics are its own (DDP sends rank
+    0's buffers only at the start of the next forward), but rank 0's are the ones saved: without
+    this, an evaluation on every rank scores the other ranks' shards of the test set with a model
+    that is never written. DDP keeps the parameters equal already; they are sent too, so what is
+    evaluated is exactly what rank 0 saves. Training is unchanged: the next forward would have
+    broadcast the same buffers."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 # ----------------------------------------------------------------------------- SyncBatchNorm

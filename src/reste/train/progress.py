@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 
 import torch
 
@@ -49,7 +51,8 @@ def first_step_line(seconds: float, mode: str) -> str:
 
 class ProgressBar:
     """The tqdm bar over all the run's steps (disabled unless ``show``), with the epoch's running
-    loss, accuracy, o, lr and images/s."""
+    loss, accuracy, o, lr and images/s. While it is shown, warnings are written above it on their
+    own line (as :meth:`write` does), not onto the bar's line."""
 
     def __init__(self, total: int, initial: int, show: bool, steps_per_epoch: int, world_size: int):
         from tqdm.auto import tqdm
@@ -57,6 +60,17 @@ class ProgressBar:
         self._tqdm = tqdm
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not show, leave=True)
         self.steps_per_epoch, self.world_size = steps_per_epoch, world_size
+        self._showwarning = None
+        if show and not _recording_warnings():
+            self._showwarning = warnings.showwarning
+            warnings.showwarning = self._show_warning
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        try:
+            self._tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+        except OSError:  # as warnings.showwarning: a closed or broken stderr loses the warning, not the run
+            pass
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """A new epoch: its label, and no numbers until its first refresh (the previous epoch's
@@ -64,12 +78,17 @@ class ProgressBar:
         self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         self.bar.set_postfix_str("", refresh=False)
 
+    def refreshes_at(self, step: int) -> bool:
+        """Whether the numbers are refreshed after ``step`` steps of the epoch: every 10 steps and at
+        its last step. The same on every rank (the bar's numbers are all-reduced at these steps)."""
+        return step % 10 == 0 or step == self.steps_per_epoch
+
     def update(self, sums: torch.Tensor, epoch_start: float, step: int, o: float | None, lr: float) -> None:
-        """One step done (``step``: steps done in the epoch); ``sums`` are the epoch's running sums,
-        ``o`` and ``lr`` the values that step used."""
+        """One step done (``step``: steps done in the epoch); ``sums`` are the epoch's running sums
+        over all ranks (read at :meth:`refreshes_at` steps only), ``o`` and ``lr`` the values that step used."""
         self.bar.update(1)
         # reading the sums synchronises with the GPU: refresh the numbers every few steps only
-        if self.bar.disable or (step % 10 and step != self.steps_per_epoch):
+        if self.bar.disable or not self.refreshes_at(step):
             return
         loss_sum, c1, _, count, _ = sums.tolist()
         seconds = time.perf_counter() - epoch_start
@@ -77,7 +96,7 @@ class ProgressBar:
         if o is not None:
             postfix["o"] = f"{o:.2f}"
         postfix["lr"] = f"{lr:.2e}"
-        postfix["img/s"] = f"{count * self.world_size / max(seconds, 1e-9):.0f}"
+        postfix["img/s"] = f"{count / max(seconds, 1e-9):.0f}"  # count: every rank's images
         self.bar.set_postfix(postfix, refresh=False)
 
     def write(self, line: str) -> None:
@@ -86,6 +105,16 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+        if self._showwarning is not None:
+            warnings.showwarning = self._showwarning
+            self._showwarning = None
+
+
+def _recording_warnings() -> bool:
+    """Whether ``warnings.catch_warnings(record=True)`` (pytest.warns, recwarn) is collecting warnings:
+    a ``showwarning`` hook would take them from it, so the bar then leaves warnings alone."""
+    impl = getattr(warnings, "_showwarnmsg_impl", None)  # private; replaced by the recorder's list.append
+    return impl is not None and getattr(impl, "__name__", "") != "_showwarnmsg_impl"
 
 
 def print_summary(s: dict) -> None:

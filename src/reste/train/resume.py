@@ -118,7 +118,7 @@ def restore(run_dir: Path, trainer) -> dict:
                 "ranks to finish that epoch, then with any number"
             )
         realign_step_schedule(trainer.lr_scheduler, trainer.optimizer, trainer.cfg, ts.epoch, steps)
-    if ts.step_in_epoch and saved_world != world:
+    if ts.step_in_epoch and saved_world != world and trainer.ctx.is_main:  # once per job, not per rank
         # each rank takes a contiguous slice of the epoch's permutation, so the rest of this
         # epoch's batches are a different (same-sized) selection of images; later epochs are not affected
         warnings.warn(

@@ -36,6 +36,7 @@ from typing import IO
 import numpy as np
 import torch
 
+from ..errors import ReSTEError
 from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_to_yaml, read_yaml
@@ -551,11 +552,13 @@ def open_run_dir(
 
     Rank 0 locks ``resume_dir`` (and removes the temp files a killed writer left there), or claims
     a new folder (:func:`claim_run_dir`; ``created``, and ``replaced``: where the run folder that
-    ``force`` replaces waits until set-up is done); every rank learns the path, or the ConfigError,
-    so all fail alike. Other ranks hold no lock.
+    ``force`` replaces waits until set-up is done); every rank learns the path, or rank 0's error
+    (a ConfigError, an OSError such as an ``out.dir`` that is a file, any other), so all fail alike
+    with one line each. Other ranks hold no lock.
     """
-    result: tuple[str, str] = ("ok", "")
+    result: tuple = ("ok", "")
     lock, created, replaced = None, False, None
+    failure: Exception | None = None
     if ctx.is_main:
         try:
             if resume_dir is not None:
@@ -567,21 +570,48 @@ def open_run_dir(
                 path, lock, replaced = claim_run_dir(cfg, force)
                 created = True
             result = ("ok", str(path))
-        except ConfigError as err:
-            result = ("error", str(err))
-        except BaseException:
+        except BaseException as err:
             if lock is not None:
                 lock.release()
-            raise
+            if not isinstance(err, Exception):
+                raise  # Ctrl-C or SIGTERM: torchrun stops the other ranks too
+            failure, result = err, _error_for_other_ranks(err)
     try:
         result = D.broadcast_object(result, ctx)
     except BaseException:
         if created:
             restore_replaced(Path(result[1]), replaced, lock)
         raise
-    if result[0] == "error":
-        raise ConfigError(result[1])
+    if failure is not None:
+        raise failure
+    if result[0] != "ok":
+        raise _error_from_rank_0(result)
     return Path(result[1]), lock, created, replaced
+
+
+def _error_for_other_ranks(err: Exception) -> tuple:
+    """Rank 0's failure to open the run folder, as a picklable tuple for the other ranks."""
+    if isinstance(err, OSError):  # raised again as an OSError: the command line words it as on rank 0
+        return ("os", err.errno, err.strerror, err.filename, str(err))
+    if isinstance(err, ReSTEError):  # ConfigError (exit 2), CheckpointError ...: the same message and code
+        return ("reste", type(err) is ConfigError, err.exit_code, str(err))
+    return ("other", f"{type(err).__name__}: {err}")
+
+
+def _error_from_rank_0(result: tuple) -> Exception:
+    """What a rank other than 0 raises for rank 0's failure (see :func:`_error_for_other_ranks`)."""
+    kind = result[0]
+    if kind == "os":
+        errno, strerror, filename, text = result[1:]
+        return OSError(errno, strerror, filename) if strerror else OSError(text)
+    if kind == "reste":
+        is_config, exit_code, text = result[1:]
+        if is_config:
+            return ConfigError(text)
+        error = ReSTEError(text)
+        error.exit_code = exit_code
+        return error
+    return ReSTEError(f"rank 0 failed to open the run directory ({result[1]}); its message says what to fix")
 
 
 def remove_if_empty(path: Path | None, lock: RunDirLock | None) -> None:

@@ -57,6 +57,8 @@ class _StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if os.environ.get("RANK", "0") not in ("0", ""):
+            return  # torchrun signals every rank: rank 0 says it once for the job
         print(
             f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
             "(press Ctrl-C again to abort without one)",

@@ -189,7 +189,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.ctx = ctx = D.setup(t.device, t.dist_timeout_s)
         self.device = ctx.device
-        warn_conflicts(cfg, ctx.world_size)
+        if ctx.is_main:  # once per job, not once per rank
+            warn_conflicts(cfg, ctx.world_size)
         if cfg.data.batch_size % ctx.world_size:
             raise ConfigError(
                 f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
@@ -344,7 +345,9 @@ class Trainer:
                     warn=ctx.is_main,
                 )
                 # the plain module, not the DDP wrapper: ranks may hold different numbers of test
-                # batches, and DDP's per-forward buffer broadcast would then wait forever
+                # batches, and DDP's per-forward buffer broadcast would then wait forever; so rank 0's
+                # BatchNorm statistics (the ones saved) are sent to every rank first
+                D.broadcast_state(self.model, ctx)
                 test = evaluate_model(
                     self.model,
                     self.test_loader,
@@ -508,8 +511,13 @@ class Trainer:
     def _after_step(self, epoch: int, step: int, sums: torch.Tensor, epoch_start: float, lr: float) -> None:
         """After ``step`` steps of ``epoch`` (the last one used ``lr``): the bar, the :data:`StepHook`,
         a stop request, a mid-epoch checkpoint."""
+        shown = sums
+        if self.progress and self.ctx.distributed and self.bar.refreshes_at(step):
+            # the bar shows every rank's running values, as the epoch line does; a collective, joined by
+            # every rank at the same steps (progress is the same on all)
+            shown = D.all_reduce_sum(sums.clone(), self.ctx)
         # the lr the step used, as the metrics row records it (the optimizer holds the next step's already)
-        self.bar.update(sums, epoch_start, step, self.est_scheduler.o, lr)
+        self.bar.update(shown, epoch_start, step, self.est_scheduler.o, lr)
         if self.on_step is not None:
             self.on_step(epoch, step)
         self._check_stop(epoch, step, sums=sums, seconds=time.perf_counter() - epoch_start)
@@ -655,12 +663,13 @@ def train(
             )
         cfg = resume_config(resume, extra or None)
         if not checkpoint_path(resume, "last").is_file():  # resume_config checked it is a stopped set-up
-            print(
-                f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
-                "config.yaml",
-                file=sys.stderr,
-                flush=True,
-            )
+            if os.environ.get("RANK", "0") in ("0", ""):  # once per job, not once per rank
+                print(
+                    f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
+                    "config.yaml",
+                    file=sys.stderr,
+                    flush=True,
+                )
             resume = None
     else:
         cfg = load_config(config, extra or None)
