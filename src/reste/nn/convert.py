@@ -305,8 +305,8 @@ def binarize(
             ) from err
         installs += [(n, new) for n in aliases[id(module)]]
         swapped.append(name)
-    for name, new in installs:  # outer modules first, so an attention's projections land in the new one
-        _install(model, name, new)
+    for name, replacement in installs:  # outer modules first, so an attention's projections land in the new one
+        _install(model, name, replacement)
     _no_fused_encoders(model)
     logger.info(
         "binarize: %d layer(s) made binary: %s; kept real: %s",
