@@ -26,7 +26,7 @@ from reste import cli
 from reste.train import checkpoint as ckpt
 from reste.train import trainer as T
 from reste.train.checkpoint import CheckpointError
-from reste.train.config import ConfigError, load_config
+from reste.train.config import ConfigError, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -278,6 +278,25 @@ def test_resume_allows_only_harmless_overrides(tmp_path, straight_run):
         T.resume_config(tmp_path / "file")
     with pytest.raises(ConfigError, match="either a config or resume"):
         T.train({"seed": 1}, resume=straight, progress=False)
+
+
+def test_a_run_that_lost_its_config_yaml_resumes_with_the_checkpoints_config(straight_run, tmp_path):
+    # was: "config file RUN/config.yaml does not exist; give the path of a YAML file" and exit 2, a
+    # message about a file the user never gave; every checkpoint holds the config it was trained with
+    import shutil
+
+    straight, _ = straight_run
+    run = tmp_path / "lost"
+    shutil.copytree(straight, run)
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    with pytest.warns(UserWarning, match="config.yaml is missing: resuming with the configuration saved in"):
+        cfg = T.resume_config(run, ["train.epochs=3"])
+    assert config_to_dict(cfg) == config_to_dict(T.resume_config(straight, ["train.epochs=3"]))
+    with pytest.warns(UserWarning, match="config.yaml is missing"):
+        T.train(resume=run, progress=False, overrides=["train.epochs=3"])
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["train"]["epochs"] == 3 and {**written, "train": None} == {**yaml.safe_load(saved), "train": None}
 
 
 def test_resuming_a_finished_run_does_nothing(straight_run, tmp_path, capsys, monkeypatch):

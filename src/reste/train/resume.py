@@ -4,6 +4,7 @@ trains with (:func:`resume_config`), and restoring a checkpoint into a fresh tra
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,28 @@ RESUME_OVERRIDABLE = (
 )
 
 
+def _saved_config(run_dir: Path, has_last: bool) -> dict:
+    """The run's ``config.yaml``; if that file was lost, the configuration its ``last.pt`` was trained
+    with (every checkpoint holds it, as ``reste eval`` and ``reste export`` use), with a warning: the
+    resumed run writes ``config.yaml`` again."""
+    if (run_dir / CONFIG).is_file() or not has_last:
+        return read_config(run_dir)
+    state = load_checkpoint(checkpoint_path(run_dir, "last"), required=("config",))
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(
+            f"cannot resume {run_dir}: its {CONFIG} is missing and checkpoints/last.pt holds no configuration; "
+            f"put back {CONFIG}, or start the run again with its command and --force"
+        )
+    if os.environ.get("RANK", "0") in ("0", ""):  # once per job
+        warnings.warn(
+            f"{run_dir / CONFIG} is missing: resuming with the configuration saved in checkpoints/last.pt "
+            f"(written back to {CONFIG})",
+            UserWarning,
+            stacklevel=3,
+        )
+    return state["config"]
+
+
 def resume_config(run_dir, overrides=None) -> Config:
     """The configuration of ``run_dir`` with the few overrides a resume allows (:data:`RESUME_OVERRIDABLE`)."""
     run_dir = Path(run_dir)
@@ -61,7 +84,7 @@ def resume_config(run_dir, overrides=None) -> Config:
             else "is it a run directory written by `reste train`?"
         )
         raise CheckpointError(f"cannot resume {run_dir}: no checkpoints/last.pt there ({hint})")
-    cfg = load_config(read_config(run_dir), check=False)
+    cfg = load_config(_saved_config(run_dir, has_last), check=False)
     if restart:  # nothing was trained: start the run over in the same folder
         cfg.out.dir, cfg.out.name = str(run_dir.parent), run_dir.name
     if overrides:
