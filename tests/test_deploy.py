@@ -333,6 +333,36 @@ def _tiny(precision: str) -> nn.Module:
     return _trained(model)
 
 
+def test_a_loaded_model_runs_its_kernels_without_no_grad(tmp_path, monkeypatch):
+    # load() returned parameters that required grad: outside torch.no_grad() the activations did too,
+    # and every binary conv fed by a real layer (the stem, the shortcuts) took the slow PyTorch path
+    model = _tiny("1w1a")
+    path = export(model, tmp_path / "tiny.safetensors")
+    calls = {"kernel": 0, "reference": 0}
+    kernel, reference = PackedBinaryConv2d._kernel_forward, PackedBinaryConv2d.reference_forward
+
+    def counted(name, fn):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(PackedBinaryConv2d, "_kernel_forward", counted("kernel", kernel))
+    monkeypatch.setattr(PackedBinaryConv2d, "reference_forward", counted("reference", reference))
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+    for deployed in (load(path, model=TinyResNet()), reste.deploy.to_deploy(model)):
+        assert not any(p.requires_grad for p in deployed.parameters())
+        calls.update(kernel=0, reference=0)  # (load's fusion check runs the kernels too)
+        y = deployed(x)  # autograd on, as by default
+        assert not y.requires_grad and torch.allclose(y, expected, atol=1e-4, rtol=0)
+        binary_convs = sum(isinstance(m, PackedBinaryConv2d) for m in deployed.modules())
+        if packed_mod._ext() is not None:  # with the extension built (CI builds it): every conv on the kernel
+            assert calls == {"kernel": binary_convs, "reference": 0}
+
+
 class _SharedLayer(nn.Module):
     """One binary layer registered under two names and called twice."""
 

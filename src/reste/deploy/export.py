@@ -92,7 +92,7 @@ def to_deploy(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_deploy expects an nn.Module, got {type(model).__name__}")
-    deploy = copy.deepcopy(model).cpu().eval()
+    deploy = copy.deepcopy(model).cpu().eval().requires_grad_(False)  # inference only, as load()
     # every name: a layer registered twice (``self.b = self.a``) is packed once and installed under both
     binary = [(n, m) for n, m in deploy.named_modules(remove_duplicate=False) if isinstance(m, BinaryLayer)]
     if not binary:
@@ -400,7 +400,8 @@ def read_tensors(path, model: nn.Module | None = None, verify: bool = True) -> d
 def load(
     path: str | os.PathLike[str], model: nn.Module | None = None, fuse: bool = True, verify: bool = True
 ) -> nn.Module:
-    """Load an exported file as an eval-mode inference model with packed binary layers.
+    """Load an exported file as an eval-mode inference model with packed binary layers (parameters
+    that do not require grad, so the kernels run with or without ``torch.no_grad()``).
 
     Args:
         path: a file written by :func:`export` / ``reste export``.
@@ -442,7 +443,9 @@ def load(
         raise ExportError(f"{path} does not fit the architecture ({'; '.join(parts)})")
     for name, (scale, shift) in coeffs.items():
         _restore_bn(cast(_BatchNorm, model.get_submodule(name)), scale, shift)  # a folded BatchNorm of the file
-    model.eval()
+    # inference only: with parameters that require grad, activations did too under autograd (PyTorch's
+    # default), and every binary conv fed by a real layer fell back to the slow exact PyTorch path
+    model.eval().requires_grad_(False)
     if fuse:
         from .fuse import fuse_epilogues
 
