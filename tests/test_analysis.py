@@ -447,7 +447,7 @@ def test_a_sweep_rerun_with_other_options_refuses_to_reuse_its_runs(tmp_path, ca
     # and sweep.json then recorded optim.lr 0.01 for runs trained at 0.002
     assert main(["sweep", "estimator.o_end=2,3", "optim.lr=0.01", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reste sweep: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: reste sweep: ") and len(err.strip().splitlines()) == 1
     assert (
         "run 'estimator.o_end=2' (and 1 more of its runs: estimator.o_end=3) differs in optim.lr: 0.002 -> 0.01" in err
     )

@@ -286,4 +286,4 @@ def test_errors_name_the_rank_of_a_distributed_run(monkeypatch, capsys, rank, pr
 
 def test_sweep_errors_keep_their_prefix(tmp_path, capsys):
     assert cli.main(["sweep", "--out", str(tmp_path / "s"), "--seeds", "0,x", "seed=1"]) == 2
-    assert capsys.readouterr().err == "reste sweep: --seeds must be comma-separated integers, got '0,x'\n"
+    assert capsys.readouterr().err == "error: reste sweep: --seeds must be comma-separated integers, got '0,x'\n"

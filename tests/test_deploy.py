@@ -1187,6 +1187,8 @@ def test_summary_refuses_an_input_size_it_cannot_run_naming_it(tmp_path, capsys)
         ([str(exported), "--input-size", "3", "32", "32"], ["takes 1-channel images, not 3", "--input-size 1 H W"]),
         ([str(run), "--input-size", "3", "28", "28"], ["takes 1-channel images, not 3", "--input-size 1 H W"]),
         (["vgg_small", "--input-size", "3", "64", "48"], ["--input-size 3 64 48: vgg_small cannot run on this input"]),
+        # a model name the size cannot even build (was exit 1, naming image_size, not the option)
+        (["vgg_small", "--input-size", "3", "7", "7"], ["--input-size 3 7 7: vgg_small cannot be built", ">= 8"]),
         (
             ["resnet20", "--input-size", "3", "100000", "100000"],
             ["--input-size 3 100000 100000", "GiB of activations", "give a smaller size"],

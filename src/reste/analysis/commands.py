@@ -76,7 +76,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds is not None else None
     except ValueError:
         raise SweepError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    # a SweepError prints "reste sweep: ...", a SweepConfigError what `reste train` prints for that run: both exit 2
+    # a SweepError prints "error: reste sweep: ...", a SweepConfigError what `reste train` prints: both exit 2
     sweep = Sweep(config=config, grid=items, out=out, seeds=seeds, jobs=args.jobs)
     return sweep.run()
 

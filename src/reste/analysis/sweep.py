@@ -55,10 +55,10 @@ STATUSES = ("pending", "running", "done", "failed", "interrupted")
 
 class SweepError(UsageError, ValueError):
     """A sweep specification that cannot be run (bad grid syntax, conflicting options): exit code 2,
-    reported as ``reste sweep: <message>``."""
+    reported as ``error: reste sweep: <message>`` (one ``error:`` line, as every command's)."""
 
     def cli_message(self, rank: str = "0") -> str | None:
-        return f"reste sweep: {self}"
+        return f"error: reste sweep: {self}"
 
 
 class SweepConfigError(SweepError):

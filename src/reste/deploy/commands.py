@@ -271,7 +271,14 @@ def _model_for_summary(args):
     if args.source in models.names():
         size = given or (3, 32, 32)
         with torch.device("meta"):  # shapes only: an absurd --input-size is refused before allocating
-            shape_only = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
+            try:
+                shape_only = models.create(
+                    args.source, in_channels=size[0], precision=args.precision, image_size=size[1]
+                )
+            except ValueError as err:  # a size the model cannot be built for (vgg_small below 8x8)
+                raise _UnknownSource(
+                    f"--input-size {_sizes(size)}: {args.source} cannot be built for it ({err}); give another size"
+                ) from None
             problem = models.check_size(shape_only, copies=1)
         if problem:
             raise _UnknownSource(f"{args.source} with --input-size {_sizes(size)}: {problem}; give a smaller size")
