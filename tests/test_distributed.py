@@ -228,10 +228,12 @@ def test_a_run_folder_rank_0_cannot_create_fails_every_rank_with_one_line(tmp_pa
     args = ["data.subset=256", "model.kwargs.width=0.25", "train.threads=1", "train.device=cpu"]
     proc = torchrun(["-m", "reste", "train", *args, f"out.dir={tmp_path / 'afile'}", "--quiet"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    # one whole line from each rank, in either order (each is written in one call, so they cannot mix)
+    lines = sorted(line for line in proc.stderr.splitlines() if line.startswith("error"))
     assert len(lines) == 2, proc.stderr[-3000:]
-    assert lines[0].startswith(f"error: cannot write {tmp_path / 'afile'}/") and "Not a directory" in lines[0]
-    assert lines[1] == lines[0].replace("error:", "error [rank 1]:", 1)
+    rank0, rank1 = lines[1], lines[0]  # "error [" sorts before "error:"
+    assert rank0.startswith(f"error: cannot write {tmp_path / 'afile'}/") and "Not a directory" in rank0
+    assert rank1 == rank0.replace("error:", "error [rank 1]:", 1)
     # torchrun's launcher prints its own traceback for a failed worker; reste's workers print none
     assert "reste/train" not in proc.stderr and "Connection closed" not in proc.stderr
     assert (tmp_path / "afile").read_text() == "hi\n"

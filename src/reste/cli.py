@@ -180,6 +180,16 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _error_line(message: str) -> None:
+    """``message`` and its newline in one write: sys.stderr writes through, so ``print`` made two
+    system calls, and the error lines of a distributed run's ranks ran into each other on one line."""
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed stderr: the exit code still says it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the console script or python -m reste, not a caller in Python
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReSTEError as err:  # raised anywhere below a command: one line, the documented code
         message = err.cli_message(os.environ.get("RANK", "0"))
         if message is not None:
-            print(message, file=sys.stderr, flush=True)
+            _error_line(message)
         return err.exit_code
     except BrokenPipeError as err:
         if not _output_closed():  # a pipe to something else broke: work that failed

@@ -59,22 +59,31 @@ static void reste_range(const float *restrict z, const float *g, float *out, int
         /* min(max(a, m), t)^e = 2^(e * log2(...)); e = 0 (o = 1) gives exactly 1. Clamped at t
            too, where c = 0 anyway, so an infinite z meets no 0 * inf. The libm calls stay
            outside branches so gcc can vectorise them (glibc libmvec). */
-        float r = g[i] * c * exp2f(e * log2f(fminf(fmaxf(a, m), t)));
-        /* A NaN z gives a NaN gradient, as the PyTorch formula does (a NaN weight must not train on
-           as if it were small). Tested on the bits: fast-math assumes no NaN and would fold a float test. */
-        uint32_t zb, rb;
-        memcpy(&zb, &z[i], sizeof zb);
-        memcpy(&rb, &r, sizeof rb);
-        rb = (zb & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rb;
-        memcpy(&out[i], &rb, sizeof rb);
+        out[i] = g[i] * c * exp2f(e * log2f(fminf(fmaxf(a, m), t)));
+    }
+}
+
+MULTIVERSION
+/* A NaN z gets a NaN gradient, as the PyTorch formula gives (a NaN weight must not train on as if
+   it were small): fast-math assumes no NaN, so reste_range folds NaN into |z| <= m. Tested on the
+   bits, which fast-math cannot fold, and in a pass of its own: the same test inside reste_range's
+   loop changed how gcc split it between vector and scalar libm calls, and with it the last bits
+   of some gradients, so trained runs would no longer repeat earlier ones. */
+static void nan_range(const float *restrict z, float *restrict out, int64_t begin, int64_t end) {
+    const uint32_t *restrict bits = (const uint32_t *)z;
+    const uint32_t quiet_nan = 0x7fc00000u;
+    for (int64_t i = begin; i < end; i++) {
+        if ((bits[i] & 0x7fffffffu) > 0x7f800000u) memcpy(&out[i], &quiet_nan, sizeof quiet_nan);
     }
 }
 
 static void run_job(const job_t *j, int64_t begin, int64_t end) {
     if (j->kind == 0)
         sign_range(j->z, j->out, begin, end);
-    else
+    else {
         reste_range(j->z, j->g, j->out, begin, end, j->e, j->inv_o, j->t, j->m);
+        nan_range(j->z, j->out, begin, end);
+    }
 }
 
 /* Split [0, n) over OpenMP threads. The extension links libgomp.so.1, which resolves to the
