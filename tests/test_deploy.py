@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -147,14 +148,21 @@ def test_packed_linear_integer_sums_exact(features, out, rows, isa):
         assert torch.equal(packed(x), expected)
 
 
-@pytest.mark.parametrize("scale", ["layer_mean", "channel_mean", "none"])
-@pytest.mark.parametrize("estimator", ["reste", "dsq", "swish_sign", "ste"])
+@pytest.mark.parametrize(
+    "estimator,scale",
+    [
+        *itertools.product(["reste", "dsq", "swish_sign", "ste"], ["layer_mean", "channel_mean", "none"]),
+        ("dorefa", "layer_mean"),  # DoReFa scales the whole layer (E|W|): other weight_scale values are refused
+    ],
+)
 def test_every_estimator_and_scale_with_a_bias_packs_bit_identically(estimator, scale):
     # DSQ does not recompute sign(x) in backward, so its layers took another forward; weight_scale="none"
-    # added the bias inside the matrix product: both rounded differently from the packed layer
+    # added the bias inside the matrix product; DoReFa's linear read alpha back from its straight-through
+    # weights, 1 ulp off in most outputs: all rounded differently from the packed layer
     torch.manual_seed(3)
-    lin = BinaryLinear(300, 70, weight_estimator=estimator, input_estimator=estimator, weight_scale=scale).eval()
-    conv = BinaryConv2d(24, 40, 3, 1, 1, weight_estimator=estimator, input_estimator=estimator, weight_scale=scale)
+    inputs = "reste" if estimator == "dorefa" else estimator  # DoReFa binarizes weights only
+    lin = BinaryLinear(300, 70, weight_estimator=estimator, input_estimator=inputs, weight_scale=scale).eval()
+    conv = BinaryConv2d(24, 40, 3, 1, 1, weight_estimator=estimator, input_estimator=inputs, weight_scale=scale)
     conv.eval()
     with torch.no_grad():
         torch.nn.init.normal_(lin.bias)
@@ -382,6 +390,34 @@ def test_a_shared_binary_layer_is_packed_once_under_every_name(tmp_path):
     deployed = load(path, model=_SharedLayer())
     assert deployed.a is deployed.b and isinstance(deployed.a, PackedBinaryLinear)
     x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), model(x))
+    # it runs twice: its work counts twice in the summary (was once), its memory once
+    for m in (model, deployed):
+        row = next(r for r in summary(m, (8,)).layers if r.name == "a")
+        assert row.macs_1x1 == 2 * 16 * 16 and row.params_1bit == 16 * 16
+
+
+def test_a_shared_attention_module_loads_into_the_float_architecture(tmp_path):
+    # the file names a shared layer once; loading into a float architecture rebuilt its attention at
+    # that name only, and the other name's projections did not fit the file ("fingerprint differs")
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            mha = nn.MultiheadAttention(16, 2)
+            self.inp, self.a, self.b, self.out = nn.Linear(4, 16), mha, mha, nn.Linear(16, 2)
+
+        def forward(self, x):
+            x = self.inp(x)
+            x = self.a(x, x, x)[0]
+            return self.out(self.b(x, x, x)[0])
+
+    model = reste.binarize(TwoUses()).eval()
+    path = export(model, tmp_path / "attention.safetensors")
+    deployed = load(path, model=TwoUses())
+    assert deployed.a is deployed.b
+    x = torch.randn(3, 2, 4)
     with torch.no_grad():
         assert torch.equal(deployed(x), model(x))
 

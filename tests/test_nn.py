@@ -237,6 +237,9 @@ def test_binarize_that_fails_on_a_layer_names_it_and_changes_nothing():
     with pytest.raises(ValueError, match=r"layer '2' .*padding_mode.*The model is unchanged.*keep=\['2'\]"):
         reste.binarize(model, input_padding="+1")
     assert [type(m) for m in model] == [nn.Conv2d] * 4  # layer 1 was not swapped before layer 2 failed
+    # an option of every layer is refused as such, not blamed on the first layer it reaches
+    with pytest.raises(ValueError, match=r"^unknown estimator 'nope'"):
+        reste.binarize(model, estimator="nope")
     assert _real(reste.binarize(model, input_padding="+1", keep=["2"])) == ["0", "2", "3"]
 
 

@@ -513,7 +513,9 @@ class FDA(Estimator):
     ``n`` grows from ``n_start`` to ``n_end`` over training, each value for an equal share of it:
     ``n = n_start + min(floor((n_end - n_start + 1) * r), n_end - n_start)`` (this project's reading
     of "n from 9 to 18 over training"; progress ``r`` stays below 1, so the earlier
-    ``floor((n_end - n_start) * r)`` never reached ``n_end``).
+    ``floor((n_end - n_start) * r)`` never reached ``n_end``). Every value is reached when ``n`` is
+    updated at least ``n_end - n_start + 1`` times: per step always in practice; per epoch
+    (``estimator.per=epoch``) only with that many epochs (2 epochs give 9, then 14).
 
     Args:
         w: base frequency (default 0.1).

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..estimators import Estimator
-from ..nn.convert import rebuild_attention
+from ..nn.convert import every_name, rebuild_attention
 from ..nn.layers import BinaryLayer
 from .batchnorm import (
     _BN_PROBE_RANK,
@@ -94,7 +94,7 @@ def to_deploy(model: nn.Module) -> nn.Module:
         raise TypeError(f"to_deploy expects an nn.Module, got {type(model).__name__}")
     deploy = copy.deepcopy(model).cpu().eval().requires_grad_(False)  # inference only, as load()
     # every name: a layer registered twice (``self.b = self.a``) is packed once and installed under both
-    binary = [(n, m) for n, m in deploy.named_modules(remove_duplicate=False) if isinstance(m, BinaryLayer)]
+    binary = [(n, m) for n, m in every_name(deploy) if isinstance(m, BinaryLayer)]
     if not binary:
         raise ExportError(
             "the model has no binary layers (BinaryConv2d/BinaryLinear); binarize it or create it with precision "
@@ -288,7 +288,7 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
     # a float architecture's nn.MultiheadAttention holds raw projections; binarize rebuilt those it converted
     rebuild_attention(model, inside=graph["binary_layers"])
     names_of: dict[int, list[str]] = {}  # a layer registered under several names gets its twin under each
-    for alias, module in model.named_modules(remove_duplicate=False):
+    for alias, module in every_name(model):
         names_of.setdefault(id(module), []).append(alias)
     for name, options in graph["binary_layers"].items():
         try:

@@ -19,7 +19,8 @@ Accounting (one image; the numbers of the deployed, bit-packed model):
   conv ``in_elements * out_channels/groups * prod(kernel)``, linear
   ``out_elements * in_features``, split into ``1x1`` (binary weights and binary
   inputs: XNOR-popcount), ``1x32`` (binary weights, real inputs: additions) and
-  ``32x32`` (real). Operations outside modules (attention products, residual adds)
+  ``32x32`` (real), at every call of the layer (one used twice does its work twice; its
+  memory counts once). Operations outside modules (attention products, residual adds)
   and normalisation/activation arithmetic are not counted.
 """
 
@@ -386,8 +387,14 @@ def summary(
 
     def hook_for(name):
         def hook(module, inputs, output):
-            if name not in rows and isinstance(output, torch.Tensor):
-                rows[name] = _row(name, module, inputs, output, images)
+            if not isinstance(output, torch.Tensor):
+                return
+            row = _row(name, module, inputs, output, images)
+            if name not in rows:
+                rows[name] = row
+            else:  # called again (a shared layer, a loop): its work counts every time, its memory once
+                for key in ("macs_1x1", "macs_1x32", "macs_32x32"):
+                    setattr(rows[name], key, getattr(rows[name], key) + getattr(row, key))
 
         return hook
 

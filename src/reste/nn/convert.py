@@ -63,24 +63,33 @@ def _candidates(model: nn.Module, replacements: dict | None = None) -> list[tupl
     return [(n, m) for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _aliases(model: nn.Module, replacements: dict | None = None) -> dict[int, list[str]]:
-    """{id(module): every name it is reachable under}, as the model will be once ``replacements``
-    are in place: a module registered twice (``self.b = self.a``, ``nn.ModuleList([block] * 3)``)
-    has several, and is swapped under all of them."""
-    out: dict[int, list[str]] = {}
+def every_name(model: nn.Module, replacements: dict | None = None):
+    """``(name, module)`` for every name a module is reachable under, as the model will be once
+    ``replacements`` ({name: module}) are in place: a module registered twice (``self.b = self.a``,
+    ``nn.ModuleList([block] * 3)``) comes once per name, where ``named_modules()`` gives it once.
+    A module inside itself is not followed into again (``named_modules(remove_duplicate=False)``
+    would never end)."""
     replacements = replacements or {}
 
-    def visit(module: nn.Module, prefix: str, ancestors: tuple) -> None:
-        out.setdefault(id(module), []).append(prefix)
+    def visit(module: nn.Module, prefix: str, ancestors: tuple):
+        yield prefix, module
         for name, child in module._modules.items():  # named_children() would skip a second name of a module
             if child is None:
                 continue
             full = f"{prefix}.{name}" if prefix else name
             child = replacements.get(full, child)
-            if id(child) not in ancestors:  # a module inside itself would never end
-                visit(child, full, (*ancestors, id(child)))
+            if id(child) not in ancestors:
+                yield from visit(child, full, (*ancestors, id(child)))
 
-    visit(model, "", (id(model),))
+    yield from visit(model, "", (id(model),))
+
+
+def _aliases(model: nn.Module, replacements: dict | None = None) -> dict[int, list[str]]:
+    """{id(module): every name it is reachable under} (:func:`every_name`): a shared layer is swapped
+    under all of them."""
+    out: dict[int, list[str]] = {}
+    for name, module in every_name(model, replacements):
+        out.setdefault(id(module), []).append(name)
     return out
 
 
@@ -93,7 +102,7 @@ def _attention_rebuilds(model: nn.Module) -> dict:
         )
     built: dict[int, MultiheadAttention] = {}  # one rebuild per module, under each of its names
     out = {}
-    for n, m in model.named_modules(remove_duplicate=False):
+    for n, m in every_name(model):
         if type(m) is nn.MultiheadAttention:  # a subclass may change forward: left alone, and named
             if id(m) not in built:
                 built[id(m)] = MultiheadAttention.from_torch(m)
@@ -110,7 +119,9 @@ def rebuild_attention(model: nn.Module, inside: Iterable[str] | None = None) -> 
     names = list(rebuilds)
     if inside is not None:
         inside = list(inside)
-        names = [n for n in names if any(i.startswith(n + ".") for i in inside)]
+        # a shared module is named once in ``inside`` (an export's layer list): rebuilt under all its names
+        wanted = {id(rebuilds[n]) for n in names if any(i.startswith(n + ".") for i in inside)}
+        names = [n for n in names if id(rebuilds[n]) in wanted]
     for name in names:
         _install(model, name, rebuilds[name])
     _no_fused_encoders(model)
@@ -274,6 +285,17 @@ def binarize(
     for name in kept_attention:
         del rebuilds[name]
     aliases = _aliases(model, rebuilds)
+    # the options that concern every layer (estimator names and parameters, weight_scale, input_padding)
+    # are checked once, so their errors name the option, not the first layer they would reach
+    BinaryLinear(
+        1,
+        1,
+        weight_estimator=_fresh(wspec),
+        input_estimator=_fresh(estimator) if activations else None,
+        weight_scale=weight_scale,
+        input_padding=input_padding,
+        estimator_params=estimator_params,
+    )
     # every replacement is built before any is installed: an error leaves the model as it was
     installs: list[tuple[str, nn.Module]] = list(rebuilds.items())
     swapped, kept = [], list(kept_attention)
@@ -298,10 +320,12 @@ def binarize(
                 input_padding=input_padding,
                 estimator_params=estimator_params,
             )
-        except (ValueError, TypeError) as err:  # name the layer; nothing was changed yet
+        except (ValueError, TypeError) as err:  # this layer's geometry: name it; nothing was changed yet
+            if type(err) not in (ValueError, TypeError):
+                raise  # a subclass may take other constructor arguments: as it is
             raise type(err)(
-                f"binarize: layer {name!r} ({module}): {err}. The model is unchanged; keep the layer real with "
-                f"keep=[{name!r}], or change it"
+                f"binarize: layer {name!r} ({module}): {str(err).rstrip('.')}. The model is unchanged; keep the "
+                f"layer real with keep=[{name!r}], or change it"
             ) from err
         installs += [(n, new) for n in aliases[id(module)]]
         swapped.append(name)

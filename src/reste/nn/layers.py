@@ -378,13 +378,15 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         self._init_binary(weight_estimator, input_estimator, weight_scale, input_padding, estimator_params)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and self._exact_inference_possible(x):
+            # first, as BinaryConv2d: DoReFa's straight-through weights are not exactly +-alpha, so the
+            # function below, which reads alpha back from them, rounded apart from the packed layer
+            return self._inference_forward(x)
         if ops.recomputes_sign(self.input_estimator):
             scaled_signs = (
                 self.binary_weights
             )  # weight_scale="none" too: alpha is then 1, the bias added after the sums
             return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
-        if not torch.is_grad_enabled() and self._exact_inference_possible(x):  # e.g. DSQ inputs
-            return self._inference_forward(x)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def _inference_forward(self, x: Tensor) -> Tensor:

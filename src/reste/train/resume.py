@@ -53,7 +53,7 @@ def _saved_config(run_dir: Path, has_last: bool) -> dict:
     if os.environ.get("RANK", "0") in ("0", ""):  # once per job
         warnings.warn(
             f"{run_dir / CONFIG} is missing: resuming with the configuration saved in checkpoints/last.pt "
-            f"(written back to {CONFIG})",
+            f"(a resume that trains writes {CONFIG} again)",
             UserWarning,
             stacklevel=3,
         )

@@ -512,9 +512,10 @@ class Trainer:
         """After ``step`` steps of ``epoch`` (the last one used ``lr``): the bar, the :data:`StepHook`,
         a stop request, a mid-epoch checkpoint."""
         shown = sums
-        if self.progress and self.ctx.distributed and self.bar.refreshes_at(step):
-            # the bar shows every rank's running values, as the epoch line does; a collective, joined by
-            # every rank at the same steps (progress is the same on all)
+        if self.ctx.distributed and self.bar.refreshes_at(step):
+            # the bar shows every rank's running values, as the epoch line does. A collective: every rank
+            # joins it at the same steps whether it shows a bar or not (train(progress=(rank == 0)) is a
+            # common idiom; a rank-dependent condition here would pair it with another collective)
             shown = D.all_reduce_sum(sums.clone(), self.ctx)
         # the lr the step used, as the metrics row records it (the optimizer holds the next step's already)
         self.bar.update(shown, epoch_start, step, self.est_scheduler.o, lr)
