@@ -383,9 +383,8 @@ class BinaryLinear(BinaryLayer, nn.Linear):
             # function below, which reads alpha back from them, rounded apart from the packed layer
             return self._inference_forward(x)
         if ops.recomputes_sign(self.input_estimator):
-            scaled_signs = (
-                self.binary_weights
-            )  # weight_scale="none" too: alpha is then 1, the bias added after the sums
+            # weight_scale="none" too: alpha is then 1, and the bias is added after the exact sums
+            scaled_signs = self.binary_weights
             return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
