@@ -36,7 +36,7 @@ from .catalog import (
 )
 from .download import download as download_dataset
 from .errors import CorruptDataError, DatasetNotFoundError
-from .formats import read_cifar_members_from_dir, read_cifar_members_from_tar, read_idx
+from .formats import check_labels, read_cifar_members_from_dir, read_cifar_members_from_tar, read_idx
 
 __all__ = ["DatasetArrays", "load_arrays", "locate"]
 
@@ -148,11 +148,6 @@ def find_imagenet_root(root=None) -> Path:
     raise DatasetNotFoundError("imagenet", searched, how_to_get("imagenet", root))
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, source) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise CorruptDataError(source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
-
-
 def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndarray, np.ndarray]:
     size = meta.image_size
     # the image size is checked on the header, before the images are read
@@ -162,7 +157,7 @@ def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndar
     ).astype(np.int64)
     if len(images) != len(labels):
         raise CorruptDataError(labels_path, f"{len(labels)} labels for {len(images)} images in {images_path.name}")
-    _check_labels(labels, meta.num_classes, labels_path)
+    check_labels(labels, meta.num_classes, labels_path)
     return images[:, None], labels  # add the channel axis: N x 1 x H x W
 
 

@@ -220,6 +220,12 @@ def _lookup(batch: dict, key: bytes):
     return batch.get(key.decode())
 
 
+def check_labels(labels: np.ndarray, num_classes: int, source) -> None:
+    """CorruptDataError naming ``source`` unless every label is in ``[0, num_classes)``."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CorruptDataError(source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+
+
 def parse_cifar_batch(
     data: bytes, source, label_key: bytes, num_classes: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -248,8 +254,8 @@ def parse_cifar_batch(
         raise CorruptDataError(source, f"labels are not integers ({exc})") from exc
     if labels.ndim != 1 or len(labels) != len(pixels):
         raise CorruptDataError(source, f"{len(pixels)} images but labels of shape {labels.shape}")
-    if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise CorruptDataError(source, f"labels outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+    if num_classes is not None:
+        check_labels(labels, num_classes, source)
     # Rows are stored channel-major (1024 R, 1024 G, 1024 B), i.e. CHW.
     return pixels.reshape(-1, 3, 32, 32), labels
 
