@@ -47,22 +47,6 @@ _SWAPS: dict[type[nn.Module], type[BinaryConv2d] | type[BinaryLinear]] = {
 }
 
 
-def _walk(module: nn.Module, prefix: str, replacements: dict, seen: set):
-    """``named_modules`` of the model as it will be once ``replacements`` ({name: module}) are in place."""
-    if id(module) in seen:
-        return
-    seen.add(id(module))
-    yield prefix, module
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        yield from _walk(replacements.get(full, child), full, replacements, seen)
-
-
-def _candidates(model: nn.Module, replacements: dict | None = None) -> list[tuple[str, nn.Module]]:
-    modules = _walk(model, "", replacements or {}, set())
-    return [(n, m) for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def every_name(model: nn.Module, replacements: dict | None = None):
     """``(name, module)`` for every name a module is reachable under, as the model will be once
     ``replacements`` ({name: module}) are in place: a module registered twice (``self.b = self.a``,
@@ -84,13 +68,19 @@ def every_name(model: nn.Module, replacements: dict | None = None):
     yield from visit(model, "", (id(model),))
 
 
-def _aliases(model: nn.Module, replacements: dict | None = None) -> dict[int, list[str]]:
-    """{id(module): every name it is reachable under} (:func:`every_name`): a shared layer is swapped
-    under all of them."""
-    out: dict[int, list[str]] = {}
+def _layers(
+    model: nn.Module, replacements: dict | None = None
+) -> tuple[list[tuple[str, nn.Module]], dict[int, list[str]]]:
+    """The conv/linear layers of the model as it will be once ``replacements`` are in place, in module
+    order under their first name, and {id(module): every name it is reachable under}
+    (:func:`every_name`): a shared layer is swapped under all of them."""
+    names_of: dict[int, list[str]] = {}
+    layers: list[tuple[str, nn.Module]] = []
     for name, module in every_name(model, replacements):
-        out.setdefault(id(module), []).append(name)
-    return out
+        if id(module) not in names_of and isinstance(module, (nn.Conv2d, nn.Linear)):
+            layers.append((name, module))
+        names_of.setdefault(id(module), []).append(name)
+    return layers, names_of
 
 
 def _attention_rebuilds(model: nn.Module) -> dict:
@@ -207,9 +197,7 @@ def _no_match_message(rule: str, names: list[str]) -> str:
 
 def full_precision_layers(model: nn.Module, keep: Iterable = (), *, keep_defaults: bool = True) -> list[str]:
     """Names of the conv/linear layers that ``binarize(model, keep=keep, keep_defaults=...)`` leaves real."""
-    rebuilds = _attention_rebuilds(model)
-    cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)
-    aliases = _aliases(model, rebuilds)
+    cands, rules, kept_attention, aliases = _plan(model, keep, keep_defaults, _attention_rebuilds(model))
     return [
         n
         for i, (n, m) in enumerate(cands)
@@ -218,15 +206,14 @@ def full_precision_layers(model: nn.Module, keep: Iterable = (), *, keep_default
 
 
 def _plan(model: nn.Module, keep, keep_defaults: bool, rebuilds: dict):
-    """Candidates in module order (attention rebuilt), checked keep rules, and the attention
-    modules a rule keeps whole (by type, e.g. ``nn.MultiheadAttention``, or by name)."""
-    cands = _candidates(model, rebuilds)
-    aliases = _aliases(model, rebuilds)
+    """Candidates in module order (attention rebuilt), checked keep rules, the attention modules a
+    rule keeps whole (by type, e.g. ``nn.MultiheadAttention``, or by name), and every layer's names."""
+    cands, aliases = _layers(model, rebuilds)
     extra = [a for _, m in cands for a in aliases[id(m)]] + list(rebuilds) + [n for n, _ in _unconvertible(model)]
     rules = _keep_rules(keep, keep_defaults, cands, extra)
     kept_ids = {id(m) for n, m in rebuilds.items() if _is_kept(n, model.get_submodule(n), -1, len(cands), rules)}
     kept_attention = [n for n, m in rebuilds.items() if id(m) in kept_ids]  # a shared module: all its names
-    return cands, rules, kept_attention
+    return cands, rules, kept_attention, aliases
 
 
 def binarize(
@@ -281,10 +268,9 @@ def binarize(
         return model
     wspec = estimator if weight_estimator == "same" else weight_estimator
     rebuilds = _attention_rebuilds(model)
-    cands, rules, kept_attention = _plan(model, keep, keep_defaults, rebuilds)
+    cands, rules, kept_attention, aliases = _plan(model, keep, keep_defaults, rebuilds)
     for name in kept_attention:
         del rebuilds[name]
-    aliases = _aliases(model, rebuilds)
     # the options that concern every layer (estimator names and parameters, weight_scale, input_padding)
     # are checked once, so their errors name the option, not the first layer they would reach
     BinaryLinear(
