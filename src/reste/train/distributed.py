@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_max",
     "broadcast_object",
     "broadcast_state",
+    "launched_as_rank_0",
     "convert_sync_batchnorm",
     "CPUSyncBatchNorm",
 ]
@@ -54,6 +55,12 @@ class DistContext:
     def is_main(self) -> bool:
         """Rank 0 writes the files and shows the progress bar."""
         return self.rank == 0
+
+
+def launched_as_rank_0() -> bool:
+    """Whether torchrun's ``RANK`` makes this process rank 0 of its job (unset: a single process).
+    Readable before the process group exists: it decides who prints what is said once per job."""
+    return os.environ.get("RANK", "0") in ("0", "")
 
 
 def _env_int(name: str, default: int) -> int:

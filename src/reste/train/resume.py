@@ -4,12 +4,12 @@ trains with (:func:`resume_config`), and restoring a checkpoint into a fresh tra
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 from .checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, load_model_weights
 from .config import Config, ConfigError, load_config, validate
+from .distributed import launched_as_rank_0
 from .optim import realign_step_schedule
 from .rundir import CONFIG, abandoned_setup, checkpoint_path, looks_like_run, read_config
 from .state import TrainState
@@ -50,7 +50,7 @@ def _saved_config(run_dir: Path, has_last: bool) -> dict:
             f"cannot resume {run_dir}: its {CONFIG} is missing and checkpoints/last.pt holds no configuration; "
             f"put back {CONFIG}, or start the run again with its command and --force"
         )
-    if os.environ.get("RANK", "0") in ("0", ""):  # once per job
+    if launched_as_rank_0():  # once per job
         warnings.warn(
             f"{run_dir / CONFIG} is missing: resuming with the configuration saved in checkpoints/last.pt "
             f"(a resume that trains writes {CONFIG} again)",

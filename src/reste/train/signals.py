@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ReSTEError
+from .distributed import launched_as_rank_0
 from .rundir import checkpoint_path
 
 __all__ = ["TrainingInterrupted", "resume_command"]
@@ -57,7 +58,7 @@ class _StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        if os.environ.get("RANK", "0") not in ("0", ""):
+        if not launched_as_rank_0():
             return  # torchrun signals every rank: rank 0 says it once for the job
         print(
             f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "

@@ -664,7 +664,7 @@ def train(
             )
         cfg = resume_config(resume, extra or None)
         if not checkpoint_path(resume, "last").is_file():  # resume_config checked it is a stopped set-up
-            if os.environ.get("RANK", "0") in ("0", ""):  # once per job, not once per rank
+            if D.launched_as_rank_0():  # once per job, not once per rank
                 print(
                     f"note: {resume} was stopped during set-up, before its first checkpoint: starting it over with its "
                     "config.yaml",
