@@ -754,14 +754,13 @@ def test_safe_extract_refuses_path_traversal(tmp_path, member):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:.*class folders, not ImageNet's 1000")  # said once, checked below
 def test_imagenet_folder_loader(tmp_path):
     pytest.importorskip("PIL")
     classes = fx.write_image_folders(tmp_path / "imagenet", per_class=3, val_per_class=2)
-    with pytest.warns(UserWarning, match="has 3 class folders, not ImageNet's 1000: the model gets a 1000-way head"):
-        train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, seed=1)
+    train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=4, test_batch_size=5, seed=1)
     assert (train.dataset_size, val.dataset_size) == (9, 6)
-    assert (len(train), len(val)) == (2, 2) and train.classes == classes
+    assert (len(train), len(val)) == (2, 2) and train.classes == classes and val.classes == classes
+    assert train.folder == tmp_path / "imagenet" / "train"  # named in the trainer's class-count message
     images, labels = next(iter(train))
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}

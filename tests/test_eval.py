@@ -324,3 +324,59 @@ def test_eval_of_a_run_without_best_pt_suggests_which_last(run, capsys, tmp_path
     )
     code, result = eval_json(capsys, early, "--which", "last", "--device", "cpu")
     assert code == 0 and result["checkpoint"] == str(early / "checkpoints" / "last.pt")
+
+
+def test_an_imagenet_tree_of_3_class_folders_trains_evaluates_and_exports_a_3_way_model(tmp_path, capsys):
+    # ImageNet-100-style: the head follows the class folders, is recorded as data.num_classes, and
+    # eval / export / resume rebuild it; a tree with other folders is refused, not scored
+    pytest.importorskip("PIL")
+    from data_fixtures import write_image_folders
+    from reste.train.config import ConfigError, load_config
+
+    classes = write_image_folders(tmp_path / "tree" / "imagenet", per_class=4, val_per_class=2)
+    common = dict(
+        progress=False,
+        model={"name": "resnet18", "kwargs": {"width": 0.125}},
+        data={"name": "imagenet", "root": str(tmp_path / "tree"), "batch_size": 4, "test_batch_size": 3},
+        analysis={"indicators": False},
+    )
+    T.train(
+        **common,
+        summary=True,
+        train={"epochs": 1, "threads": 1, "device": "cpu"},
+        out={"dir": str(tmp_path), "name": "run"},
+    )
+    printed = capsys.readouterr().out
+    assert f"has {len(classes)} class folders (not imagenet's 1000): the model gets a 3-way head" in printed
+    run_dir = tmp_path / "run"
+    assert load_config(run_dir / "config.yaml").data.num_classes == 3
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["model"]["head.fc.weight"].shape[0] == 3
+
+    code, result = eval_json(capsys, run_dir, "--device", "cpu")
+    assert code == 0 and result["count"] == 6 and result["top5"] is None  # 3 classes: no top-5
+
+    out = tmp_path / "model.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "agree on 100.00%" in capsys.readouterr().out
+    assert load(out)(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+    code, of_file = eval_json(capsys, out, "--threads", "1")
+    assert code == 0 and of_file["top1"] == result["top1"]
+
+    # resumed for a second epoch: the recorded head, not ImageNet's 1000
+    T.train(resume=str(run_dir), progress=False, train={"epochs": 2})
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+    # a tree of 4 classes is not the one the model was trained on
+    write_image_folders(tmp_path / "four" / "imagenet", classes=(*classes, "n01491361"), per_class=1)
+    code, err = eval_json(capsys, run_dir, "--root", tmp_path / "four")
+    assert code == 2 and "model for 3 classes, but" in err and "has 4 class folders" in err
+    code, err = eval_json(capsys, out, "--root", tmp_path / "four")
+    assert code == 2 and "has 4 class folders" in err
+
+    # a data.num_classes that is not the tree's, and one for a data set with fixed classes
+    with pytest.raises(ConfigError, match="data.num_classes=5, but .* has 3 class folders"):
+        T.train(**{**common, "data": {**common["data"], "num_classes": 5}}, out={"dir": str(tmp_path), "name": "five"})
+    assert not (tmp_path / "five").exists()
+    with pytest.raises(ConfigError, match="data.num_classes=5: mnist has 10 classes; leave data.num_classes out"):
+        load_config(None, ["data.name=mnist", "data.num_classes=5"])

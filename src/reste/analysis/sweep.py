@@ -270,9 +270,8 @@ class Sweep:
         """
         import warnings
 
-        from ..data import info as data_info
         from ..models.build import check_model
-        from ..train.config import ConfigError, load_config
+        from ..train.config import ConfigError, data_info, load_config
 
         mismatched: dict[str, dict[str, tuple]] = {}
         for run in self.runs:
@@ -280,7 +279,7 @@ class Sweep:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # harmless conflicts: each run's log reports them
                     cfg = load_config(self.config, self._train_items(run))
-                    check_model(cfg, data_info(cfg.data.name))  # a bad model.kwargs, as reste train would
+                    check_model(cfg, data_info(cfg))  # a bad model.kwargs, as reste train would
             except ConfigError as err:
                 raise SweepConfigError(run.name, str(err)) from None
             if run.status == "done" or rundir.checkpoint_path(run.path, "last").is_file():

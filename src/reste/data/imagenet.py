@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,12 +225,14 @@ class ImageFolderLoader:
         mean,
         std,
         classes,
+        folder=None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.dataset = dataset
         self.classes = list(classes)
         self.num_classes = len(self.classes)
+        self.folder = folder  # the training folder the classes were read from (for messages)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.sampler = EpochShardSampler(
@@ -314,15 +315,17 @@ def create_imagenet_loaders(
     if val_count is not None:
         val_samples = _strided_subset(val_samples, val_count)
     meta = info("imagenet")
-    if len(classes) != meta.num_classes:  # e.g. an ImageNet-100 tree: the model is still built for 1000
-        warnings.warn(
-            f"{base / 'train'} has {len(classes)} class folders, not ImageNet's {meta.num_classes}: the model "
-            f"gets a {meta.num_classes}-way head, {meta.num_classes - len(classes)} of whose outputs no image "
-            "trains, and top-5 is taken over all of them",
-            UserWarning,
-            stacklevel=2,
-        )
-    common = dict(seed=seed, device=device, num_workers=num_workers, mean=meta.mean, std=meta.std, classes=classes)
+    # a tree of N != 1000 class folders (ImageNet-100) has N classes: len(loader.classes); the trainer
+    # builds the model's head from it (data.num_classes)
+    common = dict(
+        seed=seed,
+        device=device,
+        num_workers=num_workers,
+        mean=meta.mean,
+        std=meta.std,
+        classes=classes,
+        folder=base / "train",
+    )
     train = ImageFolderLoader(
         ImageFolderDataset(train_samples, train=augment, image_size=meta.image_size),
         batch_size=batch_size,

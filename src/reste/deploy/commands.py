@@ -234,7 +234,7 @@ def _model_for_summary(args):
     model built on the meta device (:func:`_check_input`), so a bad or absurd --input-size allocates nothing."""
     import torch
 
-    from .. import data, models
+    from .. import models
     from .export import architecture_from_config, build_architecture, load, read_graph
 
     given = _input_size(args)
@@ -251,14 +251,14 @@ def _model_for_summary(args):
             _check_input(shape_only, given or default, f"{src.name} ({arch['name']})", default)
         return model, given or default
     if src.is_dir() or src.suffix in (".yaml", ".yml"):
-        from ..train.config import load_config
+        from ..train.config import data_info, load_config
         from ..train.rundir import CONFIG
 
         cfg_path = src / CONFIG if src.is_dir() else src
         if not cfg_path.is_file():
             raise ValueError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
         cfg = load_config(str(cfg_path))
-        meta = data.info(cfg.data.name)
+        meta = data_info(cfg)
         from ..models.build import check_model
 
         check_model(cfg, meta)  # model.kwargs={width: 300}: refused on the meta device, before allocating

@@ -460,12 +460,11 @@ def architecture_from_config(config) -> dict:
     Mirrors what ``reste train`` builds: classes, channels and image size from the data
     set, estimator parameters from the ``estimator.params`` section.
     """
-    from .. import data
     from ..models.build import model_arguments
-    from ..train.config import config_from_dict
+    from ..train.config import config_from_dict, data_info
 
     cfg = config_from_dict(config) if isinstance(config, dict) else config
-    return model_arguments(cfg, data.info(cfg.data.name))
+    return model_arguments(cfg, data_info(cfg))
 
 
 def load_run_model(run_dir, checkpoint: str = "best") -> tuple[nn.Module, dict, dict]:

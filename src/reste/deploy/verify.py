@@ -308,7 +308,7 @@ def evaluate_export(
     """
     from .. import data as rdata
     from ..train.config import ConfigError
-    from ..train.evaluation import evaluate_model
+    from ..train.evaluation import check_class_folders, evaluate_model
     from .export import load
 
     path = Path(path)
@@ -327,7 +327,8 @@ def evaluate_export(
     except ValueError as err:
         raise ConfigError(f"--data: {err}") from None
     want = (arch.get("num_classes"), arch.get("in_channels"))
-    if arch and want != (meta.num_classes, meta.in_channels):
+    classes = meta.num_classes if meta.in_memory else want[0]  # a class-folder tree: checked on its folders below
+    if arch and want != (classes, meta.in_channels):
         raise ConfigError(
             f"{path} holds a model for {want[0]} classes and {want[1]} channels and cannot be evaluated on "
             f"{meta.name} ({meta.num_classes} classes, {meta.in_channels} channels)"
@@ -335,8 +336,10 @@ def evaluate_export(
     dev = torch.device(device)
     model = load(path).to(dev)
     loader = eval_loader(spec, data=data, root=root, batch_size=batch_size, subset=subset, device=dev)
+    num_classes = want[0] if arch and want[0] else meta.num_classes
+    check_class_folders(loader, num_classes, path)
     subset, test_subset = _test_images(spec, meta.name == spec["name"], subset)
-    result = evaluate_model(model, loader, dev, num_classes=meta.num_classes)
+    result = evaluate_model(model, loader, dev, num_classes=num_classes)
     source = graph.get("source") or {}
     result.update(
         {

@@ -61,6 +61,7 @@ __all__ = [
     "option_table",
     "help_epilog",
     "validate",
+    "data_info",
 ]
 
 
@@ -149,6 +150,11 @@ class DataConfig:
     subset: int | None = _opt(None, "use only the first N training images (and N // 5 test images)")
     test_subset: int | None = _opt(
         None, "evaluate on the first N test images (null = as data.subset says: N // 5 of them, or all without one)"
+    )
+    num_classes: int | None = _opt(
+        None,
+        "outputs of the model's head (null = the data set's; a class-folder data set such as imagenet: its number of "
+        "class folders, recorded here when training starts)",
     )
     num_workers: int = _opt(0, "decoding workers (ImageNet only; in-memory sets ignore it)")
     download: bool | None = _opt(
@@ -747,6 +753,17 @@ def _name_in(key: str, value: str, known: list[str]) -> None:
     )
 
 
+def data_info(cfg: Config):
+    """``reste.data.info`` of ``cfg.data.name`` with the run's class count: ``data.num_classes`` when set
+    (an ImageNet tree of 100 class folders trains a 100-way head), else the data set's."""
+    from reste import data
+
+    meta = data.info(cfg.data.name)
+    if cfg.data.num_classes is None or cfg.data.num_classes == meta.num_classes:
+        return meta
+    return dataclasses.replace(meta, num_classes=cfg.data.num_classes)
+
+
 def is_device_setting(setting) -> bool:
     """Whether ``setting`` is one a device option takes: auto, cpu, cuda or cuda:N."""
     return isinstance(setting, str) and (
@@ -809,6 +826,14 @@ def validate(cfg: Config) -> Config:
             test_size is None or d.test_subset <= test_size,
             f"data.test_subset={d.test_subset} is larger than the {data.canonical_name(d.name)} test set "
             f"({test_size:,} images); use data.test_subset=null for all of it",
+        )
+    if d.num_classes is not None:
+        _check(d.num_classes >= 2, f"data.num_classes must be >= 2 or null (the data set's), got {d.num_classes}")
+        fixed = data.info(d.name)
+        _check(
+            not fixed.in_memory or d.num_classes == fixed.num_classes,
+            f"data.num_classes={d.num_classes}: {fixed.name} has {fixed.num_classes} classes; leave data.num_classes "
+            "out (only a class-folder data set such as imagenet takes another count)",
         )
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(d.num_workers <= MAX_THREADS, f"data.num_workers must be <= {MAX_THREADS} (processes), got {d.num_workers}")

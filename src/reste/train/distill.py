@@ -57,7 +57,7 @@ class Teacher:
     def from_source(cls, source, cfg, meta, device, channels_last: bool = False) -> Teacher:
         """The teacher of ``train.teacher=source`` for a run of ``cfg`` on the data set ``meta``."""
         from ..models.build import build_model
-        from .config import config_from_dict
+        from .config import config_from_dict, data_info
 
         path = checkpoint_of(source, "train.teacher")
         state = load_checkpoint(path, map_location="cpu", required=("model",))
@@ -75,7 +75,13 @@ class Teacher:
                 f"train.teacher={str(source)!r} was trained on {tcfg.data.name}, this run uses {cfg.data.name}; "
                 "a teacher must see the same images, normalised the same way"
             )
-        model = build_model(tcfg, meta)
+        teacher_meta = data_info(tcfg)
+        if teacher_meta.num_classes != meta.num_classes:
+            raise CheckpointError(
+                f"train.teacher={str(source)!r} has {teacher_meta.num_classes} outputs, this run's model "
+                f"{meta.num_classes}; a teacher must be trained on the same classes"
+            )
+        model = build_model(tcfg, teacher_meta)
         load_model_weights(model, state["model"], path)
         model = model.to(device)
         if channels_last:

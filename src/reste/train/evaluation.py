@@ -14,10 +14,22 @@ from torch import nn
 from ..models.build import build_model
 from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, config_from_dict, data_info
 from .rundir import locate_checkpoint
 
-__all__ = ["topk_correct", "evaluate_model", "evaluate"]
+__all__ = ["topk_correct", "evaluate_model", "evaluate", "check_class_folders"]
+
+
+def check_class_folders(loader, num_classes: int, model_source) -> None:
+    """A class-folder test set (ImageNet) must have as many classes as the model has outputs (an
+    ImageNet-100 model on a 1000-folder tree would score labels it cannot predict); ConfigError."""
+    classes = getattr(loader, "classes", None)
+    if classes is not None and len(classes) != num_classes:
+        folder = getattr(loader, "folder", None) or "the data folder"
+        raise ConfigError(
+            f"{model_source} holds a model for {num_classes} classes, but {folder} has {len(classes)} class "
+            "folders; give the data root of the tree it was trained on (--root)"
+        )
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +130,14 @@ def evaluate(
         cfg = config_from_dict(state["config"])
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {err}") from None
-    trained_on = rdata.info(cfg.data.name)
+    trained_on = data_info(cfg)
     name = data or cfg.data.name
     try:
         meta = rdata.info(name)
     except ValueError as err:
         raise ConfigError(f"--data: {err}") from None
+    if rdata.canonical_name(name) == rdata.canonical_name(cfg.data.name):
+        meta = trained_on  # its class count (data.num_classes: an ImageNet-100 tree's 100)
     if (meta.num_classes, meta.in_channels) != (trained_on.num_classes, trained_on.in_channels):
         raise ConfigError(
             f"the model was trained on {cfg.data.name} ({trained_on.num_classes} classes, "
@@ -151,6 +165,7 @@ def evaluate(
         test_subset=test_subset,
         test_only=True,
     )
+    check_class_folders(test_loader, meta.num_classes, path)
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
     result.update(
         {

@@ -15,11 +15,12 @@ from torch import nn
 from ..models.build import _create_model
 from ..schedules import EstimatorScheduler, o_schedule
 from . import distributed as D
-from .config import Config, ConfigError
+from .config import Config, ConfigError, data_info
 
 __all__ = [
     "seed_everything",
     "create_loaders",
+    "class_count_of_data",
     "create_model",
     "create_teacher",
     "create_estimator_scheduler",
@@ -71,6 +72,32 @@ def create_loaders(cfg: Config, meta, ctx: D.DistContext):
             "lower data.batch_size or raise data.subset"
         )
     return train_loader, test_loader
+
+
+def class_count_of_data(cfg: Config, meta, train_loader, *, tell: bool):
+    """``meta`` with the class count the model is built for. A class-folder data set (ImageNet) has
+    as many classes as its training folder has class folders: with ``data.num_classes`` unset, a
+    tree of 100 gets a 100-way head, and ``cfg.data.num_classes`` records it (config.yaml, the
+    checkpoints and the export then rebuild that head); a ``data.num_classes`` that differs from
+    the folder count is a ConfigError."""
+    classes = getattr(train_loader, "classes", None)
+    if classes is None or len(classes) == meta.num_classes:
+        return meta
+    folder = getattr(train_loader, "folder", None) or f"the {meta.name} training folder"
+    if cfg.data.num_classes is not None:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes}, but {folder} has {len(classes)} class folders; leave "
+            f"data.num_classes out (the run then has {len(classes)} classes) or point data.root at the tree it was "
+            "trained on"
+        )
+    cfg.data.num_classes = len(classes)
+    if tell:
+        print(
+            f"data: {folder} has {len(classes)} class folders (not {meta.name}'s {meta.num_classes}): the model gets "
+            f"a {len(classes)}-way head (data.num_classes={len(classes)})",
+            flush=True,
+        )
+    return data_info(cfg)
 
 
 def create_model(cfg: Config, meta, ctx: D.DistContext, *, warm_start: bool, tell: bool) -> tuple[nn.Module, object]:

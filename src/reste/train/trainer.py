@@ -48,7 +48,7 @@ from .checkpoint import (
     save_checkpoint,  # noqa: F401
     set_rng_state,
 )
-from .config import Config, ConfigError, _deep_merge, config_to_dict, load_config, warn_conflicts
+from .config import Config, ConfigError, _deep_merge, config_to_dict, data_info, load_config, warn_conflicts
 from .evaluation import _accuracy, evaluate, evaluate_model, topk_correct  # noqa: F401
 from .failures import (
     DistributedFailure,
@@ -86,6 +86,7 @@ from .rundir import (
 from .rundir import locate_checkpoint as _locate_checkpoint  # noqa: F401
 from .rundir import remove_stale_temp_files as _remove_stale_temp_files  # noqa: F401
 from .setup import (
+    class_count_of_data,
     compile_mode,
     create_estimator_scheduler,
     create_loaders,
@@ -197,17 +198,16 @@ class Trainer:
                 f"{ctx.world_size} ranks; "
                 f"use a multiple of {ctx.world_size}"
             )
-        from reste import data as rdata
-
-        self.meta = rdata.info(cfg.data.name)
+        self.meta = data_info(cfg)
         check_model(cfg, self.meta)  # a model too big to build: before any folder or data
         # claim the run directory first: a name clash is reported before any data is loaded
         self.run_dir = self._prepare_run_dir()
         self.fault = fault_from_env(ctx.rank)
         seed_everything(cfg.seed)
 
-        self.num_classes = self.meta.num_classes
         self.train_loader, self.test_loader = create_loaders(cfg, self.meta, ctx)
+        self.meta = class_count_of_data(cfg, self.meta, self.train_loader, tell=ctx.is_main and self.print_summary)
+        self.num_classes = self.meta.num_classes
         self.steps_per_epoch = len(self.train_loader)
         tell = ctx.is_main and self.print_summary
         self.model, self.init_report = create_model(cfg, self.meta, ctx, warm_start=self.resume_dir is None, tell=tell)
