@@ -8,6 +8,8 @@ test runs when Debian's dataset-fashion-mnist package is installed.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -595,12 +598,30 @@ def test_wrong_cifar_shapes_are_corrupt_not_reshape_errors(tmp_path):
 # --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _serving(handler):
+    """Run ``handler`` (a BaseHTTPRequestHandler class) on 127.0.0.1:<ephemeral>; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def http_server(tmp_path):
-    """Serve tmp_path/"served" on 127.0.0.1:<ephemeral>; yields (folder, base URL, request log)."""
+    """Serve tmp_path/"served" on 127.0.0.1:<ephemeral>; yields (folder, base URL, request log).
+    ``requests.delay`` (seconds, default 0) holds every answer back, so that concurrent clients overlap."""
     served = tmp_path / "served"
     served.mkdir()
-    requests = []
+
+    class Log(list):
+        delay = 0.0
+
+    requests = Log()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -608,19 +629,15 @@ def http_server(tmp_path):
 
         def do_GET(self):
             requests.append(self.path)
+            if requests.delay:
+                time.sleep(requests.delay)
             super().do_GET()
 
         def log_message(self, *args):  # keep test output clean
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(Handler) as url:
+        yield served, url, requests
 
 
 def _pin_md5s(monkeypatch, name: str, folder: Path):
@@ -631,6 +648,13 @@ def _pin_md5s(monkeypatch, name: str, folder: Path):
         for role, (file_name, _) in source.files.items()
     }
     monkeypatch.setitem(catalog.IDX_SOURCES, name, catalog.IdxSource(source.base_url, files))
+
+
+def _pin_cifar_md5(monkeypatch, name: str, archive: Path) -> str:
+    """Make the served tarball the 'official' one by md5; return that md5."""
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(catalog.CIFAR_SOURCES, name, dataclasses.replace(catalog.CIFAR_SOURCES[name], md5=md5))
+    return md5
 
 
 def test_download_idx_with_right_checksums(tmp_path, monkeypatch, http_server):
@@ -687,22 +711,7 @@ def test_download_failure_is_clear_and_leaves_nothing(tmp_path, http_server):
 def test_download_cifar_tarball_and_extract(tmp_path, monkeypatch, http_server):
     served, url, _ = http_server
     archive, arrays = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
-    source = catalog.CIFAR_SOURCES["cifar10"]
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(
-        catalog.CIFAR_SOURCES,
-        "cifar10",
-        catalog.CifarSource(
-            source.base_url,
-            source.archive,
-            md5,
-            source.folder,
-            source.train_members,
-            source.test_members,
-            source.meta_member,
-            source.label_key,
-        ),
-    )
+    _pin_cifar_md5(monkeypatch, "cifar10", archive)
     root = tmp_path / "root"
     exit_code = __import__("reste.data.__main__", fromlist=["main"]).main(
         ["download", "cifar10", "--root", str(root), "--mirror", url, "--quiet"]
@@ -715,6 +724,109 @@ def test_download_cifar_tarball_and_extract(tmp_path, monkeypatch, http_server):
     assert data.locate("cifar10", root) == ("dir", extracted)
     loaded = data.load_arrays("cifar10", root)
     assert np.array_equal(loaded.test_images, arrays["test_images"])
+
+
+_CONCURRENT_DOWNLOAD = """
+import dataclasses, sys
+from reste.data import catalog, download
+root, url, md5 = sys.argv[1:4]
+catalog.CIFAR_SOURCES["cifar10"] = dataclasses.replace(catalog.CIFAR_SOURCES["cifar10"], md5=md5)
+print("ready", flush=True)
+sys.stdin.readline()  # every process starts downloading on the same word
+download("cifar10", root, mirror=url, progress=False)
+"""
+
+
+def test_concurrent_first_downloads_into_one_folder_fetch_once_and_all_succeed(tmp_path, monkeypatch, http_server):
+    # was: every process fetched and extracted, replacing (rmtree + os.replace) the folder the
+    # others were extracting or reading: CorruptDataError / ENOENT at random
+    served, url, requests = http_server
+    archive, arrays = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    requests.delay = 0.3  # an answer takes a while: the processes' downloads overlap
+    root = tmp_path / "root"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src")]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_DOWNLOAD, str(root), url, md5],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    assert [proc.returncode for proc in procs] == [0] * 4, [err for _, err in results]
+    assert len(requests) == 1  # one process fetched; the others waited and found it ready
+    assert sorted(p.name for p in root.iterdir()) == ["cifar10"]  # no lock file left
+    assert sorted(p.name for p in (root / "cifar10").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert np.array_equal(data.load_arrays("cifar10", root).test_images, arrays["test_images"])
+
+
+def test_downloaded_files_get_the_mode_of_a_new_file(tmp_path, monkeypatch, http_server):
+    # was: 0600, the mode of the temporary file they were written to
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    for umask, expected in ((0o022, 0o644), (0o002, 0o664)):
+        previous = os.umask(umask)
+        try:
+            folder = data.download("mnist", tmp_path / oct(umask), mirror=url, progress=False)
+        finally:
+            os.umask(previous)
+        assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(expected)}
+
+
+def test_a_connection_cut_mid_download_says_interrupted_not_md5_mismatch(tmp_path):
+    body = bytes(range(256)) * 400
+
+    class HalfBody(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # then the connection closes
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    dest = tmp_path / "root" / "file.gz"
+    with _serving(HalfBody) as url:
+        with pytest.raises(OSError) as caught:
+            data.download_file(url + "file.gz", dest, hashlib.md5(body).hexdigest(), progress=False)
+    message = str(caught.value)
+    assert (
+        f"interrupted: got {len(body) // 2:,} of {len(body):,} bytes" in message and "run the command again" in message
+    )
+    assert not isinstance(caught.value, data.CorruptDataError) and "md5" not in message
+    assert list(dest.parent.iterdir()) == []  # no .part left
+
+
+def test_a_killed_download_s_part_files_are_removed_by_the_next_one(tmp_path, monkeypatch, http_server):
+    # was: a SIGKILLed download's randomly named .part file stayed forever
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    folder = tmp_path / "root" / "mnist"
+    (folder / ".extract-k1ll3d" / "cifar-10-batches-py").mkdir(parents=True)
+    stale = [folder / ".train-images-idx3-ubyte.gz.k1ll3d.part", folder / ".t10k-labels-idx1-ubyte.gz.a1b2c3d4.part"]
+    for part in stale:
+        part.write_bytes(b"half a download")
+    (folder / "notes.part").write_text("not ours")  # a file of the user's: kept
+    data.download("mnist", tmp_path / "root", mirror=url, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*fx.IDX_FILES.values(), "notes.part"])
 
 
 def test_the_stand_alone_data_command_is_the_cli_s(tmp_path, capsys):

@@ -8,6 +8,13 @@ Guarantees:
   half-written file under the official name, and never replaces an existing
   file.
 * A file that is already present with the right md5 is not fetched again.
+* Downloads of one data set into one folder are serialised by an inter-process lock
+  (``fcntl.flock`` on ``root/.<name>.lock``), and what is present is checked again once the
+  lock is held: several processes (every rank of a ``torchrun`` job) may call :func:`download`
+  at once; one fetches, the others wait and find the data ready. Stale ``.part`` files and
+  staging folders of a killed download are removed under that lock.
+* Downloaded files get the mode a new file gets from the umask (``0o666 & ~umask``), like any
+  file the user creates, not a temporary file's 0600.
 * Tarballs are extracted member by member after checking that every member
   is a plain file or folder whose path stays inside the destination (no
   absolute paths, no ``..``, no links or devices).
@@ -19,9 +26,11 @@ the tests use this to point at a local HTTP server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -35,11 +44,17 @@ from .catalog import (
     CIFAR_SOURCES,
     IDX_SOURCES,
     MIRROR_ENV_VAR,
+    CifarSource,
     canonical_name,
     how_to_get,
     resolve_root,
 )
 from .errors import CorruptDataError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent downloads there are not serialised
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["download", "download_file", "safe_extract", "md5_of_file", "check_mirror"]
 
@@ -61,21 +76,35 @@ def _progress_bar(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
 
 
+def _new_part_file(dest: Path) -> tuple[int, Path]:
+    """A new hidden ``.<name>.<random>.part`` file beside ``dest``, opened for writing. Created with
+    mode 0o666 so the umask gives it a normal file's permissions (``mkstemp`` would make it 0600,
+    and the rename would keep that)."""
+    while True:
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
 def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``dest`` and check its md5; return ``dest``.
 
     If ``dest`` already exists with the expected md5 nothing is fetched. On a
     checksum mismatch the downloaded bytes are deleted, whatever was at
     ``dest`` before is left untouched, and :class:`CorruptDataError` is raised.
+    A connection cut before the announced ``Content-Length`` is an :class:`OSError`
+    saying so ("download interrupted"), not a checksum mismatch.
     """
     dest = Path(dest)
     if dest.is_file() and md5_of_file(dest) == md5:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    fd, tmp = _new_part_file(dest)
     try:
         digest = hashlib.md5()
+        received = 0
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -85,11 +114,21 @@ def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: f
                         for chunk in iter(lambda: response.read(_CHUNK), b""):
                             out.write(chunk)
                             digest.update(chunk)
+                            received += len(chunk)
                             bar.update(len(chunk))
-            # URLError/HTTPError/timeouts are OSErrors; a connection cut
-            # mid-body raises http.client.IncompleteRead (an HTTPException).
+            except http.client.IncompleteRead as exc:  # some Python versions raise on a cut connection
+                received += len(exc.partial)
+                total = received + (exc.expected or 0)
+            # URLError/HTTPError/timeouts are OSErrors; other protocol failures are HTTPExceptions.
             except (OSError, http.client.HTTPException) as exc:
                 raise OSError(f"download of {url} failed: {exc}") from exc
+            # Python 3.11's read() returns b"" on a connection cut mid-body instead of raising:
+            # only the announced length tells a cut download from a complete one.
+            if total is not None and received < total:
+                raise OSError(
+                    f"download of {url} interrupted: got {received:,} of {total:,} bytes (the connection "
+                    f"closed early); run the command again (files already complete are kept)"
+                )
             out.flush()
             os.fsync(out.fileno())
         actual = digest.hexdigest()
@@ -189,12 +228,67 @@ class NotDownloadableError(UsageError, ValueError):
     get it. A usage error (exit code 2)."""
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive inter-process lock (``flock``) on ``lock_path`` for the ``with`` block.
+
+    The lock file is deleted on the way out, while still locked, so no ``.lock`` file is left
+    in the data folder. A process that was waiting on the deleted file sees, once it gets the
+    lock, that the path no longer names that file, and starts over on a new one; so only one
+    process ever holds the lock of a path. Without ``fcntl`` (Windows) this locks nothing.
+    """
+    if fcntl is None:
+        yield
+        return
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the folder was removed by a failing download in between
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _remove_leftovers(name: str, target: Path) -> None:
+    """Delete the ``.part`` files and extraction staging folders a killed download of ``name``
+    left in ``target``. Called with the data set's lock held, so no running download owns them."""
+    if not target.is_dir():
+        return
+    if name in IDX_SOURCES:
+        files = [file_name for file_name, _ in IDX_SOURCES[name].files.values()]
+    else:
+        files = [CIFAR_SOURCES[name].archive]
+    for file_name in files:
+        for part in target.glob(f".{file_name}.*.part"):
+            part.unlink(missing_ok=True)
+    for staging in target.glob(".extract-*"):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
 
     * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
     * ``cifar10`` / ``cifar100``: the official python-version tarball, which
-      is kept (so a re-run is a no-op) and safely extracted next to it.
+      is kept and safely extracted next to it; when the extracted folder already
+      holds every batch nothing is fetched or extracted.
     * ``imagenet``: cannot be downloaded (registration needed): :class:`NotDownloadableError`.
 
     ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
@@ -202,6 +296,9 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
     official base URL: ``http(s)://HOST/PATH/`` or ``file:///FOLDER/`` (anything else:
     :class:`reste.errors.UsageError`). Every file is md5 checked; see :func:`download_file` for
     what happens on a mismatch. A failed download leaves no folder it created.
+
+    Safe to call from several processes at once (every rank of a distributed job): they take
+    turns on a lock per data set and folder, and the ones that wait find the data ready.
     """
     name = canonical_name(name)
     check_mirror(mirror, "mirror")
@@ -215,14 +312,37 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
         raise ValueError(f"unknown data set {name!r}")
     created = [p for p in [target, *target.parents] if not p.exists()]
     try:
-        return _download_into(name, target, mirror, progress)
-    except BaseException:
-        for folder in created:  # deepest first: only the folders this call made, only if empty
+        with _exclusive(root / f".{name}.lock"):
             try:
-                folder.rmdir()
-            except OSError:
+                _remove_leftovers(name, target)
+                # what is present is checked again here, under the lock: a process that waited
+                # for another one's download finds the files there and fetches nothing
+                return _download_into(name, target, mirror, progress)
+            except BaseException:
+                if target in created:  # inside the lock: another process may be about to use it
+                    _remove_empty(target)
+                raise
+    except BaseException:
+        # the lock file is gone now: the folders above the target can go too
+        for folder in created:  # deepest first: only the folders this call made, only if empty
+            if folder != target and not _remove_empty(folder):
                 break
         raise
+
+
+def _remove_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _cifar_extracted(source: CifarSource, target: Path) -> bool:
+    """Whether ``target`` holds the extracted folder with every batch (extraction moves it into
+    place whole, so present means complete)."""
+    folder = target / source.folder
+    return all((folder / m).is_file() for m in (*source.train_members, *source.test_members, source.meta_member))
 
 
 def _download_into(name: str, target: Path, mirror: str | None, progress: bool) -> Path:
@@ -234,6 +354,8 @@ def _download_into(name: str, target: Path, mirror: str | None, progress: bool) 
         return target
     if name in CIFAR_SOURCES:
         source = CIFAR_SOURCES[name]
+        if _cifar_extracted(source, target):  # never extracted again: others may be reading it
+            return target
         archive = download_file(
             _base_url(source.base_url, mirror) + source.archive,
             target / source.archive,
