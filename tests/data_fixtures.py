@@ -61,6 +61,15 @@ def make_idx_dataset(folder: Path, n_train=64, n_test=16, *, compress=True, seed
     return arrays
 
 
+def write_constant_idx_dataset(folder: Path, n_train: int, n_test: int, value: int = 0) -> None:
+    """The four IDX files (uncompressed: quick to write at the official sizes) of images whose
+    every pixel is ``value``, so their mean pixel is ``value / 255``; labels cycle through 0..9."""
+    for role, count in (("train", n_train), ("test", n_test)):
+        images, labels = IDX_FILES[f"{role}_images"], IDX_FILES[f"{role}_labels"]
+        write_idx(folder / images[: -len(".gz")], np.full((count, 28, 28), value, np.uint8), compress=False)
+        write_idx(folder / labels[: -len(".gz")], np.arange(count, dtype=np.uint8) % 10, compress=False)
+
+
 class Py2StylePickler(pickle._Pickler):
     """Pure-Python pickler that writes ``bytes`` and ``str`` the way Python 2's
     cPickle wrote ``str`` (SHORT_BINSTRING / BINSTRING), and numpy globals

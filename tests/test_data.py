@@ -551,6 +551,55 @@ def test_label_count_mismatch_and_bad_labels(tmp_path):
         data.load_arrays("mnist", tmp_path)
 
 
+def test_the_other_mnist_like_data_set_under_the_same_file_names_is_refused(tmp_path):
+    # was: a folder of Fashion-MNIST files trained "mnist" silently (the IDX file names are the same)
+    fashion_like = round(0.2860 * 255)  # every pixel: the mean pixel of Fashion-MNIST's training images
+    fx.write_constant_idx_dataset(tmp_path / "mnist", 60000, 16, value=fashion_like)
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_arrays("mnist", tmp_path)
+    text = str(caught.value)
+    assert str(tmp_path / "mnist" / "train-images-idx3-ubyte") in text
+    assert "which is fashion_mnist's (0.2860), not mnist's (0.1307)" in text
+    assert "Point data.root (--root) at the folder that holds mnist, or use data.name=fashion_mnist" in text
+    fx.write_constant_idx_dataset(tmp_path / "fashion_mnist", 60000, 16, value=round(0.1307 * 255))
+    with pytest.raises(data.CorruptDataError, match="which is mnist's .*, not fashion_mnist's"):
+        data.load_arrays("fashion_mnist", tmp_path)
+    assert len(data.load_arrays("mnist", tmp_path / "fashion_mnist").train_images) == 60000  # its own mean: read
+
+
+@pytest.mark.parametrize("test_only", [False, True])
+def test_swapped_train_and_test_files_are_refused(tmp_path, test_only):
+    # was: 10,000 training and 60,000 test images were read silently
+    fx.write_constant_idx_dataset(tmp_path / "mnist", 10000, 60000, value=33)
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_arrays("mnist", tmp_path, test_only=test_only)
+    text = str(caught.value)
+    assert "the test files hold 60,000 images" in text and "look swapped" in text
+    assert ("the training files 10,000" in text) != test_only
+    assert "the 60,000 training images and labels are train-images-idx3-ubyte.gz" in text
+
+
+def test_swapped_cifar_batches_are_refused(tmp_path):
+    # CIFAR-100's two batches swapped: 10,000 training images, 50,000 test images
+    members, _ = fx.cifar_members("cifar100")
+    members["train"] = fx.cifar_batch(np.zeros((10000, 3, 32, 32), np.uint8), [0] * 10000, b"fine_labels", b"train")
+    members["test"] = fx.cifar_batch(np.zeros((50000, 3, 32, 32), np.uint8), [0] * 50000, b"fine_labels", b"test")
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for member, content in members.items():
+        (folder / member).write_bytes(content)
+    with pytest.raises(
+        data.CorruptDataError,
+        match="50,000 images and the training files 10,000.*look swapped.*The training batches are train",
+    ):
+        data.load_arrays("cifar100", tmp_path)
+
+
+def test_sizes_that_are_merely_small_or_equal_are_not_taken_for_swapped_files(tmp_path):
+    fx.write_constant_idx_dataset(tmp_path / "mnist", 10000, 10000, value=33)
+    assert len(data.load_arrays("mnist", tmp_path).test_images) == 10000
+
+
 def test_a_cifar_label_out_of_range_names_its_batch_file(tmp_path):
     # was: the folder or archive alone ("cifar-10-batches-py: labels outside [0, 10)")
     members, _ = fx.cifar_members("cifar10")

@@ -10,6 +10,10 @@ Search order for the in-memory data sets (first complete hit wins):
   (``cifar-10-batches-py/`` / ``cifar-100-python/``) if it holds every batch,
   else the official tarball, read in place without extracting.
 
+What is read is checked against the catalog where that is cheap and certain: splits holding the
+official sizes the other way round (swapped files) and a full MNIST-like training split whose mean
+pixel is the other MNIST-like data set's (same file names) are :class:`CorruptDataError`.
+
 ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
 ``~/.cache/reste/data``). A ``root`` given explicitly is the only place looked
 at: a data set missing there is an error naming it, never a silent fallback to
@@ -161,6 +165,52 @@ def _read_idx_split(images_path: Path, labels_path: Path, meta) -> tuple[np.ndar
     return images[:, None], labels  # add the channel axis: N x 1 x H x W
 
 
+#: how close (in mean pixel / 255) a full MNIST-like training split must be to the *other*
+#: data set's mean to be taken for it; the two means (0.1307, 0.2860) are 0.15 apart
+IDENTITY_TOLERANCE = 0.01
+
+
+def _check_identity(name: str, images: np.ndarray, path: Path, official_count: int) -> None:
+    """CorruptDataError when a split of the official size looks like the other MNIST-like data set
+    (both use the same file names, so a copy of one passes for the other). Generated or partial
+    sets (any other size) are not checked."""
+    if len(images) != official_count:
+        return
+    mean = float(images.mean(dtype=np.float64)) / 255.0
+    own = info(name).mean[0]
+    for other in IDX_SOURCES:
+        theirs = info(other).mean[0]
+        if other != name and abs(mean - theirs) < IDENTITY_TOLERANCE and abs(mean - own) > IDENTITY_TOLERANCE:
+            raise CorruptDataError(
+                path,
+                f"its {len(images):,} images have a mean pixel of {mean:.4f}, which is {other}'s ({theirs:.4f}), "
+                f"not {name}'s ({own:.4f}): these look like the {other} files (both data sets use the same "
+                f"file names)",
+                hint=f"Point data.root (--root) at the folder that holds {name}, or use data.name={other} "
+                f"(name={other!r}) to use these files as {other}.",
+            )
+
+
+def _check_not_swapped(name: str, train_count: int | None, test_count: int, where: str, how_to_fix: str) -> None:
+    """CorruptDataError when the splits hold the official sizes the other way round (the test files
+    hold as many images as the official training split, and the training files, when read, as many
+    as the official test split). Small or generated sets match neither and pass."""
+    meta = info(name)
+    if meta.train_size == meta.test_size or test_count != meta.train_size:
+        return
+    if train_count is not None and train_count != meta.test_size:
+        return
+    held = f"the test files hold {test_count:,} images" + (
+        f" and the training files {train_count:,}" if train_count is not None else ""
+    )
+    raise CorruptDataError(
+        where,
+        f"{held}: {name}'s official sizes the other way round ({meta.train_size:,} training, "
+        f"{meta.test_size:,} test images), so the train and test files look swapped",
+        hint=how_to_fix,
+    )
+
+
 def load_arrays(
     name: str,
     root=None,
@@ -209,6 +259,20 @@ def load_arrays(
     if name in IDX_SOURCES:
         train = no_train if test_only else _read_idx_split(found["train_images"], found["train_labels"], meta)
         test = _read_idx_split(found["test_images"], found["test_labels"], meta)
+        files = IDX_SOURCES[name].files
+        _check_not_swapped(
+            name,
+            None if test_only else len(train[0]),
+            len(test[0]),
+            str(found["test_images"].parent),
+            f"Give them back their names: the {meta.train_size:,} training images and labels are "
+            f"{files['train_images'][0]} and {files['train_labels'][0]}, the {meta.test_size:,} test ones "
+            f"{files['test_images'][0]} and {files['test_labels'][0]}.",
+        )
+        if test_only:
+            _check_identity(name, test[0], found["test_images"], meta.test_size)
+        else:
+            _check_identity(name, train[0], found["train_images"], meta.train_size)
         return DatasetArrays(train[0], train[1], test[0], test[1], source=str(found["test_images"].parent))
 
     source = CIFAR_SOURCES[name]
@@ -226,4 +290,13 @@ def load_arrays(
         train, test = read_cifar_members_from_tar(
             path, source.folder, [source.train_members, source.test_members], source.label_key, meta.num_classes
         )
+    _check_not_swapped(
+        name,
+        None if test_only else len(train[0]),
+        len(test[0]),
+        str(path),
+        f"The training batches are {', '.join(source.train_members)} and the test batch "
+        f"{', '.join(source.test_members)}: give them back their names, or fetch the data again "
+        f"(reste download {name}).",
+    )
     return DatasetArrays(train[0], train[1], test[0], test[1], source=str(path))
