@@ -942,6 +942,62 @@ def test_imagenet_folder_loader(tmp_path):
     assert not torch.equal(epoch3[0], collect(train)[0])
 
 
+def test_imagenet_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    # was: .ipynb_checkpoints/ became class 0 (shifting every label) and ._x.JPEG files became samples
+    pytest.importorskip("PIL")
+    classes = fx.write_image_folders(tmp_path, per_class=2, val_per_class=1)
+    for split in ("train", "val"):
+        image = tmp_path / split / classes[0] / f"{classes[0]}_0.JPEG"
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        (tmp_path / split / ".ipynb_checkpoints" / image.name).write_bytes(image.read_bytes())
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata
+    train, val = data.create_loaders("imagenet", root=tmp_path, batch_size=2, test_batch_size=3)
+    assert train.classes == classes and (train.dataset_size, val.dataset_size) == (6, 3)
+    assert collect(val)[1].tolist() == [0, 1, 2]
+
+
+def test_imagenet_flat_val_folder_says_it_is_not_read_and_how_to_sort_it(tmp_path):
+    pytest.importorskip("PIL")
+    fx.write_image_folders(tmp_path, per_class=1, val_per_class=2)
+    val = tmp_path / "val"
+    for number, image in enumerate(sorted(val.glob("*/*.JPEG")), 1):  # ILSVRC's val/ as distributed
+        image.rename(val / f"ILSVRC2012_val_{number:08d}.JPEG")
+    for folder in val.iterdir():
+        if folder.is_dir():
+            folder.rmdir()
+    with pytest.raises(data.DatasetNotFoundError) as caught:
+        data.create_loaders("imagenet", root=tmp_path, batch_size=2)
+    text = str(caught.value)
+    assert f"{val} (6 images directly in it and no class folders: a flat layout, which is not read)" in text
+    assert f"Sort the images into class folders {val}/<wnid>/*.JPEG" in text
+    assert "ILSVRC2012_validation_ground_truth.txt" in text and "valprep.sh" in text
+
+
+@pytest.mark.parametrize(
+    "name, binary",
+    [
+        ("cifar10", "cifar-10-batches-bin"),
+        ("cifar10", "cifar-10-binary.tar.gz"),
+        ("cifar100", "cifar-100-binary"),
+        ("cifar100", "cifar-100-binary.tar.gz"),
+    ],
+)
+def test_cifar_binary_version_says_it_is_not_read_and_names_the_python_version(tmp_path, name, binary):
+    # was: the generic "no cifar-10-batches-py/ with all batches and no cifar-10-python.tar.gz"
+    path = tmp_path / name / binary
+    if binary.endswith(".tar.gz"):
+        path.parent.mkdir()
+        path.write_bytes(fx.tar_gz_bytes({"cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073}))
+    else:
+        path.mkdir(parents=True)
+    with pytest.raises(data.DatasetNotFoundError) as caught:
+        data.load_arrays(name, tmp_path)
+    archive = catalog.CIFAR_SOURCES[name].archive
+    text = str(caught.value)
+    assert f"{tmp_path / name} (found {binary}: CIFAR's binary version, which is not read" in text
+    assert f"it reads the python version, {archive}" in text and f"reste download {name}" in text
+
+
 def test_imagenet_missing_and_without_pillow(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
     with pytest.raises(data.DatasetNotFoundError, match="image-net.org"):

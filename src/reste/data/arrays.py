@@ -105,6 +105,12 @@ def _find_cifar(name: str, folder: Path, test_only: bool = False) -> tuple[tuple
         return ("tar", archive), ""
     if not folder.is_dir():
         return None, "no such folder"
+    binary = [n for n in source.binary_names if (folder / n).exists()]
+    if binary:
+        return None, (
+            f"found {', '.join(binary)}: CIFAR's binary version, which is not read; it reads the python "
+            f"version, {source.archive} (or its {source.folder}/ folder), fetched by the commands below"
+        )
     return None, f"no {source.folder}/ with all batches and no {source.archive}"
 
 

@@ -190,6 +190,8 @@ class CifarSource:
     test_members: tuple[str, ...]
     meta_member: str
     label_key: bytes
+    # the binary version's folder and tarball: not read, but named when found instead
+    binary_names: tuple[str, ...] = ()
 
 
 CIFAR_SOURCES: dict[str, CifarSource] = {
@@ -202,6 +204,7 @@ CIFAR_SOURCES: dict[str, CifarSource] = {
         ("test_batch",),
         "batches.meta",
         b"labels",
+        ("cifar-10-batches-bin", "cifar-10-binary.tar.gz"),
     ),
     "cifar100": CifarSource(
         "https://www.cs.toronto.edu/~kriz/",
@@ -212,6 +215,7 @@ CIFAR_SOURCES: dict[str, CifarSource] = {
         ("test",),
         "meta",
         b"fine_labels",
+        ("cifar-100-binary", "cifar-100-binary.tar.gz"),
     ),
 }
 

@@ -70,7 +70,9 @@ def scan_class_folders(split_dir: Path, class_to_index: dict[str, int] | None = 
     With ``class_to_index`` (the training classes) the validation split is
     labelled consistently with training; a class unknown to training is an error.
     """
-    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    # hidden entries (.ipynb_checkpoints/, macOS's ._x.JPEG AppleDouble files) are not classes or
+    # images: one more class folder would shift every label
+    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not _hidden(entry))
     if class_to_index is None:
         class_to_index = {name: index for index, name in enumerate(classes)}
     samples = []
@@ -83,13 +85,37 @@ def scan_class_folders(split_dir: Path, class_to_index: dict[str, int] | None = 
             )
         label = class_to_index[name]
         for path in sorted((split_dir / name).iterdir()):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            if _is_image(path):
                 samples.append((path, label))
     if not samples:
+        flat = sum(1 for path in split_dir.iterdir() if _is_image(path))
+        if flat:  # ILSVRC's val/ as distributed: ILSVRC2012_val_00000001.JPEG ... with no class folders
+            raise DatasetNotFoundError(
+                "imagenet",
+                [
+                    f"{split_dir} ({flat:,} images directly in it and no class folders: "
+                    "a flat layout, which is not read)"
+                ],
+                [
+                    f"Sort the images into class folders {split_dir}/<wnid>/*.JPEG named as in train/: for "
+                    "ILSVRC-2012's val/, with the devkit's ground truth (ILSVRC2012_validation_ground_truth.txt, "
+                    "mapped to wnids by the devkit's meta.mat) or the widely used valprep.sh script "
+                    "(soumith/imagenetloader.torch), run inside val/.",
+                    *how_to_get("imagenet", split_dir.parent),
+                ],
+            )
         raise DatasetNotFoundError(
             "imagenet", [f"{split_dir} (no images in class folders)"], how_to_get("imagenet", split_dir.parent)
         )
     return samples, classes
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path) and path.is_file()
 
 
 def _random_resized_crop_box(width: int, height: int, rng: random.Random):
