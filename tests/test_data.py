@@ -432,13 +432,74 @@ def test_missing_dataset_error_says_where_and_how(tmp_path, monkeypatch, name):
     text = str(error)
     assert repr(name) in text
     assert str(tmp_path / name) in text and f"{tmp_path} (" in text
-    assert f"reste.data.download('{name}'" in text and f"reste download {name} --root {tmp_path}" in text
+    assert f'reste.data.download("{name}"' in text and f"reste download {name} --root {tmp_path}" in text
     assert f"{tmp_path / 'usr-share'} (" not in text  # an explicit root is the only place looked at
     if name == "fashion_mnist":
         assert (
             "apt-get install" not in text
             and f"leave the data folder unset (data.root) to use {data.default_root()}" in text
         )
+
+
+def test_the_commands_to_get_a_data_set_are_quoted_for_the_shell(tmp_path):
+    # was: --root /x/my d'ata unquoted: the shell splits it at the space and stops at the quote
+    import ast
+    import shlex
+
+    root = tmp_path / "my d'ata"
+    with pytest.raises(data.DatasetNotFoundError) as caught:
+        data.load_arrays("mnist", root)
+    python, reste = caught.value.how_to_get[:2]
+    words = shlex.split(python)
+    assert words[:2] == ["python", "-c"] and len(words) == 3
+    call = ast.parse(words[2]).body[1].value
+    assert ast.literal_eval(call.args[0]) == "mnist" and ast.literal_eval(call.keywords[0].value) == str(root)
+    assert shlex.split(reste.partition("   (or:")[0]) == ["reste", "download", "mnist", "--root", str(root)]
+
+
+def test_an_empty_root_is_an_error_not_the_current_folder(tmp_path, monkeypatch, capsys):
+    # was: root="" / --root "" (an unset shell variable) silently meant the current folder
+    from reste.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    fx.make_idx_dataset(tmp_path / "mnist", n_train=8, n_test=2)  # what "" used to find
+    for call in (
+        lambda: data.load_arrays("mnist", ""),
+        lambda: data.download("mnist", ""),
+        lambda: data.locate("mnist", ""),
+    ):
+        with pytest.raises(
+            ValueError, match=r"root is empty \(root=''; an unset shell variable\?\); give a data folder"
+        ):
+            call()
+    for command in ("download", "datasets"):
+        argv = [command, "mnist", "--root", ""] if command == "download" else [command, "--root", ""]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --root is empty") and "leave --root out for the default" in err
+
+
+def test_download_accepts_the_spellings_the_api_accepts_and_suggests_a_close_name(
+    tmp_path, monkeypatch, http_server, capsys
+):
+    # was: argparse "invalid choice: 'Fashion-MNIST'" while data.name=Fashion-MNIST and the API accept it
+    from reste.cli import main
+
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "fashion_mnist", served)
+    root = tmp_path / "root"
+    assert main(["download", "Fashion-MNIST", "--root", str(root), "--mirror", url, "--quiet"]) == 0
+    assert capsys.readouterr().out == f"fashion_mnist is ready in {root / 'fashion_mnist'}\n"
+    with pytest.raises(SystemExit) as caught:
+        main(["download", "fashon", "--root", str(root)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown data set 'fashon'; known: fashion_mnist, mnist, cifar10, cifar100, imagenet." in err
+    assert "Did you mean 'fashion_mnist'?" in err and "usage: reste download" in err
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    assert "fashion_mnist, mnist, cifar10, cifar100, imagenet" in capsys.readouterr().out
 
 
 def test_explicit_root_never_falls_back_to_the_system_copy(tmp_path, monkeypatch):

@@ -8,11 +8,13 @@ the loaders share one source of truth.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import did_you_mean
+from ..errors import UsageError, did_you_mean
 
 __all__ = [
     "DatasetInfo",
@@ -22,6 +24,8 @@ __all__ = [
     "info",
     "default_root",
     "resolve_root",
+    "EmptyRootError",
+    "download_command",
     "SYSTEM_DIRS",
     "IDX_SOURCES",
     "CIFAR_SOURCES",
@@ -246,8 +250,29 @@ def default_root() -> Path:
     return Path(cache) / "reste" / "data"
 
 
-def resolve_root(root) -> Path:
-    return Path(root).expanduser() if root is not None else default_root()
+class EmptyRootError(UsageError, ValueError):
+    """An empty data folder (``root=""``, ``--root ""``: an unset shell variable, say), which would
+    silently mean the current directory; a usage error (exit code 2)."""
+
+
+def resolve_root(root, what: str = "root") -> Path:
+    """``root`` as a Path (``~`` expanded), or the per-user folder for ``None``; an empty string is an
+    :class:`EmptyRootError` naming ``what`` (the argument or option it came from)."""
+    if root is None:
+        return default_root()
+    if isinstance(root, (str, bytes)) and not root:
+        # as $RESTE_DATA="" means unset, not the current directory; refused rather than guessed
+        raise EmptyRootError(
+            f"{what} is empty ({what}=''; an unset shell variable?); give a data folder, or leave {what} "
+            f"out for the default ({default_root()})"
+        )
+    return Path(os.fsdecode(root)).expanduser()
+
+
+def download_command(name: str, root) -> str:
+    """The ``reste download`` command that fetches ``name`` into ``root`` (``None``: the default
+    folder), quoted for a shell."""
+    return f"reste download {name}" + (f" --root {shlex.quote(str(root))}" if root is not None else "")
 
 
 def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
@@ -260,9 +285,11 @@ def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
             f"Put ILSVRC-2012 in the class-folder layout {root}/train/<wnid>/*.JPEG and "
             f"{root}/val/<wnid>/*.JPEG (or {root}/imagenet/train/...).",
         ]
+    # quoted for a shell (a root with a space or a quote); json.dumps spells a valid Python str literal
+    code = f"import reste.data; reste.data.download({json.dumps(name)}, root={json.dumps(str(root))})"
     commands = [
-        f"python -c \"import reste.data; reste.data.download('{name}', root='{root}')\"",
-        f"reste download {name} --root {root}   (or: python -m reste download ...)",
+        f"python -c {shlex.quote(code)}",
+        f"{download_command(name, root)}   (or: python -m reste download ...)",
         "or pass download=True to reste.data.create_loaders(...) (data.download=true in a config)",
     ]
     if name == "fashion_mnist" and system:

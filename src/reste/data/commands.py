@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError, did_you_mean
+from .catalog import canonical_name, download_command, names
+
+__all__ = ["register", "run_download", "run_datasets", "download_command"]
+
 DOWNLOAD_EPILOG = """\
 examples:
   reste download fashion_mnist                 # into $RESTE_DATA or ~/.cache/reste/data
@@ -22,8 +27,6 @@ ImageNet cannot be downloaded.
 
 def register(subparsers) -> None:
     """Add the ``download`` and ``datasets`` sub-commands."""
-    from .catalog import names
-
     download = subparsers.add_parser(
         "download",
         help="download and verify a data set into ROOT/NAME",
@@ -31,7 +34,9 @@ def register(subparsers) -> None:
         epilog=DOWNLOAD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    download.add_argument("name", choices=names(), metavar="NAME", help=", ".join(names()))
+    download.add_argument(
+        "name", type=_dataset_name, metavar="NAME", help=", ".join(names()) + " (CIFAR10, Fashion-MNIST... too)"
+    )
     download.add_argument("--root", default=None, help="data folder (default: $RESTE_DATA or ~/.cache/reste/data)")
     download.add_argument(
         "--mirror",
@@ -51,10 +56,30 @@ def register(subparsers) -> None:
     datasets.set_defaults(func=run_datasets)
 
 
+def _dataset_name(word: str) -> str:
+    """The catalog name of ``word`` (spelling variants as the API accepts them: ``CIFAR10``,
+    ``Fashion-MNIST``); an unknown one is an argparse error listing the names and the closest."""
+    name = canonical_name(word)
+    if name not in names():
+        raise argparse.ArgumentTypeError(
+            f"unknown data set {word!r}; known: {', '.join(names())}.{did_you_mean(name, names())}"
+        )
+    return name
+
+
+def _check_root(root) -> None:
+    if root == "":  # `--root "$UNSET"`: would silently mean the current directory
+        raise UsageError(
+            "--root is empty (an unset shell variable?); give a data folder, or leave --root out for the "
+            "default ($RESTE_DATA or ~/.cache/reste/data)"
+        )
+
+
 def run_download(args) -> int:
     from ..errors import ReSTEError
     from .download import check_mirror, download
 
+    _check_root(args.root)
     check_mirror(args.mirror, "--mirror")  # before anything is created; exit 2 naming the option
     try:
         folder = download(args.name, args.root, mirror=args.mirror, progress=not args.quiet)
@@ -64,13 +89,6 @@ def run_download(args) -> int:
         raise ReSTEError(str(exc)) from None
     print(f"{args.name} is ready in {folder}")
     return 0
-
-
-def download_command(name: str, root) -> str:
-    """The command that downloads ``name`` to where ``reste datasets --root ROOT`` looks (quoted for a shell)."""
-    import shlex
-
-    return f"reste download {name}" + (f" --root {shlex.quote(str(root))}" if root is not None else "")
 
 
 def _where(name: str, root) -> str:
@@ -96,8 +114,9 @@ def _where(name: str, root) -> str:
 
 
 def run_datasets(args) -> int:
-    from .catalog import info, names
+    from .catalog import info
 
+    _check_root(args.root)
     for name in names():
         meta = info(name)
         shape = f"{meta.in_channels}x{meta.image_size}x{meta.image_size}"
