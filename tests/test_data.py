@@ -579,6 +579,8 @@ def _corrupt(path: Path, how: str):
         path.write_bytes(gzip.compress(raw[:-100]))
     elif how == "trailing bytes":
         path.write_bytes(gzip.compress(raw + b"\x00" * 7))
+    elif how == "empty":
+        path.write_bytes(b"")
 
 
 @pytest.mark.parametrize(
@@ -589,6 +591,7 @@ def _corrupt(path: Path, how: str):
         ("wrong magic", "wrong IDX magic number 0x00000802, expected 0x00000803"),
         ("truncated payload", "truncated: header says shape"),
         ("trailing bytes", "trailing bytes"),
+        ("empty", "empty file (0 bytes)"),  # was: "not a gzip file (bad gzip magic bytes)"
     ],
 )
 def test_corrupt_idx_files_are_reported_by_name(tmp_path, how, message):
@@ -691,6 +694,54 @@ def test_truncated_cifar_pickle_and_tarball(tmp_path):
     with pytest.raises(data.CorruptDataError) as caught:
         data.load_arrays("cifar10", tmp_path / "b")
     assert str(archive) in str(caught.value)
+
+
+def test_datasets_lists_damaged_files_as_damaged_not_present(tmp_path, capsys):
+    # was: the "damaged:" branch could not run (locate only checks names): a truncated download was
+    # listed as present
+    from reste.cli import main
+
+    fx.make_idx_dataset(tmp_path / "mnist", n_train=16, n_test=4)
+    fx.make_idx_dataset(tmp_path / "fashion_mnist", n_train=16, n_test=4, compress=False)
+    fx.write_cifar_folder(tmp_path / "cifar10", "cifar10")
+    archive, _ = fx.write_cifar_tarball(tmp_path / "cifar100", "cifar100")
+    assert main(["datasets", "--root", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert all(lines[name].endswith(str(tmp_path / name)) for name in ("mnist", "fashion_mnist"))
+    assert lines["cifar10"].endswith(str(tmp_path / "cifar10" / "cifar-10-batches-py")) and lines["cifar100"].endswith(
+        str(archive)
+    )
+
+    images = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-100])  # a cut download
+    labels = tmp_path / "fashion_mnist" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1])
+    batch = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-10])
+    archive.write_bytes(archive.read_bytes()[:-2000])
+    assert main(["datasets", "--root", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"damaged: corrupt data file {images}: truncated or damaged gzip" in lines["mnist"]
+    assert (
+        f"damaged: corrupt data file {labels}: 11 bytes, the IDX header of shape (4,) needs 12"
+        in lines["fashion_mnist"]
+    )
+    assert f"damaged: corrupt data file {batch}: truncated pickle" in lines["cifar10"]
+    assert f"damaged: corrupt data file {archive}: truncated or damaged" in lines["cifar100"]
+    # what the quick check says is what reading says
+    for name, path in (("mnist", images), ("fashion_mnist", labels), ("cifar10", batch), ("cifar100", archive)):
+        with pytest.raises(data.CorruptDataError, match=str(path)):
+            data.load_arrays(name, tmp_path)
+
+
+def test_a_cifar_tarball_with_dot_slash_member_names_is_read(tmp_path):
+    # was: "archive lacks member(s)" for a tarball repacked with `tar -C DIR -czf x.tar.gz .`
+    members, arrays = fx.cifar_members("cifar10")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(fx.tar_gz_bytes({f"./cifar-10-batches-py/{m}": b for m, b in members.items()}))
+    loaded = data.load_arrays("cifar10", tmp_path)
+    assert np.array_equal(loaded.train_images, arrays["train_images"])
+    assert np.array_equal(loaded.test_labels, arrays["test_labels"])
 
 
 def test_wrong_cifar_shapes_are_corrupt_not_reshape_errors(tmp_path):

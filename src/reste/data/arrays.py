@@ -40,9 +40,17 @@ from .catalog import (
 )
 from .download import download as download_dataset
 from .errors import CorruptDataError, DatasetNotFoundError
-from .formats import check_labels, read_cifar_members_from_dir, read_cifar_members_from_tar, read_idx
+from .formats import (
+    check_labels,
+    quick_check_idx,
+    quick_check_pickle,
+    quick_check_tar_gz,
+    read_cifar_members_from_dir,
+    read_cifar_members_from_tar,
+    read_idx,
+)
 
-__all__ = ["DatasetArrays", "load_arrays", "locate"]
+__all__ = ["DatasetArrays", "load_arrays", "locate", "quick_check"]
 
 # torchvision stores the same IDX files under root/<Folder>/raw; accepting
 # that layout lets users reuse data they already have.
@@ -145,6 +153,29 @@ def locate(name: str, root=None, *, test_only: bool = False):
             return hit
         searched.append(f"{folder} ({why})")
     raise DatasetNotFoundError(name, searched, how_to_get(name, root, system))
+
+
+def quick_check(name: str, found) -> None:
+    """Cheap checks that the files :func:`locate` found are whole, reading a few bytes of each and
+    decompressing nothing (for ``reste datasets``): IDX headers against the file sizes or gzip
+    trailers, CIFAR batches ending as a pickle does, a tarball's size in whole tar blocks.
+    :class:`CorruptDataError` naming the first damaged file; reading the data checks everything."""
+    name = canonical_name(name)
+    if name in IDX_SOURCES:
+        size = info(name).image_size
+        for role, path in found.items():
+            if role.endswith("_images"):
+                quick_check_idx(path, 3, (size, size))
+            else:
+                quick_check_idx(path, 1)
+        return
+    source = CIFAR_SOURCES[name]
+    kind, path = found
+    if kind == "dir":
+        for member in (*source.train_members, *source.test_members):
+            quick_check_pickle(path / member)
+    else:
+        quick_check_tar_gz(path)
 
 
 def find_imagenet_root(root=None) -> Path:

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
         "datasets",
         help="list the known data sets, their shapes and which are present here",
         description="List the known data sets and, for each, where it was found (without --root: the per-user "
-        "data folder, then system folders) or 'not present'.",
+        "data folder, then system folders), 'damaged: ...' when a quick check of its files (sizes, gzip "
+        "trailers, no decompression) fails, or 'not present'.",
     )
     datasets.add_argument("--root", default=None, help="look only in this data folder")
     datasets.set_defaults(func=run_datasets)
@@ -92,8 +93,9 @@ def run_download(args) -> int:
 
 
 def _where(name: str, root) -> str:
-    """The folder data set ``name`` is read from, or 'not present'."""
-    from .arrays import locate
+    """The folder data set ``name`` is read from, 'damaged: ...' when a cheap check of its files
+    fails (see :func:`reste.data.arrays.quick_check`), or 'not present'."""
+    from .arrays import locate, quick_check
     from .errors import CorruptDataError, DatasetNotFoundError
 
     if name == "imagenet":
@@ -105,6 +107,7 @@ def _where(name: str, root) -> str:
             return "not present (needs a manual download, see docs/data.md)"
     try:
         hit = locate(name, root)
+        quick_check(name, hit)
     except DatasetNotFoundError:
         return f"not present ({download_command(name, root)})"
     except CorruptDataError as exc:

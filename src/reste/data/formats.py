@@ -34,6 +34,9 @@ __all__ = [
     "parse_cifar_batch",
     "read_cifar_members_from_dir",
     "read_cifar_members_from_tar",
+    "quick_check_idx",
+    "quick_check_pickle",
+    "quick_check_tar_gz",
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -59,7 +62,11 @@ def _open_maybe_gzipped(path: Path):
         fh = open(path, "rb")
     except OSError as exc:  # unreadable file: permissions, I/O error
         raise CorruptDataError(path, f"cannot read file ({exc})") from exc
-    if fh.read(2) != GZIP_MAGIC:
+    head = fh.read(2)
+    if not head:  # say so: "bad gzip magic bytes" would send one looking for a format problem
+        fh.close()
+        raise CorruptDataError(path, "empty file (0 bytes)")
+    if head != GZIP_MAGIC:
         if path.suffix == ".gz":
             fh.close()
             raise CorruptDataError(path, "not a gzip file (bad gzip magic bytes)")
@@ -86,6 +93,33 @@ def _read_exactly(path: Path, stream, out, what: str) -> int:
     return done
 
 
+def _read_idx_header(path: Path, stream, expected_ndim: int, item_shape, max_bytes: int, limit_reason: str):
+    """``(shape, header length, payload bytes)`` from an IDX header, checked: magic number, item shape
+    and the size it declares (a Python int, before anything is allocated)."""
+    header_len = 4 + 4 * expected_ndim
+    header = bytearray(header_len)
+    got = _read_exactly(path, stream, header, "header")
+    if got < 4:
+        raise CorruptDataError(path, f"file too short for an IDX header ({got} bytes)")
+    expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
+    magic = int.from_bytes(header[:4], "big")
+    if magic != expected_magic:
+        raise CorruptDataError(path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+    if got < header_len:
+        raise CorruptDataError(path, "truncated IDX header")
+    shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim))
+    if item_shape is not None and shape[1:] != tuple(item_shape):
+        raise CorruptDataError(path, f"expected items of shape {tuple(item_shape)}, the header says {shape[1:]}")
+    expected_payload = math.prod(shape)  # a Python int: never overflows
+    if expected_payload > max_bytes:
+        raise CorruptDataError(
+            path,
+            f"header says shape {shape} = {expected_payload:,} bytes, more than "
+            f"{max_bytes:,} ({limit_reason}); the file is damaged",
+        )
+    return shape, header_len, expected_payload
+
+
 def read_idx(
     path,
     expected_ndim: int,
@@ -108,27 +142,9 @@ def read_idx(
     path = Path(path)
     stream, zipped = _open_maybe_gzipped(path)
     with stream:
-        header_len = 4 + 4 * expected_ndim
-        header = bytearray(header_len)
-        got = _read_exactly(path, stream, header, "header")
-        if got < 4:
-            raise CorruptDataError(path, f"file too short for an IDX header ({got} bytes)")
-        expected_magic = (IDX_UBYTE_TYPE << 8) | expected_ndim
-        magic = int.from_bytes(header[:4], "big")
-        if magic != expected_magic:
-            raise CorruptDataError(path, f"wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
-        if got < header_len:
-            raise CorruptDataError(path, "truncated IDX header")
-        shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim))
-        if item_shape is not None and shape[1:] != tuple(item_shape):
-            raise CorruptDataError(path, f"expected items of shape {tuple(item_shape)}, the header says {shape[1:]}")
-        expected_payload = math.prod(shape)  # a Python int: never overflows
-        if expected_payload > max_bytes:
-            raise CorruptDataError(
-                path,
-                f"header says shape {shape} = {expected_payload:,} bytes, more than "
-                f"{max_bytes:,} ({limit_reason}); the file is damaged",
-            )
+        shape, header_len, expected_payload = _read_idx_header(
+            path, stream, expected_ndim, item_shape, max_bytes, limit_reason
+        )
         if not zipped:  # the file's size tells at once
             payload = path.stat().st_size - header_len
             if payload != expected_payload:
@@ -150,6 +166,76 @@ def read_idx(
                 path, f"trailing bytes: header says shape {shape} = {expected_payload} bytes, the file holds more"
             )
     return out.reshape(shape)
+
+
+def _gzip_isize(path: Path) -> int:
+    """The uncompressed size modulo 2**32 a gzip file's trailer records (its last 4 bytes)."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        return int.from_bytes(fh.read(4), "little")
+
+
+def quick_check_idx(path, expected_ndim: int, item_shape: tuple | None = None) -> None:
+    """A cheap check that an IDX file is whole, without decompressing it: its header, and the size it
+    declares against the file's size (raw) or the gzip trailer's record of the uncompressed size, which
+    a truncated download does not have. :class:`CorruptDataError` when they disagree. (A gzip file of
+    several members, as ``cat a.gz b.gz`` makes, would disagree too; no official one is.)"""
+    path = Path(path)
+    stream, zipped = _open_maybe_gzipped(path)
+    try:
+        with stream:
+            shape, header_len, payload = _read_idx_header(
+                path, stream, expected_ndim, item_shape, MAX_IDX_BYTES, "the most an IDX file of a data set may hold"
+            )
+        if zipped:
+            recorded = _gzip_isize(path)
+            if recorded != (header_len + payload) % (1 << 32):
+                raise CorruptDataError(
+                    path,
+                    f"truncated or damaged gzip: its trailer records {recorded:,} uncompressed bytes, the IDX "
+                    f"header of shape {shape} needs {header_len + payload:,}",
+                )
+        elif path.stat().st_size != header_len + payload:
+            raise CorruptDataError(
+                path, f"{path.stat().st_size:,} bytes, the IDX header of shape {shape} needs {header_len + payload:,}"
+            )
+    except OSError as exc:
+        raise CorruptDataError(path, f"cannot read file ({exc})") from exc
+
+
+def quick_check_pickle(path) -> None:
+    """A cheap check that a CIFAR batch file is whole: every pickle ends with the STOP opcode ``.``,
+    which a truncated file lacks."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if fh.seek(0, 2) == 0:
+                raise CorruptDataError(path, "empty file (0 bytes)")
+            fh.seek(-1, 2)
+            last = fh.read(1)
+    except OSError as exc:
+        raise CorruptDataError(path, f"cannot read file ({exc})") from exc
+    if last != pickle.STOP:
+        raise CorruptDataError(path, "truncated pickle (it does not end with the pickle STOP opcode)")
+
+
+def quick_check_tar_gz(path) -> None:
+    """A cheap check that a ``.tar.gz`` is whole: gzip magic bytes, and an uncompressed size (the gzip
+    trailer's record) that is a whole number of 512-byte tar blocks; a truncated file's last bytes are
+    compressed data, which passes that 1 time in 512."""
+    path = Path(path)
+    stream, zipped = _open_maybe_gzipped(path)
+    stream.close()
+    try:
+        recorded = _gzip_isize(path) if zipped else None
+    except OSError as exc:
+        raise CorruptDataError(path, f"cannot read file ({exc})") from exc
+    if recorded is None:
+        raise CorruptDataError(path, "not a gzip file (bad gzip magic bytes)")
+    if recorded % 512:
+        raise CorruptDataError(
+            path, f"truncated or damaged: its gzip trailer records {recorded:,} bytes, not whole 512-byte tar blocks"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -305,9 +391,12 @@ def read_cifar_members_from_tar(
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
-                if member.name in wanted and member.isfile():
-                    _check_batch_size(f"{archive}::{member.name}", member.size)  # the tar header's size, before reading
-                    found[member.name] = cast(IO[bytes], tar.extractfile(member)).read()  # a regular file: a stream
+                name = member.name
+                while name.startswith("./"):  # a tarball repacked with `tar -C DIR .`: ./cifar-10-batches-py/...
+                    name = name[2:]
+                if name in wanted and member.isfile():
+                    _check_batch_size(f"{archive}::{name}", member.size)  # the tar header's size, before reading
+                    found[name] = cast(IO[bytes], tar.extractfile(member)).read()  # a regular file: a stream
                     if len(found) == len(wanted):
                         break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
