@@ -18,9 +18,12 @@ examples:
   RESTE_MIRROR=http://host/mnist/ reste download mnist
 
 Files are md5-checked; a wrong download is deleted and never replaces an
-existing file; a failed download leaves no folder behind. Without --root, training
-finds what is downloaded here by itself. Fashion-MNIST is also found in
-/usr/share/datasets/fashion-mnist (Debian: apt-get install dataset-fashion-mnist).
+existing file; a failed download leaves no folder behind. Several processes may
+download one data set into one folder at once: one fetches, the others wait and
+find it ready. NAME may be spelled as data.name accepts it (CIFAR10, Fashion-MNIST).
+Without --root, training finds what is downloaded here by itself. Fashion-MNIST
+is also found in /usr/share/datasets/fashion-mnist (Debian: apt-get install
+dataset-fashion-mnist).
 ImageNet cannot be downloaded.
 """
 
