@@ -5,11 +5,13 @@ so build isolation needs nothing big). They are optional: if a build fails,
 reste falls back to pure PyTorch code paths and says so once.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 COMMON_FLAGS = ["-O3", "-std=gnu11"]
 # -ffast-math lets gcc vectorise log2f/exp2f with glibc's libmvec. Compile flag only: linking
@@ -54,4 +56,20 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: could not build {ext.name} ({err}); reste will use its pure PyTorch path.", file=sys.stderr)
 
 
-setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": OptionalBuildExt})
+class BuildPyWithConfigs(build_py):
+    """Ship the paper's configs/ inside the package (reste/configs): an installed reste then finds
+    `reste train cifar10/resnet20_1w1a` by name (reste.train.config.find_config)."""
+
+    def run(self):
+        super().run()
+        source = Path("configs")
+        if not source.is_dir():
+            return
+        target = Path(self.build_lib) / "reste" / "configs"
+        for path in sorted(source.rglob("*.yaml")):
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+
+
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithConfigs})

@@ -422,3 +422,27 @@ def test_a_gpu_index_this_machine_lacks_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'foo'"):
         D.resolve_device("foo", key="device")
     assert D.resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_the_papers_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    # an installed reste has no configs/ beside the user's folder: the bundled ones are found by name
+    monkeypatch.chdir(tmp_path)
+    by_path = C.load_config("configs/cifar10/resnet20_1w1a.yaml")
+    assert by_path.name == "cifar10-resnet20-1w1a-reste"
+    assert C.load_config("cifar10/resnet20_1w1a") == C.load_config("cifar10/resnet20_1w1a.yaml") == by_path
+    assert C.load_config("cifar10/seed_table2/fixed_o1").estimator.schedule == "fixed"  # its base: resolved too
+    with pytest.raises(C.ConfigError, match=r"Did you mean 'cifar10/resnet20_1w1a'\?"):
+        C.load_config("cifar10/resnet20_1w1")
+    # a file of the user's own wins over a bundled one of the same name
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "resnet20_1w1a.yaml").write_text("name: mine\n")
+    assert C.load_config("cifar10/resnet20_1w1a.yaml").name == "mine"
+
+
+def test_an_empty_data_root_is_refused_naming_the_key():
+    # an empty string would otherwise read (and download into) the current folder; data.root= is null
+    with pytest.raises(C.ConfigError, match="data.root is empty"):
+        C.load_config(None, ['data.root=""'])
+    with pytest.raises(C.ConfigError, match="data.root is empty"):
+        C.load_config({"data": {"root": "  "}})
+    assert C.load_config(None, ["data.root="]).data.root is None

@@ -1492,3 +1492,13 @@ def test_output_buffers_are_reused_only_when_nothing_refers_to_them():
         assert not packed_mod._pool.buffers and torch.equal(b, layer.reference_forward(x))
     finally:
         packed_mod.set_output_pool(previous)
+
+
+def test_bench_infer_writes_beside_the_measured_files_only_in_a_clone(tmp_path, monkeypatch):
+    # an installed reste run from any folder must not create benchmarks/results/ there
+    from reste.deploy.bench import default_results_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert default_results_folder() == "."
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert default_results_folder() == "benchmarks/results"

@@ -767,7 +767,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     )
     monkeypatch.undo()
     assert code == 1
-    assert_one_clear_error(err, "No space left on device", "the files written before it are intact")
+    assert_one_clear_error(err, "No space left on device", "files written before it are intact")
     run = tmp_path / "full"
     assert ckpt.load_checkpoint(checkpoint_path(run))["epoch"] == 1 and temp_files(run) == []
     assert T.train(resume=run, progress=False)["epochs"] == 2  # and it resumes once there is space

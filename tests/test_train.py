@@ -151,6 +151,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     on_disk = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert on_disk["data_source"] == str(FASHION)  # the folder actually read (no data.root: the system copy)
+    assert on_disk["estimator_kernels"].startswith("c (compiled C kernels")
     best = max(rows, key=lambda r: r["test_top1"])
     assert on_disk["final_top1"] == rows[-1]["test_top1"] == summary["final_top1"]
     assert on_disk["best_top1"] == best["test_top1"] and on_disk["best_epoch"] == best["epoch"]
@@ -179,6 +180,31 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     assert result["top1"] == pytest.approx(rows[-1]["test_top1"]) and result["loss"] == pytest.approx(
         rows[-1]["test_loss"], rel=1e-5
     )
+
+
+def test_a_run_on_the_pytorch_formulas_says_so_and_records_paths_absolute(tmp_path, capsys, monkeypatch):
+    # without the compiled kernels (no C compiler at install time: pip hides the build's warning)
+    # training runs at half speed; the run says so and records it. A relative data.root is
+    # recorded absolute, so the run is evaluated and exported from any folder.
+    import reste.ops
+
+    real = reste.ops.kernel_info
+
+    def without_kernels(device="cpu"):
+        info = real(device)
+        return {**info, "path": "torch", "why": "PyTorch formulas (not built (test))"}
+
+    monkeypatch.setattr(reste.ops, "kernel_info", without_kernels)
+    (tmp_path / "data").symlink_to(FASHION, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    overrides = tiny(tmp_path, "slow", data={"root": "data"})
+    overrides["train"]["epochs"] = 1
+    summary = T.train(progress=False, summary=True, **overrides)
+    out = capsys.readouterr().out
+    assert "estimator kernels: PyTorch formulas (not built (test)); the compiled kernels train about twice" in out
+    assert summary["estimator_kernels"] == "torch (PyTorch formulas (not built (test)))"
+    recorded = load_config(tmp_path / "slow" / "config.yaml").data.root
+    assert recorded == str(tmp_path / "data") and Path(summary["data_source"]).is_absolute()
 
 
 # ----------------------------------------------------------------------------- resume

@@ -81,7 +81,10 @@ class Extension:
                 # torch is imported first (above), so an extension linking libgomp shares torch's copy
                 self._built = importlib.import_module(self.module_name, __package__)
             except ImportError as err:
-                self._build_error = f"not built ({err}); reinstall with a C compiler: pip install -e ."
+                self._build_error = (
+                    f"not built ({err}); install a C compiler (gcc) and reinstall: `pip install -e .` in a clone "
+                    "of reste, else `pip install --force-reinstall --no-deps --no-binary reste reste`"
+                )
         return self._built
 
     def available(self) -> ModuleType | None:

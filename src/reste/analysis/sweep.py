@@ -216,8 +216,16 @@ class Sweep:
     def __post_init__(self) -> None:
         if self.jobs < 1:
             raise SweepError(f"--jobs must be >= 1, got {self.jobs}")
-        if self.config is not None and not Path(self.config).is_file():
-            raise SweepError(f"config file {self.config} does not exist")
+        if self.config is not None:  # a path, or a bundled config's name (cifar10/resnet20_1w1a)
+            from ..train.config import ConfigError, find_config
+
+            try:
+                found = find_config(self.config)
+            except ConfigError as err:
+                raise SweepError(str(err)) from None
+            if not found.is_file():
+                raise SweepError(f"config file {self.config} does not exist")
+            self.config = str(found.resolve())
         self.out = self.folder = Path(self.out)  # folder: the same, typed as a Path
         self.parsed = parse_grid(self.grid)
         if self.seeds is not None:

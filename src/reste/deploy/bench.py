@@ -346,6 +346,12 @@ def run_isas(isas: str = "auto", **kwargs) -> list[dict]:
     return [run(**kwargs)] if names is None else [run(isa=name, **kwargs) for name in names]
 
 
+def default_results_folder() -> str:
+    """``benchmarks/results`` where it exists (run from a clone of reste, beside the measured files),
+    else the current folder: an installed reste does not create a benchmarks tree wherever it runs."""
+    return "benchmarks/results" if Path("benchmarks/results").is_dir() else "."
+
+
 def default_json_path(result: dict, folder="benchmarks/results") -> Path:
     """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>_<date>.json``: the file names the CPU, the
     kernel path and, where ``ONEDNN_MAX_CPU_ISA`` capped the float side, that cap."""
@@ -419,7 +425,7 @@ def main(args) -> int:
         if args.json == "-":
             continue
         if args.json is None or args.json.endswith("/") or Path(args.json).is_dir():
-            path = default_json_path(result, args.json or "benchmarks/results")
+            path = default_json_path(result, args.json or default_results_folder())
         else:  # a file name; with several paths, each file gets its path's name added
             path = Path(args.json)
             if len(results) > 1:

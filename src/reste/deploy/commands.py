@@ -147,7 +147,8 @@ def add_bench_arguments(parser) -> None:
         default=None,
         metavar="FILE|DIR|-",
         help="where to write the results: a file, a folder (one file per path, named "
-        "infer_<cpu>_<isa>_t<threads>_<date>.json; default benchmarks/results), or - for none",
+        "infer_<cpu>_<isa>_t<threads>_<date>.json; default: benchmarks/results in a clone of reste, else the "
+        "current folder), or - for none",
     )
 
 
@@ -251,12 +252,12 @@ def _model_for_summary(args):
             _check_input(shape_only, given or default, f"{src.name} ({arch['name']})", default)
         return model, given or default
     if src.is_dir() or src.suffix in (".yaml", ".yml"):
-        from ..train.config import data_info, load_config
+        from ..train.config import ConfigError, data_info, find_config, load_config
         from ..train.rundir import CONFIG
 
-        cfg_path = src / CONFIG if src.is_dir() else src
+        cfg_path = src / CONFIG if src.is_dir() else find_config(src)  # a missing file: ConfigError, exit 2
         if not cfg_path.is_file():
-            raise ValueError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
+            raise ConfigError(f"{cfg_path} does not exist; give a run directory (with config.yaml) or a config file")
         cfg = load_config(str(cfg_path))
         meta = data_info(cfg)
         from ..models.build import check_model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import ReSTEError, UsageError
@@ -172,8 +173,12 @@ def run_train(args: argparse.Namespace) -> int:
     except ReSTEError:  # a config, checkpoint, data set, diverged run, interrupt...: reste.cli reports it
         raise
     except OSError as err:  # e.g. disk full or permission denied while writing the run directory
-        what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-        raise ReSTEError(f"{what}; the files written before it are intact (every write is atomic)") from None
+        where = os.path.abspath(err.filename) if isinstance(err.filename, str) else err.filename
+        what = f"cannot write {where}: {err.strerror}" if err.filename and err.strerror else str(err)
+        raise ReSTEError(
+            f"{what}; free space or give a writable folder with out.dir=DIR (files written before it are intact: "
+            "every write is atomic)"
+        ) from None
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -673,6 +673,39 @@ def read_yaml(path, *, allow_empty: bool = False) -> dict:
     return data
 
 
+def bundled_configs() -> Path | None:
+    """The folder of the paper's configs: ``reste/configs`` in an installed wheel (setup.py copies
+    ``configs/`` there), or ``configs/`` of the clone an editable install runs from."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "configs", package.parents[1] / "configs"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def find_config(path) -> Path:
+    """``path`` when it exists, else the bundled config it names (``configs/cifar10/resnet20_1w1a.yaml``,
+    ``cifar10/resnet20_1w1a.yaml`` or ``cifar10/resnet20_1w1a``), so the paper's configs work from any
+    folder and from an installed reste; ConfigError naming close bundled names otherwise."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    folder = bundled_configs()
+    if folder is None:
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    name = Path(*parts) if parts else given
+    for candidate in (folder / name, folder / name.with_name(name.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    hint = did_you_mean(name.with_suffix("").as_posix(), known)
+    raise ConfigError(
+        f"config file {given} does not exist, here or among reste's configs ({folder}); give the path of a YAML "
+        f"file, or a bundled name such as cifar10/resnet20_1w1a.{hint}"
+    )
+
+
 def read_config_file(path, _chain: tuple = ()) -> dict:
     """A config file's mapping with its ``base:`` chain resolved.
 
@@ -680,7 +713,7 @@ def read_config_file(path, _chain: tuple = ()) -> dict:
     file) loads that file first and lays this one's keys over it, section by section. So an
     experiment that differs from another in one setting says only that setting.
     """
-    path = Path(path).resolve()
+    path = (find_config(path) if not _chain else Path(path)).resolve()
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
         raise ConfigError(f"config files include each other in a loop: {cycle}; remove one 'base:'")
@@ -807,6 +840,10 @@ def validate(cfg: Config) -> Config:
     _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
 
     d = cfg.data
+    _check(
+        d.root is None or d.root.strip() != "",
+        "data.root is empty (an unset shell variable?); give a folder, or leave data.root out for the default places",
+    )
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _check(
         d.test_batch_size is None or d.test_batch_size >= 1,

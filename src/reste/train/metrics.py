@@ -3,6 +3,8 @@ run's summary (``summary.json``, the final lines on the terminal, what :func:`re
 
 from __future__ import annotations
 
+import os
+
 from .config import Config
 from .evaluation import _accuracy
 from .state import TrainState
@@ -48,6 +50,10 @@ def epoch_mean_o(sched, epoch: int) -> float | None:
     return sum(sched.schedule((first + k) / total) for k in range(sched.steps_per_epoch)) / sched.steps_per_epoch
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
 def run_summary(
     cfg: Config,
     state: TrainState,
@@ -58,6 +64,7 @@ def run_summary(
     steps_per_epoch: int,
     world_size: int,
     run_dir,
+    kernels: str = "",
 ) -> dict:
     """The summary of a run: final and best accuracy, time, scale and what was trained; ``complete``
     only when it has all ``train.epochs`` rows."""
@@ -82,7 +89,8 @@ def run_summary(
         "skipped_batches": state.skipped_total,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
-        "data_source": getattr(train_loader, "source", None),  # the folder actually read
+        "data_source": _absolute(getattr(train_loader, "source", None)),  # the folder actually read
+        "estimator_kernels": kernels or None,  # the estimators' code path (reste.ops.kernel_info)
         "precision": cfg.model.precision,
         "estimator": cfg.model.estimator,
         "o_end": cfg.estimator.o_end,

@@ -25,6 +25,7 @@ __all__ = [
     "create_teacher",
     "create_estimator_scheduler",
     "compile_mode",
+    "estimator_kernels",
     "wrap_model",
     "create_tracker",
 ]
@@ -142,6 +143,17 @@ def create_estimator_scheduler(model: nn.Module, cfg: Config, steps_per_epoch: i
     e = cfg.estimator
     schedule = o_schedule(e.schedule, o_end=e.o_end, p=e.p)
     return EstimatorScheduler(model, schedule, cfg.train.epochs, steps_per_epoch, per=e.per)
+
+
+def estimator_kernels(device: torch.device, compile_mode: str | None) -> str:
+    """The code path of the estimators' elementwise chains in this run, in words: ``c (...)``,
+    ``triton (...)``, ``torch.compile (traced formulas)`` or ``torch (PyTorch formulas (why))``."""
+    if compile_mode is not None:
+        return "torch.compile (the formulas, traced and fused)"
+    from ..ops import kernel_info
+
+    info = kernel_info(device)
+    return f"{info['path']} ({info['why']})"
 
 
 def compile_mode(setting: str | bool, device: torch.device) -> str | None:
