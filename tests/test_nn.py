@@ -365,3 +365,29 @@ def test_binary_conv_on_cuda_matches_cpu(scale):
     torch.testing.assert_close(out.detach().cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_epoch_flip_ratio_counts_flips_since_the_previous_epoch_end_whatever_was_sampled_between():
+    # the metrics row's flip ratio must not depend on analysis.every_steps (a neutral option)
+    from reste.nn.indicators import IndicatorTracker
+
+    model = nn.Sequential(BinaryLinear(50, 40), nn.ReLU(), BinaryLinear(40, 10))
+    tracker = IndicatorTracker(model, o_end=3.0)
+    assert tracker.measure(epoch_end=True)["epoch_flip_ratio"] is None  # nothing to compare with yet
+    first, second = model[0].weight, model[2].weight
+    with torch.no_grad():
+        first.view(-1)[:6] *= -1
+    assert "epoch_flip_ratio" not in tracker.measure()  # a step sample in between
+    with torch.no_grad():
+        first.view(-1)[:2] *= -1  # 2 of the 6 flip back: 4 differ from the epoch end
+        second.view(-1)[:3] *= -1
+    values = tracker.measure(epoch_end=True)
+    numel = first.numel() + second.numel()
+    assert values["flip_ratio"] == pytest.approx(5 / numel)  # since the step sample: 2 + 3
+    assert values["epoch_flip_ratio"] == pytest.approx(7 / numel)  # since the epoch end: 4 + 3
+    # a resumed tracker keeps both references
+    twin = IndicatorTracker(model, o_end=3.0)
+    twin.load_state_dict(tracker.state_dict())
+    with torch.no_grad():
+        second.view(-1)[:1] *= -1
+    assert twin.measure(epoch_end=True)["epoch_flip_ratio"] == pytest.approx(1 / numel)

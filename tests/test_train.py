@@ -207,6 +207,23 @@ def test_a_run_on_the_pytorch_formulas_says_so_and_records_paths_absolute(tmp_pa
     assert recorded == str(tmp_path / "data") and Path(summary["data_source"]).is_absolute()
 
 
+def test_the_metrics_rows_do_not_depend_on_analysis_every_steps(tmp_path, straight_run):
+    # every_steps only adds indicators.jsonl lines (a neutral option: report and --resume treat runs
+    # that differ in it as the same); the epoch rows, flip_ratio included, must be the same
+    straight, _ = straight_run
+    sampled = Path(T.train(progress=False, **tiny(tmp_path, "sampled", analysis={"every_steps": 3}))["run_dir"])
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    drop = ("images_per_s", "train_time", "epoch_time")
+    plain, with_steps = rows(straight), rows(sampled)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in plain] == [
+        {k: v for k, v in r.items() if k not in drop} for r in with_steps
+    ]
+    assert plain[1]["flip_ratio"] > 0 and len((sampled / "indicators.jsonl").read_text().splitlines()) == 2
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_from_an_epoch_boundary_gives_identical_weights(tmp_path, monkeypatch, straight_run):
     straight, _ = straight_run

@@ -16,7 +16,10 @@ For every layer with binary weights (:func:`reste.nn.binary_layers`):
 - **gradient instability** ``s = Var(|dL/dw|)``, the unbiased variance of the magnitude
   of the weight gradient (``None`` while a layer has no gradient);
 - **flip ratio**: the share of binary weights whose sign changed since the previous
-  :meth:`IndicatorTracker.measure` (``None`` at the first measurement).
+  :meth:`IndicatorTracker.measure` (``None`` at the first measurement); with
+  ``measure(epoch_end=True)`` also ``epoch_flip_ratio``, since the previous epoch-end
+  measurement, which the metrics row records: it does not depend on how often the steps
+  in between were sampled (``analysis.every_steps``).
 
 Model-level values sum ``e`` and ``s`` over the layers (as the reference does); the model
 flip ratio is flipped weights over all binary weights. ``sign`` here is this project's
@@ -122,6 +125,7 @@ class IndicatorTracker:
         self.o_end = float(o_end)
         self.layers: list[tuple[str, BinaryLayer]] = [(_clean_name(n), m) for n, m in binary_layers(model)]
         self._previous_signs: list[Tensor] | None = None
+        self._epoch_signs: list[Tensor] | None = None  # those of the last measure(epoch_end=True)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -129,18 +133,26 @@ class IndicatorTracker:
     def state_dict(self) -> dict:
         """The signs flip_ratio compares against (bool tensors on the CPU, weights_only-safe),
         so that a resumed run measures the same flips as an uninterrupted one."""
-        return {"previous_signs": None if self._previous_signs is None else [s.cpu() for s in self._previous_signs]}
+
+        def cpu(signs):
+            return None if signs is None else [s.cpu() for s in signs]
+
+        return {"previous_signs": cpu(self._previous_signs), "epoch_signs": cpu(self._epoch_signs)}
 
     def load_state_dict(self, state: dict) -> None:
-        signs = state.get("previous_signs")
-        self._previous_signs = (
-            None if signs is None else [s.to(layer.weight.device) for s, (_, layer) in zip(signs, self.layers)]
-        )
+        def here(signs):
+            return None if signs is None else [s.to(layer.weight.device) for s, (_, layer) in zip(signs, self.layers)]
 
-    def measure(self) -> dict:
+        self._previous_signs = here(state.get("previous_signs"))
+        # a checkpoint from before epoch_signs: its last measurement was the epoch's end unless
+        # analysis.every_steps sampled steps after it
+        self._epoch_signs = here(state.get("epoch_signs", state.get("previous_signs")))
+
+    def measure(self, epoch_end: bool = False) -> dict:
         """The indicators now, summed over layers, with per-layer values under ``"layers"``.
 
-        Returns ``{"est_error", "est_error_end", "grad_instability", "flip_ratio", "layers"}``;
+        Returns ``{"est_error", "est_error_end", "grad_instability", "flip_ratio", "layers"}``, and
+        with ``epoch_end`` also ``"epoch_flip_ratio"`` (flips since the previous ``epoch_end`` call);
         ``layers`` maps each binary layer's name to ``{"o", "est_error", "est_error_end",
         "grad_instability", "flip_ratio", "flips", "numel"}``. Missing values are None.
         """
@@ -150,6 +162,7 @@ class IndicatorTracker:
                 "est_error_end": None,
                 "grad_instability": None,
                 "flip_ratio": None,
+                **({"epoch_flip_ratio": None} if epoch_end else {}),
                 "layers": {},
             }
         nan = float("nan")
@@ -175,12 +188,18 @@ class IndicatorTracker:
                     flips = (positive != self._previous_signs[len(signs) - 1]).sum().float()
                 else:
                     flips = torch.full((), nan, device=dev)
-                rows.append(torch.stack([o_f, e_cur, e_end, s.to(dev), flips]))
+                if epoch_end and self._epoch_signs is not None:
+                    epoch_flips = (positive != self._epoch_signs[len(signs) - 1]).sum().float()
+                else:
+                    epoch_flips = torch.full((), nan, device=dev)
+                rows.append(torch.stack([o_f, e_cur, e_end, s.to(dev), flips, epoch_flips]))
             values = torch.stack([r.to(rows[0].device) for r in rows]).cpu().tolist()  # the only host sync
         self._previous_signs = signs
+        if epoch_end:
+            self._epoch_signs = signs
 
         layers = {}
-        for (name, layer), (o, e_cur, e_end, s, flips) in zip(self.layers, values):
+        for (name, layer), (o, e_cur, e_end, s, flips, _) in zip(self.layers, values):
             numel = layer.weight.numel()
             layers[name] = {
                 "o": _none_if_nan(o),
@@ -198,13 +217,18 @@ class IndicatorTracker:
             return None if any(v is None for v in vals) else float(sum(vals))
 
         flip_counts = [row["flips"] for row in per_layer]
-        return {
+        numel = sum(row["numel"] for row in per_layer)
+        result: dict = {
             "est_error": total("est_error"),
             "est_error_end": total("est_error_end"),
             "grad_instability": total("grad_instability"),
-            "flip_ratio": None if flip_counts[0] is None else sum(flip_counts) / sum(row["numel"] for row in per_layer),
+            "flip_ratio": None if flip_counts[0] is None else sum(flip_counts) / numel,
             "layers": layers,
         }
+        if epoch_end:
+            since_epoch = [row[5] for row in values]
+            result["epoch_flip_ratio"] = None if math.isnan(since_epoch[0]) else sum(since_epoch) / numel
+        return result
 
     def snapshot(self, path: str | os.PathLike) -> Path:
         """Write histograms of the fitting error and of the weight gradients, per layer, to ``path`` (.npz).

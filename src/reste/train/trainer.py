@@ -506,16 +506,25 @@ class Trainer:
         last_step = step == self.steps_per_epoch - 1
         if self.tracker is None or not (sampled or last_step):
             return None
-        values = self.tracker.measure()
+        values = self.tracker.measure(epoch_end=last_step)
         if sampled:
+            step_values = {k: v for k, v in values.items() if k != "epoch_flip_ratio"}
             self.writer.append_indicators(
-                {"epoch": epoch + 1, "step": step + 1, "global_step": global_step, "o": self.est_scheduler.o, **values}
+                {
+                    "epoch": epoch + 1,
+                    "step": step + 1,
+                    "global_step": global_step,
+                    "o": self.est_scheduler.o,
+                    **step_values,
+                }
             )
         if not last_step:
             return None
         if (epoch + 1) in self.cfg.analysis.histograms_at or epoch + 1 == self.cfg.train.epochs:
             self.tracker.snapshot(self.run_dir / HISTOGRAMS / f"epoch{epoch + 1:04d}.npz")
-        return {k: v for k, v in values.items() if k != "layers"}
+        # the row's flip ratio: since the previous epoch's end, whatever analysis.every_steps sampled between
+        row = {k: v for k, v in values.items() if k not in ("layers", "epoch_flip_ratio")}
+        return {**row, "flip_ratio": values["epoch_flip_ratio"]}
 
     def _after_step(self, epoch: int, step: int, sums: torch.Tensor, epoch_start: float, lr: float) -> None:
         """After ``step`` steps of ``epoch`` (the last one used ``lr``): the bar, the :data:`StepHook`,
