@@ -609,8 +609,9 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     eq = row("## Equilibrium", "2")
     assert "3.5 ± 0.71" in eq  # seeds 0, 1: 3.0 and 4.0
     assert "0.6 ± 0" in eq  # 0.2 * (1 + 2) = 0.6 for both seeds
-    # o_end = 3 has the best mean (73.5); o_end = 2 (72, 73) against it: (1, 1), all seeds equal
-    assert "o_end = 3 (best mean) minus it" in text and "+1.00 (all seeds equal, 2 seeds, p < 0.05)" in eq
+    # o_end = 3 has the best mean (73.5); o_end = 2 (72, 73) against it: (1, 1), the same difference on
+    # both seeds: t is undefined, and two equal differences are no evidence of p < 0.05
+    assert "o_end = 3 (best mean) minus it" in text and "+1.00 (the same on each of 2 seeds) |" in eq
     assert "seeds" not in row("## Equilibrium", "3").split("|")[-2]
     assert "paper (reported" in text
     names = sorted(p.name for p in report.figures)
@@ -646,7 +647,9 @@ def test_paired_difference_and_t_against_numpy(tmp_path):
             ]
         ),
     )
-    assert same is not None and same.t is None and same.significant and "all seeds equal" in str(same)
+    # every difference is +3.00: sd = 0, t undefined; no significance is claimed (it was "all seeds equal, p < 0.05")
+    assert same is not None and same.t is None and not same.significant
+    assert str(same) == "+3.00 (the same on each of 5 seeds)"
     assert paired(a, Cell([load_run(b_runs[0])])) is None  # one shared seed: no statistic
 
 

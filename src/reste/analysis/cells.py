@@ -34,7 +34,11 @@ def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
 @dataclass(frozen=True)
 class Paired:
     """``a - b`` over the seeds two cells share: the mean difference, its paired t statistic
-    ``mean / (sd / sqrt(n))`` (None when every difference is the same) and the seed count ``n``."""
+    ``mean / (sd / sqrt(n))`` and the seed count ``n``.
+
+    ``t`` is None when every per-seed difference is the same (sd = 0): the t statistic is then
+    undefined, and no significance is claimed from it (two seeds can agree by chance, and
+    accuracies on a small test set move in steps, so equal differences are common)."""
 
     mean: float
     t: float | None
@@ -42,15 +46,16 @@ class Paired:
 
     @property
     def significant(self) -> bool:
-        """|t| above the two-sided 5% critical value for ``n - 1`` degrees of freedom."""
+        """|t| above the two-sided 5% critical value for ``n - 1`` degrees of freedom; False when t is undefined."""
         if self.t is None:
-            return self.mean != 0.0
+            return False
         critical = T_CRITICAL_95[self.n - 2] if self.n - 1 <= len(T_CRITICAL_95) else 2.0
         return abs(self.t) > critical
 
     def __str__(self) -> str:
-        t = "all seeds equal" if self.t is None else f"t = {self.t:.2f}"
-        return f"{self.mean:+.2f} ({t}, {self.n} seeds{', p < 0.05' if self.significant else ''})"
+        if self.t is None:
+            return f"{self.mean:+.2f} (the same on each of {self.n} seeds)"
+        return f"{self.mean:+.2f} (t = {self.t:.2f}, {self.n} seeds{', p < 0.05' if self.significant else ''})"
 
 
 def paired(a: Cell, b: Cell, key: str = "final_top1") -> Paired | None:
