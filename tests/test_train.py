@@ -404,7 +404,16 @@ def test_a_resumed_run_records_its_absolute_run_directory(straight_run, tmp_path
     assert f"run directory: {run}\n" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["run_dir"] == str(run) and summary["epochs"] == 3
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3  # an extension is written
+    train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert train["epochs"] == 3  # an extension is written
+    # and marked: its schedules stretched at epoch 2, so `reste report` does not pool it with runs
+    # planned for 3 epochs, and a sweep does not take it for one
+    assert train["extended_from"] == [2]
+    from reste.analysis.runs import neutral
+
+    assert not neutral("train.extended_from")
+    assert T.resume_config(run, ["train.epochs=3"]).train.extended_from == [2]  # resumed again: once
+    assert T.resume_config(run, ["train.epochs=4"]).train.extended_from == [2, 3]
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -234,6 +234,11 @@ class TrainConfig:
     )
     distill_temperature: float = _opt(1.0, "T: softmax temperature of teacher and student logits in the KL term")
     dist_timeout_s: int = _opt(600, "distributed: seconds a rank waits for the others before failing")
+    extended_from: list = _opt(
+        [],
+        "set by --resume train.epochs=N: the train.epochs the run had before (its lr and o schedules were "
+        "stretched mid-run, so reports keep it apart from runs planned that long)",
+    )
 
 
 @dataclass
@@ -952,6 +957,13 @@ def validate(cfg: Config) -> Config:
         f"train.dist_timeout_s must be 1 second to 7 days (604800), got {t.dist_timeout_s}",
     )
     _check(is_device_setting(t.device), f"train.device must be auto, cpu, cuda or cuda:N, got {_short(t.device)}")
+
+    for epochs in t.extended_from:
+        _check(
+            isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+            f"train.extended_from entries must be epoch counts >= 1 (--resume train.epochs=N writes them), got "
+            f"{_short(epochs)}",
+        )
 
     a = cfg.analysis
     _check(a.every_steps >= 0, f"analysis.every_steps must be >= 0 (0 = per epoch only), got {a.every_steps}")

@@ -97,7 +97,11 @@ def resume_config(run_dir, overrides=None) -> Config:
                     f"cannot change {key} when resuming (it would make the run inconsistent); start a new run instead. "
                     f"Options that may change on resume: {', '.join(RESUME_OVERRIDABLE)}"
                 )
+        planned = cfg.train.epochs
         cfg = load_config(cfg, nested, check=False)
+        if cfg.train.epochs != planned and not restart:
+            # the schedules stretch from here on: not the run a fresh start with these epochs would be
+            cfg.train.extended_from = [*cfg.train.extended_from, planned]
     return validate(cfg)
 
 
