@@ -704,6 +704,55 @@ def report_section(text, title):
     return "## " + text.split("## " + title, 1)[1].split("\n## ", 1)[0]
 
 
+def table_rows(section):
+    """The rows of a section's Markdown table as lists of stripped cells, the header first."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
+
+
+def test_estimator_comparison_pairs_within_a_precision_and_shows_paper_numbers_only_for_their_setting(tmp_path):
+    runs = tmp_path / "runs"
+    for name, top1s, extra in (
+        ("reste11", (74.0, 76.0), {}),
+        ("ste11", (70.0, 71.0), {"estimator": "ste"}),
+        ("reste132", (80.0, 83.0), {"precision": "1w32a"}),
+        ("dorefa132", (79.0, 79.5), {"precision": "1w32a", "kwargs": {"weight_estimator": "dorefa"}}),
+        ("fp", (85.0, 86.0), {"precision": "fp"}),  # model.estimator is still 'reste' in its config
+    ):
+        for seed, top1 in enumerate(top1s):
+            fixture_run(runs, f"{name}-{seed}", [50.0, top1], seed=seed, snapshot=False, **extra)
+    text = build_report([runs], tmp_path / "out", plots=False).markdown
+    section = report_section(text, "Estimator comparison")
+    # the heading names the precisions shown (was "1W/1A" above rows of three precisions)
+    assert "\n## Estimator comparison, W/A 1/1, 1/32 and 32/32\n" in text
+    header, *rows = table_rows(section)
+    by = {(r[0], r[header.index("W/A")]): r for r in rows}
+    assert sorted(by) == [("DoReFa", "1/32"), ("FP", "32/32"), ("ReSTE", "1/1"), ("ReSTE", "1/32"), ("ste", "1/1")]
+    paper = header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")
+    # only the 1W/1A rows are the paper's setting (was 86.75 beside FP, the 1W/32A ReSTE and DoReFa too)
+    assert {k: r[paper] for k, r in by.items()} == {
+        ("ReSTE", "1/1"): "86.75",
+        ("ste", "1/1"): "84.44",
+        ("ReSTE", "1/32"): "—",
+        ("DoReFa", "1/32"): "—",
+        ("FP", "32/32"): "—",
+    }
+    diff = header.index("ReSTE minus it, same seeds and W/A")
+    # 1/1: ReSTE (74, 76) minus STE (70, 71) = (4, 5): mean 4.5, t = 4.5 / (0.7071 / sqrt 2) = 9
+    assert by[("ste", "1/1")][diff] == "+4.50 (t = 9.00, 2 seeds)"
+    # 1/32: against ReSTE 1/32 (80, 83), not 1/1: (1, 3.5), mean 2.25, t = 2.25 / (1.7678 / sqrt 2) = 1.8
+    assert by[("DoReFa", "1/32")][diff] == "+2.25 (t = 1.80, 2 seeds)"
+    # no ReSTE at full precision: nothing to pair; ReSTE 1/32 is not "ReSTE minus ReSTE"
+    assert by[("FP", "32/32")][diff] == "—" and by[("ReSTE", "1/32")][diff] == "—"
+
+    # Tables 2 and 3 are the paper's 1W/1A ResNet-20 numbers too: a 1W/32A Table 3 gets none (was 86.80, ...)
+    ways = tmp_path / "ways"
+    for way in ("linear", "cosine"):
+        fixture_run(ways, way, [50.0, 60.0], schedule=way, precision="1w32a", snapshot=False)
+    header, *rows = table_rows(report_section(build_report([ways], tmp_path / "w", plots=False).markdown, "Table 3"))
+    assert [r[header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")] for r in rows] == ["—", "—"]
+
+
 def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_path):
     sweep = tmp_path / "sweep"
     for o_end in (1, 2, 3):

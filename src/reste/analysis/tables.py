@@ -153,6 +153,8 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         if "fixed" not in scheds or not progressive or len({c.o_end for c in family}) < 2:
             continue
         by = {(c.schedule, c.o_end): c for c in family}
+        # the paper's Table 2 is ReSTE on ResNet-20 at 1W/1A: other settings get no paper column values
+        paper = PAPER["table2"] if family[0].label == "ReSTE" and _reste_1w1a_resnet20(family[0]) else {}
         o_values = sorted({c.o_end for c in family}, key=_o_key)
         note = False
         header = ["o_end (progressive) / o (fixed)"]
@@ -182,7 +184,7 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
             first = by.get((progressive[0], o))
             difference = paired(first, fixed) if first is not None and fixed is not None and not mark else None
             row.append(str(difference) if difference is not None else "—")
-            row += [_paper(PAPER["table2"].get(("progressive", o))), _paper(PAPER["table2"].get(("fixed", o)))]
+            row += [_paper(paper.get(("progressive", o))), _paper(paper.get(("fixed", o)))]
             rows.append(row)
         text = (
             "## Table 2: fixed vs progressive o\n\n"
@@ -207,13 +209,16 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         if len(ways) < 2:
             continue
         ways.sort(key=lambda c: PROGRESSIVE_WAYS.index(c.schedule))
+        # the paper's Table 3 is ReSTE on ResNet-20 at 1W/1A with o_end = 3
+        exact = ways[0].label == "ReSTE" and _reste_1w1a_resnet20(ways[0]) and ways[0].o_end == 3.0
+        paper = PAPER["table3"] if exact else {}
         header = ["tuning way", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
         rows = [
             [
                 str(c.schedule),
                 _pm(c.summary_values("final_top1")),
                 _pm(c.summary_values("best_top1")),
-                _paper(PAPER["table3"].get(c.schedule)),
+                _paper(paper.get(c.schedule)),
             ]
             for c in ways
         ]
@@ -255,7 +260,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                     _pm(c.summary_values("best_top1")),
                     _pm(c.summary_values("final_top5")),
                     _pm(c.summary_values("best_top5")),
-                    PAPER["table1"].get(c.label, "—"),
+                    _paper(_paper_table1(c)),
                 ]
                 for c in family
             ]
@@ -265,18 +270,24 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             family = sorted(
                 family,
                 key=lambda c: (
+                    _precision_rank(c.get("model.precision")),
                     ESTIMATOR_ORDER.index(c.get("model.estimator"))
                     if c.get("model.estimator") in ESTIMATOR_ORDER
                     else len(ESTIMATOR_ORDER),
                     c.label,
                 ),
             )
-            reste = next((c for c in family if c.label == "ReSTE"), None)
+            # each row is paired with ReSTE at its own W/A: a precision gap is not an estimator gap
+            reste: dict[Any, Cell] = {}
+            for c in family:
+                if c.label == "ReSTE":
+                    reste.setdefault(c.get("model.precision"), c)
             header = [
                 "estimator",
+                "W/A",
                 "final top-1 (%)",
                 "best top-1 (%)",
-                "ReSTE minus it, same seeds",
+                "ReSTE minus it, same seeds and W/A",
                 "est. error e (mean over epochs, at o_end)",
                 "grad. instability s (sum over epochs)",
                 PAPER_SOURCE["estimators"],
@@ -284,19 +295,22 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             rows = [
                 [
                     c.label,
+                    _wa(c.get("model.precision")),
                     _pm(c.summary_values("final_top1")),
                     _pm(c.summary_values("best_top1")),
-                    _paired_text(reste, c),
+                    _paired_text(reste.get(c.get("model.precision")), c),
                     _sci_pm(c.aggregate_values("est_error_end_mean")),
                     _sci_pm(c.aggregate_values("grad_instability_sum")),
-                    _paper(PAPER["estimators"].get(c.get("model.estimator"))),
+                    _paper(_paper_estimator(c)),
                 ]
                 for c in family
             ]
-            title = "## Estimator comparison"
+            title = "## Estimator comparison, W/A " + _and(dict.fromkeys(_wa(c.get("model.precision")) for c in family))
             note = (
-                ". Mean ± std over seeds; ReSTE minus each estimator is final top-1, paired by seed (t: paired t "
-                "statistic; p < 0.05: two-sided).\n\n"
+                ". Mean ± std over seeds; ReSTE minus each estimator is final top-1, paired by seed with ReSTE at the "
+                "same W/A (rows of other W/A are not paired: a precision gap is not an estimator gap; t: paired t "
+                "statistic; p < 0.05: two-sided). The paper's numbers are for its setting only: 1W/1A, ResNet-20, "
+                "each estimator on weights and activations (ReSTE: cosine to o_end = 3).\n\n"
             )
         out.append(
             title
@@ -308,6 +322,43 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             + _table(header, rows)
         )
     return out
+
+
+def _and(items) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _precision_rank(precision) -> int:
+    """Row order of W/A in the estimator comparison: 1/1 (the paper's table), 1/32, FP, others."""
+    order = ("1w1a", "1w32a", "fp")
+    return order.index(precision) if precision in order else len(order)
+
+
+def _reste_1w1a_resnet20(cell: Cell) -> bool:
+    """Whether ``cell`` is the setting of seed Tables 2 and 3 and the estimator comparison: ResNet-20, 1W/1A,
+    the estimator on weights and activations (not FP, not DoReFa weights)."""
+    return cell.get("model.name") == "resnet20" and cell.get("model.precision") == "1w1a" and cell.label != "DoReFa"
+
+
+def _paper_estimator(cell: Cell) -> float | None:
+    """The paper's estimator-comparison number for exactly this row's setting, else None.
+
+    The paper reports each estimator at 1W/1A on ResNet-20 (ReSTE cosine to o_end = 3); an FP row (whose
+    ``model.estimator`` is still set), a 1W/32A row or DoReFa weights are other settings."""
+    if not _reste_1w1a_resnet20(cell):
+        return None
+    estimator = cell.get("model.estimator")
+    if estimator == "reste" and (cell.schedule != "cosine" or cell.o_end != 3.0):
+        return None
+    return PAPER["estimators"].get(estimator)
+
+
+def _paper_table1(cell: Cell) -> str | None:
+    """Seed Table 1's number for this ViT row: FP at full precision, DoReFa and ReSTE at 1W/32A only."""
+    precision = {"FP": "fp", "DoReFa": "1w32a", "ReSTE": "1w32a"}.get(cell.label)
+    return PAPER["table1"].get(cell.label) if precision == cell.get("model.precision") else None
 
 
 def _o_key(o_end: float | None) -> tuple[bool, float]:
