@@ -778,11 +778,21 @@ def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_
     table2 = report_section(text, "Table 2")
     assert "Scale (differs between the runs below): " in table2
     assert "1,000 training images, 200 test images" in table2 and "512 training images, 102 test images" in table2
-    # "seeds" holds the seed ids in every table that has the column
-    for title in ("Results", "Equilibrium"):
-        header, _, *rows = [line for line in report_section(text, title).splitlines() if line.startswith("|")]
-        column = [c.strip() for c in header.strip("|").split("|")].index("seeds")
-        assert "0,1" in [[c.strip() for c in row.strip("|").split("|")][column] for row in rows], title
+    # "seeds" holds the seed ids in every table (Tables 2 and 3 and the estimator comparison had no such
+    # column: cosine over seeds 0,1 was compared with linear over seed 0 invisibly)
+    seeds = {}
+    for title in ("Results", "Equilibrium", "Table 2", "Table 3", "Estimator comparison"):
+        header, *rows = table_rows(report_section(text, title))
+        seeds[title] = {" ".join(row[:6]): row[header.index("seeds")] for row in rows}
+    assert {k.split()[0]: v for k, v in seeds["Table 3"].items()} == {"linear": "0", "cosine": "0,1"}
+    assert {k.split()[0]: v for k, v in seeds["Estimator comparison"].items()} == {"ste": "0", "ReSTE": "0,1"}
+    # a row of unequal seeds names each cell's
+    assert {k.split()[0]: v for k, v in seeds["Table 2"].items()} == {
+        "1": "0,1",
+        "2": "0,1",
+        "3": "cosine 0,1; fixed 0",
+    }
+    assert set(seeds["Equilibrium"].values()) == {"0,1"} and "0,1" in seeds["Results"].values()
 
 
 def test_report_prints_booleans_as_yes_and_no(tmp_path):

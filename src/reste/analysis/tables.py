@@ -124,7 +124,7 @@ def _results_section(cells: Sequence[Cell]) -> str:
                 _num(c.o_end) if c.label == "ReSTE" else "—",
                 *[_num(c.get(k)) for k in varying],
                 _num(c.epochs),
-                ",".join(map(str, c.seeds)),
+                _seeds(c),
                 _pm(c.summary_values("final_top1")),
                 _pm(c.summary_values("best_top1")),
                 " / ".join(f"{v:.2f}" for v in c.summary_values("final_top1")),
@@ -157,14 +157,14 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         paper = PAPER["table2"] if family[0].label == "ReSTE" and _reste_1w1a_resnet20(family[0]) else {}
         o_values = sorted({c.o_end for c in family}, key=_o_key)
         note = False
-        header = ["o_end (progressive) / o (fixed)"]
+        header = ["o_end (progressive) / o (fixed)", "seeds"]
         for way in progressive:
             header += [f"progressive ({way}) final", f"progressive ({way}) best"]
         header += ["fixed final", "fixed best", f"progressive ({progressive[0]}) minus fixed, same seeds"]
         header += [f"{PAPER_SOURCE['table2']}: progressive", "paper: fixed"]
         rows = []
         for o in o_values:
-            row = [_num(o)]
+            row = [_num(o), _row_seeds([(way, by.get((way, o))) for way in (*progressive, "fixed")])]
             for way in progressive:
                 c = by.get((way, o))
                 row += [
@@ -212,10 +212,11 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         # the paper's Table 3 is ReSTE on ResNet-20 at 1W/1A with o_end = 3
         exact = ways[0].label == "ReSTE" and _reste_1w1a_resnet20(ways[0]) and ways[0].o_end == 3.0
         paper = PAPER["table3"] if exact else {}
-        header = ["tuning way", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
+        header = ["tuning way", "seeds", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
         rows = [
             [
                 str(c.schedule),
+                _seeds(c),
                 _pm(c.summary_values("final_top1")),
                 _pm(c.summary_values("best_top1")),
                 _paper(paper.get(c.schedule)),
@@ -246,6 +247,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             header = [
                 "estimator",
                 "W/A",
+                "seeds",
                 "final top-1 (%)",
                 "best top-1 (%)",
                 "final top-5 (%)",
@@ -256,6 +258,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 [
                     c.label,
                     _wa(c.get("model.precision")),
+                    _seeds(c),
                     _pm(c.summary_values("final_top1")),
                     _pm(c.summary_values("best_top1")),
                     _pm(c.summary_values("final_top5")),
@@ -285,6 +288,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             header = [
                 "estimator",
                 "W/A",
+                "seeds",
                 "final top-1 (%)",
                 "best top-1 (%)",
                 "ReSTE minus it, same seeds and W/A",
@@ -296,6 +300,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 [
                     c.label,
                     _wa(c.get("model.precision")),
+                    _seeds(c),
                     _pm(c.summary_values("final_top1")),
                     _pm(c.summary_values("best_top1")),
                     _paired_text(reste.get(c.get("model.precision")), c),
@@ -322,6 +327,20 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             + _table(header, rows)
         )
     return out
+
+
+def _seeds(cell: Cell) -> str:
+    """The seed ids of a cell, as the ``seeds`` column shows them."""
+    return ",".join(map(str, cell.seeds))
+
+
+def _row_seeds(cells: Sequence[tuple[str, Cell | None]]) -> str:
+    """The seeds of a row holding several cells (Table 2): one list when they ran the same seeds, else
+    each cell's, named, so a comparison over unequal seeds is visible."""
+    present = [(name, c) for name, c in cells if c is not None]
+    if len({tuple(sorted(map(str, c.seeds))) for _, c in present}) <= 1:
+        return _seeds(present[0][1]) if present else "—"
+    return "; ".join(f"{name} {_seeds(c)}" for name, c in present)
 
 
 def _and(items) -> str:
@@ -400,7 +419,7 @@ def _o_end_section(family: list[Cell]) -> str:
     rows = [
         [
             _num(c.o_end),
-            ",".join(map(str, c.seeds)),
+            _seeds(c),
             _sci_pm(c.aggregate_values("est_error_end_mean")),
             _sci_pm(c.aggregate_values("est_error_mean")),
             _sci_pm(c.aggregate_values("grad_instability_sum")),
