@@ -753,6 +753,27 @@ def test_estimator_comparison_pairs_within_a_precision_and_shows_paper_numbers_o
     assert [r[header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")] for r in rows] == ["—", "—"]
 
 
+def test_tables_of_one_kind_name_the_settings_that_tell_them_apart(tmp_path):
+    sweep = tmp_path / "sweep"
+    for lr, top1 in ((0.002, 60.0), (0.01, 70.0)):  # the QA case: o_end swept at two learning rates
+        for o_end in (1, 2, 3):
+            run = fixture_run(sweep, f"o{o_end}-lr{lr}", [50.0, top1 + o_end], o_end=float(o_end), snapshot=False)
+            _edit_run(run, config={"optim": {"lr": lr}})
+    text = build_report([sweep], tmp_path / "out", plots=False).markdown
+    headings = [line for line in text.splitlines() if line.startswith("## Equilibrium")]
+    # were two identical headings over identical context lines
+    assert headings == [
+        "## Equilibrium: indicators and accuracy against o_end (seed Figure 1) — optim.lr=0.002",
+        "## Equilibrium: indicators and accuracy against o_end (seed Figure 1) — optim.lr=0.01",
+    ]
+    first, second = text.split(headings[0], 1)[1].split(headings[1])
+    assert "o schedule cosine, optim.lr=0.002. " in first and "| 63.00 |" in first
+    assert "o schedule cosine, optim.lr=0.01. " in second and "| 73.00 |" in second
+    # one table of its kind: nothing to tell apart, no suffix
+    alone = build_report([sweep / "o1-lr0.01", sweep / "o2-lr0.01", sweep / "o3-lr0.01"], tmp_path / "one", plots=False)
+    assert "## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n" in alone.markdown
+
+
 def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_path):
     sweep = tmp_path / "sweep"
     for o_end in (1, 2, 3):

@@ -191,14 +191,26 @@ def _differing_keys(cells: Sequence[Cell]) -> set[str]:
     return {k for k in keys if len({f.get(k) for f in flats}) > 1}
 
 
+def _is_free(key: str, free: Sequence[str]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in free)
+
+
 def _families(cells: Sequence[Cell], free: Sequence[str]) -> list[list[Cell]]:
     """Cells grouped by every setting except the ``free`` keys (and keys under them)."""
 
     def is_free(key):
-        return any(key == f or key.startswith(f + ".") for f in free)
+        return _is_free(key, free)
 
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         context = tuple((k, v) for k, v in cell.first.setting if not is_free(k))
         groups.setdefault(context, []).append(cell)
     return [g for g in groups.values() if len(g) >= 2]
+
+
+def _separating(families: Sequence[Sequence[Cell]], free: Sequence[str]) -> list[list[tuple[str, object]]]:
+    """For each family, the ``(key, value)`` of the settings that tell it from the other families of the
+    same table kind (an ``optim.lr`` swept beside ``o_end``): without them two tables read the same."""
+    shared = [{k: v for k, v in family[0].first.setting if not _is_free(k, free)} for family in families]
+    keys = sorted({k for s in shared for k in s if len({t.get(k) for t in shared}) > 1})
+    return [[(k, family[0].get(k)) for k in keys] for family in families]

@@ -34,7 +34,7 @@ def _pyplot():
     return plt
 
 
-def _figure1(plt, family: list[Cell], path: Path) -> Path:
+def _figure1(plt, family: list[Cell], path: Path, separating: Sequence[tuple[str, object]] = ()) -> Path:
     x = [c.o_end for c in family]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     panels = [
@@ -69,7 +69,7 @@ def _figure1(plt, family: list[Cell], path: Path) -> Path:
     ax.legend()
     fig.suptitle(
         textwrap.fill(
-            _context_line(family[0], ["estimator.o_end"], scale=True)
+            _context_line(family[0], ["estimator.o_end"], scale=True, separating=separating)
             + f"; mean ± std over {min(len(c.runs) for c in family)}+ seeds",
             140,
         ),
@@ -91,7 +91,7 @@ def _mean_or_nan(values) -> float:
     return float("nan") if mean is None else mean
 
 
-def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
+def _figure2(plt, family: list[Cell], path: Path, separating: Sequence[tuple[str, object]] = ()) -> Path | None:
     curves = []
     for cell in family:
         pooled = None  # counts summed over layers and seeds; snapshots pool only when their bins agree
@@ -146,7 +146,8 @@ def _figure2(plt, family: list[Cell], path: Path) -> Path | None:
     left.legend(fontsize=8)
     fig.suptitle(
         textwrap.fill(
-            "last snapshot of each run, all seeds pooled; " + _context_line(family[0], ["estimator.o_end"], scale=True),
+            "last snapshot of each run, all seeds pooled; "
+            + _context_line(family[0], ["estimator.o_end"], scale=True, separating=separating),
             120,
         ),
         fontsize=9,

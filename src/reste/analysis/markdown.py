@@ -69,8 +69,17 @@ def _paper(x) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def _context_line(cell: Cell, free: Sequence[str], scale: bool = False) -> str:
-    """The settings shared by a table's cells (with ``scale``: data, images and epochs too, for figure titles)."""
+def _separation(separating: Sequence[tuple[str, object]]) -> str:
+    """``key=value, ...`` of the settings that tell a table from the others of its kind (empty when alone)."""
+    return ", ".join(f"{k}={'(unset)' if v is None else _num(v)}" for k, v in separating)
+
+
+def _context_line(
+    cell: Cell, free: Sequence[str], scale: bool = False, separating: Sequence[tuple[str, object]] = ()
+) -> str:
+    """The settings shared by a table's cells (with ``scale``: data, images and epochs too, for figure titles),
+    then ``separating``: the settings, as ``key=value``, that tell this table from others of its kind."""
+    shown = ("data.name", "model.name", "model.precision", "model.estimator", "estimator.schedule", "estimator.o_end")
     parts = [f"data {cell.get('data.name', '?')}", f"model {cell.get('model.name', '?')}"]
     if "model.precision" not in free:
         parts.append(f"W/A {_wa(cell.get('model.precision'))}")
@@ -83,4 +92,5 @@ def _context_line(cell: Cell, free: Sequence[str], scale: bool = False) -> str:
     if scale:
         _, _, train, test, epochs = cell.scale
         parts += [f"{_count(train)} training / {_count(test)} test images", _epochs(epochs)]
+    parts += [_separation([(k, v)]) for k, v in separating if k not in shown]
     return ", ".join(parts)

@@ -64,6 +64,7 @@ from .markdown import (
     _pm,
     _scale_line,
     _sci_pm,
+    _separation,
     _table,  # noqa: F401
     _wa,
 )
@@ -87,6 +88,7 @@ from .tables import (
     _estimator_sections,
     _o_end_families,
     _o_end_section,
+    _o_end_separating,
     _results_section,
     _table2_sections,
     _table3_sections,
@@ -221,20 +223,25 @@ def build_report(
     sections += _table2_sections(cells)
     sections += _table3_sections(cells)
     sections += _estimator_sections(cells)
-    for i, family in enumerate(_o_end_families(cells)):
-        sections.append(_o_end_section(family))
+    o_end_families = _o_end_families(cells)
+    for i, (family, separating) in enumerate(zip(o_end_families, _o_end_separating(o_end_families))):
+        sections.append(_o_end_section(family, separating))
         if plt is not None:
             suffix = "" if i == 0 else f"_{i + 1}"
+            # several o_end sweeps (one per optim.lr, say): each figure's title names its own
+            told = f" — {_separation(separating)}" if separating else ""
             figures.append(
                 (
-                    "Figure 1: indicators and accuracy against o_end",
-                    _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png"),
+                    "Figure 1: indicators and accuracy against o_end" + told,
+                    _figure1(plt, family, fig_dir / f"figure1_o_end{suffix}.png", separating),
                     "",
                 )
             )
-            fig2 = _figure2(plt, family, fig_dir / f"figure2_distributions{suffix}.png")
+            fig2 = _figure2(plt, family, fig_dir / f"figure2_distributions{suffix}.png", separating)
             if fig2 is not None:
-                figures.append(("Figure 2: distributions of the fitting error and the gradients per o_end", fig2, ""))
+                figures.append(
+                    ("Figure 2: distributions of the fitting error and the gradients per o_end" + told, fig2, "")
+                )
     ways = _figure3_ways(cells)
     if plt is not None and len(ways) >= 2:
         figures.append(

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .cells import Cell, _differing_keys, _families, _stats, paired
-from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _table, _wa
+from .cells import Cell, _differing_keys, _families, _separating, _stats, paired
+from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _separation, _table, _wa
 
 __all__ = ["PAPER", "PAPER_SOURCE"]
 
@@ -139,9 +139,12 @@ def _results_section(cells: Sequence[Cell]) -> str:
     )
 
 
+TABLE2_FREE = ("estimator.schedule", "estimator.o_end")
+
+
 def _table2_sections(cells: Sequence[Cell]) -> list[str]:
-    out = []
-    for family in _families(cells, ["estimator.schedule", "estimator.o_end"]):
+    drawn = []
+    for family in _families(cells, TABLE2_FREE):
         scheds = {c.schedule for c in family}
         # ways tried at a single o_end belong to Table 3, not here
         progressive = sorted(
@@ -152,6 +155,9 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         family = [c for c in family if c.schedule == "fixed" or c.schedule in progressive]
         if "fixed" not in scheds or not progressive or len({c.o_end for c in family}) < 2:
             continue
+        drawn.append((family, progressive))
+    out = []
+    for (family, progressive), separating in zip(drawn, _separating([f for f, _ in drawn], TABLE2_FREE)):
         by = {(c.schedule, c.o_end): c for c in family}
         # the paper's Table 2 is ReSTE on ResNet-20 at 1W/1A: other settings get no paper column values
         paper = PAPER["table2"] if family[0].label == "ReSTE" and _reste_1w1a_resnet20(family[0]) else {}
@@ -187,10 +193,10 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
             row += [_paper(paper.get(("progressive", o))), _paper(paper.get(("fixed", o)))]
             rows.append(row)
         text = (
-            "## Table 2: fixed vs progressive o\n\n"
+            _heading("## Table 2: fixed vs progressive o", separating)
             + _scale_line(family)
             + "\n\n"
-            + _context_line(family[0], ["estimator.schedule", "estimator.o_end"])
+            + _context_line(family[0], TABLE2_FREE, separating=separating)
             + ". Top-1 %, mean ± std over seeds; the difference is final top-1, paired by seed (t: paired t "
             "statistic; p < 0.05: two-sided).\n\n" + _table(header, rows)
         )
@@ -203,12 +209,14 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
 
 
 def _table3_sections(cells: Sequence[Cell]) -> list[str]:
-    out = []
-    for family in _families(cells, ["estimator.schedule"]):
+    free = ["estimator.schedule"]
+    drawn = []
+    for family in _families(cells, free):
         ways = [c for c in family if c.schedule in PROGRESSIVE_WAYS]
-        if len(ways) < 2:
-            continue
-        ways.sort(key=lambda c: PROGRESSIVE_WAYS.index(c.schedule))
+        if len(ways) >= 2:
+            drawn.append(sorted(ways, key=lambda c: PROGRESSIVE_WAYS.index(c.schedule)))
+    out = []
+    for ways, separating in zip(drawn, _separating(drawn, free)):
         # the paper's Table 3 is ReSTE on ResNet-20 at 1W/1A with o_end = 3
         exact = ways[0].label == "ReSTE" and _reste_1w1a_resnet20(ways[0]) and ways[0].o_end == 3.0
         paper = PAPER["table3"] if exact else {}
@@ -224,10 +232,10 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
             for c in ways
         ]
         out.append(
-            "## Table 3: tuning ways of the progressive strategy\n\n"
+            _heading("## Table 3: tuning ways of the progressive strategy", separating)
             + _scale_line(ways)
             + "\n\n"
-            + _context_line(ways[0], ["estimator.schedule"])
+            + _context_line(ways[0], free, separating=separating)
             + ".\n\n"
             + _table(header, rows)
         )
@@ -235,11 +243,19 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
 
 
 def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
+    drawn = [family for family in _families(cells, ESTIMATOR_KEYS) if len({c.label for c in family}) >= 2]
+
+    def is_vit(family: Sequence[Cell]) -> bool:
+        return str(family[0].get("model.name", "")).startswith("vit")
+
+    # Table 1 (ViT) and the estimator comparison (CNNs) are two kinds: each is told from its own kind only
+    separation = {}
+    for kind in (True, False):
+        group = [f for f in drawn if is_vit(f) == kind]
+        separation.update({id(f): sep for f, sep in zip(group, _separating(group, ESTIMATOR_KEYS))})
     out = []
-    for family in _families(cells, ESTIMATOR_KEYS):
-        labels = {c.label for c in family}
-        if len(labels) < 2:
-            continue
+    for family in drawn:
+        separating = separation[id(family)]
         vit = str(family[0].get("model.name", "")).startswith("vit")
         if vit:
             order = {"FP": 0, "DoReFa": 1, "ReSTE": 2}
@@ -318,11 +334,10 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 "each estimator on weights and activations (ReSTE: cosine to o_end = 3).\n\n"
             )
         out.append(
-            title
-            + "\n\n"
+            _heading(title, separating)
             + _scale_line(family)
             + "\n\n"
-            + _context_line(family[0], ESTIMATOR_KEYS)
+            + _context_line(family[0], ESTIMATOR_KEYS, separating=separating)
             + note
             + _table(header, rows)
         )
@@ -393,6 +408,11 @@ def _paired_text(reference: Cell | None, cell: Cell) -> str:
     return "—" if difference is None else str(difference)
 
 
+def _heading(title: str, separating: Sequence[tuple[str, object]]) -> str:
+    """A section heading, followed by the settings that tell it from the other sections of its kind."""
+    return title + (f" — {_separation(separating)}" if separating else "") + "\n\n"
+
+
 def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
     fams = []
     for family in _families(cells, ["estimator.o_end"]):
@@ -402,7 +422,12 @@ def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
     return fams
 
 
-def _o_end_section(family: list[Cell]) -> str:
+def _o_end_separating(families: Sequence[Sequence[Cell]]) -> list[list[tuple[str, object]]]:
+    """What tells each equilibrium table (and its figures) from the others."""
+    return _separating(families, ["estimator.o_end"])
+
+
+def _o_end_section(family: list[Cell], separating: Sequence[tuple[str, object]] = ()) -> str:
     # the cell with the best mean final top-1, and every other one against it on the same seeds:
     # whether the accuracy peak is more than noise
     best = max(family, key=lambda c: _stats(c.summary_values("final_top1"))[0] or float("-inf"))
@@ -430,10 +455,10 @@ def _o_end_section(family: list[Cell]) -> str:
         for c in family
     ]
     return (
-        "## Equilibrium: indicators and accuracy against o_end (seed Figure 1)\n\n"
+        _heading("## Equilibrium: indicators and accuracy against o_end (seed Figure 1)", separating)
         + _scale_line(family)
         + "\n\n"
-        + _context_line(family[0], ["estimator.o_end"])
+        + _context_line(family[0], ["estimator.o_end"], separating=separating)
         + ". e and s sampled at the last step of each epoch, aggregated as the reference does; the last column"
         " pairs final top-1 by seed (t: paired t statistic; p < 0.05: two-sided).\n\n" + _table(header, rows)
     )
