@@ -213,7 +213,16 @@ def test_reference_aggregates_mean_of_error_and_sum_of_instability(tmp_path):
     write_metrics(tmp_path / "run", rows)
     assert read_metrics(tmp_path / "run") == rows
     agg = reference_aggregates(tmp_path / "run")
-    assert agg == {"est_error_end_mean": 3.0, "est_error_mean": 7.0, "grad_instability_sum": 4.5, "epochs": 3}
+    assert agg == {
+        "est_error_end_mean": 3.0,
+        "est_error_mean": 7.0,
+        "grad_instability_sum": 4.5,
+        "epochs": 3,
+        "logged_epochs": 3,
+        "est_error_end_epochs": 3,
+        "est_error_epochs": 3,
+        "grad_instability_epochs": 3,
+    }
     none = reference_aggregates([{"epoch": 1, "test_top1": 50.0}])
     assert none["est_error_end_mean"] is None and none["grad_instability_sum"] is None
 
@@ -751,6 +760,30 @@ def test_estimator_comparison_pairs_within_a_precision_and_shows_paper_numbers_o
         fixture_run(ways, way, [50.0, 60.0], schedule=way, precision="1w32a", snapshot=False)
     header, *rows = table_rows(report_section(build_report([ways], tmp_path / "w", plots=False).markdown, "Table 3"))
     assert [r[header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")] for r in rows] == ["—", "—"]
+
+
+def test_indicator_aggregates_over_fewer_epochs_are_marked_not_mixed_silently(tmp_path):
+    sweep = tmp_path / "sweep"
+    for o_end in (1, 2, 3):
+        for seed in (0, 1):
+            fixture_run(sweep, f"p{o_end}-{seed}", [60.0, 70.0], seed=seed, o_end=float(o_end), snapshot=False)
+    # the last step of epoch 1 was skipped as non-finite (train.nonfinite: skip): no indicators that epoch
+    run = sweep / "p2-1"
+    rows = read_metrics(run)
+    rows[0].update(est_error=None, est_error_end=None, grad_instability=None)
+    _edit_run(run, rows=rows)
+    agg = reference_aggregates(run)
+    assert (agg["grad_instability_sum"], agg["grad_instability_epochs"], agg["logged_epochs"]) == (0.4, 1, 2)
+    section = report_section(build_report([sweep], tmp_path / "out", plots=False).markdown, "Equilibrium")
+    header, *rows_ = table_rows(section)
+    row = next(r for r in rows_ if r[0] == "2")
+    s = row[header.index("grad. instability s (sum over epochs)")]
+    # s: seed 0 over 2 epochs 0.2 + 0.4 = 0.6, seed 1 over epoch 2 only 0.4 (was "0.5 ± 0.14", unmarked)
+    assert s == "0.5 ± 0.14 (seed 1: s over 1 of 2 epochs)"
+    assert row[header.index("est. error e (mean over epochs, at o_end)")] == "3.5 ± 0.71 (seed 1: e over 1 of 2 epochs)"
+    assert "train.nonfinite: skip" in section and "not comparable" in section
+    full = next(r for r in rows_ if r[0] == "3")
+    assert "over" not in full[header.index("grad. instability s (sum over epochs)")]
 
 
 def test_tables_of_one_kind_name_the_settings_that_tell_them_apart(tmp_path):

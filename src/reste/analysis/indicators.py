@@ -67,9 +67,15 @@ def reference_aggregates(rows_or_run_dir: Iterable[dict] | str | os.PathLike) ->
     - ``est_error_end_mean``: mean over epochs of ``e`` at ``o_end`` (the reference's number);
     - ``est_error_mean``: mean over epochs of ``e`` at the current ``o`` (None without ReSTE);
     - ``grad_instability_sum``: sum over epochs of ``s``;
-    - ``epochs``: how many epochs had the indicators.
+    - ``epochs``: how many epochs had the indicators (had ``e`` at ``o_end``);
+    - ``logged_epochs``: how many epochs the rows hold;
+    - ``est_error_end_epochs``, ``est_error_epochs``, ``grad_instability_epochs``: how many epochs each
+      of the three was taken over.
 
-    Epochs without a value (indicators disabled) are skipped; a key is None when no epoch has it.
+    Epochs without a value are skipped; a key is None when no epoch has it. A value over fewer epochs
+    than ``logged_epochs`` (the last step of an epoch skipped as non-finite, ``train.nonfinite: skip``,
+    leaves that epoch without indicators) is a mean or sum over other epochs than a full run's: the
+    report marks it.
     """
     if isinstance(rows_or_run_dir, (str, os.PathLike)):
         rows = read_metrics(rows_or_run_dir)
@@ -85,4 +91,8 @@ def reference_aggregates(rows_or_run_dir: Iterable[dict] | str | os.PathLike) ->
         "est_error_mean": sum(e_cur) / len(e_cur) if e_cur else None,
         "grad_instability_sum": sum(s) if s else None,
         "epochs": len(e_end),
+        "logged_epochs": len({r.get("epoch", ("row", i)) for i, r in enumerate(rows)}),
+        "est_error_end_epochs": len(e_end),
+        "est_error_epochs": len(e_cur),
+        "grad_instability_epochs": len(s),
     }

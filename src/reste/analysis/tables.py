@@ -284,6 +284,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 for c in family
             ]
             title = "## Table 1: binary ViT"
+            footer = ""
             note = ". Mean ± std over seeds.\n\n"
         else:
             family = sorted(
@@ -320,8 +321,8 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                     _pm(c.summary_values("final_top1")),
                     _pm(c.summary_values("best_top1")),
                     _paired_text(reste.get(c.get("model.precision")), c),
-                    _sci_pm(c.aggregate_values("est_error_end_mean")),
-                    _sci_pm(c.aggregate_values("grad_instability_sum")),
+                    _aggregate(c, "est_error_end"),
+                    _aggregate(c, "grad_instability"),
                     _paper(_paper_estimator(c)),
                 ]
                 for c in family
@@ -333,6 +334,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
                 "statistic; p < 0.05: two-sided). The paper's numbers are for its setting only: 1W/1A, ResNet-20, "
                 "each estimator on weights and activations (ReSTE: cosine to o_end = 3).\n\n"
             )
+            footer = _partial_note(family)
         out.append(
             _heading(title, separating)
             + _scale_line(family)
@@ -340,6 +342,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             + _context_line(family[0], ESTIMATOR_KEYS, separating=separating)
             + note
             + _table(header, rows)
+            + footer
         )
     return out
 
@@ -408,6 +411,48 @@ def _paired_text(reference: Cell | None, cell: Cell) -> str:
     return "—" if difference is None else str(difference)
 
 
+#: the per-epoch indicators the tables aggregate, with what the aggregate is and its symbol
+AGGREGATES = {
+    "est_error_end": ("est_error_end_mean", "e"),
+    "est_error": ("est_error_mean", "e"),
+    "grad_instability": ("grad_instability_sum", "s"),
+}
+
+
+def _short_runs(cell: Cell, indicator: str) -> list[tuple[object, int, int]]:
+    """``(seed, epochs with the indicator, epochs logged)`` of the cell's runs whose aggregate of
+    ``indicator`` covers only some of their epochs (an epoch whose last step was skipped has none)."""
+    out = []
+    for run in cell.runs:
+        agg = run.aggregates
+        n, total = agg[f"{indicator}_epochs"], agg["logged_epochs"]
+        if 0 < n < total:
+            out.append((run.get("seed"), n, total))
+    return out
+
+
+def _aggregate(cell: Cell, indicator: str) -> str:
+    """``mean ± std`` over seeds of a run aggregate (e: mean over epochs, s: sum over epochs), with each
+    run it covers fewer epochs of named: a sum over 1 of 2 epochs is not comparable with one over 2."""
+    key, symbol = AGGREGATES[indicator]
+    text = _sci_pm(cell.aggregate_values(key))
+    short = _short_runs(cell, indicator)
+    if short:
+        text += " (" + "; ".join(f"seed {seed}: {symbol} over {n} of {total} epochs" for seed, n, total in short) + ")"
+    return text
+
+
+def _partial_note(family: Sequence[Cell]) -> str:
+    """A note under a table with marked aggregates: why they cover fewer epochs and what that means."""
+    if not any(_short_runs(c, indicator) for c in family for indicator in AGGREGATES):
+        return ""
+    return (
+        '\n\n"over k of n epochs": that run has no indicators for the other epochs (the last step of an epoch, '
+        "where they are measured, was skipped as non-finite: `train.nonfinite: skip`), so its mean of e or sum "
+        "of s covers fewer epochs than the other runs' and is not comparable with them as it stands."
+    )
+
+
 def _heading(title: str, separating: Sequence[tuple[str, object]]) -> str:
     """A section heading, followed by the settings that tell it from the other sections of its kind."""
     return title + (f" — {_separation(separating)}" if separating else "") + "\n\n"
@@ -445,9 +490,9 @@ def _o_end_section(family: list[Cell], separating: Sequence[tuple[str, object]] 
         [
             _num(c.o_end),
             _seeds(c),
-            _sci_pm(c.aggregate_values("est_error_end_mean")),
-            _sci_pm(c.aggregate_values("est_error_mean")),
-            _sci_pm(c.aggregate_values("grad_instability_sum")),
+            _aggregate(c, "est_error_end"),
+            _aggregate(c, "est_error"),
+            _aggregate(c, "grad_instability"),
             _pm(c.summary_values("final_top1")),
             _pm(c.summary_values("best_top1")),
             _paired_text(best, c),
@@ -460,5 +505,7 @@ def _o_end_section(family: list[Cell], separating: Sequence[tuple[str, object]] 
         + "\n\n"
         + _context_line(family[0], ["estimator.o_end"], separating=separating)
         + ". e and s sampled at the last step of each epoch, aggregated as the reference does; the last column"
-        " pairs final top-1 by seed (t: paired t statistic; p < 0.05: two-sided).\n\n" + _table(header, rows)
+        " pairs final top-1 by seed (t: paired t statistic; p < 0.05: two-sided).\n\n"
+        + _table(header, rows)
+        + _partial_note(family)
     )
