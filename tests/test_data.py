@@ -1184,3 +1184,17 @@ def test_a_file_url_mirror_downloads_from_a_local_folder(tmp_path, monkeypatch):
     _pin_md5s(monkeypatch, "mnist", served)
     folder = data.download("mnist", tmp_path / "root", mirror=served.resolve().as_uri(), progress=False)
     assert np.array_equal(data.load_arrays("mnist", folder.parent).train_images[:, 0], arrays["train_images"])
+
+
+def test_a_data_folder_that_cannot_be_written_is_named_with_the_way_out(tmp_path, monkeypatch):
+    # e.g. a read-only home: downloading into ~/.cache/reste/data would fail; say where else to put it
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    steps = catalog.how_to_get("mnist", read_only / "cache" / "data")  # not there yet: its parent decides
+    assert (
+        steps[0]
+        == f"{read_only / 'cache' / 'data'} is not writable: set RESTE_DATA=DIR (or data.root=DIR) to a writable folder"
+    )
+    assert not catalog.how_to_get("mnist", tmp_path / "elsewhere")[0].endswith("writable folder")

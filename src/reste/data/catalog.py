@@ -275,6 +275,14 @@ def download_command(name: str, root) -> str:
     return f"reste download {name}" + (f" --root {shlex.quote(str(root))}" if root is not None else "")
 
 
+def _writable(folder: Path) -> bool:
+    """Whether ``folder``, or its nearest existing parent (a download creates the rest), takes new files."""
+    folder = Path(folder).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
     """Commands that fetch data set ``name`` into ``root``, for error messages; ``system``:
     whether the system folders were searched too (no explicit root)."""
@@ -292,6 +300,8 @@ def how_to_get(name: str, root: Path, system: bool = True) -> list[str]:
         f"{download_command(name, root)}   (or: python -m reste download ...)",
         "or pass download=True to reste.data.create_loaders(...) (data.download=true in a config)",
     ]
+    if not _writable(root):  # e.g. a read-only home: the commands above would fail there
+        commands.insert(0, f"{root} is not writable: set RESTE_DATA=DIR (or data.root=DIR) to a writable folder")
     if name == "fashion_mnist" and system:
         commands.append("or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist")
     elif name in SYSTEM_DIRS and not system:
