@@ -786,6 +786,66 @@ def test_indicator_aggregates_over_fewer_epochs_are_marked_not_mixed_silently(tm
     assert "over" not in full[header.index("grad. instability s (sum over epochs)")]
 
 
+def test_report_names_the_runs_it_found_without_results_and_why(tmp_path, capsys):
+    from reste.cli import main
+
+    sweep = tmp_path / "sweep"
+    fixture_run(sweep, "ok", [50.0, 60.0], snapshot=False)
+    # stopped in its first epoch: config and a checkpoint, no summary.json or metrics.jsonl
+    crashed = sweep / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    (crashed / "checkpoints" / "last.pt").write_bytes(b"x")
+    (crashed / "config.yaml").write_text("seed: 0\n")
+    # stopped after epoch 1 of 2: metrics but no complete summary
+    partial = fixture_run(sweep, "partial", [50.0, 60.0], snapshot=False)
+    _edit_run(partial, summary={"complete": False}, rows=read_metrics(partial)[:1])
+    (sweep / "logs").mkdir()
+    (sweep / "logs" / "nodata.log").write_text("error: no data\n")
+    listing = [
+        {"name": "ok", "dir": "elsewhere/sweep/ok", "status": "done", "returncode": 0, "log": None},
+        {"name": "nodata", "dir": "elsewhere/sweep/nodata", "status": "failed", "returncode": 1,
+         "log": "elsewhere/sweep/logs/nodata.log"},
+    ]  # fmt: skip
+    (sweep / "sweep.json").write_text(json.dumps({"runs": listing}))
+    report = build_report([sweep], tmp_path / "out", plots=False)
+    # were silently missing (only runs with some results were listed)
+    assert report.left_out == [
+        f"`{sweep / 'nodata'}` (failed in sweep.json, exit 1, see {sweep / 'logs' / 'nodata.log'}; no run folder)",
+        f"`{crashed}` (no summary.json or metrics.jsonl: it stopped before the end of its first epoch; "
+        f"finish it with `reste train --resume {crashed}`)",
+        f"`{partial}` (no complete summary.json: 1 of 2 epochs logged)",
+    ]
+    assert "1 finished run in 1 setting, from: " in report.markdown  # was "1 finished runs in 1 settings"
+    assert "Left out, unfinished or failed (not counted): " + "; ".join(report.left_out) + "." in report.markdown
+    assert main(["report", str(sweep), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    assert f"left out: {sweep / 'nodata'} (failed in sweep.json, exit 1" in capsys.readouterr().out
+    # no finished run at all: the error names what was found and why it does not count
+    (sweep / "ok" / "summary.json").unlink()
+    (sweep / "ok" / "metrics.jsonl").unlink()
+    with pytest.raises(NotARunError, match="no finished run .*nodata \\(failed in sweep.json, exit 1"):
+        build_report([sweep], tmp_path / "none", plots=False)
+
+
+def test_report_reads_a_folder_of_sweeps_and_says_how_to_give_deeper_folders(tmp_path):
+    top = tmp_path / "sweeps"
+    for name, o_ends in (("a", (1, 2)), ("b", (3,))):
+        for o_end in o_ends:
+            fixture_run(top / name, f"o{o_end}", [50.0, 60.0 + o_end], o_end=float(o_end), snapshot=False)
+        (top / name / "sweep.json").write_text(json.dumps({"runs": []}))
+    # was: "sweeps is not a run directory: it has neither summary.json nor metrics.jsonl"
+    report = build_report([top, top], tmp_path / "out", plots=False)
+    assert f"3 finished runs in 3 settings, from: `{top}` (the sweeps `{top / 'a'}`, `{top / 'b'}`)." in report.markdown
+    assert "## Equilibrium" in report.markdown  # o_end 1, 2 and 3 from the two sweeps, pooled
+    # folders of runs one level further down are not guessed at: the error names them and how to give them
+    deeper = tmp_path / "deeper"
+    fixture_run(deeper / "runs1", "r", [50.0, 60.0], snapshot=False)
+    (deeper / "notes").mkdir()
+    with pytest.raises(
+        NotARunError, match=r"its folders runs1 hold runs or sweeps: give them \(e\.g\. `reste report .*deeper/\*"
+    ):
+        build_report([deeper], tmp_path / "out2")
+
+
 def test_tables_of_one_kind_name_the_settings_that_tell_them_apart(tmp_path):
     sweep = tmp_path / "sweep"
     for lr, top1 in ((0.002, 60.0), (0.01, 70.0)):  # the QA case: o_end swept at two learning rates
@@ -1019,7 +1079,7 @@ def test_report_counts_a_copied_run_once_and_ignores_options_that_cannot_change_
     # was: seeds "0,0" and 49.39 ± 0.00 for the copies, and a separate row for the checkpoint_every_steps run
     rows = [line for line in results.splitlines() if line.startswith("| fashion_mnist")]
     assert len(rows) == 1 and "| 0,1,2 | 51.13 ± 1.81 |" in rows[0]  # mean and sd of 49.39, 51, 53
-    assert "3 finished runs in 1 settings" in text and "Counted once" in text
+    assert "3 finished runs in 1 setting," in text and "Counted once" in text
     # a copy whose numbers differ (another machine) says so; the folder given twice is not a duplicate
     _edit_run(runs / "one-copy", summary={"final_top1": 48.0})
     report = build_report([runs, one], tmp_path / "rep2", plots=False)

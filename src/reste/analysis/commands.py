@@ -22,6 +22,7 @@ REPORT_EPILOG = """\
 examples:
   reste report runs/sweep-seed_resnet20 --out reports/o_end
   reste report runs/oend runs/fixed runs/ways runs/estimators --out docs
+  reste report runs/repro --out docs        # a folder of sweeps: each sweep in it is read
 
 Writes OUT/report.md and, with matplotlib installed (pip install reste[plot]),
 OUT/figures/*.png. Numbers reported by the paper are shown in separate columns headed
@@ -56,7 +57,12 @@ def register(subparsers) -> None:
         epilog=REPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    report.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories and/or sweep directories")
+    report.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="RUN_OR_SWEEP_DIR",
+        help="run directories, sweep directories (or folders of runs), and/or folders of sweep directories",
+    )
     report.add_argument("--out", required=True, help="output directory for report.md and figures/")
     report.add_argument("--no-plots", action="store_true", help="write the tables only")
     report.set_defaults(func=run_report)
@@ -94,6 +100,8 @@ def run_report(args: argparse.Namespace) -> int:
         f"wrote {report.path}"
         + (f" and {len(report.figures)} figure(s) in {report.path.parent / 'figures'}" if report.figures else "")
     )
+    for line in report.left_out:  # as in report.md: runs found but not counted (unfinished, failed, no results)
+        print(f"left out: {line.replace('`', '')}")
     for line in report.duplicates:  # as in report.md: copies of one (setting, seed) are one seed
         print(f"duplicate: {line.replace('`', '')}")
     for line in report.not_drawn:  # the same lines as in report.md: what is missing and why

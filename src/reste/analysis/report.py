@@ -70,14 +70,16 @@ from .markdown import (
 )
 from .runs import (
     IGNORED_PREFIXES,
+    Missing,
     NotARunError,
     RunRecord,
     _default_flat,
     _flatten,
     _ignored,
     _is_run,  # noqa: F401
-    find_runs,
+    find_runs,  # noqa: F401
     load_run,
+    scan,
 )
 from .tables import (
     ESTIMATOR_KEYS,
@@ -108,6 +110,22 @@ class Report:
     sections: list[str] = field(default_factory=list)
     not_drawn: list[str] = field(default_factory=list)  # a line per table or figure left out, with the reason
     duplicates: list[str] = field(default_factory=list)  # a line per run counted once: same setting and seed
+    left_out: list[str] = field(default_factory=list)  # a line per run not counted: unfinished, failed, no results
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _distinct(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """``paths`` without repeats of one directory (however spelled), first spelling kept."""
+    seen, out = set(), []
+    for p in paths:
+        key = Path(p).resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def _values(cells: Sequence[Cell], key: str) -> str:
@@ -200,16 +218,22 @@ def build_report(
     if not paths:
         raise NotARunError("no run or sweep directory given")
     _check_out(Path(out))  # before reading anything
+    paths = _distinct(paths)  # a directory given twice is read, and named, once
     runs: list[RunRecord] = []
+    left_out: list[Missing] = []  # unfinished, failed or interrupted runs: named, never silently dropped
+    sweeps: list[Path] = []
     for p in paths:
-        runs.extend(find_runs(p))
-    unfinished = [r for r in runs if not r.finished]
+        found = scan(p)
+        runs.extend(found.runs)
+        left_out.extend(found.missing)
+        sweeps.extend(found.sweeps)
     duplicates: list[Duplicate] = []
     cells = make_cells(runs, duplicates)
     if not cells:
         raise NotARunError(
-            f"no finished run (summary.json marked complete) in {', '.join(map(str, paths))}; "
-            "finish or resume the runs first (`reste train --resume RUN_DIR` or rerun the sweep)"
+            f"no finished run (summary.json marked complete) in {', '.join(map(str, paths))}"
+            + (f" ({'; '.join(str(m).replace('`', '') for m in left_out)})" if left_out else "")
+            + "; finish or resume the runs first (`reste train --resume RUN_DIR` or rerun the sweep)"
         )
     out = Path(out)
     fig_dir = out / "figures"
@@ -256,17 +280,20 @@ def build_report(
     if command:
         head += [f"Made by `{command}`.", ""]
     counted = sum(len(c.runs) for c in cells)
-    head.append(f"{counted} finished runs in {len(cells)} settings, from: " + ", ".join(f"`{p}`" for p in paths) + ".")
+    head.append(
+        f"{_plural(counted, 'finished run')} in {_plural(len(cells), 'setting')}, from: "
+        + ", ".join(f"`{p}`" for p in paths)
+        + (f" (the sweeps {', '.join(f'`{s}`' for s in sweeps)})" if sweeps else "")
+        + "."
+    )
     if duplicates:
         head.append(
             "Counted once (a copy of a run, same setting and seed, is not a second seed): "
             + "; ".join(str(d) for d in duplicates)
             + "."
         )
-    if unfinished:
-        head.append(
-            "Left out, unfinished (no complete summary.json): " + ", ".join(f"`{r.dir}`" for r in unfinished) + "."
-        )
+    if left_out:
+        head.append("Left out, unfinished or failed (not counted): " + "; ".join(str(m) for m in left_out) + ".")
     head.append("")
     missing = _not_drawn(cells, sections, [t for t, _, _ in figures], plt, plots)
     if missing:
@@ -290,4 +317,5 @@ def build_report(
         sections=sections,
         not_drawn=missing,
         duplicates=[str(d) for d in duplicates],
+        left_out=[str(m) for m in left_out],
     )

@@ -17,7 +17,7 @@ from ..train import rundir
 from ..train.config import ConfigError
 from .indicators import reference_aggregates
 
-__all__ = ["NotARunError", "RunRecord", "load_run", "find_runs", "NEUTRAL_KEYS", "neutral"]
+__all__ = ["NotARunError", "RunRecord", "Missing", "Found", "load_run", "find_runs", "scan", "NEUTRAL_KEYS", "neutral"]
 
 
 class NotARunError(ReSTEError, ValueError):
@@ -180,23 +180,139 @@ def load_run(path: str | os.PathLike) -> RunRecord:
     return RunRecord(dir=path, config=config, summary=summary, metrics=metrics)
 
 
-def find_runs(path: str | os.PathLike) -> list[RunRecord]:
-    """The runs in ``path``: itself when it is a run, else the runs of a sweep directory."""
+@dataclass(frozen=True)
+class Missing:
+    """A run the report found but cannot count: it failed, was interrupted, or stopped before it had results."""
+
+    dir: Path
+    why: str
+
+    def __str__(self) -> str:
+        return f"`{self.dir}` ({self.why})"
+
+
+@dataclass
+class Found:
+    """What a directory given to the report holds: its runs (finished or not), the runs that have no
+    results (:class:`Missing`), and the sweep directories read inside a folder of sweeps."""
+
+    runs: list[RunRecord]
+    missing: list[Missing]
+    sweeps: list[Path]
+
+
+def _without_results(path: Path) -> str:
+    """Why a run folder that ``reste train`` made has no results, and what to do."""
+    if rundir.checkpoint_path(path, "last").is_file():
+        return (
+            "no summary.json or metrics.jsonl: it stopped before the end of its first epoch; "
+            f"finish it with `reste train --resume {path}`"
+        )
+    return "no results and no checkpoint: it stopped before its first checkpoint; start it again"
+
+
+def _unfinished(run: RunRecord) -> str:
+    """Why a run with results is not counted: how far it got, and how to finish it."""
+    logged = len({row.get("epoch", ("row", i)) for i, row in enumerate(run.metrics)})
+    planned = run.get("train.epochs", (run.summary or {}).get("epochs"))
+    how_far = f"{logged} of {planned} epochs logged" if planned is not None else f"{logged} epochs logged"
+    resume = (
+        f"; finish it with `reste train --resume {run.dir}`"
+        if rundir.checkpoint_path(run.dir, "last").is_file()
+        else ""
+    )
+    return f"no complete summary.json: {how_far}{resume}"
+
+
+def _sweep_status(entry: dict, path: Path) -> str:
+    """``failed in sweep.json, exit 1, see LOG`` from a run's entry in sweep.json."""
+    parts = [f"{entry.get('status') or 'no status'} in sweep.json"]
+    if entry.get("returncode") not in (None, 0):
+        parts.append(f"exit {entry['returncode']}")
+    log = entry.get("log")
+    if log:
+        local = path / "logs" / Path(str(log)).name  # sweep.json's paths are relative to where the sweep ran
+        parts.append(f"see {local if local.is_file() else log}")
+    return ", ".join(parts)
+
+
+def _scan_one(path: Path) -> tuple[list[RunRecord], list[Missing]]:
+    """The runs of a sweep directory or a folder of runs, and the runs listed or found there without results."""
+    entries: list[dict] = []
+    if (path / "sweep.json").is_file():
+        try:
+            data = json.loads((path / "sweep.json").read_text())
+            entries = [r for r in data.get("runs", []) if isinstance(r, dict) and r.get("dir")]
+        except (json.JSONDecodeError, AttributeError, OSError):
+            entries = []
+    by_dir = {path / Path(str(r["dir"])).name: r for r in entries}
+    # the sweep's listing first, then any other run directories placed there
+    listed = list(by_dir)
+    candidates = listed + sorted(p for p in path.iterdir() if p.is_dir() and p not in by_dir)
+    runs, missing = [], []
+    for p in candidates:
+        entry = by_dir.get(p)
+        if p.is_dir() and _is_run(p):
+            run = load_run(p)
+            runs.append(run)
+            if not run.finished:
+                status = f"{_sweep_status(entry, path)}; " if entry and entry.get("status") != "done" else ""
+                missing.append(Missing(p, status + _unfinished(run)))
+        elif p.is_dir() and rundir.looks_like_run(p):
+            status = f"{_sweep_status(entry, path)}; " if entry else ""
+            missing.append(Missing(p, status + _without_results(p)))
+        elif entry is not None and entry.get("status") != "done":
+            missing.append(Missing(p, _sweep_status(entry, path) + "; no run folder"))
+        elif entry is not None:
+            missing.append(Missing(p, "done in sweep.json, but the run folder is gone"))
+    return runs, missing
+
+
+def _holds_runs(path: Path) -> bool:
+    """Whether ``path`` holds runs or is a sweep or a folder of sweeps (what the report could read)."""
+    try:
+        return (path / "sweep.json").is_file() or any(
+            p.is_dir() and (_is_run(p) or rundir.looks_like_run(p) or (p / "sweep.json").is_file())
+            for p in path.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def scan(path: str | os.PathLike) -> Found:
+    """What ``path`` holds: itself when it is a run; else the runs of a sweep directory or a folder of
+    runs; else, one level down, the runs of each sweep directory in a folder of sweeps. Raises
+    :class:`NotARunError` naming ``path`` when it holds none of these."""
     path = Path(path)
     if path.is_dir() and _is_run(path):
-        return [load_run(path)]
-    if path.is_dir():
-        listed = []
-        if (path / "sweep.json").is_file():
-            try:
-                listed = [
-                    path / Path(r["dir"]).name for r in json.loads((path / "sweep.json").read_text()).get("runs", [])
-                ]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                listed = []
-        # the sweep's listing first, then any other run directories placed there
-        candidates = listed + sorted(p for p in path.iterdir() if p.is_dir() and p not in listed)
-        runs = [load_run(p) for p in candidates if p.is_dir() and _is_run(p)]
-        if runs or (path / "sweep.json").is_file():
-            return runs
-    return [load_run(path)]  # raises the clear error
+        run = load_run(path)
+        return Found([run], [] if run.finished else [Missing(path, _unfinished(run))], [])
+    if not path.is_dir() or (rundir.looks_like_run(path) and not (path / "sweep.json").is_file()):
+        return Found([load_run(path)], [], [])  # load_run raises what is wrong and what to do
+    runs, missing = _scan_one(path)
+    if runs or missing or (path / "sweep.json").is_file():
+        return Found(runs, missing, [])
+    # a folder of sweeps (`reste report runs/` holding several `reste sweep --out` folders): read each
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    sweeps = [p for p in subdirs if (p / "sweep.json").is_file()]
+    for sweep in sweeps:
+        more_runs, more_missing = _scan_one(sweep)
+        runs += more_runs
+        missing += more_missing
+    if sweeps:
+        return Found(runs, missing, sweeps)
+    holding = [p for p in subdirs if _holds_runs(p)]
+    if holding:
+        names = ", ".join(p.name for p in holding[:5]) + (f" and {len(holding) - 5} more" if len(holding) > 5 else "")
+        raise NotARunError(
+            f"{path} is neither a run nor a sweep directory, and holds no run or sweep directory itself; its "
+            f"folders {names} hold runs or sweeps: give them (e.g. `reste report {path / '*'} --out DIR`)"
+        )
+    return Found([load_run(path)], [], [])  # load_run raises: neither a run nor a sweep
+
+
+def find_runs(path: str | os.PathLike) -> list[RunRecord]:
+    """The runs in ``path``: itself when it is a run, else the runs of a sweep directory, a folder of
+    runs, or the sweep directories of a folder of sweeps (:func:`scan`, which also names the runs
+    without results)."""
+    return scan(path).runs
