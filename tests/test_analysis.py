@@ -608,9 +608,11 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     # Table 3 holds the cosine cell of the o_end sweep too
     assert "73.50 ± 0.71" in row("## Table 3", "cosine") and "86.59" in row("## Table 3", "power")
     # estimator comparison: mean(68, 72) ± sd(68, 72) = 70.00 ± 2.83, and the paper's STE number
-    assert "70.00 ± 2.83" in row("## Estimator comparison", "ste") and "84.44" in row("## Estimator comparison", "ste")
+    # rows use the docs' display names (STE, EDE; was the config's "ste", "ede")
+    assert "70.00 ± 2.83" in row("## Estimator comparison", "STE") and "84.44" in row("## Estimator comparison", "STE")
+    assert "| EDE |" in text and "| ede |" not in text
     # ReSTE (73, 74) minus STE (68, 72): (5, 2), mean 3.5, t = 3.5 / (2.1213 / sqrt 2) = 2.33 < 12.71: not significant
-    assert "+3.50 (t = 2.33, 2 seeds) |" in row("## Estimator comparison", "ste")
+    assert "+3.50 (t = 2.33, 2 seeds) |" in row("## Estimator comparison", "STE")
     assert "seeds" not in row("## Estimator comparison", "ReSTE")
     assert "—" in row("## Table 1", "FP") or "64.50 (85.14)" in row("## Table 1", "FP")
     assert "53.05 (76.83)" in row("## Table 1", "DoReFa")
@@ -736,19 +738,19 @@ def test_estimator_comparison_pairs_within_a_precision_and_shows_paper_numbers_o
     assert "\n## Estimator comparison, W/A 1/1, 1/32 and 32/32\n" in text
     header, *rows = table_rows(section)
     by = {(r[0], r[header.index("W/A")]): r for r in rows}
-    assert sorted(by) == [("DoReFa", "1/32"), ("FP", "32/32"), ("ReSTE", "1/1"), ("ReSTE", "1/32"), ("ste", "1/1")]
+    assert sorted(by) == [("DoReFa", "1/32"), ("FP", "32/32"), ("ReSTE", "1/1"), ("ReSTE", "1/32"), ("STE", "1/1")]
     paper = header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")
     # only the 1W/1A rows are the paper's setting (was 86.75 beside FP, the 1W/32A ReSTE and DoReFa too)
     assert {k: r[paper] for k, r in by.items()} == {
         ("ReSTE", "1/1"): "86.75",
-        ("ste", "1/1"): "84.44",
+        ("STE", "1/1"): "84.44",
         ("ReSTE", "1/32"): "—",
         ("DoReFa", "1/32"): "—",
         ("FP", "32/32"): "—",
     }
     diff = header.index("ReSTE minus it, same seeds and W/A")
     # 1/1: ReSTE (74, 76) minus STE (70, 71) = (4, 5): mean 4.5, t = 4.5 / (0.7071 / sqrt 2) = 9
-    assert by[("ste", "1/1")][diff] == "+4.50 (t = 9.00, 2 seeds)"
+    assert by[("STE", "1/1")][diff] == "+4.50 (t = 9.00, 2 seeds)"
     # 1/32: against ReSTE 1/32 (80, 83), not 1/1: (1, 3.5), mean 2.25, t = 2.25 / (1.7678 / sqrt 2) = 1.8
     assert by[("DoReFa", "1/32")][diff] == "+2.25 (t = 1.80, 2 seeds)"
     # no ReSTE at full precision: nothing to pair; ReSTE 1/32 is not "ReSTE minus ReSTE"
@@ -846,6 +848,19 @@ def test_report_reads_a_folder_of_sweeps_and_says_how_to_give_deeper_folders(tmp
         build_report([deeper], tmp_path / "out2")
 
 
+def test_equilibrium_reference_column_says_when_means_tie(tmp_path):
+    def header(top1s, name):
+        for o_end, top1 in zip((1, 2, 3), top1s):
+            fixture_run(tmp_path / name, f"o{o_end}", [50.0, top1], o_end=float(o_end), snapshot=False)
+        text = build_report([tmp_path / name], tmp_path / f"out-{name}", plots=False).markdown
+        return table_rows(report_section(text, "Equilibrium"))[0][-1]
+
+    # was "o_end = 1 (best mean) minus it" when all three had 10.00
+    assert header((10.0, 10.0, 10.0), "all") == "o_end = 1 (all o_end tie on mean final top-1) minus it, same seeds"
+    assert header((10.0, 12.0, 12.0), "two") == "o_end = 2 (best mean, tied with o_end = 3) minus it, same seeds"
+    assert header((10.0, 12.0, 11.0), "one") == "o_end = 2 (best mean) minus it, same seeds"
+
+
 def test_tables_of_one_kind_name_the_settings_that_tell_them_apart(tmp_path):
     sweep = tmp_path / "sweep"
     for lr, top1 in ((0.002, 60.0), (0.01, 70.0)):  # the QA case: o_end swept at two learning rates
@@ -899,7 +914,7 @@ def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_
         header, *rows = table_rows(report_section(text, title))
         seeds[title] = {" ".join(row[:6]): row[header.index("seeds")] for row in rows}
     assert {k.split()[0]: v for k, v in seeds["Table 3"].items()} == {"linear": "0", "cosine": "0,1"}
-    assert {k.split()[0]: v for k, v in seeds["Estimator comparison"].items()} == {"ste": "0", "ReSTE": "0,1"}
+    assert {k.split()[0]: v for k, v in seeds["Estimator comparison"].items()} == {"STE": "0", "ReSTE": "0,1"}
     # a row of unequal seeds names each cell's
     assert {k.split()[0]: v for k, v in seeds["Table 2"].items()} == {
         "1": "0,1",

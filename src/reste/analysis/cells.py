@@ -22,6 +22,20 @@ T_CRITICAL_95 = (
 )  # fmt: skip
 
 
+#: how the report and the docs write each estimator (the config's names are lower case)
+ESTIMATOR_NAMES = {
+    "reste": "ReSTE",
+    "ste": "STE",
+    "clipped_ste": "clipped STE",
+    "approx_sign": "ApproxSign",
+    "swish_sign": "SwishSign",
+    "dsq": "DSQ",
+    "ede": "EDE",
+    "fda": "FDA",
+    "rbnn": "RBNN",
+}
+
+
 def _stats(values: Sequence[float]) -> tuple[float | None, float | None]:
     values = [float(v) for v in values if v is not None]
     if not values:
@@ -97,13 +111,13 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """FP, DoReFa, or the estimator name."""
+        """FP, DoReFa, or the estimator's display name (:data:`ESTIMATOR_NAMES`: STE, clipped STE, ReSTE, ...)."""
         if self.get("model.precision") == "fp":
             return "FP"
         if self.get("model.kwargs.weight_estimator") == "dorefa" or self.get("model.weight_estimator") == "dorefa":
             return "DoReFa"
         est = self.get("model.estimator", "?")
-        return "ReSTE" if est == "reste" else str(est)
+        return ESTIMATOR_NAMES.get(est, str(est))
 
     @property
     def schedule(self) -> str | None:

@@ -475,7 +475,19 @@ def _o_end_separating(families: Sequence[Sequence[Cell]]) -> list[list[tuple[str
 def _o_end_section(family: list[Cell], separating: Sequence[tuple[str, object]] = ()) -> str:
     # the cell with the best mean final top-1, and every other one against it on the same seeds:
     # whether the accuracy peak is more than noise
-    best = max(family, key=lambda c: _stats(c.summary_values("final_top1"))[0] or float("-inf"))
+    def mean(c: Cell) -> float:
+        value = _stats(c.summary_values("final_top1"))[0]
+        return float("-inf") if value is None else value
+
+    best = max(family, key=mean)
+    # the label says which cell is the reference and why: the first of several equal means is not "the best"
+    tied = [c for c in family if c is not best and abs(mean(c) - mean(best)) < 1e-9]
+    if not tied:
+        why = "best mean"
+    elif len(tied) == len(family) - 1:
+        why = "all o_end tie on mean final top-1"
+    else:
+        why = "best mean, tied with " + _and(f"o_end = {_num(c.o_end)}" for c in tied)
     header = [
         "o_end",
         "seeds",
@@ -484,7 +496,7 @@ def _o_end_section(family: list[Cell], separating: Sequence[tuple[str, object]] 
         "grad. instability s (sum over epochs)",
         "final top-1 (%)",
         "best top-1 (%)",
-        f"o_end = {_num(best.o_end)} (best mean) minus it, same seeds",
+        f"o_end = {_num(best.o_end)} ({why}) minus it, same seeds",
     ]
     rows = [
         [
