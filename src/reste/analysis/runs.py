@@ -208,7 +208,7 @@ def _without_results(path: Path) -> str:
             "no summary.json or metrics.jsonl: it stopped before the end of its first epoch; "
             f"finish it with `reste train --resume {path}`"
         )
-    return "no results and no checkpoint: it stopped before its first checkpoint; start it again"
+    return "no results and no checkpoint: it stopped or failed before its first checkpoint (nothing to resume)"
 
 
 def _unfinished(run: RunRecord) -> str:
