@@ -1136,3 +1136,23 @@ def test_report_errors_name_the_output_the_damaged_file_and_an_unfinished_run(tm
     with pytest.raises(NotARunError, match="stopped before its first checkpoint"):
         build_report([early], tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_sweep_rerun_reuses_imagenet_runs_that_recorded_their_trees_class_count(tmp_path):
+    # a run on a tree of 3 class folders writes data.num_classes: 3 into its config.yaml; the sweep
+    # gives none (the count comes from the data), so re-running the sweep must reuse the run
+    import yaml
+
+    from reste.analysis.sweep import SweepMismatchError
+
+    out, calls = tmp_path / "sw", []
+    grid = ["estimator.o_end=2,3", "data.name=imagenet"]
+    assert Sweep(None, grid, out, launch=fake_launcher(calls), poll_s=0).run(progress=None) == 0
+    for config in out.glob("*/config.yaml"):
+        saved = yaml.safe_load(config.read_text())
+        saved["data"]["num_classes"] = 3
+        config.write_text(yaml.safe_dump(saved))
+    calls.clear()
+    assert Sweep(None, grid, out, launch=fake_launcher(calls), poll_s=0).run(progress=None) == 0 and calls == []
+    with pytest.raises(SweepMismatchError, match="data.num_classes: 3 -> 5"):  # a count given is compared
+        Sweep(None, [*grid, "data.num_classes=5"], out, launch=fake_launcher(calls), poll_s=0)

@@ -380,3 +380,40 @@ def test_an_imagenet_tree_of_3_class_folders_trains_evaluates_and_exports_a_3_wa
     assert not (tmp_path / "five").exists()
     with pytest.raises(ConfigError, match="data.num_classes=5: mnist has 10 classes; leave data.num_classes out"):
         load_config(None, ["data.name=mnist", "data.num_classes=5"])
+
+
+def test_an_imagenet_tree_run_of_an_older_reste_keeps_its_1000_way_head(tmp_path, capsys, monkeypatch):
+    # before data.num_classes, a tree of 3 class folders trained ImageNet's 1000-way head and its
+    # config has no class count: it must still resume, evaluate and export (with a warning), not be
+    # rebuilt with 3 outputs (a shape mismatch) or refused
+    pytest.importorskip("PIL")
+    import reste.train.trainer as trainer_module
+    from data_fixtures import write_image_folders
+
+    write_image_folders(tmp_path / "tree" / "imagenet", per_class=2, val_per_class=1)
+    with monkeypatch.context() as old_reste:  # what the trainer built before data.num_classes
+        old_reste.setattr(trainer_module, "class_count_of_data", lambda cfg, meta, loader, **_: meta)
+        T.train(
+            progress=False,
+            model={"name": "resnet18", "kwargs": {"width": 0.125}},
+            data={"name": "imagenet", "root": str(tmp_path / "tree"), "batch_size": 3, "test_batch_size": 3},
+            train={"epochs": 1, "threads": 1, "device": "cpu"},
+            analysis={"indicators": False},
+            out={"dir": str(tmp_path), "name": "old"},
+        )
+    run_dir = tmp_path / "old"
+    assert "num_classes: null" in (run_dir / "config.yaml").read_text()
+
+    with pytest.warns(UserWarning, match="started by an older reste, which built imagenet's 1000-way head"):
+        T.train(resume=str(run_dir), progress=False, train={"epochs": 2})
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and state["model"]["head.fc.weight"].shape[0] == 1000
+
+    with pytest.warns(UserWarning, match="model for 1000 classes and .* has 3 class folders"):
+        code, result = eval_json(capsys, run_dir, "--device", "cpu")
+    assert code == 0 and result["count"] == 3
+    out = tmp_path / "old.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    with pytest.warns(UserWarning, match="has 3 class folders"):
+        code, of_file = eval_json(capsys, out)
+    assert code == 0 and of_file["top1"] == result["top1"]

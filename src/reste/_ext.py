@@ -82,8 +82,9 @@ class Extension:
                 self._built = importlib.import_module(self.module_name, __package__)
             except ImportError as err:
                 self._build_error = (
-                    f"not built ({err}); install a C compiler (gcc) and reinstall: `pip install -e .` in a clone "
-                    "of reste, else `pip install --force-reinstall --no-deps --no-binary reste reste`"
+                    f"not built ({err}); install a C compiler (gcc) and reinstall from the source: "
+                    "`pip install --force-reinstall --no-deps -e .` in the clone of reste (or the path of the clone "
+                    "instead of -e .)"
                 )
         return self._built
 

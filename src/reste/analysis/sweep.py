@@ -323,6 +323,8 @@ class Sweep:
             a, b = old.get(key, _UNSET), new.get(key, _UNSET)
             if a == b and isinstance(a, bool) == isinstance(b, bool):  # 1 == 1.0 (same model); True is not 1
                 continue
+            if key == "data.num_classes" and b is None:  # unset: the run recorded its tree's class count
+                continue
             if not neutral(key):
                 differ[key] = (a, b)
             elif key in NEUTRAL_KEYS and b is not _UNSET:  # not a name or an output path: passed on to --resume

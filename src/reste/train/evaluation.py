@@ -4,6 +4,7 @@ a run directory or checkpoint on its test set or another one (:func:`evaluate`, 
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import nullcontext
 from typing import cast
 
@@ -20,16 +21,26 @@ from .rundir import locate_checkpoint
 __all__ = ["topk_correct", "evaluate_model", "evaluate", "check_class_folders"]
 
 
-def check_class_folders(loader, num_classes: int, model_source) -> None:
+def check_class_folders(loader, num_classes: int, model_source, *, strict: bool = True) -> None:
     """A class-folder test set (ImageNet) must have as many classes as the model has outputs (an
-    ImageNet-100 model on a 1000-folder tree would score labels it cannot predict); ConfigError."""
+    ImageNet-100 model on a 1000-folder tree would score labels it cannot predict); ConfigError.
+    Not ``strict`` (a model built for the data set's own count, as every reste before
+    ``data.num_classes`` built it): a warning, since its labels are this tree's folder indices."""
     classes = getattr(loader, "classes", None)
-    if classes is not None and len(classes) != num_classes:
-        folder = getattr(loader, "folder", None) or "the data folder"
+    if classes is None or len(classes) == num_classes:
+        return
+    folder = getattr(loader, "folder", None) or "the data folder"
+    if strict:
         raise ConfigError(
             f"{model_source} holds a model for {num_classes} classes, but {folder} has {len(classes)} class "
             "folders; give the data root of the tree it was trained on (--root)"
         )
+    warnings.warn(
+        f"{model_source} holds a model for {num_classes} classes and {folder} has {len(classes)} class folders: "
+        "its labels are taken as this tree's folder order (sorted names)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +176,7 @@ def evaluate(
         test_subset=test_subset,
         test_only=True,
     )
-    check_class_folders(test_loader, meta.num_classes, path)
+    check_class_folders(test_loader, meta.num_classes, path, strict=cfg.data.num_classes is not None)
     result = evaluate_model(model, test_loader, dev, num_classes=meta.num_classes, amp=amp or cfg.train.amp)
     result.update(
         {

@@ -6,6 +6,7 @@ building draws random numbers, and a resumed run must draw the same ones."""
 from __future__ import annotations
 
 import random
+import warnings
 from typing import cast
 
 import numpy as np
@@ -75,16 +76,28 @@ def create_loaders(cfg: Config, meta, ctx: D.DistContext):
     return train_loader, test_loader
 
 
-def class_count_of_data(cfg: Config, meta, train_loader, *, tell: bool):
+def class_count_of_data(cfg: Config, meta, train_loader, *, tell: bool, warn: bool = True, resumed: bool = False):
     """``meta`` with the class count the model is built for. A class-folder data set (ImageNet) has
     as many classes as its training folder has class folders: with ``data.num_classes`` unset, a
     tree of 100 gets a 100-way head, and ``cfg.data.num_classes`` records it (config.yaml, the
     checkpoints and the export then rebuild that head); a ``data.num_classes`` that differs from
-    the folder count is a ConfigError."""
+    the folder count is a ConfigError. A ``resumed`` run without the key was started by a reste
+    that built the data set's head whatever the folders: it keeps that head, with a warning
+    (``warn``: this process gives it; ``tell``: it prints the new head's message)."""
     classes = getattr(train_loader, "classes", None)
     if classes is None or len(classes) == meta.num_classes:
         return meta
     folder = getattr(train_loader, "folder", None) or f"the {meta.name} training folder"
+    if resumed and cfg.data.num_classes is None:
+        if warn:
+            warnings.warn(
+                f"{folder} has {len(classes)} class folders, but this run was started by an older reste, which "
+                f"built {meta.name}'s {meta.num_classes}-way head; it keeps that head (a new run gets a "
+                f"{len(classes)}-way one)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return meta
     if cfg.data.num_classes is not None:
         raise ConfigError(
             f"data.num_classes={cfg.data.num_classes}, but {folder} has {len(classes)} class folders; leave "

@@ -210,7 +210,14 @@ class Trainer:
         if cfg.data.root is not None:  # recorded absolute: the run is evaluated and exported from any folder
             cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
         self.train_loader, self.test_loader = create_loaders(cfg, self.meta, ctx)
-        self.meta = class_count_of_data(cfg, self.meta, self.train_loader, tell=ctx.is_main and self.print_summary)
+        self.meta = class_count_of_data(
+            cfg,
+            self.meta,
+            self.train_loader,
+            tell=ctx.is_main and self.print_summary,
+            warn=ctx.is_main,
+            resumed=self.resume_dir is not None,
+        )
         self.num_classes = self.meta.num_classes
         self.steps_per_epoch = len(self.train_loader)
         tell = ctx.is_main and self.print_summary
