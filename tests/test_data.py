@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
 import http.server
+import importlib
 import io
 import os
 import pickle
@@ -22,6 +24,7 @@ import sys
 import tarfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,9 @@ from reste.data import catalog  # noqa: E402
 from reste.data.augment import random_crop  # noqa: E402
 from reste.data.download import safe_extract  # noqa: E402
 from reste.data.loaders import InMemoryLoader  # noqa: E402
+
+# the module (reste.data.download is the function, which the package re-exports under that name)
+download_module = importlib.import_module("reste.data.download")
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -542,7 +548,8 @@ def test_offline_default_download_fails_with_where_and_how(tmp_path, capsys):
     cache = tmp_path / "user-cache" / "reste" / "data"
     assert str(cache / "fashion_mnist") + " (no such folder)" in text
     assert f"download into {cache / 'fashion_mnist'} failed" in text and "apt-get install dataset-fashion-mnist" in text
-    assert not cache.exists()  # the failed download left no empty folder behind
+    # the failed download left no data set folder behind; the data folder keeps only its hidden lock file
+    assert [p.name for p in cache.iterdir()] == [".fashion_mnist.lock"]
     with pytest.raises(data.DatasetNotFoundError) as caught:  # download=False: no attempt
         data.create_loaders("fashion_mnist", batch_size=8, download=False)
     assert "failed" not in str(caught.value)
@@ -851,7 +858,8 @@ def test_download_with_wrong_checksum_leaves_nothing_and_keeps_good_file(tmp_pat
     with pytest.raises(data.CorruptDataError, match="md5 mismatch") as caught:
         data.download("mnist", root, mirror=url, progress=False)
     assert "train-images-idx3-ubyte.gz" in str(caught.value)
-    assert not root.exists()  # no partial or bad file left behind, nor the folders made for them
+    # no partial or bad file left behind, nor the data set folder made for them; the hidden lock file stays
+    assert [p.name for p in root.iterdir()] == [".mnist.lock"]
 
     (root / "mnist").mkdir(parents=True)
     existing = root / "mnist" / "train-images-idx3-ubyte.gz"
@@ -930,7 +938,7 @@ def test_concurrent_first_downloads_into_one_folder_fetch_once_and_all_succeed(t
             proc.kill() if proc.poll() is None else None
     assert [proc.returncode for proc in procs] == [0] * 4, [err for _, err in results]
     assert len(requests) == 1  # one process fetched; the others waited and found it ready
-    assert sorted(p.name for p in root.iterdir()) == ["cifar10"]  # no lock file left
+    assert sorted(p.name for p in root.iterdir()) == [".cifar10.lock", "cifar10"]  # the lock file is kept
     assert sorted(p.name for p in (root / "cifar10").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert np.array_equal(data.load_arrays("cifar10", root).test_images, arrays["test_images"])
 
@@ -975,19 +983,218 @@ def test_a_connection_cut_mid_download_says_interrupted_not_md5_mismatch(tmp_pat
     assert list(dest.parent.iterdir()) == []  # no .part left
 
 
-def test_a_killed_download_s_part_files_are_removed_by_the_next_one(tmp_path, monkeypatch, http_server):
+def _age(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and everything inside it ``seconds`` in the past."""
+    when = time.time() - seconds
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(item, (when, when))
+
+
+def _leftovers(folder: Path, tag: str) -> list[Path]:
+    """A .part file of the download of mnist's training images and a CIFAR staging folder in ``folder``."""
+    (folder / f".extract-{tag}" / "cifar-10-batches-py").mkdir(parents=True)
+    part = folder / f".train-images-idx3-ubyte.gz.{tag}.part"
+    part.write_bytes(b"half a download")
+    return [part, folder / f".extract-{tag}"]
+
+
+def test_a_killed_download_s_stale_part_files_are_removed_by_the_next_one(tmp_path, monkeypatch, http_server):
     # was: a SIGKILLed download's randomly named .part file stayed forever
     served, url, _ = http_server
     fx.make_idx_dataset(served, n_train=8, n_test=2)
     _pin_md5s(monkeypatch, "mnist", served)
     folder = tmp_path / "root" / "mnist"
-    (folder / ".extract-k1ll3d" / "cifar-10-batches-py").mkdir(parents=True)
-    stale = [folder / ".train-images-idx3-ubyte.gz.k1ll3d.part", folder / ".t10k-labels-idx1-ubyte.gz.a1b2c3d4.part"]
-    for part in stale:
-        part.write_bytes(b"half a download")
+    folder.mkdir(parents=True)
+    stale = _leftovers(folder, "k1ll3d")
+    stale.append(folder / ".t10k-labels-idx1-ubyte.gz.a1b2c3d4.part")
+    stale[-1].write_bytes(b"half a download")
+    for leftover in stale:
+        _age(leftover, 3600)
     (folder / "notes.part").write_text("not ours")  # a file of the user's: kept
+    _age(folder / "notes.part", 3600)
     data.download("mnist", tmp_path / "root", mirror=url, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == sorted([*fx.IDX_FILES.values(), "notes.part"])
+
+
+def test_a_recent_part_file_may_be_a_live_download_elsewhere_and_is_kept(tmp_path, monkeypatch, http_server):
+    # was: deleted under the lock, though a download on another NFS client (where flock does not
+    # reach across machines) may be writing it: that download then failed with FileNotFoundError
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    folder = tmp_path / "root" / "mnist"
+    folder.mkdir(parents=True)
+    live = _leftovers(folder, "l1ve0000")
+    stale = _leftovers(folder, "0ld00000")
+    for leftover in stale:
+        _age(leftover, 3600)
+    _age(live[1], 3600)  # a staging folder counts as live while anything in it is recent
+    os.utime(live[1] / "cifar-10-batches-py")
+    data.download("mnist", tmp_path / "root", mirror=url, progress=False)
+    assert all(leftover.exists() for leftover in live) and not any(leftover.exists() for leftover in stale)
+
+
+def test_without_a_lock_nothing_of_another_download_is_removed(tmp_path, monkeypatch, http_server):
+    # was: with no lock (no fcntl on Windows) the cleanup still ran, deleting the .part file and
+    # staging folder of a concurrent download, which then failed with FileNotFoundError
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    monkeypatch.setattr(download_module, "fcntl", None)
+    folder = tmp_path / "root" / "mnist"
+    folder.mkdir(parents=True)
+    others = _leftovers(folder, "0th3r000")
+    for leftover in others:
+        _age(leftover, 3600)  # even old ones: without the lock nothing says they are not in use
+    data.download("mnist", tmp_path / "root", mirror=url, progress=False)
+    assert all(leftover.exists() for leftover in others)
+    assert not (tmp_path / "root" / ".mnist.lock").exists()
+
+
+def _unwritable(monkeypatch, folder: Path, err: int = errno.EROFS) -> None:
+    """Make creating or writing anything under ``folder`` fail with ``err``, as on a read-only mount
+    (the tests run as root, which chmod does not stop); reading still works."""
+    real_open, real_mkdir = os.open, os.mkdir
+    folder = folder.absolute()
+
+    def inside(path) -> bool:
+        return Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+
+    def fake_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+def test_a_complete_data_set_in_a_read_only_folder_is_found_without_a_lock(tmp_path, monkeypatch, http_server):
+    # was: OSError [Errno 30] Read-only file system: '.../.mnist.lock' (the lock was taken first)
+    served, url, requests = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    archive, _ = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
+    _pin_cifar_md5(monkeypatch, "cifar10", archive)
+    root = tmp_path / "root"
+    for name in ("mnist", "cifar10"):
+        data.download(name, root, mirror=url, progress=False)
+    for lock in root.glob(".*.lock"):
+        lock.unlink()  # as when the data set was put there by other means
+    fetched = len(requests)
+    _unwritable(monkeypatch, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.download("mnist", root, mirror=url, progress=False) == root / "mnist"
+        assert data.download("cifar10", root, mirror=url, progress=False) == root / "cifar10"
+    assert len(requests) == fetched and sorted(p.name for p in root.iterdir()) == ["cifar10", "mnist"]
+
+
+def test_a_read_only_folder_without_the_data_fails_saying_it_cannot_write(tmp_path, monkeypatch, http_server):
+    served, url, requests = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    monkeypatch.setattr(download_module, "_warned_unlocked", set())
+    root = tmp_path / "ro"
+    root.mkdir()
+    _unwritable(monkeypatch, root)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != root and real_access(path, mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about the lock: the error says what is wrong
+        with pytest.raises(OSError) as caught:
+            data.download("mnist", root, mirror=url, progress=False)
+        assert caught.value.errno == errno.EROFS and ".lock" not in str(caught.value)
+        assert str(root / "mnist") in str(caught.value)
+        with pytest.raises(data.DatasetNotFoundError) as caught:
+            data.load_arrays("mnist", root, download=True, mirror=url, progress=False)
+    message = str(caught.value)
+    assert f"download into {root / 'mnist'} failed: [Errno 30] Read-only file system" in message
+    assert f"{root} is not writable: set RESTE_DATA=DIR" in message and ".lock" not in message
+    assert requests == []
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS", "EINVAL"])
+def test_a_file_system_without_flock_downloads_unlocked_with_one_warning(tmp_path, monkeypatch, http_server, code):
+    # was: flock's ENOLCK (Lustre without -o flock, NFS without lockd) failed every download at once
+    served, url, requests = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    monkeypatch.setattr(download_module, "_warned_unlocked", set())
+    err = getattr(errno, code)
+
+    def no_flock(fd, operation):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(download_module.fcntl, "flock", no_flock)
+    root = tmp_path / "root"
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    others = _leftovers(folder, "0th3r000")
+    for leftover in others:
+        _age(leftover, 3600)
+    with pytest.warns(UserWarning) as caught:
+        assert data.download("mnist", root, mirror=url, progress=False) == folder
+    assert len(caught) == 1
+    assert f"concurrent downloads into {root} are not coordinated" in str(caught[0].message)
+    assert all(leftover.exists() for leftover in others)  # no cleanup without the lock
+    assert len(requests) == 4 and data.load_arrays("mnist", root).train_images.shape[0] == 8
+    (folder / fx.IDX_FILES["test_labels"]).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per folder
+        data.download("mnist", root, mirror=url, progress=False)
+    assert len(requests) == 5
+
+
+def test_a_lock_file_that_cannot_be_opened_for_writing_is_locked_read_only(tmp_path, monkeypatch, http_server):
+    # was: OSError EACCES for a lock file created by another user of a shared data folder (0644)
+    served, url, _ = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, "mnist", served)
+    root = tmp_path / "root"
+    root.mkdir()
+    lock = root / ".mnist.lock"
+    lock.touch()
+    real_open = os.open
+    opened = []
+
+    def fake_open(path, flags, *args, **kwargs):
+        if Path(os.fsdecode(path)) == lock:
+            opened.append(flags)
+            if flags & os.O_RDWR:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.download("mnist", root, mirror=url, progress=False) == root / "mnist"
+    assert opened[-1] == os.O_RDONLY
+
+
+def test_a_damaged_extracted_cifar_batch_is_repaired_by_downloading_again(tmp_path, monkeypatch, http_server, capsys):
+    # was: the extracted folder counted as present when its files existed: the download did nothing
+    from reste.cli import main
+
+    served, url, requests = http_server
+    archive, arrays = fx.write_cifar_tarball(served, "cifar10", per_batch=4, n_test=3)
+    _pin_cifar_md5(monkeypatch, "cifar10", archive)
+    root = tmp_path / "root"
+    data.download("cifar10", root, mirror=url, progress=False)
+    batch = root / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    assert main(["datasets", "--root", str(root)]) == 0
+    assert f"damaged: corrupt data file {batch}" in capsys.readouterr().out
+    assert main(["download", "cifar10", "--root", str(root), "--mirror", url, "--quiet"]) == 0
+    assert len(requests) == 1  # extracted again from the intact tarball, not fetched again
+    assert main(["datasets", "--root", str(root)]) == 0
+    assert "damaged:" not in capsys.readouterr().out
+    assert np.array_equal(data.load_arrays("cifar10", root).train_images, arrays["train_images"])
 
 
 def test_the_stand_alone_data_command_is_the_cli_s(tmp_path, capsys):

@@ -18,9 +18,15 @@ examples:
   RESTE_MIRROR=http://host/mnist/ reste download mnist
 
 Files are md5-checked; a wrong download is deleted and never replaces an
-existing file; a failed download leaves no folder behind. Several processes may
-download one data set into one folder at once: one fetches, the others wait and
-find it ready. NAME may be spelled as data.name accepts it (CIFAR10, Fashion-MNIST).
+existing file; a failed download leaves no data set folder behind. A data set
+already complete is left as it is (a read-only folder is fine); a damaged
+extracted CIFAR batch is extracted again. Several processes may download one
+data set into one folder at once: they take turns on an flock on a hidden lock
+file, ROOT/.NAME.lock (kept), so one fetches and the others find it ready. That
+works on local file systems, and on NFS/Lustre only where flock works across
+clients; without it (a warning says so) each process still downloads into its own
+temporary file and renames it into place atomically.
+NAME may be spelled as data.name accepts it (CIFAR10, Fashion-MNIST).
 Without --root, training finds what is downloaded here by itself. Fashion-MNIST
 is also found in /usr/share/datasets/fashion-mnist (Debian: apt-get install
 dataset-fashion-mnist).

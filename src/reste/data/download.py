@@ -8,11 +8,17 @@ Guarantees:
   half-written file under the official name, and never replaces an existing
   file.
 * A file that is already present with the right md5 is not fetched again.
-* Downloads of one data set into one folder are serialised by an inter-process lock
-  (``fcntl.flock`` on ``root/.<name>.lock``), and what is present is checked again once the
-  lock is held: several processes (every rank of a ``torchrun`` job) may call :func:`download`
-  at once; one fetches, the others wait and find the data ready. Stale ``.part`` files and
-  staging folders of a killed download are removed under that lock.
+* A data set already complete (IDX files with their md5s, CIFAR's extracted folder with every
+  batch whole) is found without writing or locking anything: a read-only folder is fine.
+* Otherwise downloads of one data set into one folder are serialised by an inter-process lock
+  (``fcntl.flock`` on ``root/.<name>.lock``, a hidden file created once and kept), and what is
+  present is checked again once the lock is held: several processes (every rank of a
+  ``torchrun`` job) may call :func:`download` at once; one fetches, the others wait and find the
+  data ready. Under that lock, ``.part`` files and staging folders of a killed download are
+  removed once untouched for ``_STALE_AFTER_S`` (younger ones may be a live download's on
+  another machine sharing the folder). Where no lock can be had (no ``fcntl`` on Windows, a
+  read-only folder, NFS or Lustre without working flock) the download goes on without it and
+  without that cleanup: each process writes its own temporary files and renames them atomically.
 * Downloaded files get the mode a new file gets from the umask (``0o666 & ~umask``), like any
   file the user creates, not a temporary file's 0600.
 * Tarballs are extracted member by member after checking that every member
@@ -27,6 +33,7 @@ the tests use this to point at a local HTTP server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -34,7 +41,9 @@ import secrets
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.request
+import warnings
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, cast
@@ -50,6 +59,7 @@ from .catalog import (
     resolve_root,
 )
 from .errors import CorruptDataError
+from .formats import quick_check_pickle
 
 try:
     import fcntl
@@ -86,6 +96,9 @@ def _new_part_file(dest: Path) -> tuple[int, Path]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:  # pragma: no cover - 32 random bits collided
             continue
+        except FileNotFoundError:  # an unlocked concurrent download that failed removed the empty folder
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def download_file(url: str, dest, md5: str, *, progress: bool = True, timeout: float = 60.0) -> Path:
@@ -228,58 +241,128 @@ class NotDownloadableError(UsageError, ValueError):
     get it. A usage error (exit code 2)."""
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive inter-process lock (``flock``) on ``lock_path`` for the ``with`` block.
+# errno values meaning "this folder cannot hold or take a lock" (a read-only mount, a folder of
+# someone else's, a file system without flock: Lustre without -o flock, NFS without lockd): the
+# download then goes ahead without the lock, as it did before there was one
+_NO_LOCK_ERRNOS = frozenset(
+    getattr(errno, code)
+    for code in ("EROFS", "EACCES", "EPERM", "ENOLCK", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL", "EBADF")
+    if hasattr(errno, code)
+)
+# a .part file or staging folder untouched for this long belongs to no running download (a live
+# one writes every chunk of at most 1 MiB); younger ones may be another machine's, on a shared
+# file system whose flock does not reach across machines
+_STALE_AFTER_S = 10 * 60
+_warned_unlocked: set[Path] = set()
 
-    The lock file is deleted on the way out, while still locked, so no ``.lock`` file is left
-    in the data folder. A process that was waiting on the deleted file sees, once it gets the
-    lock, that the path no longer names that file, and starts over on a new one; so only one
-    process ever holds the lock of a path. Without ``fcntl`` (Windows) this locks nothing.
+
+def _warn_unlocked(root: Path, name: str, exc: OSError) -> None:
+    if root in _warned_unlocked:
+        return
+    _warned_unlocked.add(root)
+    warnings.warn(
+        f"cannot lock {root / f'.{name}.lock'} ({exc.strerror or exc}): concurrent downloads into {root} are "
+        f"not coordinated (each still writes its own temporary file and renames it into place)",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+@contextlib.contextmanager
+def _lock(root: Path, name: str, target: Path):
+    """Hold an exclusive inter-process lock (``flock``) on ``root/.<name>.lock`` for the ``with``
+    block; yields whether it is held.
+
+    The lock file is created once and never deleted: deleting a lock file is unsafe (a process
+    waiting on the deleted file would hold "the lock" beside one that locks a new file; NFS may
+    even hand out the deleted file from a cached lookup). Where the lock cannot be had, a
+    read-only folder or a file system without flock (the errnos in ``_NO_LOCK_ERRNOS``), it
+    warns once per folder (not when ``target`` cannot be written either: the download fails
+    then, saying so) and yields False; without ``fcntl`` (Windows) it yields False silently.
     """
     if fcntl is None:
-        yield
+        yield False
         return
-    while True:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except FileNotFoundError:  # the folder was removed by a failing download in between
-            continue
+    path = root / f".{name}.lock"
+    fd = None
+    try:
+        fd = _open_lock_file(path)
+    except OSError as exc:
+        if exc.errno not in _NO_LOCK_ERRNOS:
+            raise
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or (
+            target.is_dir() and os.access(target, os.W_OK | os.X_OK)
+        ):
+            _warn_unlocked(root, name, exc)
+    if fd is None:  # yielded outside the except clause: the body's errors are not chained to this one
+        yield False
+        return
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
-            except FileNotFoundError:
-                same = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
+        except OSError as exc:
+            if exc.errno not in _NO_LOCK_ERRNOS:
+                raise
+            _warn_unlocked(root, name, exc)
+            locked = False
+        else:
+            locked = True
+        yield locked
     finally:
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
+        os.close(fd)  # releases the flock
+
+
+def _open_lock_file(path: Path) -> int:
+    for _ in range(3):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the folder was removed by another (unlocked) failing download
+            continue
+        except OSError as exc:
+            # an existing lock file of someone else's (0644 under umask 022): a local flock needs
+            # no write access (NFS does, for an exclusive lock: flock then fails with EBADF)
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not path.is_file():
+                raise
+            return os.open(path, os.O_RDONLY)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of ``path`` and, for a folder, of anything inside it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(folder, entry)).st_mtime)
+    return newest
 
 
 def _remove_leftovers(name: str, target: Path) -> None:
-    """Delete the ``.part`` files and extraction staging folders a killed download of ``name``
-    left in ``target``. Called with the data set's lock held, so no running download owns them."""
+    """Delete the ``.part`` files and extraction staging folders a killed download of ``name`` left
+    in ``target``: only those untouched for ``_STALE_AFTER_S``. Called with the data set's lock
+    held, so no download on this machine owns them; the age spares those of a download on another
+    machine sharing the folder where flock does not reach across machines."""
     if not target.is_dir():
         return
     if name in IDX_SOURCES:
         files = [file_name for file_name, _ in IDX_SOURCES[name].files.values()]
     else:
         files = [CIFAR_SOURCES[name].archive]
-    for file_name in files:
-        for part in target.glob(f".{file_name}.*.part"):
-            part.unlink(missing_ok=True)
-    for staging in target.glob(".extract-*"):
-        if staging.is_dir() and not staging.is_symlink():
-            shutil.rmtree(staging, ignore_errors=True)
+    leftovers = [part for file_name in files for part in target.glob(f".{file_name}.*.part")]
+    leftovers += [staging for staging in target.glob(".extract-*") if staging.is_dir() and not staging.is_symlink()]
+    too_old = time.time() - _STALE_AFTER_S
+    for leftover in leftovers:
+        try:  # best effort: a leftover that vanished or cannot be removed is no reason to fail
+            if _newest_mtime(leftover) >= too_old:
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def download(name: str, root=None, *, mirror: str | None = None, progress: bool = True) -> Path:
@@ -288,17 +371,21 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
     * ``fashion_mnist`` / ``mnist``: the four official IDX ``.gz`` files.
     * ``cifar10`` / ``cifar100``: the official python-version tarball, which
       is kept and safely extracted next to it; when the extracted folder already
-      holds every batch nothing is fetched or extracted.
+      holds every batch, each ending as a whole pickle does, nothing is fetched or extracted.
     * ``imagenet``: cannot be downloaded (registration needed): :class:`NotDownloadableError`.
 
     ``root`` defaults to the per-user data folder (``$RESTE_DATA``, else
     ``~/.cache/reste/data``); ``mirror`` (or ``$RESTE_MIRROR``) replaces the
     official base URL: ``http(s)://HOST/PATH/`` or ``file:///FOLDER/`` (anything else:
     :class:`reste.errors.UsageError`). Every file is md5 checked; see :func:`download_file` for
-    what happens on a mismatch. A failed download leaves no folder it created.
+    what happens on a mismatch. A failed download leaves no data set folder it created.
 
-    Safe to call from several processes at once (every rank of a distributed job): they take
-    turns on a lock per data set and folder, and the ones that wait find the data ready.
+    A data set already complete is checked without writing anything (a read-only folder is fine).
+    Otherwise several processes may call this at once (every rank of a distributed job): they
+    take turns on an flock on ``root/.<name>.lock`` (a hidden file, kept), and the ones that
+    wait find the data ready. Where flock does not work (Windows, a read-only folder, NFS or
+    Lustre without working flock; a warning says so) each process still downloads into its
+    own temporary files and renames them into place atomically.
     """
     name = canonical_name(name)
     check_mirror(mirror, "mirror")
@@ -310,11 +397,14 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
         raise NotDownloadableError("\n".join(how_to_get(name, root)))
     if name not in IDX_SOURCES and name not in CIFAR_SOURCES:
         raise ValueError(f"unknown data set {name!r}")
+    if _complete(name, target):  # nothing to write: no lock needed (the folder may be read-only)
+        return target
     created = [p for p in [target, *target.parents] if not p.exists()]
     try:
-        with _exclusive(root / f".{name}.lock"):
+        with _lock(root, name, target) as locked:
             try:
-                _remove_leftovers(name, target)
+                if locked:
+                    _remove_leftovers(name, target)
                 # what is present is checked again here, under the lock: a process that waited
                 # for another one's download finds the files there and fetches nothing
                 return _download_into(name, target, mirror, progress)
@@ -323,8 +413,8 @@ def download(name: str, root=None, *, mirror: str | None = None, progress: bool 
                     _remove_empty(target)
                 raise
     except BaseException:
-        # the lock file is gone now: the folders above the target can go too
-        for folder in created:  # deepest first: only the folders this call made, only if empty
+        # the folders above: only those this call made, only if empty (the lock file stays in root)
+        for folder in created:
             if folder != target and not _remove_empty(folder):
                 break
         raise
@@ -338,11 +428,33 @@ def _remove_empty(folder: Path) -> bool:
     return True
 
 
+def _complete(name: str, target: Path) -> bool:
+    """Whether ``target`` already holds data set ``name`` as a download leaves it: the IDX files
+    with their official md5s, or CIFAR's extracted folder (:func:`_cifar_extracted`)."""
+    if name in IDX_SOURCES:
+        try:
+            return all(
+                (target / file_name).is_file() and md5_of_file(target / file_name) == md5
+                for file_name, md5 in IDX_SOURCES[name].files.values()
+            )
+        except OSError:
+            return False
+    return _cifar_extracted(CIFAR_SOURCES[name], target)
+
+
 def _cifar_extracted(source: CifarSource, target: Path) -> bool:
-    """Whether ``target`` holds the extracted folder with every batch (extraction moves it into
-    place whole, so present means complete)."""
+    """Whether ``target`` holds the extracted folder with every batch, each passing the quick check
+    of ``reste datasets`` (ends as a pickle does: a truncated batch fails it). Extraction moves the
+    folder into place whole, so this is false only for a folder damaged since."""
     folder = target / source.folder
-    return all((folder / m).is_file() for m in (*source.train_members, *source.test_members, source.meta_member))
+    if not (folder / source.meta_member).is_file():
+        return False
+    try:
+        for member in (*source.train_members, *source.test_members):
+            quick_check_pickle(folder / member)
+    except CorruptDataError:
+        return False
+    return True
 
 
 def _download_into(name: str, target: Path, mirror: str | None, progress: bool) -> Path:
@@ -354,7 +466,9 @@ def _download_into(name: str, target: Path, mirror: str | None, progress: bool) 
         return target
     if name in CIFAR_SOURCES:
         source = CIFAR_SOURCES[name]
-        if _cifar_extracted(source, target):  # never extracted again: others may be reading it
+        # a whole extracted folder is never extracted again (others may be reading it); a damaged
+        # one is extracted again from the tarball (fetched again only if it is not intact)
+        if _cifar_extracted(source, target):
             return target
         archive = download_file(
             _base_url(source.base_url, mirror) + source.archive,
