@@ -1156,3 +1156,40 @@ def test_a_sweep_rerun_reuses_imagenet_runs_that_recorded_their_trees_class_coun
     assert Sweep(None, grid, out, launch=fake_launcher(calls), poll_s=0).run(progress=None) == 0 and calls == []
     with pytest.raises(SweepMismatchError, match="data.num_classes: 3 -> 5"):  # a count given is compared
         Sweep(None, [*grid, "data.num_classes=5"], out, launch=fake_launcher(calls), poll_s=0)
+
+
+def test_report_of_runs_reads_the_sweeps_beside_loose_runs_and_names_plain_folders(tmp_path):
+    # with the defaults, runs/ holds reste train's run folders beside reste sweep's sweep folders:
+    # the sweeps were dropped without a word as soon as one loose run was there
+    top = tmp_path / "runs"
+    fixture_run(top, "loose", [50.0, 61.0], o_end=3.0, snapshot=False)
+    for o_end in (1, 2):
+        fixture_run(top / "sweep-a", f"o{o_end}", [50.0, 60.0 + o_end], o_end=float(o_end), snapshot=False)
+    (top / "sweep-a" / "sweep.json").write_text(json.dumps({"runs": []}))
+    fixture_run(top / "plain", "p", [50.0, 55.0], o_end=2.0, snapshot=False)  # a folder of runs, no sweep.json
+    report = build_report([top], tmp_path / "out", plots=False)
+    assert f"3 finished runs in 3 settings, from: `{top}` (the sweeps `{top / 'sweep-a'}`)." in report.markdown
+    (plain,) = [line for line in report.left_out if "plain" in line]
+    assert "a folder of runs, not read (inside runs/ only sweep folders are): add it to the command" in plain
+
+
+def test_full_precision_runs_of_a_sweep_over_estimators_form_one_cell(tmp_path):
+    # model.estimator=ste,reste x model.precision=1w1a,fp gave two identical FP rows
+    from reste.analysis.runs import load_run
+
+    sweep = tmp_path / "sweep"
+    for estimator in ("ste", "reste"):
+        for precision, top1 in (("1w1a", 60.0), ("fp", 70.0)):
+            for seed in (0, 1):
+                fixture_run(
+                    sweep,
+                    f"{estimator}-{precision}-{seed}",
+                    [50.0, top1 + seed],
+                    seed=seed,
+                    estimator=estimator,
+                    precision=precision,
+                    snapshot=False,
+                )
+    runs = [load_run(p) for p in sorted(sweep.iterdir())]
+    assert len({r.setting for r in runs}) == 3  # STE 1W/1A, ReSTE 1W/1A, FP
+    assert len({r.setting for r in runs if r.get("model.precision") == "fp"}) == 1

@@ -437,6 +437,7 @@ def test_the_papers_configs_are_found_by_name_from_any_folder(tmp_path, monkeypa
     (tmp_path / "cifar10").mkdir()
     (tmp_path / "cifar10" / "resnet20_1w1a.yaml").write_text("name: mine\n")
     assert C.load_config("cifar10/resnet20_1w1a.yaml").name == "mine"
+    assert C.load_config("cifar10/resnet20_1w1a").name == "mine"  # named without .yaml too
 
 
 def test_an_empty_data_root_is_refused_naming_the_key():

@@ -40,6 +40,8 @@ def _num(x) -> str:
         return "—"
     if isinstance(x, bool):  # before int: True would print as 1
         return "yes" if x else "no"
+    if isinstance(x, (list, tuple)):  # as config.yaml writes it: [3], not the tuple a cell keeps
+        return "[" + ", ".join(_num(v) for v in x) + "]"
     return f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 

@@ -103,8 +103,13 @@ class RunRecord:
     @property
     def setting(self) -> tuple:
         """The resolved config without seed, name, output paths and the options that cannot change
-        results (:data:`NEUTRAL_KEYS`): equal settings form a cell."""
-        return tuple(sorted((k, repr(v)) for k, v in self.flat.items() if not _ignored(k)))
+        results (:data:`NEUTRAL_KEYS`): equal settings form a cell. A full-precision model has no
+        binary layer, so its ``model.estimator`` does not count either (a sweep over estimators and
+        precisions gives one FP cell, not one per estimator)."""
+        flat = self.flat
+        if flat.get("model.precision") == "fp":  # no binary layer uses it: the default stands for all
+            flat = {**flat, "model.estimator": _default_flat().get("model.estimator", "reste")}
+        return tuple(sorted((k, repr(v)) for k, v in flat.items() if not _ignored(k)))
 
     def get(self, key: str, default=None):
         """A config value by dotted key, falling back to the summary's copy of it."""
@@ -290,18 +295,26 @@ def scan(path: str | os.PathLike) -> Found:
     if not path.is_dir() or (rundir.looks_like_run(path) and not (path / "sweep.json").is_file()):
         return Found([load_run(path)], [], [])  # load_run raises what is wrong and what to do
     runs, missing = _scan_one(path)
-    if runs or missing or (path / "sweep.json").is_file():
+    if (path / "sweep.json").is_file():
         return Found(runs, missing, [])
-    # a folder of sweeps (`reste report runs/` holding several `reste sweep --out` folders): read each
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    # the sweeps in a folder (`reste report runs/`: with the defaults, runs/ holds reste train's run
+    # folders beside reste sweep's sweep folders): read each, whether or not runs lie beside them
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not _is_run(p) and not rundir.looks_like_run(p))
     sweeps = [p for p in subdirs if (p / "sweep.json").is_file()]
     for sweep in sweeps:
         more_runs, more_missing = _scan_one(sweep)
         runs += more_runs
         missing += more_missing
-    if sweeps:
+    holding = [p for p in subdirs if p not in sweeps and _holds_runs(p)]
+    if runs or missing or sweeps:
+        # a plain folder of runs one level down is not read (only sweeps are): named, so none is missed silently
+        missing += [
+            Missing(
+                p, f"a folder of runs, not read (inside {path.name}/ only sweep folders are): add it to the command"
+            )
+            for p in holding
+        ]
         return Found(runs, missing, sweeps)
-    holding = [p for p in subdirs if _holds_runs(p)]
     if holding:
         names = ", ".join(p.name for p in holding[:5]) + (f" and {len(holding) - 5} more" if len(holding) > 5 else "")
         raise NotARunError(

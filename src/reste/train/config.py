@@ -695,6 +695,8 @@ def find_config(path) -> Path:
     given = Path(path)
     if given.exists() or given.is_absolute():
         return given
+    if given.suffix not in (".yaml", ".yml") and given.with_name(given.name + ".yaml").is_file():
+        return given.with_name(given.name + ".yaml")  # a file of the user's, named without .yaml: it wins
     folder = bundled_configs()
     if folder is None:
         return given
