@@ -1193,3 +1193,17 @@ def test_full_precision_runs_of_a_sweep_over_estimators_form_one_cell(tmp_path):
     runs = [load_run(p) for p in sorted(sweep.iterdir())]
     assert len({r.setting for r in runs}) == 3  # STE 1W/1A, ReSTE 1W/1A, FP
     assert len({r.setting for r in runs if r.get("model.precision") == "fp"}) == 1
+
+
+def test_equal_differences_one_image_apart_claim_no_significance():
+    # 100 * correct / count is unrounded: equal per-seed differences came out 1e-14 apart and read
+    # "+0.02 (t = 2814749767107.00, 2 seeds, p < 0.05)"
+    from reste.analysis.cells import Cell, paired
+    from reste.analysis.runs import RunRecord
+
+    def cell(top1s):
+        return Cell([RunRecord(Path(f"r{s}"), {"seed": s}, {"final_top1": v}, []) for s, v in enumerate(top1s)])
+
+    a, b = cell([100 * 8677 / 10000, 100 * 8512 / 10000]), cell([100 * 8675 / 10000, 100 * 8510 / 10000])
+    result = paired(a, b)
+    assert result.t is None and str(result) == "+0.02 (the same on each of 2 seeds)"

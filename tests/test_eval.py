@@ -417,3 +417,20 @@ def test_an_imagenet_tree_run_of_an_older_reste_keeps_its_1000_way_head(tmp_path
     with pytest.warns(UserWarning, match="has 3 class folders"):
         code, of_file = eval_json(capsys, out)
     assert code == 0 and of_file["top1"] == result["top1"]
+
+
+def test_a_new_run_on_a_full_imagenet_tree_records_its_class_count_too():
+    # else it would look like a run of an older reste, and eval on a tree of other folders only warns
+    from types import SimpleNamespace
+
+    from reste.data import info as data_info_of
+    from reste.train.config import load_config
+    from reste.train.setup import class_count_of_data
+
+    loader = SimpleNamespace(classes=[f"n{i:08d}" for i in range(1000)], folder="tree/train")
+    cfg = load_config(None, ["data.name=imagenet"])
+    meta = class_count_of_data(cfg, data_info_of("imagenet"), loader, tell=False)
+    assert meta.num_classes == 1000 and cfg.data.num_classes == 1000
+    resumed = load_config(None, ["data.name=imagenet"])  # a run of an older reste: left as it was
+    class_count_of_data(resumed, data_info_of("imagenet"), loader, tell=False, resumed=True)
+    assert resumed.data.num_classes is None

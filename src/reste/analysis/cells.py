@@ -83,7 +83,10 @@ def paired(a: Cell, b: Cell, key: str = "final_top1") -> Paired | None:
     if len(diffs) < 2:
         return None
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    return Paired(mean, None if sd == 0.0 else mean / (sd / math.sqrt(len(diffs))), len(diffs))
+    # accuracies are 100 * correct / count, unrounded: equal differences can come out 1e-14 apart,
+    # which must not read as an enormous t
+    same = sd <= 1e-9 * max(1.0, abs(mean))
+    return Paired(mean, None if same else mean / (sd / math.sqrt(len(diffs))), len(diffs))
 
 
 @dataclass

@@ -85,7 +85,12 @@ def class_count_of_data(cfg: Config, meta, train_loader, *, tell: bool, warn: bo
     that built the data set's head whatever the folders: it keeps that head, with a warning
     (``warn``: this process gives it; ``tell``: it prints the new head's message)."""
     classes = getattr(train_loader, "classes", None)
-    if classes is None or len(classes) == meta.num_classes:
+    if classes is None:
+        return meta
+    if len(classes) == meta.num_classes:
+        if cfg.data.num_classes is None and not resumed:
+            # recorded for a full tree too: only a run without the key is one of an older reste
+            cfg.data.num_classes = len(classes)
         return meta
     folder = getattr(train_loader, "folder", None) or f"the {meta.name} training folder"
     if resumed and cfg.data.num_classes is None:
