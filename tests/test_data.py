@@ -491,9 +491,7 @@ def test_download_accepts_the_spellings_the_api_accepts_and_suggests_a_close_nam
     # was: argparse "invalid choice: 'Fashion-MNIST'" while data.name=Fashion-MNIST and the API accept it
     from reste.cli import main
 
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "fashion_mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server, "fashion_mnist")
     root = tmp_path / "root"
     assert main(["download", "Fashion-MNIST", "--root", str(root), "--mirror", url, "--quiet"]) == 0
     assert capsys.readouterr().out == f"fashion_mnist is ready in {root / 'fashion_mnist'}\n"
@@ -818,6 +816,15 @@ def _pin_md5s(monkeypatch, name: str, folder: Path):
     monkeypatch.setitem(catalog.IDX_SOURCES, name, catalog.IdxSource(source.base_url, files))
 
 
+def _serve_tiny_idx(monkeypatch, http_server, name="mnist"):
+    """Serve a tiny IDX data set (8 training, 2 test images) on the local server, its md5s pinned
+    in the catalog; returns ``(mirror url, requests served)``."""
+    served, url, requests = http_server
+    fx.make_idx_dataset(served, n_train=8, n_test=2)
+    _pin_md5s(monkeypatch, name, served)
+    return url, requests
+
+
 def _pin_cifar_md5(monkeypatch, name: str, archive: Path) -> str:
     """Make the served tarball the 'official' one by md5; return that md5."""
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
@@ -945,9 +952,7 @@ def test_concurrent_first_downloads_into_one_folder_fetch_once_and_all_succeed(t
 
 def test_downloaded_files_get_the_mode_of_a_new_file(tmp_path, monkeypatch, http_server):
     # was: 0600, the mode of the temporary file they were written to
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server)
     for umask, expected in ((0o022, 0o644), (0o002, 0o664)):
         previous = os.umask(umask)
         try:
@@ -1000,9 +1005,7 @@ def _leftovers(folder: Path, tag: str) -> list[Path]:
 
 def test_a_killed_download_s_stale_part_files_are_removed_by_the_next_one(tmp_path, monkeypatch, http_server):
     # was: a SIGKILLed download's randomly named .part file stayed forever
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server)
     folder = tmp_path / "root" / "mnist"
     folder.mkdir(parents=True)
     stale = _leftovers(folder, "k1ll3d")
@@ -1019,9 +1022,7 @@ def test_a_killed_download_s_stale_part_files_are_removed_by_the_next_one(tmp_pa
 def test_a_recent_part_file_may_be_a_live_download_elsewhere_and_is_kept(tmp_path, monkeypatch, http_server):
     # was: deleted under the lock, though a download on another NFS client (where flock does not
     # reach across machines) may be writing it: that download then failed with FileNotFoundError
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server)
     folder = tmp_path / "root" / "mnist"
     folder.mkdir(parents=True)
     live = _leftovers(folder, "l1ve0000")
@@ -1037,9 +1038,7 @@ def test_a_recent_part_file_may_be_a_live_download_elsewhere_and_is_kept(tmp_pat
 def test_without_a_lock_nothing_of_another_download_is_removed(tmp_path, monkeypatch, http_server):
     # was: with no lock (no fcntl on Windows) the cleanup still ran, deleting the .part file and
     # staging folder of a concurrent download, which then failed with FileNotFoundError
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server)
     monkeypatch.setattr(download_module, "fcntl", None)
     folder = tmp_path / "root" / "mnist"
     folder.mkdir(parents=True)
@@ -1096,9 +1095,7 @@ def test_a_complete_data_set_in_a_read_only_folder_is_found_without_a_lock(tmp_p
 
 
 def test_a_read_only_folder_without_the_data_fails_saying_it_cannot_write(tmp_path, monkeypatch, http_server):
-    served, url, requests = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, requests = _serve_tiny_idx(monkeypatch, http_server)
     monkeypatch.setattr(download_module, "_warned_unlocked", set())
     root = tmp_path / "ro"
     root.mkdir()
@@ -1122,9 +1119,7 @@ def test_a_read_only_folder_without_the_data_fails_saying_it_cannot_write(tmp_pa
 @pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS", "EINVAL"])
 def test_a_file_system_without_flock_downloads_unlocked_with_one_warning(tmp_path, monkeypatch, http_server, code):
     # was: flock's ENOLCK (Lustre without -o flock, NFS without lockd) failed every download at once
-    served, url, requests = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, requests = _serve_tiny_idx(monkeypatch, http_server)
     monkeypatch.setattr(download_module, "_warned_unlocked", set())
     err = getattr(errno, code)
 
@@ -1153,9 +1148,7 @@ def test_a_file_system_without_flock_downloads_unlocked_with_one_warning(tmp_pat
 
 def test_a_lock_file_that_cannot_be_opened_for_writing_is_locked_read_only(tmp_path, monkeypatch, http_server):
     # was: OSError EACCES for a lock file created by another user of a shared data folder (0644)
-    served, url, _ = http_server
-    fx.make_idx_dataset(served, n_train=8, n_test=2)
-    _pin_md5s(monkeypatch, "mnist", served)
+    url, _ = _serve_tiny_idx(monkeypatch, http_server)
     root = tmp_path / "root"
     root.mkdir()
     lock = root / ".mnist.lock"
