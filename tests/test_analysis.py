@@ -606,7 +606,7 @@ def test_report_builds_the_seed_tables_and_figures(tmp_path):
     assert "+6.50 (t = 13.00, 2 seeds, p < 0.05)" in row("## Table 2", "2")  # (72 - 65, 73 - 67)
     assert "seeds" not in row("## Table 2", "1")  # o = 1 is one training, nothing to pair
     # Table 3 holds the cosine cell of the o_end sweep too
-    assert "73.50 ± 0.71" in row("## Table 3", "cosine") and "86.59" in row("## Table 3", "power")
+    assert "73.50 ± 0.71" in row("## Table 3", "cosine") and "86.59" in row("## Table 3", "power (p = 2)")
     # estimator comparison: mean(68, 72) ± sd(68, 72) = 70.00 ± 2.83, and the paper's STE number
     # rows use the docs' display names (STE, EDE; was the config's "ste", "ede")
     assert "70.00 ± 2.83" in row("## Estimator comparison", "STE") and "84.44" in row("## Estimator comparison", "STE")
@@ -1193,6 +1193,86 @@ def test_full_precision_runs_of_a_sweep_over_estimators_form_one_cell(tmp_path):
     runs = [load_run(p) for p in sorted(sweep.iterdir())]
     assert len({r.setting for r in runs}) == 3  # STE 1W/1A, ReSTE 1W/1A, FP
     assert len({r.setting for r in runs if r.get("model.precision") == "fp"}) == 1
+
+
+def test_fp_runs_are_one_cell_whatever_their_o_schedule_and_stand_in_every_estimator_comparison(tmp_path):
+    # a sweep over precision x o_end x schedule gave one FP row per (o_end, schedule), though FP has no o
+    sweep = tmp_path / "sweep"
+    for o_end in (2.0, 4.0):
+        for schedule in ("cosine", "fixed"):
+            fixture_run(sweep, f"fp-{o_end:g}-{schedule}", [80.0, 85.0], precision="fp", o_end=o_end,
+                        schedule=schedule, snapshot=False)  # fmt: skip
+        for estimator, top1 in (("reste", 70.0), ("ste", 65.0)):
+            fixture_run(sweep, f"{estimator}-{o_end:g}", [50.0, top1 + o_end], estimator=estimator, o_end=o_end,
+                        snapshot=False)  # fmt: skip
+    report = build_report([sweep], tmp_path / "out", plots=False)
+    results = table_rows(report_section(report.markdown, "Results"))
+    assert [r[3] for r in results[1:]].count("FP") == 1
+    # one comparison per o_end, each with the FP row; the context line names the binary rows' o_end, not FP's
+    sections = [s for s in report.sections if s.startswith("## Estimator comparison")]
+    assert len(sections) == 2
+    for section, o_end in zip(sections, ("2", "4")):
+        header, *rows = table_rows(section)
+        assert sorted(r[0] for r in rows) == ["FP", "ReSTE", "STE"]
+        assert f"o_end {o_end}" in section and f"estimator.o_end={o_end}" in section.splitlines()[0]
+    # no Table 2 or 3 made of FP runs alone (FP at fixed and cosine, at two o_end, was drawn as Table 2)
+    assert not any(s.startswith(("## Table 2", "## Table 3")) for s in report.sections)
+
+
+def test_the_power_exponent_splits_only_power_runs(tmp_path):
+    # estimator.p acts only in the power way: linear and cosine runs with another p are the same runs,
+    # and stand beside each power row; two exponents give two Table 3s told apart by p
+    ways = tmp_path / "ways"
+    for way, p, top1 in (("linear", 3.0, 60.0), ("cosine", 2.0, 61.0), ("power", 2.0, 62.0), ("power", 3.0, 63.0)):
+        run = fixture_run(ways, f"{way}-{p:g}", [50.0, top1], schedule=way, snapshot=False)
+        _edit_run(run, config={"estimator": {"p": p}})
+    report = build_report([ways], tmp_path / "out", plots=False)
+    tables = [s for s in report.sections if s.startswith("## Table 3")]
+    assert [s.splitlines()[0] for s in tables] == [
+        "## Table 3: tuning ways of the progressive strategy — estimator.p=2",
+        "## Table 3: tuning ways of the progressive strategy — estimator.p=3",
+    ]
+    paper = "paper (reported, CIFAR-10 ResNet-20 1W/1A)"
+    for section, p, top1, reported in zip(tables, ("2", "3"), ("62.00", "63.00"), ("86.59", "—")):
+        header, *rows = table_rows(section)
+        named = {r[0]: r for r in rows}
+        assert list(named) == ["linear", "cosine", f"power (p = {p})"]
+        assert named[f"power (p = {p})"][header.index("final top-1 (%)")] == top1
+        # the seed gives no formula for its power way: its number stands beside p = 2, this project's default
+        assert named[f"power (p = {p})"][header.index(paper)] == reported
+    results = table_rows(report_section(report.markdown, "Results"))
+    header = results[0]
+    assert [r[header.index("estimator.p")] for r in results[1:]] == ["—", "—", "2", "3"]
+
+
+def test_estimator_rows_that_differ_only_in_estimator_params_name_them(tmp_path):
+    runs = tmp_path / "runs"
+    fixture_run(runs, "reste", [50.0, 70.0], snapshot=False)
+    fixture_run(runs, "dsq", [50.0, 66.0], estimator="dsq", snapshot=False)
+    run = fixture_run(runs, "dsq-alpha", [50.0, 64.0], estimator="dsq", snapshot=False)
+    _edit_run(run, config={"estimator": {"params": {"alpha": 0.5}}})
+    section = report_section(build_report([runs], tmp_path / "out", plots=False).markdown, "Estimator comparison")
+    header, *rows = table_rows(section)
+    paper = header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")
+    assert {r[0]: r[paper] for r in rows} == {"DSQ (defaults)": "84.11", "DSQ (alpha=0.5)": "—", "ReSTE": "86.75"}
+
+
+def test_runs_without_their_config_are_left_out_not_pooled_and_a_sweep_given_twice_lists_its_left_out_once(
+    tmp_path,
+):
+    runs = tmp_path / "runs"
+    kept = fixture_run(runs, "kept", [50.0, 70.0], snapshot=False)
+    for name, top1 in (("lost-a", 60.0), ("lost-b", 80.0)):
+        (fixture_run(runs, name, [50.0, top1], estimator="ste", snapshot=False) / "config.yaml").write_text("")
+    unfinished = fixture_run(runs, "unfinished", [50.0], snapshot=False)
+    (unfinished / "summary.json").unlink()
+    (runs / "sweep.json").write_text(json.dumps({"runs": []}))  # a sweep, given itself and through its parent
+    report = build_report([runs, runs.parent], tmp_path / "out", plots=False)
+    assert "1 finished run in 1 setting" in report.markdown
+    left = "\n".join(report.left_out)
+    assert left.count("lost-a") == 1 and left.count("lost-b") == 1 and left.count("unfinished") == 1
+    assert "config.yaml is missing or empty" in left and "checkpoints/last.pt" in left
+    assert str(kept) not in left
 
 
 def test_equal_differences_one_image_apart_claim_no_significance():

@@ -203,31 +203,67 @@ def make_cells(runs: Iterable[RunRecord], duplicates: list[Duplicate] | None = N
 
 
 def _differing_keys(cells: Sequence[Cell]) -> set[str]:
+    """The settings that take two or more values among ``cells`` (a cell that does not use an option,
+    :attr:`RunRecord.unused_keys`, gives it no value)."""
     flats = [dict(c.first.setting) for c in cells]
     keys = set().union(*flats) if flats else set()
-    return {k for k in keys if len({f.get(k) for f in flats}) > 1}
+    return {k for k in keys if len({f[k] for f in flats if k in f}) > 1}
 
 
 def _is_free(key: str, free: Sequence[str]) -> bool:
     return any(key == f or key.startswith(f + ".") for f in free)
 
 
+def _context(cell: Cell, free: Sequence[str]) -> tuple:
+    return tuple((k, v) for k, v in cell.first.setting if not _is_free(k, free))
+
+
 def _families(cells: Sequence[Cell], free: Sequence[str]) -> list[list[Cell]]:
-    """Cells grouped by every setting except the ``free`` keys (and keys under them)."""
+    """Cells grouped by every setting except the ``free`` keys (and keys under them), in first-seen order.
 
-    def is_free(key):
-        return _is_free(key, free)
-
+    A cell that does not use an option (:attr:`RunRecord.unused_keys`: an FP model has no o schedule,
+    only the power way has ``estimator.p``) also stands in each family whose cells set it, their other
+    settings being equal: the FP row belongs in an estimator comparison at any o_end, and the linear
+    and cosine rows beside the power row at any p."""
+    order = {id(c): i for i, c in enumerate(cells)}
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
-        context = tuple((k, v) for k, v in cell.first.setting if not is_free(k))
-        groups.setdefault(context, []).append(cell)
-    return [g for g in groups.values() if len(g) >= 2]
+        groups.setdefault(_context(cell, free), []).append(cell)
+    unused = {ctx: frozenset().union(*(c.first.unused_keys for c in group)) for ctx, group in groups.items()}
+
+    def joins(a: tuple, b: tuple) -> bool:
+        """Whether group ``a``'s cells belong in group ``b``'s family: ``b`` sets more options, and the
+        options ``a`` leaves out are ones it does not use."""
+        da, db = dict(a), dict(b)
+        return (
+            set(da) < set(db)
+            and all(db[k] == v for k, v in da.items())
+            and all(k in unused[a] for k in set(db) - set(da))
+        )
+
+    families = []
+    for b in groups:
+        if any(joins(b, c) for c in groups):
+            continue  # its cells stand in the families of the groups that set more
+        members = [cell for a in groups if a == b or joins(a, b) for cell in groups[a]]
+        families.append(sorted(members, key=lambda c: order[id(c)]))
+    return [f for f in families if len(f) >= 2]
+
+
+def _value(family: Sequence[Cell], key: str):
+    """``key``'s value in a family: from a cell that uses it (None when none does)."""
+    return next((c.get(key) for c in family if key not in c.first.unused_keys), None)
+
+
+def _representative(family: Sequence[Cell]) -> Cell:
+    """The cell that sets the most options (a binary cell rather than FP): the one whose shared
+    settings (o schedule, o_end) a table's context line can name."""
+    return max(family, key=lambda c: len(c.first.setting))
 
 
 def _separating(families: Sequence[Sequence[Cell]], free: Sequence[str]) -> list[list[tuple[str, object]]]:
     """For each family, the ``(key, value)`` of the settings that tell it from the other families of the
     same table kind (an ``optim.lr`` swept beside ``o_end``): without them two tables read the same."""
-    shared = [{k: v for k, v in family[0].first.setting if not _is_free(k, free)} for family in families]
+    shared = [{k: v for c in family for k, v in _context(c, free)} for family in families]
     keys = sorted({k for s in shared for k in s if len({t.get(k) for t in shared}) > 1})
-    return [[(k, family[0].get(k)) for k in keys] for family in families]
+    return [[(k, _value(family, k)) for k in keys] for family in families]

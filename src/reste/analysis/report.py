@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReSTEError, UsageError
+from ..train import rundir
 
 # the report's parts, by concern; every name moved from this module stays importable from it
 from .cells import Cell, Duplicate, _differing_keys, _families, _image_counts, _stats, make_cells  # noqa: F401
@@ -224,8 +225,20 @@ def build_report(
     sweeps: list[Path] = []
     for p in paths:
         found = scan(p)
-        runs.extend(found.runs)
-        left_out.extend(found.missing)
+        for run in found.runs:
+            if run.finished and not run.config:  # its setting is unknown: it would pool with every other such run
+                found.missing.append(
+                    Missing(
+                        run.dir,
+                        f"{rundir.CONFIG} is missing or empty, so its settings are unknown; its "
+                        f"checkpoints/last.pt holds them (key 'config'): write them back to {rundir.CONFIG}",
+                    )
+                )
+            else:
+                runs.append(run)
+        # a sweep given itself and through its parent folder: each left-out run named once
+        seen = {m.dir.resolve() for m in left_out}
+        left_out.extend(m for m in found.missing if m.dir.resolve() not in seen)
         sweeps.extend(found.sweeps)
     duplicates: list[Duplicate] = []
     cells = make_cells(runs, duplicates)

@@ -101,15 +101,25 @@ class RunRecord:
         return {**_default_flat(), **_flatten(self.config)}
 
     @property
-    def setting(self) -> tuple:
-        """The resolved config without seed, name, output paths and the options that cannot change
-        results (:data:`NEUTRAL_KEYS`): equal settings form a cell. A full-precision model has no
-        binary layer, so its ``model.estimator`` does not count either (a sweep over estimators and
-        precisions gives one FP cell, not one per estimator)."""
+    def unused_keys(self) -> frozenset[str]:
+        """Options set in this run's config that cannot act in it: ``model.estimator`` and every
+        ``estimator.*`` option of a full-precision model (it has no binary layer), and ``estimator.p``
+        of an o schedule other than ``power`` (only that way has an exponent)."""
         flat = self.flat
-        if flat.get("model.precision") == "fp":  # no binary layer uses it: the default stands for all
-            flat = {**flat, "model.estimator": _default_flat().get("model.estimator", "reste")}
-        return tuple(sorted((k, repr(v)) for k, v in flat.items() if not _ignored(k)))
+        if flat.get("model.precision") == "fp":
+            return frozenset(k for k in flat if k == "model.estimator" or k.startswith("estimator."))
+        if flat.get("estimator.schedule") != "power":
+            return frozenset(k for k in ("estimator.p",) if k in flat)
+        return frozenset()
+
+    @property
+    def setting(self) -> tuple:
+        """The resolved config without seed, name, output paths, the options that cannot change
+        results (:data:`NEUTRAL_KEYS`) and those the run does not use (:attr:`unused_keys`): equal
+        settings form a cell. So a sweep over estimators, o schedules and precisions gives one FP cell,
+        and a linear run at p = 3 is the linear run at p = 2."""
+        flat, unused = self.flat, self.unused_keys
+        return tuple(sorted((k, repr(v)) for k, v in flat.items() if not _ignored(k) and k not in unused))
 
     def get(self, key: str, default=None):
         """A config value by dotted key, falling back to the summary's copy of it."""

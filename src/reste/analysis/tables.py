@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .cells import Cell, _differing_keys, _families, _separating, _stats, paired
+from .cells import Cell, _differing_keys, _families, _representative, _separating, _stats, paired
 from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _separation, _table, _wa
 
 __all__ = ["PAPER", "PAPER_SOURCE"]
@@ -122,7 +122,7 @@ def _results_section(cells: Sequence[Cell]) -> str:
                 c.label,
                 c.schedule if c.label == "ReSTE" else "—",
                 _num(c.o_end) if c.label == "ReSTE" else "—",
-                *[_num(c.get(k)) for k in varying],
+                *["—" if k in c.first.unused_keys else _num(c.get(k)) for k in varying],
                 _num(c.epochs),
                 _seeds(c),
                 _pm(c.summary_values("final_top1")),
@@ -225,11 +225,12 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         header = ["tuning way", "seeds", "final top-1 (%)", "best top-1 (%)", PAPER_SOURCE["table3"]]
         rows = [
             [
-                str(c.schedule),
+                f"power (p = {_num(c.get('estimator.p'))})" if c.schedule == "power" else str(c.schedule),
                 _seeds(c),
                 _pm(c.summary_values("final_top1")),
                 _pm(c.summary_values("best_top1")),
-                _paper(paper.get(c.schedule)),
+                # the seed gives no formula for its power way: p = 2 (this project's default) stands for it
+                _paper(paper.get(c.schedule) if c.schedule != "power" or c.get("estimator.p") == 2.0 else None),
             ]
             for c in ways
         ]
@@ -274,7 +275,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             ]
             rows = [
                 [
-                    c.label,
+                    _row_name(c, family),
                     _wa(c.get("model.precision")),
                     _seeds(c),
                     _pm(c.summary_values("final_top1")),
@@ -317,7 +318,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             ]
             rows = [
                 [
-                    c.label,
+                    _row_name(c, family),
                     _wa(c.get("model.precision")),
                     _seeds(c),
                     _pm(c.summary_values("final_top1")),
@@ -341,7 +342,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             _heading(title, separating)
             + _scale_line(family)
             + "\n\n"
-            + _context_line(family[0], ESTIMATOR_KEYS, separating=separating)
+            + _context_line(_representative(family), ESTIMATOR_KEYS, separating=separating)
             + note
             + _table(header, rows)
             + footer
@@ -369,6 +370,26 @@ def _and(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _estimator_params(cell: Cell) -> dict:
+    """The estimator parameters a cell's config sets (``estimator.params`` and the model's ``estimator_params``)."""
+    params = {}
+    for key, value in cell.first.flat.items():
+        for prefix in ("estimator.params.", "model.estimator_params.", "model.kwargs.estimator_params."):
+            if key.startswith(prefix) and key not in cell.first.unused_keys:
+                params[key[len(prefix) :]] = value
+    return params
+
+
+def _row_name(cell: Cell, family: Sequence[Cell]) -> str:
+    """A row's estimator name; with its parameters (``DSQ (alpha=0.5)``, ``DSQ (defaults)``) where another row of
+    the same estimator and W/A differs from it only in them."""
+    twins = [c for c in family if c.label == cell.label and c.get("model.precision") == cell.get("model.precision")]
+    if len(twins) < 2:
+        return cell.label
+    params = _estimator_params(cell)
+    return f"{cell.label} ({', '.join(f'{k}={_num(v)}' for k, v in sorted(params.items())) or 'defaults'})"
+
+
 def _precision_rank(precision) -> int:
     """Row order of W/A in the estimator comparison: 1/1 (the paper's table), 1/32, FP, others."""
     order = ("1w1a", "1w32a", "fp")
@@ -386,7 +407,7 @@ def _paper_estimator(cell: Cell) -> float | None:
 
     The paper reports each estimator at 1W/1A on ResNet-20 (ReSTE cosine to o_end = 3); an FP row (whose
     ``model.estimator`` is still set), a 1W/32A row or DoReFa weights are other settings."""
-    if not _reste_1w1a_resnet20(cell):
+    if not _reste_1w1a_resnet20(cell) or _estimator_params(cell):  # the paper's rows: each estimator's defaults
         return None
     estimator = cell.get("model.estimator")
     if estimator == "reste" and (cell.schedule != "cosine" or cell.o_end != 3.0):
