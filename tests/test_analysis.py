@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -826,6 +827,41 @@ def test_report_names_the_runs_it_found_without_results_and_why(tmp_path, capsys
     (sweep / "ok" / "metrics.jsonl").unlink()
     with pytest.raises(NotARunError, match="no finished run .*nodata \\(failed in sweep.json, exit 1"):
         build_report([sweep], tmp_path / "none", plots=False)
+
+
+def test_report_says_a_run_is_still_training_rather_than_to_start_or_resume_it(tmp_path):
+    # a run training right now was "stopped before its first checkpoint: start it again ... --force"
+    # (or "finish it with reste train --resume", which would be refused: the run is in use)
+    from reste.analysis.runs import load_run
+    from reste.train.rundir import RunDirLock
+
+    sweep = tmp_path / "sweep"
+    fixture_run(sweep, "ok", [50.0, 60.0], snapshot=False)
+    starting = sweep / "starting"
+    (starting / "checkpoints").mkdir(parents=True)
+    (starting / "config.yaml").write_text("seed: 0\n")
+    partial = fixture_run(sweep, "partial", [50.0, 60.0], snapshot=False)
+    _edit_run(partial, summary={"complete": False}, rows=read_metrics(partial)[:1])
+    locks = [RunDirLock(starting), RunDirLock(partial)]
+    for lock in locks:
+        lock.acquire()
+    try:
+        with pytest.raises(NotARunError, match=f"still training \\(process {os.getpid()} holds its lock\\)"):
+            load_run(starting)
+        report = build_report([sweep], tmp_path / "out", plots=False)
+        assert report.left_out == [
+            f"`{partial}` (still training (process {os.getpid()}): 1 of 2 epochs logged so far)",
+            f"`{starting}` (still training (process {os.getpid()}): no results yet, its first epoch has not ended)",
+        ]
+    finally:
+        for lock in locks:
+            lock.release()
+    with pytest.raises(NotARunError, match="stopped before its first checkpoint"):  # once the process is gone
+        load_run(starting)
+    assert (
+        "no complete summary.json: 1 of 2 epochs logged"
+        in build_report([sweep], tmp_path / "o2", plots=False).left_out[0]
+    )
 
 
 def test_report_reads_a_folder_of_sweeps_and_says_how_to_give_deeper_folders(tmp_path):

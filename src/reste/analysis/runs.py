@@ -155,6 +155,12 @@ def load_run(path: str | os.PathLike) -> RunRecord:
             f"{path} does not exist or is not a directory; give a run directory written by "
             "`reste train` or a sweep directory"
         )
+    pid = None if _is_run(path) else rundir.training_pid(path)
+    if pid is not None:
+        raise NotARunError(
+            f"{path} is a run still training (process {pid} holds its lock) and has no results yet: its first "
+            "epoch has not ended. Report it when it has"
+        )
     if not _is_run(path) and rundir.checkpoint_path(path, "last").is_file():
         raise NotARunError(
             f"{path} is an unfinished run: it has checkpoints/last.pt but no results yet (no summary.json or "
@@ -218,6 +224,9 @@ class Found:
 
 def _without_results(path: Path) -> str:
     """Why a run folder that ``reste train`` made has no results, and what to do."""
+    pid = rundir.training_pid(path)
+    if pid is not None:
+        return f"still training (process {pid}): no results yet, its first epoch has not ended"
     if rundir.checkpoint_path(path, "last").is_file():
         return (
             "no summary.json or metrics.jsonl: it stopped before the end of its first epoch; "
@@ -231,6 +240,9 @@ def _unfinished(run: RunRecord) -> str:
     logged = len({row.get("epoch", ("row", i)) for i, row in enumerate(run.metrics)})
     planned = run.get("train.epochs", (run.summary or {}).get("epochs"))
     how_far = f"{logged} of {planned} epochs logged" if planned is not None else f"{logged} epochs logged"
+    pid = rundir.training_pid(run.dir)
+    if pid is not None:
+        return f"still training (process {pid}): {how_far} so far"
     resume = (
         f"; finish it with `reste train --resume {run.dir}`"
         if rundir.checkpoint_path(run.dir, "last").is_file()

@@ -365,6 +365,27 @@ class RunDirLock:
             self._fh = None
 
 
+def training_pid(run_dir) -> str | None:
+    """The pid a process training into ``run_dir`` right now wrote in its lock (``"unknown"`` when it
+    wrote none), or None when no process holds the lock. Only reads: a report may look at a run in a
+    folder it cannot write. The probe takes a shared lock for an instant and drops it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock to look at
+        return None
+    try:
+        fh = open(Path(run_dir) / LOCK, encoding="utf-8")
+    except OSError:  # no lock file: nothing has trained here, or not since it was removed
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return fh.read().strip() or "unknown"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 def _claim(path: Path, taken_message: str) -> RunDirLock:
     """Create the folder ``path`` with its lock already held, atomically: it is built under a
     temporary name and renamed into place, so two runs started at once never share it and
