@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -800,6 +801,16 @@ def test_layout_mismatch_is_refused_with_the_reason(tmp_path):
         ExportError, match=r"holds float32 values, but the model given has float64 tensors.*model.float\(\)"
     ):
         load(path, model=reste.models.create(**arch).double())
+    # and the other way: a float64 / float16 / bfloat16 export into a float32 model (its weight scales and
+    # folded BatchNorms stay float32 in every export, so this read "different architecture ... re-export it")
+    for dtype, cast in ((torch.float64, "double"), (torch.float16, "half"), (torch.bfloat16, "bfloat16")):
+        other = export(copy.deepcopy(model).to(dtype), tmp_path / f"r20-{cast}.safetensors", architecture=arch)
+        name = str(dtype).removeprefix("torch.")
+        with pytest.raises(
+            ExportError, match=rf"holds {name} values, but the model given has float32 tensors.*model.{cast}\(\)"
+        ):
+            load(other, model=reste.models.create(**arch))
+        assert next(load(other, model=reste.models.create(**arch).to(dtype)).parameters()).dtype == dtype
     # a graph that claims other model arguments (here edited in the file) is refused the same way
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -324,6 +324,28 @@ def test_describe_lists_binary_layers():
     assert "stages.2.2.conv2" in text and "18 with binary weights" in text
 
 
+def test_a_weight_tied_between_two_binary_layers_counts_once():
+    # describe said 128 binary and 10 real parameters of 138 (the tied 8x8 weight twice); the indicator
+    # tracker measured it twice too
+    from reste.analysis.indicators import IndicatorTracker
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.l1, self.l2, self.z = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.l2.weight = self.l1.weight
+
+        def forward(self, x):
+            return self.z(self.l2(torch.tanh(self.l1(self.a(x)))))
+
+    model = reste.binarize(Tied(), keep=["a", "z"])
+    assert model.l1.weight is model.l2.weight
+    info = reste.models.describe(model)
+    assert (info.total_params, info.binary_params, info.real_params) == (138, 64, 74)
+    assert [l.name for l in info.layers if l.binary_weights] == ["l1", "l2"]  # both layers still listed
+    assert [name for name, _ in IndicatorTracker(model, o_end=3.0).layers] == ["l1"]
+
+
 def test_register_model_adds_a_model(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 

@@ -197,15 +197,23 @@ def _describe(sizes: dict) -> str:
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 _CAST = {"float16": "half", "bfloat16": "bfloat16", "float32": "float", "float64": "double"}
+#: the tensors an export stores as float32 whatever the model's dtype: weight scales, folded BatchNorms
+_ALWAYS_FLOAT32 = ("alpha", "scale", "shift")
 
 
 def _float_dtype_only_difference(entries: list, stored: dict) -> str | None:
     """The file's float dtype when the layouts differ only in it (a model cast to another float
     dtype than the one exported), else None."""
     for candidate in (d for d in stored.get("blobs", {}) if d in _FLOAT_NAMES):
-        recast = [(n, candidate if d in _FLOAT_NAMES else d, s) for n, d, s in entries]
-        if _fingerprint(recast) == stored["fingerprint"]:
-            return candidate
+        # the weight scales and folded BatchNorms are float32 in every export: a float64 file keeps them
+        # float32, so a float32 model differs from it only in the other tensors
+        for keep in ((), _ALWAYS_FLOAT32):
+            recast = [
+                (n, candidate if d in _FLOAT_NAMES and n.rpartition(".")[2] not in keep else d, s)
+                for n, d, s in entries
+            ]
+            if _fingerprint(recast) == stored["fingerprint"]:
+                return candidate
     return None
 
 

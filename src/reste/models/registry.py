@@ -12,7 +12,6 @@ activations, a like-for-like baseline.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -252,6 +251,7 @@ def describe(model: nn.Module) -> ModelDescription:
     >>> print(describe(create("resnet20", precision="1w32a")))  # doctest: +SKIP
     """
     layers = []
+    binary_weights: dict[int, int] = {}  # a weight tied between layers is one set of parameters
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -266,11 +266,13 @@ def describe(model: nn.Module) -> ModelDescription:
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
             )
         )
+        if layers[-1].binary_weights:
+            binary_weights[id(module.weight)] = module.weight.numel()
     norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     return ModelDescription(
         layers=tuple(layers),
         total_params=sum(p.numel() for p in model.parameters()),
-        binary_params=sum(math.prod(l.shape) for l in layers if l.binary_weights),
+        binary_params=sum(binary_weights.values()),
         norm_layers=sum(isinstance(m, norms) for m in model.modules()),
     )
 

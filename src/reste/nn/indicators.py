@@ -123,7 +123,12 @@ class IndicatorTracker:
             raise ValueError(f"o_end must be >= 1 (f_o is defined for o >= 1), got {o_end}")
         self.model = model
         self.o_end = float(o_end)
-        self.layers: list[tuple[str, BinaryLayer]] = [(_clean_name(n), m) for n, m in binary_layers(model)]
+        self.layers: list[tuple[str, BinaryLayer]] = []
+        weights: set[int] = set()
+        for name, layer in binary_layers(model):
+            if id(layer.weight) not in weights:  # a weight tied between layers is measured once, under its first name
+                weights.add(id(layer.weight))
+                self.layers.append((_clean_name(name), layer))
         self._previous_signs: list[Tensor] | None = None
         self._epoch_signs: list[Tensor] | None = None  # those of the last measure(epoch_end=True)
 
