@@ -390,3 +390,68 @@ def test_resnets_ignore_image_size_and_fp_ignores_binarization_options():
     model = reste.models.create("resnet20", image_size=28, in_channels=1, precision="fp", estimator_params={"o": 3.0})
     assert not any(isinstance(m, BinaryLayer) for m in model.modules())
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------
+# ImageNet downsampling shortcut: avgpool (default) or stride (the paper's code)
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_downsample_stride_is_the_reference_strided_1x1_conv_and_avgpool_stays_the_default(name):
+    # the reference (model/models_imagenet/resnet18.py, resnet34.py, _make_layer): Conv2d(k=1, stride) + BN
+    default = reste.models.create(name, precision="1w1a", width=0.25)
+    pooled = reste.models.create(name, precision="1w1a", width=0.25, downsample="avgpool")
+    strided = reste.models.create(name, precision="1w1a", width=0.25, downsample="stride")
+    names = [f"stages.{stage}.0.shortcut" for stage in (1, 2, 3)]
+    for model in (default, pooled):
+        for where in names:
+            shortcut = model.get_submodule(where)
+            assert list(dict(shortcut.named_children())) == ["pool", "conv", "bn"]
+            assert shortcut.conv.stride == (1, 1)
+    for where in names:
+        shortcut = strided.get_submodule(where)
+        assert list(dict(shortcut.named_children())) == ["conv", "bn"]  # no pooling
+        conv = shortcut.conv
+        assert type(conv) is nn.Conv2d  # stays real in 1w1a
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((1, 1), (2, 2), (0, 0), None)
+        assert isinstance(shortcut.bn, nn.BatchNorm2d)
+    # the same parameters under the same names: a state dict loads into either
+    shapes = {k: tuple(v.shape) for k, v in pooled.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in strided.state_dict().items()} == shapes
+    assert sum(p.numel() for p in strided.parameters()) == sum(p.numel() for p in pooled.parameters())
+
+
+def test_imagenet_stride_shortcut_computes_a_strided_1x1_conv_and_differs_from_avgpool():
+    torch.manual_seed(0)
+    pooled = reste.models.create("resnet18", precision="fp", width=0.25).eval()
+    strided = reste.models.create("resnet18", precision="fp", width=0.25, downsample="stride").eval()
+    strided.load_state_dict(pooled.state_dict())
+    x = torch.randn(2, 16, 9, 9)  # odd: both give 5x5, as the strided 3x3 conv beside them
+    shortcut = strided.get_submodule("stages.1.0.shortcut")
+    bn = shortcut.bn
+    functional = torch.nn.functional
+    expected = functional.batch_norm(
+        functional.conv2d(x, shortcut.conv.weight, stride=2),
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        eps=bn.eps,
+    )
+    with torch.no_grad():
+        got = shortcut(x)
+        other = pooled.get_submodule("stages.1.0.shortcut")(x)
+    torch.testing.assert_close(got, expected)
+    assert got.shape == other.shape == (2, 32, 5, 5)
+    assert not torch.allclose(got, other)
+    images = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        assert not torch.allclose(strided(images), pooled(images))  # same weights, another network
+
+
+def test_imagenet_downsample_rejects_other_values_naming_the_allowed_ones():
+    for bad in ("strided", "avg", None, 2):
+        with pytest.raises(ValueError, match=r"downsample must be one of 'avgpool', 'stride', got "):
+            reste.models.create("resnet34", downsample=bad)
+    with pytest.raises(TypeError, match="does not take downsample"):  # the CIFAR nets have no such option
+        reste.models.create("resnet18_cifar", downsample="stride")

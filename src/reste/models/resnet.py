@@ -10,6 +10,8 @@ All are float networks in the binary-friendly layout of the ReSTE paper:
 
 Shortcuts: "one per block" adds the block input after the second conv; "Bi-Real"
 adds a shortcut around each conv, so the real-valued signal bypasses every sign.
+The ImageNet ResNets' downsampling shortcut is chosen with ``downsample`` (see
+:data:`IMAGENET_DOWNSAMPLE`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from .registry import register_model
 
 __all__ = [
+    "IMAGENET_DOWNSAMPLE",
     "ResNet",
     "ResidualBlock",
     "ZeroPadShortcut",
@@ -74,7 +77,8 @@ class ZeroPadShortcut(nn.Module):
 
 
 def conv_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    """CIFAR ResNet-18 shortcut: strided 1x1 conv + BN (both stay real)."""
+    """CIFAR ResNet-18 shortcut, and the ImageNet ResNets' with ``downsample="stride"``: strided 1x1
+    conv + BN (both stay real)."""
     return nn.Sequential(
         OrderedDict(
             conv=nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
@@ -84,7 +88,7 @@ def conv_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module
 
 
 def pool_conv_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    """ImageNet shortcut: average pool, then 1x1 conv + BN (all real).
+    """ImageNet shortcut (``downsample="avgpool"``, the default): average pool, then 1x1 conv + BN (all real).
 
     Pooling before a stride-1 1x1 conv (as in Bi-Real Net) lets every input pixel
     reach the shortcut; a strided 1x1 conv would drop three pixels in four from the
@@ -227,20 +231,47 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: float = 1
     )
 
 
-def _imagenet_resnet(num_classes: int, in_channels: int, width: float, blocks: Sequence[int]) -> ResNet:
-    widths = [scaled_width(c, width) for c in (64, 128, 256, 512)]
-    return ResNet(
-        _imagenet_stem(in_channels, widths[0]), widths[0], widths, blocks, pool_conv_shortcut, True, num_classes
+#: ``downsample`` of the ImageNet ResNets -> their downsampling shortcut. ``"avgpool"`` (the default,
+#: what reste always built: runs and exports made before the option existed rebuild the same network)
+#: pools, then a stride-1 1x1 conv + BN; ``"stride"`` is the paper's code, a strided 1x1 conv + BN
+#: (``_make_layer`` of model/models_imagenet/resnet18.py and resnet34.py in DravenALG/ReSTE). Both have
+#: the same parameters under the same names (``shortcut.conv``, ``shortcut.bn``), so a state dict loads
+#: into either: only the recorded option tells them apart.
+IMAGENET_DOWNSAMPLE: dict[str, ShortcutFactory] = {"avgpool": pool_conv_shortcut, "stride": conv_shortcut}
+
+
+def imagenet_shortcut(downsample: str) -> ShortcutFactory:
+    """The shortcut factory ``downsample`` names; ValueError naming the allowed values otherwise."""
+    if isinstance(downsample, str) and downsample in IMAGENET_DOWNSAMPLE:
+        return IMAGENET_DOWNSAMPLE[downsample]
+    allowed = ", ".join(repr(name) for name in IMAGENET_DOWNSAMPLE)
+    raise ValueError(
+        f"downsample must be one of {allowed}, got {downsample!r}: 'avgpool' (the default) is average pool -> "
+        "1x1 conv + BN, 'stride' the paper's code's strided 1x1 conv + BN"
     )
 
 
+def _imagenet_resnet(
+    num_classes: int, in_channels: int, width: float, blocks: Sequence[int], downsample: str
+) -> ResNet:
+    make_shortcut = imagenet_shortcut(downsample)
+    widths = [scaled_width(c, width) for c in (64, 128, 256, 512)]
+    return ResNet(_imagenet_stem(in_channels, widths[0]), widths[0], widths, blocks, make_shortcut, True, num_classes)
+
+
 @register_model("resnet18")
-def resnet18(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
-    """ImageNet ResNet-18, Bi-Real style: 7x7/2 stem + max pool, shortcut around each 3x3 conv."""
-    return _imagenet_resnet(num_classes, in_channels, width, (2, 2, 2, 2))
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, downsample: str = "avgpool") -> ResNet:
+    """ImageNet ResNet-18, Bi-Real style: 7x7/2 stem + max pool, shortcut around each 3x3 conv.
+
+    ``downsample``: ``"avgpool"`` (default) or ``"stride"`` (the paper's code), see :data:`IMAGENET_DOWNSAMPLE`.
+    """
+    return _imagenet_resnet(num_classes, in_channels, width, (2, 2, 2, 2), downsample)
 
 
 @register_model("resnet34")
-def resnet34(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
-    """ImageNet ResNet-34, Bi-Real style: 7x7/2 stem + max pool, shortcut around each 3x3 conv."""
-    return _imagenet_resnet(num_classes, in_channels, width, (3, 4, 6, 3))
+def resnet34(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, downsample: str = "avgpool") -> ResNet:
+    """ImageNet ResNet-34, Bi-Real style: 7x7/2 stem + max pool, shortcut around each 3x3 conv.
+
+    ``downsample``: ``"avgpool"`` (default) or ``"stride"`` (the paper's code), see :data:`IMAGENET_DOWNSAMPLE`.
+    """
+    return _imagenet_resnet(num_classes, in_channels, width, (3, 4, 6, 3), downsample)
