@@ -447,3 +447,31 @@ def test_an_empty_data_root_is_refused_naming_the_key():
     with pytest.raises(C.ConfigError, match="data.root is empty"):
         C.load_config({"data": {"root": "  "}})
     assert C.load_config(None, ["data.root="]).data.root is None
+
+
+# ---------------------------------------------------------------------------
+# data.crop_scale and model.kwargs.downsample: the paper's ImageNet settings
+
+
+def test_data_crop_scale_is_two_numbers_used_by_imagenet_only():
+    assert load_config(None).data.crop_scale == [0.08, 1.0]
+    cfg = load_config(None, ["data.name=imagenet", "data.crop_scale=[0.08, 1.25]", "data.augment=true"])
+    assert cfg.data.crop_scale == [0.08, 1.25]
+    assert load_config(None, ["data.name=imagenet", "data.crop_scale=[1, 2]"]).data.crop_scale == [1.0, 2.0]
+    for bad in ("[0.5, 0.1]", "[0, 1]", "[0.08]", "[0.08, 1, 2]", "[true, 1]", "[.inf, 1]", "[0.08, abc]"):
+        with pytest.raises(ConfigError, match=r"data.crop_scale must be two numbers \[lo, hi\] with 0 < lo <= hi"):
+            load_config(None, ["data.name=imagenet", f"data.crop_scale={bad}"])
+    with pytest.raises(ConfigError, match="data.crop_scale must be of type list"):
+        load_config(None, ["data.name=imagenet", "data.crop_scale=1.25"])
+    # the in-memory sets have no RandomResizedCrop: another value is refused, the default passes
+    assert load_config(None, ["data.name=cifar10", "data.crop_scale=[0.08, 1.0]"]).data.crop_scale == [0.08, 1.0]
+    with pytest.raises(ConfigError, match=r"data.crop_scale=\[0.08, 1.25\]: cifar10 has no RandomResizedCrop"):
+        load_config(None, ["data.name=cifar10", "data.crop_scale=[0.08, 1.25]"])
+    # without augmentation there is no training crop: harmless, so a warning
+    quiet = load_config(None, ["data.name=imagenet", "data.crop_scale=[0.08, 1.25]", "data.augment=true"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.warn_conflicts(quiet, 1)
+    off = load_config(None, ["data.name=imagenet", "data.crop_scale=[0.08, 1.25]", "data.augment=false"])
+    with pytest.warns(UserWarning, match="data.crop_scale has no effect with data.augment=false"):
+        C.warn_conflicts(off, 1)

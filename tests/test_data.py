@@ -1398,3 +1398,86 @@ def test_a_data_folder_that_cannot_be_written_is_named_with_the_way_out(tmp_path
         == f"{read_only / 'cache' / 'data'} is not writable: set RESTE_DATA=DIR (or data.root=DIR) to a writable folder"
     )
     assert not catalog.how_to_get("mnist", tmp_path / "elsewhere")[0].endswith("writable folder")
+
+
+# --------------------------------------------------------------------------
+# ImageNet RandomResizedCrop scale (data.crop_scale)
+# --------------------------------------------------------------------------
+
+
+def _torchvision_crop_box(width, height, scale, rng):
+    """torchvision's ``RandomResizedCrop.get_params`` (ratio 3/4..4/3), rewritten from its source
+    with Python's ``random`` for the draws, in its order (area, log ratio, then top, then left).
+    Returns ((left, top, right, bottom), whether the centred fallback was taken)."""
+    import math
+
+    area = width * height
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.randint(0, height - h)
+            j = rng.randint(0, width - w)
+            return (j, i, j + w, i + h), False
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, int(round(width / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        w, h = int(round(height * (4 / 3))), height
+    else:
+        w, h = width, height
+    i, j = (height - h) // 2, (width - w) // 2
+    return (j, i, j + w, i + h), True
+
+
+def test_imagenet_crop_box_is_torchvisions_for_both_scales_and_a_larger_scale_only_rejects_more():
+    import random
+
+    from reste.data.imagenet import TRAIN_SCALE, _random_resized_crop_box
+
+    sizes = [(500, 375), (64, 64), (40, 89), (300, 100)]  # landscape, square, tall, 3:1 (often falls back)
+    fallbacks, accepted = {}, {}
+    for scale in ((0.08, 1.0), (0.08, 1.25)):
+        fallbacks[scale], accepted[scale] = 0, []
+        for width, height in sizes:
+            for seed in range(1500):
+                box = _random_resized_crop_box(width, height, random.Random(seed), scale)
+                expected, fell_back = _torchvision_crop_box(width, height, scale, random.Random(seed))
+                assert box == expected, (scale, width, height, seed)
+                left, top, right, bottom = box
+                assert 0 <= left < right <= width and 0 <= top < bottom <= height  # never beyond the image
+                assert (right - left) * (bottom - top) <= width * height
+                fallbacks[scale] += fell_back
+                if not fell_back:
+                    accepted[scale].append((right - left) * (bottom - top) / (width * height))
+    # the default is torchvision's (0.08, 1.0), and the old call (no scale) draws the same boxes
+    assert TRAIN_SCALE == (0.08, 1.0)
+    assert _random_resized_crop_box(500, 375, random.Random(7)) == _random_resized_crop_box(
+        500, 375, random.Random(7), (0.08, 1.0)
+    )
+    # hi > 1: the draws above the image's area are rejected, so more tries fail and more crops are
+    # the centred fallback (here 44 and 117 of 6,000), while the accepted windows are drawn as before
+    # (their mean area fraction 0.348 and 0.352)
+    assert 0 < 2 * fallbacks[0.08, 1.0] < fallbacks[0.08, 1.25]
+    means = {scale: sum(areas) / len(areas) for scale, areas in accepted.items()}
+    assert abs(means[0.08, 1.0] - means[0.08, 1.25]) < 0.02 and 0.3 < means[0.08, 1.0] < 0.4
+
+
+def test_imagenet_loader_takes_crop_scale_and_other_data_sets_refuse_it(tmp_path):
+    pytest.importorskip("PIL")
+    fx.write_image_folders(tmp_path / "imagenet", per_class=2, val_per_class=1)
+    default, _ = data.create_loaders("imagenet", root=tmp_path, batch_size=3, seed=1)
+    paper, _ = data.create_loaders("imagenet", root=tmp_path, batch_size=3, seed=1, crop_scale=(0.08, 1.25))
+    assert default.dataset.crop_scale == (0.08, 1.0) and paper.dataset.crop_scale == (0.08, 1.25)
+    default.set_epoch(2)
+    paper.set_epoch(2)
+    a, b = collect(default)[0], collect(paper)[0]
+    assert a.shape == b.shape == (6, 3, 224, 224) and not torch.equal(a, b)  # same seeds, other windows
+    for bad in ((0.5, 0.1), (0, 1), (0.08,), (0.08, float("inf")), "ab"):
+        with pytest.raises(ValueError, match=r"crop_scale must be two numbers \[lo, hi\] with 0 < lo <= hi"):
+            data.create_loaders("imagenet", root=tmp_path, batch_size=3, crop_scale=bad)
+    with pytest.raises(ValueError, match="fashion_mnist has no RandomResizedCrop .* only imagenet takes crop_scale"):
+        data.create_loaders("fashion_mnist", root=tmp_path, crop_scale=(0.08, 1.0))

@@ -71,6 +71,7 @@ def create_loaders(
     mirror: str | None = None,
     test_only: bool = False,
     test_subset: int | None = None,
+    crop_scale: tuple[float, float] | None = None,
 ):
     """Return ``(train_loader, test_loader)`` for data set ``name``.
 
@@ -105,6 +106,9 @@ def create_loaders(
         mirror: base URL replacing the official one for ``download``.
         test_only: read only the test split (evaluation): the training files need not be
             present and ``train_loader`` is None (ImageNet reads both folders as before).
+        crop_scale: ImageNet's training RandomResizedCrop area range ``(lo, hi)``, default
+            ``(0.08, 1.0)``; the paper's code uses ``(0.08, 1.25)``. The other data sets have no
+            RandomResizedCrop and refuse it (ValueError).
     """
     name = canonical_name(name)
     meta = info(name)
@@ -117,6 +121,7 @@ def create_loaders(
 
         if download:
             raise ValueError("ImageNet cannot be downloaded automatically; see reste.data.download('imagenet')")
+        scale = {} if crop_scale is None else {"crop_scale": crop_scale}
         return create_imagenet_loaders(
             root,
             batch_size=batch_size,
@@ -131,6 +136,12 @@ def create_loaders(
             drop_last=drop_last,
             shard_test=shard_test,
             test_subset=test_subset,
+            **scale,
+        )
+    if crop_scale is not None:
+        raise ValueError(
+            f"crop_scale={crop_scale!r}: {name} has no RandomResizedCrop (its augmentation is a padded random crop "
+            "and flips); only imagenet takes crop_scale"
         )
 
     import torch

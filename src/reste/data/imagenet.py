@@ -7,8 +7,12 @@ lazily, so ``import reste.data`` works without it; install it with
 ``pip install 'reste[imagenet]'``. The transforms are the standard recipe,
 implemented directly with Pillow so that no torchvision is required:
 
-* train: RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) with
-  bilinear resampling, then a random horizontal flip;
+* train: RandomResizedCrop(224, scale=crop_scale, ratio=(3/4, 4/3)) with
+  bilinear resampling, then a random horizontal flip; ``crop_scale`` is
+  (0.08, 1) by default (torchvision's), (0.08, 1.25) in the paper's code
+  (``data.crop_scale`` in a config): the same algorithm, whose 10 tries simply
+  reject a window larger than the image, so a larger upper bound means more
+  full-image-sized crops and more centred fallbacks;
 * val: Resize(256) of the shorter side, then CenterCrop(224).
 
 Workers return uint8 tensors; conversion to float and normalisation happen
@@ -48,6 +52,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp")
+#: the default ``crop_scale``: RandomResizedCrop's area range, as fractions of the image's area
 TRAIN_SCALE = (0.08, 1.0)
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -118,14 +123,29 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path) and path.is_file()
 
 
-def _random_resized_crop_box(width: int, height: int, rng: random.Random):
+def check_crop_scale(scale) -> tuple[float, float]:
+    """``scale`` as ``(lo, hi)`` floats; ValueError unless two finite numbers with 0 < lo <= hi."""
+    try:
+        lo, hi = (float(v) for v in scale if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ValueError(
+            f"crop_scale must be two numbers [lo, hi] with 0 < lo <= hi (fractions of the image's area), got "
+            f"{scale!r}; e.g. (0.08, 1.0), torchvision's default, or (0.08, 1.25), the paper's code"
+        )
+    return lo, hi
+
+
+def _random_resized_crop_box(width: int, height: int, rng: random.Random, scale=TRAIN_SCALE):
     """(left, top, right, bottom) of a RandomResizedCrop window (torchvision's
-    algorithm: 10 tries at a random area and log-uniform aspect ratio, then
-    a centred crop with the ratio clamped)."""
+    algorithm: 10 tries at a random area in ``scale`` (fractions of the image's)
+    and log-uniform aspect ratio, a try whose window does not fit the image
+    rejected, then a centred crop with the ratio clamped)."""
     area = width * height
     log_ratio = (math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*TRAIN_SCALE)
+        target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         crop_w = int(round(math.sqrt(target_area * aspect)))
         crop_h = int(round(math.sqrt(target_area / aspect)))
@@ -151,11 +171,12 @@ class ImageFolderDataset(Dataset):
     :class:`EpochShardSampler`) and returned as ``(uint8 tensor 3 x S x S, label)``.
     """
 
-    def __init__(self, samples, *, train: bool, image_size: int = 224, resize_size: int = 256):
+    def __init__(self, samples, *, train: bool, image_size: int = 224, resize_size: int = 256, crop_scale=TRAIN_SCALE):
         self.samples = list(samples)
         self.train = train
         self.image_size = image_size
         self.resize_size = resize_size
+        self.crop_scale = check_crop_scale(crop_scale)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -180,7 +201,7 @@ class ImageFolderDataset(Dataset):
         size = self.image_size
         if self.train:
             rng = random.Random(sample_seed)
-            box = _random_resized_crop_box(image.width, image.height, rng)
+            box = _random_resized_crop_box(image.width, image.height, rng, self.crop_scale)
             image = image.resize((size, size), _BILINEAR, box=box)
             if rng.random() < 0.5:
                 image = image.transpose(_FLIP_LEFT_RIGHT)
@@ -329,8 +350,11 @@ def create_imagenet_loaders(
     drop_last=True,
     shard_test=False,
     test_subset=None,
+    crop_scale=TRAIN_SCALE,
 ):
-    """Train and val loaders for a class-folder ImageNet; see the module doc."""
+    """Train and val loaders for a class-folder ImageNet; see the module doc (``crop_scale``: the
+    training RandomResizedCrop's area range, used with ``augment``)."""
+    crop_scale = check_crop_scale(crop_scale)
     require_pillow()
     base = find_imagenet_root(root)
     train_samples, classes = scan_class_folders(base / "train")
@@ -353,7 +377,7 @@ def create_imagenet_loaders(
         folder=base / "train",
     )
     train = ImageFolderLoader(
-        ImageFolderDataset(train_samples, train=augment, image_size=meta.image_size),
+        ImageFolderDataset(train_samples, train=augment, image_size=meta.image_size, crop_scale=crop_scale),
         batch_size=batch_size,
         shuffle=True,
         drop_last=drop_last,

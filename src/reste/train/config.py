@@ -86,6 +86,9 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+#: ``data.crop_scale``'s default: torchvision's RandomResizedCrop area range
+DEFAULT_CROP_SCALE = [0.08, 1.0]
+
 #: ``train.compile``'s values (:func:`reste.train.setup.compile_mode` resolves them on a device)
 COMPILE_MODES = ("auto", "true", "false", "reduce-overhead")
 #: string options that also take a YAML boolean, kept as "true"/"false" (train.compile was a bool)
@@ -146,6 +149,12 @@ class DataConfig:
         False,
         "training augmentation of the data set's recipe (random crop, flips); off in the short main job, on in the "
         "paper configs",
+    )
+    crop_scale: list = _opt(
+        DEFAULT_CROP_SCALE,
+        "[lo, hi], 0 < lo <= hi: area range of imagenet's training RandomResizedCrop, as fractions of the image "
+        "(torchvision's default; the paper's code and configs/imagenet/resnet*: [0.08, 1.25], whose too-large "
+        "draws are rejected); other data sets have none and refuse another value",
     )
     subset: int | None = _opt(None, "use only the first N training images (and N // 5 test images)")
     test_subset: int | None = _opt(
@@ -879,6 +888,20 @@ def validate(cfg: Config) -> Config:
             f"data.num_classes={d.num_classes}: {fixed.name} has {fixed.num_classes} classes; leave data.num_classes "
             "out (only a class-folder data set such as imagenet takes another count)",
         )
+    _check(
+        len(d.crop_scale) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d.crop_scale)
+        and 0 < d.crop_scale[0] <= d.crop_scale[1],
+        f"data.crop_scale must be two numbers [lo, hi] with 0 < lo <= hi (fractions of the image's area), got "
+        f"{_short(d.crop_scale)}; e.g. data.crop_scale=[0.08,1.25]",
+    )
+    d.crop_scale = [float(v) for v in d.crop_scale]
+    _check(
+        d.crop_scale == DEFAULT_CROP_SCALE or not data.info(d.name).in_memory,
+        f"data.crop_scale={_short(d.crop_scale)}: {data.canonical_name(d.name)} has no RandomResizedCrop (its "
+        "augmentation is a padded random crop and flips); leave data.crop_scale out (only a class-folder data set "
+        "such as imagenet uses it)",
+    )
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(d.num_workers <= MAX_THREADS, f"data.num_workers must be <= {MAX_THREADS} (processes), got {d.num_workers}")
     if d.subset is not None:
@@ -1048,5 +1071,7 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
             "train.distill_weight / train.distill_temperature have no effect without train.teacher=RUN_DIR (ignored)",
             stacklevel=2,
         )
+    if cfg.data.crop_scale != DEFAULT_CROP_SCALE and not cfg.data.augment:
+        warnings.warn("data.crop_scale has no effect with data.augment=false (no training crop; ignored)", stacklevel=2)
     if cfg.model.precision == "fp" and cfg.estimator.params:
         warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)

@@ -62,6 +62,7 @@ def create_loaders(cfg: Config, meta, ctx: D.DistContext):
         num_workers=d.num_workers,
         subset=d.subset,
         test_subset=d.test_subset,
+        crop_scale=None if meta.in_memory else tuple(d.crop_scale),  # in-memory sets have no RandomResizedCrop
         rank=ctx.rank,
         world_size=ctx.world_size,
         drop_last=True,
