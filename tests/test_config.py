@@ -475,3 +475,101 @@ def test_data_crop_scale_is_two_numbers_used_by_imagenet_only():
     off = load_config(None, ["data.name=imagenet", "data.crop_scale=[0.08, 1.25]", "data.augment=false"])
     with pytest.warns(UserWarning, match="data.crop_scale has no effect with data.augment=false"):
         C.warn_conflicts(off, 1)
+
+
+def test_the_papers_imagenet_resnet_configs_use_its_strided_shortcut_and_crop_scale():
+    import torch
+
+    from reste.data import info
+    from reste.models.build import build_model
+
+    paper = sorted((REPO / "configs" / "imagenet").glob("resnet*.yaml"))
+    paper += sorted((REPO / "configs" / "imagenet" / "two_step").glob("*.yaml"))
+    assert len(paper) == 8
+    for path in paper:
+        cfg = load_config(path)
+        assert cfg.model.kwargs == {"downsample": "stride"}, path
+        assert cfg.data.crop_scale == [0.08, 1.25] and cfg.data.augment, path
+        assert "downsample: stride" in C.config_to_yaml(cfg)  # what --print-config shows
+    for path in sorted((REPO / "configs" / "imagenet").glob("vit*.yaml")):  # the seed has no such settings
+        assert load_config(path).data.crop_scale == [0.08, 1.0], path
+    cfg = load_config(REPO / "configs" / "imagenet" / "resnet34_1w1a.yaml", ["model.kwargs.width=0.125"])
+    with torch.device("meta"):
+        model = build_model(cfg, info("imagenet"))
+    shortcut = model.get_submodule("stages.3.0.shortcut")
+    assert not hasattr(shortcut, "pool") and shortcut.conv.stride == (2, 2)
+    with pytest.raises(ConfigError, match="downsample must be one of 'avgpool', 'stride', got 'strided'"):
+        build_model(load_config(None, ["model.name=resnet18", "model.kwargs.downsample=strided"]), info("imagenet"))
+
+
+def test_a_downsample_stride_run_on_imagenet_folders_trains_evaluates_and_exports_the_strided_net(
+    tmp_path, capsys, monkeypatch
+):
+    # the option must reach everything that rebuilds the model from its kwargs: the run's config,
+    # reste eval, the export's recorded architecture and its load; crop_scale reaches the loader
+    import json
+
+    import torch
+
+    pytest.importorskip("PIL")
+    pytest.importorskip("safetensors")
+    from data_fixtures import write_image_folders
+    from reste.data import imagenet
+    from reste.deploy import load
+    from reste.deploy.fileformat import read_graph
+    from reste.train import trainer as T
+
+    scales = []
+    real_init = imagenet.ImageFolderDataset.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        scales.append((self.train, self.crop_scale))
+
+    monkeypatch.setattr(imagenet.ImageFolderDataset, "__init__", spy)
+    write_image_folders(tmp_path / "tree" / "imagenet", per_class=2, val_per_class=1)
+    T.train(
+        progress=False,
+        model={"name": "resnet18", "kwargs": {"width": 0.0625, "downsample": "stride"}},
+        data={
+            "name": "imagenet",
+            "root": str(tmp_path / "tree"),
+            "batch_size": 3,
+            "test_batch_size": 3,
+            "augment": True,
+            "crop_scale": [0.08, 1.25],
+        },
+        analysis={"indicators": False},
+        train={"epochs": 1, "threads": 1, "device": "cpu"},
+        out={"dir": str(tmp_path), "name": "run"},
+    )
+    assert (True, (0.08, 1.25)) in scales  # the training set's crop
+    run_dir = tmp_path / "run"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.kwargs["downsample"] == "stride" and saved.data.crop_scale == [0.08, 1.25]
+
+    from reste.train import evaluation
+
+    built = []
+    real_build = evaluation.build_model
+
+    def spy_build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(evaluation, "build_model", spy_build)
+    capsys.readouterr()
+    assert cli.main(["eval", str(run_dir), "--device", "cpu", "--json"]) == 0
+    of_run = json.loads(capsys.readouterr().out)
+    assert len(built) == 1 and built[0].get_submodule("stages.1.0.shortcut").conv.stride == (2, 2)
+    out = tmp_path / "model.safetensors"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "agree on 100.00%" in capsys.readouterr().out  # the rebuilt (strided) net gives the trained outputs
+    assert read_graph(out)["architecture"]["kwargs"]["downsample"] == "stride"
+    deployed = load(out)
+    shortcut = deployed.get_submodule("stages.1.0.shortcut")
+    assert not hasattr(shortcut, "pool") and shortcut.conv.stride == (2, 2)
+    assert deployed(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+    assert cli.main(["eval", str(out), "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == of_run["top1"]
+    assert cli.main(["summary", str(run_dir)]) == 0
