@@ -43,10 +43,17 @@ class _BinaryInputConvFn(torch.autograd.Function):
     The plain path saves ``x`` in the estimator and ``sign(x)`` in the conv: twice the
     activation memory of a float conv. Here ``sign(x)`` is recomputed in backward (one
     cheap pass), and the estimator's rule is applied to the conv's input gradient.
+
+    With ``scaled_signs`` (``w = alpha * sign(W)``, alpha per output channel or for the layer) the
+    forward computes ``conv(sign(x), sign(W)) * alpha + bias``, as :class:`_BinaryInputLinearFn`
+    does: the integer sums exact before one rounding by ``alpha``. Rounded the other way, a sum of
+    exactly 0 came out as about +-1e-8, and a ReLU after the conv passed the gradient of about half
+    of those outputs, a different half in float64, channels_last or another thread count.
+    The backward is that of ``conv(sign(x), w)`` either way.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value):
+    def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value, scaled_signs=False):
         xb = _pad_binary(ops.transient_sign(x), padding, pad_value)
         conv_padding = padding if pad_value is None else (0, 0)
         ctx.save_for_backward(x, weight)
@@ -60,7 +67,12 @@ class _BinaryInputConvFn(torch.autograd.Function):
             conv_padding,
             None if bias is None else tuple(bias.shape),
         )
-        return F.conv2d(xb, weight, bias, stride, conv_padding, dilation, groups)
+        if not scaled_signs:
+            return F.conv2d(xb, weight, bias, stride, conv_padding, dilation, groups)
+        # |alpha * (+-1)| is alpha exactly, so alpha and sign(W) come back from w without error
+        dot = F.conv2d(xb, binary_sign(weight), None, stride, conv_padding, dilation, groups)
+        out = dot * weight.abs().amax(dim=(1, 2, 3)).to(dot.dtype).reshape(-1, 1, 1)
+        return out if bias is None else out + bias.to(out.dtype).reshape(-1, 1, 1)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -91,7 +103,7 @@ class _BinaryInputConvFn(torch.autograd.Function):
             grad_x = est.surrogate_grad_(x, grad_xb.to(x.dtype).contiguous(memory_format=_layout(x)))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _BinaryInputLinearFn(torch.autograd.Function):
@@ -288,8 +300,18 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         est = self.input_estimator
         if ops.recomputes_sign(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
+            # weight_scale="none" too: alpha is then 1, and the bias is added after the exact sums
             return _BinaryInputConvFn.apply(
-                x, w, self.bias, est, self.stride, self.padding, self.dilation, self.groups, pad_value
+                x,
+                w,
+                self.bias,
+                est,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                pad_value,
+                self.binary_weights,
             )
         x = self.quantized_input(x)
         padding = self.padding
