@@ -938,7 +938,21 @@ def test_report_puts_the_scale_above_every_table_and_one_meaning_per_column(tmp_
     for title in ("Results", "Table 2", "Table 3", "Estimator comparison", "Equilibrium"):
         section = report_section(text, title)
         assert section.index("\nScale") < section.index("\n|"), title  # above the table
+        assert "Machine: not recorded (runs of a reste before 2026-12-02)." in section, title
     assert scale in report_section(text, "Equilibrium")
+    # the machine of summary.json: named in the Scale line, with run counts when the runs differ
+    xeon = {"device": "cpu", "cpu": "Intel Xeon", "cpu_family_model": "family 6 model 143", "torch_threads": 2,
+            "torch": "2.13.0"}  # fmt: skip
+    h200 = {"device": "cuda", "gpu": "NVIDIA H200", "cpu": "Intel Xeon", "torch": "2.13.0"}
+    for run in sorted(sweep.iterdir()):
+        _edit_run(run, summary={"machine": h200 if run.name == "ste" else xeon})
+    text = build_report([sweep], tmp_path / "out2", plots=False).markdown
+    machine = "Intel Xeon (family 6 model 143), cpu, 2 threads, torch 2.13.0"
+    assert f"{scale} Machine: {machine}." in report_section(text, "Equilibrium")
+    assert (
+        "Machines (differ between the runs below): NVIDIA H200 (GPU), host CPU Intel Xeon, torch 2.13.0 (1 run); "
+        f"{machine} (2 runs)."
+    ) in report_section(text, "Estimator comparison")
     # the fixed run has no counts in its summary: 1000 images of data.subset, 1000 // 5 test images
     table2 = report_section(text, "Table 2")
     assert "Scale (differs between the runs below): " in table2

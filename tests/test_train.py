@@ -152,6 +152,12 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     assert SUMMARY_KEYS <= set(on_disk)
     assert on_disk["data_source"] == str(FASHION)  # the folder actually read (no data.root: the system copy)
     assert on_disk["estimator_kernels"].startswith("c (compiled C kernels")
+    # the machine, as /proc/cpuinfo and torch say (the report names it; no number without its machine)
+    machine = on_disk["machine"]
+    assert (machine["device"], machine["gpu"], machine["torch"]) == ("cpu", None, str(torch.__version__))
+    assert machine["torch_threads"] == torch.get_num_threads() and machine["cpu"]
+    with open("/proc/cpuinfo") as fh:
+        assert f"model name\t: {machine['cpu']}\n" in fh.read()
     best = max(rows, key=lambda r: r["test_top1"])
     assert on_disk["final_top1"] == rows[-1]["test_top1"] == summary["final_top1"]
     assert on_disk["best_top1"] == best["test_top1"] and on_disk["best_epoch"] == best["epoch"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._platform import describe_machine
 from .cells import Cell, _stats
 
 
@@ -61,7 +62,30 @@ def _scale_line(cells: Sequence[Cell]) -> str:
         f"{_epochs(epochs)}"
         for data, model, train, test, epochs in scales
     ]
-    return ("Scale: " if len(parts) == 1 else "Scale (differs between the runs below): ") + "; ".join(parts) + "."
+    return (
+        ("Scale: " if len(parts) == 1 else "Scale (differs between the runs below): ")
+        + "; ".join(parts)
+        + ". "
+        + _machine_text(cells)
+    )
+
+
+def _machine_text(cells: Sequence[Cell]) -> str:
+    """``Machine: ...`` of the runs (from their summary.json), with run counts when they differ."""
+    machines: dict[str | None, int] = {}
+    for cell in cells:
+        for run in cell.runs:
+            text = describe_machine((run.summary or {}).get("machine"))
+            machines[text] = machines.get(text, 0) + 1
+    if list(machines) == [None]:
+        return "Machine: not recorded (runs of a reste before 2026-12-02)."
+    if len(machines) == 1:
+        return f"Machine: {next(iter(machines))}."
+    return (
+        "Machines (differ between the runs below): "
+        + "; ".join(f"{text or 'not recorded'} ({n} run{'' if n == 1 else 's'})" for text, n in machines.items())
+        + "."
+    )
 
 
 def _paper(x) -> str:

@@ -30,7 +30,6 @@ import copy
 import io
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -58,40 +57,11 @@ VGG_SMALL_SHAPES = ((128, 128, 32, 1), (128, 256, 16, 1), (256, 256, 16, 1), (25
 RESNET20_SHAPES = ((16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1))
 
 
-#: CPU flags (as /proc/cpuinfo spells them) that decide which kernel path can run
-_ISA_FLAGS = (
-    "popcnt",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512dq",
-    "avx512_vpopcntdq",
-    "asimd",
-    "asimddp",
-)
-
-
 def _cpu() -> tuple[str, list[str], str | None]:
-    """(model name, the kernel-relevant flags it has, cpu family/model) from /proc/cpuinfo where there is one."""
-    name, flags, family = platform.processor() or platform.machine(), [], None
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or name
-    have = set((fields.get("flags") or fields.get("Features") or "").split())
-    flags = [f for f in _ISA_FLAGS if f in have]
-    if "cpu family" in fields:
-        family = f"family {fields['cpu family']} model {fields.get('model', '?')}"
-    return name, flags, family
+    """(model name, the kernel-relevant flags it has, cpu family/model): :func:`reste._platform.cpu`."""
+    from .._platform import cpu
+
+    return cpu()
 
 
 def machine_info() -> dict:

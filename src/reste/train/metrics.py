@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from .._platform import run_machine
 from .config import Config
 from .evaluation import _accuracy
 from .state import TrainState
@@ -65,6 +66,7 @@ def run_summary(
     world_size: int,
     run_dir,
     kernels: str = "",
+    device=None,
 ) -> dict:
     """The summary of a run: final and best accuracy, time, scale and what was trained; ``complete``
     only when it has all ``train.epochs`` rows."""
@@ -91,6 +93,8 @@ def run_summary(
         "dataset": cfg.data.name,
         "data_source": _absolute(getattr(train_loader, "source", None)),  # the folder actually read
         "estimator_kernels": kernels or None,  # the estimators' code path (reste.ops.kernel_info)
+        # what the last session of training ran on (a resumed run may have run elsewhere before)
+        "machine": None if device is None else run_machine(device),
         "precision": cfg.model.precision,
         "estimator": cfg.model.estimator,
         "o_end": cfg.estimator.o_end,

@@ -642,6 +642,7 @@ class Trainer:
             world_size=self.ctx.world_size,
             run_dir=self.run_dir,
             kernels=self.kernels,
+            device=self.device,
         )
 
 
