@@ -449,6 +449,18 @@ def test_an_empty_data_root_is_refused_naming_the_key():
     assert C.load_config(None, ["data.root="]).data.root is None
 
 
+def test_an_estimator_params_o_the_schedule_would_replace_is_refused_with_the_fixed_schedule_to_use():
+    # estimator.params={o: 2.5} trained with o on the cosine to 3 (logged o 1.586 at mid-run), silently
+    with pytest.raises(
+        C.ConfigError,
+        match=r"estimator.params.o=2.5 would be replaced at every step by the o schedule \(cosine, o_end 3\); for a "
+        r"constant o use estimator.schedule=fixed estimator.o_end=2.5",
+    ):
+        C.load_config(None, ["estimator.params={o: 2.5}"])
+    assert C.load_config(None, ["estimator.schedule=fixed", "estimator.o_end=2.5"]).estimator.o_end == 2.5
+    assert C.load_config(None, ["estimator.params={t: 1.2}"]).estimator.params == {"t": 1.2}
+
+
 # ---------------------------------------------------------------------------
 # data.crop_scale and model.kwargs.downsample: the paper's ImageNet settings
 

@@ -34,6 +34,11 @@ def test_formulas_at_midpoint():
 def test_fixed_is_constant_and_accepts_o_alias():
     s = reste.o_schedule("fixed", o=2.0)
     assert {s(0.0), s(0.4), s(1.0)} == {2.0}
+    assert reste.o_schedule("fixed", o=2.0, o_end=2)(0.5) == 2.0  # the same value twice is one setting
+    # o and o_end are one setting: o=2, o_end=3 used 2 silently
+    with pytest.raises(TypeError, match="got o=2.0 and o_end=3: they are one setting, give one"):
+        reste.o_schedule("fixed", o=2.0, o_end=3)
+    assert reste.o_schedule("cosine")(1.0) == 3.0  # o_end defaults to 3
 
 
 def test_progress_is_clamped():

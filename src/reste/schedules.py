@@ -74,19 +74,23 @@ class OSchedule:
         return _WAYS[self.way](r, float(self.o_end), float(self.p))
 
 
-def o_schedule(way: str = "cosine", o_end: float = 3.0, **params: float) -> OSchedule:
-    """Build an o schedule. ``way`` is one of ``fixed``, ``linear``, ``cosine``, ``power``.
+def o_schedule(way: str = "cosine", o_end: float | None = None, **params: float) -> OSchedule:
+    """Build an o schedule. ``way`` is one of ``fixed``, ``linear``, ``cosine``, ``power``;
+    ``o_end`` defaults to 3 (``o=`` is the same argument, which reads better for ``fixed``).
 
     >>> s = o_schedule("cosine", o_end=3)
     >>> round(s(500 / 1000), 3)
     1.586
     """
     if "o" in params:  # fixed o reads more naturally as o=...
-        o_end = params.pop("o")
+        o = params.pop("o")
+        if o_end is not None and float(o_end) != float(o):
+            raise TypeError(f"o_schedule({way!r}) got o={o} and o_end={o_end}: they are one setting, give one")
+        o_end = o
     p = params.pop("p", 2.0)
     if params:
         raise TypeError(f"o_schedule({way!r}) got unexpected parameters: {', '.join(params)}")
-    return OSchedule(way=way, o_end=float(o_end), p=float(p))
+    return OSchedule(way=way, o_end=3.0 if o_end is None else float(o_end), p=float(p))
 
 
 def iter_estimators(model: nn.Module) -> Iterator[Estimator]:

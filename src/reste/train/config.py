@@ -854,6 +854,12 @@ def validate(cfg: Config) -> Config:
         f"clipped identity), got {e.o_end}; e.g. estimator.o_end=3",
     )
     _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
+    _check(
+        "o" not in e.params or cfg.model.precision == "fp",
+        f"estimator.params.o={_short(e.params.get('o'))} would be replaced at every step by the o schedule "
+        f"({e.schedule}, o_end {e.o_end:g}); for a constant o use estimator.schedule=fixed "
+        f"estimator.o_end={_short(e.params.get('o'))}, and drop estimator.params.o",
+    )
 
     d = cfg.data
     _check(
