@@ -108,6 +108,21 @@ def interrupt_after(steps: int, signum=signal.SIGINT):
     return on_step
 
 
+def test_the_summary_names_the_estimators_a_model_uses_and_an_o_schedule_only_where_a_reste_has_one(tmp_path):
+    # a DoReFa ViT (1W/32A: no ReSTE anywhere) said estimator reste, o_end 3, o_schedule cosine
+    vit = {"name": "vit_tiny", "precision": "1w32a", "kwargs": {"weight_estimator": "dorefa", "dim": 24, "depth": 1,
+           "heads": 2, "mlp_dim": 32, "patch_size": 7}}  # fmt: skip
+    for model, expected in (
+        (vit, ("dorefa", None, None)),
+        ({"precision": "fp"}, (None, None, None)),
+        ({"estimator": "ste"}, ("ste", None, None)),
+        ({"precision": "1w32a"}, ("reste", 3.0, "cosine")),
+    ):
+        summary = T.train(progress=False, **tiny(tmp_path, str(len(list(tmp_path.iterdir()))), model=model,
+                                                 train={"epochs": 1}))  # fmt: skip
+        assert (summary["estimator"], summary["o_end"], summary["o_schedule"]) == expected, model
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """The reference tiny run, 2 epochs without interruption (shared by the resume and checkpoint tests)."""
@@ -163,6 +178,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, capsys):
     assert on_disk["best_top1"] == best["test_top1"] and on_disk["best_epoch"] == best["epoch"]
     assert on_disk["final_top5"] == rows[-1]["test_top5"] and on_disk["epochs"] == 2 and on_disk["complete"]
     assert (on_disk["model"], on_disk["dataset"], on_disk["o_end"]) == ("resnet20_bireal", "fashion_mnist", 3.0)
+    assert (on_disk["estimator"], on_disk["o_schedule"]) == ("reste", "cosine")
 
     # config.yaml is the resolved config; histograms at epoch 1 (asked) and 2 (final)
     assert load_config(run / "config.yaml") == load_config(yaml.safe_load((run / "config.yaml").read_text()))

@@ -67,6 +67,8 @@ def run_summary(
     run_dir,
     kernels: str = "",
     device=None,
+    model=None,
+    has_o: bool = True,
 ) -> dict:
     """The summary of a run: final and best accuracy, time, scale and what was trained; ``complete``
     only when it has all ``train.epochs`` rows."""
@@ -96,9 +98,10 @@ def run_summary(
         # what the last session of training ran on (a resumed run may have run elsewhere before)
         "machine": None if device is None else run_machine(device),
         "precision": cfg.model.precision,
-        "estimator": cfg.model.estimator,
-        "o_end": cfg.estimator.o_end,
-        "o_schedule": cfg.estimator.schedule,
+        "estimator": cfg.model.estimator if model is None else _estimators_in_use(model),
+        # the o schedule only where a ReSTE uses it (not for FP, DoReFa weights without ReSTE, ...)
+        "o_end": cfg.estimator.o_end if has_o else None,
+        "o_schedule": cfg.estimator.schedule if has_o else None,
         "seed": cfg.seed,
         "world_size": world_size,
         "run_dir": str(run_dir),
@@ -111,3 +114,13 @@ def run_summary(
             else None
         ),
     }
+
+
+def _estimators_in_use(model) -> str | None:
+    """The estimators of the model's binary layers, weights' and inputs' (``reste``, ``dorefa``, or
+    ``dorefa+ste`` when they differ); None for a model without binary layers."""
+    from ..models import describe
+
+    layers = describe(model).layers
+    names = {l.weights for l in layers if l.weights != "real"} | {l.inputs for l in layers if l.inputs != "real"}
+    return "+".join(sorted(names)) or None

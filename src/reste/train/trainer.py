@@ -643,6 +643,8 @@ class Trainer:
             run_dir=self.run_dir,
             kernels=self.kernels,
             device=self.device,
+            model=self.model,
+            has_o=self.est_scheduler.has_o,
         )
 
 
