@@ -1105,6 +1105,26 @@ def test_indicator_cost_times_a_step_measure_and_snapshot():
     assert result["measure_per_step"] == pytest.approx(result["measure_s"] / result["step_s"])
 
 
+def test_indicator_cost_command_takes_model_options_and_says_what_is_wrong(capsys):
+    # --model vit_tiny crashed with a traceback (patch 16 does not divide 28) and had no way to pass options
+    from reste.analysis.cost import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "vit_tiny", "--reps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot build vit_tiny for fashion_mnist: patch_size=16 does not divide image_size=28" in err
+    assert "give its options with --kwargs" in err
+    with pytest.raises(SystemExit):
+        main(["--model", "vit_tiny", "--kwargs", "[7]"])
+    assert "--kwargs must be a YAML mapping" in capsys.readouterr().err
+    kwargs = "{patch_size: 7, dim: 16, depth: 1, heads: 2, mlp_dim: 16}"
+    assert main(["--model", "vit_tiny", "--kwargs", kwargs, "--batch", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    # qkv, proj, fc1, fc2 of the one block: 16*48 + 16*16 + 16*16 + 16*16 binary weights
+    assert "vit_tiny 1w1a, batch 2 of 1x28x28, 1 thread(s): 4 binary layers, 1,536 binary weights" in out
+
+
 def test_report_treats_an_option_a_run_predates_as_its_default(tmp_path):
     from reste.train.config import Config
 

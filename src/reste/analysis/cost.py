@@ -1,6 +1,6 @@
 """How much the equilibrium indicators cost next to a training step.
 
-``python -m reste.analysis.cost [--model resnet20] [--batch 128] [--threads 1]`` times,
+``python -m reste.analysis.cost [--model resnet20] [--kwargs '{patch_size: 7}'] [--batch 128] [--threads 1]`` times,
 on random data of the data set's image shape, the median of
 
 - a train step (forward, backward, Adam step),
@@ -77,20 +77,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument(
+        "--kwargs",
+        default="{}",
+        help="the model's options as a YAML mapping, as model.kwargs in a config, e.g. '{patch_size: 7}'",
+    )
     args = parser.parse_args(argv)
+
+    import yaml
 
     from reste import data, models
 
+    try:
+        kwargs = yaml.safe_load(args.kwargs)
+    except yaml.YAMLError as err:
+        parser.error(f"--kwargs {args.kwargs!r} is not YAML: {err}")
+    if not isinstance(kwargs, dict):
+        parser.error(f"--kwargs must be a YAML mapping such as '{{patch_size: 7}}', got {args.kwargs!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    meta = data.info(args.data)
-    model = models.create(
-        args.model,
-        num_classes=meta.num_classes,
-        in_channels=meta.in_channels,
-        precision=args.precision,
-        image_size=meta.image_size,
-    )
+    try:
+        meta = data.info(args.data)
+        model = models.create(
+            args.model,
+            num_classes=meta.num_classes,
+            in_channels=meta.in_channels,
+            precision=args.precision,
+            image_size=meta.image_size,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as err:  # an unknown name, or options the model does not take
+        parser.error(f"cannot build {args.model} for {args.data}: {err}; give its options with --kwargs")
     images = torch.randn(args.batch, meta.in_channels, meta.image_size, meta.image_size)
     labels = torch.randint(0, meta.num_classes, (args.batch,))
     r = indicator_cost(model, images, labels, reps=args.reps)
