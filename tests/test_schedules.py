@@ -128,3 +128,32 @@ def test_scheduler_default_matches_the_training_config():
     for _ in range(5):
         sched.step_iter()
     assert sched.o == pytest.approx(1 + 2 * 4 / 20)  # moves inside the epoch
+
+
+def test_scheduler_warns_once_about_epochs_counted_from_1_and_a_loop_without_step_iter():
+    import warnings
+
+    def run(first_epoch, call_iter=True, per="step"):
+        sched = reste.EstimatorScheduler(_model(), reste.o_schedule("cosine", o_end=3), 3, 4, per=per)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in range(first_epoch, first_epoch + 3):
+                sched.step_epoch(epoch)
+                for _ in range(4):
+                    if call_iter:
+                        sched.step_iter()
+            sched.step_epoch(3)  # after the loop, to evaluate at the schedule's end: no training step follows
+        return [str(w.message) for w in caught]
+
+    assert run(0) == [] and run(0, call_iter=False, per="epoch") == []
+    # counting from 1: o reached o_end for the whole last epoch, silently
+    assert run(1) == [
+        "a training step in epoch 3 of a schedule of epochs=3: step_epoch() counts from 0, so the last epoch is 2; "
+        "counting from 1 runs the schedule one epoch ahead (o at o_end for the whole last epoch)"
+    ]
+    # per='step' without step_iter(): o moved only at epoch starts, silently
+    assert run(0, call_iter=False) == [
+        "no step_iter() call during epoch 0: with per='step' o moves at every step_iter(), so it changed only at "
+        "epoch starts; call scheduler.step_iter() before each optimisation step, or build the scheduler with "
+        "per='epoch'"
+    ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -170,6 +171,8 @@ class EstimatorScheduler:
         self.step = 0
         self.has_o = any("o" in e.scheduled for e in iter_estimators(model))
         self.progress = 0.0
+        # the usage mistakes step_epoch warns about, once each: epochs counted from 1, no step_iter() calls
+        self._epoch_started = self._warned_epoch = self._warned_iter = False
         self._apply(0.0)
 
     @property
@@ -186,11 +189,37 @@ class EstimatorScheduler:
             set_params(self.model, o=self.schedule(progress))
 
     def step_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Start epoch ``epoch``, counted from 0 (the last is ``epochs - 1``)."""
+        epoch = int(epoch)
+        if (
+            self.per == "step"
+            and self._epoch_started
+            and self.step == self.epoch * self.steps_per_epoch
+            and epoch > self.epoch
+            and not self._warned_iter
+        ):
+            self._warned_iter = True
+            warnings.warn(
+                f"no step_iter() call during epoch {self.epoch}: with per='step' o moves at every step_iter(), "
+                "so it changed only at epoch starts; call scheduler.step_iter() before each optimisation step, "
+                "or build the scheduler with per='epoch'",
+                stacklevel=2,
+            )
+        self._epoch_started = True
+        self.epoch = epoch
         self.step = self.epoch * self.steps_per_epoch
         self._apply(self.epoch / self.epochs)
 
     def step_iter(self) -> None:
+        """Before each optimisation step."""
+        if self.epoch >= self.epochs and not self._warned_epoch:
+            self._warned_epoch = True
+            warnings.warn(
+                f"a training step in epoch {self.epoch} of a schedule of epochs={self.epochs}: step_epoch() counts "
+                f"from 0, so the last epoch is {self.epochs - 1}; counting from 1 runs the schedule one epoch ahead "
+                "(o at o_end for the whole last epoch)",
+                stacklevel=2,
+            )
         if self.per == "step":
             self._apply(self.step / (self.epochs * self.steps_per_epoch))
         self.step += 1
@@ -201,4 +230,5 @@ class EstimatorScheduler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+        self._epoch_started = False  # a resume mid-epoch: its step_iter() calls were made before
         self._apply(float(state["progress"]))
