@@ -157,7 +157,9 @@ def test_gradient_instability_is_none_without_gradients():
 def test_tracker_follows_the_o_schedule():
     model = tiny_model(o=1.0)
     tracker = IndicatorTracker(model, o_end=3.0)
-    sched = reste.EstimatorScheduler(model, reste.o_schedule("cosine", o_end=3.0), epochs=4, steps_per_epoch=1)
+    sched = reste.EstimatorScheduler(
+        model, reste.o_schedule("cosine", o_end=3.0), epochs=4, steps_per_epoch=1, per="epoch"
+    )
     errors = []
     for epoch in range(4):
         sched.step_epoch(epoch)
@@ -1343,6 +1345,28 @@ def test_runs_without_their_config_are_left_out_not_pooled_and_a_sweep_given_twi
     assert left.count("lost-a") == 1 and left.count("lost-b") == 1 and left.count("unfinished") == 1
     assert "config.yaml is missing or empty" in left and "checkpoints/last.pt" in left
     assert str(kept) not in left
+
+
+def test_model_options_written_out_at_their_default_are_the_run_that_left_them_out(tmp_path):
+    # model.kwargs {width: 1} and {} and {width: 1.0} were three cells; an explicit downsample: avgpool two
+    from reste.analysis.runs import load_run
+
+    runs = tmp_path / "runs"
+    for name, kwargs in (("none", {}), ("int", {"width": 1}), ("float", {"width": 1.0}), ("half", {"width": 0.5})):
+        fixture_run(runs, name, [50.0, 60.0], kwargs=kwargs, snapshot=False)
+    for name, kwargs in (("r18", {}), ("r18-avg", {"downsample": "avgpool"}), ("r18-stride", {"downsample": "stride"})):
+        fixture_run(runs, name, [50.0, 60.0], model="resnet18", kwargs=kwargs, snapshot=False)
+    settings = {p.name: load_run(p).setting for p in runs.iterdir()}
+    assert settings["none"] == settings["int"] == settings["float"] != settings["half"]
+    assert settings["r18"] == settings["r18-avg"] != settings["r18-stride"]
+    # the Results table shows the option that varies, with its default value where it was left out
+    results = table_rows(report_section(build_report([runs], tmp_path / "out", plots=False).markdown, "Results"))
+    header, rows = results[0], results[1:]
+    assert sorted(r[header.index("model.kwargs.width")] for r in rows if r[1] == "resnet20") == ["0.5", "1"]
+    assert sorted(r[header.index("model.kwargs.downsample")] for r in rows if r[1] == "resnet18") == [
+        "avgpool",
+        "stride",
+    ]
 
 
 def test_equal_differences_one_image_apart_claim_no_significance():

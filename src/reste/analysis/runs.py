@@ -75,6 +75,32 @@ def _default_flat() -> dict:
     return _flatten(config_to_dict(Config()))
 
 
+@functools.lru_cache(maxsize=64)
+def _model_defaults(name) -> dict:
+    """``model.kwargs.<option>: default`` of a registered model's keyword options, but those the
+    trainer sets from the data set (classes, channels, image size); empty for an unknown model."""
+    import inspect
+
+    from ..models.registry import _REGISTRY
+
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None
+    if builder is None:
+        return {}
+    from_data = ("num_classes", "in_channels", "image_size")
+    return {
+        f"model.kwargs.{p.name}": p.default
+        for p in inspect.signature(builder).parameters.values()
+        if p.default is not inspect.Parameter.empty and p.name not in from_data
+    }
+
+
+def _same_repr(value) -> str:
+    """``repr`` with whole numbers as floats: ``width: 1`` and ``width: 1.0`` are one setting."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return repr(value)
+
+
 def _ignored(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_PREFIXES)
 
@@ -95,10 +121,13 @@ class RunRecord:
 
     @property
     def flat(self) -> dict:
-        """The config as dotted keys; options the run's config.yaml predates get the trainer's default."""
+        """The config as dotted keys; options the run's config.yaml predates get the trainer's default,
+        and the model's own options left out of ``model.kwargs`` their default (``width: 1.0`` written
+        out is the run that left it out)."""
         if not self.config:
             return {}
-        return {**_default_flat(), **_flatten(self.config)}
+        flat = {**_default_flat(), **_flatten(self.config)}
+        return {**_model_defaults(flat.get("model.name")), **flat}
 
     @property
     def unused_keys(self) -> frozenset[str]:
@@ -119,7 +148,7 @@ class RunRecord:
         settings form a cell. So a sweep over estimators, o schedules and precisions gives one FP cell,
         and a linear run at p = 3 is the linear run at p = 2."""
         flat, unused = self.flat, self.unused_keys
-        return tuple(sorted((k, repr(v)) for k, v in flat.items() if not _ignored(k) and k not in unused))
+        return tuple(sorted((k, _same_repr(v)) for k, v in flat.items() if not _ignored(k) and k not in unused))
 
     def get(self, key: str, default=None):
         """A config value by dotted key, falling back to the summary's copy of it."""
