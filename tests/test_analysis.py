@@ -1037,6 +1037,20 @@ def test_figure3_shows_the_o_each_run_reached_on_its_schedule(tmp_path):
             o for _, o in points
         ]
         _edit_run(run, summary={"steps_per_epoch": steps})
+    # a linear run planned for 2 epochs, then extended to 4 (--resume train.epochs=4): its first two epochs
+    # computed o over 2 epochs (logged 1.75 and 2.75 per step); they were drawn at r = 3/16 and 7/16, off the line
+    linear = reste.o_schedule("linear", o_end=3.0)
+    extended = fixture_run(tmp_path / "ext", "linear", [60.0, 70.0, 72.0, 74.0], schedule="linear", snapshot=False)
+    logged = [linear(3 / 8), linear(7 / 8), linear(11 / 16), linear(15 / 16)]  # o of each epoch's last step
+    _edit_run(
+        extended,
+        config={"estimator": {"per": "step"}, "train": {"extended_from": [2]}},
+        summary={"steps_per_epoch": steps},
+        rows=[{"epoch": e, "test_top1": 60.0, "o": o} for e, o in enumerate(logged, 1)],
+    )
+    points = o_points(Cell([load_run(extended)]))
+    assert [r for r, _ in points] == pytest.approx([3 / 8, 7 / 8, 11 / 16, 15 / 16], abs=1e-9)
+    assert all(linear(r) == pytest.approx(o) for r, o in points)
     report = build_report([runs], tmp_path / "out")
     assert [p.name for p in report.figures] == ["figure3_o_schedules.png"]
     reached = reste.o_schedule("cosine", o_end=3.0)(7 / 8)

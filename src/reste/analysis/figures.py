@@ -187,7 +187,9 @@ def o_points(cell: Cell) -> list[tuple[float, float]]:
     Per epoch that is ``r = (epoch - 1) / epochs``; per step ``(epoch * steps - 1) / (epochs * steps)``
     (``steps_per_epoch`` from summary.json; older runs: where the schedule takes that ``o``).
     So the last point is the ``o`` the run reached, below ``o_end``, which the schedule only
-    reaches at ``r = 1``, after the last step.
+    reaches at ``r = 1``, after the last step. A run extended with ``--resume train.epochs=N``
+    (``train.extended_from``) computed its early epochs' ``o`` over fewer epochs: its points are
+    placed where the schedule takes their ``o``, the progress they were computed for.
     """
     run = cell.first
     rows = [m for m in run.metrics if m.get("o") is not None]
@@ -195,8 +197,11 @@ def o_points(cell: Cell) -> list[tuple[float, float]]:
     steps = (run.summary or {}).get("steps_per_epoch")
     sched = _schedule_of(cell)
     points = []
+    extended = bool(cell.get("train.extended_from"))
     for m in rows:
-        if cell.get("estimator.per") == "epoch":
+        if extended:
+            r = _progress_at(sched, float(m["o"]), m["epoch"] / epochs)
+        elif cell.get("estimator.per") == "epoch":
             r = (m["epoch"] - 1) / epochs
         elif steps:
             r = (m["epoch"] * steps - 1) / (epochs * steps)
@@ -252,7 +257,10 @@ def _figure3_caption(ways: dict[str, Cell]) -> str:
     for way in PROGRESSIVE_WAYS:
         if way in ways and o_points(ways[way]):
             parts.append(f"{way} {o_points(ways[way])[-1][1]:.2f} (o_end {ways[way].o_end:g})")
-    text = "Lines: the schedules o(r). Dots: the o of each epoch's last step, at the progress it was computed for."
+    text = (
+        "Lines: the schedules o(r). Dots: the o of each epoch's last step, at the progress it was computed for "
+        "(for a run extended with --resume train.epochs=N, where the schedule takes that o)."
+    )
     if parts:
         text += (
             " The o the runs reached at their last step: "
