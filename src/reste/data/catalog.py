@@ -78,9 +78,9 @@ _INFOS: dict[str, DatasetInfo] = {
         ),
         # Digits are not flip-invariant (a mirrored 2 is not a 2): crop only.
         DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), 60000, 10000, crop_padding=2, horizontal_flip=False),
-        # The CIFAR-10 std below is the value used by the common BNN recipes
-        # (IR-Net / ReSTE code bases); the exact per-pixel std would be
-        # (0.2470, 0.2435, 0.2616). Kept for parity with published numbers.
+        # The CIFAR-10 std below is the value of the common BNN recipes (IR-Net's code base); the exact
+        # per-pixel std would be (0.2470, 0.2435, 0.2616). ReSTE's reference code normalises CIFAR-10
+        # with ImageNet's statistics instead (dataset/load_data.py); docs/configs.md lists the difference.
         DatasetInfo(
             "cifar10",
             10,
