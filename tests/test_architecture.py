@@ -1,6 +1,6 @@
 """The package's layers (docs/architecture.md): a module imports only its own layer and the ones below.
 
-    errors, _ext                     (no torch-level dependencies on the rest)
+    errors, _ext, _platform          (no torch-level dependencies on the rest)
     ops, _triton, estimators, ...    the estimator maths
     nn                               binary layers, conversion, the indicator tracker
     models, data                     architectures; data sets and loaders
@@ -26,6 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "reste"
 LAYERS = {
     "errors": 0,
     "_ext": 0,
+    "_platform": 0,
     "ops": 1,
     "_triton": 1,
     "estimators": 1,
