@@ -50,7 +50,10 @@ def test_there_is_a_config_for_every_reported_experiment():
         "imagenet/vit_tiny_fp.yaml",
         "imagenet/vit_tiny_dorefa_1w32a.yaml",
         "imagenet/vit_tiny_reste_1w32a.yaml",
-        *(f"cifar10/estimators/resnet20_{e}.yaml" for e in ("ste", "clipped_ste", "dsq", "ede", "fda", "rbnn", "reste")),
+        *(
+            f"cifar10/estimators/resnet20_{e}.yaml"
+            for e in ("ste", "clipped_ste", "dsq", "ede", "fda", "rbnn", "reste")
+        ),
         *(f"cifar10/seed_table2/fixed_o{o}.yaml" for o in range(1, 5)),
         *(f"cifar10/seed_table2/progressive_o_end{o}.yaml" for o in range(1, 5)),
         *(f"cifar10/seed_table3/{w}.yaml" for w in ("linear", "cosine", "power")),

@@ -35,6 +35,27 @@ def test_binary_conv_without_grad_equals_its_packed_twin(scale, pad, bias):
     assert torch.equal(conv(x.requires_grad_()), exact)
 
 
+@pytest.mark.parametrize("estimator", ["reste", "ste", "dsq"])  # dsq keeps its own backward (its alpha trains)
+@pytest.mark.parametrize("weights", [None, "dorefa"])
+def test_the_training_forward_equals_the_exact_one_for_every_estimator(estimator, weights):
+    # DSQ's layers took a plain conv of alpha * sign(W): 0 of 312 sums of exactly 0 stayed 0; DoReFa's
+    # straight-through weights read alpha back 1.2e-7 off the packed layer's
+    torch.manual_seed(0)
+    extra = {} if weights is None else {"weight_estimator": weights}
+    conv = BinaryConv2d(8, 12, 3, padding=1, bias=True, input_estimator=estimator, **extra).eval()
+    linear = reste.nn.BinaryLinear(72, 10, input_estimator=estimator, **extra).eval()
+    x = torch.randn(4, 8, 7, 7)
+    v = torch.randn(5, 72)
+    with torch.no_grad():
+        exact_conv, exact_linear = conv(x), linear(v)
+    assert (exact_conv == conv.bias.reshape(-1, 1, 1)).sum() > 0  # sums of exactly 0 are there to check
+    x.requires_grad_()
+    out = conv(x)
+    assert torch.equal(out, exact_conv) and torch.equal(linear(v.requires_grad_()), exact_linear)
+    out.square().sum().backward()  # and it still trains: the estimator's backward reaches x and W
+    assert x.grad.abs().sum() > 0 and conv.weight.grad.abs().sum() > 0
+
+
 def test_training_gradients_through_a_relu_after_a_binary_conv_do_not_depend_on_rounding():
     # 1,000s of a binary conv's outputs are integer sums of exactly 0; the training forward gave them as
     # about +-1e-8, so a ReLU after it passed the gradient of about half of them, a different half in

@@ -44,16 +44,17 @@ class _BinaryInputConvFn(torch.autograd.Function):
     activation memory of a float conv. Here ``sign(x)`` is recomputed in backward (one
     cheap pass), and the estimator's rule is applied to the conv's input gradient.
 
-    With ``scaled_signs`` (``w = alpha * sign(W)``, alpha per output channel or for the layer) the
-    forward computes ``conv(sign(x), sign(W)) * alpha + bias``, as :class:`_BinaryInputLinearFn`
-    does: the integer sums exact before one rounding by ``alpha``. Rounded the other way, a sum of
-    exactly 0 came out as about +-1e-8, and a ReLU after the conv passed the gradient of about half
-    of those outputs, a different half in float64, channels_last or another thread count.
-    The backward is that of ``conv(sign(x), w)`` either way.
+    Given ``alpha`` (``w = alpha * sign(W)``: binary weights; alpha per output channel or one for the
+    layer, as :meth:`BinaryLayer.weight_alpha` gives it, without gradient) the forward computes
+    ``conv(sign(x), sign(W)) * alpha + bias``, as :class:`_BinaryInputLinearFn` does: the integer
+    sums exact before one rounding by ``alpha``, the packed layer's value bit for bit. Rounded the
+    other way, a sum of exactly 0 came out as about +-1e-8, and a ReLU after the conv passed the
+    gradient of about half of those outputs, a different half in float64, channels_last or another
+    thread count. The backward is that of ``conv(sign(x), w)`` either way.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value, scaled_signs=False):
+    def forward(ctx, x, weight, bias, est, stride, padding, dilation, groups, pad_value, alpha=None):
         xb = _pad_binary(ops.transient_sign(x), padding, pad_value)
         conv_padding = padding if pad_value is None else (0, 0)
         ctx.save_for_backward(x, weight)
@@ -67,11 +68,11 @@ class _BinaryInputConvFn(torch.autograd.Function):
             conv_padding,
             None if bias is None else tuple(bias.shape),
         )
-        if not scaled_signs:
+        if alpha is None:
             return F.conv2d(xb, weight, bias, stride, conv_padding, dilation, groups)
-        # |alpha * (+-1)| is alpha exactly, so alpha and sign(W) come back from w without error
         dot = F.conv2d(xb, binary_sign(weight), None, stride, conv_padding, dilation, groups)
-        out = dot * weight.abs().amax(dim=(1, 2, 3)).to(dot.dtype).reshape(-1, 1, 1)
+        alpha = alpha.reshape(-1).to(dot.dtype)
+        out = dot * (alpha.reshape(-1, 1, 1) if alpha.numel() > 1 else alpha.reshape(()))
         return out if bias is None else out + bias.to(out.dtype).reshape(-1, 1, 1)
 
     @staticmethod
@@ -109,8 +110,8 @@ class _BinaryInputConvFn(torch.autograd.Function):
 class _BinaryInputLinearFn(torch.autograd.Function):
     """``linear(sign(x), w)`` saving only ``x``; see :class:`_BinaryInputConvFn`.
 
-    With ``scaled_signs`` (``w = alpha * sign(W)``, alpha per row or for the layer) the forward
-    computes ``linear(sign(x), sign(W)) * alpha + bias``: the same value, but with the integer
+    Given ``alpha`` (``w = alpha * sign(W)``, alpha per row or for the layer, without gradient) the
+    forward computes ``linear(sign(x), sign(W)) * alpha + bias``: the same value, but with the integer
     sums exact before one rounding by ``alpha``, which is what packed inference
     (:mod:`reste.deploy`) computes. Rounded the other way, the ~1e-7 differences turned into
     flipped signs after a ViT's LayerNorms and the deployed ViT disagreed with the trained one.
@@ -118,16 +119,16 @@ class _BinaryInputLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, est, scaled_signs=False):
+    def forward(ctx, x, weight, bias, est, alpha=None):
         ctx.save_for_backward(x, weight)
         ctx.est = est
         ctx.has_bias = bias is not None
         xb = binary_sign(x)
-        if not scaled_signs:
+        if alpha is None:
             return F.linear(xb, weight, bias)
-        # |alpha * (+-1)| is alpha exactly, so alpha and sign(W) come back from w without error
         dot = F.linear(xb, binary_sign(weight))
-        out = dot * weight.abs().amax(dim=1).to(dot.dtype)
+        alpha = alpha.reshape(-1).to(dot.dtype)
+        out = dot * (alpha if alpha.numel() > 1 else alpha.reshape(()))
         return out if bias is None else out + bias.to(out.dtype)
 
     @staticmethod
@@ -143,6 +144,20 @@ class _BinaryInputLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+class _PassThrough:
+    """The rule of a conv/linear function whose input is already ``sign(x)`` through an estimator
+    that could not take the recompute path (DSQ: its backward trains alpha): the gradient as it is."""
+
+    @staticmethod
+    def surrogate_grad(x: Tensor, grad: Tensor) -> Tensor:
+        return grad
+
+    surrogate_grad_ = surrogate_grad
+
+
+_PASS_THROUGH = _PassThrough()
 
 
 def _layout(x: Tensor):
@@ -201,6 +216,19 @@ class BinaryLayer:
     @property
     def binary_inputs(self) -> bool:
         return self.input_estimator is not None
+
+    def _exact_alpha(self) -> Tensor | None:
+        """``alpha`` for the exact-sums forward (no gradient: the backward takes it through the
+        weights), or None when the weights are real (1W/32A's float weights have no integer sums)."""
+        if not self.binary_weights:
+            return None
+        with torch.no_grad():
+            return self.weight_alpha()
+
+    def _exact_training(self) -> bool:
+        """Whether the training forward may take the exact-sums functions with an input already
+        binarized (an estimator that keeps its own backward, DSQ): binary inputs, eager mode."""
+        return self.input_estimator is not None and not torch.compiler.is_compiling()
 
     def weight_alpha(self, weight: Tensor | None = None) -> Tensor:
         """The scale ``alpha`` of the binary weights (differentiable, shape broadcastable to W)."""
@@ -311,9 +339,24 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
                 self.dilation,
                 self.groups,
                 pad_value,
-                self.binary_weights,
+                self._exact_alpha(),
             )
         x = self.quantized_input(x)
+        if self._exact_training() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            # x is sign(x) already, through the estimator's own backward: the same exact sums
+            pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
+            return _BinaryInputConvFn.apply(
+                x,
+                w,
+                self.bias,
+                _PASS_THROUGH,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                pad_value,
+                self._exact_alpha(),
+            )
         padding = self.padding
         if (
             self.input_estimator is not None
@@ -406,8 +449,13 @@ class BinaryLinear(BinaryLayer, nn.Linear):
             return self._inference_forward(x)
         if ops.recomputes_sign(self.input_estimator):
             # weight_scale="none" too: alpha is then 1, and the bias is added after the exact sums
-            scaled_signs = self.binary_weights
-            return _BinaryInputLinearFn.apply(x, self.quantized_weight(), self.bias, self.input_estimator, scaled_signs)
+            return _BinaryInputLinearFn.apply(
+                x, self.quantized_weight(), self.bias, self.input_estimator, self._exact_alpha()
+            )
+        if self._exact_training():  # sign(x) through the estimator's own backward (DSQ): the same exact sums
+            return _BinaryInputLinearFn.apply(
+                self.quantized_input(x), self.quantized_weight(), self.bias, _PASS_THROUGH, self._exact_alpha()
+            )
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
