@@ -449,16 +449,24 @@ def test_an_empty_data_root_is_refused_naming_the_key():
     assert C.load_config(None, ["data.root="]).data.root is None
 
 
-def test_an_estimator_params_o_the_schedule_would_replace_is_refused_with_the_fixed_schedule_to_use():
-    # estimator.params={o: 2.5} trained with o on the cosine to 3 (logged o 1.586 at mid-run), silently
-    with pytest.raises(
-        C.ConfigError,
-        match=r"estimator.params.o=2.5 would be replaced at every step by the o schedule \(cosine, o_end 3\); for a "
-        r"constant o use estimator.schedule=fixed estimator.o_end=2.5",
+def test_an_estimator_params_o_the_schedule_replaces_is_warned_about_with_the_fixed_schedule_to_use():
+    # estimator.params={o: 2.5} (or model.kwargs.estimator_params) trained with o on the cosine to 3 (logged o
+    # 1.586 at mid-run), silently; a warning, not an error, so runs made before still resume
+    for override, key in (
+        ("estimator.params={o: 2.5}", "estimator.params"),
+        ("model.kwargs={estimator_params: {o: 2.5}}", "model.kwargs.estimator_params"),
     ):
-        C.load_config(None, ["estimator.params={o: 2.5}"])
-    assert C.load_config(None, ["estimator.schedule=fixed", "estimator.o_end=2.5"]).estimator.o_end == 2.5
-    assert C.load_config(None, ["estimator.params={t: 1.2}"]).estimator.params == {"t": 1.2}
+        cfg = C.load_config(None, [override])
+        with pytest.warns(
+            UserWarning,
+            match=rf"{key}.o=2.5 has no effect: the o schedule \(cosine, o_end 3\) sets o at every step; for a "
+            r"constant o use estimator.schedule=fixed estimator.o_end=2.5",
+        ):
+            C.warn_conflicts(cfg, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.warn_conflicts(C.load_config(None, ["estimator.params={t: 1.2}"]), world_size=1)
+        C.warn_conflicts(C.load_config(None, ["estimator.schedule=fixed", "estimator.o_end=2.5"]), world_size=1)
 
 
 # ---------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def interrupt_after(steps: int, signum=signal.SIGINT):
     return on_step
 
 
-def test_the_summary_names_the_estimators_a_model_uses_and_an_o_schedule_only_where_a_reste_has_one(tmp_path):
+def test_the_summary_names_the_estimators_a_model_uses_and_an_o_schedule_only_where_a_reste_has_one(tmp_path, capsys):
     # a DoReFa ViT (1W/32A: no ReSTE anywhere) said estimator reste, o_end 3, o_schedule cosine
     vit = {"name": "vit_tiny", "precision": "1w32a", "kwargs": {"weight_estimator": "dorefa", "dim": 24, "depth": 1,
            "heads": 2, "mlp_dim": 32, "patch_size": 7}}  # fmt: skip
@@ -121,6 +121,11 @@ def test_the_summary_names_the_estimators_a_model_uses_and_an_o_schedule_only_wh
         summary = T.train(progress=False, **tiny(tmp_path, str(len(list(tmp_path.iterdir()))), model=model,
                                                  train={"epochs": 1}))  # fmt: skip
         assert (summary["estimator"], summary["o_end"], summary["o_schedule"]) == expected, model
+        if model.get("precision") == "fp":  # the final summary's first line: no "None" for the estimator
+            from reste.train.progress import print_summary
+
+            print_summary(summary)
+            assert "\nresnet20_bireal fp on fashion_mnist: 1 epoch in " in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -246,3 +246,40 @@ def test_teacher_under_ddp_matches_one_process(tmp_path, data_root):
     assert a["world_size"] == 2 and worst < 1e-5
     assert a["metrics"][0]["train_loss"] == pytest.approx(b["metrics"][0]["train_loss"], rel=1e-5)
     assert a["metrics"][0]["teacher_ms_per_step"] > 0 and single["teacher_ms_per_step"] > 0
+
+
+def test_init_from_warns_when_the_source_is_another_architecture_whose_tensors_fit(tmp_path):
+    # an ImageNet ResNet-18 with the avgpool shortcut loaded "copied 127 tensors" into a downsample=stride one,
+    # silently: the same shapes, another network
+    import warnings
+
+    from reste.train.warmstart import init_from
+
+    torch.manual_seed(0)
+    source = reste.models.create("resnet18", num_classes=10, width=0.25, precision="fp")
+    path = tmp_path / "avgpool.pt"
+    torch.save(
+        {"model": source.state_dict(), "config": {"model": {"name": "resnet18", "kwargs": {"width": 0.25}}}}, path
+    )
+    target = reste.models.create("resnet18", num_classes=10, width=0.25, downsample="stride")
+    with pytest.warns(UserWarning) as caught:
+        report = init_from(
+            target, path, model_config={"name": "resnet18", "kwargs": {"width": 0.25, "downsample": "stride"}}
+        )
+    assert len(report.copied) > 100
+    assert str(caught[0].message) == (
+        f"model.init_from={str(path)!r} was trained with model.kwargs.downsample='avgpool', this model has "
+        f"model.kwargs.downsample='stride': its tensors that fit ({len(report.copied)}) were copied into another "
+        "network; start from a run of the same architecture if that is not what you want"
+    )
+    # the same architecture, its default written out or not, and binarization options aside: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        init_from(
+            reste.models.create("resnet18", num_classes=10, width=0.25),
+            path,
+            model_config={
+                "name": "resnet18",
+                "kwargs": {"width": 0.25, "downsample": "avgpool", "weight_estimator": "dorefa"},
+            },
+        )

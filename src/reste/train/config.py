@@ -854,12 +854,6 @@ def validate(cfg: Config) -> Config:
         f"clipped identity), got {e.o_end}; e.g. estimator.o_end=3",
     )
     _check(math.isfinite(e.p) and e.p > 0, f"estimator.p must be a finite number > 0, got {e.p}")
-    _check(
-        "o" not in e.params or cfg.model.precision == "fp",
-        f"estimator.params.o={_short(e.params.get('o'))} would be replaced at every step by the o schedule "
-        f"({e.schedule}, o_end {e.o_end:g}); for a constant o use estimator.schedule=fixed "
-        f"estimator.o_end={_short(e.params.get('o'))}, and drop estimator.params.o",
-    )
 
     d = cfg.data
     _check(
@@ -1081,3 +1075,16 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
         warnings.warn("data.crop_scale has no effect with data.augment=false (no training crop; ignored)", stacklevel=2)
     if cfg.model.precision == "fp" and cfg.estimator.params:
         warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)
+    e = cfg.estimator
+    for key, params in (
+        ("estimator.params", e.params),
+        ("model.kwargs.estimator_params", cfg.model.kwargs.get("estimator_params")),
+    ):
+        if cfg.model.precision != "fp" and isinstance(params, dict) and "o" in params:
+            # a warning, not an error: runs made before it still resume (resume cannot change the key)
+            warnings.warn(
+                f"{key}.o={_short(params['o'])} has no effect: the o schedule ({e.schedule}, o_end {e.o_end:g}) "
+                f"sets o at every step; for a constant o use estimator.schedule=fixed "
+                f"estimator.o_end={_short(params['o'])} (and drop {key}.o)",
+                stacklevel=2,
+            )

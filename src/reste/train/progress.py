@@ -126,7 +126,8 @@ def print_summary(s: dict) -> None:
     minutes, seconds = divmod(s["seconds"], 60)
     epochs = f"{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}"
     print(
-        f"\n{s['model']} {s['precision']} {s['estimator']} on {s['dataset']}: {epochs} in {int(minutes)} min "
+        f"\n{s['model']} {s['precision']}{'' if s['estimator'] is None else ' ' + s['estimator']} on {s['dataset']}: "
+        f"{epochs} in {int(minutes)} min "
         f"{seconds:.0f} s\n"
         f"  final test top-1 {pct(s['final_top1'])}  (top-5 {pct(s['final_top5'])})\n"
         f"  best  test top-1 {pct(s['best_top1'])}  at epoch {s['best_epoch']}\n"

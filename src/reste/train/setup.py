@@ -129,7 +129,9 @@ def create_model(cfg: Config, meta, ctx: D.DistContext, *, warm_start: bool, tel
     if cfg.model.init_from is not None and warm_start:
         from .warmstart import init_from
 
-        report = init_from(model, cfg.model.init_from)
+        report = init_from(
+            model, cfg.model.init_from, model_config={"name": cfg.model.name, "kwargs": cfg.model.kwargs}
+        )
         if tell:
             print(f"model.init_from: {report.source}: " + "; ".join(report.lines()), flush=True)
     if t.sync_bn and ctx.distributed:

@@ -8,6 +8,7 @@ a checkpoint file of one, or, for ``init_from`` only, a ``.pt`` file holding a p
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -48,13 +49,34 @@ def source_config(path: Path, state: dict) -> dict | None:
     return None
 
 
-def init_from(model: nn.Module, source, key: str = "model.init_from"):
+def _architecture(model_cfg: dict) -> tuple:
+    """``(name, kwargs)`` of a config's model section, the model's own defaults filled in (a
+    ``downsample: avgpool`` written out is the run that left it out)."""
+    import inspect
+
+    from ..models.registry import _REGISTRY
+
+    name = model_cfg.get("name")
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None
+    if builder is not None:  # the architecture's own options only (not binarization's, e.g. weight_estimator)
+        params = inspect.signature(builder).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+        for p in params.values():
+            if p.default is not inspect.Parameter.empty and p.name not in ("num_classes", "in_channels", "image_size"):
+                kwargs.setdefault(p.name, p.default)
+    return name, {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in kwargs.items()}
+
+
+def init_from(model: nn.Module, source, key: str = "model.init_from", model_config: dict | None = None):
     """Load the weights of ``source`` (a run directory or ``.pt`` file) into ``model``.
 
     Matching tensors are copied; estimator state stays fresh; what did not fit is reported by
     name (:class:`reste.nn.weights.WeightLoadReport`). No weight copied at all is an error (the
     wrong architecture, or another width: BatchNorm step counters and a bias alone may still fit).
-    The optimizer is the caller's, built afterwards: it starts fresh.
+    The optimizer is the caller's, built afterwards: it starts fresh. Given the target's config
+    section ``model_config`` (``name``, ``kwargs``), a source trained as another architecture whose
+    tensors still fit (ImageNet ResNets' ``downsample``: the same shapes, another network) is warned about.
     """
     from ..nn.weights import load_float_weights
 
@@ -73,4 +95,21 @@ def init_from(model: nn.Module, source, key: str = "model.init_from"):
             f"holds {arch}{kwargs}; start from a run of the same model.name and model.kwargs"
         )
     report.source = str(path)
+    source_model = (source_config(path, state) or {}).get("model")
+    if model_config is not None and isinstance(source_model, dict):
+        (name, kwargs), (src_name, src_kwargs) = _architecture(model_config), _architecture(source_model)
+        differ = sorted(k for k in set(kwargs) | set(src_kwargs) if kwargs.get(k) != src_kwargs.get(k))
+        if name != src_name or differ:
+            said = f"model.name {src_name}" if name != src_name else ""
+            said += ", " if said and differ else ""
+            said += ", ".join(f"model.kwargs.{k}={src_kwargs.get(k)!r}" for k in differ)
+            here = f"model.name {name}" if name != src_name else ""
+            here += ", " if here and differ else ""
+            here += ", ".join(f"model.kwargs.{k}={kwargs.get(k)!r}" for k in differ)
+            warnings.warn(
+                f"{key}={str(source)!r} was trained with {said}, this model has {here}: its tensors that fit "
+                f"({len(report.copied)}) were copied into another network; start from a run of the same "
+                "architecture if that is not what you want",
+                stacklevel=2,
+            )
     return report
