@@ -1331,6 +1331,54 @@ def test_the_power_exponent_splits_only_power_runs(tmp_path):
     assert [r[header.index("estimator.p")] for r in results[1:]] == ["—", "—", "2", "3"]
 
 
+def test_cells_standing_in_several_families_give_no_duplicate_or_spurious_tables(tmp_path):
+    # found by review: fixed/cosine runs (no p) stood beside power runs at p = 2 and p = 3 (one o_end each),
+    # so Table 2 came out twice, byte-identical; an o_end/schedule sweep with one FP run gave one
+    # "estimator comparison" per o_end (ReSTE and FP only); a power way missing at one learning rate
+    # gave headings "estimator.p=(unset)"
+    sweep = tmp_path / "sweep"
+    for o_end in (2.0, 3.0, 4.0):
+        for seed in (0, 1):
+            fixture_run(sweep, f"cos{o_end:g}-{seed}", [50.0, 70.0 + o_end + seed], seed=seed, o_end=o_end,
+                        snapshot=False)  # fmt: skip
+            fixture_run(sweep, f"fix{o_end:g}-{seed}", [50.0, 60.0 + o_end + seed], seed=seed, o_end=o_end,
+                        schedule="fixed", snapshot=False)  # fmt: skip
+    for p in (2.0, 3.0):
+        for seed in (0, 1):
+            run = fixture_run(sweep, f"pow{p:g}-{seed}", [50.0, 75.0 + p + seed], seed=seed, schedule="power",
+                              snapshot=False)  # fmt: skip
+            _edit_run(run, config={"estimator": {"p": p}})
+    for seed in (0, 1):
+        fixture_run(sweep, f"zfp-{seed}", [50.0, 90.0 + seed], seed=seed, precision="fp", snapshot=False)
+    headings = [s.splitlines()[0] for s in build_report([sweep], tmp_path / "out", plots=False).sections]
+    assert headings.count("## Table 2: fixed vs progressive o") == 1
+    # FP beside the ReSTE cell its config names (cosine, o_end 3): one comparison, as before FP could join any
+    assert [h for h in headings if h.startswith("## Estimator comparison")] == [
+        "## Estimator comparison, W/A 1/1 and 32/32"
+    ]
+
+    ways = tmp_path / "ways"
+    for lr in (0.1, 0.01):
+        for way in ("linear", "cosine", "power") if lr == 0.1 else ("linear", "cosine"):
+            _edit_run(fixture_run(ways, f"{way}-{lr}", [50.0, 70.0], schedule=way, snapshot=False),
+                      config={"optim": {"lr": lr}})  # fmt: skip
+    headings = [s.splitlines()[0] for s in build_report([ways], tmp_path / "w", plots=False).sections]
+    assert [h for h in headings if h.startswith("## Table 3")] == [
+        "## Table 3: tuning ways of the progressive strategy — optim.lr=0.01",
+        "## Table 3: tuning ways of the progressive strategy — optim.lr=0.1",
+    ]
+
+
+def test_dorefa_rows_that_differ_in_their_input_estimator_say_so(tmp_path):
+    runs = tmp_path / "runs"
+    for name, estimator, top1 in (("dorefa-ste", "ste", 64.0), ("dorefa-reste", "reste", 66.0)):
+        fixture_run(runs, name, [50.0, top1], estimator=estimator, kwargs={"weight_estimator": "dorefa"},
+                    snapshot=False)  # fmt: skip
+    fixture_run(runs, "reste", [50.0, 70.0], snapshot=False)
+    section = report_section(build_report([runs], tmp_path / "out", plots=False).markdown, "Estimator comparison")
+    assert sorted(r[0] for r in table_rows(section)[1:]) == ["DoReFa (inputs ReSTE)", "DoReFa (inputs STE)", "ReSTE"]
+
+
 def test_estimator_rows_that_differ_only_in_estimator_params_name_them(tmp_path):
     runs = tmp_path / "runs"
     fixture_run(runs, "reste", [50.0, 70.0], snapshot=False)

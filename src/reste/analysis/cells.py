@@ -250,6 +250,36 @@ def _families(cells: Sequence[Cell], free: Sequence[str]) -> list[list[Cell]]:
     return [f for f in families if len(f) >= 2]
 
 
+def _distinct(families: Sequence[Sequence[Cell]]) -> list[int]:
+    """The indexes of the families to draw: none whose cells another family holds all of (an equal
+    one drawn before it, or a larger one). A cell that does not use an option stands in every family
+    that sets it, so once a table keeps only some cells (Table 2 drops a way tried at one o_end) two
+    families can come out the same."""
+    sets = [frozenset(map(id, f)) for f in families]
+    return [i for i, s in enumerate(sets) if not any(s < t or (s == t and j < i) for j, t in enumerate(sets) if j != i)]
+
+
+def _joined_as_configured(family: Sequence[Cell], free: Sequence[str]) -> bool:
+    """Whether the family's cells that stand in it without setting some of its options (an FP cell in
+    an estimator comparison) were configured with the family's values of them anyway (the o schedule an
+    FP run's config names): where such a cell stood before it could join any family."""
+    from .runs import _same_repr
+
+    rep = dict(_context(_representative(family), free))
+    for cell in family:
+        missing = set(rep) - {k for k, _ in _context(cell, free)}
+        flat = cell.first.flat
+        if any(k not in flat or rep[k] != _same_repr(flat[k]) for k in missing):
+            return False
+    return True
+
+
+def _own_cells(family: Sequence[Cell], free: Sequence[str]) -> list[Cell]:
+    """The cells that set every option of the family (not those standing in it as not using one)."""
+    rep = _context(_representative(family), free)
+    return [c for c in family if _context(c, free) == rep]
+
+
 def _value(family: Sequence[Cell], key: str):
     """``key``'s value in a family: from a cell that uses it (None when none does)."""
     return next((c.get(key) for c in family if key not in c.first.unused_keys), None)
@@ -265,5 +295,9 @@ def _separating(families: Sequence[Sequence[Cell]], free: Sequence[str]) -> list
     """For each family, the ``(key, value)`` of the settings that tell it from the other families of the
     same table kind (an ``optim.lr`` swept beside ``o_end``): without them two tables read the same."""
     shared = [{k: v for c in family for k, v in _context(c, free)} for family in families]
-    keys = sorted({k for s in shared for k in s if len({t.get(k) for t in shared}) > 1})
+    # keys every family sets first: a key one family lacks only because it has no cell that uses it (no
+    # power run: no estimator.p) says nothing of it; such keys only where the others leave two alike
+    keys = sorted({k for s in shared for k in s if all(k in t for t in shared) and len({t[k] for t in shared}) > 1})
+    if len({tuple(s.get(k) for k in keys) for s in shared}) < len(shared):
+        keys = sorted({k for s in shared for k in s if len({t.get(k) for t in shared}) > 1})
     return [[(k, _value(family, k)) for k in keys] for family in families]

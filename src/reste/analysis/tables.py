@@ -13,7 +13,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .cells import Cell, _differing_keys, _families, _representative, _separating, _stats, paired
+from .cells import (
+    ESTIMATOR_NAMES,
+    Cell,
+    _differing_keys,
+    _distinct,
+    _families,
+    _joined_as_configured,
+    _own_cells,
+    _representative,
+    _separating,
+    _stats,
+    paired,
+)
 from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _separation, _table, _wa
 
 __all__ = ["PAPER", "PAPER_SOURCE"]
@@ -156,6 +168,7 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         if "fixed" not in scheds or not progressive or len({c.o_end for c in family}) < 2:
             continue
         drawn.append((family, progressive))
+    drawn = [drawn[i] for i in _distinct([f for f, _ in drawn])]
     out = []
     for (family, progressive), separating in zip(drawn, _separating([f for f, _ in drawn], TABLE2_FREE)):
         by = {(c.schedule, c.o_end): c for c in family}
@@ -217,6 +230,7 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
         ways = [c for c in family if c.schedule in PROGRESSIVE_WAYS]
         if len(ways) >= 2:
             drawn.append(sorted(ways, key=lambda c: PROGRESSIVE_WAYS.index(c.schedule)))
+    drawn = [drawn[i] for i in _distinct(drawn)]
     out = []
     for ways, separating in zip(drawn, _separating(drawn, free)):
         # the paper's Table 3 is ReSTE on ResNet-20 at 1W/1A with o_end = 3
@@ -246,7 +260,15 @@ def _table3_sections(cells: Sequence[Cell]) -> list[str]:
 
 
 def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
-    drawn = [family for family in _families(cells, ESTIMATOR_KEYS) if len({c.label for c in family}) >= 2]
+    # two estimators of the family's own, or an FP row (which stands in every family) beside one where its
+    # config puts it (the o schedule it names): an o_end sweep with one FP run is not a comparison per o_end
+    drawn = [
+        family
+        for family in _families(cells, ESTIMATOR_KEYS)
+        if len({c.label for c in _own_cells(family, ESTIMATOR_KEYS)}) >= 2
+        or (len({c.label for c in family}) >= 2 and _joined_as_configured(family, ESTIMATOR_KEYS))
+    ]
+    drawn = [drawn[i] for i in _distinct(drawn)]
 
     def is_vit(family: Sequence[Cell]) -> bool:
         return str(family[0].get("model.name", "")).startswith("vit")
@@ -381,13 +403,20 @@ def _estimator_params(cell: Cell) -> dict:
 
 
 def _row_name(cell: Cell, family: Sequence[Cell]) -> str:
-    """A row's estimator name; with its parameters (``DSQ (alpha=0.5)``, ``DSQ (defaults)``) where another row of
-    the same estimator and W/A differs from it only in them."""
+    """A row's estimator name; where another row of the same name and W/A differs from it, with what tells
+    them apart: the input estimator under DoReFa weights (``DoReFa (inputs STE)``), the estimator
+    parameters (``DSQ (alpha=0.5)``, ``DSQ (defaults)``)."""
     twins = [c for c in family if c.label == cell.label and c.get("model.precision") == cell.get("model.precision")]
     if len(twins) < 2:
         return cell.label
-    params = _estimator_params(cell)
-    return f"{cell.label} ({', '.join(f'{k}={_num(v)}' for k, v in sorted(params.items())) or 'defaults'})"
+    parts = []
+    if len({t.get("model.estimator") for t in twins}) > 1:
+        estimator = cell.get("model.estimator")
+        parts.append(f"inputs {ESTIMATOR_NAMES.get(estimator, estimator)}")
+    if len({tuple(sorted(map(str, _estimator_params(t).items()))) for t in twins}) > 1:
+        params = _estimator_params(cell)
+        parts.append(", ".join(f"{k}={_num(v)}" for k, v in sorted(params.items())) or "defaults")
+    return f"{cell.label} ({'; '.join(parts)})" if parts else cell.label
 
 
 def _precision_rank(precision) -> int:
@@ -487,7 +516,7 @@ def _o_end_families(cells: Sequence[Cell]) -> list[list[Cell]]:
         family = [c for c in family if c.schedule != "fixed" and c.label == "ReSTE"]
         if len({c.o_end for c in family}) >= 3:
             fams.append(sorted(family, key=lambda c: _o_key(c.o_end)))
-    return fams
+    return [fams[i] for i in _distinct(fams)]
 
 
 def _o_end_separating(families: Sequence[Sequence[Cell]]) -> list[list[tuple[str, object]]]:
