@@ -135,6 +135,24 @@ def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path, module):
     assert out.stderr == "" and out.returncode == 141
 
 
+def test_reste_train_into_a_closed_pipe_exits_141_quietly(tmp_path):
+    # `reste train ... | head -1`: train's own OSError handler took the BrokenPipeError for a full disk
+    # ("error: [Errno 32] Broken pipe; free space or give a writable folder with out.dir=DIR", exit 1)
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "reste", "train", "--quiet", "data.subset=64", "data.batch_size=32",
+             "train.epochs=1", "train.threads=1", "model.kwargs={width: 0.25}", f"out.dir={tmp_path}"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (141, "")
+
+
 def test_a_closed_output_pipe_is_caught_for_every_command(monkeypatch, capsys):
     import argparse
 

@@ -469,6 +469,17 @@ def test_an_estimator_params_o_the_schedule_replaces_is_warned_about_with_the_fi
         C.warn_conflicts(C.load_config(None, ["estimator.schedule=fixed", "estimator.o_end=2.5"]), world_size=1)
 
 
+def test_indicator_options_without_indicators_are_warned_about():
+    # analysis.indicators=false silently dropped an explicit every_steps and histograms_at (no final histogram)
+    cfg = C.load_config(None, ["analysis.indicators=false", "analysis.every_steps=5", "analysis.histograms_at=[1]"])
+    with pytest.warns(UserWarning, match="analysis.every_steps and analysis.histograms_at have no effect with "
+                      "analysis.indicators=false"):  # fmt: skip
+        C.warn_conflicts(cfg, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.warn_conflicts(C.load_config(None, ["analysis.indicators=false"]), world_size=1)
+
+
 # ---------------------------------------------------------------------------
 # data.crop_scale and model.kwargs.downsample: the paper's ImageNet settings
 

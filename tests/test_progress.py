@@ -104,7 +104,7 @@ def test_tensorboard_gets_the_same_scalars_as_the_epoch_line(tmp_path, data_root
     calls = []
 
     class RecordingWriter:  # the real SummaryWriter needs the optional tensorboard package
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             pass
 
         def add_scalar(self, tag, value, step):

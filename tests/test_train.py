@@ -746,8 +746,8 @@ def test_tensorboard_scalars_are_written_when_tensorboard_is_importable(tmp_path
     calls = []
 
     class RecordingWriter:
-        def __init__(self, log_dir):
-            calls.append(("init", Path(log_dir)))
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("init", Path(log_dir), purge_step))
 
         def add_scalar(self, tag, value, step):
             calls.append((tag, value, step))
@@ -762,10 +762,15 @@ def test_tensorboard_scalars_are_written_when_tensorboard_is_importable(tmp_path
     module.SummaryWriter = RecordingWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
     T.train(progress=False, **tiny(tmp_path, "tb", train={"epochs": 1}, analysis={"indicators": False}))
-    assert calls[0] == ("init", tmp_path / "tb" / "tb") and calls[-1] == ("close",)
-    scalars = {tag: (value, step) for tag, value, step in (c for c in calls if len(c) == 3)}
+    assert calls[0] == ("init", tmp_path / "tb" / "tb", None) and calls[-1] == ("close",)
+    scalars = {tag: (value, step) for tag, value, step in (c for c in calls if len(c) == 3 and c[0] != "init")}
     row = json.loads((tmp_path / "tb" / "metrics.jsonl").read_text())
     assert scalars["test_top1"] == (row["test_top1"], 1) and scalars["train_loss"] == (row["train_loss"], 1)
+    # a resume purges TensorBoard's points from the first epoch the checkpoint lacks: a run killed after
+    # logging an epoch but before checkpointing it showed that epoch twice (steps 1, 2, 3, 3, 4)
+    calls.clear()
+    T.train(resume=tmp_path / "tb", overrides=["train.epochs=2"], progress=False)
+    assert calls[0] == ("init", tmp_path / "tb" / "tb", 2)
 
 
 @pytest.mark.parametrize("rank, shown", [("1", False), ("0", True), (None, True)])

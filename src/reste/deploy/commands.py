@@ -446,7 +446,7 @@ def run_export(args: argparse.Namespace) -> int:
                 root=args.root,
             )
             dest = _publish(tmp, out, problem is None)
-        except ReSTEError:  # ExportError, CheckpointError, ConfigError, a data set's error
+        except (ReSTEError, BrokenPipeError):  # ExportError, CheckpointError, ConfigError, a data set's error
             raise
         except OSError as err:  # e.g. a full disk: the temporary file is removed, --out untouched
             raise _write_error(err, tmp, out) from None
@@ -499,7 +499,7 @@ def _run_export_onnx(args: argparse.Namespace, run_dir: Path, out: Path) -> int:
                 exporter=args.exporter,
                 metadata={"reste.architecture": arch, "reste.source": source, "reste.data": spec},
             )
-        except ReSTEError:  # ExportError (no onnx packages, a model that cannot be packed)
+        except (ReSTEError, BrokenPipeError):  # ExportError (no onnx packages, a model that cannot be packed)
             raise
         except OSError as err:
             raise _write_error(err, tmp, out) from None
@@ -544,7 +544,7 @@ def _run_export_onnx(args: argparse.Namespace, run_dir: Path, out: Path) -> int:
                     f"max |logit difference| = {result['random_max_abs_logit_diff']:.2e}"
                 )
             dest = _publish(tmp, out, problem is None)
-        except ReSTEError:
+        except (ReSTEError, BrokenPipeError):
             raise
         except OSError as err:
             raise _write_error(err, tmp, out) from None

@@ -170,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         train(config, resume=args.resume, force=args.force, progress=not args.quiet, summary=True, overrides=overrides)
         return 0
-    except ReSTEError:  # a config, checkpoint, data set, diverged run, interrupt...: reste.cli reports it
+    except (ReSTEError, BrokenPipeError):  # a config, ..., interrupt; stdout closed (`| head`): reste.cli's
         raise
     except OSError as err:  # e.g. disk full or permission denied while writing the run directory
         where = os.path.abspath(err.filename) if isinstance(err.filename, str) else err.filename

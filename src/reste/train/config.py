@@ -257,7 +257,7 @@ class AnalysisConfig:
     indicators: bool = _opt(True, "measure est_error, est_error_end, grad_instability, flip_ratio each epoch")
     every_steps: int = _opt(0, "also measure every N steps into indicators.jsonl (0 = per epoch only)")
     histograms_at: list = _opt(
-        [], "epochs whose fitting-error / gradient histograms are saved (the final epoch always is)"
+        [], "epochs whose fitting-error / gradient histograms are saved (and the final epoch, with indicators on)"
     )
 
 
@@ -1075,6 +1075,16 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
         warnings.warn("data.crop_scale has no effect with data.augment=false (no training crop; ignored)", stacklevel=2)
     if cfg.model.precision == "fp" and cfg.estimator.params:
         warnings.warn("estimator.params is ignored for model.precision=fp (no binary layers)", stacklevel=2)
+    a = cfg.analysis
+    if not a.indicators and (a.every_steps or a.histograms_at):
+        given = [
+            k for k, v in (("analysis.every_steps", a.every_steps), ("analysis.histograms_at", a.histograms_at)) if v
+        ]
+        warnings.warn(
+            f"{' and '.join(given)} have no effect with analysis.indicators=false: nothing is measured, no "
+            "indicators.jsonl or histograms are written (ignored)",
+            stacklevel=2,
+        )
     e = cfg.estimator
     for key, params in (
         ("estimator.params", e.params),

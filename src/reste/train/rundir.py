@@ -180,8 +180,10 @@ _SETUP_FILES = {LOCK, CONFIG, f".{CONFIG}.tmp"}
 
 def abandoned_setup(path: Path) -> bool:
     """Whether ``path`` is a run folder whose set-up was stopped (SIGKILL, power loss) before its
-    first checkpoint and metrics: only the lock, the config, empty folders and TensorBoard's first
-    event file. Such a folder is reused by the same command (it held no results)."""
+    first checkpoint and metrics: only the lock, the config, empty folders, TensorBoard's first
+    event file and the step indicators of its unfinished first epoch (``analysis.every_steps``: rows
+    no checkpoint holds, dropped by any restart). Such a folder is reused by the same command (it
+    held no results)."""
     if not (path / LOCK).is_file():
         return False
     for item in path.rglob("*"):
@@ -189,6 +191,7 @@ def abandoned_setup(path: Path) -> bool:
         if (
             item.is_dir()
             or str(rel) in _SETUP_FILES
+            or str(rel) == INDICATORS
             or rel.parts[0] == "tb"
             or (item.name.startswith(".") and item.name.endswith(".tmp"))
         ):
@@ -235,7 +238,9 @@ def _write_json(path: Path, data) -> None:
 class RunWriter:
     """Writes the run directory's files (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool, purge_step: int | None = None):
+        """``purge_step``: on a resume, the first epoch not in the checkpoint; TensorBoard then drops the
+        points a run killed after logging them (but before checkpointing them) left at that epoch and later."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.tb = None
@@ -247,7 +252,7 @@ class RunWriter:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
         except ImportError:
             return
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
     def write_config(self, cfg: Config) -> None:
         if self.enabled:

@@ -240,7 +240,9 @@ class Trainer:
         self.forward_model = wrap_model(self.model, ctx, t.compile)
         self.tracker = create_tracker(self.model, cfg, ctx, saved)
 
-        self.writer = RunWriter(self.run_dir, cfg, enabled=ctx.is_main)
+        # epochs are TensorBoard's steps: the first not in the checkpoint is where a killed run's points are dropped
+        purge = self.state.epoch + 1 if saved is not None else None
+        self.writer = RunWriter(self.run_dir, cfg, enabled=ctx.is_main, purge_step=purge)
         self.writer.write_config(cfg)
         if saved is not None:
             self.writer.write_metrics(self.state.history)  # drop rows newer than the checkpoint
