@@ -467,6 +467,9 @@ def test_an_estimator_params_o_the_schedule_replaces_is_warned_about_with_the_fi
         warnings.simplefilter("error")
         C.warn_conflicts(C.load_config(None, ["estimator.params={t: 1.2}"]), world_size=1)
         C.warn_conflicts(C.load_config(None, ["estimator.schedule=fixed", "estimator.o_end=2.5"]), world_size=1)
+        # no ReSTE built, no o to be replaced (STE refuses the parameter itself; DoReFa weights at 1W/32A take none)
+        for other in (["model.estimator=ste"], ["model.precision=1w32a", "model.kwargs={weight_estimator: dorefa}"]):
+            C.warn_conflicts(C.load_config(None, [*other, "estimator.params={o: 2}"]), world_size=1)
 
 
 def test_indicator_options_without_indicators_are_warned_about():

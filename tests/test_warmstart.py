@@ -283,3 +283,18 @@ def test_init_from_warns_when_the_source_is_another_architecture_whose_tensors_f
                 "kwargs": {"width": 0.25, "downsample": "avgpool", "weight_estimator": "dorefa"},
             },
         )
+    # a plain state_dict file says nothing of its architecture: a config.yaml beside it (a list, the user's
+    # own config with base:) was read, failed the load or warned "trained with model.name None" (review)
+    plain = tmp_path / "plain" / "weights"
+    plain.mkdir(parents=True)
+    torch.save(source.state_dict(), plain / "fp.pt")
+    (plain.parent / "config.yaml").write_text("- 1\n- 2\n")
+    (plain / "config.yaml").write_text("base: ../other.yaml\nmodel: {init_from: fp.pt}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = init_from(
+            reste.models.create("resnet18", num_classes=10, width=0.25),
+            plain / "fp.pt",
+            model_config={"name": "resnet18", "kwargs": {"width": 0.25, "downsample": "stride"}},
+        )
+    assert len(report.copied) > 100

@@ -1085,12 +1085,18 @@ def warn_conflicts(cfg: Config, world_size: int) -> None:
             "indicators.jsonl or histograms are written (ignored)",
             stacklevel=2,
         )
-    e = cfg.estimator
+    e, m = cfg.estimator, cfg.model
+    weights = m.kwargs.get("weight_estimator")
+    # a ReSTE is built (the only estimator with an o): for the inputs at 1W/1A, for the weights unless
+    # model.kwargs.weight_estimator names another; an estimator without o refuses the parameter itself
+    builds_reste = m.precision != "fp" and (
+        (m.estimator == "reste" and (m.precision == "1w1a" or weights in (None, "reste"))) or weights == "reste"
+    )
     for key, params in (
         ("estimator.params", e.params),
-        ("model.kwargs.estimator_params", cfg.model.kwargs.get("estimator_params")),
+        ("model.kwargs.estimator_params", m.kwargs.get("estimator_params")),
     ):
-        if cfg.model.precision != "fp" and isinstance(params, dict) and "o" in params:
+        if builds_reste and isinstance(params, dict) and "o" in params:
             # a warning, not an error: runs made before it still resume (resume cannot change the key)
             warnings.warn(
                 f"{key}.o={_short(params['o'])} has no effect: the o schedule ({e.schedule}, o_end {e.o_end:g}) "

@@ -14,7 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .rundir import CONFIG, checkpoint_path, read_config
+from .config import ConfigError
+from .rundir import CONFIG, checkpoint_path, looks_like_run, read_config
 
 __all__ = ["checkpoint_of", "source_config", "init_from"]
 
@@ -95,8 +96,19 @@ def init_from(model: nn.Module, source, key: str = "model.init_from", model_conf
             f"holds {arch}{kwargs}; start from a run of the same model.name and model.kwargs"
         )
     report.source = str(path)
-    source_model = (source_config(path, state) or {}).get("model")
-    if model_config is not None and isinstance(source_model, dict):
+    if model_config is None:
+        return report
+    # advisory: the architecture a reste run recorded (in its checkpoint, or its run folder's config.yaml);
+    # a plain state_dict file beside some other config.yaml says nothing
+    try:
+        if isinstance(state.get("config"), dict):
+            source_model = state["config"].get("model")
+        else:
+            folder = next((f for f in (path.parent, path.parent.parent) if looks_like_run(f)), None)
+            source_model = (read_config(folder) or {}).get("model") if folder is not None else None
+    except (ConfigError, ValueError, OSError):
+        source_model = None
+    if isinstance(source_model, dict) and isinstance(source_model.get("name"), str):
         (name, kwargs), (src_name, src_kwargs) = _architecture(model_config), _architecture(source_model)
         differ = sorted(k for k in set(kwargs) | set(src_kwargs) if kwargs.get(k) != src_kwargs.get(k))
         if name != src_name or differ:
