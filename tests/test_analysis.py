@@ -1379,6 +1379,54 @@ def test_dorefa_rows_that_differ_in_their_input_estimator_say_so(tmp_path):
     assert sorted(r[0] for r in table_rows(section)[1:]) == ["DoReFa (inputs ReSTE)", "DoReFa (inputs STE)", "ReSTE"]
 
 
+def test_review_follow_ups_weights_rows_table2_power_column_and_partial_separators(tmp_path):
+    # rows that differ in model.kwargs.weight_estimator were both "ReSTE" (the variant paired as ReSTE minus
+    # ReSTE, with the paper's 86.75); DoReFa ViTs at 1W/32A differing only in the unused model.estimator were two
+    # rows "DoReFa (inputs ...)"; Table 2's power columns did not say p; a way missing at one lr read "p=(unset)"
+    runs = tmp_path / "weights"
+    for seed in (0, 1):
+        fixture_run(runs, f"reste-{seed}", [50.0, 70.0 + seed], seed=seed, snapshot=False)
+        fixture_run(runs, f"wste-{seed}", [50.0, 68.0 + 2 * seed], seed=seed, kwargs={"weight_estimator": "ste"},
+                    snapshot=False)  # fmt: skip
+        fixture_run(runs, f"ste-{seed}", [50.0, 66.0 + seed], seed=seed, estimator="ste", snapshot=False)
+    header, *rows = table_rows(
+        report_section(build_report([runs], tmp_path / "o1", plots=False).markdown, "Estimator comparison")
+    )
+    named = {r[0]: r for r in rows}
+    paper = header.index("paper (reported, CIFAR-10 ResNet-20 1W/1A)")
+    diff = header.index("ReSTE minus it, same seeds and W/A")
+    assert (named["ReSTE (weights ReSTE)"][paper], named["ReSTE (weights STE)"][paper]) == ("86.75", "—")
+    assert named["ReSTE (weights STE)"][diff] == "+1.50 (t = 3.00, 2 seeds)"  # against the plain ReSTE row
+
+    vit = tmp_path / "vit"
+    for name, extra in (("dorefa-ste", {"estimator": "ste"}), ("dorefa-reste", {})):
+        fixture_run(vit, name, [50.0, 61.0], model="vit_tiny", precision="1w32a", kwargs={"weight_estimator": "dorefa"},
+                    snapshot=False, **extra)  # fmt: skip
+    fixture_run(vit, "reste", [50.0, 65.0], model="vit_tiny", precision="1w32a", snapshot=False)
+    report = build_report([vit], tmp_path / "o2", plots=False)
+    assert [r[0] for r in table_rows(report_section(report.markdown, "Table 1"))[1:]] == ["DoReFa", "ReSTE"]
+    assert len(report.duplicates) == 1  # the two DoReFa runs are one training: real inputs, no estimator
+
+    table2 = tmp_path / "table2"
+    for o_end in (2.0, 3.0):
+        for way in ("fixed", "cosine", "power"):
+            fixture_run(table2, f"{way}-{o_end:g}", [50.0, 70.0], o_end=o_end, schedule=way, snapshot=False)
+    header = table_rows(report_section(build_report([table2], tmp_path / "o3", plots=False).markdown, "Table 2"))[0]
+    assert "progressive (power, p = 2) final" in header
+
+    ways = tmp_path / "ways"
+    for lr, p in ((0.1, 2.0), (0.1, 3.0), (0.01, None)):
+        for way in ("linear", "cosine", "power") if p else ("linear", "cosine"):
+            run = fixture_run(ways, f"{way}-{lr}-{p}", [50.0, 70.0], schedule=way, snapshot=False)
+            _edit_run(run, config={"optim": {"lr": lr}, "estimator": {"p": p or 2.0}})
+    headings = [s.splitlines()[0] for s in build_report([ways], tmp_path / "o4", plots=False).sections]
+    assert [h.split(" — ")[1] for h in headings if h.startswith("## Table 3")] == [
+        "optim.lr=0.01",
+        "estimator.p=2, optim.lr=0.1",
+        "estimator.p=3, optim.lr=0.1",
+    ]
+
+
 def test_estimator_rows_that_differ_only_in_estimator_params_name_them(tmp_path):
     runs = tmp_path / "runs"
     fixture_run(runs, "reste", [50.0, 70.0], snapshot=False)

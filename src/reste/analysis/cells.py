@@ -299,5 +299,6 @@ def _separating(families: Sequence[Sequence[Cell]], free: Sequence[str]) -> list
     # power run: no estimator.p) says nothing of it; such keys only where the others leave two alike
     keys = sorted({k for s in shared for k in s if all(k in t for t in shared) and len({t[k] for t in shared}) > 1})
     if len({tuple(s.get(k) for k in keys) for s in shared}) < len(shared):
+        # then the others too, each named by the families that set it (not "p=(unset)" for the rest)
         keys = sorted({k for s in shared for k in s if len({t.get(k) for t in shared}) > 1})
-    return [[(k, _value(family, k)) for k in keys] for family in families]
+    return [[(k, _value(family, k)) for k in keys if k in s] for family, s in zip(families, shared)]

@@ -132,14 +132,19 @@ class RunRecord:
     @property
     def unused_keys(self) -> frozenset[str]:
         """Options set in this run's config that cannot act in it: ``model.estimator`` and every
-        ``estimator.*`` option of a full-precision model (it has no binary layer), and ``estimator.p``
-        of an o schedule other than ``power`` (only that way has an exponent)."""
+        ``estimator.*`` option of a full-precision model (it has no binary layer) and of a 1W/32A model
+        with DoReFa weights (real inputs; DoReFa has no parameters), and ``estimator.p`` of an o schedule
+        other than ``power`` (only that way has an exponent)."""
         flat = self.flat
         if flat.get("model.precision") == "fp":
             return frozenset(k for k in flat if k == "model.estimator" or k.startswith("estimator."))
+        unused = set()
+        if flat.get("model.precision") == "1w32a" and flat.get("model.kwargs.weight_estimator") == "dorefa":
+            # real inputs and DoReFa weights: no estimator at all (DoReFa takes no parameters, no progress)
+            unused |= {k for k in flat if k == "model.estimator" or k.startswith("estimator.")}
         if flat.get("estimator.schedule") != "power":
-            return frozenset(k for k in ("estimator.p",) if k in flat)
-        return frozenset()
+            unused |= {k for k in ("estimator.p",) if k in flat}
+        return frozenset(unused)
 
     @property
     def setting(self) -> tuple:

@@ -24,6 +24,7 @@ from .cells import (
     _representative,
     _separating,
     _stats,
+    _value,
     paired,
 )
 from .markdown import _context_line, _num, _paper, _pm, _scale_line, _sci_pm, _separation, _table, _wa
@@ -177,9 +178,14 @@ def _table2_sections(cells: Sequence[Cell]) -> list[str]:
         o_values = sorted({c.o_end for c in family}, key=_o_key)
         note = False
         header = ["o_end (progressive) / o (fixed)", "seeds"]
+
+        def way_name(way: str) -> str:  # the power way with its exponent (runs at another p are another table)
+            p = _value([c for c in family if c.schedule == way], "estimator.p") if way == "power" else None
+            return f"{way}, p = {_num(p)}" if p is not None else way
+
         for way in progressive:
-            header += [f"progressive ({way}) final", f"progressive ({way}) best"]
-        header += ["fixed final", "fixed best", f"progressive ({progressive[0]}) minus fixed, same seeds"]
+            header += [f"progressive ({way_name(way)}) final", f"progressive ({way_name(way)}) best"]
+        header += ["fixed final", "fixed best", f"progressive ({way_name(progressive[0])}) minus fixed, same seeds"]
         header += [f"{PAPER_SOURCE['table2']}: progressive (cosine)", "paper: fixed"]
         if "cosine" not in progressive:  # the paper's progressive numbers are the cosine way's
             paper = {k: v for k, v in paper.items() if k[0] != "progressive"}
@@ -324,7 +330,11 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             )
             # each row is paired with ReSTE at its own W/A: a precision gap is not an estimator gap
             reste: dict[Any, Cell] = {}
-            for c in family:
+            # the plain ReSTE row of each W/A (no other weight estimator, default parameters) before variants
+            plain_first = sorted(
+                family, key=lambda c: bool(c.get("model.kwargs.weight_estimator") or _estimator_params(c))
+            )
+            for c in plain_first:
                 if c.label == "ReSTE":
                     reste.setdefault(c.get("model.precision"), c)
             header = [
@@ -410,6 +420,9 @@ def _row_name(cell: Cell, family: Sequence[Cell]) -> str:
     if len(twins) < 2:
         return cell.label
     parts = []
+    if len({t.get("model.kwargs.weight_estimator") for t in twins}) > 1:
+        weights = cell.get("model.kwargs.weight_estimator") or cell.get("model.estimator")
+        parts.append(f"weights {ESTIMATOR_NAMES.get(weights, weights)}")
     if len({t.get("model.estimator") for t in twins}) > 1:
         estimator = cell.get("model.estimator")
         parts.append(f"inputs {ESTIMATOR_NAMES.get(estimator, estimator)}")
@@ -436,8 +449,8 @@ def _paper_estimator(cell: Cell) -> float | None:
 
     The paper reports each estimator at 1W/1A on ResNet-20 (ReSTE cosine to o_end = 3); an FP row (whose
     ``model.estimator`` is still set), a 1W/32A row or DoReFa weights are other settings."""
-    if not _reste_1w1a_resnet20(cell) or _estimator_params(cell):  # the paper's rows: each estimator's defaults
-        return None
+    if not _reste_1w1a_resnet20(cell) or _estimator_params(cell) or cell.get("model.kwargs.weight_estimator"):
+        return None  # the paper's rows: each estimator on weights and activations, at its defaults
     estimator = cell.get("model.estimator")
     if estimator == "reste" and (cell.schedule != "cosine" or cell.o_end != 3.0):
         return None
