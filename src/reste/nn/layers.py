@@ -326,37 +326,13 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
             return self._inference_forward(x)
         w = self.quantized_weight()
         est = self.input_estimator
-        if ops.recomputes_sign(est) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
-            # weight_scale="none" too: alpha is then 1, and the bias is added after the exact sums
-            return _BinaryInputConvFn.apply(
-                x,
-                w,
-                self.bias,
-                est,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                pad_value,
-                self._exact_alpha(),
-            )
+        exact_conv = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if ops.recomputes_sign(est) and exact_conv:
+            return self._exact_conv(x, w, est)
         x = self.quantized_input(x)
-        if self._exact_training() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            # x is sign(x) already, through the estimator's own backward: the same exact sums
-            pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
-            return _BinaryInputConvFn.apply(
-                x,
-                w,
-                self.bias,
-                _PASS_THROUGH,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                pad_value,
-                self._exact_alpha(),
-            )
+        if self._exact_training() and exact_conv:
+            # x is sign(x) already, through the estimator's own backward (DSQ): the same exact sums
+            return self._exact_conv(x, w, _PASS_THROUGH)
         padding = self.padding
         if (
             self.input_estimator is not None
@@ -368,6 +344,14 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
             x = F.pad(x, (pw, pw, ph, ph), value=INPUT_PADDINGS[self.input_padding])
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return self._conv_forward(x, w, self.bias)
+
+    def _exact_conv(self, x: Tensor, w: Tensor, rule) -> Tensor:
+        """:class:`_BinaryInputConvFn` of ``x`` (sign taken inside; ``rule`` applied to its gradient)."""
+        pad_value = None if self.input_padding == "zero" else INPUT_PADDINGS[self.input_padding]
+        # weight_scale="none" too: alpha is then 1, and the bias is added after the exact sums
+        return _BinaryInputConvFn.apply(
+            x, w, self.bias, rule, self.stride, self.padding, self.dilation, self.groups, pad_value, self._exact_alpha()
+        )
 
     def _exact_inference(self, x: Tensor) -> bool:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
