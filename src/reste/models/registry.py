@@ -105,6 +105,23 @@ def _architecture_kwargs(builder: ModelBuilder) -> set[str]:
     }
 
 
+def architecture_options(name, given: dict | None = None) -> dict:
+    """The architecture options model ``name`` is built with from ``given`` (a config's
+    ``model.kwargs``): those of ``given`` its builder takes, and every other option's default, but
+    the ones the trainer sets from the data set (classes, channels, image size). ``given`` as it is
+    for a name not registered here. (A report compares runs, and a warm start architectures, by it.)"""
+    given = dict(given or {})
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None
+    if builder is None:
+        return given
+    params = inspect.signature(builder).parameters
+    options = {k: v for k, v in given.items() if k in params}
+    for p in params.values():
+        if p.default is not p.empty and p.name not in ("num_classes", "in_channels", "image_size"):
+            options.setdefault(p.name, p.default)
+    return options
+
+
 def create(
     name: str,
     num_classes: int = 10,

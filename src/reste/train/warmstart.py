@@ -51,22 +51,13 @@ def source_config(path: Path, state: dict) -> dict | None:
 
 
 def _architecture(model_cfg: dict) -> tuple:
-    """``(name, kwargs)`` of a config's model section, the model's own defaults filled in (a
-    ``downsample: avgpool`` written out is the run that left it out)."""
-    import inspect
-
-    from ..models.registry import _REGISTRY
+    """``(name, options)`` of a config's model section (:func:`reste.models.registry.architecture_options`:
+    a ``downsample: avgpool`` written out is the run that left it out), whole numbers as floats."""
+    from ..models.registry import architecture_options
 
     name = model_cfg.get("name")
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    builder = _REGISTRY.get(name) if isinstance(name, str) else None
-    if builder is not None:  # the architecture's own options only (not binarization's, e.g. weight_estimator)
-        params = inspect.signature(builder).parameters
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-        for p in params.values():
-            if p.default is not inspect.Parameter.empty and p.name not in ("num_classes", "in_channels", "image_size"):
-                kwargs.setdefault(p.name, p.default)
-    return name, {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in kwargs.items()}
+    options = architecture_options(name, model_cfg.get("kwargs"))
+    return name, {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in options.items()}
 
 
 def init_from(model: nn.Module, source, key: str = "model.init_from", model_config: dict | None = None):
