@@ -77,21 +77,11 @@ def _default_flat() -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _model_defaults(name) -> dict:
-    """``model.kwargs.<option>: default`` of a registered model's keyword options, but those the
-    trainer sets from the data set (classes, channels, image size); empty for an unknown model."""
-    import inspect
+    """``model.kwargs.<option>: default`` of a registered model's architecture options
+    (:func:`reste.models.registry.architecture_options`); empty for an unknown model."""
+    from ..models.registry import architecture_options
 
-    from ..models.registry import _REGISTRY
-
-    builder = _REGISTRY.get(name) if isinstance(name, str) else None
-    if builder is None:
-        return {}
-    from_data = ("num_classes", "in_channels", "image_size")
-    return {
-        f"model.kwargs.{p.name}": p.default
-        for p in inspect.signature(builder).parameters.values()
-        if p.default is not inspect.Parameter.empty and p.name not in from_data
-    }
+    return {f"model.kwargs.{k}": v for k, v in architecture_options(name).items()}
 
 
 def _same_repr(value) -> str:
@@ -119,7 +109,9 @@ class RunRecord:
         """Trained to the end: the trainer marks summary.json ``complete`` after the last epoch."""
         return rundir.summary_complete(self.summary)
 
-    @property
+    # flat, unused_keys and setting are read many times per run while a report groups cells: computed once
+    # (a RunRecord is never changed after load_run; callers only read them)
+    @functools.cached_property
     def flat(self) -> dict:
         """The config as dotted keys; options the run's config.yaml predates get the trainer's default,
         and the model's own options left out of ``model.kwargs`` their default (``width: 1.0`` written
@@ -129,24 +121,24 @@ class RunRecord:
         flat = {**_default_flat(), **_flatten(self.config)}
         return {**_model_defaults(flat.get("model.name")), **flat}
 
-    @property
+    @functools.cached_property
     def unused_keys(self) -> frozenset[str]:
         """Options set in this run's config that cannot act in it: ``model.estimator`` and every
         ``estimator.*`` option of a full-precision model (it has no binary layer) and of a 1W/32A model
         with DoReFa weights (real inputs; DoReFa has no parameters), and ``estimator.p`` of an o schedule
         other than ``power`` (only that way has an exponent)."""
         flat = self.flat
-        if flat.get("model.precision") == "fp":
-            return frozenset(k for k in flat if k == "model.estimator" or k.startswith("estimator."))
-        unused = set()
-        if flat.get("model.precision") == "1w32a" and flat.get("model.kwargs.weight_estimator") == "dorefa":
-            # real inputs and DoReFa weights: no estimator at all (DoReFa takes no parameters, no progress)
-            unused |= {k for k in flat if k == "model.estimator" or k.startswith("estimator.")}
+        precision = flat.get("model.precision")
+        # no estimator at all: no binary layer, or real inputs and DoReFa weights (no parameters, no progress)
+        no_estimator = precision == "fp" or (
+            precision == "1w32a" and flat.get("model.kwargs.weight_estimator") == "dorefa"
+        )
+        unused = {k for k in flat if k == "model.estimator" or k.startswith("estimator.")} if no_estimator else set()
         if flat.get("estimator.schedule") != "power":
             unused |= {k for k in ("estimator.p",) if k in flat}
         return frozenset(unused)
 
-    @property
+    @functools.cached_property
     def setting(self) -> tuple:
         """The resolved config without seed, name, output paths, the options that cannot change
         results (:data:`NEUTRAL_KEYS`) and those the run does not use (:attr:`unused_keys`): equal

@@ -331,10 +331,7 @@ def _estimator_sections(cells: Sequence[Cell]) -> list[str]:
             # each row is paired with ReSTE at its own W/A: a precision gap is not an estimator gap
             reste: dict[Any, Cell] = {}
             # the plain ReSTE row of each W/A (no other weight estimator, default parameters) before variants
-            plain_first = sorted(
-                family, key=lambda c: bool(c.get("model.kwargs.weight_estimator") or _estimator_params(c))
-            )
-            for c in plain_first:
+            for c in sorted(family, key=lambda c: not _plain(c)):
                 if c.label == "ReSTE":
                     reste.setdefault(c.get("model.precision"), c)
             header = [
@@ -412,10 +409,16 @@ def _estimator_params(cell: Cell) -> dict:
     return params
 
 
+def _plain(cell: Cell) -> bool:
+    """Whether a row is its estimator as the paper ran it: on weights and activations (no other
+    ``model.kwargs.weight_estimator``), at its default parameters."""
+    return not (_estimator_params(cell) or cell.get("model.kwargs.weight_estimator"))
+
+
 def _row_name(cell: Cell, family: Sequence[Cell]) -> str:
     """A row's estimator name; where another row of the same name and W/A differs from it, with what tells
-    them apart: the input estimator under DoReFa weights (``DoReFa (inputs STE)``), the estimator
-    parameters (``DSQ (alpha=0.5)``, ``DSQ (defaults)``)."""
+    them apart: another weight estimator (``ReSTE (weights STE)``), the input estimator under DoReFa
+    weights (``DoReFa (inputs STE)``), the estimator parameters (``DSQ (alpha=0.5)``, ``DSQ (defaults)``)."""
     twins = [c for c in family if c.label == cell.label and c.get("model.precision") == cell.get("model.precision")]
     if len(twins) < 2:
         return cell.label
@@ -449,8 +452,8 @@ def _paper_estimator(cell: Cell) -> float | None:
 
     The paper reports each estimator at 1W/1A on ResNet-20 (ReSTE cosine to o_end = 3); an FP row (whose
     ``model.estimator`` is still set), a 1W/32A row or DoReFa weights are other settings."""
-    if not _reste_1w1a_resnet20(cell) or _estimator_params(cell) or cell.get("model.kwargs.weight_estimator"):
-        return None  # the paper's rows: each estimator on weights and activations, at its defaults
+    if not _reste_1w1a_resnet20(cell) or not _plain(cell):
+        return None
     estimator = cell.get("model.estimator")
     if estimator == "reste" and (cell.schedule != "cosine" or cell.o_end != 3.0):
         return None
