@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 
-from .._platform import run_machine
 from .config import Config
 from .evaluation import _accuracy
 from .state import TrainState
 
-__all__ = ["train_row", "epoch_mean_o", "run_summary"]
+__all__ = ["train_row", "epoch_mean_o", "run_summary", "estimators_in_use"]
 
 
 def train_row(
@@ -66,12 +65,13 @@ def run_summary(
     world_size: int,
     run_dir,
     kernels: str = "",
-    device=None,
-    model=None,
+    machine: dict | None = None,
+    estimators: str | None = None,
     has_o: bool = True,
 ) -> dict:
     """The summary of a run: final and best accuracy, time, scale and what was trained; ``complete``
-    only when it has all ``train.epochs`` rows."""
+    only when it has all ``train.epochs`` rows. ``machine`` (:func:`reste._platform.run_machine`) and
+    ``estimators`` (:func:`estimators_in_use`) are the session's, computed once by the caller."""
     rows = state.history
     final = rows[-1] if rows else {}
     best = state.best_row() or {}
@@ -96,9 +96,9 @@ def run_summary(
         "data_source": _absolute(getattr(train_loader, "source", None)),  # the folder actually read
         "estimator_kernels": kernels or None,  # the estimators' code path (reste.ops.kernel_info)
         # what the last session of training ran on (a resumed run may have run elsewhere before)
-        "machine": None if device is None else run_machine(device),
+        "machine": machine,
         "precision": cfg.model.precision,
-        "estimator": cfg.model.estimator if model is None else _estimators_in_use(model),
+        "estimator": estimators,
         # the o schedule only where a ReSTE uses it (not for FP, DoReFa weights without ReSTE, ...)
         "o_end": cfg.estimator.o_end if has_o else None,
         "o_schedule": cfg.estimator.schedule if has_o else None,
@@ -116,7 +116,7 @@ def run_summary(
     }
 
 
-def _estimators_in_use(model) -> str | None:
+def estimators_in_use(model) -> str | None:
     """The estimators of the model's binary layers, weights' and inputs' (``reste``, ``dorefa``, or
     ``dorefa+ste`` when they differ); None for a model without binary layers."""
     from ..models import describe

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._platform import run_machine
 from ..models.build import _create_model, _model_label, build_model, check_model, model_arguments  # noqa: F401
 from . import distributed as D
 from .checkpoint import (
@@ -61,7 +62,7 @@ from .failures import (
     nonfinite_weights_error,
 )
 from .faults import FAULT_KINDS, FaultInjection, NoFaults, fault_from_env  # noqa: F401
-from .metrics import epoch_mean_o, run_summary, train_row
+from .metrics import epoch_mean_o, estimators_in_use, run_summary, train_row
 from .optim import build_lr_scheduler, build_optimizer, lr_factor  # noqa: F401
 from .progress import ProgressBar, epoch_line, first_step_line, print_summary
 from .resume import RESUME_OVERRIDABLE, _dotted_keys, restore, resume_config  # noqa: F401
@@ -181,6 +182,9 @@ class Trainer:
         self.bar: ProgressBar = None  # type: ignore[assignment]
         self._params: list[torch.Tensor] = []  # the trained parameters, for the gradient norm
         self.kernels = ""  # the estimators' path (estimator_kernels): compiled C, Triton, traced or PyTorch formulas
+        # what summary.json records of this session (rewritten after every epoch): computed once, in set-up
+        self.machine: dict | None = None
+        self.estimators: str | None = None
         self._compile_mode: str | None = None  # torch.compile's mode (train.compile on this device), None: eager
         self._first_step_timed = False  # the session's first step (compilation included) was timed and shown
 
@@ -226,6 +230,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.est_scheduler = create_estimator_scheduler(self.model, cfg, self.steps_per_epoch)
+        self.machine, self.estimators = run_machine(ctx.device), estimators_in_use(self.model)
         saved = restore(self.resume_dir, self) if self.resume_dir is not None else None
         if saved is not None and self._nothing_to_train():
             # a finished run: its files stay as they are (no config, metrics or TensorBoard writes)
@@ -644,8 +649,8 @@ class Trainer:
             world_size=self.ctx.world_size,
             run_dir=self.run_dir,
             kernels=self.kernels,
-            device=self.device,
-            model=self.model,
+            machine=self.machine,
+            estimators=self.estimators,
             has_o=self.est_scheduler.has_o,
         )
 
