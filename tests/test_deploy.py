@@ -1297,6 +1297,16 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
     assert ISAS[0] in bench.default_json_path(result).name and bench.default_json_path(result).name.startswith("infer_")
     capped = dict(result["machine"], float_isa={"aten": "AVX2", "onednn_max": "AVX2"})
     assert f"_{ISAS[0]}_floatavx2_t" in bench.default_json_path(dict(result, machine=capped)).name
+    # one VM model name covers several CPU generations: the family and model tell them apart
+    zen2 = dict(result["machine"], cpu="AMD EPYC", cpu_family_model="family 23 model 49")
+    assert bench.default_json_path(dict(result, machine=zen2)).name.startswith("infer_amd-epyc-family-23-model-49_")
+    # a second run of the same day goes beside the first, which is kept
+    first = bench.save({"n": 1}, tmp_path / "r.json", keep_existing=True)
+    second = bench.save({"n": 2}, tmp_path / "r.json", keep_existing=True)
+    third = bench.save({"n": 3}, tmp_path / "r.json", keep_existing=True)
+    assert (first.name, second.name, third.name) == ("r.json", "r_run2.json", "r_run3.json")
+    assert [json.loads(p.read_text())["n"] for p in (first, second, third)] == [1, 2, 3]
+    assert json.loads(bench.save({"n": 4}, first).read_text()) == {"n": 4}  # a name the user gave is written
     if len(ISAS) > 1:  # force the second-best path: the report says it is not this CPU's default
         ext = packed_mod._ext()
         ext.select(ISAS[1], "the test")

@@ -323,10 +323,13 @@ def default_results_folder() -> str:
 
 
 def default_json_path(result: dict, folder="benchmarks/results") -> Path:
-    """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>_<date>.json``: the file names the CPU, the
-    kernel path and, where ``ONEDNN_MAX_CPU_ISA`` capped the float side, that cap."""
+    """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>_<date>.json``: the file names the CPU (with
+    its family and model where /proc/cpuinfo gives them: one model name, such as ``AMD EPYC`` in a
+    VM, covers several generations), the kernel path and, where ``ONEDNN_MAX_CPU_ISA`` capped the
+    float side, that cap."""
     m = result["machine"]
-    cpu = "".join(c if c.isalnum() else "-" for c in m["cpu"].lower()).strip("-")
+    cpu = m["cpu"] + (" " + m["cpu_family_model"] if m.get("cpu_family_model") else "")
+    cpu = "".join(c if c.isalnum() else "-" for c in cpu.lower()).strip("-")
     while "--" in cpu:
         cpu = cpu.replace("--", "-")
     isa = m["kernel"]["isa"] or "reference"
@@ -394,13 +397,14 @@ def main(args) -> int:
         print(("\n" if i else "") + format_report(result))
         if args.json == "-":
             continue
-        if args.json is None or args.json.endswith("/") or Path(args.json).is_dir():
+        named = not (args.json is None or args.json.endswith("/") or Path(args.json).is_dir())
+        if not named:  # a name of our making: never overwrite an earlier run's file
             path = default_json_path(result, args.json or default_results_folder())
         else:  # a file name; with several paths, each file gets its path's name added
             path = Path(args.json)
             if len(results) > 1:
                 path = path.with_name(f"{path.stem}_{result['machine']['kernel']['isa']}{path.suffix}")
-        print(f"\nwrote {save(result, path)}")
+        print(f"\nwrote {save(result, path, keep_existing=not named)}")
     return 0
 
 
@@ -481,8 +485,14 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict, path) -> Path:
+def save(result: dict, path, keep_existing: bool = False) -> Path:
+    """Write ``result`` as JSON to ``path``; with ``keep_existing``, a file already there (an
+    earlier run of the same day) is kept and this one goes to ``<stem>_run2.json``, ``_run3``..."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_existing:
+        stem, n = path.stem, 2
+        while path.exists():
+            path, n = path.with_name(f"{stem}_run{n}{path.suffix}"), n + 1
     path.write_text(json.dumps(result, indent=2))
     return path

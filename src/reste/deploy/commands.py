@@ -147,7 +147,8 @@ def add_bench_arguments(parser) -> None:
         default=None,
         metavar="FILE|DIR|-",
         help="where to write the results: a file, a folder (one file per path, named "
-        "infer_<cpu>_<isa>_t<threads>_<date>.json; default: benchmarks/results where the current folder has "
+        "infer_<cpu>_<isa>_t<threads>_<date>.json, <cpu> with its family and model, _run2, _run3... added "
+        "rather than overwrite a file; default: benchmarks/results where the current folder has "
         "one, as the root of a clone of reste does, else the current folder), or - for none",
     )
 
