@@ -5,6 +5,7 @@ so build isolation needs nothing big). They are optional: if a build fails,
 reste falls back to pure PyTorch code paths and says so once.
 """
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ EXTENSIONS = [
         "reste.deploy._bitops",
         sources=["src/reste/deploy/csrc/bitops.c"],
         depends=sorted(str(p) for p in Path("src/reste/deploy/csrc").glob("*.h")),
-        extra_compile_args=COMMON_FLAGS + ["-ffp-contract=off", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/openmp"],
+        extra_compile_args=COMMON_FLAGS + ["-ffp-contract=off", "-fopenmp"]
+        if sys.platform != "win32"
+        else ["/O2", "/openmp"],
         extra_link_args=["-fopenmp", "-lm"] if sys.platform != "win32" else [],
     ),
 ]
@@ -54,7 +57,11 @@ class OptionalBuildExt(build_ext):
                 ext.extra_link_args = [f for f in ext.extra_link_args if "openmp" not in f]
                 super().build_extension(ext)
         except Exception as err:  # noqa: BLE001 - any compiler failure
-            print(f"WARNING: could not build {ext.name} ({err}); reste will use its pure PyTorch path.", file=sys.stderr)
+            if os.environ.get("RESTE_REQUIRE_EXT", "") not in ("", "0"):  # CI and packagers: no kernel-less wheel
+                raise RuntimeError(f"could not build {ext.name} ({err}) and RESTE_REQUIRE_EXT is set") from err
+            print(
+                f"WARNING: could not build {ext.name} ({err}); reste will use its pure PyTorch path.", file=sys.stderr
+            )
 
 
 class BuildPyWithConfigs(build_py):

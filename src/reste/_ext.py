@@ -82,9 +82,10 @@ class Extension:
                 self._built = importlib.import_module(self.module_name, __package__)
             except ImportError as err:
                 self._build_error = (
-                    f"not built ({err}); install a C compiler (gcc) and reinstall from the source: "
-                    "`pip install --force-reinstall --no-deps -e .` in the clone of reste (or the path of the clone "
-                    "instead of -e .)"
+                    f"not built ({err}); install a C compiler (gcc), then rebuild reste from its source, past "
+                    "pip's cache of the wheel built without it: `pip install --force-reinstall --no-deps "
+                    "--no-cache-dir --no-binary reste reste` (from a clone: `pip install --force-reinstall "
+                    "--no-deps --no-cache-dir -e .` in it); RESTE_REQUIRE_EXT=1 makes a failed build fail the install"
                 )
         return self._built
 
@@ -99,7 +100,7 @@ class Extension:
                 self.reason = self._build_error
             if self.module is not None:
                 for var in self.select_env:
-                    name = os.environ.get(var, "").strip()
+                    name = os.environ.get(var, "").strip().lower()  # AVX2 as avx2
                     if name:
                         try:
                             self.module.select(name, f"{var}={name}")
