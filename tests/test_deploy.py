@@ -249,9 +249,15 @@ def test_forcing_a_path_the_cpu_lacks_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="known names: auto, portable, avx2, avx512, neon"):
         ext.select("avx3")
     _reload_with_env(monkeypatch, "RESTE_DEPLOY_ISA", lacking)
+    layer = packed_mod.PackedBinaryConv2d.from_binary(BinaryConv2d(16, 16, 3, 1, 1).eval())
     for _ in range(2):  # refused on every use, never a silent fallback
-        with pytest.raises(RuntimeError, match=f"RESTE_DEPLOY_ISA={lacking}: .*'{lacking}'"):
-            packed_mod.kernel_info()
+        with pytest.raises(RuntimeError, match=f"RESTE_DEPLOY_ISA={lacking}: .*'{lacking}'"), torch.no_grad():
+            layer(torch.randn(1, 16, 5, 5))
+        # kernel_info, the function that says what is wrong, reports the refusal instead of raising it
+        info = packed_mod.kernel_info()
+        assert info["extension"] and info["isa"] is None and info["available"] == list(ISAS)
+        assert info["reason"].startswith(f"RESTE_DEPLOY_ISA={lacking}: ") and f"'{lacking}'" in info["reason"]
+        assert packed_mod.slow_kernel_note() == info["reason"]
     monkeypatch.setattr(_loader.BITOPS, "forced_error", None)
 
 
@@ -1122,6 +1128,21 @@ def test_cli_export_and_summary(tmp_path, capsys):
     assert "memory compression" in capsys.readouterr().out
 
 
+def test_summary_takes_a_bundled_config_by_name_as_train_does(tmp_path, capsys, monkeypatch):
+    from reste.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the configs shipped with reste
+    assert main(["summary", "cifar10/vgg_small_1w1a", "--json", "by_name.json"]) == 0
+    assert main(["summary", "cifar10/vgg_small_1w1a.yaml", "--json", "with_yaml.json"]) == 0
+    by_name, with_yaml = (json.loads(Path(f).read_text()) for f in ("by_name.json", "with_yaml.json"))
+    assert by_name == with_yaml and by_name["totals"]["binary_mac_share"] > 0.9
+    capsys.readouterr()
+    assert main(["summary", "vgg_small"]) == 0  # a model's name stays the model
+    assert main(["summary", "cifar10/vgg_smal_1w1a"]) == 2  # neither: every kind of source named
+    err = capsys.readouterr().err
+    assert "a bundled name such as cifar10/resnet20_1w1a" in err and "vgg_small" in err
+
+
 def _one_error(err: str, *parts: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -1300,6 +1321,9 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
     # one VM model name covers several CPU generations: the family and model tell them apart
     zen2 = dict(result["machine"], cpu="AMD EPYC", cpu_family_model="family 23 model 49")
     assert bench.default_json_path(dict(result, machine=zen2)).name.startswith("infer_amd-epyc-family-23-model-49_")
+    # a --quick smoke test is named as one (and its JSON says so)
+    assert "_quick_" in bench.default_json_path(dict(result, quick=True)).name
+    assert "_quick_" not in bench.default_json_path(dict(result, quick=False)).name
     # a second run of the same day goes beside the first, which is kept
     first = bench.save({"n": 1}, tmp_path / "r.json", keep_existing=True)
     second = bench.save({"n": 2}, tmp_path / "r.json", keep_existing=True)
@@ -1523,3 +1547,26 @@ def test_bench_infer_writes_beside_the_measured_files_only_in_a_clone(tmp_path, 
     assert default_results_folder() == "."
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     assert default_results_folder() == "benchmarks/results"
+
+
+def test_bench_infer_keeps_an_earlier_result_of_the_same_day(tmp_path, monkeypatch, capsys):
+    """Two runs (a full one, then another) into the default folder: two files; a --quick smoke test
+    has its own name, so it never takes a full result's place."""
+    import argparse
+
+    from reste.deploy import bench
+
+    monkeypatch.chdir(tmp_path)
+    machine = dict(bench.machine_info(), cpu="Some CPU", cpu_family_model="family 6 model 143")
+
+    def fake_runs(isas, quick=False, **kwargs):
+        return [{"machine": machine, "repeats": 1, "quick": quick, "conv": [], "e2e": [], "sizes": []}]
+
+    monkeypatch.setattr(bench, "run_isas", fake_runs)
+    args = argparse.Namespace(isa="auto", threads=None, repeats=1, quick=False, json=None)
+    for quick in (False, False, True):
+        assert bench.main(argparse.Namespace(**dict(vars(args), quick=quick))) == 0
+    names = sorted(p.name for p in tmp_path.glob("infer_*.json"))
+    assert len(names) == 3 and all(n.startswith("infer_some-cpu-family-6-model-143_") for n in names)
+    assert sum("_run2" in n for n in names) == 1 and sum("_quick_" in n for n in names) == 1
+    assert [json.loads((tmp_path / n).read_text())["quick"] for n in names if "_quick_" in n] == [True]

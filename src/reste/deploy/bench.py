@@ -283,7 +283,8 @@ def run(
         raise ValueError(f"repeats and threads must be >= 1, got repeats={repeats}, threads={threads}")
     if threads:
         torch.set_num_threads(threads)
-    ext = _ext() if isa else None
+    ext = _ext()  # first: a RESTE_DEPLOY_ISA this CPU lacks is refused (KernelPathError) before any work
+    ext = ext if isa else None
     before = ext.isa() if ext is not None else None
     if isa and ext is None:
         raise RuntimeError(f"cannot force the {isa!r} kernel path: the compiled extension is not available")
@@ -293,7 +294,7 @@ def run(
         info = machine_info()
         vgg, res = (VGG_SMALL_SHAPES[-1:], RESNET20_SHAPES[:1]) if quick else (VGG_SMALL_SHAPES, RESNET20_SHAPES)
         sample = 0.01 if quick else 0.05
-        result: dict = {"machine": info, "repeats": repeats}
+        result: dict = {"machine": info, "repeats": repeats, "quick": quick}
         result["conv"] = [dict(r, family="vgg_small") for r in bench_conv(vgg, batches, repeats, sample)]
         result["conv"] += [dict(r, family="resnet20") for r in bench_conv(res, batches, repeats, sample)]
         result["e2e"], result["sizes"] = bench_models(
@@ -323,10 +324,10 @@ def default_results_folder() -> str:
 
 
 def default_json_path(result: dict, folder="benchmarks/results") -> Path:
-    """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>_<date>.json``: the file names the CPU (with
-    its family and model where /proc/cpuinfo gives them: one model name, such as ``AMD EPYC`` in a
-    VM, covers several generations), the kernel path and, where ``ONEDNN_MAX_CPU_ISA`` capped the
-    float side, that cap."""
+    """``folder/infer_<cpu>_<isa>[_float<max>]_t<threads>[_quick]_<date>.json``: the file names the CPU
+    (with its family and model where /proc/cpuinfo gives them: one model name, such as ``AMD EPYC`` in
+    a VM, covers several generations), the kernel path, where ``ONEDNN_MAX_CPU_ISA`` capped the float
+    side, that cap, and a ``--quick`` smoke test as one."""
     m = result["machine"]
     cpu = m["cpu"] + (" " + m["cpu_family_model"] if m.get("cpu_family_model") else "")
     cpu = "".join(c if c.isalnum() else "-" for c in cpu.lower()).strip("-")
@@ -336,7 +337,8 @@ def default_json_path(result: dict, folder="benchmarks/results") -> Path:
     capped = (m.get("float_isa") or {}).get("onednn_max", "unrestricted")
     if capped != "unrestricted":
         isa += "_float" + "".join(c for c in capped.lower() if c.isalnum())
-    return Path(folder) / f"infer_{cpu}_{isa}_t{m['torch_threads']}_{time.strftime('%Y-%m-%d')}.json"
+    quick = "_quick" if result.get("quick") else ""
+    return Path(folder) / f"infer_{cpu}_{isa}_t{m['torch_threads']}{quick}_{time.strftime('%Y-%m-%d')}.json"
 
 
 #: the kernel path names ``--isa`` takes besides auto and all (``generic``: the portable path's former name)
@@ -347,12 +349,13 @@ def isa_names(isas: str) -> list[str] | None:
     """The kernel paths ``--isa`` asks for (None: auto, this CPU's default), checked against the ones
     this CPU supports before anything runs; a name it cannot run is a usage error naming --isa."""
     from ..errors import UsageError, did_you_mean
-    from .packed import kernel_info
+    from .packed import _ext, kernel_info
 
     text = (isas or "").strip()
     if text == "auto":
         return None
-    info = kernel_info()  # a RESTE_DEPLOY_ISA this CPU lacks: KernelPathError, which names the variable
+    _ext()  # a RESTE_DEPLOY_ISA this CPU lacks: KernelPathError, which names the variable
+    info = kernel_info()
     supported = info["available"]
     if not info["extension"]:
         raise UsageError(

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     s.add_argument(
         "source",
         metavar="RUN_OR_CONFIG",
-        help="a run directory, a config YAML, an exported .safetensors file, or a model name",
+        help="a run directory, a config YAML (or a bundled config's name, cifar10/resnet20_1w1a), an exported "
+        ".safetensors file, or a model name",
     )
     s.add_argument(
         "--input-size",
@@ -241,6 +242,16 @@ def _model_for_summary(args):
 
     given = _input_size(args)
     src = Path(args.source)
+    if not src.exists() and src.suffix == "" and args.source not in models.names():
+        # a bundled config named without .yaml (cifar10/resnet20_1w1a), as reste train takes it
+        from ..train.config import ConfigError, find_config
+
+        try:
+            found = find_config(src)
+        except ConfigError:  # no such config either: the error below names every kind of source
+            found = None
+        if found is not None and found.is_file():
+            src = found
     if src.suffix == ".safetensors":
         arch = read_graph(src).get("architecture") or {}
         model = load(src)  # its architecture is checked against the file's bytes before it is built
@@ -288,8 +299,8 @@ def _model_for_summary(args):
         model = models.create(args.source, in_channels=size[0], precision=args.precision, image_size=size[1])
         return model, size
     raise _UnknownSource(
-        f"{args.source!r} is not a run directory, a .yaml config, a .safetensors export or a model name "
-        f"({', '.join(models.names())})"
+        f"{args.source!r} is not a run directory, a .yaml config (a file, or a bundled name such as "
+        f"cifar10/resnet20_1w1a), a .safetensors export or a model name ({', '.join(models.names())})"
     )
 
 

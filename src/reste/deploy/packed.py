@@ -198,9 +198,22 @@ def kernel_info() -> dict:
     ``{"extension", "isa", "why", "available", "openmp", "reason"}``: ``isa`` is the kernel path
     (``portable``, ``avx2``, ``avx512``, ``neon``), ``why`` says why it runs (``"auto: ..."`` or
     ``"forced by RESTE_DEPLOY_ISA=..."``), ``available`` lists the paths this CPU supports (best
-    first), ``reason`` why the extension is not used (when it is not).
+    first), ``reason`` why the extension is not used (when it is not). A ``RESTE_DEPLOY_ISA`` naming
+    a path this CPU lacks is reported, not raised (this is the function to call to find out what
+    is wrong): ``isa`` None and ``reason`` the refusal; packed layers refuse to run
+    (:class:`KernelPathError`).
     """
-    ext = _ext()
+    bitops = _loader.BITOPS
+    ext = bitops.available()
+    if ext is not None and bitops.forced_error is not None:
+        return {
+            "extension": True,
+            "isa": None,
+            "why": None,
+            "available": ext.available().split(", "),
+            "openmp": bool(ext.openmp()),
+            "reason": bitops.forced_error,
+        }
     if ext is None:
         return {
             "extension": False,
@@ -223,10 +236,9 @@ def kernel_info() -> dict:
 def slow_kernel_note() -> str | None:
     """A warning for this machine when packed layers cannot run fast here (only the portable
     kernel, or no compiled extension), else None. ``reste export`` prints it."""
-    try:
-        info = kernel_info()
-    except RuntimeError as err:  # a forced path this CPU lacks
-        return str(err)
+    info = kernel_info()
+    if info["extension"] and info["isa"] is None:  # a forced path this CPU lacks
+        return info["reason"]
     where = "docs/deploy.md, 'Kernel paths and speed'"
     if not info["extension"]:
         return (
