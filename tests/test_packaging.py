@@ -74,6 +74,7 @@ def test_a_failed_kernel_build_fails_the_install_only_when_asked(tree, tmp_path)
     import os
 
     env = dict(os.environ, CC="/bin/false", LDSHARED="/bin/false")
+    env.pop("RESTE_REQUIRE_EXT", None)  # .ci/run sets it for its own install
     build = ["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")]
     lenient = subprocess.run(
         [sys.executable, "setup.py", "-q", *build], cwd=tree, env=env, capture_output=True, text=True
