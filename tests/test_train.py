@@ -404,16 +404,22 @@ def test_resuming_a_finished_run_does_nothing(straight_run, tmp_path, capsys, mo
     assert files() == before
     again = T.train(resume="runs/done", progress=False)
     assert again["final_top1"] == summary["final_top1"] and again["run_dir"] == str(run)  # absolute
+    # the estimators' code path and the machine of the session that trained it, as its summary says
+    assert again["estimator_kernels"] == summary["estimator_kernels"] is not None
+    assert again["machine"] == summary["machine"] is not None
     # a kill between the last checkpoint and the summary leaves summary.json stale or missing: a resume
     # writes it (and only it), so the run, and a sweep waiting on it, is complete
     path = run / "summary.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), complete=False)))
-    for damage in (lambda: None, path.unlink):
+    for stale, damage in ((True, lambda: None), (False, path.unlink)):
         damage()
         assert cli.main(["train", "--resume", "runs/done"]) == 0
         assert "its summary.json was missing or incomplete and is written now" in capsys.readouterr().out
-        assert json.loads(path.read_text())["complete"] is True
-        assert json.loads(path.read_text())["final_top1"] == summary["final_top1"]
+        rewritten = json.loads(path.read_text())
+        assert rewritten["complete"] is True and rewritten["final_top1"] == summary["final_top1"]
+        # this session trained nothing: the code path and machine come from the stale summary, else unknown
+        expected = (summary["estimator_kernels"], summary["machine"]) if stale else (None, None)
+        assert (rewritten["estimator_kernels"], rewritten["machine"]) == expected
         assert {k: v for k, v in files().items() if k != "summary.json"} == {
             k: v for k, v in before.items() if k != "summary.json"
         }

@@ -81,6 +81,7 @@ from .rundir import (
     discard_replaced,
     new_run_dir,
     open_run_dir,
+    read_summary,
     remove_if_empty,
     restore_replaced,
 )
@@ -337,7 +338,15 @@ class Trainer:
         tell = self.print_summary and ctx.is_main
         self.state.session_start = time.perf_counter()
         if start_epoch >= epochs:  # a finished run (_nothing_to_train): no bar, no files written
+            try:
+                old = read_summary(self.run_dir)
+            except ValueError:  # damaged: written anew below
+                old = None
             summary = self._summary(complete=True)
+            # this session trains nothing: the estimators' code path and the machine are those of the
+            # sessions that trained, as the summary recorded them (a missing one: unknown, null)
+            for key in ("estimator_kernels", "machine"):
+                summary[key] = (old or {}).get(key)
             # but the summary, where a kill between the last checkpoint and it left none (or a stale one)
             wrote = ctx.is_main and self.writer.finish_summary(summary)
             if tell:
