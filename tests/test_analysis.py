@@ -561,28 +561,6 @@ def fixture_run(root, name, top1s, seed=0, snapshot=True, **settings):
     return run
 
 
-def test_o_schedule_keys_do_not_split_runs_whose_estimators_have_no_o(tmp_path):
-    from reste.analysis.runs import load_run
-
-    def run(name, o_end, estimator, summary_o_end):
-        path = fixture_run(tmp_path, name, [50.0, 60.0], o_end=o_end, estimator=estimator, snapshot=False)
-        summary = json.loads((path / "summary.json").read_text())
-        (path / "summary.json").write_text(json.dumps(dict(summary, o_end=summary_o_end)))
-        return load_run(path)
-
-    # STE runs: the trainer records o_end null (no ReSTE), so o_end/schedule/p moved nothing
-    ste2, ste3 = run("ste2", 2.0, "ste", None), run("ste3", 3.0, "ste", None)
-    assert {"estimator.o_end", "estimator.schedule", "estimator.p"} <= ste2.unused_keys
-    assert "estimator.per" not in ste2.unused_keys  # still drives the estimators' progress
-    assert ste2.setting == ste3.setting
-    # ReSTE runs at two o_end are two settings
-    reste2, reste3 = run("reste2", 2.0, "reste", 2.0), run("reste3", 3.0, "reste", 3.0)
-    assert "estimator.o_end" not in reste2.unused_keys and reste2.setting != reste3.setting
-    # a summary that predates o_end = null (a number for every run) keeps the keys as configured
-    old2, old3 = run("old2", 2.0, "ste", 2.0), run("old3", 3.0, "ste", 3.0)
-    assert "estimator.o_end" not in old2.unused_keys and old2.setting != old3.setting
-
-
 def test_report_builds_the_seed_tables_and_figures(tmp_path):
     sweep = tmp_path / "sweep"
     for o_end in (1, 2, 3):

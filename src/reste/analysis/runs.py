@@ -125,10 +125,8 @@ class RunRecord:
     def unused_keys(self) -> frozenset[str]:
         """Options set in this run's config that cannot act in it: ``model.estimator`` and every
         ``estimator.*`` option of a full-precision model (it has no binary layer) and of a 1W/32A model
-        with DoReFa weights (real inputs; DoReFa has no parameters); the o schedule (``estimator.o_end``,
-        ``.schedule``, ``.p``) of a run whose estimators have no o (no ReSTE: its summary records
-        ``o_end: null``); and ``estimator.p`` of an o schedule other than ``power`` (only that way has
-        an exponent)."""
+        with DoReFa weights (real inputs; DoReFa has no parameters), and ``estimator.p`` of an o schedule
+        other than ``power`` (only that way has an exponent)."""
         flat = self.flat
         precision = flat.get("model.precision")
         # no estimator at all: no binary layer, or real inputs and DoReFa weights (no parameters, no progress)
@@ -136,12 +134,6 @@ class RunRecord:
             precision == "1w32a" and flat.get("model.kwargs.weight_estimator") == "dorefa"
         )
         unused = {k for k in flat if k == "model.estimator" or k.startswith("estimator.")} if no_estimator else set()
-        # estimators without o (STE, EDE, ...): the schedule moved nothing; estimator.per still drives
-        # their progress and estimator.params their parameters. Summaries before o_end was null for
-        # them record a number: such runs keep the keys (as configured, never wrongly pooled).
-        summary = self.summary or {}
-        if "o_end" in summary and summary["o_end"] is None:
-            unused |= {k for k in ("estimator.o_end", "estimator.schedule", "estimator.p") if k in flat}
         if flat.get("estimator.schedule") != "power":
             unused |= {k for k in ("estimator.p",) if k in flat}
         return frozenset(unused)
