@@ -303,6 +303,9 @@ def test_options_may_come_after_overrides(capsys):
         (["train", "optim.lr"], "write optim.lr=VALUE (key=value, no spaces around '=')"),
         (["train", "optim.lrr", "0.1"], "(if 'optim.lrr' is a setting, write optim.lrr=0.1)"),
         (["train", "missing.yaml"], "does not exist"),
+        # checked against the data set, as set-up does: a config --print-config shows is one that trains
+        (["train", "model.name=vgg_small", "model.kwargs.image_size=32"], "image_size is set from the data set"),
+        (["train", "model.kwargs.width=300"], "lower the width or size in model.kwargs"),
     ],
 )
 def test_cli_config_errors_exit_2_with_one_message(argv, expected, capsys):

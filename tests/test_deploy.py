@@ -230,6 +230,8 @@ def test_forcing_a_path_by_environment(monkeypatch, var):
             _reload_with_env(monkeypatch, var, name)
             info = packed_mod.kernel_info()
             assert info["isa"] == name and info["why"] == f"forced by {var}={name}"
+        _reload_with_env(monkeypatch, var, f" {ISAS[0].upper()} ")  # any case, spaces around
+        assert packed_mod.kernel_info()["isa"] == ISAS[0]
         _reload_with_env(monkeypatch, var, "generic")  # the portable kernel's former name
         assert packed_mod.kernel_info()["isa"] == "portable"
         _reload_with_env(monkeypatch, var, "auto")
@@ -1137,6 +1139,10 @@ def test_summary_takes_a_bundled_config_by_name_as_train_does(tmp_path, capsys, 
     by_name, with_yaml = (json.loads(Path(f).read_text()) for f in ("by_name.json", "with_yaml.json"))
     assert by_name == with_yaml and by_name["totals"]["binary_mac_share"] > 0.9
     capsys.readouterr()
+    config = "model: {name: vgg_small, precision: 1w1a}\ndata: {name: cifar10}\n"
+    (tmp_path / "exp.v2.yaml").write_text(config)  # a dotted name of the user's, without .yaml
+    assert main(["summary", "exp.v2", "--json", "dotted.json"]) == 0
+    assert json.loads(Path("dotted.json").read_text())["totals"] == by_name["totals"]
     assert main(["summary", "vgg_small"]) == 0  # a model's name stays the model
     assert main(["summary", "cifar10/vgg_smal_1w1a"]) == 2  # neither: every kind of source named
     err = capsys.readouterr().err
@@ -1325,7 +1331,7 @@ def test_bench_report_names_cpu_and_path_and_labels_a_forced_one(tmp_path, capsy
     assert "_quick_" in bench.default_json_path(dict(result, quick=True)).name
     assert "_quick_" not in bench.default_json_path(dict(result, quick=False)).name
     # a second run of the same day goes beside the first, which is kept
-    first = bench.save({"n": 1}, tmp_path / "r.json", keep_existing=True)
+    first = bench.save({"n": 1}, tmp_path / "r.json", keep_existing=True)  # each name claimed by creating it
     second = bench.save({"n": 2}, tmp_path / "r.json", keep_existing=True)
     third = bench.save({"n": 3}, tmp_path / "r.json", keep_existing=True)
     assert (first.name, second.name, third.name) == ("r.json", "r_run2.json", "r_run3.json")

@@ -493,9 +493,15 @@ def save(result: dict, path, keep_existing: bool = False) -> Path:
     earlier run of the same day) is kept and this one goes to ``<stem>_run2.json``, ``_run3``..."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if keep_existing:
-        stem, n = path.stem, 2
-        while path.exists():
+    text = json.dumps(result, indent=2)
+    if not keep_existing:
+        path.write_text(text)
+        return path
+    stem, n = path.stem, 2
+    while True:
+        try:  # claimed by creating it ("x"): two runs finishing together never pick the same name
+            with open(path, "x") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
             path, n = path.with_name(f"{stem}_run{n}{path.suffix}"), n + 1
-    path.write_text(json.dumps(result, indent=2))
-    return path

@@ -148,7 +148,7 @@ def add_bench_arguments(parser) -> None:
         default=None,
         metavar="FILE|DIR|-",
         help="where to write the results: a file, a folder (one file per path, named "
-        "infer_<cpu>_<isa>_t<threads>_<date>.json, <cpu> with its family and model, _run2, _run3... added "
+        "infer_<cpu>_<isa>_t<threads>[_quick]_<date>.json, <cpu> with its family and model, _run2, _run3... added "
         "rather than overwrite a file; default: benchmarks/results where the current folder has "
         "one, as the root of a clone of reste does, else the current folder), or - for none",
     )
@@ -242,7 +242,7 @@ def _model_for_summary(args):
 
     given = _input_size(args)
     src = Path(args.source)
-    if not src.exists() and src.suffix == "" and args.source not in models.names():
+    if not src.exists() and src.suffix not in (".yaml", ".yml", ".safetensors") and args.source not in models.names():
         # a bundled config named without .yaml (cifar10/resnet20_1w1a), as reste train takes it
         from ..train.config import ConfigError, find_config
 

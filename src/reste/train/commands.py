@@ -166,6 +166,12 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume uses the config saved in {args.resume}; do not also give {config!r}")
         if args.print_config:
             cfg = resume_config(args.resume, overrides) if args.resume else load_config(config, overrides)
+            from ..models.build import check_model
+            from .config import data_info
+
+            # what set-up checks against the data set (model.kwargs.image_size, the model's size): a
+            # config --print-config shows is one that trains; shapes only, nothing allocated or read
+            check_model(cfg, data_info(cfg))
             print(config_to_yaml(cfg), end="")
             return 0
         train(config, resume=args.resume, force=args.force, progress=not args.quiet, summary=True, overrides=overrides)
