@@ -1185,6 +1185,24 @@ def test_report_counts_a_copied_run_once_and_ignores_options_that_cannot_change_
     _edit_run(runs / "one-copy", summary={"final_top1": 48.0})
     report = build_report([runs, one], tmp_path / "rep2", plots=False)
     assert len(report.duplicates) == 1 and "the copy left out has 48.00" in report.duplicates[0]
+    # the same training at another thread count: not a copy, and which one counts does not depend on the
+    # order of the report's arguments (it did: the first given won, and a t-statistic moved with it)
+    machine = {"device": "cpu", "gpu": None, "cpu": "Some CPU", "cpu_family_model": None, "torch": "2.13.0"}
+    _edit_run(one, summary={"machine": dict(machine, torch_threads=2)})
+    _edit_run(runs / "one-copy", summary={"machine": dict(machine, torch_threads=1)})
+    other = tmp_path / "elsewhere"
+    shutil.move(str(runs / "one-copy"), other)
+    forward = build_report([runs, other], tmp_path / "rep3", plots=False)
+    backward = build_report([other, runs], tmp_path / "rep4", plots=False)
+
+    def rows(report):
+        return [line for line in report_section(report.markdown, "Results").splitlines() if line.startswith("| ")]
+
+    assert rows(forward) == rows(backward) and any("| 0,1,2 |" in row for row in rows(forward))
+    assert forward.duplicates == backward.duplicates and len(forward.duplicates) == 1
+    assert f"only `{other}` is counted" in forward.duplicates[0]  # the first by path: /.../elsewhere < /.../runs/one
+    assert "2 threads" in forward.duplicates[0] and "1 thread" in forward.duplicates[0]
+    assert "which round differently (not a copy)" in forward.duplicates[0]
 
 
 def test_report_errors_name_the_output_the_damaged_file_and_an_unfinished_run(tmp_path, capsys):

@@ -10,7 +10,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .runs import RunRecord
+from .._platform import describe_machine
+from .runs import RunRecord, _same_repr
 
 __all__ = ["Cell", "Duplicate", "make_cells", "Paired", "paired", "T_CRITICAL_95"]
 
@@ -174,32 +175,51 @@ class Duplicate:
             return "?" if value is None else f"{float(value):.2f}"
 
         same = top1(self.run) == top1(self.kept)
-        return (
+        text = (
             f"`{self.run.dir}` has the same setting and seed ({self.run.get('seed')}) as `{self.kept.dir}`; "
             f"only `{self.kept.dir}` is counted"
             + ("" if same else f" (final top-1 {top1(self.kept)}; the copy left out has {top1(self.run)})")
         )
+        machines = [describe_machine((r.summary or {}).get("machine")) for r in (self.kept, self.run)]
+        if None not in machines and machines[0] != machines[1]:
+            # not a copy: the same training on another machine or thread count, whose float roundings differ
+            text += f"; they ran on {machines[0]} and {machines[1]}, which round differently (not a copy)"
+        return text
 
 
 def make_cells(runs: Iterable[RunRecord], duplicates: list[Duplicate] | None = None) -> list[Cell]:
     """Group finished runs by setting, keeping first-seen order.
 
-    A run with the same setting and seed as one already in its cell (a run copied, or given twice
-    through two sweep directories) is not a second seed: only the first is kept, and the others are
-    appended to ``duplicates`` when a list is given."""
+    A run with the same setting and seed as another (a run copied, given twice through two sweep
+    directories, or trained again, perhaps with another thread count) is not a second seed: one is
+    kept, the same whatever order the runs come in (the first by path), and the others are appended
+    to ``duplicates`` when a list is given."""
+    finished = [run for run in runs if run.finished]
+    # which of a setting's runs of one seed is counted: the first by path, so a report does not change
+    # with the order of its arguments
+    chosen: dict[tuple, RunRecord] = {}
+    for run in finished:
+        key = (run.setting, _same_repr(run.get("seed")))
+        if key not in chosen or str(run.dir.resolve()) < str(chosen[key].dir.resolve()):
+            chosen[key] = run
     cells: dict[tuple, Cell] = {}
-    for run in runs:
-        if not run.finished:
-            continue
+    for run in finished:
         cell = cells.setdefault(run.setting, Cell([]))
-        seed = run.get("seed")
-        kept = next((r for r in cell.runs if r.get("seed") == seed), None)
-        if kept is not None:
+        kept = chosen[(run.setting, _same_repr(run.get("seed")))]
+        if run is not kept:
             if duplicates is not None and kept.dir.resolve() != run.dir.resolve():  # not the same folder given twice
                 duplicates.append(Duplicate(run, kept))
             continue
         cell.runs.append(run)
+    for cell in cells.values():  # in seed order, whatever order the runs came in
+        cell.runs.sort(key=_seed_order)
     return list(cells.values())
+
+
+def _seed_order(run: RunRecord) -> tuple:
+    seed = run.get("seed")
+    numeric = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+    return (0, seed, "") if numeric else (1, 0, str(seed))
 
 
 def _differing_keys(cells: Sequence[Cell]) -> set[str]:
@@ -263,8 +283,6 @@ def _joined_as_configured(family: Sequence[Cell], free: Sequence[str]) -> bool:
     """Whether the family's cells that stand in it without setting some of its options (an FP cell in
     an estimator comparison) were configured with the family's values of them anyway (the o schedule an
     FP run's config names): where such a cell stood before it could join any family."""
-    from .runs import _same_repr
-
     rep = dict(_context(_representative(family), free))
     for cell in family:
         missing = set(rep) - {k for k, _ in _context(cell, free)}

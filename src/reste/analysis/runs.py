@@ -34,18 +34,19 @@ def _neutral_keys() -> tuple[str, ...]:
     return tuple(k for k in RESUME_OVERRIDABLE if k != "train.epochs")
 
 
-#: options that cannot change a run's results (device, threads, compilation, checkpoint frequency,
-#: collective timeout, where the data is read from, the test batch size): runs that differ only in
-#: these are the same setting in a report, and a sweep reuses a run whatever they were
+#: options that do not change the experiment (device, threads, compilation, checkpoint frequency,
+#: collective timeout, where the data is read from, the test batch size; the first three change float
+#: rounding, so a run's digits): runs that differ only in these are the same setting in a report, and
+#: a sweep reuses a run whatever they were
 NEUTRAL_KEYS = _neutral_keys()
 
 #: config keys that never distinguish cells: the seed (a cell is over seeds), names and output paths,
-#: and the options that cannot change the results (a run checkpointed more often is the same run)
+#: and the options that do not change the experiment (a run checkpointed more often is the same run)
 IGNORED_PREFIXES = ("seed", "name", "out.", *NEUTRAL_KEYS)
 
 
 def neutral(key: str) -> bool:
-    """Whether dotted config ``key`` cannot change a run's results (:data:`NEUTRAL_KEYS`), or only
+    """Whether dotted config ``key`` does not change the experiment (:data:`NEUTRAL_KEYS`), or only
     names it or its output folder (``name``, ``out.*``)."""
     return key in ("name", *NEUTRAL_KEYS) or key.startswith("out.")
 
@@ -140,8 +141,8 @@ class RunRecord:
 
     @functools.cached_property
     def setting(self) -> tuple:
-        """The resolved config without seed, name, output paths, the options that cannot change
-        results (:data:`NEUTRAL_KEYS`) and those the run does not use (:attr:`unused_keys`): equal
+        """The resolved config without seed, name, output paths, the options that do not change
+        the experiment (:data:`NEUTRAL_KEYS`) and those the run does not use (:attr:`unused_keys`): equal
         settings form a cell. So a sweep over estimators, o schedules and precisions gives one FP cell,
         and a linear run at p = 3 is the linear run at p = 2."""
         flat, unused = self.flat, self.unused_keys

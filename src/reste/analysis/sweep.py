@@ -10,7 +10,7 @@ Restarting the same command continues the sweep: finished runs (``summary.json``
 marked complete) are skipped; runs with a checkpoint but no summary are resumed through
 ``reste train --resume``; runs without a checkpoint start again from scratch.
 A run on disk is reused (skipped or resumed) only if its saved ``config.yaml`` is the config
-this command gives it, up to the options that cannot change results
+this command gives it, up to the options that do not change the experiment
 (:data:`reste.analysis.runs.NEUTRAL_KEYS`, names, output paths); otherwise the sweep
 stops before anything runs (:class:`SweepMismatchError`, exit code 2), naming the run and the
 keys that differ, and leaves ``sweep.json`` as it was.
@@ -272,7 +272,7 @@ class Sweep:
         invalid run raises :class:`SweepConfigError` with ``reste train``'s own message. A run
         that would be reused (finished: skipped; with a checkpoint: resumed, which trains on the
         config saved in its folder) must have been made with that config, up to the options that
-        cannot change results (:func:`.runs.neutral`): otherwise :class:`SweepMismatchError` names
+        do not change the experiment (:func:`.runs.neutral`): otherwise :class:`SweepMismatchError` names
         the runs and the keys that differ (old -> new). A resumed run gets the new values of those
         neutral options (``train.threads``, ...) as ``--resume`` overrides.
         """
