@@ -1184,7 +1184,7 @@ def test_report_counts_a_copied_run_once_and_ignores_options_that_cannot_change_
     # a copy whose numbers differ (another machine) says so; the folder given twice is not a duplicate
     _edit_run(runs / "one-copy", summary={"final_top1": 48.0})
     report = build_report([runs, one], tmp_path / "rep2", plots=False)
-    assert len(report.duplicates) == 1 and "the copy left out has 48.00" in report.duplicates[0]
+    assert len(report.duplicates) == 1 and "the run left out has 48.00" in report.duplicates[0]
     # the same training at another thread count: not a copy, and which one counts does not depend on the
     # order of the report's arguments (it did: the first given won, and a t-statistic moved with it)
     machine = {"device": "cpu", "gpu": None, "cpu": "Some CPU", "cpu_family_model": None, "torch": "2.13.0"}

@@ -305,7 +305,7 @@ def test_options_may_come_after_overrides(capsys):
         (["train", "missing.yaml"], "does not exist"),
         # checked against the data set, as set-up does: a config --print-config shows is one that trains
         (["train", "model.name=vgg_small", "model.kwargs.image_size=32"], "image_size is set from the data set"),
-        (["train", "model.kwargs.width=300"], "lower the width or size in model.kwargs"),
+        (["train", "model.kwargs.width=2000"], "lower the width or size in model.kwargs"),
     ],
 )
 def test_cli_config_errors_exit_2_with_one_message(argv, expected, capsys):

@@ -410,15 +410,17 @@ def test_resuming_a_finished_run_does_nothing(straight_run, tmp_path, capsys, mo
     # a kill between the last checkpoint and the summary leaves summary.json stale or missing: a resume
     # writes it (and only it), so the run, and a sweep waiting on it, is complete
     path = run / "summary.json"
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), complete=False)))
-    for stale, damage in ((True, lambda: None), (False, path.unlink)):
+    # the stale summary's machine, made up: the rewritten one must keep it, not this session's
+    elsewhere = dict(summary["machine"], cpu="Another CPU", torch_threads=7)
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), complete=False, machine=elsewhere)))
+    for stale, damage in ((True, lambda: None), (False, path.unlink), (False, lambda: path.write_text("[1]"))):
         damage()
         assert cli.main(["train", "--resume", "runs/done"]) == 0
         assert "its summary.json was missing or incomplete and is written now" in capsys.readouterr().out
         rewritten = json.loads(path.read_text())
         assert rewritten["complete"] is True and rewritten["final_top1"] == summary["final_top1"]
         # this session trained nothing: the code path and machine come from the stale summary, else unknown
-        expected = (summary["estimator_kernels"], summary["machine"]) if stale else (None, None)
+        expected = (summary["estimator_kernels"], elsewhere) if stale else (None, None)
         assert (rewritten["estimator_kernels"], rewritten["machine"]) == expected
         assert {k: v for k, v in files().items() if k != "summary.json"} == {
             k: v for k, v in before.items() if k != "summary.json"

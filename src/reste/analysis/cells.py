@@ -164,10 +164,10 @@ def _image_counts(run: RunRecord) -> tuple[int | None, int | None]:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """A finished run with the same setting and seed as one already in its cell: counted once."""
+    """A finished run with the same setting and seed as another: one of them is counted."""
 
     run: RunRecord  # left out
-    kept: RunRecord  # the one counted (the first given)
+    kept: RunRecord  # the one counted (the first by path)
 
     def __str__(self) -> str:
         def top1(r: RunRecord) -> str:
@@ -178,7 +178,7 @@ class Duplicate:
         text = (
             f"`{self.run.dir}` has the same setting and seed ({self.run.get('seed')}) as `{self.kept.dir}`; "
             f"only `{self.kept.dir}` is counted"
-            + ("" if same else f" (final top-1 {top1(self.kept)}; the copy left out has {top1(self.run)})")
+            + ("" if same else f" (final top-1 {top1(self.kept)}; the run left out has {top1(self.run)})")
         )
         machines = [describe_machine((r.summary or {}).get("machine")) for r in (self.kept, self.run)]
         if None not in machines and machines[0] != machines[1]:

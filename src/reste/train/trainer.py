@@ -342,6 +342,8 @@ class Trainer:
                 old = read_summary(self.run_dir)
             except ValueError:  # damaged: written anew below
                 old = None
+            if not isinstance(old, dict):  # valid JSON but not a summary ([1], "x"): damaged too
+                old = None
             summary = self._summary(complete=True)
             # this session trains nothing: the estimators' code path and the machine are those of the
             # sessions that trained, as the summary recorded them (a missing one: unknown, null)
