@@ -194,20 +194,22 @@ def make_cells(runs: Iterable[RunRecord], duplicates: list[Duplicate] | None = N
     directories, or trained again, perhaps with another thread count) is not a second seed: one is
     kept, the same whatever order the runs come in (the first by path), and the others are appended
     to ``duplicates`` when a list is given."""
-    finished = [run for run in runs if run.finished]
+    # (run, its setting and seed, its folder), each computed once
+    finished = [
+        (run, (run.setting, _same_repr(run.get("seed"))), str(run.dir.resolve())) for run in runs if run.finished
+    ]
     # which of a setting's runs of one seed is counted: the first by path, so a report does not change
     # with the order of its arguments
-    chosen: dict[tuple, RunRecord] = {}
-    for run in finished:
-        key = (run.setting, _same_repr(run.get("seed")))
-        if key not in chosen or str(run.dir.resolve()) < str(chosen[key].dir.resolve()):
-            chosen[key] = run
+    chosen: dict[tuple, tuple[RunRecord, str]] = {}
+    for run, key, where in finished:
+        if key not in chosen or where < chosen[key][1]:
+            chosen[key] = (run, where)
     cells: dict[tuple, Cell] = {}
-    for run in finished:
-        cell = cells.setdefault(run.setting, Cell([]))
-        kept = chosen[(run.setting, _same_repr(run.get("seed")))]
+    for run, key, where in finished:
+        cell = cells.setdefault(key[0], Cell([]))
+        kept, kept_where = chosen[key]
         if run is not kept:
-            if duplicates is not None and kept.dir.resolve() != run.dir.resolve():  # not the same folder given twice
+            if duplicates is not None and kept_where != where:  # not the same folder given twice
                 duplicates.append(Duplicate(run, kept))
             continue
         cell.runs.append(run)

@@ -205,15 +205,6 @@ def kernel_info() -> dict:
     """
     bitops = _loader.BITOPS
     ext = bitops.available()
-    if ext is not None and bitops.forced_error is not None:
-        return {
-            "extension": True,
-            "isa": None,
-            "why": None,
-            "available": ext.available().split(", "),
-            "openmp": bool(ext.openmp()),
-            "reason": bitops.forced_error,
-        }
     if ext is None:
         return {
             "extension": False,
@@ -221,15 +212,16 @@ def kernel_info() -> dict:
             "why": None,
             "available": [],
             "openmp": False,
-            "reason": _loader.BITOPS.reason,
+            "reason": bitops.reason,
         }
+    refused = bitops.forced_error  # a forced path this CPU lacks: no path runs
     return {
         "extension": True,
-        "isa": ext.isa(),
-        "why": ext.why(),
+        "isa": None if refused else ext.isa(),
+        "why": None if refused else ext.why(),
         "available": ext.available().split(", "),
         "openmp": bool(ext.openmp()),
-        "reason": None,
+        "reason": refused,
     }
 
 
