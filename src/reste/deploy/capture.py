@@ -1,0 +1,597 @@
+"""Replay a deployed model's forward for a fixed input shape without its Python overhead.
+
+At batch 1 a packed network spends more time in Python than in its kernels: the packed
+ResNet-20's forward took 2.03 ms on the Zen 2 VM, 0.48 ms of it in the C calls; the rest was
+module calls, plan and buffer-pool lookups, views and layout checks, about 85 µs per conv.
+:func:`capture` removes it. Per input shape (and dtype and memory layout) it
+
+1. traces the model with ``torch.fx`` into one flat graph (packed layers and ``torch.nn`` modules
+   are the leaves; ``nn.Identity`` nodes vanish),
+2. runs it once on an example, which gives every value's shape and layout,
+3. turns each packed conv the kernel runs into two direct calls of the kernel (``pack_rows``,
+   ``conv``) with every argument bound in advance and a fixed output buffer of its own; a conv
+   whose output only the next packed conv reads writes that conv's packed input instead
+   (as :func:`reste.deploy.fuse.fuse_chains`, here across blocks too), and a residual of the
+   output's shape is added by the kernel,
+4. writes the graph out as one straight-line Python function and checks it on the example:
+   its output must equal the model's bit for bit, or the capture is refused.
+
+Every other node (the float stem, pooling, the classifier, anything of the user's) calls the same
+function or module ``forward`` the model calls, so the result is the model's, bit for bit.
+
+Constraints (each checked, with an error naming the fix, or the call is handed to the model):
+
+- inference only: the model must be in eval mode; a call under autograd with an input that
+  requires grad runs the model itself;
+- the model's forward must be traceable by ``torch.fx`` (no Python control flow on values);
+- no forward hooks (the capture would not run them);
+- a capture is a snapshot of the packed layers: after changing the model in place (weights,
+  fusions, ``.to()``), call :meth:`CapturedModel.reset` (``load_state_dict`` and ``.to()`` of the
+  wrapper itself reset it);
+- buffers are fixed per shape, so concurrent calls from several threads are correct but only one
+  at a time runs the capture (the others run the model);
+- the returned tensor is the caller's (outputs that would alias a fixed buffer are copied).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..errors import UsageError
+from .packed import PackedBinaryConv2d, _ext, _PackedBinary
+
+__all__ = ["CapturedModel", "CaptureError", "capture"]
+
+_CL = torch.channels_last
+
+
+class CaptureError(UsageError, ValueError):
+    """The model cannot be captured, or a captured forward got an input it was not captured for."""
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A traced value that knows the example's shape, dtype and device, so a forward's checks of
+    them (``if x.shape[-2:] != ...``, ``batch, tokens, dim = x.shape``) run as plain Python while
+    tracing; the graph is then valid for that input key only, which is all a capture replays.
+    A branch on the values themselves still fails to trace."""
+
+    @property
+    def shape(self):
+        return self.tracer.values[self.node].shape
+
+    def size(self, dim=None):
+        value = self.tracer.values[self.node]
+        return value.size() if dim is None else value.size(dim)
+
+    def dim(self):
+        return self.tracer.values[self.node].dim()
+
+    def __len__(self):
+        return len(self.tracer.values[self.node])
+
+    @property
+    def ndim(self):
+        return self.tracer.values[self.node].dim()
+
+    @property
+    def dtype(self):
+        return self.tracer.values[self.node].dtype
+
+    @property
+    def device(self):
+        return self.tracer.values[self.node].device
+
+
+class _Tracer(fx.Tracer):
+    """Trace through every module except the packed layers and ``torch.nn``'s own, computing each
+    node's value on the example as it goes (packed convs unchained: their float outputs)."""
+
+    def __init__(self, example: Tensor):
+        super().__init__()
+        self.example = example
+        self.values: dict = {}
+        self.placeholders = 0
+        self.evaluating = False  # while a leaf module runs on real values: record nothing
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _PackedBinary) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self.evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "placeholder":
+            self.placeholders += 1
+            if self.placeholders > 1:
+                raise CaptureError("capture replays models that take one tensor; this forward takes more arguments")
+            self.values[node] = self.example
+            return proxy
+        real_args = fx.node.map_arg(node.args, lambda n: self.values[n])
+        real_kwargs = dict(fx.node.map_arg(node.kwargs, lambda n: self.values[n]))
+        self.evaluating = True
+        try:
+            if kind == "get_attr":
+                value = _fetch(self.root, target)
+            elif kind == "call_module":
+                real_kwargs.pop("chained", None)
+                value = self.root.get_submodule(target)(*real_args, **real_kwargs)
+            elif kind == "call_function":
+                value = target(*real_args, **real_kwargs)
+            else:  # call_method
+                value = getattr(real_args[0], target)(*real_args[1:], **real_kwargs)
+        finally:
+            self.evaluating = False
+        self.values[node] = value
+        return proxy
+
+
+def _layout(x: Tensor) -> str:
+    return (
+        "channels_last"
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=_CL)
+        else "contiguous"
+    )
+
+
+def _key(x: Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device, _layout(x))
+
+
+def _kernel_input(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` as the kernel reads it (float32, channels-last, CPU); a shape other than the captured one
+    is refused before any pointer is handed to C."""
+    if t.shape != shape:
+        raise CaptureError(
+            f"a captured packed conv expected an input of shape {list(shape)}, got {list(t.shape)}: the model's "
+            "shapes depend on something other than the input shape; run the model itself"
+        )
+    if t.dtype is not torch.float32 or t.device.type != "cpu" or not t.is_contiguous(memory_format=_CL):
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous(memory_format=_CL)
+    return t
+
+
+def _hooked(model: nn.Module) -> str | None:
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return "a global forward hook is registered"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or type(model).__name__!r} has a forward hook"
+    return None
+
+
+def _tensors_equal(a, b) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+class _Program:
+    """One captured input key: the generated function, the fixed buffers and the objects it calls."""
+
+    def __init__(self, fn: Callable, keep: list, buffer_storages: set, source: str, summary: dict):
+        self.fn = fn
+        self.keep = keep  # every tensor an address in the bound arguments points into
+        self.buffer_storages = buffer_storages
+        self.source = source
+        self.summary = summary
+        self.lock = threading.Lock()
+
+    def own(self, value):
+        """``value`` with every tensor that lives in a fixed buffer copied out (the next call overwrites it)."""
+        if isinstance(value, Tensor):
+            return value.clone() if value.untyped_storage().data_ptr() in self.buffer_storages else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.own(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.own(v) for k, v in value.items()}
+        return value
+
+
+class _Builder:
+    """Turns a traced graph and its example values into the source of one straight-line function."""
+
+    def __init__(self):
+        self.globals: dict = {"_kernel_input": _kernel_input, "torch": torch}
+        self.lines: list[str] = []
+        self.keep: list = []
+        self.buffers: set = set()
+        self.counter = 0
+        self.buffer_bytes = 0
+
+    def bind(self, obj, hint: str) -> str:
+        self.counter += 1
+        name = f"_{hint}{self.counter}"
+        self.globals[name] = obj
+        return name
+
+    def expr(self, arg, names: dict) -> str:
+        """Python source for a node argument: a variable, a literal, or a bound constant."""
+        if isinstance(arg, fx.Node):
+            return names[arg]
+        if isinstance(arg, tuple):
+            return "(" + "".join(self.expr(a, names) + ", " for a in arg) + ")"
+        if isinstance(arg, list):
+            return "[" + ", ".join(self.expr(a, names) for a in arg) + "]"
+        if isinstance(arg, dict):
+            return "{" + ", ".join(f"{k!r}: {self.expr(v, names)}" for k, v in arg.items()) + "}"
+        if isinstance(arg, slice):
+            return f"slice({self.expr(arg.start, names)}, {self.expr(arg.stop, names)}, {self.expr(arg.step, names)})"
+        if arg is None or isinstance(arg, (bool, int, str)) or (isinstance(arg, float) and math.isfinite(arg)):
+            return repr(arg)
+        return self.bind(arg, "c")
+
+    def call(self, target: str, args, kwargs, names: dict) -> str:
+        parts = [self.expr(a, names) for a in args] + [f"{k}={self.expr(v, names)}" for k, v in kwargs.items()]
+        return f"{target}({', '.join(parts)})"
+
+    def buffer(self, shape, dtype) -> Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        self.keep.append(t)
+        self.buffers.add(t.untyped_storage().data_ptr())
+        self.buffer_bytes += t.numel() * t.element_size()
+        return t
+
+
+def _conv_plan(m: PackedBinaryConv2d, x_shape: tuple) -> dict:
+    return m._plan(x_shape, m._build_plan)
+
+
+def _maps(m: PackedBinaryConv2d) -> tuple[tuple, tuple, list]:
+    """The kernel's prologue and epilogue arguments of ``m`` and the tensors their addresses point into."""
+    keep = [getattr(m, n, None) for n in ("pre_scale", "pre_shift", "post_scale", "post_shift")]
+    return m._prologue_args(), m._epilogue_args(), [t for t in keep if t is not None]
+
+
+def _eligible_conv(m: nn.Module, x, residual) -> bool:
+    """Whether the capture may run this packed conv's kernel itself (what ``forward`` would do)."""
+    if not isinstance(m, PackedBinaryConv2d) or not m.binary_inputs or not m._kernel_supported():
+        return False
+    if m.weight_bits.device.type != "cpu" or not isinstance(x, Tensor) or x.device.type != "cpu":
+        return False
+    if x.dtype is not torch.float32 or x.dim() != 4 or x.numel() == 0:
+        return False
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.dtype is not torch.float32 or residual.device.type != "cpu":
+            return False
+    return True
+
+
+def _conv_inputs(node: fx.Node) -> tuple:
+    """``(x, residual)`` arguments of a packed conv call (either may be a node)."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    x = args[0] if args else kwargs.get("x")
+    residual = args[1] if len(args) > 1 else kwargs.get("residual")
+    return x, residual
+
+
+def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, object]:
+    """Generate the replay of ``graph``, traced on an example whose value per node is in ``values``
+    (they give the shapes and layouts); also returns the traced result."""
+    ext = _ext()
+    modules = dict(model.named_modules())
+    nodes = list(graph.nodes)
+
+    # 1. aliases: an nn.Identity passes its argument through
+    alias: dict = {}
+
+    def resolve(a):
+        while isinstance(a, fx.Node) and a in alias:
+            a = alias[a]
+        return a
+
+    for node in nodes:
+        if (
+            node.op == "call_module"
+            and type(modules[node.target]) is nn.Identity
+            and len(node.args) == 1
+            and not node.kwargs
+        ):
+            alias[node] = node.args[0]
+
+    def resolved(arg):
+        return fx.node.map_arg(arg, resolve)
+
+    # 2. the example's values (computed while tracing), and the model's result
+    output = next(n for n in nodes if n.op == "output")
+    result = fx.node.map_arg(output.args[0], lambda n: values[n])
+
+    # 3. which packed convs the capture runs, and which of them feed the next one packed
+    convs = {}
+    for node in nodes:
+        if node.op != "call_module" or node in alias:
+            continue
+        m = modules[node.target]
+        x, r = (resolve(a) for a in _conv_inputs(node)) if isinstance(m, PackedBinaryConv2d) else (None, None)
+        if isinstance(m, PackedBinaryConv2d) and isinstance(x, fx.Node):
+            xv, rv = values[x], values[r] if isinstance(r, fx.Node) else r
+            if _eligible_conv(m, xv, rv) and (rv is None or tuple(rv.shape) == tuple(values[node].shape)):
+                convs[node] = (m, x, r)
+    uses: dict = {}
+    for node in nodes:
+        if node in alias:
+            continue
+        for where, arg in enumerate((*node.args, *node.kwargs.values())):
+            for used in _nodes_in(arg):
+                uses.setdefault(resolve(used), []).append((node, where))
+    chained: dict = {}  # producer node -> consumer node
+    for node in convs:
+        users = uses.get(node, [])
+        if len(users) != 1:
+            continue
+        user, where = users[0]
+        if user in convs and user is not node and where == 0 and convs[user][1] is node and convs[user][2] is not node:
+            chained[node] = user
+    fed = set(chained.values())
+
+    # 4. the straight-line function
+    b = _Builder()
+    names: dict = {}
+    for node in nodes:
+        if node in alias:
+            continue
+        var = f"v{len(names)}"
+        names[node] = var
+    for node in alias:
+        names[node] = names[resolve(node)]
+    xbits: dict = {}  # conv node -> its packed-input buffer
+    ready: dict = {}  # value -> the variable holding it as the kernel reads it (converted once, however often read)
+
+    def kernel_ready(value) -> str:
+        if value not in ready:
+            source = names[value] if isinstance(value, fx.Node) else b.bind(value, "r")
+            ready[value] = f"{source}_k" if isinstance(value, fx.Node) else f"{source}k"
+            shape = b.bind(values[value].shape if isinstance(value, fx.Node) else value.shape, "shape")
+            b.lines.append(f"    {ready[value]} = _kernel_input({source}, {shape})")
+        return ready[value]
+
+    b.lines.append("def forward(x, T):")
+    for node in nodes:
+        if node in alias:
+            continue
+        var = names[node]
+        if node.op == "placeholder":
+            b.lines.append(f"    {var} = x")
+        elif node.op == "get_attr":
+            b.lines.append(f"    {var} = {b.bind(_fetch(model, node.target), 'attr')}")
+        elif node in convs:
+            m, x, r = convs[node]
+            plan = _conv_plan(m, tuple(values[x].shape))
+            pre, post, maps_keep = _maps(m)
+            b.keep += [plan, *maps_keep]
+            if node not in xbits:
+                xbits[node] = b.buffer((plan["xbits"],), torch.uint8)
+            xb = xbits[node]
+            if node not in fed:
+                b.lines.append(
+                    f"    {b.bind(ext.pack_rows, 'pack')}({kernel_ready(x)}.data_ptr(), *{b.bind(plan['pack'], 'pk')}, "
+                    f"{xb.data_ptr()}, T, *{b.bind(pre, 'pre')})"
+                )
+            res = "0"
+            if r is not None:
+                res = f"{kernel_ready(r)}.data_ptr()"
+            if node in chained:
+                nxt_node = chained[node]
+                nm = convs[nxt_node][0]
+                nplan = _conv_plan(nm, tuple(values[node].shape))
+                npre, _, nkeep = _maps(nm)
+                b.keep += [nplan, *nkeep]
+                xbits[nxt_node] = b.buffer((nplan["xbits"],), torch.uint8)
+                _, _, _, _, nph, npw, npix, nrow_bytes, nplus_one = nplan["pack"]
+                nxt = (xbits[nxt_node].data_ptr(), nph, npw, nrow_bytes, nplus_one, *npre)
+                out_ptr, tail = 0, f", *{b.bind(nxt, 'nxt')}"
+                view = "None"
+            else:
+                out = b.buffer(plan["out"], torch.float32)
+                out_ptr, tail = out.data_ptr(), ""
+                view = b.bind(out.permute(0, 3, 1, 2), "out")
+            conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(post, 'post')}"
+            b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out_ptr}, T, {res}, {plan['nibbles']}{tail})")
+            b.lines.append(f"    {var} = {view}")
+        elif node.op == "call_module":
+            m = modules[node.target]
+            kwargs = dict(node.kwargs)
+            kwargs.pop("chained", None)
+            b.lines.append(f"    {var} = {b.call(b.bind(m.forward, 'm'), node.args, kwargs, names)}")
+            ready.clear()  # it may have changed a tensor in place: convert again after it
+        elif node.op == "call_function":
+            b.lines.append(f"    {var} = {b.call(b.bind(node.target, 'f'), node.args, node.kwargs, names)}")
+            ready.clear()  # it may have changed a tensor in place: convert again after it
+        elif node.op == "call_method":
+            obj, *rest = node.args
+            b.lines.append(f"    {var} = {b.call(f'{b.expr(obj, names)}.{node.target}', rest, node.kwargs, names)}")
+            ready.clear()  # it may have changed a tensor in place: convert again after it
+        elif node.op == "output":
+            b.lines.append(f"    return {b.expr(node.args[0], names)}")
+    source = "\n".join(b.lines) + "\n"
+    namespace = dict(b.globals)
+    exec(compile(source, f"<reste.deploy.capture {type(model).__name__}>", "exec"), namespace)  # noqa: S102
+    summary = {
+        "packed_convs": len(
+            [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryConv2d)]
+        ),
+        "kernel_steps": len(convs),
+        "chained": len(chained),
+        "fixed_buffer_bytes": b.buffer_bytes,
+    }
+    return _Program(namespace["forward"], b.keep, b.buffers, source, summary), result
+
+
+def _nodes_in(arg) -> list:
+    found: list = []
+
+    def note(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg(arg, note)
+    return found
+
+
+def _fetch(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class CapturedModel(nn.Module):
+    """``model`` with each input shape's forward replayed as one generated function (see the module
+    docstring); a drop-in replacement for inference. ``captures`` maps each captured input key
+    (shape, dtype, device, layout) to what was captured."""
+
+    def __init__(self, model: nn.Module, max_shapes: int = 8):
+        super().__init__()
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
+        self.model = model
+        self.max_shapes = int(max_shapes)
+        self._programs: dict = {}
+        self._build_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget every capture (call after changing the model in place); the next call captures again."""
+        self._programs = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self.reset()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.reset()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_programs"] = {}
+        state.pop("_build_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._build_lock = threading.Lock()
+
+    @property
+    def captures(self) -> dict:
+        return {key: dict(p.summary) for key, p in self._programs.items()}
+
+    def source(self, example: Tensor) -> str:
+        """The generated Python of ``example``'s input key (captured first if needed)."""
+        return self._program(example).source
+
+    def _trace(self, example: Tensor) -> tuple[fx.Graph, dict]:
+        tracer = _Tracer(example)
+        try:
+            graph = tracer.trace(self.model)
+        except CaptureError:
+            raise
+        except Exception as err:  # fx raises many kinds: TraceError, TypeError, NotImplementedError ...
+            raise CaptureError(
+                f"cannot capture {type(self.model).__name__}: torch.fx could not trace its forward "
+                f"({type(err).__name__}: {err}). Run the model itself, or make its forward free of Python "
+                "control flow on tensor values"
+            ) from err
+        return graph, tracer.values
+
+    def _program(self, x: Tensor) -> _Program:
+        key = _key(x)
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        with self._build_lock:
+            program = self._programs.get(key)
+            if program is not None:
+                return program
+            if self.model.training:
+                raise CaptureError("capture is for inference: call model.eval() before capturing")
+            hooked = _hooked(self.model)
+            if hooked:
+                raise CaptureError(
+                    f"cannot capture: {hooked}, which a capture would not run; remove it or run the model itself"
+                )
+            if _ext() is None:
+                raise CaptureError(
+                    "cannot capture: the compiled XNOR-popcount kernel is unavailable here "
+                    f"({_kernel_reason()}); run the model itself"
+                )
+            example = x.detach().clone(memory_format=torch.preserve_format)
+            with torch.no_grad():
+                program, traced = _build(self.model, *self._trace(example))
+                expected = self.model(example)
+                threads = torch.get_num_threads()
+                got = program.own(program.fn(example, threads))
+            if not (_tensors_equal(traced, expected) and _tensors_equal(got, expected)):
+                raise CaptureError(
+                    f"the captured forward of {type(self.model).__name__} does not reproduce the model's output "
+                    "bit for bit on the example input, so it is not used; run the model itself (and please report this)"
+                )
+            if len(self._programs) >= self.max_shapes:
+                self._programs.pop(next(iter(self._programs)))
+            self._programs[key] = program
+            return program
+
+    def forward(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"a captured model takes one tensor, got {type(x).__name__}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.model(x)  # inference kernels: autograd goes through the model's own path
+        if not x.is_contiguous() and _layout(x) != "channels_last":
+            x = x.contiguous()
+        program = self._program(x)
+        if not program.lock.acquire(blocking=False):
+            return self.model(x)  # another thread is replaying this shape's buffers
+        try:
+            with torch.no_grad():
+                return program.own(program.fn(x, torch.get_num_threads()))
+        finally:
+            program.lock.release()
+
+    def extra_repr(self) -> str:
+        return f"max_shapes={self.max_shapes}, captured={len(self._programs)}"
+
+
+def _kernel_reason() -> str:
+    from .. import _ext as loader
+
+    return str(loader.BITOPS.reason)
+
+
+def capture(model: nn.Module, example: Tensor | None = None, max_shapes: int = 8) -> CapturedModel:
+    """Wrap a deployed model so that each input shape's forward is replayed without Python overhead.
+
+    ``reste.deploy.capture(reste.deploy.load(path))`` returns a module that computes exactly what
+    the model computes (checked bit for bit on the first input of each shape, dtype and layout),
+    faster where per-layer overhead dominates (small models, batch 1). ``example``: capture its
+    shape now instead of on first use. ``max_shapes``: how many input keys to keep (the oldest goes).
+    See the module docstring for the constraints.
+    """
+    captured = CapturedModel(model, max_shapes)
+    if example is not None:
+        if not example.is_contiguous() and _layout(example) != "channels_last":
+            example = example.contiguous()
+        captured._program(example)
+    return captured
