@@ -4,12 +4,14 @@
 >>> print(reste.deploy.summary(model, (3, 32, 32)))          # doctest: +SKIP
 >>> reste.deploy.export(model, "model.safetensors", architecture={...})  # doctest: +SKIP
 >>> net = reste.deploy.load("model.safetensors")             # doctest: +SKIP
+>>> fast = reste.deploy.capture(net)                         # doctest: +SKIP
 >>> tensors = reste.deploy.read_tensors("model.safetensors") # doctest: +SKIP
 >>> reste.deploy.export_onnx(model, "model.onnx", (3, 32, 32))  # doctest: +SKIP
 
 Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
 """
 
+from .replay import CapturedModel, CaptureError, capture
 from .export import (
     ExportError,
     architecture_from_config,
@@ -34,12 +36,15 @@ from .packed import (
 from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
+    "CaptureError",
+    "CapturedModel",
     "ExportError",
     "LayerSummary",
     "ModelSummary",
     "PackedBinaryConv2d",
     "PackedBinaryLinear",
     "architecture_from_config",
+    "capture",
     "export",
     "export_onnx",
     "export_run",

@@ -35,6 +35,7 @@ Constraints (each checked, with an error naming the fix, or the call is handed t
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections.abc import Callable
@@ -119,9 +120,9 @@ class _Tracer(fx.Tracer):
         node = proxy.node
         if kind == "placeholder":
             self.placeholders += 1
-            if self.placeholders > 1:
+            if self.placeholders > 1 and not node.args:  # a later argument without a default
                 raise CaptureError("capture replays models that take one tensor; this forward takes more arguments")
-            self.values[node] = self.example
+            self.values[node] = self.example if self.placeholders == 1 else node.args[0]
             return proxy
         real_args = fx.node.map_arg(node.args, lambda n: self.values[n])
         real_kwargs = dict(fx.node.map_arg(node.kwargs, lambda n: self.values[n]))
@@ -309,6 +310,7 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             node.op == "call_module"
             and type(modules[node.target]) is nn.Identity
             and len(node.args) == 1
+            and isinstance(node.args[0], fx.Node)
             and not node.kwargs
         ):
             alias[node] = node.args[0]
@@ -374,8 +376,8 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
         if node in alias:
             continue
         var = names[node]
-        if node.op == "placeholder":
-            b.lines.append(f"    {var} = x")
+        if node.op == "placeholder":  # the input, then any argument left at its default
+            b.lines.append(f"    {var} = {'x' if node is nodes[0] else b.expr(node.args[0], names)}")
         elif node.op == "get_attr":
             b.lines.append(f"    {var} = {b.bind(_fetch(model, node.target), 'attr')}")
         elif node in convs:
@@ -429,7 +431,7 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             b.lines.append(f"    return {b.expr(node.args[0], names)}")
     source = "\n".join(b.lines) + "\n"
     namespace = dict(b.globals)
-    exec(compile(source, f"<reste.deploy.capture {type(model).__name__}>", "exec"), namespace)  # noqa: S102
+    exec(compile(source, f"<reste.deploy.capture of {type(model).__name__}>", "exec"), namespace)  # noqa: S102
     summary = {
         "packed_convs": len(
             [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryConv2d)]
@@ -505,8 +507,11 @@ class CapturedModel(nn.Module):
 
     def _trace(self, example: Tensor) -> tuple[fx.Graph, dict]:
         tracer = _Tracer(example)
+        params = list(inspect.signature(self.model.forward).parameters.values())[1:]
+        # arguments left at their defaults are constants of the trace (a `shift is None` check holds)
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         try:
-            graph = tracer.trace(self.model)
+            graph = tracer.trace(self.model, concrete_args=defaults or None)
         except CaptureError:
             raise
         except Exception as err:  # fx raises many kinds: TraceError, TypeError, NotImplementedError ...
@@ -540,8 +545,8 @@ class CapturedModel(nn.Module):
                 )
             example = x.detach().clone(memory_format=torch.preserve_format)
             with torch.no_grad():
+                expected = self.model(example)  # first, so the model's own errors about its input come as they are
                 program, traced = _build(self.model, *self._trace(example))
-                expected = self.model(example)
                 threads = torch.get_num_threads()
                 got = program.own(program.fn(example, threads))
             if not (_tensors_equal(traced, expected) and _tensors_equal(got, expected)):

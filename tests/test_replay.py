@@ -1,0 +1,280 @@
+"""reste.deploy.capture: a deployed model's forward replayed per input shape as one generated function.
+
+The capture must compute exactly what the model computes: every test compares it with the model
+itself (whose packed layers are checked against the PyTorch reference in test_deploy*.py), on
+every kernel path this CPU has, NCHW and channels-last, batch 1 and more.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import reste
+from deploy_helpers import disagreements_across_threads, forced_kernel_path
+from reste.deploy import CaptureError, capture, export, load
+from reste.deploy import replay as replay_mod
+from reste.deploy import packed as packed_mod
+from reste.deploy.packed import PackedBinaryConv2d
+
+HAS_EXT = packed_mod._ext() is not None
+ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else []
+pytestmark = pytest.mark.skipif(not HAS_EXT, reason="a capture replays the compiled kernel (not built here)")
+
+ARCHS = {
+    "resnet20": {"width": 0.25, "image_size": 8},
+    "resnet20_bireal": {"width": 0.25, "image_size": 8},
+    "vgg_small": {"width": 0.1875, "image_size": 16},
+    "vit_tiny": {"image_size": 8, "patch_size": 4, "dim": 24, "depth": 2, "heads": 2, "mlp_dim": 48},
+}
+
+
+def _deployed(name: str, tmp_path, precision: str = "1w1a", fuse: bool = True, seed: int = 0) -> nn.Module:
+    """A registry model with trained-looking BatchNorms (far from fresh ones), exported and loaded."""
+    arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": precision, **ARCHS[name]}
+    torch.manual_seed(seed)
+    model = reste.models.create(**arch)
+    size = arch["image_size"]
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+        gen = torch.Generator().manual_seed(seed + 1)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(torch.randn(m.num_features, generator=gen) * 2)
+                m.bias.add_(torch.randn(m.num_features, generator=gen))
+    path = export(model.eval(), tmp_path / f"{name}-{precision}-{seed}.safetensors", architecture=arch)
+    return load(path, fuse=fuse)
+
+
+def _inputs(name: str, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    size = ARCHS[name]["image_size"]
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x[0, :, :2] = 0.0  # exact zeros: sign(0) = +1 decides some bits
+    return [x, x.contiguous(memory_format=torch.channels_last)]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small", "vit_tiny"])
+def test_capture_equals_the_model_bit_for_bit(name, tmp_path):
+    model = _deployed(name, tmp_path)
+    fast = capture(model)
+    for batch in (1, 3):
+        for x in _inputs(name, batch, seed=batch):
+            with torch.no_grad():
+                want = model(x)
+            got = fast(x)
+            assert torch.equal(got, want), (name, batch, x.is_contiguous())
+            assert not got.requires_grad
+    assert len(fast.captures) == 4  # two batch sizes, two layouts
+
+
+@pytest.mark.parametrize("name, convs, chains", [("resnet20", 18, 9), ("vgg_small", 5, 2), ("resnet20_bireal", 18, 0)])
+def test_every_packed_conv_becomes_direct_kernel_calls(name, convs, chains, tmp_path, monkeypatch):
+    """No packed conv's forward runs in a replay; chains where a conv's output feeds only the next conv
+    (Bi-Real's conv1 also feeds an add, so none)."""
+    model = _deployed(name, tmp_path)
+    x = _inputs(name, 1)[0]
+    fast = capture(model, x)
+    assert list(fast.captures.values()) == [
+        {
+            "packed_convs": convs,
+            "kernel_steps": convs,
+            "chained": chains,
+            "fixed_buffer_bytes": fast.captures[next(iter(fast.captures))]["fixed_buffer_bytes"],
+        }
+    ]
+    source = fast.source(x)
+    assert source.count("_conv") == convs and source.count("_pack") == convs - chains
+    calls = []
+    original = PackedBinaryConv2d.forward
+    monkeypatch.setattr(PackedBinaryConv2d, "forward", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    with torch.no_grad():
+        want = model(x)
+    assert len(calls) == convs
+    assert torch.equal(fast(x), want)
+    assert len(calls) == convs  # the replay called none of them
+
+
+def test_every_kernel_path_and_thread_count(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    xs = _inputs("resnet20", 2, seed=5)
+    before = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            with forced_kernel_path(isa):
+                fast = capture(model)  # captured on this path; the kernel picks the path per call
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    for x in xs:
+                        with torch.no_grad():
+                            assert torch.equal(fast(x), model(x)), (isa, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "name, precision, fuse",
+    [("resnet20", "1w1a", False), ("resnet20", "1w32a", True), pytest.param("resnet20_bireal", "1w1a", True)],
+)
+def test_unfused_real_input_and_bireal_models(name, precision, fuse, tmp_path):
+    """Unfused BatchNorms run as modules between kernel calls; 1W/32A convs (no kernel) as their
+    own forward; Bi-Real's shortcut around every conv as residuals the kernel adds."""
+    model = _deployed(name, tmp_path, precision=precision, fuse=fuse)
+    fast = capture(model)
+    for x in _inputs(name, 2, seed=7):
+        with torch.no_grad():
+            assert torch.equal(fast(x), model(x))
+    steps = next(iter(fast.captures.values()))["kernel_steps"]
+    assert steps == (0 if precision == "1w32a" else 18)
+
+
+class EndsInABinaryConv(nn.Module):
+    """A model whose output is a packed conv's own output (a fixed buffer of the capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.stem(x)))
+
+
+def _packed_endpoint(tmp_path, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = reste.binarize(EndsInABinaryConv(), keep=("stem",), keep_defaults=False).eval()
+    return load(export(model, tmp_path / f"end{seed}.safetensors"), model=EndsInABinaryConv())
+
+
+def test_outputs_are_the_callers_not_the_next_calls(tmp_path):
+    model = _packed_endpoint(tmp_path)
+    fast = capture(model)
+    x1, x2 = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 6, 6)
+    y1 = fast(x1)
+    y2 = fast(x2)
+    with torch.no_grad():
+        assert torch.equal(y1, model(x1)) and torch.equal(y2, model(x2))
+    assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+
+
+def test_each_input_key_is_captured_once_and_the_oldest_goes(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model, max_shapes=2)
+    a, b, c = (torch.randn(n, 3, 8, 8) for n in (1, 2, 3))
+    for x in (a, a, b):
+        fast(x)
+    assert [k[0] for k in fast.captures] == [(1, 3, 8, 8), (2, 3, 8, 8)]
+    fast(c)
+    assert [k[0] for k in fast.captures] == [(2, 3, 8, 8), (3, 3, 8, 8)]
+    # a non-contiguous input of a captured shape uses the contiguous capture
+    strided = torch.randn(3, 3, 8, 16)[..., ::2]
+    with torch.no_grad():
+        assert torch.equal(fast(strided), model(strided))
+    assert len(fast.captures) == 2
+    with pytest.raises(ValueError, match="max_shapes must be at least 1"):
+        capture(model, max_shapes=0)
+
+
+def test_refusals_name_the_fix(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    x = torch.randn(1, 3, 8, 8)
+    model.train()
+    with pytest.raises(CaptureError, match=r"call model.eval\(\) before capturing"):
+        capture(model, x)
+    model.eval()
+    handle = model.stages[0][0].conv1.register_forward_hook(lambda *a: None)
+    with pytest.raises(CaptureError, match="module 'stages.0.0.conv1' has a forward hook"):
+        capture(model, x)
+    handle.remove()
+    capture(model, x)
+
+    class ValueBranch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(CaptureError, match="torch.fx could not trace its forward"):
+        capture(ValueBranch().eval(), x)
+
+    class Scaled(nn.Module):  # later arguments keep their defaults
+        def forward(self, x, scale=2.0, shift=None):
+            return x * scale if shift is None else x * scale + shift
+
+    assert torch.equal(capture(Scaled().eval())(x), x * 2.0)
+    with pytest.raises(TypeError, match="takes one tensor"):
+        capture(model)([x])
+
+
+def test_without_the_kernel_capture_says_so(tmp_path, monkeypatch):
+    model = _deployed("resnet20", tmp_path)
+    monkeypatch.setattr(replay_mod, "_ext", lambda: None)
+    with pytest.raises(CaptureError, match="kernel is unavailable here"):
+        capture(model, torch.randn(1, 3, 8, 8))
+
+
+def test_the_models_own_input_errors_pass_through(tmp_path):
+    model = _deployed("vgg_small", tmp_path)
+    with pytest.raises(ValueError, match="vgg_small was built for 16x16 inputs but got 8x8"):
+        capture(model, torch.randn(1, 3, 8, 8))
+
+
+def test_inputs_that_need_grad_run_the_model(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = fast(x)
+    assert y.requires_grad and not fast.captures
+    y.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        assert torch.equal(y.detach(), model(x))
+
+
+def test_a_capture_is_a_snapshot_until_reset(tmp_path):
+    # unfused: a fused model's state_dict lacks the BatchNorms its kernels apply
+    model = _deployed("resnet20", tmp_path, fuse=False)
+    other = _deployed("resnet20", tmp_path, seed=1, fuse=False)
+    fast = capture(model)
+    x = torch.randn(2, 3, 8, 8)
+    before = fast(x)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PackedBinaryConv2d):
+                m.weight_bits.bitwise_not_()
+        changed = model(x)
+    assert not torch.equal(changed, before)
+    assert torch.equal(fast(x), before)  # the packed layers' snapshot
+    fast.reset()
+    assert torch.equal(fast(x), changed)
+    # the wrapper's own load_state_dict and .to() forget the captures themselves
+    fast.load_state_dict(other.state_dict(prefix="model."))
+    with torch.no_grad():
+        assert torch.equal(fast(x), other(x))
+    fast.to(torch.float32)
+    assert not fast.captures
+
+
+def test_copies_and_pickles_capture_afresh(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model, torch.randn(1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    want = fast(x)
+    for twin in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert not twin.captures
+        assert torch.equal(twin(x), want)
+        assert len(twin.captures) == 1
+
+
+def test_concurrent_calls_stay_exact(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model)
+    xs = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        want = [model(x) for x in xs]
+    fast(xs[0])  # the shape is captured; the threads race on its fixed buffers
+    assert disagreements_across_threads(fast, xs, want, rounds=20) == []
