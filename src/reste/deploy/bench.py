@@ -205,6 +205,7 @@ def bench_models(
     from .. import models
     from .export import export, load
     from .fuse import fuse_chains
+    from .replay import capture
 
     gen = torch.Generator().manual_seed(seed)
     e2e, sizes = [], []
@@ -232,6 +233,24 @@ def bench_models(
                 {"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s
             )
             t_float, t_bin, ratio = _paired(run_float, run_bin, repeats, min_sample_s)
+            # both sides captured (reste.deploy.capture: no per-module Python), each in its faster layout
+            cap_float, cap_bin = capture(float_model), capture(deployed)
+            cf_layout, run_cf = _faster(
+                {"nchw": lambda: cap_float(x), "channels_last": lambda: cap_float(x_cl)}, min_sample_s
+            )
+            cb_layout, run_cb = _faster(
+                {"nchw": lambda: cap_bin(x), "channels_last": lambda: cap_bin(x_cl)}, min_sample_s
+            )
+            tc_float, tc_bin, cap_ratio = _paired(run_cf, run_cb, repeats, min_sample_s)
+            captured = {
+                "float_ms": 1e3 * tc_float,
+                "float_layout": cf_layout,
+                "binary_ms": 1e3 * tc_bin,
+                "binary_layout": cb_layout,
+                "speedup": cap_ratio,
+                "binary_vs_eager_float": t_float / tc_bin,
+                "exact": bool(torch.equal(cap_bin(x), deployed(x)) and torch.equal(cap_float(x), float_model(x))),
+            }
             e2e.append(
                 {
                     "model": name,
@@ -244,6 +263,7 @@ def bench_models(
                     "max_abs_logit_diff": max_diff,
                     "float_images_per_s": b / t_float,
                     "binary_images_per_s": b / t_bin,
+                    "captured": captured,
                 }
             )
         sd = float_model.state_dict()
@@ -474,6 +494,22 @@ def format_report(result: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r['float_ms']:.1f} ({r['float_layout']}) | "
             f"{r['binary_ms']:.1f} ({r['binary_layout']}) | {r['speedup']:.2f}x | {r['max_abs_logit_diff']:.2e} |"
         )
+    captured = [r for r in result["e2e"] if "captured" in r]
+    if captured:
+        lines += [
+            "",
+            "Both models captured (reste.deploy.capture: each forward replayed without per-module Python):",
+            "",
+            "| model (1W/1A) | batch | float ms | binary ms | speedup | binary vs eager float | same outputs |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in captured:
+            c = r["captured"]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {c['float_ms']:.2f} ({c['float_layout']}) | "
+                f"{c['binary_ms']:.2f} ({c['binary_layout']}) | {c['speedup']:.2f}x | "
+                f"{c['binary_vs_eager_float']:.2f}x | {'yes' if c['exact'] else 'NO'} |"
+            )
     lines += [
         "",
         "| model | exported | float state_dict | ratio | float training checkpoint (SGD momentum) | ratio |",

@@ -371,6 +371,18 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             b.lines.append(f"    {ready[value]} = _kernel_input({source}, {shape})")
         return ready[value]
 
+    def forget_converted() -> None:
+        if ready:
+            b.lines.append(f"    del {', '.join(sorted(set(ready.values())))}")
+            ready.clear()
+
+    # liveness: the variables each node reads, and the position of each variable's last reader
+    position = {node: i for i, node in enumerate(n for n in nodes if n not in alias)}
+    read_by = {node: {names[resolve(a)] for a in _nodes_in((node.args, node.kwargs))} for node in position}
+    last_read: dict = {}
+    for node, i in position.items():
+        for v in read_by[node]:
+            last_read[v] = len(position) if node.op == "output" else i
     b.lines.append("def forward(x, T):")
     for node in nodes:
         if node in alias:
@@ -415,20 +427,23 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out_ptr}, T, {res}, {plan['nibbles']}{tail})")
             b.lines.append(f"    {var} = {view}")
         elif node.op == "call_module":
-            m = modules[node.target]
+            forget_converted()  # each call may change a tensor in place: convert again after it
             kwargs = dict(node.kwargs)
             kwargs.pop("chained", None)
-            b.lines.append(f"    {var} = {b.call(b.bind(m.forward, 'm'), node.args, kwargs, names)}")
-            ready.clear()  # it may have changed a tensor in place: convert again after it
+            b.lines.append(f"    {var} = {b.call(b.bind(modules[node.target].forward, 'm'), node.args, kwargs, names)}")
         elif node.op == "call_function":
+            forget_converted()
             b.lines.append(f"    {var} = {b.call(b.bind(node.target, 'f'), node.args, node.kwargs, names)}")
-            ready.clear()  # it may have changed a tensor in place: convert again after it
         elif node.op == "call_method":
+            forget_converted()
             obj, *rest = node.args
             b.lines.append(f"    {var} = {b.call(f'{b.expr(obj, names)}.{node.target}', rest, node.kwargs, names)}")
-            ready.clear()  # it may have changed a tensor in place: convert again after it
         elif node.op == "output":
             b.lines.append(f"    return {b.expr(node.args[0], names)}")
+        if node.op != "output":  # drop what no later node reads, as eager Python does: its memory is reused warm
+            done = sorted(v for v in {*read_by[node], var} if last_read.get(v, -1) <= position[node])
+            if done:
+                b.lines.append(f"    del {', '.join(done)}")
     source = "\n".join(b.lines) + "\n"
     namespace = dict(b.globals)
     exec(compile(source, f"<reste.deploy.capture of {type(model).__name__}>", "exec"), namespace)  # noqa: S102
