@@ -92,7 +92,9 @@ def test_every_packed_conv_becomes_direct_kernel_calls(name, convs, chains, tmp_
     assert source.count("_conv") == convs and source.count("_pack") == convs - chains
     calls = []
     original = PackedBinaryConv2d.forward
-    monkeypatch.setattr(PackedBinaryConv2d, "forward", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    monkeypatch.setattr(
+        PackedBinaryConv2d, "forward", lambda self, *a, **k: calls.append(self) or original(self, *a, **k)
+    )
     with torch.no_grad():
         want = model(x)
     assert len(calls) == convs
@@ -278,3 +280,17 @@ def test_concurrent_calls_stay_exact(tmp_path):
         want = [model(x) for x in xs]
     fast(xs[0])  # the shape is captured; the threads race on its fixed buffers
     assert disagreements_across_threads(fast, xs, want, rounds=20) == []
+
+
+def test_bench_infer_measures_both_models_captured():
+    from reste.deploy import bench
+
+    e2e, _ = bench.bench_models(names=("resnet20",), batches=(1,), repeats=1, min_sample_s=0.001)
+    (row,) = e2e
+    c = row["captured"]
+    assert c["exact"] is True
+    assert c["float_layout"] in ("nchw", "channels_last") and c["binary_layout"] in ("nchw", "channels_last")
+    assert c["speedup"] > 0 and c["binary_vs_eager_float"] == pytest.approx(row["float_ms"] / c["binary_ms"])
+    report = bench.format_report({"machine": bench.machine_info(), "repeats": 1, "conv": [], "e2e": e2e, "sizes": []})
+    assert "Both models captured" in report
+    assert f"| resnet20 | 1 | {c['float_ms']:.2f} ({c['float_layout']}) |" in report
