@@ -529,6 +529,31 @@ def test_fusion_leaves_shared_or_reused_outputs_alone(tmp_path):
         assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(packed_mod._ext() is None, reason="fusion belongs to the compiled kernel (not built here)")
+def test_a_fused_model_refuses_state_dicts_before_loading_anything(tmp_path):
+    """Its absorbed BatchNorms are nn.Identity: a state_dict cannot hold what its kernels apply, so
+    loading one (even of the same file) would silently mix two models."""
+    first = export(_tiny("1w1a"), tmp_path / "a.safetensors")
+    torch.manual_seed(5)
+    second = export(
+        _trained(reste.binarize(TinyResNet(), keep=("first", "last", "pointwise"))), tmp_path / "b.safetensors"
+    )
+    fused, other = load(first, model=TinyResNet()), load(second, model=TinyResNet())
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    with pytest.raises(packed_mod.FusedStateDictError, match=r"'.*' applies a fused BatchNorm.*fuse=False"):
+        fused.load_state_dict(other.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())  # nothing was loaded
+    conv = next(m for m in fused.modules() if packed_mod.fused_batchnorm(m))
+    with pytest.raises(packed_mod.FusedStateDictError, match="this PackedBinaryConv2d applies a fused BatchNorm"):
+        conv.load_state_dict(conv.state_dict())
+    # unfused models hold every BatchNorm in their state_dict: loading works and gives the other model
+    plain, plain_other = (load(p, model=TinyResNet(), fuse=False) for p in (first, second))
+    plain.load_state_dict(plain_other.state_dict())
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(plain(x), plain_other(x)) and torch.equal(plain(x), other(x))
+
+
 def test_load_errors_name_the_fix(tmp_path):
     from safetensors.torch import save_file
 

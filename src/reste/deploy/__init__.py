@@ -11,7 +11,6 @@
 Command line: ``reste summary``, ``reste export``, ``reste bench-infer``. See docs/deploy.md.
 """
 
-from .replay import CapturedModel, CaptureError, capture
 from .export import (
     ExportError,
     architecture_from_config,
@@ -33,6 +32,7 @@ from .packed import (
     set_output_pool,
     unpack_signs,
 )
+from .replay import CapturedModel, CaptureError, capture
 from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [

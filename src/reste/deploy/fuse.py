@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 
 from .batchnorm import _bn_coefficients
-from .packed import PackedBinaryConv2d, _ChainLink, _ext
+from .packed import PackedBinaryConv2d, _ChainLink, _ext, fused_batchnorm, refuse_state_dict_into_fused
 
 __all__ = ["fuse_epilogues", "fuse_prologues", "fuse_residual_adds", "fuse_chains"]
 
@@ -273,6 +273,9 @@ def fuse_epilogues(
                 fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
     if prologues:
         fuse_prologues(model)
+    if not getattr(model, "_reste_refuses_state_dicts", False) and any(fused_batchnorm(m) for m in model.modules()):
+        model.register_load_state_dict_pre_hook(refuse_state_dict_into_fused)  # before anything is loaded
+        model._reste_refuses_state_dicts = True
     if residual_adds:
         fuse_residual_adds(model)
     if chains:

@@ -180,6 +180,31 @@ def set_output_pool(max_bytes: int) -> int:
     return previous
 
 
+class FusedStateDictError(UsageError, RuntimeError):
+    """``load_state_dict`` into a model whose packed convs apply fused BatchNorms."""
+
+    def __init__(self, layer: str):
+        super().__init__(
+            f"cannot load a state_dict into a fused deployed model: {layer} applies a fused BatchNorm, whose "
+            "statistics a state_dict does not hold (the absorbed BatchNorm is an nn.Identity), so the result would "
+            "mix two models. Load the exported file with reste.deploy.load(path), or load state_dicts into models "
+            "loaded with fuse=False"
+        )
+
+
+def fused_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a packed conv that applies a fused BatchNorm (before or after its conv)."""
+    return getattr(module, "post_bn", None) is not None or getattr(module, "pre_bn", None) is not None
+
+
+def refuse_state_dict_into_fused(module: nn.Module, *args, **kwargs) -> None:
+    """A ``load_state_dict`` pre-hook of a fused model (set by :func:`reste.deploy.fuse.fuse_epilogues`):
+    refuses before anything is loaded when a packed conv in it applies a fused BatchNorm."""
+    for name, m in module.named_modules():
+        if fused_batchnorm(m):
+            raise FusedStateDictError(repr(name))
+
+
 def _warn_fallback() -> None:
     global _warned
     if not _warned:
@@ -296,6 +321,8 @@ class _PackedBinary(nn.Module):
         self._plans: dict = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
+        if fused_batchnorm(self):  # see refuse_state_dict_into_fused (the model's own check comes first)
+            raise FusedStateDictError(f"this {type(self).__name__}")  # loaded into directly, past the model's hook
         self._cache, self._plans = {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
