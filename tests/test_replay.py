@@ -19,7 +19,7 @@ from deploy_helpers import disagreements_across_threads, forced_kernel_path
 from reste.deploy import CaptureError, capture, export, load
 from reste.deploy import packed as packed_mod
 from reste.deploy import replay as replay_mod
-from reste.deploy.packed import PackedBinaryConv2d
+from reste.deploy.packed import PackedBinaryConv2d, PackedBinaryLinear
 
 HAS_EXT = packed_mod._ext() is not None
 ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else []
@@ -73,33 +73,43 @@ def test_capture_equals_the_model_bit_for_bit(name, tmp_path):
     assert len(fast.captures) == 4  # two batch sizes, two layouts
 
 
-@pytest.mark.parametrize("name, convs, chains", [("resnet20", 18, 9), ("vgg_small", 5, 2), ("resnet20_bireal", 18, 0)])
-def test_every_packed_conv_becomes_direct_kernel_calls(name, convs, chains, tmp_path, monkeypatch):
-    """No packed conv's forward runs in a replay; chains where a conv's output feeds only the next conv
-    (Bi-Real's conv1 also feeds an add, so none)."""
+@pytest.mark.parametrize(
+    "name, convs, linears, chains",
+    [("resnet20", 18, 0, 9), ("vgg_small", 5, 0, 2), ("resnet20_bireal", 18, 0, 0), ("vit_tiny", 0, 8, 0)],
+)
+def test_every_packed_layer_becomes_direct_kernel_calls(name, convs, linears, chains, tmp_path, monkeypatch):
+    """No packed layer's forward runs in a replay; chains where a conv's output feeds only the next conv
+    (Bi-Real's conv1 also feeds an add, so none). The ViT's binary layers are all linear (4 per block)."""
     model = _deployed(name, tmp_path)
     x = _inputs(name, 1)[0]
     fast = capture(model, x)
-    assert list(fast.captures.values()) == [
-        {
-            "packed_convs": convs,
-            "kernel_steps": convs,
-            "chained": chains,
-            "fixed_buffer_bytes": fast.captures[next(iter(fast.captures))]["fixed_buffer_bytes"],
-        }
-    ]
+    (summary,) = fast.captures.values()
+    assert summary["fixed_buffer_bytes"] > 0
+    assert dict(summary, fixed_buffer_bytes=0) == {
+        "packed_convs": convs,
+        "packed_linears": linears,
+        "kernel_steps": convs + linears,
+        "chained": chains,
+        "fixed_buffer_bytes": 0,
+    }
     source = fast.source(x)
-    assert source.count("_conv") == convs and source.count("_pack") == convs - chains
+    assert source.count("_conv") == convs + linears and source.count("_pack") == convs + linears - chains
     calls = []
-    original = PackedBinaryConv2d.forward
-    monkeypatch.setattr(
-        PackedBinaryConv2d, "forward", lambda self, *a, **k: calls.append(self) or original(self, *a, **k)
-    )
+    for cls in (PackedBinaryConv2d, PackedBinaryLinear):
+        monkeypatch.setattr(cls, "forward", _counted(cls.forward, calls))
     with torch.no_grad():
         want = model(x)
-    assert len(calls) == convs
+    assert len(calls) == convs + linears
     assert torch.equal(fast(x), want)
-    assert len(calls) == convs  # the replay called none of them
+    assert len(calls) == convs + linears  # the replay called none of them
+
+
+def _counted(forward, calls: list):
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    return counted
 
 
 def test_every_kernel_path_and_thread_count(tmp_path):
@@ -294,3 +304,32 @@ def test_bench_infer_measures_both_models_captured():
     report = bench.format_report({"machine": bench.machine_info(), "repeats": 1, "conv": [], "e2e": e2e, "sizes": []})
     assert "Both models captured" in report
     assert f"| resnet20 | 1 | {c['float_ms']:.2f} ({c['float_layout']}) |" in report
+
+
+class Tokens(nn.Module):
+    """Binary linear layers on a transposed (non-contiguous) view, the last one the model's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 2, stride=2)
+        self.norm = nn.LayerNorm(24)
+        self.fc1 = nn.Linear(24, 40)
+        self.fc2 = nn.Linear(40, 16)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # [N, tokens, 24], not contiguous
+        return self.fc2(self.fc1(t.transpose(1, 2).transpose(1, 2)) * 0.5)
+
+
+def test_packed_linears_on_strided_inputs_and_as_the_output(tmp_path):
+    torch.manual_seed(3)
+    trained = reste.binarize(Tokens(), keep=("stem",), keep_defaults=False).eval()
+    model = load(export(trained, tmp_path / "tokens.safetensors"), model=Tokens())
+    fast = capture(model)
+    x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    y1 = fast(x1)
+    y2 = fast(x2)
+    with torch.no_grad():
+        assert torch.equal(y1, model(x1)) and torch.equal(y2, model(x2))  # y1 was not overwritten
+    (summary,) = fast.captures.values()
+    assert summary["packed_linears"] == summary["kernel_steps"] == 2

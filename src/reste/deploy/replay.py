@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import UsageError
-from .packed import PackedBinaryConv2d, _ext, _PackedBinary
+from .packed import PackedBinaryConv2d, PackedBinaryLinear, _ext, _PackedBinary
 
 __all__ = ["CapturedModel", "CaptureError", "capture"]
 
@@ -168,6 +168,20 @@ def _kernel_input(t: Tensor, shape: torch.Size) -> Tensor:
     return t
 
 
+def _rows_input(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` as a packed linear layer's kernel reads it: its rows ``[M, in_features]``, float32,
+    contiguous, on the CPU (the shape checked first, as :func:`_kernel_input`)."""
+    if t.shape != shape:
+        raise CaptureError(
+            f"a captured packed linear layer expected an input of shape {list(shape)}, got {list(t.shape)}: the "
+            "model's shapes depend on something other than the input shape; run the model itself"
+        )
+    rows = t.reshape(-1, shape[-1])
+    if rows.dtype is not torch.float32 or rows.device.type != "cpu" or not rows.is_contiguous():
+        rows = rows.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return rows
+
+
 def _hooked(model: nn.Module) -> str | None:
     from torch.nn.modules import module as module_mod
 
@@ -217,7 +231,7 @@ class _Builder:
     """Turns a traced graph and its example values into the source of one straight-line function."""
 
     def __init__(self):
-        self.globals: dict = {"_kernel_input": _kernel_input, "torch": torch}
+        self.globals: dict = {"_kernel_input": _kernel_input, "_rows_input": _rows_input, "torch": torch}
         self.lines: list[str] = []
         self.keep: list = []
         self.buffers: set = set()
@@ -282,6 +296,21 @@ def _eligible_conv(m: nn.Module, x, residual) -> bool:
     return True
 
 
+def _eligible_linear(m: nn.Module, x) -> bool:
+    """Whether the capture may run this packed linear layer's kernel itself (what ``forward`` would do)."""
+    return (
+        isinstance(m, PackedBinaryLinear)
+        and m.binary_inputs
+        and m.weight_bits.device.type == "cpu"
+        and isinstance(x, Tensor)
+        and x.device.type == "cpu"
+        and x.dtype is torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] == m.in_features
+        and x.numel() > 0
+    )
+
+
 def _conv_inputs(node: fx.Node) -> tuple:
     """``(x, residual)`` arguments of a packed conv call (either may be a node)."""
     args, kwargs = list(node.args), dict(node.kwargs)
@@ -333,6 +362,13 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             xv, rv = values[x], values[r] if isinstance(r, fx.Node) else r
             if _eligible_conv(m, xv, rv) and (rv is None or tuple(rv.shape) == tuple(values[node].shape)):
                 convs[node] = (m, x, r)
+    linears = {}
+    for node in nodes:
+        if node.op != "call_module" or node in alias or len(node.args) != 1 or node.kwargs:
+            continue
+        x = resolve(node.args[0])
+        if isinstance(x, fx.Node) and _eligible_linear(modules[node.target], values[x]):
+            linears[node] = (modules[node.target], x)
     uses: dict = {}
     for node in nodes:
         if node in alias:
@@ -361,15 +397,17 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
     for node in alias:
         names[node] = names[resolve(node)]
     xbits: dict = {}  # conv node -> its packed-input buffer
-    ready: dict = {}  # value -> the variable holding it as the kernel reads it (converted once, however often read)
+    # (layout, value) -> the variable holding the value as a kernel reads it (converted once, however often read)
+    ready: dict = {}
 
     def kernel_ready(value) -> str:
-        if value not in ready:
+        key = ("channels_last", value)
+        if key not in ready:
             source = names[value] if isinstance(value, fx.Node) else b.bind(value, "r")
-            ready[value] = f"{source}_k" if isinstance(value, fx.Node) else f"{source}k"
+            ready[key] = f"{source}_k" if isinstance(value, fx.Node) else f"{source}k"
             shape = b.bind(values[value].shape if isinstance(value, fx.Node) else value.shape, "shape")
-            b.lines.append(f"    {ready[value]} = _kernel_input({source}, {shape})")
-        return ready[value]
+            b.lines.append(f"    {ready[key]} = _kernel_input({source}, {shape})")
+        return ready[key]
 
     def forget_converted() -> None:
         if ready:
@@ -426,6 +464,24 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(post, 'post')}"
             b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out_ptr}, T, {res}, {plan['nibbles']}{tail})")
             b.lines.append(f"    {var} = {view}")
+        elif node in linears:
+            m, x = linears[node]
+            rows_shape = (values[x].numel() // m.in_features, m.in_features)
+            plan = m._plan(rows_shape, m._build_plan)
+            b.keep.append(plan)
+            xb = b.buffer((plan["xbits"],), torch.uint8)
+            out = b.buffer(plan["out"], torch.float32)
+            if ("rows", x) not in ready:
+                ready[("rows", x)] = f"{names[x]}_rows"
+                b.lines.append(f"    {names[x]}_rows = _rows_input({names[x]}, {b.bind(values[x].shape, 'shape')})")
+            b.lines.append(
+                f"    {b.bind(ext.pack_rows, 'pack')}({ready[('rows', x)]}.data_ptr(), *{b.bind(plan['pack'], 'pk')}, "
+                f"{xb.data_ptr()}, T)"
+            )
+            conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(m._epilogue_args(), 'post')}"
+            b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out.data_ptr()}, T)")
+            view = out.reshape(*values[x].shape[:-1], m.out_features)
+            b.lines.append(f"    {var} = {b.bind(view, 'out')}")
         elif node.op == "call_module":
             forget_converted()  # each call may change a tensor in place: convert again after it
             kwargs = dict(node.kwargs)
@@ -451,7 +507,10 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
         "packed_convs": len(
             [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryConv2d)]
         ),
-        "kernel_steps": len(convs),
+        "packed_linears": len(
+            [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryLinear)]
+        ),
+        "kernel_steps": len(convs) + len(linears),
         "chained": len(chained),
         "fixed_buffer_bytes": b.buffer_bytes,
     }
