@@ -645,14 +645,23 @@ UNSAFE = [
 ]
 
 
+#: the one exec allowed, and why: reste.deploy.capture compiles the function it generated from a traced
+#: graph (its own templates, identifiers it checks, reprs of literals), as torch.fx's own code generation does;
+#: no text from a file or the network reaches it
+ALLOWED = {("src/reste/deploy/replay.py", "eval/exec", "exec(compile(source, ")}
+
+
 def test_library_sources_use_only_safe_loaders():
     found = []
     for path in sorted((REPO / "src" / "reste").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             for pattern, what in UNSAFE:
-                if pattern.search(code):
-                    found.append(f"{path.relative_to(REPO)}:{number}: {what}: {line.strip()}")
+                rel = str(path.relative_to(REPO))
+                if pattern.search(code) and not any(
+                    rel == f and what == w and code.strip().startswith(start) for f, w, start in ALLOWED
+                ):
+                    found.append(f"{rel}:{number}: {what}: {line.strip()}")
     assert found == []
     # the check itself finds what it looks for
     assert UNSAFE[0][0].search("torch.load(path)") and not UNSAFE[0][0].search("torch.load(p, weights_only=True)")

@@ -261,6 +261,8 @@ class _Builder:
         return self.bind(arg, "c")
 
     def call(self, target: str, args, kwargs, names: dict) -> str:
+        for name in (target.rpartition(".")[2], *kwargs):  # only identifiers go into the source as names
+            _identifier(name)
         parts = [self.expr(a, names) for a in args] + [f"{k}={self.expr(v, names)}" for k, v in kwargs.items()]
         return f"{target}({', '.join(parts)})"
 
@@ -270,6 +272,12 @@ class _Builder:
         self.buffers.add(t.untyped_storage().data_ptr())
         self.buffer_bytes += t.numel() * t.element_size()
         return t
+
+
+def _identifier(name) -> str:
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise CaptureError(f"cannot capture a call with the name {name!r}; run the model itself")
+    return name
 
 
 def _conv_plan(m: PackedBinaryConv2d, x_shape: tuple) -> dict:
