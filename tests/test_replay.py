@@ -222,11 +222,14 @@ def test_refusals_name_the_fix(tmp_path):
         capture(model)([x])
 
 
-def test_without_the_kernel_capture_says_so(tmp_path, monkeypatch):
+def test_without_the_kernel_every_node_runs_as_in_the_model(tmp_path, monkeypatch):
     model = _deployed("resnet20", tmp_path)
+    x = torch.randn(2, 3, 8, 8)
     monkeypatch.setattr(replay_mod, "_ext", lambda: None)
-    with pytest.raises(CaptureError, match="kernel is unavailable here"):
-        capture(model, torch.randn(1, 3, 8, 8))
+    fast = capture(model, x)
+    assert next(iter(fast.captures.values()))["kernel_steps"] == 0
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
 
 
 def test_the_models_own_input_errors_pass_through(tmp_path):
@@ -247,7 +250,7 @@ def test_inputs_that_need_grad_run_the_model(tmp_path):
         assert torch.equal(y.detach(), model(x))
 
 
-def test_a_capture_is_a_snapshot_until_reset(tmp_path):
+def test_in_place_changes_are_captured_again_and_replacements_need_reset(tmp_path):
     # unfused: a fused model's state_dict lacks the BatchNorms its kernels apply
     model = _deployed("resnet20", tmp_path, fuse=False)
     other = _deployed("resnet20", tmp_path, seed=1, fuse=False)
@@ -260,10 +263,20 @@ def test_a_capture_is_a_snapshot_until_reset(tmp_path):
                 m.weight_bits.bitwise_not_()
         changed = model(x)
     assert not torch.equal(changed, before)
-    assert torch.equal(fast(x), before)  # the packed layers' snapshot
+    assert torch.equal(fast(x), changed)  # an in-place change is noticed: captured again
+    model.load_state_dict(other.state_dict())  # loads in place too
+    with torch.no_grad():
+        assert torch.equal(fast(x), other(x))
+    # a replaced buffer is not noticed (the capture points into its own copies) until reset
+    for m in model.modules():
+        if isinstance(m, PackedBinaryConv2d):
+            m.weight_bits = m.weight_bits.bitwise_not()  # a new tensor, not an in-place change
+    with torch.no_grad():
+        replaced = model(x)
+    assert torch.equal(fast(x), other(x)) and not torch.equal(replaced, other(x))
     fast.reset()
-    assert torch.equal(fast(x), changed)
-    # the wrapper's own load_state_dict and .to() forget the captures themselves
+    assert torch.equal(fast(x), replaced)
+    # the wrapper's own load_state_dict and .to() reset it
     fast.load_state_dict(other.state_dict(prefix="model."))
     with torch.no_grad():
         assert torch.equal(fast(x), other(x))
@@ -333,3 +346,155 @@ def test_packed_linears_on_strided_inputs_and_as_the_output(tmp_path):
         assert torch.equal(y1, model(x1)) and torch.equal(y2, model(x2))  # y1 was not overwritten
     (summary,) = fast.captures.values()
     assert summary["packed_linears"] == summary["kernel_steps"] == 2
+
+
+# ----------------------------------------------------------------------------- what the review found
+def test_a_capture_owns_every_tensor_it_points_into(tmp_path):
+    """share_memory_() (and torch.multiprocessing) moves a module's memory in place; an in-place load
+    changes it: the capture's addresses point into copies of its own, so it stays a whole snapshot."""
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    assert torch.equal(fast(x), want)
+    conv = next(m for m in model.modules() if isinstance(m, PackedBinaryConv2d))
+    before = conv.alpha.data_ptr(), conv.post_scale.data_ptr()
+    model.share_memory()
+    assert before != (conv.alpha.data_ptr(), conv.post_scale.data_ptr())  # the memory moved
+    junk = [torch.full((n,), 1e30) for n in range(1, 2000)]  # reuse what was freed
+    assert all(torch.equal(fast(x), want) for _ in range(3))
+    del junk
+
+
+def test_capturing_a_new_key_holds_other_threads_replays(tmp_path):
+    """torch.fx patches nn.Module for the whole process while it traces: replays and fallbacks of
+    captured models in other threads wait for it instead of being traced into."""
+    import threading
+
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model, torch.randn(1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    errors, wrong, stop = [], [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                if not torch.equal(fast(x), want):
+                    wrong.append(1)
+            except Exception as err:  # noqa: BLE001 - any error in a serving thread fails the test
+                errors.append(repr(err))
+
+    workers = [threading.Thread(target=serve) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        for batch in range(2, 8):  # new keys, each traced while the workers replay
+            y = fast(torch.randn(batch, 3, 8, 8))
+            assert y.shape == (batch, 10)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert errors == [] and wrong == []
+    assert len(fast.captures) == 7
+
+
+def test_a_capture_made_in_inference_mode_runs_outside_it(tmp_path):
+    model = _deployed("resnet20", tmp_path, fuse=False)  # unfused: in-place ReLUs on the conv outputs
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        fast = capture(model, x)
+        inside = fast(x)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x)) and torch.equal(inside, model(x))
+
+
+class MeanOfPositives(nn.Module):
+    def forward(self, x):
+        positive = x[x > 0]  # a shape the values decide
+        return positive.sum() / len(positive)
+
+
+class InPlaceMetadata(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x))
+        y.transpose_(2, 3)  # legal in eager, where y is a fresh tensor each call
+        return y.flatten(1)
+
+
+def test_shapes_the_values_decide_and_in_place_metadata_changes(tmp_path):
+    fast = capture(MeanOfPositives().eval())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(1, 3, 8, 8, generator=gen)
+        assert torch.equal(fast(x), MeanOfPositives()(x))  # another count of positives runs the model
+    torch.manual_seed(0)
+    trained = reste.binarize(InPlaceMetadata(), keep=("stem",), keep_defaults=False).eval()
+    model = load(export(trained, tmp_path / "meta.safetensors"), model=InPlaceMetadata())
+    fast = capture(model)
+    x = torch.randn(1, 3, 8, 6)
+    with torch.no_grad():
+        want = model(x)
+    assert all(torch.equal(fast(x), want) for _ in range(3))
+
+
+def test_constants_output_types_and_a_forward_that_changes_its_input():
+    from collections import OrderedDict, namedtuple
+
+    Pair = namedtuple("Pair", "first second")
+
+    class Constants(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)  # a plain attribute, not a buffer
+
+        def forward(self, x):
+            y = (x - self.mean) + torch.arange(x.shape[-1])
+            return Pair(y, y), OrderedDict(total=y.sum())
+
+    class ChangesItsInput(nn.Module):
+        def forward(self, x):
+            x.mul_(2)
+            return x + 1
+
+    model = Constants().eval()
+    attributes = set(vars(model))
+    fast = capture(model)
+    x = torch.randn(1, 3, 4, 4)
+    (pair, totals), (want_pair, want_totals) = fast(x), model(x)
+    assert type(pair) is Pair and type(totals) is OrderedDict
+    assert torch.equal(pair.first, want_pair.first) and pair.first is pair.second
+    assert torch.equal(totals["total"], want_totals["total"])
+    assert set(vars(model)) == attributes  # fx's constants are not left on the model
+    x = torch.randn(1, 3, 4, 4)
+    want = ChangesItsInput()(x.clone())
+    assert torch.equal(capture(ChangesItsInput().eval())(x), want)
+
+
+def test_autocast_training_mode_and_a_busy_key_run_the_model(tmp_path):
+    model = _deployed("resnet20", tmp_path)
+    fast = capture(model)
+    x = torch.randn(2, 3, 8, 8)
+    fast(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(x), model(x))
+    float_model = reste.models.create(
+        name="resnet20", num_classes=10, in_channels=3, precision="fp", width=0.25, image_size=8
+    ).eval()
+    fast = capture(float_model)
+    y = fast(x)
+    (program,) = fast._programs.values()
+    with program.lock:  # another thread is replaying this key: the model runs, as inference too
+        busy = fast(x)
+    assert torch.equal(busy, y) and not busy.requires_grad
+    fast.train()
+    with torch.no_grad():
+        assert torch.equal(fast(x), float_model(x))  # batch statistics, as the model in training mode

@@ -131,6 +131,17 @@ _PACKED_ATTR = "_reste_packed_input"
 _NAN = torch.tensor(float("nan"))
 
 
+def _address(t: Tensor, keep: list | None) -> int:
+    """``t.data_ptr()``, or with ``keep`` that of a private copy appended to ``keep``: an address a
+    caller holds for long (reste.deploy.capture) must not point into a module's buffer, whose
+    memory ``share_memory_()``, torch.multiprocessing or an in-place load can move or change."""
+    if keep is None:
+        return t.data_ptr()
+    copy = t.detach().clone()
+    keep.append(copy)
+    return copy.data_ptr()
+
+
 def _kernel_adds(residual: Tensor, x: Tensor) -> bool:
     """Whether the kernel can add ``residual`` as it writes the output of input ``x``: float32 both,
     on x's device, no autograd, channels-last memory (its shape is checked against the plan's output)."""
@@ -367,8 +378,9 @@ class _PackedBinary(nn.Module):
             self._plans[shape] = plan
         return plan
 
-    def _epilogue_args(self) -> tuple:
-        """relu, post_scale, post_shift, post_fma arguments of the kernel (see fuse_epilogue)."""
+    def _epilogue_args(self, keep: list | None = None) -> tuple:
+        """relu, post_scale, post_shift, post_fma arguments of the kernel (see fuse_epilogue); with
+        ``keep``, the addresses are of private copies appended to it (see :func:`_address`)."""
         return 0, 0, 0, 0
 
     def sign_weight(self, dtype=torch.float32, device=None) -> Tensor:
@@ -403,8 +415,10 @@ class _PackedBinary(nn.Module):
         return True
 
     def _alpha_bias_f32(self):
-        alpha = self.alpha.detach().float().contiguous()
-        bias = self.bias.detach().float().contiguous() if self.bias is not None else None
+        # copies, never the buffers themselves: a plan's addresses must stay valid whatever happens to
+        # the buffers' memory (share_memory_() and torch.multiprocessing move it in place)
+        alpha = self.alpha.detach().float().contiguous().clone()
+        bias = self.bias.detach().float().contiguous().clone() if self.bias is not None else None
         return alpha, bias
 
     def _weight_shape(self) -> tuple:
@@ -708,10 +722,12 @@ class PackedBinaryConv2d(_PackedBinary):
             x, bn["mean"].to(dev), bn["var"].to(dev), opt(bn["weight"]), opt(bn["bias"]), False, 0.0, bn["eps"]
         )
 
-    def _prologue_args(self) -> tuple:
+    def _prologue_args(self, keep: list | None = None) -> tuple:
+        """relu, pre_scale, pre_shift, pre_fma arguments of ``pack_rows`` (``()`` without a fused
+        prologue); with ``keep``, of private copies (see :func:`_address`)."""
         if getattr(self, "pre_bn", None) is None:
             return ()
-        return int(self.pre_relu), self.pre_scale.data_ptr(), self.pre_shift.data_ptr(), int(self.pre_fma)
+        return int(self.pre_relu), _address(self.pre_scale, keep), _address(self.pre_shift, keep), int(self.pre_fma)
 
     def _epilogue_reference(self, y: Tensor) -> Tensor:
         if getattr(self, "post_relu", False):
@@ -745,12 +761,12 @@ class PackedBinaryConv2d(_PackedBinary):
                 out = out + self.bias.float().to(x.device).reshape(-1, 1, 1)
         return out.to(x.dtype)
 
-    def _epilogue_args(self) -> tuple:
+    def _epilogue_args(self, keep: list | None = None) -> tuple:
         bn = getattr(self, "post_bn", None) is not None
         return (
             int(getattr(self, "post_relu", False)),
-            self.post_scale.data_ptr() if bn else 0,
-            self.post_shift.data_ptr() if bn else 0,
+            _address(self.post_scale, keep) if bn else 0,
+            _address(self.post_shift, keep) if bn else 0,
             int(bn and self.post_fma),
         )
 

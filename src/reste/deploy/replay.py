@@ -3,45 +3,48 @@
 At batch 1 a packed network spends more time in Python than in its kernels: the packed
 ResNet-20's forward took 2.03 ms on the Zen 2 VM, 0.48 ms of it in the C calls; the rest was
 module calls, plan and buffer-pool lookups, views and layout checks, about 85 µs per conv.
-:func:`capture` removes it. Per input shape (and dtype and memory layout) it
+:func:`capture` removes it. Per input key (shape, dtype, device, memory layout) it
 
 1. traces the model with ``torch.fx`` into one flat graph (packed layers and ``torch.nn`` modules
-   are the leaves; ``nn.Identity`` nodes vanish),
-2. runs it once on an example, which gives every value's shape and layout,
-3. turns each packed conv the kernel runs into two direct calls of the kernel (``pack_rows``,
-   ``conv``) with every argument bound in advance and a fixed output buffer of its own; a conv
-   whose output only the next packed conv reads writes that conv's packed input instead
-   (as :func:`reste.deploy.fuse.fuse_chains`, here across blocks too), and a residual of the
-   output's shape is added by the kernel,
-4. writes the graph out as one straight-line Python function and checks it on the example:
+   are the leaves; ``nn.Identity`` nodes vanish), computing every value on the example as it goes;
+2. turns each packed conv and linear layer the kernel runs into direct calls of the kernel
+   (``pack_rows``, ``conv``) with every argument bound in advance, into private copies of the
+   layer's tensors, and a fixed output buffer of its own; a conv whose output only the next
+   packed conv reads writes that conv's packed input instead (as
+   :func:`reste.deploy.fuse.fuse_chains`, here across blocks too), and a residual of the output's
+   shape is added by the kernel;
+3. writes the graph out as one straight-line Python function and checks it on the example:
    its output must equal the model's bit for bit, or the capture is refused.
 
 Every other node (the float stem, pooling, the classifier, anything of the user's) calls the same
 function or module ``forward`` the model calls, so the result is the model's, bit for bit.
 
-Constraints (each checked, with an error naming the fix, or the call is handed to the model):
+Constraints (each checked, or the call is handed to the model itself; docs/deploy.md has the list):
 
-- inference only: the model must be in eval mode; a call under autograd with an input that
-  requires grad runs the model itself;
-- the model's forward must be traceable by ``torch.fx`` (no Python control flow on values);
-- no forward hooks (the capture would not run them);
-- a capture is a snapshot of the packed layers: after changing the model in place (weights,
-  fusions, ``.to()``), call :meth:`CapturedModel.reset` (``load_state_dict`` and ``.to()`` of the
-  wrapper itself reset it);
-- buffers are fixed per shape, so concurrent calls from several threads are correct but only one
-  at a time runs the capture (the others run the model);
-- the returned tensor is the caller's (outputs that would alias a fixed buffer are copied).
+- inference only: the model must be in eval mode; an input that requires grad under autograd,
+  a call under autocast or a global forward hook runs the model itself;
+- the model's forward must be traceable by ``torch.fx`` (no Python control flow on tensor values),
+  take one tensor and have no forward hooks;
+- a shape the example's values decided (``x[x > 0]``) is checked on every call; another one runs
+  the model itself;
+- an in-place change of the model's tensors is noticed (version counters) and captured again;
+  after replacing a module, parameter or buffer, call :meth:`CapturedModel.reset`;
+- tracing patches ``nn.Module`` for the whole process (``torch.fx`` does), so captured models hold
+  their calls while one traces; capture every shape up front before serving from several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules import module as _module_mod
 
 from ..errors import UsageError
 from .packed import PackedBinaryConv2d, PackedBinaryLinear, _ext, _PackedBinary
@@ -49,53 +52,135 @@ from .packed import PackedBinaryConv2d, PackedBinaryLinear, _ext, _PackedBinary
 __all__ = ["CapturedModel", "CaptureError", "capture"]
 
 _CL = torch.channels_last
+_VERSION = operator.attrgetter("_version")
+
+#: in-place methods that change a tensor's shape or strides, not its values: a graph with one of them
+#: gets a fresh view of each fixed output buffer per call (they must not change the bound view)
+_METADATA_INPLACE = frozenset(
+    {
+        "as_strided_",
+        "detach_",
+        "requires_grad_",
+        "resize_",
+        "resize_as_",
+        "set_",
+        "squeeze_",
+        "swapaxes_",
+        "swapdims_",
+        "t_",
+        "transpose_",
+        "unsqueeze_",
+    }
+)
 
 
 class CaptureError(UsageError, ValueError):
-    """The model cannot be captured, or a captured forward got an input it was not captured for."""
+    """The model cannot be captured."""
 
 
+class _ShapeChanged(Exception):
+    """A replay met a shape other than the example's where the example's values decided it."""
+
+
+# ----------------------------------------------------------------------------- one trace at a time
+class _Gate:
+    """Captured models' calls share it; a trace holds it alone: ``torch.fx`` patches
+    ``nn.Module.__call__`` and ``__getattr__`` for the whole process while it traces, and a module
+    called from another thread meanwhile would be traced into. Reentrant for the tracing thread."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._owner: int | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            while self._owner is not None and self._owner != me:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me:
+                while self._owner is not None or self._readers:
+                    self._cond.wait()
+                self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                self._cond.notify_all()
+
+
+_GATE = _Gate()
+
+
+# ----------------------------------------------------------------------------- tracing
 class _ConcreteProxy(fx.Proxy):
     """A traced value that knows the example's shape, dtype and device, so a forward's checks of
     them (``if x.shape[-2:] != ...``, ``batch, tokens, dim = x.shape``) run as plain Python while
     tracing; the graph is then valid for that input key only, which is all a capture replays.
-    A branch on the values themselves still fails to trace."""
+    A shape read here is checked on every replay (values can decide shapes). A branch on the
+    values themselves still fails to trace."""
+
+    def _value(self, shape_read: bool = False):
+        tracer = self.tracer
+        assert isinstance(tracer, _Tracer)  # the only tracer that makes these proxies
+        if shape_read:
+            tracer.shape_reads.add(self.node)
+        return tracer.values[self.node]
 
     @property
     def shape(self):
-        return self.tracer.values[self.node].shape
+        return self._value(True).shape
 
     def size(self, dim=None):
-        value = self.tracer.values[self.node]
+        value = self._value(True)
         return value.size() if dim is None else value.size(dim)
 
     def dim(self):
-        return self.tracer.values[self.node].dim()
+        return self._value().dim()
 
     def __len__(self):
-        return len(self.tracer.values[self.node])
+        return len(self._value(True))
 
     @property
     def ndim(self):
-        return self.tracer.values[self.node].dim()
+        return self._value().dim()
 
     @property
     def dtype(self):
-        return self.tracer.values[self.node].dtype
+        return self._value().dtype
 
     @property
     def device(self):
-        return self.tracer.values[self.node].device
+        return self._value().device
 
 
 class _Tracer(fx.Tracer):
     """Trace through every module except the packed layers and ``torch.nn``'s own, computing each
-    node's value on the example as it goes (packed convs unchained: their float outputs)."""
+    node's value on the example as it is created (packed convs unchained: their float outputs)."""
 
     def __init__(self, example: Tensor):
         super().__init__()
         self.example = example
         self.values: dict = {}
+        self.shape_reads: set = set()
         self.placeholders = 0
         self.evaluating = False  # while a leaf module runs on real values: record nothing
 
@@ -115,20 +200,21 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        node = proxy.node
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "output":
+            return node
         if kind == "placeholder":
             self.placeholders += 1
             if self.placeholders > 1 and not node.args:  # a later argument without a default
                 raise CaptureError("capture replays models that take one tensor; this forward takes more arguments")
             self.values[node] = self.example if self.placeholders == 1 else node.args[0]
-            return proxy
+            return node
         real_args = fx.node.map_arg(node.args, lambda n: self.values[n])
         real_kwargs = dict(fx.node.map_arg(node.kwargs, lambda n: self.values[n]))
         self.evaluating = True
         try:
-            if kind == "get_attr":
+            if kind == "get_attr":  # a parameter, a buffer, or a tensor constant fx just stored on the root
                 value = _fetch(self.root, target)
             elif kind == "call_module":
                 real_kwargs.pop("chained", None)
@@ -140,9 +226,34 @@ class _Tracer(fx.Tracer):
         finally:
             self.evaluating = False
         self.values[node] = value
-        return proxy
+        return node
 
 
+def _trace(model: nn.Module, example: Tensor) -> tuple[fx.Graph, dict, set]:
+    """The flat graph of ``model`` on ``example``, each node's value, and the nodes whose shape was read."""
+    tracer = _Tracer(example)
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    # arguments left at their defaults are constants of the trace (a `shift is None` check holds)
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    before = set(vars(model))
+    try:
+        graph = tracer.trace(model, concrete_args=defaults or None)
+    except CaptureError:
+        raise
+    except Exception as err:  # fx raises many kinds: TraceError, TypeError, NotImplementedError ...
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.fx could not trace its forward "
+            f"({type(err).__name__}: {err}). Run the model itself, or make its forward free of Python "
+            "control flow on tensor values"
+        ) from err
+    finally:
+        for name in set(vars(model)) - before:  # the constants fx stored on the model (their values are kept)
+            if name.startswith(("_tensor_constant", "_torchbind_obj")):
+                delattr(model, name)
+    return graph, tracer.values, tracer.shape_reads
+
+
+# ----------------------------------------------------------------------------- run-time helpers
 def _layout(x: Tensor) -> str:
     return (
         "channels_last"
@@ -155,14 +266,18 @@ def _key(x: Tensor) -> tuple:
     return (tuple(x.shape), x.dtype, x.device, _layout(x))
 
 
+def _same_shape(t, shape: torch.Size):
+    """``t``, after checking that its shape is the example's (else the call runs the model itself)."""
+    if not isinstance(t, Tensor) or t.shape != shape:
+        raise _ShapeChanged
+    return t
+
+
 def _kernel_input(t: Tensor, shape: torch.Size) -> Tensor:
-    """``t`` as the kernel reads it (float32, channels-last, CPU); a shape other than the captured one
-    is refused before any pointer is handed to C."""
+    """``t`` as the kernel reads it (float32, channels-last, CPU); its shape is checked before any
+    pointer is handed to C."""
     if t.shape != shape:
-        raise CaptureError(
-            f"a captured packed conv expected an input of shape {list(shape)}, got {list(t.shape)}: the model's "
-            "shapes depend on something other than the input shape; run the model itself"
-        )
+        raise _ShapeChanged
     if t.dtype is not torch.float32 or t.device.type != "cpu" or not t.is_contiguous(memory_format=_CL):
         t = t.detach().to(device="cpu", dtype=torch.float32).contiguous(memory_format=_CL)
     return t
@@ -170,22 +285,21 @@ def _kernel_input(t: Tensor, shape: torch.Size) -> Tensor:
 
 def _rows_input(t: Tensor, shape: torch.Size) -> Tensor:
     """``t`` as a packed linear layer's kernel reads it: its rows ``[M, in_features]``, float32,
-    contiguous, on the CPU (the shape checked first, as :func:`_kernel_input`)."""
+    contiguous, on the CPU (its shape checked first)."""
     if t.shape != shape:
-        raise CaptureError(
-            f"a captured packed linear layer expected an input of shape {list(shape)}, got {list(t.shape)}: the "
-            "model's shapes depend on something other than the input shape; run the model itself"
-        )
+        raise _ShapeChanged
     rows = t.reshape(-1, shape[-1])
     if rows.dtype is not torch.float32 or rows.device.type != "cpu" or not rows.is_contiguous():
         rows = rows.detach().to(device="cpu", dtype=torch.float32).contiguous()
     return rows
 
 
-def _hooked(model: nn.Module) -> str | None:
-    from torch.nn.modules import module as module_mod
+def _global_hooks() -> bool:
+    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
-    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+
+def _hooked(model: nn.Module) -> str | None:
+    if _global_hooks():
         return "a global forward hook is registered"
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
@@ -201,7 +315,7 @@ def _tensors_equal(a, b) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -210,28 +324,43 @@ class _Program:
 
     def __init__(self, fn: Callable, keep: list, buffer_storages: set, source: str, summary: dict):
         self.fn = fn
+        self.template = None  # the model's output on the example: the containers a replay returns
         self.keep = keep  # every tensor an address in the bound arguments points into
         self.buffer_storages = buffer_storages
         self.source = source
         self.summary = summary
         self.lock = threading.Lock()
 
-    def own(self, value):
-        """``value`` with every tensor that lives in a fixed buffer copied out (the next call overwrites it)."""
+    def own(self, value, template, memo: dict | None = None):
+        """``value`` in the containers of ``template`` (the model's own output on the example: fx
+        turns an OrderedDict into a dict), with every tensor that lives in a fixed buffer copied out
+        (the next call overwrites it); a tensor returned twice is copied once, as one tensor."""
+        memo = {} if memo is None else memo
         if isinstance(value, Tensor):
-            return value.clone() if value.untyped_storage().data_ptr() in self.buffer_storages else value
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.own(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.own(v) for k, v in value.items()}
+            if value.untyped_storage().data_ptr() not in self.buffer_storages:
+                return value
+            if id(value) not in memo:
+                memo[id(value)] = value.clone()
+            return memo[id(value)]
+        if isinstance(value, (tuple, list)) and isinstance(template, (tuple, list)) and len(value) == len(template):
+            items = [self.own(v, t, memo) for v, t in zip(value, template)]
+            return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+        if isinstance(value, dict) and isinstance(template, dict) and value.keys() == template.keys():
+            return type(template)((k, self.own(v, template[k], memo)) for k, v in value.items())
         return value
 
 
+# ----------------------------------------------------------------------------- code generation
 class _Builder:
     """Turns a traced graph and its example values into the source of one straight-line function."""
 
     def __init__(self):
-        self.globals: dict = {"_kernel_input": _kernel_input, "_rows_input": _rows_input, "torch": torch}
+        self.globals: dict = {
+            "_kernel_input": _kernel_input,
+            "_rows_input": _rows_input,
+            "_same_shape": _same_shape,
+            "torch": torch,
+        }
         self.lines: list[str] = []
         self.keep: list = []
         self.buffers: set = set()
@@ -248,15 +377,22 @@ class _Builder:
         """Python source for a node argument: a variable, a literal, or a bound constant."""
         if isinstance(arg, fx.Node):
             return names[arg]
+        if isinstance(arg, tuple) and hasattr(arg, "_fields"):  # a namedtuple keeps its type
+            return f"{self.bind(type(arg), 't')}({', '.join(self.expr(a, names) for a in arg)})"
         if isinstance(arg, tuple):
             return "(" + "".join(self.expr(a, names) + ", " for a in arg) + ")"
         if isinstance(arg, list):
             return "[" + ", ".join(self.expr(a, names) for a in arg) + "]"
         if isinstance(arg, dict):
-            return "{" + ", ".join(f"{k!r}: {self.expr(v, names)}" for k, v in arg.items()) + "}"
+            items = "{" + ", ".join(f"{self.expr(k, names)}: {self.expr(v, names)}" for k, v in arg.items()) + "}"
+            return (
+                items
+                if type(arg) in (dict, fx.immutable_collections.immutable_dict)
+                else f"{self.bind(type(arg), 't')}({items})"
+            )
         if isinstance(arg, slice):
             return f"slice({self.expr(arg.start, names)}, {self.expr(arg.stop, names)}, {self.expr(arg.step, names)})"
-        if arg is None or isinstance(arg, (bool, int, str)) or (isinstance(arg, float) and math.isfinite(arg)):
+        if arg is None or type(arg) in (bool, int, str) or (type(arg) is float and math.isfinite(arg)):
             return repr(arg)
         return self.bind(arg, "c")
 
@@ -267,7 +403,8 @@ class _Builder:
         return f"{target}({', '.join(parts)})"
 
     def buffer(self, shape, dtype) -> Tensor:
-        t = torch.empty(shape, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, whatever mode the capture ran in
+            t = torch.empty(shape, dtype=dtype)
         self.keep.append(t)
         self.buffers.add(t.untyped_storage().data_ptr())
         self.buffer_bytes += t.numel() * t.element_size()
@@ -278,16 +415,6 @@ def _identifier(name) -> str:
     if not (isinstance(name, str) and name.isidentifier()):
         raise CaptureError(f"cannot capture a call with the name {name!r}; run the model itself")
     return name
-
-
-def _conv_plan(m: PackedBinaryConv2d, x_shape: tuple) -> dict:
-    return m._plan(x_shape, m._build_plan)
-
-
-def _maps(m: PackedBinaryConv2d) -> tuple[tuple, tuple, list]:
-    """The kernel's prologue and epilogue arguments of ``m`` and the tensors their addresses point into."""
-    keep = [getattr(m, n, None) for n in ("pre_scale", "pre_shift", "post_scale", "post_shift")]
-    return m._prologue_args(), m._epilogue_args(), [t for t in keep if t is not None]
 
 
 def _eligible_conv(m: nn.Module, x, residual) -> bool:
@@ -327,10 +454,10 @@ def _conv_inputs(node: fx.Node) -> tuple:
     return x, residual
 
 
-def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, object]:
+def _build(model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set) -> tuple[_Program, object]:
     """Generate the replay of ``graph``, traced on an example whose value per node is in ``values``
     (they give the shapes and layouts); also returns the traced result."""
-    ext = _ext()
+    ext = _ext()  # None: no kernel steps, every node runs as in the model
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
 
@@ -351,32 +478,25 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             and not node.kwargs
         ):
             alias[node] = node.args[0]
-
-    def resolved(arg):
-        return fx.node.map_arg(arg, resolve)
-
-    # 2. the example's values (computed while tracing), and the model's result
     output = next(n for n in nodes if n.op == "output")
     result = fx.node.map_arg(output.args[0], lambda n: values[n])
 
-    # 3. which packed convs the capture runs, and which of them feed the next one packed
-    convs = {}
+    # 2. which packed layers the capture runs, and which convs feed the next one packed
+    convs, linears = {}, {}
     for node in nodes:
-        if node.op != "call_module" or node in alias:
+        if ext is None or node.op != "call_module" or node in alias:
             continue
         m = modules[node.target]
-        x, r = (resolve(a) for a in _conv_inputs(node)) if isinstance(m, PackedBinaryConv2d) else (None, None)
-        if isinstance(m, PackedBinaryConv2d) and isinstance(x, fx.Node):
-            xv, rv = values[x], values[r] if isinstance(r, fx.Node) else r
-            if _eligible_conv(m, xv, rv) and (rv is None or tuple(rv.shape) == tuple(values[node].shape)):
-                convs[node] = (m, x, r)
-    linears = {}
-    for node in nodes:
-        if node.op != "call_module" or node in alias or len(node.args) != 1 or node.kwargs:
-            continue
-        x = resolve(node.args[0])
-        if isinstance(x, fx.Node) and _eligible_linear(modules[node.target], values[x]):
-            linears[node] = (modules[node.target], x)
+        if isinstance(m, PackedBinaryConv2d):
+            x, r = (resolve(a) for a in _conv_inputs(node))
+            if isinstance(x, fx.Node):
+                xv, rv = values[x], values[r] if isinstance(r, fx.Node) else r
+                if _eligible_conv(m, xv, rv) and (rv is None or tuple(rv.shape) == tuple(values[node].shape)):
+                    convs[node] = (m, x, r)
+        elif isinstance(m, PackedBinaryLinear) and len(node.args) == 1 and not node.kwargs:
+            x = resolve(node.args[0])
+            if isinstance(x, fx.Node) and _eligible_linear(m, values[x]):
+                linears[node] = (m, x)
     uses: dict = {}
     for node in nodes:
         if node in alias:
@@ -393,20 +513,30 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
         if user in convs and user is not node and where == 0 and convs[user][1] is node and convs[user][2] is not node:
             chained[node] = user
     fed = set(chained.values())
+    fresh_views = any(
+        n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _METADATA_INPLACE
+        for n in nodes
+    )
 
-    # 4. the straight-line function
+    # 3. the straight-line function
     b = _Builder()
     names: dict = {}
     for node in nodes:
-        if node in alias:
-            continue
-        var = f"v{len(names)}"
-        names[node] = var
+        if node not in alias:
+            names[node] = f"v{len(names)}"
     for node in alias:
         names[node] = names[resolve(node)]
+    plans: dict = {}  # (layer, input shape) -> its private plan
     xbits: dict = {}  # conv node -> its packed-input buffer
     # (layout, value) -> the variable holding the value as a kernel reads it (converted once, however often read)
     ready: dict = {}
+
+    def private_plan(m: PackedBinaryConv2d | PackedBinaryLinear, shape: tuple) -> dict:
+        # built for the capture (fresh tensors, copies of alpha and bias), not the layer's cached one
+        if (id(m), shape) not in plans:
+            plans[(id(m), shape)] = m._build_plan(shape)
+            b.keep.append(plans[(id(m), shape)])
+        return plans[(id(m), shape)]
 
     def kernel_ready(value) -> str:
         key = ("channels_last", value)
@@ -422,6 +552,10 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
             b.lines.append(f"    del {', '.join(sorted(set(ready.values())))}")
             ready.clear()
 
+    def fixed_view(view: Tensor) -> str:
+        # a metadata-changing in-place op would change a view bound once: then a fresh one per call
+        return f"{b.bind(view, 'out')}.detach()" if fresh_views else b.bind(view, "out")
+
     # liveness: the variables each node reads, and the position of each variable's last reader
     position = {node: i for i, node in enumerate(n for n in nodes if n not in alias)}
     read_by = {node: {names[resolve(a)] for a in _nodes_in((node.args, node.kwargs))} for node in position}
@@ -430,94 +564,93 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict) -> tuple[_Program, o
         for v in read_by[node]:
             last_read[v] = len(position) if node.op == "output" else i
     b.lines.append("def forward(x, T):")
-    for node in nodes:
-        if node in alias:
-            continue
-        var = names[node]
-        if node.op == "placeholder":  # the input, then any argument left at its default
-            b.lines.append(f"    {var} = {'x' if node is nodes[0] else b.expr(node.args[0], names)}")
-        elif node.op == "get_attr":
-            b.lines.append(f"    {var} = {b.bind(_fetch(model, node.target), 'attr')}")
-        elif node in convs:
-            m, x, r = convs[node]
-            plan = _conv_plan(m, tuple(values[x].shape))
-            pre, post, maps_keep = _maps(m)
-            b.keep += [plan, *maps_keep]
-            if node not in xbits:
-                xbits[node] = b.buffer((plan["xbits"],), torch.uint8)
-            xb = xbits[node]
-            if node not in fed:
+    with torch.inference_mode(False):  # views of the fixed buffers: normal tensors in any mode
+        for node in nodes:
+            if node in alias:
+                continue
+            var = names[node]
+            if node.op == "placeholder":  # the input, then any argument left at its default
+                b.lines.append(f"    {var} = {'x' if node is nodes[0] else b.expr(node.args[0], names)}")
+            elif node.op == "get_attr":
+                b.lines.append(f"    {var} = {b.bind(values[node], 'attr')}")
+            elif node in convs:
+                m, x, r = convs[node]
+                plan = private_plan(m, tuple(values[x].shape))
+                pre, post = m._prologue_args(b.keep), m._epilogue_args(b.keep)
+                if node not in xbits:
+                    xbits[node] = b.buffer((plan["xbits"],), torch.uint8)
+                xb = xbits[node]
+                if node not in fed:
+                    b.lines.append(
+                        f"    {b.bind(ext.pack_rows, 'pack')}({kernel_ready(x)}.data_ptr(), "
+                        f"*{b.bind(plan['pack'], 'pk')}, {xb.data_ptr()}, T, *{b.bind(pre, 'pre')})"
+                    )
+                res = "0"
+                if r is not None:
+                    res = f"{kernel_ready(r)}.data_ptr()"
+                if node in chained:
+                    nxt_node = chained[node]
+                    nm = convs[nxt_node][0]
+                    nplan = private_plan(nm, tuple(values[node].shape))
+                    xbits[nxt_node] = b.buffer((nplan["xbits"],), torch.uint8)
+                    _, _, _, _, nph, npw, npix, nrow_bytes, nplus_one = nplan["pack"]
+                    nxt = (xbits[nxt_node].data_ptr(), nph, npw, nrow_bytes, nplus_one, *nm._prologue_args(b.keep))
+                    out_ptr, tail = 0, f", *{b.bind(nxt, 'nxt')}"
+                    view = "None"
+                else:
+                    out = b.buffer(plan["out"], torch.float32)
+                    out_ptr, tail = out.data_ptr(), ""
+                    view = fixed_view(out.permute(0, 3, 1, 2))
+                conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(post, 'post')}"
                 b.lines.append(
-                    f"    {b.bind(ext.pack_rows, 'pack')}({kernel_ready(x)}.data_ptr(), *{b.bind(plan['pack'], 'pk')}, "
-                    f"{xb.data_ptr()}, T, *{b.bind(pre, 'pre')})"
+                    f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out_ptr}, T, {res}, {plan['nibbles']}{tail})"
                 )
-            res = "0"
-            if r is not None:
-                res = f"{kernel_ready(r)}.data_ptr()"
-            if node in chained:
-                nxt_node = chained[node]
-                nm = convs[nxt_node][0]
-                nplan = _conv_plan(nm, tuple(values[node].shape))
-                npre, _, nkeep = _maps(nm)
-                b.keep += [nplan, *nkeep]
-                xbits[nxt_node] = b.buffer((nplan["xbits"],), torch.uint8)
-                _, _, _, _, nph, npw, npix, nrow_bytes, nplus_one = nplan["pack"]
-                nxt = (xbits[nxt_node].data_ptr(), nph, npw, nrow_bytes, nplus_one, *npre)
-                out_ptr, tail = 0, f", *{b.bind(nxt, 'nxt')}"
-                view = "None"
-            else:
+                b.lines.append(f"    {var} = {view}")
+            elif node in linears:
+                m, x = linears[node]
+                plan = private_plan(m, (values[x].numel() // m.in_features, m.in_features))
+                xb = b.buffer((plan["xbits"],), torch.uint8)
                 out = b.buffer(plan["out"], torch.float32)
-                out_ptr, tail = out.data_ptr(), ""
-                view = b.bind(out.permute(0, 3, 1, 2), "out")
-            conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(post, 'post')}"
-            b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out_ptr}, T, {res}, {plan['nibbles']}{tail})")
-            b.lines.append(f"    {var} = {view}")
-        elif node in linears:
-            m, x = linears[node]
-            rows_shape = (values[x].numel() // m.in_features, m.in_features)
-            plan = m._plan(rows_shape, m._build_plan)
-            b.keep.append(plan)
-            xb = b.buffer((plan["xbits"],), torch.uint8)
-            out = b.buffer(plan["out"], torch.float32)
-            if ("rows", x) not in ready:
-                ready[("rows", x)] = f"{names[x]}_rows"
-                b.lines.append(f"    {names[x]}_rows = _rows_input({names[x]}, {b.bind(values[x].shape, 'shape')})")
-            b.lines.append(
-                f"    {b.bind(ext.pack_rows, 'pack')}({ready[('rows', x)]}.data_ptr(), *{b.bind(plan['pack'], 'pk')}, "
-                f"{xb.data_ptr()}, T)"
-            )
-            conv_args = f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(m._epilogue_args(), 'post')}"
-            b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out.data_ptr()}, T)")
-            view = out.reshape(*values[x].shape[:-1], m.out_features)
-            b.lines.append(f"    {var} = {b.bind(view, 'out')}")
-        elif node.op == "call_module":
-            forget_converted()  # each call may change a tensor in place: convert again after it
-            kwargs = dict(node.kwargs)
-            kwargs.pop("chained", None)
-            b.lines.append(f"    {var} = {b.call(b.bind(modules[node.target].forward, 'm'), node.args, kwargs, names)}")
-        elif node.op == "call_function":
-            forget_converted()
-            b.lines.append(f"    {var} = {b.call(b.bind(node.target, 'f'), node.args, node.kwargs, names)}")
-        elif node.op == "call_method":
-            forget_converted()
-            obj, *rest = node.args
-            b.lines.append(f"    {var} = {b.call(f'{b.expr(obj, names)}.{node.target}', rest, node.kwargs, names)}")
-        elif node.op == "output":
-            b.lines.append(f"    return {b.expr(node.args[0], names)}")
-        if node.op != "output":  # drop what no later node reads, as eager Python does: its memory is reused warm
-            done = sorted(v for v in {*read_by[node], var} if last_read.get(v, -1) <= position[node])
-            if done:
-                b.lines.append(f"    del {', '.join(done)}")
+                if ("rows", x) not in ready:
+                    ready[("rows", x)] = f"{names[x]}_rows"
+                    b.lines.append(f"    {names[x]}_rows = _rows_input({names[x]}, {b.bind(values[x].shape, 'shape')})")
+                b.lines.append(
+                    f"    {b.bind(ext.pack_rows, 'pack')}({ready[('rows', x)]}.data_ptr(), "
+                    f"*{b.bind(plan['pack'], 'pk')}, {xb.data_ptr()}, T)"
+                )
+                conv_args = (
+                    f"{xb.data_ptr()}, *{b.bind(plan['conv'], 'cv')}, *{b.bind(m._epilogue_args(b.keep), 'post')}"
+                )
+                b.lines.append(f"    {b.bind(ext.conv, 'conv')}({conv_args}, {out.data_ptr()}, T)")
+                b.lines.append(f"    {var} = {fixed_view(out.reshape(*values[x].shape[:-1], m.out_features))}")
+            elif node.op == "call_module":
+                forget_converted()  # each call may change a tensor in place: convert again after it
+                kwargs = dict(node.kwargs)
+                kwargs.pop("chained", None)
+                module_forward = b.bind(modules[node.target].forward, "m")
+                b.lines.append(f"    {var} = {b.call(module_forward, node.args, kwargs, names)}")
+            elif node.op == "call_function":
+                forget_converted()
+                b.lines.append(f"    {var} = {b.call(b.bind(node.target, 'f'), node.args, node.kwargs, names)}")
+            elif node.op == "call_method":
+                forget_converted()
+                obj, *rest = node.args
+                b.lines.append(f"    {var} = {b.call(f'{b.expr(obj, names)}.{node.target}', rest, node.kwargs, names)}")
+            elif node.op == "output":
+                b.lines.append(f"    return {b.expr(node.args[0], names)}")
+            if node in shape_reads and node.op != "output":  # a shape the forward read: the example's, every call
+                b.lines.append(f"    _same_shape({var}, {b.bind(values[node].shape, 'shape')})")
+            if node.op != "output":  # drop what no later node reads, as eager Python does: its memory is reused warm
+                done = sorted(v for v in {*read_by[node], var} if last_read.get(v, -1) <= position[node])
+                if done:
+                    b.lines.append(f"    del {', '.join(done)}")
     source = "\n".join(b.lines) + "\n"
     namespace = dict(b.globals)
     exec(compile(source, f"<reste.deploy.capture of {type(model).__name__}>", "exec"), namespace)  # noqa: S102
+    count = lambda kind: sum(n.op == "call_module" and isinstance(modules[n.target], kind) for n in nodes)  # noqa: E731
     summary = {
-        "packed_convs": len(
-            [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryConv2d)]
-        ),
-        "packed_linears": len(
-            [n for n in nodes if n.op == "call_module" and isinstance(modules[n.target], PackedBinaryLinear)]
-        ),
+        "packed_convs": count(PackedBinaryConv2d),
+        "packed_linears": count(PackedBinaryLinear),
         "kernel_steps": len(convs) + len(linears),
         "chained": len(chained),
         "fixed_buffer_bytes": b.buffer_bytes,
@@ -543,8 +676,9 @@ def _fetch(model: nn.Module, target: str):
     return obj
 
 
+# ----------------------------------------------------------------------------- the module
 class CapturedModel(nn.Module):
-    """``model`` with each input shape's forward replayed as one generated function (see the module
+    """``model`` with each input key's forward replayed as one generated function (see the module
     docstring); a drop-in replacement for inference. ``captures`` maps each captured input key
     (shape, dtype, device, layout) to what was captured."""
 
@@ -556,10 +690,20 @@ class CapturedModel(nn.Module):
         self.max_shapes = int(max_shapes)
         self._programs: dict = {}
         self._build_lock = threading.Lock()
+        self._watched: list = []  # the model's parameters and buffers when it was captured
+        self._versions: list = []
 
     def reset(self) -> None:
-        """Forget every capture (call after changing the model in place); the next call captures again."""
-        self._programs = {}
+        """Forget every capture; the next call captures again. Changes through the model's tensors
+        (``load_state_dict``, in-place edits) are noticed by themselves; replacing a module, a
+        parameter or a buffer, or fusing again, is not: call this after it."""
+        with self._build_lock:  # a capture being built now is dropped too
+            self._programs = {}
+            self._watched, self._versions = [], []
+
+    def _changed(self) -> bool:
+        """Whether a tensor of the model changed in place since it was captured (a few µs a call)."""
+        return list(map(_VERSION, self._watched)) != self._versions
 
     def _apply(self, fn, *args, **kwargs):
         self.reset()
@@ -571,7 +715,7 @@ class CapturedModel(nn.Module):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_programs"] = {}
+        state["_programs"], state["_watched"], state["_versions"] = {}, [], []
         state.pop("_build_lock", None)
         return state
 
@@ -585,31 +729,14 @@ class CapturedModel(nn.Module):
 
     def source(self, example: Tensor) -> str:
         """The generated Python of ``example``'s input key (captured first if needed)."""
-        return self._program(example).source
-
-    def _trace(self, example: Tensor) -> tuple[fx.Graph, dict]:
-        tracer = _Tracer(example)
-        params = list(inspect.signature(self.model.forward).parameters.values())[1:]
-        # arguments left at their defaults are constants of the trace (a `shift is None` check holds)
-        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        try:
-            graph = tracer.trace(self.model, concrete_args=defaults or None)
-        except CaptureError:
-            raise
-        except Exception as err:  # fx raises many kinds: TraceError, TypeError, NotImplementedError ...
-            raise CaptureError(
-                f"cannot capture {type(self.model).__name__}: torch.fx could not trace its forward "
-                f"({type(err).__name__}: {err}). Run the model itself, or make its forward free of Python "
-                "control flow on tensor values"
-            ) from err
-        return graph, tracer.values
+        return self._program(_standard(example)).source
 
     def _program(self, x: Tensor) -> _Program:
         key = _key(x)
         program = self._programs.get(key)
         if program is not None:
             return program
-        with self._build_lock:
+        with self._build_lock, _GATE.exclusive():
             program = self._programs.get(key)
             if program is not None:
                 return program
@@ -620,17 +747,18 @@ class CapturedModel(nn.Module):
                 raise CaptureError(
                     f"cannot capture: {hooked}, which a capture would not run; remove it or run the model itself"
                 )
-            if _ext() is None:
-                raise CaptureError(
-                    "cannot capture: the compiled XNOR-popcount kernel is unavailable here "
-                    f"({_kernel_reason()}); run the model itself"
-                )
+            # a fresh copy of the example for each run: a forward that changes its input in place
+            # must see the same input every time
             example = x.detach().clone(memory_format=torch.preserve_format)
             with torch.no_grad():
-                expected = self.model(example)  # first, so the model's own errors about its input come as they are
-                program, traced = _build(self.model, *self._trace(example))
-                threads = torch.get_num_threads()
-                got = program.own(program.fn(example, threads))
+                expected = self.model(
+                    example.clone(memory_format=torch.preserve_format)
+                )  # the model's own errors first
+                graph, values, shape_reads = _trace(self.model, example.clone(memory_format=torch.preserve_format))
+                program, traced = _build(self.model, graph, values, shape_reads)
+                program.template = _skeleton(expected)
+                traced = program.own(traced, expected)
+                got = program.own(program.fn(example, torch.get_num_threads()), expected)
             if not (_tensors_equal(traced, expected) and _tensors_equal(got, expected)):
                 raise CaptureError(
                     f"the captured forward of {type(self.model).__name__} does not reproduce the model's output "
@@ -638,22 +766,36 @@ class CapturedModel(nn.Module):
                 )
             if len(self._programs) >= self.max_shapes:
                 self._programs.pop(next(iter(self._programs)))
+            if not self._programs:  # the state every capture of this model is of
+                self._watched = [*self.model.parameters(), *self.model.buffers()]
+                self._versions = list(map(_VERSION, self._watched))
             self._programs[key] = program
             return program
+
+    def _model(self, x: Tensor):
+        """The model itself, as inference (what a replay would have computed, without it)."""
+        with _GATE.shared(), torch.no_grad():
+            return self.model(x)
 
     def forward(self, x: Tensor):
         if not isinstance(x, Tensor):
             raise TypeError(f"a captured model takes one tensor, got {type(x).__name__}")
         if torch.is_grad_enabled() and x.requires_grad:
-            return self.model(x)  # inference kernels: autograd goes through the model's own path
-        if not x.is_contiguous() and _layout(x) != "channels_last":
-            x = x.contiguous()
+            with _GATE.shared():
+                return self.model(x)  # inference kernels: autograd goes through the model's own path
+        if self.model.training or torch.is_autocast_enabled("cpu") or _global_hooks():
+            return self._model(x)  # a replay is the eval-mode forward, without autocast or hooks
+        x = _standard(x)
+        if self._programs and self._changed():
+            self.reset()  # the model's weights changed in place: capture them again
         program = self._program(x)
         if not program.lock.acquire(blocking=False):
-            return self.model(x)  # another thread is replaying this shape's buffers
+            return self._model(x)  # another thread is replaying this key's buffers
         try:
-            with torch.no_grad():
-                return program.own(program.fn(x, torch.get_num_threads()))
+            with _GATE.shared(), torch.no_grad():
+                return program.own(program.fn(x, torch.get_num_threads()), program.template)
+        except _ShapeChanged:  # the example's values decided a shape this input does not have
+            return self._model(x)
         finally:
             program.lock.release()
 
@@ -661,24 +803,35 @@ class CapturedModel(nn.Module):
         return f"max_shapes={self.max_shapes}, captured={len(self._programs)}"
 
 
-def _kernel_reason() -> str:
-    from .. import _ext as loader
+def _skeleton(value):
+    """``value``'s containers, each tensor replaced by None (what :meth:`_Program.own` rebuilds)."""
+    if isinstance(value, Tensor):
+        return None
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_skeleton(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_skeleton(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _skeleton(v)) for k, v in value.items())
+    return value
 
-    return str(loader.BITOPS.reason)
+
+def _standard(x: Tensor) -> Tensor:
+    """``x`` in a layout a capture is keyed on: contiguous, or channels-last 4-D."""
+    return x if x.is_contiguous() or _layout(x) == "channels_last" else x.contiguous()
 
 
 def capture(model: nn.Module, example: Tensor | None = None, max_shapes: int = 8) -> CapturedModel:
-    """Wrap a deployed model so that each input shape's forward is replayed without Python overhead.
+    """Wrap a deployed model so that each input key's forward is replayed without Python overhead.
 
     ``reste.deploy.capture(reste.deploy.load(path))`` returns a module that computes exactly what
-    the model computes (checked bit for bit on the first input of each shape, dtype and layout),
-    faster where per-layer overhead dominates (small models, batch 1). ``example``: capture its
-    shape now instead of on first use. ``max_shapes``: how many input keys to keep (the oldest goes).
-    See the module docstring for the constraints.
+    the model computes (checked bit for bit on the first input of each shape, dtype, device and
+    layout), faster where per-layer overhead dominates (small models, batch 1). ``example``:
+    capture its key now instead of on first use (do so for every shape before serving from several
+    threads). ``max_shapes``: how many input keys to keep (the oldest goes). See docs/deploy.md,
+    "Capture: batch-1 latency", for the constraints.
     """
     captured = CapturedModel(model, max_shapes)
     if example is not None:
-        if not example.is_contiguous() and _layout(example) != "channels_last":
-            example = example.contiguous()
-        captured._program(example)
+        captured._program(_standard(example))
     return captured
