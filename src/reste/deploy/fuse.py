@@ -275,7 +275,7 @@ def fuse_epilogues(
         fuse_prologues(model)
     if not getattr(model, "_reste_refuses_state_dicts", False) and any(fused_batchnorm(m) for m in model.modules()):
         model.register_load_state_dict_pre_hook(refuse_state_dict_into_fused)  # before anything is loaded
-        model._reste_refuses_state_dicts = True
+        object.__setattr__(model, "_reste_refuses_state_dicts", True)  # a plain flag, not a module attribute
     if residual_adds:
         fuse_residual_adds(model)
     if chains:
