@@ -413,8 +413,12 @@ def test_a_capture_made_in_inference_mode_runs_outside_it(tmp_path):
 
 
 class MeanOfPositives(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Identity()  # the shape is read through it
+
     def forward(self, x):
-        positive = x[x > 0]  # a shape the values decide
+        positive = self.drop(x[x > 0])  # a shape the values decide
         return positive.sum() / len(positive)
 
 
@@ -498,3 +502,122 @@ def test_autocast_training_mode_and_a_busy_key_run_the_model(tmp_path):
     fast.train()
     with torch.no_grad():
         assert torch.equal(fast(x), float_model(x))  # batch statistics, as the model in training mode
+
+
+# ----------------------------------------------------------------------------- what the second review found
+class MadeInForward(nn.Module):
+    """Tensors the forward creates from constants and fills in place (fx turns them into constants)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        logits = self.fc(x)
+        mask = torch.zeros(x.shape[0], 4).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+        out = torch.zeros(x.shape[0], 8)
+        out[:, :4] = logits * mask
+        parts = out.chunk(2, dim=1)
+        return out, len(parts)
+
+
+def test_tensors_the_forward_creates_are_new_each_call():
+    torch.manual_seed(0)
+    model = MadeInForward().eval()
+    fast = capture(model)
+    outputs = []
+    for _ in range(4):
+        x = torch.randn(2, 12)
+        got, want = fast(x), model(x)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1] == 2
+        outputs.append((got[0], got[0].clone()))
+    assert all(torch.equal(a, b) for a, b in outputs)  # no later call changed an earlier output
+
+
+class ShapeBetweenConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.a = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.a(self.stem(x))
+        _, channels, _, _ = y.shape  # read between two packed convs, which still chain
+        assert channels == 16
+        return self.b(y).mean((2, 3))
+
+
+def test_a_shape_read_between_chained_convs(tmp_path):
+    torch.manual_seed(0)
+    trained = reste.binarize(ShapeBetweenConvs(), keep=("stem",), keep_defaults=False).eval()
+    model = load(export(trained, tmp_path / "between.safetensors"), model=ShapeBetweenConvs())
+    fast = capture(model)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+    assert next(iter(fast.captures.values()))["chained"] == 1
+
+
+def test_refused_forwards_and_nested_captures():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1  # a replay would not count
+            return x * 2
+
+    class Resizes(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.resize_(y.numel())
+            return y
+
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(CaptureError, match=r"its forward changes its own tensors \(calls;"):
+        capture(Counting().eval(), x)
+    train_bn = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    train_bn[1].train()  # under an eval-mode root
+    with pytest.raises(CaptureError, match=r"1.num_batches_tracked; a BatchNorm in training mode"):
+        capture(train_bn, x)
+    with pytest.raises(CaptureError, match="calls resize_"):
+        capture(Resizes().eval(), x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                features = self.backbone(x.detach())
+            return self.head(features)
+
+    torch.manual_seed(0)
+    outer = Outer().eval()
+    v = torch.randn(3, 8)
+    assert torch.equal(capture(outer)(v), outer(v).detach())  # a captured model inside runs as itself
+    fresh = capture(Outer().eval())
+    y = fresh(torch.randn(5, 8, requires_grad=True))  # the model holds the gate; the inner capture must not wait
+    assert y.requires_grad
+
+
+def test_strided_inputs_and_dict_outputs_run_exactly():
+    from collections import defaultdict
+
+    class Split(nn.Module):
+        def forward(self, x):
+            out = defaultdict(list)
+            out["sum"] = x.sum(1)
+            return out
+
+    fast = capture(Split().eval())
+    strided = torch.randn(2, 3, 8, 16)[..., ::2]
+    got = fast(strided)
+    assert type(got) is defaultdict and got.default_factory is list
+    assert torch.equal(got["sum"], strided.sum(1)) and not fast.captures  # a strided input runs the model
+    contiguous = strided.contiguous()
+    assert torch.equal(fast(contiguous)["sum"], contiguous.sum(1)) and len(fast.captures) == 1

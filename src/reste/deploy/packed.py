@@ -837,8 +837,10 @@ class PackedBinaryConv2d(_PackedBinary):
         if residual is not None and tuple(residual.shape) != (N, O, OH, OW):
             return self._kernel_forward(x) + residual  # broadcasting or an error, as torch decides (floats)
         threads = torch.get_num_threads()
-        if "maps" not in plan:  # addresses of the fused maps' buffers (a new fusion or _apply clears the plans)
-            plan["maps"] = (self._prologue_args(), self._epilogue_args())
+        if "maps" not in plan:  # the fused maps, copied into the plan (a new fusion or _apply clears the plans)
+            keep: list = []  # copies: the stamp does not cover the maps' buffers, whose memory can move
+            plan["maps"] = (self._prologue_args(keep), self._epilogue_args(keep))
+            plan["maps_keep"] = keep
         pre, post = plan["maps"]
         nxt: tuple = ()
         if into is not None:  # the next conv's layout, from its own plan: pack_rows' arguments for this output

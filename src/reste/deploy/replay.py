@@ -36,6 +36,7 @@ Constraints (each checked, or the call is handed to the model itself; docs/deplo
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import operator
@@ -61,9 +62,6 @@ _METADATA_INPLACE = frozenset(
         "as_strided_",
         "detach_",
         "requires_grad_",
-        "resize_",
-        "resize_as_",
-        "set_",
         "squeeze_",
         "swapaxes_",
         "swapdims_",
@@ -72,6 +70,11 @@ _METADATA_INPLACE = frozenset(
         "unsqueeze_",
     }
 )
+
+
+#: in-place methods that can give a tensor other memory: a forward with one is not captured (a fixed
+#: buffer's address is bound into the replay)
+_STORAGE_INPLACE = frozenset({"resize_", "resize_as_", "set_"})
 
 
 class CaptureError(UsageError, ValueError):
@@ -86,26 +89,38 @@ class _ShapeChanged(Exception):
 class _Gate:
     """Captured models' calls share it; a trace holds it alone: ``torch.fx`` patches
     ``nn.Module.__call__`` and ``__getattr__`` for the whole process while it traces, and a module
-    called from another thread meanwhile would be traced into. Reentrant for the tracing thread."""
+    called from another thread meanwhile would be traced into. A waiting trace goes first (new
+    calls wait for it); a thread that holds the gate may take it again (shared in shared, anything
+    in exclusive), and one that holds it shared never asks for it alone (see :meth:`held`)."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
+        self._waiting = 0  # traces waiting for the gate
         self._owner: int | None = None
         self._depth = 0
+        self._mine = threading.local()  # this thread's shared holds
+
+    def held(self) -> bool:
+        """Whether this thread holds the gate shared (then it must not ask for it alone)."""
+        return getattr(self._mine, "count", 0) > 0
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
-            while self._owner is not None and self._owner != me:
+            while (self._owner is not None and self._owner != me) or (
+                self._waiting and self._owner != me and not self.held()
+            ):
                 self._cond.wait()
             self._readers += 1
+            self._mine.count = getattr(self._mine, "count", 0) + 1
         try:
             yield
         finally:
             with self._cond:
                 self._readers -= 1
+                self._mine.count -= 1
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -113,8 +128,13 @@ class _Gate:
         me = threading.get_ident()
         with self._cond:
             if self._owner != me:
-                while self._owner is not None or self._readers:
-                    self._cond.wait()
+                assert not self.held(), "a thread holding the gate shared asked for it alone"
+                self._waiting += 1
+                try:
+                    while self._owner is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
                 self._owner = me
             self._depth += 1
         try:
@@ -141,9 +161,10 @@ class _ConcreteProxy(fx.Proxy):
     def _value(self, shape_read: bool = False):
         tracer = self.tracer
         assert isinstance(tracer, _Tracer)  # the only tracer that makes these proxies
-        if shape_read:
+        value = tracer.values[self.node]
+        if shape_read and isinstance(value, Tensor):  # (the length of a tuple of chunks is fixed)
             tracer.shape_reads.add(self.node)
-        return tracer.values[self.node]
+        return value
 
     @property
     def shape(self):
@@ -181,11 +202,13 @@ class _Tracer(fx.Tracer):
         self.example = example
         self.values: dict = {}
         self.shape_reads: set = set()
+        self.constants: dict = {}  # fx's tensor constants by name, as the forward created them
         self.placeholders = 0
         self.evaluating = False  # while a leaf module runs on real values: record nothing
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _PackedBinary) or super().is_leaf_module(m, module_qualified_name)
+        leaf = isinstance(m, (_PackedBinary, CapturedModel))  # a captured model inside runs as itself
+        return leaf or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         if self.evaluating:
@@ -216,6 +239,12 @@ class _Tracer(fx.Tracer):
         try:
             if kind == "get_attr":  # a parameter, a buffer, or a tensor constant fx just stored on the root
                 value = _fetch(self.root, target)
+                if isinstance(target, str) and target.startswith("_tensor_constant") and isinstance(value, Tensor):
+                    # a tensor the forward created: kept as created (each replay copies it), while the
+                    # trace may change one copy in place, which every node of the name shares
+                    if target not in self.constants:
+                        self.constants[target] = (value, value.clone())
+                    value = self.constants[target][1]
             elif kind == "call_module":
                 real_kwargs.pop("chained", None)
                 value = self.root.get_submodule(target)(*real_args, **real_kwargs)
@@ -229,8 +258,9 @@ class _Tracer(fx.Tracer):
         return node
 
 
-def _trace(model: nn.Module, example: Tensor) -> tuple[fx.Graph, dict, set]:
-    """The flat graph of ``model`` on ``example``, each node's value, and the nodes whose shape was read."""
+def _trace(model: nn.Module, example: Tensor) -> tuple[fx.Graph, dict, set, dict]:
+    """The flat graph of ``model`` on ``example``, each node's value, the nodes whose shape was read,
+    and the tensor constants fx made (tensors the forward created from constants) by name."""
     tracer = _Tracer(example)
     params = list(inspect.signature(model.forward).parameters.values())[1:]
     # arguments left at their defaults are constants of the trace (a `shift is None` check holds)
@@ -250,7 +280,7 @@ def _trace(model: nn.Module, example: Tensor) -> tuple[fx.Graph, dict, set]:
         for name in set(vars(model)) - before:  # the constants fx stored on the model (their values are kept)
             if name.startswith(("_tensor_constant", "_torchbind_obj")):
                 delattr(model, name)
-    return graph, tracer.values, tracer.shape_reads
+    return graph, tracer.values, tracer.shape_reads, {name: made for name, (made, _) in tracer.constants.items()}
 
 
 # ----------------------------------------------------------------------------- run-time helpers
@@ -346,7 +376,7 @@ class _Program:
             items = [self.own(v, t, memo) for v, t in zip(value, template)]
             return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
         if isinstance(value, dict) and isinstance(template, dict) and value.keys() == template.keys():
-            return type(template)((k, self.own(v, template[k], memo)) for k, v in value.items())
+            return _same_dict(template, ((k, self.own(v, template[k], memo)) for k, v in value.items()))
         return value
 
 
@@ -454,7 +484,9 @@ def _conv_inputs(node: fx.Node) -> tuple:
     return x, residual
 
 
-def _build(model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set) -> tuple[_Program, object]:
+def _build(
+    model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set, constants: dict
+) -> tuple[_Program, object]:
     """Generate the replay of ``graph``, traced on an example whose value per node is in ``values``
     (they give the shapes and layouts); also returns the traced result."""
     ext = _ext()  # None: no kernel steps, every node runs as in the model
@@ -469,6 +501,13 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set) ->
             a = alias[a]
         return a
 
+    first_of: dict = {}  # a tensor constant read by several get_attr nodes is one tensor per call
+    for node in nodes:
+        if node.op == "get_attr" and node.target in constants:
+            if node.target in first_of:
+                alias[node] = first_of[node.target]
+            else:
+                first_of[node.target] = node
     for node in nodes:
         if (
             node.op == "call_module"
@@ -513,10 +552,14 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set) ->
         if user in convs and user is not node and where == 0 and convs[user][1] is node and convs[user][2] is not node:
             chained[node] = user
     fed = set(chained.values())
-    fresh_views = any(
-        n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _METADATA_INPLACE
-        for n in nodes
-    )
+    called = {getattr(n.target, "__name__", n.target) for n in nodes if n.op in ("call_method", "call_function")}
+    if called & _STORAGE_INPLACE:
+        raise CaptureError(
+            f"cannot capture a forward that calls {sorted(called & _STORAGE_INPLACE)[0]} (it can move a tensor's "
+            "memory, which a replay's fixed buffers must not); run the model itself"
+        )
+    fresh_views = bool(called & _METADATA_INPLACE)
+    shape_reads = {resolve(n) for n in shape_reads} - set(chained)  # a chained conv's value is never made
 
     # 3. the straight-line function
     b = _Builder()
@@ -571,6 +614,8 @@ def _build(model: nn.Module, graph: fx.Graph, values: dict, shape_reads: set) ->
             var = names[node]
             if node.op == "placeholder":  # the input, then any argument left at its default
                 b.lines.append(f"    {var} = {'x' if node is nodes[0] else b.expr(node.args[0], names)}")
+            elif node.op == "get_attr" and node.target in constants:  # created by the forward: again each call
+                b.lines.append(f"    {var} = {b.bind(constants[node.target], 'const')}.clone()")
             elif node.op == "get_attr":
                 b.lines.append(f"    {var} = {b.bind(values[node], 'attr')}")
             elif node in convs:
@@ -750,16 +795,34 @@ class CapturedModel(nn.Module):
             # a fresh copy of the example for each run: a forward that changes its input in place
             # must see the same input every time
             example = x.detach().clone(memory_format=torch.preserve_format)
+            named = list(_named_tensors(self.model))
+            watched = [t for _, t in named]
+            versions = list(map(_VERSION, watched))  # before anything runs: a change meanwhile is noticed later
             with torch.no_grad():
                 expected = self.model(
                     example.clone(memory_format=torch.preserve_format)
                 )  # the model's own errors first
-                graph, values, shape_reads = _trace(self.model, example.clone(memory_format=torch.preserve_format))
-                program, traced = _build(self.model, graph, values, shape_reads)
+                changed = [name for (name, t), v in zip(named, versions) if _VERSION(t) != v]
+                if changed:
+                    raise CaptureError(
+                        f"cannot capture {type(self.model).__name__}: its forward changes its own tensors "
+                        f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}; a BatchNorm in training "
+                        "mode, a counter), which a replay would not do; put every module in eval mode "
+                        "(model.eval()) or run the model itself"
+                    )
+                graph, values, shape_reads, constants = _trace(
+                    self.model, example.clone(memory_format=torch.preserve_format)
+                )
+                program, traced = _build(self.model, graph, values, shape_reads, constants)
                 program.template = _skeleton(expected)
                 traced = program.own(traced, expected)
                 got = program.own(program.fn(example, torch.get_num_threads()), expected)
             if not (_tensors_equal(traced, expected) and _tensors_equal(got, expected)):
+                if list(map(_VERSION, watched)) != versions:
+                    raise CaptureError(
+                        f"the tensors of {type(self.model).__name__} changed while it was being captured (in another "
+                        "thread?); call it again"
+                    )
                 raise CaptureError(
                     f"the captured forward of {type(self.model).__name__} does not reproduce the model's output "
                     "bit for bit on the example input, so it is not used; run the model itself (and please report this)"
@@ -767,8 +830,7 @@ class CapturedModel(nn.Module):
             if len(self._programs) >= self.max_shapes:
                 self._programs.pop(next(iter(self._programs)))
             if not self._programs:  # the state every capture of this model is of
-                self._watched = [*self.model.parameters(), *self.model.buffers()]
-                self._versions = list(map(_VERSION, self._watched))
+                self._watched, self._versions = watched, versions
             self._programs[key] = program
             return program
 
@@ -785,9 +847,12 @@ class CapturedModel(nn.Module):
                 return self.model(x)  # inference kernels: autograd goes through the model's own path
         if self.model.training or torch.is_autocast_enabled("cpu") or _global_hooks():
             return self._model(x)  # a replay is the eval-mode forward, without autocast or hooks
-        x = _standard(x)
+        if not x.is_contiguous() and _layout(x) != "channels_last":
+            return self._model(x)  # a strided input: its own strides may change the model's arithmetic
         if self._programs and self._changed():
             self.reset()  # the model's weights changed in place: capture them again
+        if _GATE.held() and _key(x) not in self._programs:
+            return self._model(x)  # inside another captured call: tracing now would wait for itself
         program = self._program(x)
         if not program.lock.acquire(blocking=False):
             return self._model(x)  # another thread is replaying this key's buffers
@@ -812,8 +877,21 @@ def _skeleton(value):
     if isinstance(value, (tuple, list)):
         return type(value)(_skeleton(v) for v in value)
     if isinstance(value, dict):
-        return type(value)((k, _skeleton(v)) for k, v in value.items())
+        return _same_dict(value, ((k, _skeleton(v)) for k, v in value.items()))
     return value
+
+
+def _same_dict(template: dict, items) -> dict:
+    """A dict of ``template``'s type (OrderedDict, defaultdict with its factory ...) holding ``items``."""
+    out = copy.copy(template)
+    out.clear()
+    out.update(items)
+    return out
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
 def _standard(x: Tensor) -> Tensor:
