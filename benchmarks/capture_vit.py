@@ -2,7 +2,7 @@
 
 Command (the ViT numbers in docs/deploy.md, "Capture: batch-1 latency", come from it)::
 
-    python benchmarks/capture_vit.py --threads 1 --json benchmarks/results/capture_vit_t1.json
+    python benchmarks/capture_vit.py --threads 1 --json benchmarks/results/capture_vit_<cpu>_<isa>_t1_<date>.json
 
 For two ViTs (the Fashion-MNIST seed ViT of configs/fashion_mnist/seed_vit.yaml, and ViT-tiny on
 CIFAR-sized 32x32 inputs with 4x4 patches; random weights, 1W/1A, exported and loaded like
@@ -93,7 +93,9 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "threads": args.threads, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"machine": machine, "threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=1)
+        )
         print(f"wrote {args.json}")
 
 

@@ -243,13 +243,15 @@ def bench_models(
             bin_layout, run_bin = _faster(
                 {"nchw": lambda: deployed(x), "channels_last": lambda: deployed_cl(x_cl)}, min_sample_s
             )
-            # both sides also captured (reste.deploy.capture: no per-module Python), each in its faster layout
-            cap_float, cap_bin = capture(float_model), capture(deployed)
+            # both sides also captured (reste.deploy.capture: no per-module Python), each in its faster
+            # layout: the channels-last option captures the channels-last copy, as the eager side runs it
+            cap_float, cap_float_cl = capture(float_model), capture(float_cl)
+            cap_bin, cap_bin_cl = capture(deployed), capture(deployed_cl)
             cf_layout, run_cf = _faster(
-                {"nchw": lambda: cap_float(x), "channels_last": lambda: cap_float(x_cl)}, min_sample_s
+                {"nchw": lambda: cap_float(x), "channels_last": lambda: cap_float_cl(x_cl)}, min_sample_s
             )
             cb_layout, run_cb = _faster(
-                {"nchw": lambda: cap_bin(x), "channels_last": lambda: cap_bin(x_cl)}, min_sample_s
+                {"nchw": lambda: cap_bin(x), "channels_last": lambda: cap_bin_cl(x_cl)}, min_sample_s
             )
             # all four in each round: every ratio below compares samples taken side by side
             tf, tb, tcf, tcb = _interleaved((run_float, run_bin, run_cf, run_cb), repeats, min_sample_s)
@@ -262,7 +264,12 @@ def bench_models(
                 "speedup": _ratio(tcf, tcb),
                 "binary_gain": _ratio(tb, tcb),
                 "float_gain": _ratio(tf, tcf),
-                "exact": bool(torch.equal(cap_bin(x), deployed(x)) and torch.equal(cap_float(x), float_model(x))),
+                "exact": bool(
+                    torch.equal(cap_bin(x), deployed(x))
+                    and torch.equal(cap_float(x), float_model(x))
+                    and torch.equal(cap_bin_cl(x_cl), deployed_cl(x_cl))
+                    and torch.equal(cap_float_cl(x_cl), float_cl(x_cl))
+                ),
             }
             e2e.append(
                 {

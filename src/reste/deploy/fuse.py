@@ -228,7 +228,16 @@ def fuse_prologues(model: nn.Module) -> list[str]:
                 name = next(n for n, m in children.items() if m is module)
                 setattr(parent, name, nn.Identity())
             fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
+    _refuse_state_dicts(model)
     return fused
+
+
+def _refuse_state_dicts(model: nn.Module) -> None:
+    """Once a BatchNorm is fused into a packed conv of ``model``, its ``load_state_dict`` refuses
+    before loading anything (no state_dict holds a fused BatchNorm; see FusedStateDictError)."""
+    if not getattr(model, "_reste_refuses_state_dicts", False) and any(fused_batchnorm(m) for m in model.modules()):
+        model.register_load_state_dict_pre_hook(refuse_state_dict_into_fused)
+        object.__setattr__(model, "_reste_refuses_state_dicts", True)  # a plain flag, not a module attribute
 
 
 def fuse_epilogues(
@@ -273,9 +282,7 @@ def fuse_epilogues(
                 fused.append(f"{parent_name}.{node.target}" if parent_name else node.target)
     if prologues:
         fuse_prologues(model)
-    if not getattr(model, "_reste_refuses_state_dicts", False) and any(fused_batchnorm(m) for m in model.modules()):
-        model.register_load_state_dict_pre_hook(refuse_state_dict_into_fused)  # before anything is loaded
-        object.__setattr__(model, "_reste_refuses_state_dicts", True)  # a plain flag, not a module attribute
+    _refuse_state_dicts(model)
     if residual_adds:
         fuse_residual_adds(model)
     if chains:
