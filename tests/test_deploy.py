@@ -543,6 +543,10 @@ def test_a_fused_model_refuses_state_dicts_before_loading_anything(tmp_path):
     with pytest.raises(packed_mod.FusedStateDictError, match=r"'.*' applies a fused BatchNorm.*fuse=False"):
         fused.load_state_dict(other.state_dict())
     assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())  # nothing was loaded
+    # nor is a fused model something load() can fill: refused before it is changed
+    with pytest.raises(ExportError, match="model= is a deployed model whose BatchNorms are fused"):
+        load(first, model=fused)
+    assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())
     conv = next(m for m in fused.modules() if packed_mod.fused_batchnorm(m))
     with pytest.raises(packed_mod.FusedStateDictError, match="this PackedBinaryConv2d applies a fused BatchNorm"):
         conv.load_state_dict(conv.state_dict())

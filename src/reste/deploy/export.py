@@ -59,7 +59,7 @@ from .fileformat import (
     _stored_sizes,
     read_graph,
 )
-from .packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBinary, packed_layer
+from .packed import PackedBinaryConv2d, PackedBinaryLinear, _PackedBinary, fused_batchnorm, packed_layer
 
 __all__ = [
     "FORMAT",
@@ -425,6 +425,13 @@ def load(
     not the training statistics, so the model is for inference only.
     """
     path = Path(path)
+    if model is not None and any(fused_batchnorm(m) for m in model.modules()):
+        # checked before anything changes it: a fused model cannot be filled (its BatchNorms are gone)
+        raise ExportError(
+            f"model= is a deployed model whose BatchNorms are fused into its binary convs, which cannot be loaded "
+            f"into; pass a fresh instance of the architecture (e.g. MyNet()): reste.deploy.load({str(path)!r}, "
+            "model=MyNet())"
+        )
     model, state, folded = _open(path, model, verify)
     coeffs = {}
     for name in folded:
