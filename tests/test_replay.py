@@ -59,6 +59,13 @@ def _inputs(name: str, batch: int, seed: int = 0) -> list[torch.Tensor]:
     return [x, x.contiguous(memory_format=torch.channels_last)]
 
 
+def _deployed_custom(cls, tmp_path, seed: int = 0) -> nn.Module:
+    """A model of ``cls`` with every layer binary but ``stem``, exported and loaded into a fresh ``cls()``."""
+    torch.manual_seed(seed)
+    trained = reste.binarize(cls(), keep=("stem",), keep_defaults=False).eval()
+    return load(export(trained, tmp_path / f"{cls.__name__}-{seed}.safetensors"), model=cls())
+
+
 @pytest.mark.parametrize("name", ["resnet20", "vgg_small", "vit_tiny"])
 def test_capture_equals_the_model_bit_for_bit(name, tmp_path):
     model = _deployed(name, tmp_path)
@@ -158,14 +165,8 @@ class EndsInABinaryConv(nn.Module):
         return self.conv(self.bn(self.stem(x)))
 
 
-def _packed_endpoint(tmp_path, seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = reste.binarize(EndsInABinaryConv(), keep=("stem",), keep_defaults=False).eval()
-    return load(export(model, tmp_path / f"end{seed}.safetensors"), model=EndsInABinaryConv())
-
-
 def test_outputs_are_the_callers_not_the_next_calls(tmp_path):
-    model = _packed_endpoint(tmp_path)
+    model = _deployed_custom(EndsInABinaryConv, tmp_path)
     fast = capture(model)
     x1, x2 = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 6, 6)
     y1 = fast(x1)
@@ -335,9 +336,7 @@ class Tokens(nn.Module):
 
 
 def test_packed_linears_on_strided_inputs_and_as_the_output(tmp_path):
-    torch.manual_seed(3)
-    trained = reste.binarize(Tokens(), keep=("stem",), keep_defaults=False).eval()
-    model = load(export(trained, tmp_path / "tokens.safetensors"), model=Tokens())
+    model = _deployed_custom(Tokens, tmp_path, seed=3)
     fast = capture(model)
     x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
     y1 = fast(x1)
@@ -440,9 +439,7 @@ def test_shapes_the_values_decide_and_in_place_metadata_changes(tmp_path):
     for _ in range(3):
         x = torch.randn(1, 3, 8, 8, generator=gen)
         assert torch.equal(fast(x), MeanOfPositives()(x))  # another count of positives runs the model
-    torch.manual_seed(0)
-    trained = reste.binarize(InPlaceMetadata(), keep=("stem",), keep_defaults=False).eval()
-    model = load(export(trained, tmp_path / "meta.safetensors"), model=InPlaceMetadata())
+    model = _deployed_custom(InPlaceMetadata, tmp_path)
     fast = capture(model)
     x = torch.randn(1, 3, 8, 6)
     with torch.no_grad():
@@ -549,9 +546,7 @@ class ShapeBetweenConvs(nn.Module):
 
 
 def test_a_shape_read_between_chained_convs(tmp_path):
-    torch.manual_seed(0)
-    trained = reste.binarize(ShapeBetweenConvs(), keep=("stem",), keep_defaults=False).eval()
-    model = load(export(trained, tmp_path / "between.safetensors"), model=ShapeBetweenConvs())
+    model = _deployed_custom(ShapeBetweenConvs, tmp_path)
     fast = capture(model)
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
