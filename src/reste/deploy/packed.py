@@ -209,7 +209,7 @@ def fused_batchnorm(module: nn.Module) -> bool:
 
 
 def refuse_state_dict_into_fused(module: nn.Module, *args, **kwargs) -> None:
-    """A ``load_state_dict`` pre-hook of a fused model (set by :func:`reste.deploy.fuse.fuse_epilogues`):
+    """A ``load_state_dict`` pre-hook of a fused model (set by the fusions of :mod:`reste.deploy.fuse`):
     refuses before anything is loaded when a packed conv in it applies a fused BatchNorm."""
     for name, m in module.named_modules():
         if fused_batchnorm(m):
