@@ -106,13 +106,18 @@ class _ChainLink:
     def usable(self, source: nn.Module) -> bool:
         """Whether the packed input may replace the float tensor on this call: no hook could see
         the value on its way (a hook would get the placeholder), and the target runs the kernel."""
-        if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        if global_forward_hooks():
             return False
         for m in (source, self.target, *self.between):
             if m._forward_hooks or m._forward_pre_hooks:
                 return False
         t = self.target
         return t.binary_inputs and t._kernel_supported() and t.weight_bits.device.type == "cpu"
+
+
+def global_forward_hooks() -> bool:
+    """Whether a global forward (pre-)hook is registered: it would see every module's values."""
+    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
 
 class _PackedInput:

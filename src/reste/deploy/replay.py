@@ -45,10 +45,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules import module as _module_mod
 
 from ..errors import UsageError
-from .packed import PackedBinaryConv2d, PackedBinaryLinear, _ext, _PackedBinary
+from .packed import PackedBinaryConv2d, PackedBinaryLinear, _ext, _PackedBinary, global_forward_hooks
 
 __all__ = ["CapturedModel", "CaptureError", "capture"]
 
@@ -324,12 +323,8 @@ def _rows_input(t: Tensor, shape: torch.Size) -> Tensor:
     return rows
 
 
-def _global_hooks() -> bool:
-    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
-
-
 def _hooked(model: nn.Module) -> str | None:
-    if _global_hooks():
+    if global_forward_hooks():
         return "a global forward hook is registered"
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
@@ -448,12 +443,11 @@ def _identifier(name) -> str:
 
 
 def _eligible_conv(m: nn.Module, x, residual) -> bool:
-    """Whether the capture may run this packed conv's kernel itself (what ``forward`` would do)."""
-    if not isinstance(m, PackedBinaryConv2d) or not m.binary_inputs or not m._kernel_supported():
+    """Whether the capture may run this packed conv's kernel itself: where its ``forward`` would
+    (``_use_kernel``), on float32 NCHW-shaped inputs with the weights on the CPU."""
+    if not isinstance(m, PackedBinaryConv2d) or not isinstance(x, Tensor) or not m._use_kernel(x):
         return False
-    if m.weight_bits.device.type != "cpu" or not isinstance(x, Tensor) or x.device.type != "cpu":
-        return False
-    if x.dtype is not torch.float32 or x.dim() != 4 or x.numel() == 0:
+    if m.weight_bits.device.type != "cpu" or x.dtype is not torch.float32 or x.dim() != 4:
         return False
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.dtype is not torch.float32 or residual.device.type != "cpu":
@@ -462,17 +456,16 @@ def _eligible_conv(m: nn.Module, x, residual) -> bool:
 
 
 def _eligible_linear(m: nn.Module, x) -> bool:
-    """Whether the capture may run this packed linear layer's kernel itself (what ``forward`` would do)."""
+    """Whether the capture may run this packed linear layer's kernel itself: where its ``forward``
+    would (``_use_kernel``), on float32 inputs of its width with the weights on the CPU."""
     return (
         isinstance(m, PackedBinaryLinear)
-        and m.binary_inputs
-        and m.weight_bits.device.type == "cpu"
         and isinstance(x, Tensor)
-        and x.device.type == "cpu"
+        and m._use_kernel(x)
+        and m.weight_bits.device.type == "cpu"
         and x.dtype is torch.float32
         and x.dim() >= 1
         and x.shape[-1] == m.in_features
-        and x.numel() > 0
     )
 
 
@@ -845,7 +838,7 @@ class CapturedModel(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             with _GATE.shared():
                 return self.model(x)  # inference kernels: autograd goes through the model's own path
-        if self.model.training or torch.is_autocast_enabled("cpu") or _global_hooks():
+        if self.model.training or torch.is_autocast_enabled("cpu") or global_forward_hooks():
             return self._model(x)  # a replay is the eval-mode forward, without autocast or hooks
         if not x.is_contiguous() and _layout(x) != "channels_last":
             return self._model(x)  # a strided input: its own strides may change the model's arithmetic
