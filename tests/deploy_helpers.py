@@ -1,4 +1,4 @@
-"""Helpers shared by the reste.deploy tests (test_deploy.py, test_deploy_chain.py)."""
+"""Helpers shared by the reste.deploy tests (test_deploy.py, test_deploy_chain.py, test_replay.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import contextlib
 import threading
 
 import torch
+from torch import nn
 
+import reste
 from reste.deploy import packed as packed_mod
+from reste.nn import BinaryConv2d
 
 
 @contextlib.contextmanager
@@ -43,3 +46,26 @@ def disagreements_across_threads(fn, xs, want, rounds: int) -> list[int]:
     for t in workers:
         t.join()
     return bad
+
+
+def binarized(
+    model: nn.Module, input_padding: str = "zero", seed: int = 0, size: int = 12, binarize: bool = True
+) -> nn.Module:
+    """Binary layers (unless already), BatchNorm statistics from a few train-mode passes, eval mode."""
+    torch.manual_seed(seed)
+    if binarize:
+        model = reste.binarize(model, keep=("first", "last"))
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            m.input_padding = input_padding
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, size, size))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # BatchNorms far from fresh ones, so the signs depend on their arithmetic
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(torch.randn(m.num_features, generator=gen) * 2)
+                m.bias.add_(torch.randn(m.num_features, generator=gen))
+    return model.eval()

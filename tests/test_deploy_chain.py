@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 import reste
-from deploy_helpers import disagreements_across_threads, forced_kernel_path
+from deploy_helpers import binarized, disagreements_across_threads, forced_kernel_path
 from reste.deploy import export, load
 from reste.deploy import packed as packed_mod
 from reste.deploy.fuse import fuse_chains, fuse_epilogues
 from reste.deploy.packed import PackedBinaryConv2d, _ChainLink
-from reste.nn import BinaryConv2d
 
 HAS_EXT = packed_mod._ext() is not None
 ISAS = packed_mod.kernel_info()["available"] if HAS_EXT else []
@@ -216,29 +215,6 @@ class Chain(nn.Module):
         return self.head(self.last(self.pool(self.body(self.stem(x)))).mean((2, 3)))
 
 
-def _binarized(
-    model: nn.Module, input_padding: str = "zero", seed: int = 0, size: int = 12, binarize: bool = True
-) -> nn.Module:
-    """Binary layers (unless already), BatchNorm statistics from a few train-mode passes, eval mode."""
-    torch.manual_seed(seed)
-    if binarize:
-        model = reste.binarize(model, keep=("first", "last"))
-    for m in model.modules():
-        if isinstance(m, BinaryConv2d):
-            m.input_padding = input_padding
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, size, size))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # BatchNorms far from fresh ones, so the signs depend on their arithmetic
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.mul_(torch.randn(m.num_features, generator=gen) * 2)
-                m.bias.add_(torch.randn(m.num_features, generator=gen))
-    return model.eval()
-
-
 def _three_ways(path, model=None, unfused=True):
     """(chained, unchained, unfused or None) deployed models of one file."""
 
@@ -260,7 +236,7 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @needs_ext
 @pytest.mark.parametrize("input_padding", ["zero", "+1", "-1"])
 def test_chain_model_is_bit_identical_chained_unchained_and_reference(input_padding, tmp_path, count_chained):
-    trained = _binarized(Chain(), input_padding, seed=3)
+    trained = binarized(Chain(), input_padding, seed=3)
     path = export(trained, tmp_path / "chain.safetensors")
     chained, unchained, plain = _three_ways(path, model=Chain())
     assert plain is not None
@@ -286,7 +262,7 @@ def test_chain_model_is_bit_identical_chained_unchained_and_reference(input_padd
 def test_vgg_small_chains_its_unpooled_pairs_bit_exactly(width, tmp_path, count_chained):
     arch = {"name": "vgg_small", "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 16}
     arch["width"] = width
-    trained = _binarized(reste.models.create(**arch), seed=4, size=16, binarize=False)
+    trained = binarized(reste.models.create(**arch), seed=4, size=16, binarize=False)
     path = export(trained, tmp_path / "vgg.safetensors", architecture=arch)
     chained, unchained, _ = _three_ways(path, unfused=False)
     assert chained.features.conv2._chain.target is chained.features.conv3
@@ -310,7 +286,7 @@ def test_vgg_small_chains_its_unpooled_pairs_bit_exactly(width, tmp_path, count_
 )
 def test_resnet_blocks_chain_conv1_to_conv2_but_not_bireal_ones(name, chains, tmp_path):
     arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": "1w1a", "image_size": 8, "width": 0.25}
-    trained = _binarized(reste.models.create(**arch), seed=5, size=8, binarize=False)
+    trained = binarized(reste.models.create(**arch), seed=5, size=8, binarize=False)
     path = export(trained, tmp_path / f"{name}.safetensors", architecture=arch)
     chained, unchained, _ = _three_ways(path, unfused=False)
     links = [m for m in chained.modules() if isinstance(m, PackedBinaryConv2d) and m._chain is not None]
@@ -357,7 +333,7 @@ class Wrapped(nn.Module):
 
 @needs_ext
 def test_unsafe_pairs_are_not_chained(tmp_path):
-    trained = _binarized(Wrapped(), seed=6, size=8)
+    trained = binarized(Wrapped(), seed=6, size=8)
     path = export(trained, tmp_path / "refused.safetensors")
     chained, unchained, _ = _three_ways(path, model=Wrapped(), unfused=False)
     inner = chained.inner
@@ -397,7 +373,7 @@ def test_a_conv_called_twice_or_a_root_level_pair_is_not_chained():
 
 @needs_ext
 def test_a_hook_on_the_way_sees_floats(tmp_path, count_chained):
-    trained = _binarized(Chain(), seed=7)
+    trained = binarized(Chain(), seed=7)
     path = export(trained, tmp_path / "hook.safetensors")
     chained, unchained, _ = _three_ways(path, model=Chain(), unfused=False)
     seen = []
@@ -413,7 +389,7 @@ def test_a_hook_on_the_way_sees_floats(tmp_path, count_chained):
 
 @needs_ext
 def test_copies_run_unchained_and_can_be_chained_again(tmp_path, count_chained):
-    trained = _binarized(Chain(), seed=8)
+    trained = binarized(Chain(), seed=8)
     path = export(trained, tmp_path / "copy.safetensors")
     chained, unchained, _ = _three_ways(path, model=Chain(), unfused=False)
     x = torch.randn(2, 3, 12, 12)
@@ -430,7 +406,7 @@ def test_copies_run_unchained_and_can_be_chained_again(tmp_path, count_chained):
 
 @needs_ext
 def test_chained_model_is_race_free_across_python_threads(tmp_path):
-    trained = _binarized(Chain(), seed=9)
+    trained = binarized(Chain(), seed=9)
     path = export(trained, tmp_path / "threads.safetensors")
     chained, unchained, _ = _three_ways(path, model=Chain(), unfused=False)
     xs = [torch.randn(2, 3, 12, 12) for _ in range(4)]
@@ -442,7 +418,7 @@ def test_chained_model_is_race_free_across_python_threads(tmp_path):
 def test_without_the_extension_nothing_is_chained_and_outputs_stay_exact(monkeypatch, tmp_path):
     from reste import _ext as _loader
 
-    trained = _binarized(Chain(), seed=10)
+    trained = binarized(Chain(), seed=10)
     path = export(trained, tmp_path / "noext.safetensors")
     x = torch.randn(2, 3, 12, 12)
 

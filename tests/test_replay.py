@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import reste
-from deploy_helpers import disagreements_across_threads, forced_kernel_path
+from deploy_helpers import binarized, disagreements_across_threads, forced_kernel_path
 from reste.deploy import CaptureError, capture, export, load
 from reste.deploy import packed as packed_mod
 from reste.deploy import replay as replay_mod
@@ -37,18 +37,8 @@ def _deployed(name: str, tmp_path, precision: str = "1w1a", fuse: bool = True, s
     """A registry model with trained-looking BatchNorms (far from fresh ones), exported and loaded."""
     arch = {"name": name, "num_classes": 10, "in_channels": 3, "precision": precision, **ARCHS[name]}
     torch.manual_seed(seed)
-    model = reste.models.create(**arch)
-    size = arch["image_size"]
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size))
-        gen = torch.Generator().manual_seed(seed + 1)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.mul_(torch.randn(m.num_features, generator=gen) * 2)
-                m.bias.add_(torch.randn(m.num_features, generator=gen))
-    path = export(model.eval(), tmp_path / f"{name}-{precision}-{seed}.safetensors", architecture=arch)
+    model = binarized(reste.models.create(**arch), seed=seed, size=arch["image_size"], binarize=False)
+    path = export(model, tmp_path / f"{name}-{precision}-{seed}.safetensors", architecture=arch)
     return load(path, fuse=fuse)
 
 
