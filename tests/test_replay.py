@@ -195,7 +195,18 @@ def test_refusals_name_the_fix(tmp_path):
     with pytest.raises(CaptureError, match="module 'stages.0.0.conv1' has a forward hook"):
         capture(model, x)
     handle.remove()
-    capture(model, x)
+    fast = capture(model, x)
+    expected = fast(x)
+
+    # a hook registered after the capture: the model itself runs (and the hook with it), until removed
+    seen = []
+    for register in ("register_forward_pre_hook", "register_forward_hook"):
+        handle = getattr(model.stages[1][0].conv2, register)(lambda module, *args: seen.append(args[0][0].shape))
+        assert torch.equal(fast(x), expected) and seen == [(1, 8, 4, 4)]
+        handle.remove()
+        seen.clear()
+        assert torch.equal(fast(x), expected) and seen == []
+    assert len(fast.captures) == 1
 
     class ValueBranch(nn.Module):
         def forward(self, x):

@@ -22,9 +22,10 @@ function or module ``forward`` the model calls, so the result is the model's, bi
 Constraints (each checked, or the call is handed to the model itself; docs/deploy.md has the list):
 
 - inference only: the model must be in eval mode; an input that requires grad under autograd,
-  a call under autocast or a global forward hook runs the model itself;
+  a call under autocast, a global forward hook or a module hook registered since the capture runs
+  the model itself;
 - the model's forward must be traceable by ``torch.fx`` (no Python control flow on tensor values),
-  take one tensor and have no forward hooks;
+  take one tensor and have no forward hooks when it is captured;
 - a shape the example's values decided (``x[x > 0]``) is checked on every call; another one runs
   the model itself;
 - an in-place change of the model's tensors is noticed (version counters) and captured again;
@@ -730,6 +731,7 @@ class CapturedModel(nn.Module):
         self._build_lock = threading.Lock()
         self._watched: list = []  # the model's parameters and buffers when it was captured
         self._versions: list = []
+        self._hook_dicts: list = []  # every module's forward (pre-)hook dict when it was captured
 
     def reset(self) -> None:
         """Forget every capture; the next call captures again. Changes through the model's tensors
@@ -737,7 +739,7 @@ class CapturedModel(nn.Module):
         parameter or a buffer, or fusing again, is not: call this after it."""
         with self._build_lock:  # a capture being built now is dropped too
             self._programs = {}
-            self._watched, self._versions = [], []
+            self._watched, self._versions, self._hook_dicts = [], [], []
 
     def _changed(self) -> bool:
         """Whether a tensor of the model changed in place since it was captured (a few µs a call)."""
@@ -753,7 +755,7 @@ class CapturedModel(nn.Module):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_programs"], state["_watched"], state["_versions"] = {}, [], []
+        state["_programs"], state["_watched"], state["_versions"], state["_hook_dicts"] = {}, [], [], []
         state.pop("_build_lock", None)
         return state
 
@@ -824,6 +826,7 @@ class CapturedModel(nn.Module):
                 self._programs.pop(next(iter(self._programs)))
             if not self._programs:  # the state every capture of this model is of
                 self._watched, self._versions = watched, versions
+                self._hook_dicts = [d for m in self.model.modules() for d in (m._forward_pre_hooks, m._forward_hooks)]
             self._programs[key] = program
             return program
 
@@ -838,7 +841,12 @@ class CapturedModel(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             with _GATE.shared():
                 return self.model(x)  # inference kernels: autograd goes through the model's own path
-        if self.model.training or torch.is_autocast_enabled("cpu") or global_forward_hooks():
+        if (
+            self.model.training
+            or torch.is_autocast_enabled("cpu")
+            or global_forward_hooks()
+            or any(self._hook_dicts)  # a hook registered since the capture (a replay would not run it)
+        ):
             return self._model(x)  # a replay is the eval-mode forward, without autocast or hooks
         if not x.is_contiguous() and _layout(x) != "channels_last":
             return self._model(x)  # a strided input: its own strides may change the model's arithmetic
