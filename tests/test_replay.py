@@ -190,6 +190,8 @@ def test_refusals_name_the_fix(tmp_path):
     model.train()
     with pytest.raises(CaptureError, match=r"call model.eval\(\) before capturing"):
         capture(model, x)
+    with pytest.raises(CaptureError, match=r"call model.eval\(\) before capturing"):
+        capture(model)  # without an example too: its first call would run the model in training mode
     model.eval()
     handle = model.stages[0][0].conv1.register_forward_hook(lambda *a: None)
     with pytest.raises(CaptureError, match="module 'stages.0.0.conv1' has a forward hook"):

@@ -910,6 +910,8 @@ def capture(model: nn.Module, example: Tensor | None = None, max_shapes: int = 8
     threads). ``max_shapes``: how many input keys to keep (the oldest goes). See docs/deploy.md,
     "Capture: batch-1 latency", for the constraints.
     """
+    if model.training:  # refused now, not at the first call (which would run the model in training mode)
+        raise CaptureError("capture is for inference: call model.eval() before capturing")
     captured = CapturedModel(model, max_shapes)
     if example is not None:
         captured._program(_standard(example))
