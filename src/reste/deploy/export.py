@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..estimators import Estimator
-from ..nn.convert import every_name, rebuild_attention
+from ..nn.convert import _no_fused_encoders, every_name, rebuild_attention
 from ..nn.layers import BinaryLayer
 from .batchnorm import (
     _BN_PROBE_RANK,
@@ -300,6 +300,9 @@ def _skeleton(path: Path, graph: dict, model: nn.Module) -> tuple[nn.Module, set
         twin = _packed_twin(path, name, old, options)
         for alias in names_of.get(id(old), [name]):
             _set_module(model, alias, twin)
+    # an encoder layer whose attention stayed real (keep=nn.MultiheadAttention) was not rebuilt above,
+    # but its packed feed-forward layers must keep torch's fused encoder kernel off too
+    _no_fused_encoders(model, also=(_PackedBinary,))
     leftover = [n for n, m in model.named_modules() if isinstance(m, Estimator)]
     if leftover:
         raise ExportError(

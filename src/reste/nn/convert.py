@@ -361,7 +361,7 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def _no_fused_encoders(model: nn.Module) -> None:
+def _no_fused_encoders(model: nn.Module, also: tuple[type, ...] = ()) -> None:
     """Keep PyTorch's fused eval-mode transformer kernels off the binarized parts.
 
     ``nn.TransformerEncoderLayer`` in eval mode without autograd calls one fused kernel on its
@@ -369,10 +369,12 @@ def _no_fused_encoders(model: nn.Module) -> None:
     the latent float weights past every binary layer. Its ``activation_relu_or_gelu`` flag is
     read only to choose that path, so clearing it keeps the module's own forward. The nested
     tensor path of ``nn.TransformerEncoder`` would feed our attention nested tensors: off too.
+    ``also``: more layer types that count as binary (the deploy loader's packed layers, which
+    have no ``weight`` for that kernel to read).
     """
 
     def touched(m):
-        return any(isinstance(a, (MultiheadAttention, BinaryLayer)) for a in m.modules())
+        return any(isinstance(a, (MultiheadAttention, BinaryLayer, *also)) for a in m.modules())
 
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and touched(m):
