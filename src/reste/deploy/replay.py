@@ -324,6 +324,11 @@ def _rows_input(t: Tensor, shape: torch.Size) -> Tensor:
     return rows
 
 
+def _refuse_training(model: nn.Module) -> None:
+    if model.training:
+        raise CaptureError("capture is for inference: call model.eval() before capturing")
+
+
 def _hooked(model: nn.Module) -> str | None:
     if global_forward_hooks():
         return "a global forward hook is registered"
@@ -780,8 +785,7 @@ class CapturedModel(nn.Module):
             program = self._programs.get(key)
             if program is not None:
                 return program
-            if self.model.training:
-                raise CaptureError("capture is for inference: call model.eval() before capturing")
+            _refuse_training(self.model)
             hooked = _hooked(self.model)
             if hooked:
                 raise CaptureError(
@@ -910,8 +914,7 @@ def capture(model: nn.Module, example: Tensor | None = None, max_shapes: int = 8
     threads). ``max_shapes``: how many input keys to keep (the oldest goes). See docs/deploy.md,
     "Capture: batch-1 latency", for the constraints.
     """
-    if model.training:  # refused now, not at the first call (which would run the model in training mode)
-        raise CaptureError("capture is for inference: call model.eval() before capturing")
+    _refuse_training(model)  # now, not at the first call (which would run the model in training mode)
     captured = CapturedModel(model, max_shapes)
     if example is not None:
         captured._program(_standard(example))
